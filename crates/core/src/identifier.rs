@@ -1,0 +1,232 @@
+//! Identifiers of a subject, normalised before use and redacted when printed.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest identifier value accepted, in bytes, after normalisation.
+pub const MAX_IDENTIFIER_LEN: usize = 320;
+
+/// The type of an identifier. Custom types are lower-case ASCII words
+/// (`[a-z][a-z0-9_]{0,63}`) chosen by the operator, e.g. `loyalty_number`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IdentifierKind {
+    Email,
+    Phone,
+    CustomerId,
+    DeviceId,
+    Custom(String),
+}
+
+impl IdentifierKind {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Email => "email",
+            Self::Phone => "phone",
+            Self::CustomerId => "customer_id",
+            Self::DeviceId => "device_id",
+            Self::Custom(name) => name,
+        }
+    }
+}
+
+impl FromStr for IdentifierKind {
+    type Err = IdentifierError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "email" => Self::Email,
+            "phone" => Self::Phone,
+            "customer_id" => Self::CustomerId,
+            "device_id" => Self::DeviceId,
+            other => {
+                let mut chars = other.chars();
+                let valid = other.len() <= 64
+                    && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+                    && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                if !valid {
+                    return Err(IdentifierError::InvalidKind);
+                }
+                Self::Custom(other.to_owned())
+            }
+        })
+    }
+}
+
+impl fmt::Display for IdentifierKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for IdentifierKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for IdentifierKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Why an identifier was rejected. Messages never contain the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentifierError {
+    #[error("identifier type must be email, phone, customer_id, device_id or a lower-case word of at most 64 characters")]
+    InvalidKind,
+    #[error("{kind} is empty")]
+    Empty { kind: String },
+    #[error("{kind} is longer than {MAX_IDENTIFIER_LEN} bytes")]
+    TooLong { kind: String },
+    #[error("{kind} contains control characters")]
+    ControlCharacters { kind: String },
+    #[error("email is not a valid address (expected local@domain)")]
+    InvalidEmail,
+    #[error("phone is not a valid international number (expected + and 8 to 15 digits, E.164)")]
+    InvalidPhone,
+}
+
+/// A normalised identifier value. `Debug` and `Display` print `[redacted]`;
+/// the value is reachable only through [`Identifier::expose`].
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Identifier {
+    kind: IdentifierKind,
+    value: String,
+}
+
+impl Identifier {
+    /// Validates and normalises `raw` for `kind`: every value is trimmed;
+    /// emails are lower-cased; phones are reduced to E.164 (`+` and digits,
+    /// a leading `00` read as `+`).
+    pub fn parse(kind: IdentifierKind, raw: &str) -> Result<Self, IdentifierError> {
+        let trimmed = raw.trim();
+        let name = || kind.as_str().to_owned();
+        if trimmed.is_empty() {
+            return Err(IdentifierError::Empty { kind: name() });
+        }
+        if trimmed.len() > MAX_IDENTIFIER_LEN {
+            return Err(IdentifierError::TooLong { kind: name() });
+        }
+        if trimmed.chars().any(char::is_control) {
+            return Err(IdentifierError::ControlCharacters { kind: name() });
+        }
+        let value = match kind {
+            IdentifierKind::Email => normalise_email(trimmed)?,
+            IdentifierKind::Phone => normalise_phone(trimmed)?,
+            _ => trimmed.to_owned(),
+        };
+        Ok(Self { kind, value })
+    }
+
+    pub fn kind(&self) -> &IdentifierKind {
+        &self.kind
+    }
+
+    /// The normalised value. Call only where the value must leave the
+    /// process in a controlled way: encryption, a keyed hash, a query
+    /// parameter.
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+}
+
+impl fmt::Debug for Identifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Identifier({}: [redacted])", self.kind)
+    }
+}
+
+impl fmt::Display for Identifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+fn normalise_email(s: &str) -> Result<String, IdentifierError> {
+    let lower = s.to_lowercase();
+    let (local, domain) = lower.rsplit_once('@').ok_or(IdentifierError::InvalidEmail)?;
+    let domain_ok = !domain.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains("..");
+    if local.is_empty() || local.len() > 64 || !domain_ok || lower.chars().any(char::is_whitespace)
+    {
+        return Err(IdentifierError::InvalidEmail);
+    }
+    Ok(lower)
+}
+
+fn normalise_phone(s: &str) -> Result<String, IdentifierError> {
+    let (international, rest) = if let Some(rest) = s.strip_prefix('+') {
+        (true, rest)
+    } else if let Some(rest) = s.strip_prefix("00") {
+        (true, rest)
+    } else {
+        (false, s)
+    };
+    if !international {
+        return Err(IdentifierError::InvalidPhone);
+    }
+    let mut digits = String::with_capacity(16);
+    for c in rest.chars() {
+        match c {
+            '0'..='9' => digits.push(c),
+            ' ' | '-' | '.' | '(' | ')' | '/' => {}
+            _ => return Err(IdentifierError::InvalidPhone),
+        }
+    }
+    if !(8..=15).contains(&digits.len()) || digits.starts_with('0') {
+        return Err(IdentifierError::InvalidPhone);
+    }
+    Ok(format!("+{digits}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(kind: &str, raw: &str) -> Result<String, IdentifierError> {
+        Identifier::parse(kind.parse()?, raw).map(|i| i.expose().to_owned())
+    }
+
+    #[test]
+    fn emails_are_trimmed_and_lower_cased() {
+        assert_eq!(parse("email", "  Ada.Lovelace@Example.COM \t").unwrap(), "ada.lovelace@example.com");
+        assert_eq!(parse("email", "o'brien@example.ie").unwrap(), "o'brien@example.ie");
+        for bad in ["", "   ", "no-at-sign", "@example.com", "a@", "a@nodot", "a b@example.com", "a@.com", "a@x..com"] {
+            assert!(parse("email", bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn phones_become_e164() {
+        assert_eq!(parse("phone", "+44 20 7946 0958").unwrap(), "+442079460958");
+        assert_eq!(parse("phone", "0049 (30) 123-4567").unwrap(), "+49301234567");
+        for bad in ["020 7946 0958", "+12", "+1234567890123456", "+44 20 ABC", "+0123456789"] {
+            assert!(parse("phone", bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn other_kinds_are_trimmed_and_bounded() {
+        assert_eq!(parse("customer_id", " C-42 ").unwrap(), "C-42");
+        assert_eq!(parse("loyalty_no", "77").unwrap(), "77");
+        assert!(parse("Bad-Kind", "x").is_err());
+        assert!(parse("device_id", &"x".repeat(MAX_IDENTIFIER_LEN + 1)).is_err());
+        assert!(parse("device_id", "a\u{0}b").is_err());
+    }
+
+    #[test]
+    fn printing_never_shows_the_value() {
+        let id = Identifier::parse(IdentifierKind::Email, "secret@example.com").unwrap();
+        assert_eq!(id.to_string(), "[redacted]");
+        assert!(!format!("{id:?}").contains("secret"));
+        let err = Identifier::parse(IdentifierKind::Email, "secret-no-at").unwrap_err();
+        assert!(!err.to_string().contains("secret"));
+    }
+}

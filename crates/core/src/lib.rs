@@ -1,0 +1,19 @@
+//! Lethe's vocabulary (see DESIGN.md): subjects and their identifiers,
+//! regulations and due dates, plans, outcomes, and the request and task
+//! state machines. This crate does no I/O.
+
+pub mod crypto;
+pub mod identifier;
+pub mod ids;
+pub mod outcome;
+pub mod plan;
+pub mod regulation;
+pub mod state;
+
+pub use crypto::{DataKey, MasterKey, SealedIdentifier};
+pub use identifier::{Identifier, IdentifierError, IdentifierKind};
+pub use ids::{RequestId, TaskId};
+pub use outcome::{DatasetReport, Outcome, OutcomeClass, RetainedReport};
+pub use plan::{Action, PlanItem};
+pub use regulation::{Period, Regulation};
+pub use state::{RequestStatus, Step, TaskEvent, TaskState};

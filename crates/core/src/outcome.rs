@@ -1,0 +1,136 @@
+//! What a connector reports for a task.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Rows or records affected in one dataset (a table, a list, a key space).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetReport {
+    pub dataset: String,
+    #[serde(default)]
+    pub deleted: u64,
+    #[serde(default)]
+    pub anonymized: u64,
+}
+
+/// Data kept on purpose, with the legal basis and the end of the period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetainedReport {
+    pub dataset: String,
+    pub count: u64,
+    pub basis: String,
+    pub until: DateTime<Utc>,
+}
+
+/// A connector's report on one attempt of one task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Outcome {
+    /// The subject's data was erased or anonymised; `residual` is what a
+    /// verification query still found (absent if not verified).
+    Erased {
+        datasets: Vec<DatasetReport>,
+        #[serde(default)]
+        residual: Option<u64>,
+    },
+    /// The system holds nothing for the subject.
+    NotFound {
+        #[serde(default)]
+        residual: Option<u64>,
+    },
+    /// Part was erased, part must be kept.
+    RetainedInPart {
+        datasets: Vec<DatasetReport>,
+        retained: Vec<RetainedReport>,
+        #[serde(default)]
+        residual: Option<u64>,
+    },
+    /// The attempt failed. `reason` never contains an identifier.
+    Failed { retryable: bool, reason: String },
+    /// An asynchronous job was started in the external system.
+    Accepted { job_id: String },
+}
+
+/// How an outcome moves a task, independent of its details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeClass {
+    Succeeded,
+    Retained,
+    Failed,
+    Accepted,
+}
+
+impl Outcome {
+    /// Verification that found data left over turns a reported success into
+    /// a failure: an under-deletion is never a success.
+    pub fn class(&self) -> OutcomeClass {
+        match self {
+            Self::Erased { residual, .. }
+            | Self::NotFound { residual }
+            | Self::RetainedInPart { residual, .. }
+                if residual.is_some_and(|r| r > 0) =>
+            {
+                OutcomeClass::Failed
+            }
+            Self::Erased { .. } | Self::NotFound { .. } => OutcomeClass::Succeeded,
+            Self::RetainedInPart { .. } => OutcomeClass::Retained,
+            Self::Failed { .. } => OutcomeClass::Failed,
+            Self::Accepted { .. } => OutcomeClass::Accepted,
+        }
+    }
+
+    pub fn residual(&self) -> Option<u64> {
+        match self {
+            Self::Erased { residual, .. }
+            | Self::NotFound { residual }
+            | Self::RetainedInPart { residual, .. } => *residual,
+            _ => None,
+        }
+    }
+
+    /// A short, identifier-free description for task views and audit.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Erased { datasets, residual } | Self::RetainedInPart { datasets, residual, .. } => {
+                let deleted: u64 = datasets.iter().map(|d| d.deleted).sum();
+                let anonymized: u64 = datasets.iter().map(|d| d.anonymized).sum();
+                let mut s = format!("deleted {deleted}, anonymized {anonymized}");
+                if let Some(r) = residual.filter(|r| *r > 0) {
+                    s.push_str(&format!("; under-deletion: {r} records remain"));
+                }
+                s
+            }
+            Self::NotFound { .. } => "nothing found".into(),
+            Self::Failed { retryable, reason } => {
+                format!("failed ({}): {reason}", if *retryable { "retryable" } else { "permanent" })
+            }
+            Self::Accepted { .. } => "accepted; external job running".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn residual_turns_success_into_failure() {
+        let ok = Outcome::Erased { datasets: vec![], residual: Some(0) };
+        let under = Outcome::Erased { datasets: vec![], residual: Some(3) };
+        assert_eq!(ok.class(), OutcomeClass::Succeeded);
+        assert_eq!(under.class(), OutcomeClass::Failed);
+        assert!(under.summary().contains("under-deletion"));
+    }
+
+    #[test]
+    fn wire_form_is_tagged() {
+        let o = Outcome::Failed { retryable: true, reason: "timeout".into() };
+        let json = serde_json::to_value(&o).unwrap();
+        assert_eq!(json["status"], "failed");
+        let back: Outcome = serde_json::from_value(json).unwrap();
+        assert_eq!(back, o);
+        assert!(serde_json::from_str::<Outcome>(r#"{"status":"not_found","extra":1}"#).is_err());
+    }
+}

@@ -1,0 +1,301 @@
+//! The task and request state machines.
+//!
+//! Delivery is at least once, so the coordinator sees duplicates, stale
+//! redispatches and late outcomes. Those are *ignored*: a terminal state
+//! never changes through an outcome or a dispatch. The only way out of
+//! `failed` is an explicit operator retry.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::outcome::OutcomeClass;
+
+/// The state of one (request, system) task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Planned; its outbox row awaits publishing.
+    Pending,
+    /// Published to the bus; no final outcome yet.
+    Dispatched,
+    /// The connector started an asynchronous job in the external system.
+    Accepted,
+    /// Erased, anonymised or nothing found, and verified.
+    Succeeded,
+    /// Erased in part; the rest is kept on a legal basis.
+    Retained,
+    /// Failed for good (attempts exhausted, permanent error or under-deletion).
+    Failed,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 6] = [
+        Self::Pending,
+        Self::Dispatched,
+        Self::Accepted,
+        Self::Succeeded,
+        Self::Retained,
+        Self::Failed,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Retained | Self::Failed)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Dispatched => "dispatched",
+            Self::Accepted => "accepted",
+            Self::Succeeded => "succeeded",
+            Self::Retained => "retained",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Applies `event`. `Ok(Step::Ignored)` is a harmless duplicate or late
+    /// message; `Err` is a command that makes no sense in this state.
+    pub fn apply(self, event: TaskEvent) -> Result<Step, IllegalTransition> {
+        use TaskState::*;
+        let next = match (self, event) {
+            (Pending | Dispatched, TaskEvent::Dispatched) => Dispatched,
+            (_, TaskEvent::Dispatched) => return Ok(Step::Ignored),
+            (s, TaskEvent::Outcome(_)) if s.is_terminal() => return Ok(Step::Ignored),
+            (Accepted, TaskEvent::Outcome(OutcomeClass::Accepted)) => return Ok(Step::Ignored),
+            (_, TaskEvent::Outcome(class)) => match class {
+                OutcomeClass::Succeeded => Succeeded,
+                OutcomeClass::Retained => Retained,
+                OutcomeClass::Failed => Failed,
+                OutcomeClass::Accepted => Accepted,
+            },
+            (Failed, TaskEvent::Retry) => Pending,
+            (state, TaskEvent::Retry) => return Err(IllegalTransition { state, event: "retry" }),
+        };
+        Ok(Step::Moved(next))
+    }
+}
+
+/// What can happen to a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskEvent {
+    /// The dispatcher published (or republished) the task.
+    Dispatched,
+    /// A connector reported an outcome.
+    Outcome(OutcomeClass),
+    /// An operator asked to run a failed task again.
+    Retry,
+}
+
+/// The result of applying an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Moved(TaskState),
+    Ignored,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {event} a task that is {state}")]
+pub struct IllegalTransition {
+    pub state: TaskState,
+    pub event: &'static str,
+}
+
+/// The status of a request, derived from its tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestStatus {
+    Received,
+    InProgress,
+    Completed,
+    CompletedWithExemptions,
+    Failed,
+}
+
+impl RequestStatus {
+    pub const ALL: [RequestStatus; 5] = [
+        Self::Received,
+        Self::InProgress,
+        Self::Completed,
+        Self::CompletedWithExemptions,
+        Self::Failed,
+    ];
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::CompletedWithExemptions | Self::Failed)
+    }
+
+    /// Final and closed for good: the request's data key may be destroyed.
+    /// A `failed` request keeps its key so that an operator can retry it.
+    pub fn is_closed(self) -> bool {
+        matches!(self, Self::Completed | Self::CompletedWithExemptions)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Received => "received",
+            Self::InProgress => "in_progress",
+            Self::Completed => "completed",
+            Self::CompletedWithExemptions => "completed_with_exemptions",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// The status that `tasks` imply, given the `current` one. Never moves
+    /// backwards and never leaves a final status (see [`Self::reopen`]).
+    pub fn next(self, tasks: &[TaskState]) -> RequestStatus {
+        if self.is_final() {
+            return self;
+        }
+        if tasks.iter().all(|t| t.is_terminal()) {
+            if tasks.contains(&TaskState::Failed) {
+                RequestStatus::Failed
+            } else if tasks.contains(&TaskState::Retained) {
+                RequestStatus::CompletedWithExemptions
+            } else {
+                RequestStatus::Completed
+            }
+        } else if self == RequestStatus::InProgress
+            || tasks.iter().any(|t| *t != TaskState::Pending)
+        {
+            RequestStatus::InProgress
+        } else {
+            RequestStatus::Received
+        }
+    }
+
+    /// An operator retry of a task of a failed request reopens it.
+    pub fn reopen(self) -> Result<RequestStatus, IllegalTransition> {
+        match self {
+            Self::Failed | Self::InProgress => Ok(Self::InProgress),
+            _ => Err(IllegalTransition { state: TaskState::Succeeded, event: "retry" }),
+        }
+    }
+}
+
+macro_rules! text_enum {
+    ($t:ty) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                <$t>::ALL
+                    .into_iter()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| format!("unknown {} {s:?}", stringify!($t)))
+            }
+        }
+    };
+}
+
+text_enum!(TaskState);
+text_enum!(RequestStatus);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn event() -> impl Strategy<Value = TaskEvent> {
+        prop_oneof![
+            Just(TaskEvent::Dispatched),
+            Just(TaskEvent::Retry),
+            Just(TaskEvent::Outcome(OutcomeClass::Succeeded)),
+            Just(TaskEvent::Outcome(OutcomeClass::Retained)),
+            Just(TaskEvent::Outcome(OutcomeClass::Failed)),
+            Just(TaskEvent::Outcome(OutcomeClass::Accepted)),
+        ]
+    }
+
+    /// A deliberately simple reference model of the task machine.
+    fn model(state: TaskState, event: TaskEvent) -> Option<TaskState> {
+        match event {
+            TaskEvent::Retry => (state == TaskState::Failed).then_some(TaskState::Pending),
+            _ if state.is_terminal() => Some(state),
+            TaskEvent::Dispatched if state == TaskState::Accepted => Some(state),
+            TaskEvent::Dispatched => Some(TaskState::Dispatched),
+            TaskEvent::Outcome(OutcomeClass::Succeeded) => Some(TaskState::Succeeded),
+            TaskEvent::Outcome(OutcomeClass::Retained) => Some(TaskState::Retained),
+            TaskEvent::Outcome(OutcomeClass::Failed) => Some(TaskState::Failed),
+            TaskEvent::Outcome(OutcomeClass::Accepted) => Some(TaskState::Accepted),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn task_machine_matches_model(events in prop::collection::vec(event(), 0..40)) {
+            let mut state = TaskState::Pending;
+            for e in events {
+                let expected = model(state, e);
+                match state.apply(e) {
+                    Ok(Step::Moved(next)) => { prop_assert_eq!(Some(next), expected); state = next; }
+                    Ok(Step::Ignored) => prop_assert_eq!(Some(state), expected),
+                    Err(_) => prop_assert_eq!(expected, None),
+                }
+            }
+        }
+
+        #[test]
+        fn terminal_task_states_ignore_outcomes_and_dispatches(
+            events in prop::collection::vec(event(), 1..40),
+        ) {
+            for start in TaskState::ALL.into_iter().filter(|s| s.is_terminal()) {
+                for e in events.iter().filter(|e| **e != TaskEvent::Retry) {
+                    prop_assert_eq!(start.apply(*e), Ok(Step::Ignored));
+                }
+            }
+        }
+
+        #[test]
+        fn request_status_is_monotonic_and_final_is_final(
+            steps in prop::collection::vec(prop::collection::vec(0usize..6, 0..6), 1..20),
+        ) {
+            let rank = |s: RequestStatus| match s {
+                RequestStatus::Received => 0,
+                RequestStatus::InProgress => 1,
+                _ => 2,
+            };
+            let mut status = RequestStatus::Received;
+            for tasks in steps {
+                let tasks: Vec<TaskState> = tasks.into_iter().map(|i| TaskState::ALL[i]).collect();
+                let next = status.next(&tasks);
+                prop_assert!(rank(next) >= rank(status));
+                if status.is_final() { prop_assert_eq!(next, status); }
+                if !status.is_final() && !tasks.is_empty() && tasks.iter().all(|t| t.is_terminal()) {
+                    prop_assert!(next.is_final());
+                }
+                status = next;
+            }
+        }
+    }
+
+    #[test]
+    fn request_outcomes() {
+        use TaskState::*;
+        let s = RequestStatus::Received;
+        assert_eq!(s.next(&[Pending, Pending]), RequestStatus::Received);
+        assert_eq!(s.next(&[Dispatched, Pending]), RequestStatus::InProgress);
+        assert_eq!(s.next(&[Succeeded, Succeeded]), RequestStatus::Completed);
+        assert_eq!(s.next(&[Succeeded, Retained]), RequestStatus::CompletedWithExemptions);
+        assert_eq!(s.next(&[Failed, Retained]), RequestStatus::Failed);
+        assert_eq!(RequestStatus::InProgress.next(&[Pending]), RequestStatus::InProgress);
+        assert_eq!(RequestStatus::Failed.reopen(), Ok(RequestStatus::InProgress));
+        assert!(RequestStatus::Completed.reopen().is_err());
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for s in TaskState::ALL {
+            assert_eq!(s.as_str().parse::<TaskState>().unwrap(), s);
+        }
+        for s in RequestStatus::ALL {
+            assert_eq!(s.as_str().parse::<RequestStatus>().unwrap(), s);
+        }
+    }
+}
