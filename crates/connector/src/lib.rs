@@ -1,1 +1,16 @@
-//! placeholder
+//! Lethe's connector SDK.
+//!
+//! A connector author implements [`Connector`]: erase one subject's data in
+//! one system, verify that nothing is left, and report health. Everything
+//! else (consuming tasks, decrypting identifiers, retries with backoff,
+//! tracing spans, metrics, publishing results) belongs to the [`worker`]
+//! runtime, so that every connector behaves the same way.
+
+pub mod connector;
+pub mod metrics;
+pub mod retry;
+pub mod worker;
+
+pub use connector::{Connector, ConnectorError, Erasure, ErasureTask};
+pub use retry::RetryPolicy;
+pub use worker::{KeyResolver, Worker};

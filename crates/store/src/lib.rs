@@ -1,1 +1,127 @@
-//! placeholder
+//! Lethe's state store: the source of truth for requests, plans, tasks,
+//! attempts, outcomes, the outbox and the audit chain.
+//!
+//! [`StateStore`] is the one interface the coordinator uses. [`connect`]
+//! picks the engine by URL scheme (`postgres://` or `sqlite:`); both engines
+//! run the same SQL through sqlx's `Any` driver, with a [`Dialect`] for the
+//! few places where they differ and a migration set each.
+
+mod audit;
+mod dialect;
+mod sql;
+mod types;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use lethe_core::{RequestId, TaskId};
+
+pub use audit::{AuditCheck, AuditEvent};
+pub use dialect::Dialect;
+pub use sql::SqlStore;
+pub use types::*;
+
+/// A store failure. Messages never contain identifiers or raw database text
+/// that could echo one; the full error is logged at debug level only.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported state store URL; expected postgres://… or sqlite:…")]
+    UnsupportedUrl,
+    #[error("state store unavailable ({0})")]
+    Unavailable(String),
+    #[error("state store migration failed: {0}")]
+    Migration(String),
+    #[error("state store query failed ({0})")]
+    Query(String),
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed later (connection lost, deadlock).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+/// Opens the store at `url` and brings its schema up to date.
+pub async fn connect(url: &str) -> Result<Arc<dyn StateStore>, StoreError> {
+    let store = SqlStore::connect(url).await?;
+    store.migrate().await?;
+    Ok(Arc::new(store))
+}
+
+/// The coordinator's view of durable state. Every method is one transaction.
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// `postgres` or `sqlite`.
+    fn backend(&self) -> &'static str;
+
+    /// Cheap liveness check for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Writes the request, its identifiers (sealed), plan, tasks and their
+    /// outbox rows in one transaction. With an idempotency key already used,
+    /// writes nothing and returns the existing request.
+    async fn create_request(&self, request: NewRequest) -> Result<Created, StoreError>;
+
+    /// One request with its plan and tasks.
+    async fn request(&self, id: RequestId) -> Result<Option<RequestDetail>, StoreError>;
+
+    /// Requests, newest first, optionally filtered by status, after a cursor.
+    async fn list_requests(&self, query: &ListQuery) -> Result<Vec<RequestRecord>, StoreError>;
+
+    /// Claims up to `limit` outbox rows for `lease`; rows claimed by another
+    /// owner whose lease has not expired are skipped, so replicas never
+    /// publish the same row at once.
+    async fn claim_outbox(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxItem>, StoreError>;
+
+    /// After the bus confirmed delivery: removes the rows (if still ours) and
+    /// records the dispatch of their tasks.
+    async fn mark_published(
+        &self,
+        owner: &str,
+        items: &[OutboxItem],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Gives claimed rows back after a failed publish.
+    async fn release_outbox(&self, owner: &str, ids: &[i64]) -> Result<(), StoreError>;
+
+    /// Applies connector outcomes (idempotently, through the task state
+    /// machine), completes requests whose tasks are all final, and destroys
+    /// the data key of a request that closes.
+    async fn apply_outcomes(
+        &self,
+        reports: &[OutcomeReport],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Applied>, StoreError>;
+
+    /// The wrapped data key of the request of `task`, if `task` belongs to
+    /// `system` and the key still exists.
+    async fn task_key(&self, system: &str, task: TaskId) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Queues a new outbox row for every task that was dispatched but has no
+    /// final outcome (used on start with a bus that does not survive
+    /// restarts). Returns how many.
+    async fn requeue_in_flight(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// Rows waiting in the outbox.
+    async fn outbox_backlog(&self) -> Result<u64, StoreError>;
+
+    /// Audit events of one request, or all of them, in chain order.
+    async fn audit_events(&self, request: Option<RequestId>) -> Result<Vec<AuditEvent>, StoreError>;
+
+    /// Walks the whole audit chain.
+    async fn verify_audit(&self) -> Result<AuditCheck, StoreError>;
+}

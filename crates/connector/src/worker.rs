@@ -1,0 +1,194 @@
+//! The worker runtime: consumes a system's tasks, opens their identifiers,
+//! calls the connector with retries, verifies, publishes the result and only
+//! then acknowledges the task. It owns the span, the retries and the metrics
+//! so that a connector author writes only the store-specific part.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use backon::Retryable;
+use chrono::Utc;
+use lethe_bus::{Bus, BusError, Consumer, ResultMessage, TaskMessage, ENVELOPE_VERSION};
+use lethe_core::{DataKey, Outcome, RequestId, TaskId};
+use tracing::Instrument;
+
+use crate::connector::{Connector, ConnectorError, Erasure, ErasureTask};
+use crate::metrics::{RETRIES_TOTAL, TASKS_TOTAL, TASK_DURATION_SECONDS};
+use crate::retry::RetryPolicy;
+
+/// Gives a worker the data key of a request whose task it holds.
+#[async_trait]
+pub trait KeyResolver: Send + Sync + 'static {
+    /// The request's data key, or `None` once it has been destroyed.
+    async fn data_key(
+        &self,
+        system: &str,
+        request: RequestId,
+        task: TaskId,
+    ) -> Result<Option<DataKey>, ConnectorError>;
+}
+
+/// Runs one connector against one system's task stream.
+pub struct Worker {
+    system: String,
+    name: String,
+    connector: Arc<dyn Connector>,
+    keys: Arc<dyn KeyResolver>,
+    bus: Arc<dyn Bus>,
+    retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("system", &self.system).field("name", &self.name).finish()
+    }
+}
+
+impl Worker {
+    pub fn new(
+        system: impl Into<String>,
+        connector: Arc<dyn Connector>,
+        keys: Arc<dyn KeyResolver>,
+        bus: Arc<dyn Bus>,
+        retry: RetryPolicy,
+    ) -> Self {
+        let system = system.into();
+        let name = format!("{system}-{}", std::process::id());
+        Self { system, name, connector, keys, bus, retry }
+    }
+
+    /// Consumes until the bus closes. Each task is acknowledged only after
+    /// its result has been delivered.
+    pub async fn run(self) -> Result<(), BusError> {
+        crate::metrics::describe();
+        let mut consumer: Box<dyn Consumer<TaskMessage>> = self.bus.task_consumer(&self.system).await?;
+        tracing::info!(system = %self.system, "worker started");
+        while let Some(delivery) = consumer.recv().await {
+            match delivery.message {
+                Ok(task) => {
+                    let result = self.process(task).await;
+                    self.publish(&result).await?;
+                }
+                Err(bad) => {
+                    let source = format!("lethe.tasks.{}", self.system);
+                    self.bus.dead_letter(&source, &bad.raw, &bad.reason).await?;
+                }
+            }
+            consumer.ack(delivery.position).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, result: &ResultMessage) -> Result<(), BusError> {
+        (|| self.bus.publish_result(result))
+            .retry(self.retry.unbounded())
+            .when(|e| !matches!(e, BusError::Closed))
+            .notify(|e, _| tracing::warn!(error = %e, "publishing a result failed; retrying"))
+            .await
+    }
+
+    /// Runs one task to an outcome. Never fails: every failure becomes a
+    /// `failed` outcome with a reason free of identifiers.
+    pub async fn process(&self, task: TaskMessage) -> ResultMessage {
+        let span = tracing::info_span!(
+            "task",
+            request = %task.request_id,
+            task = %task.task_id,
+            system = %task.system,
+            attempt = task.attempt,
+        );
+        let started = Instant::now();
+        let outcome = self.outcome(&task).instrument(span.clone()).await;
+        let label = outcome_label(&outcome);
+        span.in_scope(|| tracing::info!(outcome = label, summary = %outcome.summary(), "task finished"));
+        metrics::counter!(TASKS_TOTAL, "system" => self.system.clone(), "outcome" => label).increment(1);
+        metrics::histogram!(TASK_DURATION_SECONDS, "system" => self.system.clone())
+            .record(started.elapsed().as_secs_f64());
+        ResultMessage {
+            version: ENVELOPE_VERSION,
+            task_id: task.task_id,
+            request_id: task.request_id,
+            system: task.system,
+            attempt: task.attempt,
+            outcome,
+            reported_at: Utc::now(),
+            worker: Some(self.name.clone()),
+        }
+    }
+
+    async fn outcome(&self, msg: &TaskMessage) -> Outcome {
+        let task = match self.open(msg).await {
+            Ok(task) => task,
+            Err(e) => return failed(e),
+        };
+        let erasure = match self.call("erase", || self.connector.erase(&task)).await {
+            Ok(erasure) => erasure,
+            Err(e) => return failed(e),
+        };
+        match self.call("verify", || self.connector.verify(&task)).await {
+            Ok(residual) => erased(erasure, residual),
+            Err(e) => failed(ConnectorError { message: format!("verification failed: {}", e.message), ..e }),
+        }
+    }
+
+    async fn open(&self, msg: &TaskMessage) -> Result<ErasureTask, ConnectorError> {
+        let key = self
+            .call("key", || self.keys.data_key(&msg.system, msg.request_id, msg.task_id))
+            .await?
+            .ok_or_else(|| ConnectorError::permanent("the request's data key was destroyed; the request is closed"))?;
+        let identifiers = msg
+            .identifiers
+            .iter()
+            .map(|s| key.open(msg.request_id, s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| ConnectorError::permanent("identifiers could not be decrypted with the request's key"))?;
+        Ok(ErasureTask {
+            task_id: msg.task_id,
+            request_id: msg.request_id,
+            system: msg.system.clone(),
+            action: msg.action,
+            attempt: msg.attempt,
+            identifiers,
+        })
+    }
+
+    async fn call<T, F, Fut>(&self, call: &'static str, f: F) -> Result<T, ConnectorError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ConnectorError>>,
+    {
+        f.retry(self.retry.backoff())
+            .when(|e: &ConnectorError| e.retryable)
+            .notify(|e, delay| {
+                tracing::warn!(call, error = %e, ?delay, "retryable connector error; backing off");
+                metrics::counter!(RETRIES_TOTAL, "system" => self.system.clone(), "call" => call).increment(1);
+            })
+            .await
+    }
+}
+
+fn failed(e: ConnectorError) -> Outcome {
+    Outcome::Failed { retryable: e.retryable, reason: e.message }
+}
+
+fn erased(erasure: Erasure, residual: u64) -> Outcome {
+    let residual = Some(residual);
+    if !erasure.retained.is_empty() {
+        Outcome::RetainedInPart { datasets: erasure.datasets, retained: erasure.retained, residual }
+    } else if erasure.total() == 0 {
+        Outcome::NotFound { residual }
+    } else {
+        Outcome::Erased { datasets: erasure.datasets, residual }
+    }
+}
+
+fn outcome_label(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Erased { .. } => "erased",
+        Outcome::NotFound { .. } => "not_found",
+        Outcome::RetainedInPart { .. } => "retained_in_part",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Accepted { .. } => "accepted",
+    }
+}

@@ -1,0 +1,795 @@
+//! The [`StateStore`] implementation shared by PostgreSQL and SQLite.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use lethe_core::{
+    Action, IdentifierKind, Outcome, PlanItem, Regulation, RequestId, RequestStatus,
+    SealedIdentifier, Step, TaskEvent, TaskId, TaskState,
+};
+use serde_json::json;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyConnection, AnyPool, Executor, Row};
+
+use crate::audit::{self, AuditCheck, AuditEvent, PendingEvent};
+use crate::dialect::{placeholders, Dialect};
+use crate::types::*;
+use crate::{StateStore, StoreError};
+
+/// A state store on PostgreSQL or SQLite (see [`Dialect`]).
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+impl SqlStore {
+    /// Connects without migrating. A SQLite file (and its directory) is
+    /// created if missing.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let dialect = Dialect::from_url(url).ok_or(StoreError::UnsupportedUrl)?;
+        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        let pool = match dialect {
+            Dialect::Postgres => options.max_connections(16).connect(url).await,
+            Dialect::Sqlite => {
+                let url = sqlite_url(url)?;
+                // One connection: SQLite has one writer anyway, and this keeps
+                // read-modify-write transactions free of lock upgrades.
+                options
+                    .max_connections(1)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                                 PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+                            )
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await
+            }
+        }
+        .map_err(db_err)?;
+        Ok(Self { pool, dialect })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// The underlying pool, for tests and tools that inspect the database.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Applies pending migrations (safe to run from several replicas).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = match self.dialect {
+            Dialect::Postgres => sqlx::migrate!("./migrations/postgres"),
+            Dialect::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+        };
+        migrator.run(&self.pool).await.map_err(|e| StoreError::Migration(e.to_string()))
+    }
+
+    async fn begin(&self) -> Result<Tx<'static>, StoreError> {
+        self.pool.begin().await.map_err(db_err)
+    }
+}
+
+/// Adds `mode=rwc` and creates the parent directory of a SQLite file.
+fn sqlite_url(url: &str) -> Result<String, StoreError> {
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    let path = rest.split('?').next().unwrap_or_default();
+    if !path.is_empty() && path != ":memory:" {
+        if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        }
+    }
+    Ok(if url.contains("mode=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    })
+}
+
+/// Maps a sqlx error to a [`StoreError`] without database text, which could
+/// echo stored values.
+fn db_err(e: sqlx::Error) -> StoreError {
+    tracing::debug!(error = %e, "state store error");
+    match &e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            match code.as_str() {
+                "40001" | "40P01" | "55P03" | "5" | "6" | "517" => StoreError::Unavailable(format!("conflict, SQLSTATE {code}")),
+                "23505" | "1555" | "2067" => StoreError::Conflict(format!("unique constraint violated (code {code})")),
+                c if c.starts_with("08") || c.starts_with("57") => StoreError::Unavailable(format!("SQLSTATE {code}")),
+                _ => StoreError::Query(format!("code {code}")),
+            }
+        }
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
+            StoreError::Corrupt(e.to_string())
+        }
+        _ => StoreError::Query(e.to_string()),
+    }
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn time(ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    Utc.timestamp_millis_opt(ms).single().ok_or_else(|| StoreError::Corrupt(format!("bad timestamp {ms}")))
+}
+
+fn opt_time(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
+    ms.map(time).transpose()
+}
+
+fn parse<T: FromStr>(s: &str, what: &str) -> Result<T, StoreError> {
+    s.parse().map_err(|_| StoreError::Corrupt(format!("bad {what} {s:?}")))
+}
+
+fn col<T>(row: &AnyRow, name: &str) -> Result<T, StoreError>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    row.try_get(name).map_err(db_err)
+}
+
+fn json_text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn request_record(row: &AnyRow) -> Result<RequestRecord, StoreError> {
+    Ok(RequestRecord {
+        id: parse(&col::<String>(row, "id")?, "request id")?,
+        regulation: parse(&col::<String>(row, "regulation")?, "regulation")?,
+        status: parse(&col::<String>(row, "status")?, "status")?,
+        received_at: time(col(row, "received_at")?)?,
+        due_at: time(col(row, "due_at")?)?,
+        updated_at: time(col(row, "updated_at")?)?,
+        finished_at: opt_time(col(row, "finished_at")?)?,
+        external_ref: col(row, "external_ref")?,
+        key_destroyed_at: opt_time(col(row, "key_destroyed_at")?)?,
+    })
+}
+
+const REQUEST_COLUMNS: &str =
+    "id, regulation, status, received_at, due_at, updated_at, finished_at, external_ref, key_destroyed_at";
+
+fn task_record(row: &AnyRow) -> Result<TaskRecord, StoreError> {
+    let last: Option<String> = col(row, "last_outcome")?;
+    Ok(TaskRecord {
+        id: parse(&col::<String>(row, "id")?, "task id")?,
+        request_id: parse(&col::<String>(row, "request_id")?, "request id")?,
+        system: col(row, "system")?,
+        action: parse(&col::<String>(row, "action")?, "action")?,
+        state: parse(&col::<String>(row, "state")?, "task state")?,
+        attempts: u32::try_from(col::<i64>(row, "attempts")?).unwrap_or(u32::MAX),
+        last_outcome: last
+            .map(|s| serde_json::from_str::<Outcome>(&s))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("bad outcome: {e}")))?,
+        updated_at: time(col(row, "updated_at")?)?,
+        finished_at: opt_time(col(row, "finished_at")?)?,
+    })
+}
+
+impl SqlStore {
+    /// Appends events to the audit chain. Called last in a transaction, so
+    /// the chain head is locked only briefly.
+    async fn append_audit(&self, tx: &mut AnyConnection, events: Vec<PendingEvent>, now: DateTime<Utc>) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let head = sqlx::query(&format!("SELECT seq, hash FROM audit_head WHERE id = 1{}", self.dialect.for_update()))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let (mut seq, mut prev): (i64, String) = (col(&head, "seq")?, col(&head, "hash")?);
+        let at = ms(now);
+        for e in events {
+            seq += 1;
+            let detail = e.detail.to_string();
+            let rid = e.request_id.map(|r| r.to_string());
+            let tid = e.task_id.map(|t| t.to_string());
+            let hash = audit::event_hash(&prev, seq, at, rid.as_deref(), tid.as_deref(), e.kind, &detail);
+            sqlx::query(
+                "INSERT INTO audit_events (seq, at, request_id, task_id, kind, detail, prev_hash, hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(seq)
+            .bind(at)
+            .bind(rid)
+            .bind(tid)
+            .bind(e.kind)
+            .bind(detail)
+            .bind(&prev)
+            .bind(&hash)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            prev = hash;
+        }
+        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+            .bind(seq)
+            .bind(prev)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn lock_request(&self, tx: &mut AnyConnection, id: RequestId) -> Result<RequestStatus, StoreError> {
+        let row = sqlx::query(&format!("SELECT status FROM requests WHERE id = $1{}", self.dialect.for_update()))
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        parse(&col::<String>(&row, "status")?, "status")
+    }
+
+    async fn lock_task(&self, tx: &mut AnyConnection, id: TaskId) -> Result<(TaskState, String), StoreError> {
+        let row = sqlx::query(&format!("SELECT state, system FROM tasks WHERE id = $1{}", self.dialect.for_update()))
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        Ok((parse(&col::<String>(&row, "state")?, "task state")?, col(&row, "system")?))
+    }
+
+    /// Recomputes a locked request's status from its tasks; on a change,
+    /// records it, and destroys the data key when the request closes.
+    async fn refresh_request(
+        &self,
+        tx: &mut AnyConnection,
+        id: RequestId,
+        current: RequestStatus,
+        now: DateTime<Utc>,
+        events: &mut Vec<PendingEvent>,
+    ) -> Result<Option<RequestStatus>, StoreError> {
+        let rows = sqlx::query("SELECT state FROM tasks WHERE request_id = $1")
+            .bind(id.to_string())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let states = rows
+            .iter()
+            .map(|r| parse::<TaskState>(&col::<String>(r, "state")?, "task state"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = current.next(&states);
+        if next == current {
+            return Ok(None);
+        }
+        let finished = next.is_final().then(|| ms(now));
+        sqlx::query("UPDATE requests SET status = $1, updated_at = $2, finished_at = $3 WHERE id = $4")
+            .bind(next.as_str())
+            .bind(ms(now))
+            .bind(finished)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        events.push(PendingEvent::new(id, None, "request.status", json!({"from": current, "to": next})));
+        if next.is_closed() {
+            sqlx::query("UPDATE requests SET wrapped_key = NULL, key_destroyed_at = $1 WHERE id = $2")
+                .bind(ms(now))
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            events.push(PendingEvent::new(id, None, "request.key_destroyed", json!({})));
+        }
+        Ok(Some(next))
+    }
+
+    async fn existing_by_key(&self, key: &str) -> Result<Option<RequestId>, StoreError> {
+        let row = sqlx::query("SELECT id FROM requests WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.map(|r| parse(&col::<String>(&r, "id")?, "request id")).transpose()
+    }
+
+    async fn insert_request(&self, req: &NewRequest) -> Result<(), StoreError> {
+        let now = req.received_at;
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO requests (id, regulation, status, received_at, due_at, updated_at, external_ref, \
+             idempotency_key, wrapped_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(req.id.to_string())
+        .bind(req.regulation.as_str())
+        .bind(RequestStatus::Received.as_str())
+        .bind(ms(req.received_at))
+        .bind(ms(req.due_at))
+        .bind(ms(now))
+        .bind(req.external_ref.clone())
+        .bind(req.idempotency_key.clone())
+        .bind(req.wrapped_key.clone())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        for (pos, ident) in req.identifiers.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO identifiers (request_id, position, kind, sealed, subject_hash) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(req.id.to_string())
+            .bind(pos as i64)
+            .bind(ident.sealed.kind.as_str())
+            .bind(&ident.sealed.ciphertext)
+            .bind(&ident.subject_hash)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        for item in &req.plan {
+            sqlx::query(
+                "INSERT INTO plan_items (request_id, system, action, reason, basis, until_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(req.id.to_string())
+            .bind(&item.system)
+            .bind(item.action.as_str())
+            .bind(&item.reason)
+            .bind(item.basis.clone())
+            .bind(item.until.map(ms))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        for task in &req.tasks {
+            sqlx::query(
+                "INSERT INTO tasks (id, request_id, system, action, state, attempts, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, 0, $6, $6)",
+            )
+            .bind(task.id.to_string())
+            .bind(req.id.to_string())
+            .bind(&task.system)
+            .bind(task.action.as_str())
+            .bind(TaskState::Pending.as_str())
+            .bind(ms(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            sqlx::query("INSERT INTO outbox (task_id, created_at) VALUES ($1, $2)")
+                .bind(task.id.to_string())
+                .bind(ms(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        let subjects: Vec<&str> = req.identifiers.iter().map(|i| i.subject_hash.as_str()).collect();
+        let mut events = vec![PendingEvent::new(
+            req.id,
+            None,
+            "request.received",
+            json!({"regulation": req.regulation, "due_at": req.due_at, "subjects": subjects}),
+        )];
+        for item in &req.plan {
+            events.push(PendingEvent::new(req.id, None, "plan.decided", serde_json::to_value(item).unwrap_or_default()));
+        }
+        self.refresh_request(&mut tx, req.id, RequestStatus::Received, now, &mut events).await?;
+        self.append_audit(&mut tx, events, now).await?;
+        tx.commit().await.map_err(db_err)
+    }
+}
+
+#[async_trait]
+impl StateStore for SqlStore {
+    fn backend(&self) -> &'static str {
+        self.dialect.name()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(db_err)
+    }
+
+    async fn create_request(&self, req: NewRequest) -> Result<Created, StoreError> {
+        if let Some(key) = &req.idempotency_key {
+            if let Some(id) = self.existing_by_key(key).await? {
+                return Ok(Created::Existing(id));
+            }
+        }
+        match self.insert_request(&req).await {
+            Ok(()) => Ok(Created::New(req.id)),
+            // A concurrent request with the same idempotency key won the race.
+            Err(StoreError::Conflict(c)) => match &req.idempotency_key {
+                Some(key) => self.existing_by_key(key).await?.map(Created::Existing).ok_or(StoreError::Conflict(c)),
+                None => Err(StoreError::Conflict(c)),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn request(&self, id: RequestId) -> Result<Option<RequestDetail>, StoreError> {
+        let Some(row) = sqlx::query(&format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+        else {
+            return Ok(None);
+        };
+        let request = request_record(&row)?;
+        let plan = sqlx::query("SELECT system, action, reason, basis, until_at FROM plan_items WHERE request_id = $1 ORDER BY system")
+            .bind(id.to_string())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| {
+                Ok(PlanItem {
+                    system: col(r, "system")?,
+                    action: parse::<Action>(&col::<String>(r, "action")?, "action")?,
+                    reason: col(r, "reason")?,
+                    basis: col(r, "basis")?,
+                    until: opt_time(col(r, "until_at")?)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let tasks = sqlx::query(
+            "SELECT id, request_id, system, action, state, attempts, last_outcome, updated_at, finished_at \
+             FROM tasks WHERE request_id = $1 ORDER BY system",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(task_record)
+        .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(RequestDetail { request, plan, tasks }))
+    }
+
+    async fn list_requests(&self, q: &ListQuery) -> Result<Vec<RequestRecord>, StoreError> {
+        let mut sql = format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE 1 = 1");
+        let mut n = 0;
+        if q.status.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND status = ${n}"));
+        }
+        if q.before.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND id < ${n}"));
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", n + 1));
+        let mut query = sqlx::query(&sql);
+        if let Some(s) = q.status {
+            query = query.bind(s.as_str());
+        }
+        if let Some(b) = q.before {
+            query = query.bind(b.to_string());
+        }
+        query
+            .bind(i64::from(q.limit.max(1)))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(request_record)
+            .collect()
+    }
+
+    async fn claim_outbox(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let mut tx = self.begin().await?;
+        let until = ms(now) + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+        let claimed = sqlx::query(&format!(
+            "UPDATE outbox SET claimed_by = $1, claimed_until = $2 WHERE id IN (\
+               SELECT id FROM outbox WHERE claimed_until IS NULL OR claimed_until < $3 \
+               ORDER BY id LIMIT $4{}) RETURNING id, task_id",
+            self.dialect.skip_locked()
+        ))
+        .bind(owner)
+        .bind(until)
+        .bind(ms(now))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if claimed.is_empty() {
+            tx.commit().await.map_err(db_err)?;
+            return Ok(Vec::new());
+        }
+        let mut rows: Vec<(i64, String)> = claimed
+            .iter()
+            .map(|r| Ok((col(r, "id")?, col(r, "task_id")?)))
+            .collect::<Result<_, StoreError>>()?;
+        rows.sort();
+        let task_ids: Vec<&String> = rows.iter().map(|(_, t)| t).collect();
+        let sql = format!(
+            "SELECT t.id, t.request_id, t.system, t.action, t.state, t.attempts, r.regulation, r.due_at \
+             FROM tasks t JOIN requests r ON r.id = t.request_id WHERE t.id IN ({})",
+            placeholders(1, task_ids.len())
+        );
+        let tasks = task_ids.iter().fold(sqlx::query(&sql), |q, id| q.bind(id.as_str())).fetch_all(&mut *tx).await.map_err(db_err)?;
+        let mut by_task = HashMap::new();
+        for r in &tasks {
+            by_task.insert(col::<String>(r, "id")?, r);
+        }
+        let mut request_ids: Vec<String> = tasks.iter().map(|r| col::<String>(r, "request_id")).collect::<Result<_, _>>()?;
+        request_ids.sort();
+        request_ids.dedup();
+        let sql = format!(
+            "SELECT request_id, kind, sealed FROM identifiers WHERE request_id IN ({}) ORDER BY request_id, position",
+            placeholders(1, request_ids.len())
+        );
+        let idents = request_ids.iter().fold(sqlx::query(&sql), |q, id| q.bind(id.as_str())).fetch_all(&mut *tx).await.map_err(db_err)?;
+        let mut sealed: HashMap<String, Vec<SealedIdentifier>> = HashMap::new();
+        for r in &idents {
+            sealed.entry(col(r, "request_id")?).or_default().push(SealedIdentifier {
+                kind: parse::<IdentifierKind>(&col::<String>(r, "kind")?, "identifier type")?,
+                ciphertext: col(r, "sealed")?,
+            });
+        }
+        let mut items = Vec::with_capacity(rows.len());
+        let mut obsolete = Vec::new();
+        for (outbox_id, task_id) in &rows {
+            let Some(t) = by_task.get(task_id) else { continue };
+            let state: TaskState = parse(&col::<String>(t, "state")?, "task state")?;
+            if state.is_terminal() {
+                obsolete.push(*outbox_id);
+                continue;
+            }
+            let request_id: String = col(t, "request_id")?;
+            items.push(OutboxItem {
+                outbox_id: *outbox_id,
+                task_id: parse(task_id, "task id")?,
+                request_id: parse(&request_id, "request id")?,
+                system: col(t, "system")?,
+                action: parse(&col::<String>(t, "action")?, "action")?,
+                attempt: u32::try_from(col::<i64>(t, "attempts")? + 1).unwrap_or(u32::MAX),
+                regulation: parse::<Regulation>(&col::<String>(t, "regulation")?, "regulation")?,
+                due_at: time(col(t, "due_at")?)?,
+                identifiers: sealed.get(&request_id).cloned().unwrap_or_default(),
+            });
+        }
+        if !obsolete.is_empty() {
+            let q = format!("DELETE FROM outbox WHERE id IN ({})", placeholders(1, obsolete.len()));
+            obsolete.iter().fold(sqlx::query(&q), |q, id| q.bind(*id)).execute(&mut *tx).await.map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(items)
+    }
+
+    async fn mark_published(&self, owner: &str, items: &[OutboxItem], now: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut sorted: Vec<&OutboxItem> = items.iter().collect();
+        sorted.sort_by_key(|i| (i.request_id, i.task_id));
+        let mut tx = self.begin().await?;
+        let mut events = Vec::new();
+        for item in sorted {
+            let deleted = sqlx::query("DELETE FROM outbox WHERE id = $1 AND claimed_by = $2")
+                .bind(item.outbox_id)
+                .bind(owner)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            if deleted.rows_affected() == 0 {
+                continue; // our lease expired and another dispatcher took the row
+            }
+            let status = self.lock_request(&mut tx, item.request_id).await?;
+            let (state, _) = self.lock_task(&mut tx, item.task_id).await?;
+            let attempt = i64::from(item.attempt);
+            sqlx::query("INSERT INTO attempts (task_id, attempt, dispatched_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+                .bind(item.task_id.to_string())
+                .bind(attempt)
+                .bind(ms(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            let new_state = match state.apply(TaskEvent::Dispatched) {
+                Ok(Step::Moved(next)) => next,
+                _ => state,
+            };
+            sqlx::query(
+                "UPDATE tasks SET state = $1, attempts = CASE WHEN attempts < $2 THEN $2 ELSE attempts END, \
+                 updated_at = $3 WHERE id = $4",
+            )
+            .bind(new_state.as_str())
+            .bind(attempt)
+            .bind(ms(now))
+            .bind(item.task_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            if new_state != state || state == TaskState::Dispatched {
+                events.push(PendingEvent::new(
+                    item.request_id,
+                    Some(item.task_id),
+                    "task.dispatched",
+                    json!({"system": item.system, "attempt": item.attempt}),
+                ));
+            }
+            self.refresh_request(&mut tx, item.request_id, status, now, &mut events).await?;
+        }
+        self.append_audit(&mut tx, events, now).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn release_outbox(&self, owner: &str, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let q = format!(
+            "UPDATE outbox SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = $1 AND id IN ({})",
+            placeholders(2, ids.len())
+        );
+        ids.iter()
+            .fold(sqlx::query(&q).bind(owner), |q, id| q.bind(*id))
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(db_err)
+    }
+
+    async fn apply_outcomes(&self, reports: &[OutcomeReport], now: DateTime<Utc>) -> Result<Vec<Applied>, StoreError> {
+        if reports.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin().await?;
+        let q = format!("SELECT id, request_id FROM tasks WHERE id IN ({})", placeholders(1, reports.len()));
+        let owners = reports
+            .iter()
+            .fold(sqlx::query(&q), |q, r| q.bind(r.task_id.to_string()))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let mut request_of = HashMap::new();
+        for r in &owners {
+            request_of.insert(parse::<TaskId>(&col::<String>(r, "id")?, "task id")?, parse::<RequestId>(&col::<String>(r, "request_id")?, "request id")?);
+        }
+        // Lock requests, then tasks, in one global order to rule out deadlocks.
+        let mut order: Vec<usize> = (0..reports.len()).collect();
+        order.sort_by_key(|&i| (request_of.get(&reports[i].task_id).copied(), reports[i].task_id));
+        let mut results = vec![Applied::UnknownTask; reports.len()];
+        let mut events = Vec::new();
+        for i in order {
+            let report = &reports[i];
+            let Some(&request) = request_of.get(&report.task_id) else { continue };
+            let status = self.lock_request(&mut tx, request).await?;
+            let (state, system) = self.lock_task(&mut tx, report.task_id).await?;
+            let step = state.apply(TaskEvent::Outcome(report.outcome.class()));
+            let body = json_text(&report.outcome);
+            let label = serde_json::to_value(&report.outcome)
+                .ok()
+                .and_then(|v| v.get("status").and_then(|s| s.as_str().map(str::to_owned)))
+                .unwrap_or_default();
+            let moved = match step {
+                Ok(Step::Moved(next)) => Some(next),
+                _ => None,
+            };
+            sqlx::query(
+                "INSERT INTO outcomes (task_id, attempt, received_at, status, body, applied) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(report.task_id.to_string())
+            .bind(i64::from(report.attempt))
+            .bind(ms(now))
+            .bind(&label)
+            .bind(&body)
+            .bind(i64::from(moved.is_some()))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            let Some(next) = moved else {
+                results[i] = Applied::Ignored;
+                continue;
+            };
+            let finished = next.is_terminal().then(|| ms(now));
+            sqlx::query("UPDATE tasks SET state = $1, last_outcome = $2, updated_at = $3, finished_at = $4 WHERE id = $5")
+                .bind(next.as_str())
+                .bind(&body)
+                .bind(ms(now))
+                .bind(finished)
+                .bind(report.task_id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            sqlx::query("UPDATE attempts SET finished_at = $1 WHERE task_id = $2 AND attempt = $3")
+                .bind(ms(now))
+                .bind(report.task_id.to_string())
+                .bind(i64::from(report.attempt))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            events.push(PendingEvent::new(
+                request,
+                Some(report.task_id),
+                "task.outcome",
+                json!({"system": system, "attempt": report.attempt, "state": next, "outcome": report.outcome}),
+            ));
+            let request_status = self.refresh_request(&mut tx, request, status, now, &mut events).await?;
+            results[i] = Applied::Moved { request, task: next, request_status };
+        }
+        self.append_audit(&mut tx, events, now).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(results)
+    }
+
+    async fn task_key(&self, system: &str, task: TaskId) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = sqlx::query(
+            "SELECT r.wrapped_key FROM tasks t JOIN requests r ON r.id = t.request_id WHERE t.id = $1 AND t.system = $2",
+        )
+        .bind(task.to_string())
+        .bind(system)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(row.map(|r| col::<Option<Vec<u8>>>(&r, "wrapped_key")).transpose()?.flatten())
+    }
+
+    async fn requeue_in_flight(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE outbox SET claimed_by = NULL, claimed_until = NULL")
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let done = sqlx::query(
+            "INSERT INTO outbox (task_id, created_at) SELECT id, $1 FROM tasks \
+             WHERE state = $2 AND id NOT IN (SELECT task_id FROM outbox)",
+        )
+        .bind(ms(now))
+        .bind(TaskState::Dispatched.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn outbox_backlog(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM outbox").fetch_one(&self.pool).await.map_err(db_err)?;
+        Ok(u64::try_from(col::<i64>(&row, "n")?).unwrap_or(0))
+    }
+
+    async fn audit_events(&self, request: Option<RequestId>) -> Result<Vec<AuditEvent>, StoreError> {
+        let base = "SELECT seq, at, request_id, task_id, kind, detail, prev_hash, hash FROM audit_events";
+        let rows = match request {
+            Some(id) => sqlx::query(&format!("{base} WHERE request_id = $1 ORDER BY seq"))
+                .bind(id.to_string())
+                .fetch_all(&self.pool)
+                .await,
+            None => sqlx::query(&format!("{base} ORDER BY seq")).fetch_all(&self.pool).await,
+        }
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEvent {
+                    seq: col(r, "seq")?,
+                    at: time(col(r, "at")?)?,
+                    request_id: col::<Option<String>>(r, "request_id")?.map(|s| parse(&s, "request id")).transpose()?,
+                    task_id: col::<Option<String>>(r, "task_id")?.map(|s| parse(&s, "task id")).transpose()?,
+                    kind: col(r, "kind")?,
+                    detail: col(r, "detail")?,
+                    prev_hash: col(r, "prev_hash")?,
+                    hash: col(r, "hash")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn verify_audit(&self) -> Result<AuditCheck, StoreError> {
+        let events = self.audit_events(None).await?;
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_one(&self.pool).await.map_err(db_err)?;
+        let (seq, hash): (i64, String) = (col(&head, "seq")?, col(&head, "hash")?);
+        Ok(audit::verify_chain(&events, (seq, &hash)))
+    }
+}

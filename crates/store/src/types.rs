@@ -1,0 +1,141 @@
+//! The records the store reads and writes.
+
+use chrono::{DateTime, Utc};
+use lethe_core::{
+    Action, Outcome, PlanItem, Regulation, RequestId, RequestStatus, SealedIdentifier, TaskId,
+    TaskState,
+};
+
+/// An identifier as stored: sealed, plus a keyed hash for look-ups.
+#[derive(Debug, Clone)]
+pub struct NewIdentifier {
+    pub sealed: SealedIdentifier,
+    pub subject_hash: String,
+}
+
+/// A task to create with its request.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub id: TaskId,
+    pub system: String,
+    pub action: Action,
+}
+
+/// Everything written when a request is accepted.
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    pub id: RequestId,
+    pub regulation: Regulation,
+    pub received_at: DateTime<Utc>,
+    pub due_at: DateTime<Utc>,
+    pub external_ref: Option<String>,
+    /// Already hashed by the caller; never the client's value as given.
+    pub idempotency_key: Option<String>,
+    /// The request's data key, wrapped by the master key.
+    pub wrapped_key: Vec<u8>,
+    pub identifiers: Vec<NewIdentifier>,
+    pub plan: Vec<PlanItem>,
+    /// Tasks for the systems whose plan needs a connector; each gets an
+    /// outbox row.
+    pub tasks: Vec<NewTask>,
+}
+
+/// Whether `create_request` wrote a new request or found one with the same
+/// idempotency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    New(RequestId),
+    Existing(RequestId),
+}
+
+impl Created {
+    pub fn id(self) -> RequestId {
+        match self {
+            Self::New(id) | Self::Existing(id) => id,
+        }
+    }
+}
+
+/// A request row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub id: RequestId,
+    pub regulation: Regulation,
+    pub status: RequestStatus,
+    pub received_at: DateTime<Utc>,
+    pub due_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub external_ref: Option<String>,
+    /// When the data key was destroyed (crypto-shredding), if it was.
+    pub key_destroyed_at: Option<DateTime<Utc>>,
+}
+
+/// A task row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRecord {
+    pub id: TaskId,
+    pub request_id: RequestId,
+    pub system: String,
+    pub action: Action,
+    pub state: TaskState,
+    pub attempts: u32,
+    pub last_outcome: Option<Outcome>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A request with its plan and tasks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestDetail {
+    pub request: RequestRecord,
+    pub plan: Vec<PlanItem>,
+    pub tasks: Vec<TaskRecord>,
+}
+
+/// Filter and cursor for listing requests.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub status: Option<RequestStatus>,
+    /// Return requests older than this one (the previous page's last id).
+    pub before: Option<RequestId>,
+    pub limit: u32,
+}
+
+/// A claimed outbox row with what is needed to build the task message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    pub outbox_id: i64,
+    pub task_id: TaskId,
+    pub request_id: RequestId,
+    pub system: String,
+    pub action: Action,
+    /// The attempt this publication starts (previous attempts + 1).
+    pub attempt: u32,
+    pub regulation: Regulation,
+    pub due_at: DateTime<Utc>,
+    pub identifiers: Vec<SealedIdentifier>,
+}
+
+/// An outcome received for a task attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutcomeReport {
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub outcome: Outcome,
+}
+
+/// What applying one outcome did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The task moved; `request_status` is set if the request's changed too.
+    Moved {
+        request: RequestId,
+        task: TaskState,
+        request_status: Option<RequestStatus>,
+    },
+    /// A duplicate or late outcome; recorded, changed nothing.
+    Ignored,
+    /// No such task.
+    UnknownTask,
+}
