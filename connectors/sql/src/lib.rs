@@ -1,1 +1,26 @@
-//! placeholder
+//! Lethe connector for SQL stores: PostgreSQL, MySQL/MariaDB and SQLite.
+//!
+//! The store is declared table by table in a [`SqlConfig`]: how the
+//! subject's rows are found (a column per identifier type, or a `parent`
+//! table they hang off) and whether they are deleted or anonymised column by
+//! column. One code path serves the three engines through `sqlx::AnyPool`;
+//! a small [`Dialect`] renders placeholders and quotes the configured names,
+//! which are validated when the configuration is loaded. Identifier values
+//! are only ever bound as parameters.
+//!
+//! An erase runs in one transaction, children before parents, and reports
+//! the rows deleted and anonymised per table; verify counts what is left.
+
+mod anonymize;
+mod catalog;
+mod config;
+mod connector;
+mod dialect;
+mod error;
+mod query;
+
+pub use config::{
+    Compare, MatchColumn, ParentConfig, SqlConfig, Strategy, TableAction, TableConfig, MIN_HASH_KEY_LEN,
+};
+pub use connector::SqlConnector;
+pub use dialect::Dialect;

@@ -44,11 +44,11 @@ pub struct ResultMessage {
     pub worker: Option<String>,
 }
 
-fn decode<T: serde::de::DeserializeOwned>(
-    raw: &[u8],
-    version: impl Fn(&T) -> u32,
-) -> Result<T, Undecodable> {
-    let fail = |reason: String| Undecodable { reason, raw: raw.to_vec() };
+fn decode<T: serde::de::DeserializeOwned>(raw: &[u8], version: impl Fn(&T) -> u32) -> Result<T, Undecodable> {
+    let fail = |reason: String| Undecodable {
+        reason,
+        raw: raw.to_vec(),
+    };
     let msg: T = serde_json::from_slice(raw).map_err(|e| fail(format!("invalid envelope: {e}")))?;
     match version(&msg) {
         ENVELOPE_VERSION => Ok(msg),

@@ -1,1 +1,302 @@
-fn main() {}
+//! `lethe`: the one binary. It wires concrete backends and connectors
+//! together; every other crate works against traits.
+
+mod client;
+mod config;
+mod demo;
+mod keys;
+mod registry;
+mod serve;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::client::Client;
+use crate::config::{resolve_placeholders, Config, Overrides};
+
+#[derive(Parser)]
+#[command(name = "lethe", version, about = "Right-to-be-forgotten erasure orchestrator")]
+struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LETHE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// Configuration file; without it, the embedded default (config/lethe.toml).
+    #[arg(long, short, env = "LETHE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    fn load(&self, overrides: &Overrides) -> anyhow::Result<Config> {
+        Config::load(self.config.as_deref(), overrides)
+    }
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Base URL of the coordinator's API.
+    #[arg(long, env = "LETHE_SERVER", default_value = "http://127.0.0.1:8700")]
+    server: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator (and, with the in-process bus, the connectors).
+    Serve {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Address for the HTTP API (overrides server.listen).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// State store URL (overrides store.url).
+        #[arg(long)]
+        store_url: Option<String>,
+    },
+    /// Submit an erasure request.
+    Submit {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long)]
+        email: Option<String>,
+        /// International format, e.g. +44 20 7946 0958.
+        #[arg(long)]
+        phone: Option<String>,
+        #[arg(long)]
+        customer_id: Option<String>,
+        #[arg(long)]
+        device_id: Option<String>,
+        /// Another identifier as TYPE=VALUE (repeatable).
+        #[arg(long = "id", value_name = "TYPE=VALUE")]
+        other: Vec<String>,
+        /// gdpr, uk-gdpr, ccpa, vcdpa, lgpd or pipeda.
+        #[arg(long)]
+        regulation: String,
+        /// Your reference for the request (no personal data).
+        #[arg(long)]
+        external_ref: Option<String>,
+        /// Makes a retried submission return the same request.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Show a request and each system's progress.
+    Status {
+        #[command(flatten)]
+        server: ServerArgs,
+        id: String,
+        /// Refresh until the request is final.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Work with requests.
+    Requests {
+        #[command(subcommand)]
+        command: RequestsCommand,
+    },
+    /// Create or update the state store's schema.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Seed two local demo stores, erase people from them through the
+    /// embedded coordinator, and report what was erased and what was kept.
+    Demo {
+        /// People seeded into the demo stores.
+        #[arg(long, default_value_t = 300)]
+        subjects: usize,
+        /// Erasure requests submitted.
+        #[arg(long, default_value_t = 40)]
+        requests: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum RequestsCommand {
+    /// List requests, newest first.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue after this request (the `next_cursor` shown).
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file (and the environment overrides).
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LETHE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match run(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve {
+            config,
+            listen,
+            store_url,
+        } => {
+            let embedded = config.config.is_none();
+            let config = config.load(&Overrides { listen, store_url })?;
+            if embedded {
+                demo::ensure_stores().await?;
+            }
+            serve::run(config).await
+        }
+        Command::Submit {
+            server,
+            email,
+            phone,
+            customer_id,
+            device_id,
+            other,
+            regulation,
+            external_ref,
+            idempotency_key,
+        } => {
+            let mut subject = BTreeMap::new();
+            for (kind, value) in [
+                ("email", email),
+                ("phone", phone),
+                ("customer_id", customer_id),
+                ("device_id", device_id),
+            ] {
+                if let Some(v) = value {
+                    subject.insert(kind.to_owned(), v);
+                }
+            }
+            for pair in other {
+                let (k, v) = pair.split_once('=').context("--id takes TYPE=VALUE")?;
+                subject.insert(k.to_owned(), v.to_owned());
+            }
+            if subject.is_empty() {
+                bail!("give at least one identifier (--email, --phone, --customer-id, --device-id or --id TYPE=VALUE)");
+            }
+            let answer = Client::new(&server.server)
+                .submit(
+                    subject,
+                    &regulation,
+                    external_ref.as_deref(),
+                    idempotency_key.as_deref(),
+                )
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            Ok(())
+        }
+        Command::Status { server, id, watch } => {
+            let client = Client::new(&server.server);
+            loop {
+                let view = client.request(&id).await?;
+                print!("{}", client::render_request(&view));
+                let status = view["status"].as_str().unwrap_or_default();
+                if !watch || !matches!(status, "received" | "in_progress") {
+                    return Ok(());
+                }
+                println!();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        Command::Requests {
+            command:
+                RequestsCommand::List {
+                    server,
+                    status,
+                    limit,
+                    cursor,
+                    json,
+                },
+        } => {
+            let page = Client::new(&server.server)
+                .list(status.as_deref(), limit, cursor.as_deref())
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&page)?);
+            } else {
+                print!("{}", client::render_list(&page));
+            }
+            Ok(())
+        }
+        Command::Migrate { config } => {
+            let config = config.load(&Overrides::default())?;
+            let url = resolve_placeholders(&config.store.url).context("store.url")?;
+            let store = lethe_store::connect(&url).await?;
+            println!("state store ({}) is up to date", store.backend());
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => {
+            let origin = config
+                .config
+                .as_ref()
+                .map_or("embedded default".to_owned(), |p| p.display().to_string());
+            let config = config.load(&Overrides::default())?;
+            println!(
+                "{origin}: ok ({} systems: {})",
+                config.systems.len(),
+                config
+                    .systems
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(())
+        }
+        Command::Demo { subjects, requests } => demo::run(subjects, requests).await,
+    }
+}

@@ -41,7 +41,10 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("system", &self.system).field("name", &self.name).finish()
+        f.debug_struct("Worker")
+            .field("system", &self.system)
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -55,7 +58,14 @@ impl Worker {
     ) -> Self {
         let system = system.into();
         let name = format!("{system}-{}", std::process::id());
-        Self { system, name, connector, keys, bus, retry }
+        Self {
+            system,
+            name,
+            connector,
+            keys,
+            bus,
+            retry,
+        }
     }
 
     /// Consumes until the bus closes. Each task is acknowledged only after
@@ -128,21 +138,30 @@ impl Worker {
         };
         match self.call("verify", || self.connector.verify(&task)).await {
             Ok(residual) => erased(erasure, residual),
-            Err(e) => failed(ConnectorError { message: format!("verification failed: {}", e.message), ..e }),
+            Err(e) => failed(ConnectorError {
+                message: format!("verification failed: {}", e.message),
+                ..e
+            }),
         }
     }
 
     async fn open(&self, msg: &TaskMessage) -> Result<ErasureTask, ConnectorError> {
         let key = self
-            .call("key", || self.keys.data_key(&msg.system, msg.request_id, msg.task_id))
+            .call("key", || {
+                self.keys.data_key(&msg.system, msg.request_id, msg.task_id)
+            })
             .await?
-            .ok_or_else(|| ConnectorError::permanent("the request's data key was destroyed; the request is closed"))?;
+            .ok_or_else(|| {
+                ConnectorError::permanent("the request's data key was destroyed; the request is closed")
+            })?;
         let identifiers = msg
             .identifiers
             .iter()
             .map(|s| key.open(msg.request_id, s))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| ConnectorError::permanent("identifiers could not be decrypted with the request's key"))?;
+            .map_err(|_| {
+                ConnectorError::permanent("identifiers could not be decrypted with the request's key")
+            })?;
         Ok(ErasureTask {
             task_id: msg.task_id,
             request_id: msg.request_id,
@@ -162,24 +181,35 @@ impl Worker {
             .when(|e: &ConnectorError| e.retryable)
             .notify(|e, delay| {
                 tracing::warn!(call, error = %e, ?delay, "retryable connector error; backing off");
-                metrics::counter!(RETRIES_TOTAL, "system" => self.system.clone(), "call" => call).increment(1);
+                metrics::counter!(RETRIES_TOTAL, "system" => self.system.clone(), "call" => call)
+                    .increment(1);
             })
             .await
     }
 }
 
 fn failed(e: ConnectorError) -> Outcome {
-    Outcome::Failed { retryable: e.retryable, reason: e.message }
+    Outcome::Failed {
+        retryable: e.retryable,
+        reason: e.message,
+    }
 }
 
 fn erased(erasure: Erasure, residual: u64) -> Outcome {
     let residual = Some(residual);
     if !erasure.retained.is_empty() {
-        Outcome::RetainedInPart { datasets: erasure.datasets, retained: erasure.retained, residual }
+        Outcome::RetainedInPart {
+            datasets: erasure.datasets,
+            retained: erasure.retained,
+            residual,
+        }
     } else if erasure.total() == 0 {
         Outcome::NotFound { residual }
     } else {
-        Outcome::Erased { datasets: erasure.datasets, residual }
+        Outcome::Erased {
+            datasets: erasure.datasets,
+            residual,
+        }
     }
 }
 

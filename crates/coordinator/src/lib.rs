@@ -1,1 +1,112 @@
-//! placeholder
+//! Lethe's coordinator: the HTTP API, the planner, the dispatcher that
+//! relays the outbox to the bus, and the ingest that applies results.
+//! It depends on the store and bus traits only; the binary wires concrete
+//! backends and connectors together.
+
+pub mod api;
+pub mod clock;
+pub mod dispatcher;
+pub mod ingest;
+pub mod keys;
+pub mod metrics;
+pub mod planner;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lethe_bus::{Bus, BusError};
+use lethe_core::MasterKey;
+use lethe_store::{StateStore, StoreError};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+pub use api::{app, AppState};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use keys::StoreKeys;
+pub use planner::{Planner, SystemInfo};
+
+/// Tunables of the dispatcher and ingest.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Outbox rows claimed per batch.
+    pub dispatch_batch: u32,
+    /// How long a claim protects rows from other replicas.
+    pub lease: Duration,
+    /// How often an idle dispatcher looks at the outbox.
+    pub poll_interval: Duration,
+    /// Results applied per store transaction.
+    pub ingest_batch: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            dispatch_batch: 256,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(500),
+            ingest_batch: 256,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// A running coordinator: its background loops and the state for its API.
+pub struct Coordinator {
+    pub state: AppState,
+    pub tasks: JoinSet<()>,
+}
+
+impl Coordinator {
+    /// Starts the dispatcher and the result ingest. With a bus that loses
+    /// messages on restart, tasks that were in flight are queued again first.
+    pub async fn start(
+        store: Arc<dyn StateStore>,
+        bus: Arc<dyn Bus>,
+        master: MasterKey,
+        planner: Planner,
+        clock: Arc<dyn Clock>,
+        settings: Settings,
+    ) -> Result<Self, StartError> {
+        metrics::describe();
+        if !bus.is_durable() {
+            let n = store.requeue_in_flight(clock.now()).await?;
+            if n > 0 {
+                tracing::info!(tasks = n, "requeued tasks that were in flight before the restart");
+            }
+        }
+        let wake = Arc::new(Notify::new());
+        let mut tasks = JoinSet::new();
+        let results = bus.result_consumer().await?;
+        let ingest = ingest::Ingest {
+            store: store.clone(),
+            bus: bus.clone(),
+            clock: clock.clone(),
+            batch: settings.ingest_batch,
+        };
+        tasks.spawn(ingest.run(results));
+        let dispatcher = dispatcher::Dispatcher {
+            store: store.clone(),
+            bus,
+            clock: clock.clone(),
+            wake: wake.clone(),
+            settings,
+            owner: format!("coordinator-{}", uuid::Uuid::new_v4()),
+        };
+        tasks.spawn(dispatcher.run());
+        let state = AppState {
+            store,
+            master,
+            planner: Arc::new(planner),
+            clock,
+            wake,
+        };
+        Ok(Self { state, tasks })
+    }
+}

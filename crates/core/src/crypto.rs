@@ -179,7 +179,8 @@ pub fn keyed_hash(key: &[u8], label: &str, value: &str) -> String {
 }
 
 fn derive(key: &DataKey, label: &[u8]) -> DataKey {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes()).unwrap_or_else(|_| unreachable_hmac());
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes()).unwrap_or_else(|_| unreachable_hmac());
     mac.update(label);
     let out = mac.finalize().into_bytes();
     DataKey(Zeroizing::new(out.into()))

@@ -154,8 +154,7 @@ fn normalise_email(s: &str) -> Result<String, IdentifierError> {
         && !domain.starts_with('.')
         && !domain.ends_with('.')
         && !domain.contains("..");
-    if local.is_empty() || local.len() > 64 || !domain_ok || lower.chars().any(char::is_whitespace)
-    {
+    if local.is_empty() || local.len() > 64 || !domain_ok || lower.chars().any(char::is_whitespace) {
         return Err(IdentifierError::InvalidEmail);
     }
     Ok(lower)
@@ -196,9 +195,25 @@ mod tests {
 
     #[test]
     fn emails_are_trimmed_and_lower_cased() {
-        assert_eq!(parse("email", "  Ada.Lovelace@Example.COM \t").unwrap(), "ada.lovelace@example.com");
-        assert_eq!(parse("email", "o'brien@example.ie").unwrap(), "o'brien@example.ie");
-        for bad in ["", "   ", "no-at-sign", "@example.com", "a@", "a@nodot", "a b@example.com", "a@.com", "a@x..com"] {
+        assert_eq!(
+            parse("email", "  Ada.Lovelace@Example.COM \t").unwrap(),
+            "ada.lovelace@example.com"
+        );
+        assert_eq!(
+            parse("email", "o'brien@example.ie").unwrap(),
+            "o'brien@example.ie"
+        );
+        for bad in [
+            "",
+            "   ",
+            "no-at-sign",
+            "@example.com",
+            "a@",
+            "a@nodot",
+            "a b@example.com",
+            "a@.com",
+            "a@x..com",
+        ] {
             assert!(parse("email", bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -207,7 +222,13 @@ mod tests {
     fn phones_become_e164() {
         assert_eq!(parse("phone", "+44 20 7946 0958").unwrap(), "+442079460958");
         assert_eq!(parse("phone", "0049 (30) 123-4567").unwrap(), "+49301234567");
-        for bad in ["020 7946 0958", "+12", "+1234567890123456", "+44 20 ABC", "+0123456789"] {
+        for bad in [
+            "020 7946 0958",
+            "+12",
+            "+1234567890123456",
+            "+44 20 ABC",
+            "+0123456789",
+        ] {
             assert!(parse("phone", bad).is_err(), "{bad:?} accepted");
         }
     }

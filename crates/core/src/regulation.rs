@@ -158,7 +158,13 @@ mod tests {
 
     #[test]
     fn month_end_helper() {
-        assert_eq!(last_day_of_month(NaiveDate::from_ymd_opt(2028, 2, 3).unwrap()), 29);
-        assert_eq!(last_day_of_month(NaiveDate::from_ymd_opt(2026, 12, 3).unwrap()), 31);
+        assert_eq!(
+            last_day_of_month(NaiveDate::from_ymd_opt(2028, 2, 3).unwrap()),
+            29
+        );
+        assert_eq!(
+            last_day_of_month(NaiveDate::from_ymd_opt(2026, 12, 3).unwrap()),
+            31
+        );
     }
 }

@@ -71,7 +71,12 @@ impl TaskState {
                 OutcomeClass::Accepted => Accepted,
             },
             (Failed, TaskEvent::Retry) => Pending,
-            (state, TaskEvent::Retry) => return Err(IllegalTransition { state, event: "retry" }),
+            (state, TaskEvent::Retry) => {
+                return Err(IllegalTransition {
+                    state,
+                    event: "retry",
+                })
+            }
         };
         Ok(Step::Moved(next))
     }
@@ -123,7 +128,10 @@ impl RequestStatus {
     ];
 
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Completed | Self::CompletedWithExemptions | Self::Failed)
+        matches!(
+            self,
+            Self::Completed | Self::CompletedWithExemptions | Self::Failed
+        )
     }
 
     /// Final and closed for good: the request's data key may be destroyed.
@@ -156,9 +164,7 @@ impl RequestStatus {
             } else {
                 RequestStatus::Completed
             }
-        } else if self == RequestStatus::InProgress
-            || tasks.iter().any(|t| *t != TaskState::Pending)
-        {
+        } else if self == RequestStatus::InProgress || tasks.iter().any(|t| *t != TaskState::Pending) {
             RequestStatus::InProgress
         } else {
             RequestStatus::Received
@@ -169,7 +175,10 @@ impl RequestStatus {
     pub fn reopen(self) -> Result<RequestStatus, IllegalTransition> {
         match self {
             Self::Failed | Self::InProgress => Ok(Self::InProgress),
-            _ => Err(IllegalTransition { state: TaskState::Succeeded, event: "retry" }),
+            _ => Err(IllegalTransition {
+                state: TaskState::Succeeded,
+                event: "retry",
+            }),
         }
     }
 }
@@ -282,9 +291,15 @@ mod tests {
         assert_eq!(s.next(&[Pending, Pending]), RequestStatus::Received);
         assert_eq!(s.next(&[Dispatched, Pending]), RequestStatus::InProgress);
         assert_eq!(s.next(&[Succeeded, Succeeded]), RequestStatus::Completed);
-        assert_eq!(s.next(&[Succeeded, Retained]), RequestStatus::CompletedWithExemptions);
+        assert_eq!(
+            s.next(&[Succeeded, Retained]),
+            RequestStatus::CompletedWithExemptions
+        );
         assert_eq!(s.next(&[Failed, Retained]), RequestStatus::Failed);
-        assert_eq!(RequestStatus::InProgress.next(&[Pending]), RequestStatus::InProgress);
+        assert_eq!(
+            RequestStatus::InProgress.next(&[Pending]),
+            RequestStatus::InProgress
+        );
         assert_eq!(RequestStatus::Failed.reopen(), Ok(RequestStatus::InProgress));
         assert!(RequestStatus::Completed.reopen().is_err());
     }

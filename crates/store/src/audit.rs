@@ -36,16 +36,27 @@ pub(crate) struct PendingEvent {
 
 impl PendingEvent {
     pub fn new(request: RequestId, task: Option<TaskId>, kind: &'static str, detail: Value) -> Self {
-        Self { request_id: Some(request), task_id: task, kind, detail }
+        Self {
+            request_id: Some(request),
+            task_id: task,
+            kind,
+            detail,
+        }
     }
 }
 
 /// The result of walking the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditCheck {
-    Intact { events: u64, head: String },
+    Intact {
+        events: u64,
+        head: String,
+    },
     /// The first event (by sequence number) at which the chain breaks, and why.
-    Broken { seq: i64, reason: String },
+    Broken {
+        seq: i64,
+        reason: String,
+    },
 }
 
 /// The hash of an event: SHA-256 over the previous hash and the event's
@@ -62,7 +73,15 @@ pub fn event_hash(
     let mut h = Sha256::new();
     let at = at_ms.to_string();
     let seq = seq.to_string();
-    for field in [prev_hash, &seq, &at, request_id.unwrap_or(""), task_id.unwrap_or(""), kind, detail] {
+    for field in [
+        prev_hash,
+        &seq,
+        &at,
+        request_id.unwrap_or(""),
+        task_id.unwrap_or(""),
+        kind,
+        detail,
+    ] {
         h.update((field.len() as u64).to_be_bytes());
         h.update(field.as_bytes());
     }
@@ -89,9 +108,20 @@ pub(crate) fn verify_chain(events: &[AuditEvent], head: (i64, &str)) -> AuditChe
         }
         let rid = e.request_id.map(|r| r.to_string());
         let tid = e.task_id.map(|t| t.to_string());
-        let hash = event_hash(&prev, e.seq, e.at.timestamp_millis(), rid.as_deref(), tid.as_deref(), &e.kind, &e.detail);
+        let hash = event_hash(
+            &prev,
+            e.seq,
+            e.at.timestamp_millis(),
+            rid.as_deref(),
+            tid.as_deref(),
+            &e.kind,
+            &e.detail,
+        );
         if hash != e.hash {
-            return AuditCheck::Broken { seq: e.seq, reason: "content does not match its hash (edited)".into() };
+            return AuditCheck::Broken {
+                seq: e.seq,
+                reason: "content does not match its hash (edited)".into(),
+            };
         }
         prev = hash;
         expected_seq += 1;
@@ -99,8 +129,15 @@ pub(crate) fn verify_chain(events: &[AuditEvent], head: (i64, &str)) -> AuditChe
     if head.0 != expected_seq - 1 || head.1 != prev {
         return AuditCheck::Broken {
             seq: expected_seq,
-            reason: format!("the chain head records event {} but the trail ends at {}", head.0, expected_seq - 1),
+            reason: format!(
+                "the chain head records event {} but the trail ends at {}",
+                head.0,
+                expected_seq - 1
+            ),
         };
     }
-    AuditCheck::Intact { events: events.len() as u64, head: prev }
+    AuditCheck::Intact {
+        events: events.len() as u64,
+        head: prev,
+    }
 }

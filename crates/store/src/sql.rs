@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use lethe_core::{
-    Action, IdentifierKind, Outcome, PlanItem, Regulation, RequestId, RequestStatus,
-    SealedIdentifier, Step, TaskEvent, TaskId, TaskState,
+    Action, IdentifierKind, Outcome, PlanItem, Regulation, RequestId, RequestStatus, SealedIdentifier, Step,
+    TaskEvent, TaskId, TaskState,
 };
 use serde_json::json;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -76,7 +76,10 @@ impl SqlStore {
             Dialect::Postgres => sqlx::migrate!("./migrations/postgres"),
             Dialect::Sqlite => sqlx::migrate!("./migrations/sqlite"),
         };
-        migrator.run(&self.pool).await.map_err(|e| StoreError::Migration(e.to_string()))
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))
     }
 
     async fn begin(&self) -> Result<Tx<'static>, StoreError> {
@@ -89,8 +92,12 @@ fn sqlite_url(url: &str) -> Result<String, StoreError> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     let path = rest.split('?').next().unwrap_or_default();
     if !path.is_empty() && path != ":memory:" {
-        if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        if let Some(dir) = std::path::Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
     }
     Ok(if url.contains("mode=") {
@@ -110,9 +117,15 @@ fn db_err(e: sqlx::Error) -> StoreError {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
             match code.as_str() {
-                "40001" | "40P01" | "55P03" | "5" | "6" | "517" => StoreError::Unavailable(format!("conflict, SQLSTATE {code}")),
-                "23505" | "1555" | "2067" => StoreError::Conflict(format!("unique constraint violated (code {code})")),
-                c if c.starts_with("08") || c.starts_with("57") => StoreError::Unavailable(format!("SQLSTATE {code}")),
+                "40001" | "40P01" | "55P03" | "5" | "6" | "517" => {
+                    StoreError::Unavailable(format!("conflict, SQLSTATE {code}"))
+                }
+                "23505" | "1555" | "2067" => {
+                    StoreError::Conflict(format!("unique constraint violated (code {code})"))
+                }
+                c if c.starts_with("08") || c.starts_with("57") => {
+                    StoreError::Unavailable(format!("SQLSTATE {code}"))
+                }
                 _ => StoreError::Query(format!("code {code}")),
             }
         }
@@ -131,7 +144,9 @@ fn ms(t: DateTime<Utc>) -> i64 {
 }
 
 fn time(ms: i64) -> Result<DateTime<Utc>, StoreError> {
-    Utc.timestamp_millis_opt(ms).single().ok_or_else(|| StoreError::Corrupt(format!("bad timestamp {ms}")))
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .ok_or_else(|| StoreError::Corrupt(format!("bad timestamp {ms}")))
 }
 
 fn opt_time(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
@@ -139,7 +154,8 @@ fn opt_time(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
 }
 
 fn parse<T: FromStr>(s: &str, what: &str) -> Result<T, StoreError> {
-    s.parse().map_err(|_| StoreError::Corrupt(format!("bad {what} {s:?}")))
+    s.parse()
+        .map_err(|_| StoreError::Corrupt(format!("bad {what} {s:?}")))
 }
 
 fn col<T>(row: &AnyRow, name: &str) -> Result<T, StoreError>
@@ -191,14 +207,22 @@ fn task_record(row: &AnyRow) -> Result<TaskRecord, StoreError> {
 impl SqlStore {
     /// Appends events to the audit chain. Called last in a transaction, so
     /// the chain head is locked only briefly.
-    async fn append_audit(&self, tx: &mut AnyConnection, events: Vec<PendingEvent>, now: DateTime<Utc>) -> Result<(), StoreError> {
+    async fn append_audit(
+        &self,
+        tx: &mut AnyConnection,
+        events: Vec<PendingEvent>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         if events.is_empty() {
             return Ok(());
         }
-        let head = sqlx::query(&format!("SELECT seq, hash FROM audit_head WHERE id = 1{}", self.dialect.for_update()))
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        let head = sqlx::query(&format!(
+            "SELECT seq, hash FROM audit_head WHERE id = 1{}",
+            self.dialect.for_update()
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
         let (mut seq, mut prev): (i64, String) = (col(&head, "seq")?, col(&head, "hash")?);
         let at = ms(now);
         for e in events {
@@ -234,21 +258,30 @@ impl SqlStore {
     }
 
     async fn lock_request(&self, tx: &mut AnyConnection, id: RequestId) -> Result<RequestStatus, StoreError> {
-        let row = sqlx::query(&format!("SELECT status FROM requests WHERE id = $1{}", self.dialect.for_update()))
-            .bind(id.to_string())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        let row = sqlx::query(&format!(
+            "SELECT status FROM requests WHERE id = $1{}",
+            self.dialect.for_update()
+        ))
+        .bind(id.to_string())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
         parse(&col::<String>(&row, "status")?, "status")
     }
 
     async fn lock_task(&self, tx: &mut AnyConnection, id: TaskId) -> Result<(TaskState, String), StoreError> {
-        let row = sqlx::query(&format!("SELECT state, system FROM tasks WHERE id = $1{}", self.dialect.for_update()))
-            .bind(id.to_string())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        Ok((parse(&col::<String>(&row, "state")?, "task state")?, col(&row, "system")?))
+        let row = sqlx::query(&format!(
+            "SELECT state, system FROM tasks WHERE id = $1{}",
+            self.dialect.for_update()
+        ))
+        .bind(id.to_string())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        Ok((
+            parse(&col::<String>(&row, "state")?, "task state")?,
+            col(&row, "system")?,
+        ))
     }
 
     /// Recomputes a locked request's status from its tasks; on a change,
@@ -283,7 +316,12 @@ impl SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        events.push(PendingEvent::new(id, None, "request.status", json!({"from": current, "to": next})));
+        events.push(PendingEvent::new(
+            id,
+            None,
+            "request.status",
+            json!({"from": current, "to": next}),
+        ));
         if next.is_closed() {
             sqlx::query("UPDATE requests SET wrapped_key = NULL, key_destroyed_at = $1 WHERE id = $2")
                 .bind(ms(now))
@@ -302,7 +340,8 @@ impl SqlStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(db_err)?;
-        row.map(|r| parse(&col::<String>(&r, "id")?, "request id")).transpose()
+        row.map(|r| parse(&col::<String>(&r, "id")?, "request id"))
+            .transpose()
     }
 
     async fn insert_request(&self, req: &NewRequest) -> Result<(), StoreError> {
@@ -377,12 +416,23 @@ impl SqlStore {
             req.id,
             None,
             "request.received",
-            json!({"regulation": req.regulation, "due_at": req.due_at, "subjects": subjects}),
+            json!({
+                "regulation": req.regulation,
+                "due_at": req.due_at,
+                "subjects": subjects,
+                "verification": req.verification,
+            }),
         )];
         for item in &req.plan {
-            events.push(PendingEvent::new(req.id, None, "plan.decided", serde_json::to_value(item).unwrap_or_default()));
+            events.push(PendingEvent::new(
+                req.id,
+                None,
+                "plan.decided",
+                serde_json::to_value(item).unwrap_or_default(),
+            ));
         }
-        self.refresh_request(&mut tx, req.id, RequestStatus::Received, now, &mut events).await?;
+        self.refresh_request(&mut tx, req.id, RequestStatus::Received, now, &mut events)
+            .await?;
         self.append_audit(&mut tx, events, now).await?;
         tx.commit().await.map_err(db_err)
     }
@@ -395,7 +445,11 @@ impl StateStore for SqlStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(db_err)
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(db_err)
     }
 
     async fn create_request(&self, req: NewRequest) -> Result<Created, StoreError> {
@@ -408,7 +462,11 @@ impl StateStore for SqlStore {
             Ok(()) => Ok(Created::New(req.id)),
             // A concurrent request with the same idempotency key won the race.
             Err(StoreError::Conflict(c)) => match &req.idempotency_key {
-                Some(key) => self.existing_by_key(key).await?.map(Created::Existing).ok_or(StoreError::Conflict(c)),
+                Some(key) => self
+                    .existing_by_key(key)
+                    .await?
+                    .map(Created::Existing)
+                    .ok_or(StoreError::Conflict(c)),
                 None => Err(StoreError::Conflict(c)),
             },
             Err(e) => Err(e),
@@ -521,25 +579,41 @@ impl StateStore for SqlStore {
              FROM tasks t JOIN requests r ON r.id = t.request_id WHERE t.id IN ({})",
             placeholders(1, task_ids.len())
         );
-        let tasks = task_ids.iter().fold(sqlx::query(&sql), |q, id| q.bind(id.as_str())).fetch_all(&mut *tx).await.map_err(db_err)?;
+        let tasks = task_ids
+            .iter()
+            .fold(sqlx::query(&sql), |q, id| q.bind(id.as_str()))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
         let mut by_task = HashMap::new();
         for r in &tasks {
             by_task.insert(col::<String>(r, "id")?, r);
         }
-        let mut request_ids: Vec<String> = tasks.iter().map(|r| col::<String>(r, "request_id")).collect::<Result<_, _>>()?;
+        let mut request_ids: Vec<String> = tasks
+            .iter()
+            .map(|r| col::<String>(r, "request_id"))
+            .collect::<Result<_, _>>()?;
         request_ids.sort();
         request_ids.dedup();
         let sql = format!(
             "SELECT request_id, kind, sealed FROM identifiers WHERE request_id IN ({}) ORDER BY request_id, position",
             placeholders(1, request_ids.len())
         );
-        let idents = request_ids.iter().fold(sqlx::query(&sql), |q, id| q.bind(id.as_str())).fetch_all(&mut *tx).await.map_err(db_err)?;
+        let idents = request_ids
+            .iter()
+            .fold(sqlx::query(&sql), |q, id| q.bind(id.as_str()))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
         let mut sealed: HashMap<String, Vec<SealedIdentifier>> = HashMap::new();
         for r in &idents {
-            sealed.entry(col(r, "request_id")?).or_default().push(SealedIdentifier {
-                kind: parse::<IdentifierKind>(&col::<String>(r, "kind")?, "identifier type")?,
-                ciphertext: col(r, "sealed")?,
-            });
+            sealed
+                .entry(col(r, "request_id")?)
+                .or_default()
+                .push(SealedIdentifier {
+                    kind: parse::<IdentifierKind>(&col::<String>(r, "kind")?, "identifier type")?,
+                    ciphertext: col(r, "sealed")?,
+                });
         }
         let mut items = Vec::with_capacity(rows.len());
         let mut obsolete = Vec::new();
@@ -564,14 +638,27 @@ impl StateStore for SqlStore {
             });
         }
         if !obsolete.is_empty() {
-            let q = format!("DELETE FROM outbox WHERE id IN ({})", placeholders(1, obsolete.len()));
-            obsolete.iter().fold(sqlx::query(&q), |q, id| q.bind(*id)).execute(&mut *tx).await.map_err(db_err)?;
+            let q = format!(
+                "DELETE FROM outbox WHERE id IN ({})",
+                placeholders(1, obsolete.len())
+            );
+            obsolete
+                .iter()
+                .fold(sqlx::query(&q), |q, id| q.bind(*id))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
         }
         tx.commit().await.map_err(db_err)?;
         Ok(items)
     }
 
-    async fn mark_published(&self, owner: &str, items: &[OutboxItem], now: DateTime<Utc>) -> Result<(), StoreError> {
+    async fn mark_published(
+        &self,
+        owner: &str,
+        items: &[OutboxItem],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let mut sorted: Vec<&OutboxItem> = items.iter().collect();
         sorted.sort_by_key(|i| (i.request_id, i.task_id));
         let mut tx = self.begin().await?;
@@ -619,7 +706,8 @@ impl StateStore for SqlStore {
                     json!({"system": item.system, "attempt": item.attempt}),
                 ));
             }
-            self.refresh_request(&mut tx, item.request_id, status, now, &mut events).await?;
+            self.refresh_request(&mut tx, item.request_id, status, now, &mut events)
+                .await?;
         }
         self.append_audit(&mut tx, events, now).await?;
         tx.commit().await.map_err(db_err)
@@ -641,12 +729,19 @@ impl StateStore for SqlStore {
             .map_err(db_err)
     }
 
-    async fn apply_outcomes(&self, reports: &[OutcomeReport], now: DateTime<Utc>) -> Result<Vec<Applied>, StoreError> {
+    async fn apply_outcomes(
+        &self,
+        reports: &[OutcomeReport],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Applied>, StoreError> {
         if reports.is_empty() {
             return Ok(Vec::new());
         }
         let mut tx = self.begin().await?;
-        let q = format!("SELECT id, request_id FROM tasks WHERE id IN ({})", placeholders(1, reports.len()));
+        let q = format!(
+            "SELECT id, request_id FROM tasks WHERE id IN ({})",
+            placeholders(1, reports.len())
+        );
         let owners = reports
             .iter()
             .fold(sqlx::query(&q), |q, r| q.bind(r.task_id.to_string()))
@@ -655,7 +750,10 @@ impl StateStore for SqlStore {
             .map_err(db_err)?;
         let mut request_of = HashMap::new();
         for r in &owners {
-            request_of.insert(parse::<TaskId>(&col::<String>(r, "id")?, "task id")?, parse::<RequestId>(&col::<String>(r, "request_id")?, "request id")?);
+            request_of.insert(
+                parse::<TaskId>(&col::<String>(r, "id")?, "task id")?,
+                parse::<RequestId>(&col::<String>(r, "request_id")?, "request id")?,
+            );
         }
         // Lock requests, then tasks, in one global order to rule out deadlocks.
         let mut order: Vec<usize> = (0..reports.len()).collect();
@@ -664,7 +762,9 @@ impl StateStore for SqlStore {
         let mut events = Vec::new();
         for i in order {
             let report = &reports[i];
-            let Some(&request) = request_of.get(&report.task_id) else { continue };
+            let Some(&request) = request_of.get(&report.task_id) else {
+                continue;
+            };
             let status = self.lock_request(&mut tx, request).await?;
             let (state, system) = self.lock_task(&mut tx, report.task_id).await?;
             let step = state.apply(TaskEvent::Outcome(report.outcome.class()));
@@ -716,8 +816,14 @@ impl StateStore for SqlStore {
                 "task.outcome",
                 json!({"system": system, "attempt": report.attempt, "state": next, "outcome": report.outcome}),
             ));
-            let request_status = self.refresh_request(&mut tx, request, status, now, &mut events).await?;
-            results[i] = Applied::Moved { request, task: next, request_status };
+            let request_status = self
+                .refresh_request(&mut tx, request, status, now, &mut events)
+                .await?;
+            results[i] = Applied::Moved {
+                request,
+                task: next,
+                request_status,
+            };
         }
         self.append_audit(&mut tx, events, now).await?;
         tx.commit().await.map_err(db_err)?;
@@ -733,7 +839,10 @@ impl StateStore for SqlStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(row.map(|r| col::<Option<Vec<u8>>>(&r, "wrapped_key")).transpose()?.flatten())
+        Ok(row
+            .map(|r| col::<Option<Vec<u8>>>(&r, "wrapped_key"))
+            .transpose()?
+            .flatten())
     }
 
     async fn requeue_in_flight(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
@@ -756,18 +865,27 @@ impl StateStore for SqlStore {
     }
 
     async fn outbox_backlog(&self) -> Result<u64, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM outbox").fetch_one(&self.pool).await.map_err(db_err)?;
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM outbox")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
         Ok(u64::try_from(col::<i64>(&row, "n")?).unwrap_or(0))
     }
 
     async fn audit_events(&self, request: Option<RequestId>) -> Result<Vec<AuditEvent>, StoreError> {
         let base = "SELECT seq, at, request_id, task_id, kind, detail, prev_hash, hash FROM audit_events";
         let rows = match request {
-            Some(id) => sqlx::query(&format!("{base} WHERE request_id = $1 ORDER BY seq"))
-                .bind(id.to_string())
-                .fetch_all(&self.pool)
-                .await,
-            None => sqlx::query(&format!("{base} ORDER BY seq")).fetch_all(&self.pool).await,
+            Some(id) => {
+                sqlx::query(&format!("{base} WHERE request_id = $1 ORDER BY seq"))
+                    .bind(id.to_string())
+                    .fetch_all(&self.pool)
+                    .await
+            }
+            None => {
+                sqlx::query(&format!("{base} ORDER BY seq"))
+                    .fetch_all(&self.pool)
+                    .await
+            }
         }
         .map_err(db_err)?;
         rows.iter()
@@ -775,8 +893,12 @@ impl StateStore for SqlStore {
                 Ok(AuditEvent {
                     seq: col(r, "seq")?,
                     at: time(col(r, "at")?)?,
-                    request_id: col::<Option<String>>(r, "request_id")?.map(|s| parse(&s, "request id")).transpose()?,
-                    task_id: col::<Option<String>>(r, "task_id")?.map(|s| parse(&s, "task id")).transpose()?,
+                    request_id: col::<Option<String>>(r, "request_id")?
+                        .map(|s| parse(&s, "request id"))
+                        .transpose()?,
+                    task_id: col::<Option<String>>(r, "task_id")?
+                        .map(|s| parse(&s, "task id"))
+                        .transpose()?,
                     kind: col(r, "kind")?,
                     detail: col(r, "detail")?,
                     prev_hash: col(r, "prev_hash")?,
@@ -788,7 +910,10 @@ impl StateStore for SqlStore {
 
     async fn verify_audit(&self) -> Result<AuditCheck, StoreError> {
         let events = self.audit_events(None).await?;
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_one(&self.pool).await.map_err(db_err)?;
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
         let (seq, hash): (i64, String) = (col(&head, "seq")?, col(&head, "hash")?);
         Ok(audit::verify_chain(&events, (seq, &hash)))
     }

@@ -2,8 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use lethe_core::{
-    Action, Outcome, PlanItem, Regulation, RequestId, RequestStatus, SealedIdentifier, TaskId,
-    TaskState,
+    Action, Outcome, PlanItem, Regulation, RequestId, RequestStatus, SealedIdentifier, TaskId, TaskState,
 };
 
 /// An identifier as stored: sealed, plus a keyed hash for look-ups.
@@ -34,6 +33,8 @@ pub struct NewRequest {
     /// The request's data key, wrapped by the master key.
     pub wrapped_key: Vec<u8>,
     pub identifiers: Vec<NewIdentifier>,
+    /// How the portal verified the subject (method and time; no identifier).
+    pub verification: Option<serde_json::Value>,
     pub plan: Vec<PlanItem>,
     /// Tasks for the systems whose plan needs a connector; each gets an
     /// outbox row.

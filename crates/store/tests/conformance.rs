@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use lethe_core::{
-    Action, DataKey, DatasetReport, Identifier, IdentifierKind, MasterKey, Outcome, PlanItem,
-    Regulation, RequestId, RequestStatus, RetainedReport, TaskId, TaskState,
+    Action, DataKey, DatasetReport, Identifier, IdentifierKind, MasterKey, Outcome, PlanItem, Regulation,
+    RequestId, RequestStatus, RetainedReport, TaskId, TaskState,
 };
 use lethe_store::{
-    Applied, AuditCheck, Created, ListQuery, NewIdentifier, NewRequest, NewTask, OutcomeReport,
-    SqlStore, StateStore,
+    Applied, AuditCheck, Created, ListQuery, NewIdentifier, NewRequest, NewTask, OutcomeReport, SqlStore,
+    StateStore,
 };
 use sqlx::{Connection, Executor};
 
@@ -27,7 +27,11 @@ impl Backend {
         let url = format!("sqlite://{}/state.db", dir.path().display());
         let store = SqlStore::connect(&url).await.unwrap();
         store.migrate().await.unwrap();
-        Self { store, cleanup: None, _dir: Some(dir) }
+        Self {
+            store,
+            cleanup: None,
+            _dir: Some(dir),
+        }
     }
 
     async fn postgres() -> Self {
@@ -35,19 +39,30 @@ impl Backend {
         let base = std::env::var("LETHE_TEST_PG_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let name = format!("lethe_store_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = sqlx::AnyConnection::connect(&base).await.expect("PostgreSQL reachable");
-        admin.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
+        let mut admin = sqlx::AnyConnection::connect(&base)
+            .await
+            .expect("PostgreSQL reachable");
+        admin
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap();
         let (prefix, _) = base.rsplit_once('/').unwrap();
         let store = SqlStore::connect(&format!("{prefix}/{name}")).await.unwrap();
         store.migrate().await.unwrap();
-        Self { store, cleanup: Some((base, name)), _dir: None }
+        Self {
+            store,
+            cleanup: Some((base, name)),
+            _dir: None,
+        }
     }
 
     async fn finish(self) {
         self.store.pool().close().await;
         if let Some((base, name)) = self.cleanup {
             if let Ok(mut admin) = sqlx::AnyConnection::connect(&base).await {
-                let _ = admin.execute(format!("DROP DATABASE IF EXISTS {name}").as_str()).await;
+                let _ = admin
+                    .execute(format!("DROP DATABASE IF EXISTS {name}").as_str())
+                    .await;
             }
         }
     }
@@ -63,7 +78,9 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        Self { master: MasterKey::new(DataKey::generate()) }
+        Self {
+            master: MasterKey::new(DataKey::generate()),
+        }
     }
 
     fn request(&self, email: &str, systems: &[&str], key: Option<&str>) -> NewRequest {
@@ -82,6 +99,7 @@ impl Fixture {
                 subject_hash: self.master.subject_hash(&ident),
                 sealed: data_key.seal(id, &ident),
             }],
+            verification: None,
             plan: systems
                 .iter()
                 .map(|s| PlanItem {
@@ -94,7 +112,11 @@ impl Fixture {
                 .collect(),
             tasks: systems
                 .iter()
-                .map(|s| NewTask { id: TaskId::new(), system: s.to_string(), action: Action::Erase })
+                .map(|s| NewTask {
+                    id: TaskId::new(),
+                    system: s.to_string(),
+                    action: Action::Erase,
+                })
                 .collect(),
         }
     }
@@ -102,19 +124,36 @@ impl Fixture {
 
 fn erased(n: u64) -> Outcome {
     Outcome::Erased {
-        datasets: vec![DatasetReport { dataset: "customers".into(), deleted: n, anonymized: 0 }],
+        datasets: vec![DatasetReport {
+            dataset: "customers".into(),
+            deleted: n,
+            anonymized: 0,
+        }],
         residual: Some(0),
     }
 }
 
 async fn dispatch_all(store: &SqlStore) -> Vec<lethe_store::OutboxItem> {
-    let items = store.claim_outbox("test", 100, Duration::from_secs(30), t0()).await.unwrap();
+    let items = store
+        .claim_outbox("test", 100, Duration::from_secs(30), t0())
+        .await
+        .unwrap();
     store.mark_published("test", &items, t0()).await.unwrap();
     items
 }
 
 async fn report(store: &SqlStore, task: TaskId, attempt: u32, outcome: Outcome) -> Applied {
-    store.apply_outcomes(&[OutcomeReport { task_id: task, attempt, outcome }], t0()).await.unwrap()[0]
+    store
+        .apply_outcomes(
+            &[OutcomeReport {
+                task_id: task,
+                attempt,
+                outcome,
+            }],
+            t0(),
+        )
+        .await
+        .unwrap()[0]
 }
 
 async fn create_writes_request_plan_tasks_and_outbox(b: &Backend) {
@@ -124,26 +163,54 @@ async fn create_writes_request_plan_tasks_and_outbox(b: &Backend) {
     assert_eq!(b.store.create_request(req).await.unwrap(), Created::New(id));
     let detail = b.store.request(id).await.unwrap().unwrap();
     assert_eq!(detail.request.status, RequestStatus::Received);
-    assert_eq!(detail.request.due_at, Utc.with_ymd_and_hms(2026, 2, 28, 9, 0, 0).unwrap());
+    assert_eq!(
+        detail.request.due_at,
+        Utc.with_ymd_and_hms(2026, 2, 28, 9, 0, 0).unwrap()
+    );
     assert_eq!(detail.plan.len(), 2);
     assert_eq!(detail.tasks.len(), 2);
     assert!(detail.tasks.iter().all(|t| t.state == TaskState::Pending));
     assert_eq!(b.store.outbox_backlog().await.unwrap(), 2);
     // Neither the sealed identifiers nor the audit trail hold the value.
-    let audit: Vec<(String,)> = sqlx::query_as("SELECT detail FROM audit_events").fetch_all(b.store.pool()).await.unwrap();
+    let audit: Vec<(String,)> = sqlx::query_as("SELECT detail FROM audit_events")
+        .fetch_all(b.store.pool())
+        .await
+        .unwrap();
     assert!(!audit.is_empty() && audit.iter().all(|(d,)| !d.contains("ada@example.com")));
-    let texts: Vec<(String,)> = sqlx::query_as("SELECT sealed FROM identifiers").fetch_all(b.store.pool()).await.unwrap();
+    let texts: Vec<(String,)> = sqlx::query_as("SELECT sealed FROM identifiers")
+        .fetch_all(b.store.pool())
+        .await
+        .unwrap();
     assert!(texts.iter().all(|(s,)| !s.to_lowercase().contains("ada")));
 }
 
 async fn idempotency_key_returns_the_same_request(b: &Backend) {
     let f = Fixture::new();
-    let first = b.store.create_request(f.request("a@example.com", &["crm"], Some("k1"))).await.unwrap();
-    let again = b.store.create_request(f.request("a@example.com", &["crm"], Some("k1"))).await.unwrap();
+    let first = b
+        .store
+        .create_request(f.request("a@example.com", &["crm"], Some("k1")))
+        .await
+        .unwrap();
+    let again = b
+        .store
+        .create_request(f.request("a@example.com", &["crm"], Some("k1")))
+        .await
+        .unwrap();
     assert_eq!(again, Created::Existing(first.id()));
-    let other = b.store.create_request(f.request("a@example.com", &["crm"], Some("k2"))).await.unwrap();
+    let other = b
+        .store
+        .create_request(f.request("a@example.com", &["crm"], Some("k2")))
+        .await
+        .unwrap();
     assert!(matches!(other, Created::New(_)));
-    let all = b.store.list_requests(&ListQuery { limit: 10, ..Default::default() }).await.unwrap();
+    let all = b
+        .store
+        .list_requests(&ListQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(all.len(), 2);
 }
 
@@ -158,26 +225,58 @@ async fn dispatch_then_outcomes_complete_the_request_and_destroy_its_key(b: &Bac
     assert_eq!(b.store.outbox_backlog().await.unwrap(), 0);
     let detail = b.store.request(id).await.unwrap().unwrap();
     assert_eq!(detail.request.status, RequestStatus::InProgress);
-    assert!(detail.tasks.iter().all(|t| t.state == TaskState::Dispatched && t.attempts == 1));
+    assert!(detail
+        .tasks
+        .iter()
+        .all(|t| t.state == TaskState::Dispatched && t.attempts == 1));
 
     // The worker can fetch the key only for its own system's task.
     let crm = items.iter().find(|i| i.system == "crm").unwrap();
     let wrapped = b.store.task_key("crm", crm.task_id).await.unwrap().unwrap();
     let key = f.master.unwrap(&wrapped).unwrap();
-    assert_eq!(key.open(id, &crm.identifiers[0]).unwrap().expose(), "b@example.com");
+    assert_eq!(
+        key.open(id, &crm.identifiers[0]).unwrap().expose(),
+        "b@example.com"
+    );
     assert_eq!(b.store.task_key("mail", crm.task_id).await.unwrap(), None);
 
     let first = report(&b.store, crm.task_id, 1, erased(3)).await;
-    assert_eq!(first, Applied::Moved { request: id, task: TaskState::Succeeded, request_status: None });
+    assert_eq!(
+        first,
+        Applied::Moved {
+            request: id,
+            task: TaskState::Succeeded,
+            request_status: None
+        }
+    );
     let mail = items.iter().find(|i| i.system == "mail").unwrap();
     let last = report(&b.store, mail.task_id, 1, Outcome::NotFound { residual: Some(0) }).await;
-    assert_eq!(last, Applied::Moved { request: id, task: TaskState::Succeeded, request_status: Some(RequestStatus::Completed) });
+    assert_eq!(
+        last,
+        Applied::Moved {
+            request: id,
+            task: TaskState::Succeeded,
+            request_status: Some(RequestStatus::Completed)
+        }
+    );
 
     let detail = b.store.request(id).await.unwrap().unwrap();
     assert_eq!(detail.request.status, RequestStatus::Completed);
     assert!(detail.request.finished_at.is_some() && detail.request.key_destroyed_at.is_some());
-    assert_eq!(detail.tasks.iter().find(|t| t.system == "crm").unwrap().last_outcome, Some(erased(3)));
-    assert_eq!(b.store.task_key("crm", crm.task_id).await.unwrap(), None, "key destroyed");
+    assert_eq!(
+        detail
+            .tasks
+            .iter()
+            .find(|t| t.system == "crm")
+            .unwrap()
+            .last_outcome,
+        Some(erased(3))
+    );
+    assert_eq!(
+        b.store.task_key("crm", crm.task_id).await.unwrap(),
+        None,
+        "key destroyed"
+    );
 }
 
 async fn duplicates_late_and_unknown_outcomes_change_nothing(b: &Backend) {
@@ -189,14 +288,23 @@ async fn duplicates_late_and_unknown_outcomes_change_nothing(b: &Backend) {
     let task = items[0].task_id;
     report(&b.store, task, 1, erased(1)).await;
     assert_eq!(report(&b.store, task, 1, erased(1)).await, Applied::Ignored);
-    let late = Outcome::Failed { retryable: false, reason: "late".into() };
+    let late = Outcome::Failed {
+        retryable: false,
+        reason: "late".into(),
+    };
     assert_eq!(report(&b.store, task, 1, late).await, Applied::Ignored);
-    assert_eq!(report(&b.store, TaskId::new(), 1, erased(1)).await, Applied::UnknownTask);
+    assert_eq!(
+        report(&b.store, TaskId::new(), 1, erased(1)).await,
+        Applied::UnknownTask
+    );
     let detail = b.store.request(id).await.unwrap().unwrap();
     assert_eq!(detail.request.status, RequestStatus::Completed);
     assert_eq!(detail.tasks[0].state, TaskState::Succeeded);
     // Every outcome is recorded, applied or not.
-    let rows: Vec<(i64,)> = sqlx::query_as("SELECT applied FROM outcomes ORDER BY id").fetch_all(b.store.pool()).await.unwrap();
+    let rows: Vec<(i64,)> = sqlx::query_as("SELECT applied FROM outcomes ORDER BY id")
+        .fetch_all(b.store.pool())
+        .await
+        .unwrap();
     assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 0, 0]);
 }
 
@@ -211,7 +319,16 @@ async fn failures_exemptions_and_under_deletion(b: &Backend) {
     }
     let items = dispatch_all(&b.store).await;
     let task_of = |rid: RequestId| items.iter().find(|i| i.request_id == rid).unwrap().task_id;
-    report(&b.store, task_of(fid), 1, Outcome::Failed { retryable: false, reason: "table missing".into() }).await;
+    report(
+        &b.store,
+        task_of(fid),
+        1,
+        Outcome::Failed {
+            retryable: false,
+            reason: "table missing".into(),
+        },
+    )
+    .await;
     let retained = Outcome::RetainedInPart {
         datasets: vec![],
         retained: vec![RetainedReport {
@@ -223,15 +340,25 @@ async fn failures_exemptions_and_under_deletion(b: &Backend) {
         residual: Some(0),
     };
     report(&b.store, task_of(eid), 1, retained).await;
-    let residual = Outcome::Erased { datasets: vec![], residual: Some(4) };
+    let residual = Outcome::Erased {
+        datasets: vec![],
+        residual: Some(4),
+    };
     report(&b.store, task_of(uid), 1, residual).await;
 
     let status = |id| async move { b.store.request(id).await.unwrap().unwrap().request };
     let failed = status(fid).await;
     assert_eq!(failed.status, RequestStatus::Failed);
-    assert!(failed.key_destroyed_at.is_none(), "a failed request keeps its key for a retry");
+    assert!(
+        failed.key_destroyed_at.is_none(),
+        "a failed request keeps its key for a retry"
+    );
     assert_eq!(status(eid).await.status, RequestStatus::CompletedWithExemptions);
-    assert_eq!(status(uid).await.status, RequestStatus::Failed, "under-deletion is not a success");
+    assert_eq!(
+        status(uid).await.status,
+        RequestStatus::Failed,
+        "under-deletion is not a success"
+    );
 }
 
 async fn outcome_before_dispatch_record_is_not_undone(b: &Backend) {
@@ -239,7 +366,11 @@ async fn outcome_before_dispatch_record_is_not_undone(b: &Backend) {
     let req = f.request("g@example.com", &["crm"], None);
     let id = req.id;
     b.store.create_request(req).await.unwrap();
-    let items = b.store.claim_outbox("test", 10, Duration::from_secs(30), t0()).await.unwrap();
+    let items = b
+        .store
+        .claim_outbox("test", 10, Duration::from_secs(30), t0())
+        .await
+        .unwrap();
     // The connector answered before the dispatcher recorded the publication.
     report(&b.store, items[0].task_id, 1, erased(1)).await;
     b.store.mark_published("test", &items, t0()).await.unwrap();
@@ -252,7 +383,10 @@ async fn outcome_before_dispatch_record_is_not_undone(b: &Backend) {
 async fn leases_keep_dispatchers_apart_and_expire(b: &Backend) {
     let f = Fixture::new();
     for i in 0..5 {
-        b.store.create_request(f.request(&format!("h{i}@example.com"), &["crm"], None)).await.unwrap();
+        b.store
+            .create_request(f.request(&format!("h{i}@example.com"), &["crm"], None))
+            .await
+            .unwrap();
     }
     let lease = Duration::from_secs(30);
     let a = b.store.claim_outbox("a", 3, lease, t0()).await.unwrap();
@@ -266,8 +400,14 @@ async fn leases_keep_dispatchers_apart_and_expire(b: &Backend) {
     // The late "c" cannot mark rows it no longer holds.
     b.store.mark_published("c", &c, later).await.unwrap();
     assert_eq!(b.store.outbox_backlog().await.unwrap(), 5);
-    b.store.release_outbox("a", &retaken.iter().map(|i| i.outbox_id).collect::<Vec<_>>()).await.unwrap();
-    assert_eq!(b.store.claim_outbox("d", 10, lease, later).await.unwrap().len(), 5);
+    b.store
+        .release_outbox("a", &retaken.iter().map(|i| i.outbox_id).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(
+        b.store.claim_outbox("d", 10, lease, later).await.unwrap().len(),
+        5
+    );
 }
 
 async fn requeue_republishes_in_flight_tasks(b: &Backend) {
@@ -277,7 +417,11 @@ async fn requeue_republishes_in_flight_tasks(b: &Backend) {
     let items = dispatch_all(&b.store).await;
     report(&b.store, items[0].task_id, 1, erased(1)).await;
     assert_eq!(b.store.requeue_in_flight(t0()).await.unwrap(), 1);
-    let again = b.store.claim_outbox("test", 10, Duration::from_secs(30), t0()).await.unwrap();
+    let again = b
+        .store
+        .claim_outbox("test", 10, Duration::from_secs(30), t0())
+        .await
+        .unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!((again[0].task_id, again[0].attempt), (items[1].task_id, 2));
 }
@@ -290,11 +434,36 @@ async fn list_filters_and_paginates(b: &Backend) {
         ids.push(r.id);
         b.store.create_request(r).await.unwrap();
     }
-    let page1 = b.store.list_requests(&ListQuery { limit: 2, ..Default::default() }).await.unwrap();
-    assert_eq!(page1.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[4], ids[3]]);
-    let page2 = b.store.list_requests(&ListQuery { limit: 2, before: Some(ids[3]), ..Default::default() }).await.unwrap();
-    assert_eq!(page2.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[2], ids[1]]);
-    let done = ListQuery { status: Some(RequestStatus::Completed), limit: 10, ..Default::default() };
+    let page1 = b
+        .store
+        .list_requests(&ListQuery {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page1.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![ids[4], ids[3]]
+    );
+    let page2 = b
+        .store
+        .list_requests(&ListQuery {
+            limit: 2,
+            before: Some(ids[3]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page2.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![ids[2], ids[1]]
+    );
+    let done = ListQuery {
+        status: Some(RequestStatus::Completed),
+        limit: 10,
+        ..Default::default()
+    };
     assert!(b.store.list_requests(&done).await.unwrap().is_empty());
 }
 
@@ -309,13 +478,28 @@ async fn audit_chain_is_intact_and_append_only(b: &Backend) {
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(
         kinds,
-        ["request.received", "plan.decided", "task.dispatched", "request.status", "task.outcome", "request.status", "request.key_destroyed"]
+        [
+            "request.received",
+            "plan.decided",
+            "task.dispatched",
+            "request.status",
+            "task.outcome",
+            "request.status",
+            "request.key_destroyed"
+        ]
     );
-    assert!(matches!(b.store.verify_audit().await.unwrap(), AuditCheck::Intact { events: 7, .. }));
+    assert!(matches!(
+        b.store.verify_audit().await.unwrap(),
+        AuditCheck::Intact { events: 7, .. }
+    ));
     assert!(events.iter().all(|e| !e.detail.contains("k@example.com")));
-    let edit = sqlx::query("UPDATE audit_events SET kind = 'x' WHERE seq = 1").execute(b.store.pool()).await;
+    let edit = sqlx::query("UPDATE audit_events SET kind = 'x' WHERE seq = 1")
+        .execute(b.store.pool())
+        .await;
     assert!(edit.is_err(), "audit_events must reject updates");
-    let delete = sqlx::query("DELETE FROM audit_events WHERE seq = 1").execute(b.store.pool()).await;
+    let delete = sqlx::query("DELETE FROM audit_events WHERE seq = 1")
+        .execute(b.store.pool())
+        .await;
     assert!(delete.is_err(), "audit_events must reject deletes");
 }
 

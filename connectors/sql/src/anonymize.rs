@@ -1,0 +1,287 @@
+//! Anonymising the subject's rows of one table, and counting what is left.
+//!
+//! `null` and `fixed` are set-based: one `UPDATE ... WHERE <subject> AND
+//! <pending>`. `hash` and `redact` need the current value, so the matching
+//! rows are read (key and those columns) and updated one by one by primary
+//! key, in the caller's transaction. Rows already anonymised are left alone,
+//! so a second run changes and reports nothing.
+
+use hmac::{Hmac, Mac};
+use lethe_connector::ConnectorError;
+use sha2::Sha256;
+use sqlx::{AnyConnection, Row};
+
+use crate::catalog::{ColKind, TableColumns};
+use crate::config::{Strategy, TableConfig};
+use crate::dialect::Dialect;
+use crate::error::{classify, Context};
+use crate::query::{param_for, Cond, Param, Sql};
+
+/// One anonymize table, with what the database says about its columns.
+pub struct Anonymizer<'a> {
+    pub dialect: Dialect,
+    pub table: &'a TableConfig,
+    pub columns: &'a TableColumns,
+    pub hash_key: Option<&'a str>,
+}
+
+/// One row read for the per-row strategies.
+struct PerRow<'t> {
+    key: Param,
+    /// Some `null`/`fixed` column still holds something else.
+    pending: bool,
+    values: Vec<(&'t str, &'t Strategy, Option<String>)>,
+}
+
+impl PerRow<'_> {
+    fn is_left(&self) -> bool {
+        self.pending
+            || self
+                .values
+                .iter()
+                .any(|(_, s, v)| v.as_deref().is_some_and(|v| !is_done(s, v)))
+    }
+}
+
+impl Anonymizer<'_> {
+    fn err(&self, op: &str, e: &sqlx::Error) -> ConnectorError {
+        let ctx = Context {
+            op,
+            table: Some(&self.table.name),
+        };
+        classify(self.dialect, ctx, e)
+    }
+
+    fn has_per_row(&self) -> bool {
+        self.table.per_row_columns().next().is_some()
+    }
+
+    /// Anonymises the rows matching `cond`; returns how many changed.
+    pub async fn run(&self, conn: &mut AnyConnection, cond: &Cond) -> Result<u64, ConnectorError> {
+        let t = self.table;
+        if !self.has_per_row() {
+            let mut sql = Sql::new(self.dialect);
+            sql.push("UPDATE ").ident(&t.name).push(" SET ");
+            self.assignments(&mut sql)?;
+            sql.push(" WHERE ").cond(cond, None, 0).push(" AND ");
+            self.pending(&mut sql)?;
+            let done = sql
+                .query()
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| self.err("anonymize", &e))?;
+            return Ok(done.rows_affected());
+        }
+        let pk_kind = self.columns.kind_or_other(&t.primary_key);
+        let mut anonymized = 0;
+        for row in self.select(conn, cond).await? {
+            if !row.is_left() {
+                continue;
+            }
+            let mut sql = Sql::new(self.dialect);
+            sql.push("UPDATE ").ident(&t.name).push(" SET ");
+            let mut first = !self.assignments(&mut sql)?;
+            for (col, strategy, value) in &row.values {
+                let Some(v) = value.as_deref().filter(|v| !is_done(strategy, v)) else {
+                    continue;
+                };
+                if !first {
+                    sql.push(", ");
+                }
+                first = false;
+                let new = self.transform(strategy, v)?;
+                sql.ident(col).push(" = ").bind(Param::Text(new));
+            }
+            sql.push(" WHERE ");
+            if pk_kind == ColKind::Other {
+                let text = self.dialect.as_text(&self.dialect.quote(&t.primary_key));
+                sql.push(&text).push(" = ").bind(row.key);
+            } else {
+                sql.ident(&t.primary_key).push(" = ").bind_for(pk_kind, row.key);
+            }
+            let done = sql
+                .query()
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| self.err("anonymize", &e))?;
+            anonymized += done.rows_affected();
+        }
+        Ok(anonymized)
+    }
+
+    /// Counts the rows matching `cond` that still hold something their
+    /// strategies would change.
+    pub async fn residual(&self, conn: &mut AnyConnection, cond: &Cond) -> Result<u64, ConnectorError> {
+        if self.has_per_row() {
+            let rows = self.select(conn, cond).await?;
+            return Ok(rows.iter().filter(|r| r.is_left()).count() as u64);
+        }
+        let mut sql = Sql::new(self.dialect);
+        sql.push("SELECT COUNT(*) FROM ")
+            .ident(&self.table.name)
+            .push(" WHERE ")
+            .cond(cond, None, 0)
+            .push(" AND ");
+        self.pending(&mut sql)?;
+        let read = |e: sqlx::Error| self.err("verify", &e);
+        let row = sql.query().fetch_one(&mut *conn).await.map_err(read)?;
+        let n: i64 = row.try_get(0).map_err(read)?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Appends `col = NULL` / `col = fixed` for the set-based strategies;
+    /// returns whether anything was written.
+    fn assignments(&self, sql: &mut Sql) -> Result<bool, ConnectorError> {
+        let mut any = false;
+        for (col, strategy) in self.table.set_columns() {
+            if any {
+                sql.push(", ");
+            }
+            any = true;
+            sql.ident(col).push(" = ");
+            match strategy {
+                Strategy::Fixed(v) => {
+                    let k = self.columns.kind_or_other(col);
+                    sql.bind_for(k, self.fixed_param(col, k, v)?);
+                }
+                _ => {
+                    sql.push("NULL");
+                }
+            }
+        }
+        Ok(any)
+    }
+
+    /// Appends a predicate true for rows whose `null`/`fixed` columns still
+    /// hold something else (`1 = 0` when the table has none). A NULL in a
+    /// `fixed` column holds nothing and counts as done.
+    fn pending(&self, sql: &mut Sql) -> Result<(), ConnectorError> {
+        let mut any = false;
+        sql.push("(");
+        for (col, strategy) in self.table.set_columns() {
+            if any {
+                sql.push(" OR ");
+            }
+            any = true;
+            match strategy {
+                Strategy::Fixed(v) => {
+                    let k = self.columns.kind_or_other(col);
+                    if k == ColKind::Other {
+                        let text = self.dialect.as_text(&self.dialect.quote(col));
+                        sql.push(&text);
+                    } else {
+                        sql.ident(col);
+                    }
+                    sql.push(" <> ").bind_for(k, self.fixed_param(col, k, v)?);
+                }
+                _ => {
+                    sql.ident(col).push(" IS NOT NULL");
+                }
+            }
+        }
+        if !any {
+            sql.push("1 = 0");
+        }
+        sql.push(")");
+        Ok(())
+    }
+
+    /// The matching rows: key, pending flag, per-row column values as text.
+    async fn select(&self, conn: &mut AnyConnection, cond: &Cond) -> Result<Vec<PerRow<'_>>, ConnectorError> {
+        let t = self.table;
+        let pk_integer = self.columns.kind_or_other(&t.primary_key) == ColKind::Integer;
+        let per_row: Vec<(&String, &Strategy)> = t.per_row_columns().collect();
+        let mut sql = Sql::new(self.dialect);
+        sql.push("SELECT ");
+        if pk_integer {
+            sql.ident(&t.primary_key);
+        } else {
+            let text = self.dialect.as_text(&self.dialect.quote(&t.primary_key));
+            sql.push(&text);
+        }
+        sql.push(", CASE WHEN ");
+        self.pending(&mut sql)?;
+        sql.push(" THEN 1 ELSE 0 END");
+        for (col, _) in &per_row {
+            let text = self.dialect.as_text(&self.dialect.quote(col));
+            sql.push(", ").push(&text);
+        }
+        sql.push(" FROM ")
+            .ident(&t.name)
+            .push(" WHERE ")
+            .cond(cond, None, 0);
+        let read = |e: sqlx::Error| self.err("select", &e);
+        let rows = sql.query().fetch_all(&mut *conn).await.map_err(read)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let key = if pk_integer {
+                Param::Int(row.try_get::<i64, _>(0).map_err(read)?)
+            } else {
+                Param::Text(row.try_get::<String, _>(0).map_err(read)?)
+            };
+            let pending = row.try_get::<i64, _>(1).map_err(read)? != 0;
+            let mut values = Vec::with_capacity(per_row.len());
+            for (n, (col, strategy)) in per_row.iter().enumerate() {
+                let value = row.try_get::<Option<String>, _>(n + 2).map_err(read)?;
+                values.push((col.as_str(), *strategy, value));
+            }
+            out.push(PerRow { key, pending, values });
+        }
+        Ok(out)
+    }
+
+    fn transform(&self, strategy: &Strategy, value: &str) -> Result<String, ConnectorError> {
+        Ok(match strategy {
+            Strategy::Hash => {
+                let key = self
+                    .hash_key
+                    .ok_or_else(|| ConnectorError::permanent("hash_key is not set"))?;
+                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes())
+                    .map_err(|_| ConnectorError::permanent("hash_key is unusable"))?;
+                mac.update(value.as_bytes());
+                hex::encode(mac.finalize().into_bytes())
+            }
+            Strategy::Redact => "*".repeat(value.chars().count()),
+            Strategy::Null | Strategy::Fixed(_) => value.to_owned(),
+        })
+    }
+
+    fn fixed_param(&self, col: &str, kind: ColKind, value: &str) -> Result<Param, ConnectorError> {
+        param_for(kind, value).ok_or_else(|| {
+            ConnectorError::permanent(format!(
+                "table {}: the fixed value of column {col} does not fit the column's type",
+                self.table.name
+            ))
+        })
+    }
+}
+
+/// Whether a value already is what its strategy makes of values: a hash
+/// (64 lower-case hex digits) or a redaction (only `*`).
+fn is_done(strategy: &Strategy, value: &str) -> bool {
+    match strategy {
+        Strategy::Hash => {
+            value.len() == 64
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }
+        Strategy::Redact => value.chars().all(|c| c == '*'),
+        Strategy::Null | Strategy::Fixed(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_values() {
+        let hash = "a".repeat(64);
+        assert!(is_done(&Strategy::Hash, &hash));
+        assert!(!is_done(&Strategy::Hash, &"A".repeat(64)));
+        assert!(!is_done(&Strategy::Hash, "ada@example.com"));
+        assert!(is_done(&Strategy::Redact, "****"));
+        assert!(!is_done(&Strategy::Redact, "**a*"));
+    }
+}

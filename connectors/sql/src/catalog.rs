@@ -1,0 +1,241 @@
+//! What the database says about the configured tables: which columns exist
+//! and, roughly, their types, so that identifiers are compared in a way that
+//! is both correct and able to use an index.
+//!
+//! An identifier arrives as text. Compared with an integer column as text,
+//! PostgreSQL refuses (`integer = text`) and MySQL converts (`'abc' = 0` is
+//! true), so integer columns get an integer parameter, and a value that is not
+//! an integer cannot match. Types we know nothing about are compared as text.
+
+use std::collections::HashMap;
+
+use sqlx::{AnyConnection, Row};
+
+use lethe_connector::ConnectorError;
+
+use crate::config::{SqlConfig, TableConfig};
+use crate::dialect::Dialect;
+use crate::error::{classify, Context};
+
+/// How a column is compared with, and assigned from, a text value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColKind {
+    /// Integer types: bound as a 64-bit integer.
+    Integer,
+    /// PostgreSQL `uuid`: bound as `CAST($n AS uuid)`.
+    Uuid,
+    /// Character types: bound as text.
+    Text,
+    /// Anything else: compared as `CAST(column AS TEXT)`.
+    Other,
+}
+
+impl ColKind {
+    fn postgres(type_name: &str) -> Self {
+        match type_name {
+            "int2" | "int4" | "int8" => Self::Integer,
+            "uuid" => Self::Uuid,
+            "text" | "varchar" | "bpchar" | "citext" | "name" => Self::Text,
+            _ => Self::Other,
+        }
+    }
+
+    fn mysql(data_type: &str) -> Self {
+        match data_type.to_ascii_lowercase().as_str() {
+            "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint" => Self::Integer,
+            "char" | "varchar" | "tinytext" | "text" | "mediumtext" | "longtext" | "enum" | "set" => {
+                Self::Text
+            }
+            _ => Self::Other,
+        }
+    }
+
+    /// SQLite's affinity rules: a declared type containing `INT` has integer
+    /// affinity; no declared type (BLOB affinity) never converts.
+    fn sqlite(declared: &str) -> Self {
+        let upper = declared.to_ascii_uppercase();
+        if upper.contains("INT") {
+            Self::Integer
+        } else if upper.trim().is_empty() || upper.contains("BLOB") {
+            Self::Other
+        } else {
+            Self::Text
+        }
+    }
+}
+
+/// The columns of one table, as the database reports them.
+#[derive(Debug, Clone, Default)]
+pub struct TableColumns {
+    columns: HashMap<String, ColKind>,
+    case_insensitive: bool,
+}
+
+impl TableColumns {
+    /// Whether the table was found at all.
+    pub fn exists(&self) -> bool {
+        !self.columns.is_empty()
+    }
+
+    pub fn kind(&self, column: &str) -> Option<ColKind> {
+        if self.case_insensitive {
+            self.columns.get(&column.to_ascii_lowercase()).copied()
+        } else {
+            self.columns.get(column).copied()
+        }
+    }
+
+    /// The column's kind; an unknown column is compared as text.
+    pub fn kind_or_other(&self, column: &str) -> ColKind {
+        self.kind(column).unwrap_or(ColKind::Other)
+    }
+
+    /// Reads the columns of `table` (a validated, possibly schema-qualified name).
+    pub async fn load(conn: &mut AnyConnection, dialect: Dialect, table: &str) -> Result<Self, sqlx::Error> {
+        let (schema, name) = match table.split_once('.') {
+            Some((s, t)) => (Some(s), t),
+            None => (None, table),
+        };
+        let rows = match dialect {
+            Dialect::Postgres => {
+                sqlx::query(
+                    "SELECT a.attname::text, t.typname::text \
+                     FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+                     WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+                )
+                .bind(dialect.quote(table))
+                .fetch_all(&mut *conn)
+                .await?
+            }
+            Dialect::MySql => {
+                let sql = "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR) \
+                           FROM information_schema.COLUMNS \
+                           WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?";
+                sqlx::query(sql)
+                    .bind(schema)
+                    .bind(name)
+                    .fetch_all(&mut *conn)
+                    .await?
+            }
+            Dialect::Sqlite => {
+                let sql = "SELECT name, CAST(type AS TEXT) FROM pragma_table_info($1, $2)";
+                sqlx::query(sql)
+                    .bind(name)
+                    .bind(schema.unwrap_or("main"))
+                    .fetch_all(&mut *conn)
+                    .await?
+            }
+        };
+        let case_insensitive = dialect != Dialect::Postgres;
+        let mut columns = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let column: String = row.try_get(0)?;
+            let type_name: Option<String> = row.try_get(1)?;
+            let type_name = type_name.unwrap_or_default();
+            let kind = match dialect {
+                Dialect::Postgres => ColKind::postgres(&type_name),
+                Dialect::MySql => ColKind::mysql(&type_name),
+                Dialect::Sqlite => ColKind::sqlite(&type_name),
+            };
+            let key = if case_insensitive {
+                column.to_ascii_lowercase()
+            } else {
+                column
+            };
+            columns.insert(key, kind);
+        }
+        Ok(Self {
+            columns,
+            case_insensitive,
+        })
+    }
+}
+
+/// The columns of every configured table, index for index.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pub tables: Vec<TableColumns>,
+}
+
+impl Catalog {
+    /// Reads every configured table and checks that it and each configured
+    /// column exist; a missing one is a permanent error that names it.
+    pub async fn load(
+        conn: &mut AnyConnection,
+        dialect: Dialect,
+        config: &SqlConfig,
+    ) -> Result<Self, ConnectorError> {
+        let mut tables = Vec::with_capacity(config.tables.len());
+        for t in &config.tables {
+            let ctx = Context {
+                op: "reading the columns",
+                table: Some(&t.name),
+            };
+            let columns = TableColumns::load(conn, dialect, &t.name)
+                .await
+                .map_err(|e| classify(dialect, ctx, &e))?;
+            if !columns.exists() {
+                return Err(ConnectorError::permanent(format!(
+                    "table {} does not exist (or is not visible to this user)",
+                    t.name
+                )));
+            }
+            tables.push(columns);
+        }
+        let catalog = Self { tables };
+        catalog.check(config)?;
+        Ok(catalog)
+    }
+
+    fn check(&self, config: &SqlConfig) -> Result<(), ConnectorError> {
+        let missing = |table: &str, column: &str| {
+            ConnectorError::permanent(format!("table {table} has no column {column}"))
+        };
+        for (t, cols) in config.tables.iter().zip(&self.tables) {
+            for c in configured_columns(t) {
+                if cols.kind(c).is_none() {
+                    return Err(missing(&t.name, c));
+                }
+            }
+            if let Some(p) = &t.parent {
+                let parent = config.tables.iter().position(|x| x.name == p.table);
+                if let Some(pi) = parent {
+                    if self.tables[pi].kind(&p.references).is_none() {
+                        return Err(missing(&p.table, &p.references));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every column of `t` that the configuration names.
+pub fn configured_columns(t: &TableConfig) -> Vec<&str> {
+    let mut cols = vec![t.primary_key.as_str()];
+    cols.extend(t.matches.values().map(|m| m.column.as_str()));
+    cols.extend(t.parent.iter().map(|p| p.column.as_str()));
+    cols.extend(t.columns.keys().map(String::as_str));
+    let mut seen = std::collections::HashSet::new();
+    cols.retain(|c| seen.insert(*c));
+    cols
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds() {
+        assert_eq!(ColKind::postgres("int4"), ColKind::Integer);
+        assert_eq!(ColKind::postgres("uuid"), ColKind::Uuid);
+        assert_eq!(ColKind::postgres("varchar"), ColKind::Text);
+        assert_eq!(ColKind::postgres("numeric"), ColKind::Other);
+        assert_eq!(ColKind::mysql("BIGINT"), ColKind::Integer);
+        assert_eq!(ColKind::mysql("varchar"), ColKind::Text);
+        assert_eq!(ColKind::mysql("decimal"), ColKind::Other);
+        assert_eq!(ColKind::sqlite("INTEGER"), ColKind::Integer);
+        assert_eq!(ColKind::sqlite("VARCHAR(255)"), ColKind::Text);
+        assert_eq!(ColKind::sqlite(""), ColKind::Other);
+    }
+}

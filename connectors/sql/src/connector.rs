@@ -1,0 +1,333 @@
+//! [`SqlConnector`]: erase, verify and health over one `AnyPool`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lethe_connector::{Connector, ConnectorError, Erasure, ErasureTask};
+use lethe_core::{Action, DatasetReport};
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyConnection, AnyPool, Row};
+
+use crate::anonymize::Anonymizer;
+use crate::catalog::{configured_columns, Catalog, ColKind};
+use crate::config::{SqlConfig, TableAction};
+use crate::dialect::Dialect;
+use crate::error::{classify, Context};
+use crate::query::{usable_values, Cond, Sql, Term};
+
+/// How long to wait for a pooled connection before a retryable failure.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Identifier type → normalised values of the task.
+type Ids = BTreeMap<String, Vec<String>>;
+
+/// A connector for a SQL store declared table by table.
+pub struct SqlConnector {
+    config: SqlConfig,
+    dialect: Dialect,
+    pool: AnyPool,
+    /// Table indexes, children before parents.
+    order: Vec<usize>,
+    /// Column kinds, read on first use (or by `health`) and kept.
+    catalog: RwLock<Option<Arc<Catalog>>>,
+}
+
+impl std::fmt::Debug for SqlConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlConnector")
+            .field("dialect", &self.dialect)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl SqlConnector {
+    /// Validates `config` and prepares a lazy pool: nothing is connected
+    /// until the first call, so a database that is down is a retryable
+    /// failure of that call, not of start-up.
+    pub async fn connect(config: SqlConfig) -> Result<Self, ConnectorError> {
+        config
+            .validate()
+            .map_err(|e| ConnectorError::permanent(format!("invalid SQL connector configuration: {e}")))?;
+        let dialect = config.dialect().map_err(ConnectorError::permanent)?;
+        let order = config.order().map_err(ConnectorError::permanent)?;
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy(&dialect.driver_url(&config.url))
+            .map_err(|e| {
+                classify(
+                    dialect,
+                    Context {
+                        op: "opening the pool",
+                        table: None,
+                    },
+                    &e,
+                )
+            })?;
+        Ok(Self {
+            config,
+            dialect,
+            pool,
+            order,
+            catalog: RwLock::new(None),
+        })
+    }
+
+    pub fn config(&self) -> &SqlConfig {
+        &self.config
+    }
+
+    fn anonymizer<'a>(&'a self, catalog: &'a Catalog, i: usize) -> Anonymizer<'a> {
+        Anonymizer {
+            dialect: self.dialect,
+            table: &self.config.tables[i],
+            columns: &catalog.tables[i],
+            hash_key: self.config.hash_key.as_deref(),
+        }
+    }
+
+    fn err(&self, op: &str, table: Option<&str>, e: &sqlx::Error) -> ConnectorError {
+        classify(self.dialect, Context { op, table }, e)
+    }
+
+    async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>, ConnectorError> {
+        self.pool
+            .acquire()
+            .await
+            .map_err(|e| self.err("connecting", None, &e))
+    }
+
+    async fn catalog(&self) -> Result<Arc<Catalog>, ConnectorError> {
+        if let Some(c) = self.catalog.read().ok().and_then(|c| c.clone()) {
+            return Ok(c);
+        }
+        let mut conn = self.acquire().await?;
+        let catalog = Arc::new(Catalog::load(&mut conn, self.dialect, &self.config).await?);
+        self.remember(Some(catalog.clone()));
+        Ok(catalog)
+    }
+
+    fn remember(&self, catalog: Option<Arc<Catalog>>) {
+        if let Ok(mut slot) = self.catalog.write() {
+            *slot = catalog;
+        }
+    }
+
+    /// The subject condition of every table (`None`: matches nothing).
+    fn conditions(&self, catalog: &Catalog, ids: &Ids) -> Vec<Option<Cond>> {
+        (0..self.config.tables.len())
+            .map(|i| self.cond_for(catalog, i, ids))
+            .collect()
+    }
+
+    fn cond_for(&self, catalog: &Catalog, i: usize, ids: &Ids) -> Option<Cond> {
+        let t = &self.config.tables[i];
+        let mut terms = Vec::new();
+        for (kind, m) in &t.matches {
+            let Some(values) = ids.get(kind.as_str()) else {
+                continue;
+            };
+            let compare = m.compare_for(kind);
+            let col_kind = catalog.tables[i].kind(&m.column).unwrap_or(ColKind::Other);
+            let values = usable_values(col_kind, compare, values.clone());
+            if !values.is_empty() {
+                terms.push(Term::Match {
+                    column: m.column.clone(),
+                    kind: col_kind,
+                    compare,
+                    values,
+                });
+            }
+        }
+        if let Some(p) = &t.parent {
+            let parent = self.config.tables.iter().position(|x| x.name == p.table);
+            if let Some(cond) = parent.and_then(|pi| self.cond_for(catalog, pi, ids)) {
+                terms.push(Term::Parent {
+                    column: p.column.clone(),
+                    table: p.table.clone(),
+                    references: p.references.clone(),
+                    cond,
+                });
+            }
+        }
+        (!terms.is_empty()).then_some(Cond { terms })
+    }
+
+    async fn erase_in(
+        &self,
+        conn: &mut AnyConnection,
+        catalog: &Catalog,
+        conds: &[Option<Cond>],
+    ) -> Result<Vec<DatasetReport>, ConnectorError> {
+        let mut reports: Vec<DatasetReport> = self
+            .config
+            .tables
+            .iter()
+            .map(|t| DatasetReport {
+                dataset: t.name.clone(),
+                deleted: 0,
+                anonymized: 0,
+            })
+            .collect();
+        for &i in &self.order {
+            let Some(cond) = &conds[i] else { continue };
+            let t = &self.config.tables[i];
+            match t.action {
+                TableAction::Delete => {
+                    let mut sql = Sql::new(self.dialect);
+                    sql.push("DELETE FROM ")
+                        .ident(&t.name)
+                        .push(" WHERE ")
+                        .cond(cond, None, 0);
+                    let done = sql
+                        .query()
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| self.err("delete", Some(&t.name), &e))?;
+                    reports[i].deleted = done.rows_affected();
+                }
+                TableAction::Anonymize => {
+                    reports[i].anonymized = self.anonymizer(catalog, i).run(conn, cond).await?;
+                }
+            }
+            tracing::debug!(table = %t.name, deleted = reports[i].deleted, anonymized = reports[i].anonymized, "table processed");
+        }
+        Ok(reports)
+    }
+
+    async fn verify_in(
+        &self,
+        conn: &mut AnyConnection,
+        catalog: &Catalog,
+        conds: &[Option<Cond>],
+    ) -> Result<u64, ConnectorError> {
+        let mut residual = 0u64;
+        for &i in &self.order {
+            let Some(cond) = &conds[i] else { continue };
+            let t = &self.config.tables[i];
+            let found = match t.action {
+                TableAction::Anonymize => self.anonymizer(catalog, i).residual(conn, cond).await?,
+                TableAction::Delete => {
+                    let mut sql = Sql::new(self.dialect);
+                    sql.push("SELECT COUNT(*) FROM ")
+                        .ident(&t.name)
+                        .push(" WHERE ")
+                        .cond(cond, None, 0);
+                    let read = |e: sqlx::Error| self.err("verify", Some(&t.name), &e);
+                    let row = sql.query().fetch_one(&mut *conn).await.map_err(read)?;
+                    let n: i64 = row.try_get(0).map_err(read)?;
+                    n.max(0) as u64
+                }
+            };
+            if found > 0 {
+                tracing::debug!(table = %t.name, residual = found, "rows left for the subject");
+            }
+            residual += found;
+        }
+        Ok(residual)
+    }
+}
+
+fn identifiers(task: &ErasureTask) -> Ids {
+    let mut ids = Ids::new();
+    for id in &task.identifiers {
+        let values = ids.entry(id.kind().as_str().to_owned()).or_default();
+        let v = id.expose().to_owned();
+        if !values.contains(&v) {
+            values.push(v);
+        }
+    }
+    ids
+}
+
+#[async_trait]
+impl Connector for SqlConnector {
+    async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+        if !matches!(task.action, Action::Erase | Action::Anonymize) {
+            return Err(ConnectorError::permanent(format!(
+                "task action {} is not an erasure; nothing was done",
+                task.action.as_str()
+            )));
+        }
+        let catalog = self.catalog().await?;
+        let conds = self.conditions(&catalog, &identifiers(task));
+        if conds.iter().all(Option::is_none) {
+            tracing::debug!("no configured table can use the task's identifier types");
+            let datasets = self
+                .config
+                .tables
+                .iter()
+                .map(|t| DatasetReport {
+                    dataset: t.name.clone(),
+                    deleted: 0,
+                    anonymized: 0,
+                })
+                .collect();
+            return Ok(Erasure {
+                datasets,
+                retained: vec![],
+            });
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.err("begin transaction", None, &e))?;
+        let result = self.erase_in(&mut tx, &catalog, &conds).await;
+        let datasets = match result {
+            Ok(d) => d,
+            Err(e) => {
+                // Dropping the transaction rolls it back; forget the catalog
+                // in case the schema changed under us.
+                drop(tx);
+                self.remember(None);
+                return Err(e);
+            }
+        };
+        tx.commit().await.map_err(|e| self.err("commit", None, &e))?;
+        Ok(Erasure {
+            datasets,
+            retained: vec![],
+        })
+    }
+
+    async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
+        let catalog = self.catalog().await?;
+        let conds = self.conditions(&catalog, &identifiers(task));
+        if conds.iter().all(Option::is_none) {
+            return Ok(0);
+        }
+        let mut conn = self.acquire().await?;
+        let result = self.verify_in(&mut conn, &catalog, &conds).await;
+        if result.is_err() {
+            self.remember(None);
+        }
+        result
+    }
+
+    async fn health(&self) -> Result<(), ConnectorError> {
+        let mut conn = self.acquire().await?;
+        let catalog = Catalog::load(&mut conn, self.dialect, &self.config).await?;
+        for t in &self.config.tables {
+            let mut sql = Sql::new(self.dialect);
+            sql.push("SELECT ");
+            for (n, c) in configured_columns(t).into_iter().enumerate() {
+                if n > 0 {
+                    sql.push(", ");
+                }
+                sql.ident(c);
+            }
+            sql.push(" FROM ").ident(&t.name).push(" WHERE 1 = 0");
+            sql.query()
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(|e| self.err("health check", Some(&t.name), &e))?;
+        }
+        self.remember(Some(Arc::new(catalog)));
+        Ok(())
+    }
+}

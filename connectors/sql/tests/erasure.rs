@@ -1,0 +1,447 @@
+//! The SQL connector against real PostgreSQL, MariaDB/MySQL and SQLite: each
+//! body below runs once per engine on a fresh database.
+//!
+//! Fixture (see `common`): customers 1 (Ada, stored as `'  Ada@Example.COM '`),
+//! 2 (Bob), 3 (`o'brien@example.com`), 4 (an email shaped like an injection);
+//! their addresses; their orders, plus a walk-in order with no customer.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{id, shop_customers, shop_orders, shop_tables, task, Order, TestDb, HASH_KEY, INJECTION_EMAIL};
+use hmac::{Hmac, Mac};
+use lethe_connector::{Connector, Erasure};
+use lethe_connector_sql::SqlConnector;
+use lethe_core::DatasetReport;
+use sha2::Sha256;
+
+fn report(customers: u64, orders: u64, addresses: u64) -> Vec<DatasetReport> {
+    vec![
+        DatasetReport {
+            dataset: "customers".into(),
+            deleted: customers,
+            anonymized: 0,
+        },
+        DatasetReport {
+            dataset: "orders".into(),
+            deleted: 0,
+            anonymized: orders,
+        },
+        DatasetReport {
+            dataset: "addresses".into(),
+            deleted: addresses,
+            anonymized: 0,
+        },
+    ]
+}
+
+fn erased(customers: u64, orders: u64, addresses: u64) -> Erasure {
+    Erasure {
+        datasets: report(customers, orders, addresses),
+        retained: vec![],
+    }
+}
+
+fn hmac_hex(value: &str) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(HASH_KEY.as_bytes()).unwrap();
+    mac.update(value.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// `order` after anonymisation with the shop strategies.
+fn anonymized(order: &Order, note: Option<String>) -> Order {
+    Order {
+        id: order.id,
+        customer_id: None,
+        amount: order.amount,
+        name: None,
+        address: Some("REDACTED".into()),
+        note,
+    }
+}
+
+fn orders_except(ids: &[i64]) -> Vec<Order> {
+    shop_orders()
+        .into_iter()
+        .filter(|o| !ids.contains(&o.id))
+        .collect()
+}
+
+async fn erases_the_subject_and_nothing_else(db: Arc<TestDb>) {
+    db.shop().await;
+    let sql = db.connector(&shop_tables("hash")).await;
+    let ada = task(vec![id("email", "  ADA@example.com")]);
+
+    assert_eq!(
+        sql.verify(&ada).await.unwrap(),
+        5,
+        "1 customer + 2 addresses + 2 orders before"
+    );
+    assert_eq!(sql.erase(&ada).await.unwrap(), erased(1, 2, 2));
+
+    // Ada's customer row and addresses are gone, nobody else's.
+    let mut customers = shop_customers();
+    customers.remove(0);
+    assert_eq!(db.customers().await, customers);
+    assert_eq!(db.address_ids().await, vec![20, 30, 40]);
+
+    // Her orders are kept with their amounts, anonymised; the others untouched.
+    let before = shop_orders();
+    let mut expected = vec![
+        anonymized(&before[0], Some(hmac_hex("gift for Ada"))),
+        anonymized(&before[1], None),
+    ];
+    expected.extend(orders_except(&[100, 101]));
+    assert_eq!(db.orders().await, expected);
+
+    // Nothing left; a second run finds nothing and says so.
+    assert_eq!(sql.verify(&ada).await.unwrap(), 0);
+    assert_eq!(sql.erase(&ada).await.unwrap(), erased(0, 0, 0));
+    assert_eq!(sql.verify(&ada).await.unwrap(), 0);
+    assert_eq!(db.orders().await, expected);
+}
+
+async fn redact_keeps_the_length_in_characters(db: Arc<TestDb>) {
+    db.shop().await;
+    let sql = db.connector(&shop_tables("redact")).await;
+    let bob = task(vec![id("email", "Bob@Example.com")]);
+    assert_eq!(sql.erase(&bob).await.unwrap(), erased(1, 1, 1));
+    let orders = db.orders().await;
+    let bobs = orders.iter().find(|o| o.id == 200).unwrap();
+    // "à la porte" is 10 characters (11 bytes in UTF-8).
+    assert_eq!(*bobs, anonymized(&shop_orders()[2], Some("**********".into())));
+    assert_eq!(
+        orders.iter().filter(|o| o.id != 200).cloned().collect::<Vec<_>>(),
+        orders_except(&[200])
+    );
+    assert_eq!(sql.verify(&bob).await.unwrap(), 0);
+    assert_eq!(sql.erase(&bob).await.unwrap(), erased(0, 0, 0));
+}
+
+async fn matches_customer_ids_as_integers_only(db: Arc<TestDb>) {
+    db.shop().await;
+    let sql = db.connector(&shop_tables("hash")).await;
+
+    // Values that are not integers cannot be a customer id: no match, no
+    // error, and in particular no `'abc' = 0`-style conversion.
+    for value in ["2 OR 1=1", "abc", "0", "2.0"] {
+        let t = task(vec![id("customer_id", value)]);
+        assert_eq!(sql.erase(&t).await.unwrap(), erased(0, 0, 0), "{value}");
+    }
+    assert_eq!(db.count("customers").await, 4);
+
+    let bob = task(vec![id("customer_id", "2")]);
+    assert_eq!(sql.verify(&bob).await.unwrap(), 3);
+    assert_eq!(sql.erase(&bob).await.unwrap(), erased(1, 1, 1));
+    assert_eq!(
+        db.customers().await.iter().map(|c| c.0).collect::<Vec<_>>(),
+        vec![1, 3, 4]
+    );
+    assert_eq!(db.address_ids().await, vec![10, 11, 30, 40]);
+
+    // Several identifiers of one subject: each finds its rows.
+    let both = task(vec![id("customer_id", "3"), id("email", "ada@example.com")]);
+    assert_eq!(sql.erase(&both).await.unwrap(), erased(2, 3, 3));
+    assert_eq!(
+        db.customers().await.iter().map(|c| c.0).collect::<Vec<_>>(),
+        vec![4]
+    );
+    assert_eq!(sql.verify(&both).await.unwrap(), 0);
+}
+
+async fn quotes_and_injection_shaped_values_touch_only_their_rows(db: Arc<TestDb>) {
+    db.shop().await;
+    let sql = db.connector(&shop_tables("hash")).await;
+
+    let obrien = task(vec![id("email", "O'Brien@example.com")]);
+    assert_eq!(sql.erase(&obrien).await.unwrap(), erased(1, 1, 1));
+    assert_eq!(
+        db.customers().await.iter().map(|c| c.0).collect::<Vec<_>>(),
+        vec![1, 2, 4]
+    );
+
+    // Spliced into `email = '...'`, this value would read `... OR '1'='1'`.
+    let mallory = task(vec![id("email", INJECTION_EMAIL)]);
+    assert_eq!(sql.erase(&mallory).await.unwrap(), erased(1, 1, 1));
+    assert_eq!(
+        db.customers().await.iter().map(|c| c.0).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(db.address_ids().await, vec![10, 11, 20]);
+    let untouched: Vec<Order> = db
+        .orders()
+        .await
+        .into_iter()
+        .filter(|o| o.customer_id.is_some() || o.id == 500)
+        .collect();
+    assert_eq!(untouched, orders_except(&[300, 400]));
+    assert_eq!(
+        sql.verify(&obrien).await.unwrap() + sql.verify(&mallory).await.unwrap(),
+        0
+    );
+}
+
+async fn identifier_types_no_table_uses_report_zeros(db: Arc<TestDb>) {
+    db.shop().await;
+    let sql = db.connector(&shop_tables("hash")).await;
+    for t in [
+        task(vec![id("device_id", "device-1")]),
+        task(vec![id("phone", "+44 20 7946 0958")]),
+        task(vec![id("email", "nobody@example.com")]),
+        task(vec![]),
+    ] {
+        assert_eq!(sql.erase(&t).await.unwrap(), erased(0, 0, 0));
+        assert_eq!(sql.verify(&t).await.unwrap(), 0);
+    }
+    assert_eq!(db.customers().await, shop_customers());
+    assert_eq!(db.orders().await, shop_orders());
+}
+
+async fn anonymize_by_own_column_is_idempotent(db: Arc<TestDb>) {
+    db.shop().await;
+    db.exec(&[
+        "CREATE TABLE tickets (code VARCHAR(32) PRIMARY KEY, email VARCHAR(255), name VARCHAR(255), body VARCHAR(255))",
+        "INSERT INTO tickets (code, email, name, body) VALUES \
+         ('T-1', 'ada@example.com', 'Ada', 'my card is 4111'), \
+         ('T-2', 'ADA@EXAMPLE.COM', 'Ada', NULL), \
+         ('T-3', 'bob@example.com', 'Bob', 'hello')",
+    ])
+    .await;
+    let tables = r#"
+[[tables]]
+name = "tickets"
+primary_key = "code"
+action = "anonymize"
+match = { email = "email" }
+columns = { name = "null", body = "redact" }
+"#;
+    let sql = db.connector(tables).await;
+    let ada = task(vec![id("email", "ada@example.com")]);
+    let one = |n| Erasure {
+        datasets: vec![DatasetReport {
+            dataset: "tickets".into(),
+            deleted: 0,
+            anonymized: n,
+        }],
+        retained: vec![],
+    };
+    assert_eq!(sql.verify(&ada).await.unwrap(), 2);
+    assert_eq!(sql.erase(&ada).await.unwrap(), one(2));
+    assert_eq!(sql.verify(&ada).await.unwrap(), 0);
+    assert_eq!(sql.erase(&ada).await.unwrap(), one(0));
+
+    let pool = db.pool().await;
+    let rows: Vec<(String, Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT code, name, body FROM tickets ORDER BY code")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    assert_eq!(
+        rows,
+        vec![
+            ("T-1".into(), None, Some("***************".into())),
+            ("T-2".into(), None, None),
+            ("T-3".into(), Some("Bob".into()), Some("hello".into())),
+        ]
+    );
+}
+
+async fn health_checks_tables_and_columns(db: Arc<TestDb>) {
+    db.shop().await;
+    db.connector(&shop_tables("hash")).await.health().await.unwrap();
+
+    let missing_table = format!(
+        "{}\n[[tables]]\nname = \"invoices\"\naction = \"delete\"\nmatch = {{ email = \"email\" }}\n",
+        shop_tables("hash")
+    );
+    let e = db.connector(&missing_table).await.health().await.unwrap_err();
+    assert!(!e.retryable, "{e:?}");
+    assert!(e.message.contains("invoices"), "{e:?}");
+
+    let missing_column = shop_tables("hash").replace("note = \"hash\"", "notes = \"hash\"");
+    let sql = db.connector(&missing_column).await;
+    let e = sql.health().await.unwrap_err();
+    assert!(
+        !e.retryable && e.message.contains("orders") && e.message.contains("notes"),
+        "{e:?}"
+    );
+    // An erase against that configuration fails the same way and touches nothing.
+    let e = sql
+        .erase(&task(vec![id("email", "bob@example.com")]))
+        .await
+        .unwrap_err();
+    assert!(!e.retryable && e.message.contains("notes"), "{e:?}");
+    assert_eq!(db.count("customers").await, 4);
+}
+
+async fn database_errors_are_classified_without_values(db: Arc<TestDb>) {
+    db.shop().await;
+    // A trigger whose error message echoes the row's email.
+    match db.engine {
+        common::Engine::Postgres => {
+            db.exec(&[
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'cannot delete %', OLD.email; END $$",
+                "CREATE TRIGGER refuse BEFORE DELETE ON customers FOR EACH ROW EXECUTE FUNCTION refuse()",
+            ])
+            .await
+        }
+        common::Engine::MySql => {
+            db.exec(&[
+                "CREATE TRIGGER refuse BEFORE DELETE ON customers FOR EACH ROW BEGIN \
+                 DECLARE msg VARCHAR(255); SET msg = CONCAT('cannot delete ', OLD.email); \
+                 SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = msg; END",
+            ])
+            .await
+        }
+        common::Engine::Sqlite => {
+            db.exec(&["CREATE TRIGGER refuse BEFORE DELETE ON customers BEGIN \
+                 SELECT RAISE(ABORT, 'cannot delete'); END"])
+                .await
+        }
+    }
+    let sql = db.connector(&shop_tables("hash")).await;
+    let e = sql
+        .erase(&task(vec![id("email", "ada@example.com")]))
+        .await
+        .unwrap_err();
+    assert!(!e.retryable, "{e:?}");
+    let lower = e.message.to_lowercase();
+    assert!(
+        !lower.contains("ada@example.com") && !lower.contains("example"),
+        "{e:?}"
+    );
+    assert!(
+        e.message.contains("customers") && e.message.contains("delete"),
+        "{e:?}"
+    );
+    // One transaction: the children deleted or anonymised before the
+    // failure are back.
+    assert_eq!(db.address_ids().await, vec![10, 11, 20, 30, 40]);
+    assert_eq!(db.orders().await, shop_orders());
+    assert_eq!(db.customers().await, shop_customers());
+}
+
+async fn schema_qualified_table_names(db: Arc<TestDb>) {
+    db.shop().await;
+    let schema = match db.engine {
+        common::Engine::Postgres => "public".to_owned(),
+        common::Engine::MySql => db.name.clone(),
+        common::Engine::Sqlite => "main".to_owned(),
+    };
+    let tables = shop_tables("redact")
+        .replace("\"customers\"", &format!("\"{schema}.customers\""))
+        .replace("\"orders\"", &format!("\"{schema}.orders\""));
+    let sql = db.connector(&tables).await;
+    sql.health().await.unwrap();
+    let ada = task(vec![id("email", "ada@example.com")]);
+    let mut expected = erased(1, 2, 2);
+    expected.datasets[0].dataset = format!("{schema}.customers");
+    expected.datasets[1].dataset = format!("{schema}.orders");
+    assert_eq!(sql.erase(&ada).await.unwrap(), expected);
+    assert_eq!(sql.verify(&ada).await.unwrap(), 0);
+    assert_eq!(db.count("customers").await, 3);
+}
+
+async fn uuid_keys_and_identifiers(db: Arc<TestDb>) {
+    // A native uuid on PostgreSQL (compared as CAST($n AS uuid)), text elsewhere.
+    let uuid = if db.engine == common::Engine::Postgres {
+        "UUID"
+    } else {
+        "CHAR(36)"
+    };
+    db.exec(&[
+        &format!("CREATE TABLE devices (id {uuid} PRIMARY KEY, device_id {uuid}, label VARCHAR(64))"),
+        "INSERT INTO devices (id, device_id, label) VALUES \
+         ('0190f0b8-3c2a-7cc1-9d55-0a4c1e0e7f3b', '5f0c7a52-8d0e-4a43-9a51-3b0f6c1d2e4f', 'Ada phone'), \
+         ('0190f0b8-3c2a-7cc1-9d55-0a4c1e0e7f3c', '6a1d8b63-9e1f-4b54-8b62-4c1a7d2e3f50', 'Bob tablet')",
+    ])
+    .await;
+    let tables = r#"
+[[tables]]
+name = "devices"
+action = "anonymize"
+match = { device_id = "device_id" }
+columns = { label = "redact" }
+"#;
+    let sql = db.connector(tables).await;
+    let nothing = task(vec![id("device_id", "not-a-uuid")]);
+    let one = |n| Erasure {
+        datasets: vec![DatasetReport {
+            dataset: "devices".into(),
+            deleted: 0,
+            anonymized: n,
+        }],
+        retained: vec![],
+    };
+    assert_eq!(sql.erase(&nothing).await.unwrap(), one(0));
+    let ada = task(vec![id("device_id", "5f0c7a52-8d0e-4a43-9a51-3b0f6c1d2e4f")]);
+    assert_eq!(sql.verify(&ada).await.unwrap(), 1);
+    assert_eq!(sql.erase(&ada).await.unwrap(), one(1));
+    assert_eq!(sql.verify(&ada).await.unwrap(), 0);
+    let pool = db.pool().await;
+    let labels: Vec<(String,)> = sqlx::query_as("SELECT label FROM devices ORDER BY label")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    assert_eq!(
+        labels,
+        vec![("*********".to_owned(),), ("Bob tablet".to_owned(),)]
+    );
+}
+
+async fn unreachable_database(db: Arc<TestDb>) {
+    let (url, retryable) = match db.engine {
+        common::Engine::Postgres => ("postgres://postgres@127.0.0.1:1/nowhere".to_owned(), true),
+        common::Engine::MySql => ("mysql://root@127.0.0.1:1/nowhere".to_owned(), true),
+        common::Engine::Sqlite => ("sqlite:///nonexistent-lethe-dir/x.db".to_owned(), false),
+    };
+    let mut config = db.config(&shop_tables("hash"));
+    config.url = url;
+    let sql = SqlConnector::connect(config)
+        .await
+        .expect("lazy: connecting happens on use");
+    let e = sql.health().await.unwrap_err();
+    assert_eq!(e.retryable, retryable, "{e:?}");
+    let e = sql
+        .erase(&task(vec![id("email", "ada@example.com")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.retryable, retryable, "{e:?}");
+    assert!(!e.message.contains("ada"), "{e:?}");
+}
+
+on_every_engine!(
+    erases_the_subject_and_nothing_else,
+    redact_keeps_the_length_in_characters,
+    matches_customer_ids_as_integers_only,
+    quotes_and_injection_shaped_values_touch_only_their_rows,
+    identifier_types_no_table_uses_report_zeros,
+    anonymize_by_own_column_is_idempotent,
+    health_checks_tables_and_columns,
+    database_errors_are_classified_without_values,
+    schema_qualified_table_names,
+    uuid_keys_and_identifiers,
+    unreachable_database,
+);
+
+#[tokio::test]
+async fn an_unknown_parent_is_rejected_before_connecting() {
+    let config: lethe_connector_sql::SqlConfig = toml::from_str(
+        r#"
+url = "postgres://postgres@127.0.0.1:1/none"
+[[tables]]
+name = "addresses"
+action = "delete"
+parent = { table = "clients", column = "customer_id", references = "id" }
+"#,
+    )
+    .unwrap();
+    let problem = config.validate().unwrap_err();
+    assert!(problem.contains("\"clients\""), "{problem}");
+    let e = SqlConnector::connect(config).await.unwrap_err();
+    assert!(!e.retryable && e.message.contains("clients"), "{e:?}");
+}

@@ -1,0 +1,433 @@
+//! Lethe's configuration.
+//!
+//! Layers, in order, each overriding the one before:
+//! 1. defaults (in this file),
+//! 2. the TOML file (`--config`, else the embedded `config/lethe.toml`),
+//! 3. environment variables `LETHE__SECTION__KEY` (e.g. `LETHE__SERVER__LISTEN`),
+//! 4. command-line flags,
+//! 5. [`Config::validate`].
+//!
+//! Secrets are written as `${ENV_VAR}` placeholders and resolved only where
+//! they are used ([`resolve_placeholders`]).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use lethe_connector::RetryPolicy;
+use serde::Deserialize;
+
+/// The embedded default: SQLite state, in-process bus, demo systems.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../../config/lethe.toml");
+
+/// Prefix of environment overrides.
+const ENV_PREFIX: &str = "LETHE__";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub bus: BusConfig,
+    #[serde(default)]
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub dispatcher: DispatcherConfig,
+    /// Retries of connector calls inside a worker.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// The data systems to erase from.
+    #[serde(default)]
+    pub systems: Vec<SystemConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the HTTP API.
+    #[serde(default = "ServerConfig::default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl ServerConfig {
+    fn default_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 8700))
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: Self::default_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://path/to/file.db` or `postgres://user@host/db` (may be `${ENV}`).
+    #[serde(default = "StoreConfig::default_url")]
+    pub url: String,
+}
+
+impl StoreConfig {
+    fn default_url() -> String {
+        "sqlite://lethe-data/lethe.db".into()
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: Self::default_url(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+pub enum BusConfig {
+    /// Channels inside the coordinator process; connectors run in-process.
+    #[default]
+    InProcess,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// The master key as 64 hex characters, normally `${LETHE_MASTER_KEY}`.
+    /// Takes precedence over `master_key_file`.
+    #[serde(default)]
+    pub master_key: Option<String>,
+    /// A file holding the master key in hex. With a SQLite state store it is
+    /// created (mode 0600) if missing.
+    #[serde(default = "KeysConfig::default_file")]
+    pub master_key_file: PathBuf,
+}
+
+impl KeysConfig {
+    fn default_file() -> PathBuf {
+        PathBuf::from("lethe-data/master.key")
+    }
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            master_key: None,
+            master_key_file: Self::default_file(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatcherConfig {
+    /// Outbox rows published per batch.
+    #[serde(default = "DispatcherConfig::default_batch")]
+    pub batch: u32,
+    /// Seconds a claim on outbox rows lasts.
+    #[serde(default = "DispatcherConfig::default_lease_secs")]
+    pub lease_secs: u64,
+    /// Milliseconds between looks at an idle outbox.
+    #[serde(default = "DispatcherConfig::default_poll_ms")]
+    pub poll_interval_ms: u64,
+}
+
+impl DispatcherConfig {
+    const fn default_batch() -> u32 {
+        256
+    }
+    const fn default_lease_secs() -> u64 {
+        30
+    }
+    const fn default_poll_ms() -> u64 {
+        500
+    }
+
+    pub fn settings(&self) -> lethe_coordinator::Settings {
+        lethe_coordinator::Settings {
+            dispatch_batch: self.batch,
+            lease: Duration::from_secs(self.lease_secs),
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+            ..Default::default()
+        }
+    }
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        Self {
+            batch: Self::default_batch(),
+            lease_secs: Self::default_lease_secs(),
+            poll_interval_ms: Self::default_poll_ms(),
+        }
+    }
+}
+
+/// A registered data system.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemConfig {
+    /// Unique name: lower-case letters, digits, `-` and `_`.
+    pub name: String,
+    /// Connector type (`sql`).
+    pub connector: String,
+    /// Team or person responsible for the system.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// What the system is.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Data categories the system holds, e.g. `identity.contact`.
+    #[serde(default)]
+    pub categories: Vec<String>,
+    /// The connector's own settings (see the connector's documentation).
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+impl SystemConfig {
+    pub fn info(&self) -> lethe_coordinator::SystemInfo {
+        lethe_coordinator::SystemInfo {
+            name: self.name.clone(),
+            connector: self.connector.clone(),
+            owner: self.owner.clone(),
+            categories: self.categories.clone(),
+            description: self.description.clone(),
+        }
+    }
+}
+
+/// Command-line overrides (layer 4).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub store_url: Option<String>,
+}
+
+impl Config {
+    /// Loads `path` (or the embedded default), applies the environment and
+    /// `overrides`, and validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Self> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, overrides, &env)
+    }
+
+    pub fn load_with_env(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config file {}", p.display()))?,
+                p.display().to_string(),
+            ),
+            None => (EMBEDDED_DEFAULT.to_owned(), "embedded default config".into()),
+        };
+        let mut table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{origin} is not valid TOML"))?;
+        apply_env(&mut table, env)?;
+        let mut config: Config = toml::Value::Table(table)
+            .try_into()
+            .with_context(|| format!("{origin} (with LETHE__ overrides) is not a valid Lethe config"))?;
+        if let Some(listen) = overrides.listen {
+            config.server.listen = listen;
+        }
+        if let Some(url) = &overrides.store_url {
+            config.store.url = url.clone();
+        }
+        config
+            .validate()
+            .with_context(|| format!("{origin} is not a valid Lethe config"))?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: unique, well-formed system names and
+    /// known connector types with valid settings.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &self.systems {
+            let ok = !s.name.is_empty()
+                && s.name.len() <= 64
+                && s.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+            if !ok {
+                bail!(
+                    "system name {:?} must be 1-64 lower-case letters, digits, '-' or '_'",
+                    s.name
+                );
+            }
+            if !seen.insert(&s.name) {
+                bail!("system {:?} is declared twice", s.name);
+            }
+            crate::registry::validate(s).with_context(|| format!("system {:?}", s.name))?;
+        }
+        if self.dispatcher.batch == 0 {
+            bail!("dispatcher.batch must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        self.store.url.starts_with("sqlite:")
+    }
+}
+
+/// `LETHE__A__B=v` sets `a.b = v`; `v` is read as a TOML value (number,
+/// boolean, array) when it parses as one, else as a string.
+fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> anyhow::Result<()> {
+    for (name, value) in env {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+        if keys.iter().any(String::is_empty) {
+            bail!("environment variable {name} has an empty path segment");
+        }
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let (last, parents) = keys
+            .split_last()
+            .unwrap_or_else(|| unreachable!("split yields one key"));
+        let mut node = &mut *table;
+        for k in parents {
+            let entry = node
+                .entry(k.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            node = entry
+                .as_table_mut()
+                .with_context(|| format!("environment variable {name}: `{k}` is not a section"))?;
+        }
+        node.insert(last.clone(), parsed);
+    }
+    Ok(())
+}
+
+/// Replaces every `${NAME}` in `s` with the environment variable `NAME`;
+/// a missing variable is an error that names it (and nothing else).
+pub fn resolve_placeholders(s: &str) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').context("unterminated ${…} placeholder")?;
+        let name = &after[..end];
+        let value = std::env::var(name).with_context(|| format!("environment variable {name} is not set"))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Resolves placeholders in every string of a TOML table.
+pub fn resolve_table(table: &toml::Table) -> anyhow::Result<toml::Table> {
+    fn walk(v: &toml::Value) -> anyhow::Result<toml::Value> {
+        Ok(match v {
+            toml::Value::String(s) => toml::Value::String(resolve_placeholders(s)?),
+            toml::Value::Array(a) => toml::Value::Array(a.iter().map(walk).collect::<anyhow::Result<_>>()?),
+            toml::Value::Table(t) => toml::Value::Table(resolve_table(t)?),
+            other => other.clone(),
+        })
+    }
+    table.iter().map(|(k, v)| Ok((k.clone(), walk(v)?))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_file_in_config_parses() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
+        let mut files = Vec::new();
+        let mut dirs = vec![root];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "toml") {
+                    files.push(path);
+                }
+            }
+        }
+        assert!(!files.is_empty());
+        for f in files {
+            Config::load_with_env(Some(&f), &Overrides::default(), &[])
+                .unwrap_or_else(|e| panic!("{}: {e:#}", f.display()));
+        }
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let env = vec![
+            ("LETHE__SERVER__LISTEN".to_owned(), "127.0.0.1:9000".to_owned()),
+            ("LETHE__STORE__URL".to_owned(), "sqlite://env.db".to_owned()),
+            ("LETHE__DISPATCHER__BATCH".to_owned(), "7".to_owned()),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ];
+        let flags = Overrides {
+            listen: None,
+            store_url: Some("sqlite://flag.db".into()),
+        };
+        let c = Config::load_with_env(None, &flags, &env).unwrap();
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.store.url, "sqlite://flag.db");
+        assert_eq!(c.dispatcher.batch, 7);
+        assert!(!c.systems.is_empty());
+    }
+
+    #[test]
+    fn bad_configs_are_rejected_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |body: &str| {
+            let p = dir.path().join("c.toml");
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        let unknown = write("[server]\nlisten = \"127.0.0.1:1\"\nport = 3\n");
+        let err = format!(
+            "{:#}",
+            Config::load_with_env(Some(&unknown), &Overrides::default(), &[]).unwrap_err()
+        );
+        assert!(err.contains("unknown field `port`"), "{err}");
+        let twice = write("[[systems]]\nname = \"a\"\nconnector = \"sql\"\n[systems.config]\nurl = \"sqlite://x.db\"\n[[systems.config.tables]]\nname = \"t\"\naction = \"delete\"\nmatch = { email = \"email\" }\n[[systems]]\nname = \"a\"\nconnector = \"sql\"\n[systems.config]\nurl = \"sqlite://x.db\"\n[[systems.config.tables]]\nname = \"t\"\naction = \"delete\"\nmatch = { email = \"email\" }\n");
+        let err = format!(
+            "{:#}",
+            Config::load_with_env(Some(&twice), &Overrides::default(), &[]).unwrap_err()
+        );
+        assert!(err.contains("declared twice"), "{err}");
+        let unknown_kind = write("[[systems]]\nname = \"a\"\nconnector = \"ftp\"\n");
+        let err = format!(
+            "{:#}",
+            Config::load_with_env(Some(&unknown_kind), &Overrides::default(), &[]).unwrap_err()
+        );
+        assert!(err.contains("unknown connector type"), "{err}");
+    }
+
+    #[test]
+    fn placeholders_resolve_from_the_environment() {
+        std::env::set_var("LETHE_TEST_PLACEHOLDER", "s3cret");
+        assert_eq!(
+            resolve_placeholders("postgres://u:${LETHE_TEST_PLACEHOLDER}@h/db").unwrap(),
+            "postgres://u:s3cret@h/db"
+        );
+        let err = resolve_placeholders("${LETHE_TEST_MISSING_VAR}")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "environment variable LETHE_TEST_MISSING_VAR is not set");
+    }
+}

@@ -1,0 +1,121 @@
+//! `lethe serve`: the coordinator, its HTTP API and, with the in-process
+//! bus, the connector workers, in one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use lethe_bus::{Bus, InProcessBus};
+use lethe_connector::Worker;
+use lethe_coordinator::{app, Coordinator, Planner, StoreKeys, SystemClock};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::config::{resolve_placeholders, BusConfig, Config};
+use crate::keys::load_master_key;
+use crate::registry;
+
+/// A coordinator serving on a bound address.
+pub struct Running {
+    pub addr: SocketAddr,
+    tasks: JoinSet<anyhow::Result<()>>,
+    _coordinator: Coordinator,
+}
+
+impl Running {
+    /// Waits until a background task stops (which is an error) or forever.
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        match self.tasks.join_next().await {
+            Some(Ok(result)) => result.and(Err(anyhow::anyhow!("a background task stopped"))),
+            Some(Err(e)) => Err(e.into()),
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Starts everything `config` describes, serving HTTP on `listener`.
+pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Running> {
+    let url = resolve_placeholders(&config.store.url).context("store.url")?;
+    let store = lethe_store::connect(&url)
+        .await
+        .context("cannot open the state store")?;
+    let master = load_master_key(config)?;
+    let bus: Arc<dyn Bus> = match config.bus {
+        BusConfig::InProcess => Arc::new(InProcessBus::new()),
+    };
+    let planner = Planner::new(config.systems.iter().map(|s| s.info()).collect());
+    let coordinator = Coordinator::start(
+        store.clone(),
+        bus.clone(),
+        master.clone(),
+        planner,
+        Arc::new(SystemClock),
+        config.dispatcher.settings(),
+    )
+    .await?;
+    let mut tasks = JoinSet::new();
+    if matches!(config.bus, BusConfig::InProcess) {
+        let keys = Arc::new(StoreKeys::new(store.clone(), master));
+        for system in &config.systems {
+            let connector = registry::build(system).await?;
+            if let Err(e) = connector.health().await {
+                tracing::warn!(system = %system.name, error = %e, "connector health check failed; its tasks will fail until fixed");
+            }
+            let worker = Worker::new(
+                system.name.clone(),
+                connector,
+                keys.clone(),
+                bus.clone(),
+                config.retry,
+            );
+            tasks.spawn(async move { worker.run().await.map_err(anyhow::Error::from) });
+        }
+    }
+    let addr = listener.local_addr()?;
+    let router = app(coordinator.state.clone());
+    tasks.spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+        Ok(())
+    });
+    tracing::info!(%addr, store = store.backend(), systems = config.systems.len(), "lethe coordinator listening");
+    Ok(Running {
+        addr,
+        tasks,
+        _coordinator: coordinator,
+    })
+}
+
+/// `lethe serve`: runs until Ctrl-C or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    let mut running = start(&config, listener).await?;
+    tokio::select! {
+        r = running.wait() => r,
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

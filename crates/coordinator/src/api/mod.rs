@@ -1,0 +1,111 @@
+//! The HTTP API. [`app`] builds the whole router from its state, so tests
+//! drive it with `oneshot` and the binary serves the same router.
+
+pub mod problem;
+pub mod requests;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use lethe_core::MasterKey;
+use lethe_store::StateStore;
+use serde::Serialize;
+use tokio::sync::Notify;
+use utoipa::{OpenApi, ToSchema};
+
+use crate::clock::Clock;
+use crate::planner::{Planner, SystemInfo};
+use problem::Problem;
+
+/// Largest request body accepted, in bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn StateStore>,
+    pub master: MasterKey,
+    pub planner: Arc<Planner>,
+    pub clock: Arc<dyn Clock>,
+    /// Wakes the dispatcher when new outbox rows were committed.
+    pub wake: Arc<Notify>,
+}
+
+/// The coordinator's router.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/v1/requests",
+            get(requests::list_requests).post(requests::submit),
+        )
+        .route("/v1/requests/{id}", get(requests::get_request))
+        .route("/v1/systems", get(list_systems))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
+        .fallback(|| async { Problem::not_found("no such endpoint") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    status: &'static str,
+}
+
+/// The configured systems.
+#[utoipa::path(get, path = "/v1/systems", tag = "systems", responses((status = 200, body = Vec<SystemInfo>)))]
+async fn list_systems(State(state): State<AppState>) -> Json<Vec<SystemInfo>> {
+    Json(state.planner.systems().to_vec())
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Readiness: the state store answers.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200, body = Health), (status = 503, body = Health)))]
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, Json(Health { status: "ready" })),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(Health {
+                    status: "state store unavailable",
+                }),
+            )
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Lethe", description = "Right-to-be-forgotten erasure orchestrator"),
+    paths(
+        requests::submit,
+        requests::get_request,
+        requests::list_requests,
+        list_systems,
+        healthz,
+        readyz
+    ),
+    components(schemas(lethe_core::Outcome, lethe_core::DatasetReport, lethe_core::RetainedReport))
+)]
+struct ApiDoc;
+
+/// The OpenAPI document, generated from the handlers and types.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+async fn openapi() -> impl IntoResponse {
+    Json(openapi_document())
+}

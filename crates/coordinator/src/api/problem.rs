@@ -1,0 +1,167 @@
+//! Errors as `application/problem+json` (RFC 9457). Details are written
+//! here, never copied from a database or from the input, so no identifier
+//! and no internal error text can reach a client.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use lethe_store::StoreError;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// An API error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub status: StatusCode,
+    pub title: &'static str,
+    pub detail: String,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ProblemBody {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'static str,
+    status: u16,
+    detail: String,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            title,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn invalid(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid request", detail)
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not found", detail)
+    }
+}
+
+impl From<StoreError> for Problem {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "state store error while serving a request");
+        if e.is_transient() {
+            Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the state store is unavailable; retry later",
+            )
+        } else {
+            Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error",
+                "the request could not be processed",
+            )
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let slug = self.title.replace(' ', "-");
+        let body = ProblemBody {
+            kind: format!("https://lethe.dev/problems/{slug}"),
+            title: self.title,
+            status: self.status.as_u16(),
+            detail: self.detail,
+        };
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            json,
+        )
+            .into_response()
+    }
+}
+
+/// A JSON body parsed strictly: `application/json` only, size-limited by the
+/// router, unknown fields rejected by the target type, and parse errors
+/// described by position and kind without quoting the input.
+#[derive(Debug)]
+pub struct StrictJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        if !is_json {
+            return Err(Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported media type",
+                "send the body as application/json",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e: BytesRejection| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    Problem::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload too large",
+                        "the request body is too large",
+                    )
+                } else {
+                    Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad request",
+                        "the request body could not be read",
+                    )
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(StrictJson)
+            .map_err(describe_json_error)
+    }
+}
+
+/// Describes a serde_json error without the input fragment it may quote.
+fn describe_json_error(e: serde_json::Error) -> Problem {
+    use serde_json::error::Category;
+    let at = format!("line {}, column {}", e.line(), e.column());
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed JSON",
+            format!("the body is not valid JSON ({at})"),
+        ),
+        Category::Data => {
+            let msg = e.to_string();
+            let field = |prefix: &str| {
+                msg.strip_prefix(prefix)
+                    .and_then(|rest| rest.split('`').next())
+                    .filter(|f| {
+                        !f.is_empty()
+                            && f.len() <= 32
+                            && f.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    })
+                    .map(str::to_owned)
+            };
+            let detail = if let Some(f) = field("unknown field `") {
+                format!("unknown field `{f}` ({at})")
+            } else if let Some(f) = field("missing field `") {
+                format!("missing field `{f}`")
+            } else if msg.starts_with("unknown field") {
+                format!("unknown field ({at})")
+            } else {
+                format!("the body does not match the expected schema ({at})")
+            };
+            Problem::invalid(detail)
+        }
+    }
+}

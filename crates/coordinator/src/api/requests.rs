@@ -1,0 +1,397 @@
+//! `/v1/requests`: submit, read and list erasure requests.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use lethe_core::{Action, TaskId};
+use lethe_core::{
+    DataKey, Identifier, IdentifierKind, Outcome, Regulation, RequestId, RequestStatus, TaskState,
+};
+use lethe_store::{Created, ListQuery, NewIdentifier, NewRequest, RequestRecord};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::problem::{Problem, ProblemBody, StrictJson};
+use super::AppState;
+use crate::metrics::REQUESTS_RECEIVED_TOTAL;
+
+/// Most identifiers one request may carry.
+pub const MAX_IDENTIFIERS: usize = 16;
+const MAX_REF_LEN: usize = 128;
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// An erasure request from a portal.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// Identifiers of the subject by type: `email`, `phone` (E.164),
+    /// `customer_id`, `device_id` or a custom lower-case type.
+    #[schema(example = json!({"email": "ada@example.com", "customer_id": "C-1042"}))]
+    pub subject: BTreeMap<String, String>,
+    /// `gdpr`, `uk-gdpr`, `ccpa`, `vcdpa`, `lgpd` or `pipeda`.
+    #[schema(example = "gdpr")]
+    pub regulation: String,
+    /// The portal's own reference (ticket number); must not contain personal data.
+    #[serde(default)]
+    pub external_ref: Option<String>,
+    /// How the portal verified the subject's identity.
+    #[serde(default)]
+    pub verification: Option<Verification>,
+}
+
+/// Identity verification performed by the portal.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Verification {
+    /// e.g. `email_link`, `logged_in`, `id_document`.
+    pub method: String,
+    #[serde(default)]
+    pub verified_at: Option<DateTime<Utc>>,
+}
+
+/// The answer to a submission.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Submitted {
+    #[schema(value_type = String, format = Uuid)]
+    pub id: RequestId,
+    pub status: RequestStatus,
+    pub due_at: DateTime<Utc>,
+}
+
+/// One system's part of a request.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SystemView {
+    pub system: String,
+    pub action: Action,
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub basis: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub task_id: Option<TaskId>,
+    pub state: Option<TaskState>,
+    pub attempts: u32,
+    pub outcome: Option<Outcome>,
+    /// A one-line, identifier-free summary of the outcome.
+    pub summary: Option<String>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// A request with its per-system progress.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RequestView {
+    #[schema(value_type = String, format = Uuid)]
+    pub id: RequestId,
+    pub status: RequestStatus,
+    pub regulation: Regulation,
+    pub received_at: DateTime<Utc>,
+    pub due_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Whole days until the due date (negative when overdue); absent once final.
+    pub days_left: Option<i64>,
+    pub external_ref: Option<String>,
+    /// When the request's data key was destroyed (its identifiers are unreadable since).
+    pub key_destroyed_at: Option<DateTime<Utc>>,
+    pub systems: Vec<SystemView>,
+}
+
+/// A row of the request list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RequestSummary {
+    #[schema(value_type = String, format = Uuid)]
+    pub id: RequestId,
+    pub status: RequestStatus,
+    pub regulation: Regulation,
+    pub received_at: DateTime<Utc>,
+    pub due_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub external_ref: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RequestPage {
+    pub items: Vec<RequestSummary>,
+    /// Pass as `cursor` to get the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Only requests with this status.
+    pub status: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+impl From<RequestRecord> for RequestSummary {
+    fn from(r: RequestRecord) -> Self {
+        Self {
+            id: r.id,
+            status: r.status,
+            regulation: r.regulation,
+            received_at: r.received_at,
+            due_at: r.due_at,
+            finished_at: r.finished_at,
+            external_ref: r.external_ref,
+        }
+    }
+}
+
+fn parse_subject(subject: &BTreeMap<String, String>) -> Result<Vec<Identifier>, Problem> {
+    if subject.is_empty() {
+        return Err(Problem::invalid("subject must contain at least one identifier"));
+    }
+    if subject.len() > MAX_IDENTIFIERS {
+        return Err(Problem::invalid(format!(
+            "subject may contain at most {MAX_IDENTIFIERS} identifiers"
+        )));
+    }
+    subject
+        .iter()
+        .map(|(kind, value)| {
+            let kind: IdentifierKind = kind
+                .parse()
+                .map_err(|e| Problem::invalid(format!("subject: {e}")))?;
+            Identifier::parse(kind, value).map_err(|e| Problem::invalid(format!("subject: {e}")))
+        })
+        .collect()
+}
+
+fn check_text(what: &str, value: &str, max: usize) -> Result<(), Problem> {
+    if value.len() > max || value.chars().any(char::is_control) {
+        return Err(Problem::invalid(format!(
+            "{what} must be at most {max} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .map_err(|_| Problem::invalid("Idempotency-Key must be visible ASCII"))?;
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Problem::invalid(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
+        )));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// Submit an erasure request.
+#[utoipa::path(
+    post, path = "/v1/requests", tag = "requests",
+    request_body = SubmitRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried submission return the same request")),
+    responses(
+        (status = 202, description = "Accepted", body = Submitted),
+        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid request", body = ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+pub async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    StrictJson(body): StrictJson<SubmitRequest>,
+) -> Result<Response, Problem> {
+    let regulation: Regulation = body
+        .regulation
+        .parse()
+        .map_err(|e| Problem::invalid(format!("regulation: {e}")))?;
+    let identifiers = parse_subject(&body.subject)?;
+    if let Some(r) = &body.external_ref {
+        check_text("external_ref", r, MAX_REF_LEN)?;
+    }
+    if let Some(v) = &body.verification {
+        check_text("verification.method", &v.method, 64)?;
+    }
+    let idempotency = idempotency_key(&headers)?;
+
+    let id = RequestId::new();
+    let now = state.clock.now();
+    let due_at = regulation.due_at(now);
+    let key = DataKey::generate();
+    let (plan, tasks) = state.planner.plan();
+    let initial = RequestStatus::Received.next(&vec![TaskState::Pending; tasks.len()]);
+    let new = NewRequest {
+        id,
+        regulation,
+        received_at: now,
+        due_at,
+        external_ref: body.external_ref,
+        idempotency_key: idempotency.map(|k| state.master.opaque_hash("idempotency-key", &k)),
+        wrapped_key: state.master.wrap(&key),
+        identifiers: identifiers
+            .iter()
+            .map(|i| NewIdentifier {
+                sealed: key.seal(id, i),
+                subject_hash: state.master.subject_hash(i),
+            })
+            .collect(),
+        verification: body
+            .verification
+            .map(|v| serde_json::to_value(v).unwrap_or_default()),
+        plan,
+        tasks,
+    };
+    match state.store.create_request(new).await? {
+        Created::New(id) => {
+            metrics::counter!(REQUESTS_RECEIVED_TOTAL, "regulation" => regulation.as_str()).increment(1);
+            tracing::info!(request = %id, %regulation, "request received");
+            state.wake.notify_one();
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(Submitted {
+                    id,
+                    status: initial,
+                    due_at,
+                }),
+            )
+                .into_response())
+        }
+        Created::Existing(id) => {
+            let existing = state
+                .store
+                .request(id)
+                .await?
+                .ok_or_else(|| Problem::not_found("no such request"))?;
+            let body = Submitted {
+                id,
+                status: existing.request.status,
+                due_at: existing.request.due_at,
+            };
+            let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+            response
+                .headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            Ok(response)
+        }
+    }
+}
+
+/// A request with each system's action, state, attempts and outcome.
+#[utoipa::path(
+    get, path = "/v1/requests/{id}", tag = "requests",
+    params(("id" = String, Path, description = "Request id")),
+    responses(
+        (status = 200, body = RequestView),
+        (status = 404, body = ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_request(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RequestView>, Problem> {
+    let missing = || Problem::not_found("no such request");
+    let id: RequestId = id.parse().map_err(|_| missing())?;
+    let detail = state.store.request(id).await?.ok_or_else(missing)?;
+    let r = detail.request;
+    let systems = detail
+        .plan
+        .into_iter()
+        .map(|p| {
+            let task = detail.tasks.iter().find(|t| t.system == p.system);
+            SystemView {
+                task_id: task.map(|t| t.id),
+                state: task.map(|t| t.state),
+                attempts: task.map_or(0, |t| t.attempts),
+                outcome: task.and_then(|t| t.last_outcome.clone()),
+                summary: task.and_then(|t| t.last_outcome.as_ref().map(Outcome::summary)),
+                updated_at: task.map(|t| t.updated_at),
+                system: p.system,
+                action: p.action,
+                reason: p.reason,
+                basis: p.basis,
+                until: p.until,
+            }
+        })
+        .collect();
+    let days_left = (!r.status.is_final()).then(|| (r.due_at - state.clock.now()).num_days());
+    Ok(Json(RequestView {
+        id: r.id,
+        status: r.status,
+        regulation: r.regulation,
+        received_at: r.received_at,
+        due_at: r.due_at,
+        finished_at: r.finished_at,
+        days_left,
+        external_ref: r.external_ref,
+        key_destroyed_at: r.key_destroyed_at,
+        systems,
+    }))
+}
+
+/// Requests, newest first, with cursor pagination.
+#[utoipa::path(
+    get, path = "/v1/requests", tag = "requests",
+    params(ListParams),
+    responses(
+        (status = 200, body = RequestPage),
+        (status = 422, body = ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list_requests(
+    State(state): State<AppState>,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<RequestPage>, Problem> {
+    let Query(params) = params.map_err(|_| Problem::invalid("unknown or malformed query parameter"))?;
+    let status = params
+        .status
+        .map(|s| {
+            s.parse::<RequestStatus>()
+                .map_err(|_| Problem::invalid("unknown status"))
+        })
+        .transpose()?;
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::invalid("limit must be between 1 and 500"));
+    }
+    let before = params
+        .cursor
+        .map(|c| {
+            c.parse::<RequestId>()
+                .map_err(|_| Problem::invalid("malformed cursor"))
+        })
+        .transpose()?;
+    let rows = state
+        .store
+        .list_requests(&ListQuery {
+            status,
+            before,
+            limit,
+        })
+        .await?;
+    let next_cursor = (rows.len() == limit as usize)
+        .then(|| rows.last().map(|r| r.id.to_string()))
+        .flatten();
+    Ok(Json(RequestPage {
+        items: rows.into_iter().map(RequestSummary::from).collect(),
+        next_cursor,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_errors_never_echo_values() {
+        let subject = BTreeMap::from([("email".to_owned(), "not-an-email-secret".to_owned())]);
+        let err = parse_subject(&subject).unwrap_err();
+        assert!(!err.detail.contains("secret"));
+        assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
+    }
+}

@@ -1,0 +1,121 @@
+//! Relays the transactional outbox to the bus. A row is removed only after
+//! the bus confirmed delivery, so a crash between commit and publish loses
+//! nothing; claims are leased so that replicas never publish a row at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lethe_bus::{Bus, TaskMessage, ENVELOPE_VERSION};
+use lethe_store::{OutboxItem, StateStore};
+use tokio::sync::Notify;
+
+use crate::clock::Clock;
+use crate::metrics::{PUBLISH_FAILURES_TOTAL, TASKS_DISPATCHED_TOTAL};
+use crate::Settings;
+
+pub struct Dispatcher {
+    pub(crate) store: Arc<dyn StateStore>,
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) wake: Arc<Notify>,
+    pub(crate) settings: Settings,
+    pub(crate) owner: String,
+}
+
+impl Dispatcher {
+    pub async fn run(self) {
+        let mut backoff = Backoff::new(self.settings.poll_interval);
+        loop {
+            match self.relay_once().await {
+                Ok(0) => {
+                    backoff.reset();
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                    }
+                }
+                Ok(_) => backoff.reset(),
+                Err(e) => {
+                    let delay = backoff.next();
+                    tracing::warn!(error = %e, ?delay, "outbox relay failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Claims one batch, publishes it and records the publication. Returns
+    /// how many tasks were published.
+    pub async fn relay_once(&self) -> Result<usize, String> {
+        let now = self.clock.now();
+        let items = self
+            .store
+            .claim_outbox(
+                &self.owner,
+                self.settings.dispatch_batch,
+                self.settings.lease,
+                now,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let messages: Vec<TaskMessage> = items.iter().map(|i| message(i, now)).collect();
+        if let Err(e) = self.bus.publish_tasks(&messages).await {
+            metrics::counter!(PUBLISH_FAILURES_TOTAL).increment(1);
+            let ids: Vec<i64> = items.iter().map(|i| i.outbox_id).collect();
+            if let Err(release) = self.store.release_outbox(&self.owner, &ids).await {
+                tracing::warn!(error = %release, "could not release outbox claims; they expire with their lease");
+            }
+            return Err(format!("publish: {e}"));
+        }
+        self.store
+            .mark_published(&self.owner, &items, self.clock.now())
+            .await
+            .map_err(|e| e.to_string())?;
+        for item in &items {
+            metrics::counter!(TASKS_DISPATCHED_TOTAL, "system" => item.system.clone()).increment(1);
+        }
+        Ok(items.len())
+    }
+}
+
+fn message(item: &OutboxItem, now: chrono::DateTime<chrono::Utc>) -> TaskMessage {
+    TaskMessage {
+        version: ENVELOPE_VERSION,
+        task_id: item.task_id,
+        request_id: item.request_id,
+        system: item.system.clone(),
+        action: item.action,
+        attempt: item.attempt,
+        regulation: item.regulation,
+        due_at: item.due_at,
+        identifiers: item.identifiers.clone(),
+        issued_at: now,
+    }
+}
+
+/// Capped exponential delay for the coordinator's own loops.
+pub(crate) struct Backoff {
+    base: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    const MAX: Duration = Duration::from_secs(10);
+
+    pub(crate) fn new(base: Duration) -> Self {
+        Self { base, current: base }
+    }
+
+    pub(crate) fn next(&mut self) -> Duration {
+        let d = self.current;
+        self.current = (self.current * 2).min(Self::MAX);
+        d
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.current = self.base;
+    }
+}

@@ -1,0 +1,109 @@
+//! Applies connector results. The store transaction comes first, the
+//! acknowledgement after it, so a crash in between only replays results,
+//! which the task state machine ignores.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lethe_bus::{Bus, Consumer, Delivery, Position, ResultMessage};
+use lethe_store::{Applied, OutcomeReport, StateStore};
+
+use crate::clock::Clock;
+use crate::dispatcher::Backoff;
+use crate::metrics::{DEAD_LETTERS_TOTAL, OUTCOMES_TOTAL, REQUESTS_FINISHED_TOTAL};
+
+const RESULTS_SOURCE: &str = "lethe.results";
+
+pub struct Ingest {
+    pub(crate) store: Arc<dyn StateStore>,
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) batch: usize,
+}
+
+impl Ingest {
+    pub async fn run(self, mut consumer: Box<dyn Consumer<ResultMessage>>) {
+        while let Some(first) = consumer.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < self.batch {
+                match tokio::time::timeout(Duration::from_millis(2), consumer.recv()).await {
+                    Ok(Some(d)) => batch.push(d),
+                    _ => break,
+                }
+            }
+            let positions: Vec<Position> = batch.iter().map(|d| d.position).collect();
+            self.apply(batch).await;
+            for p in positions {
+                if let Err(e) = consumer.ack(p).await {
+                    tracing::warn!(error = %e, "could not acknowledge a result");
+                }
+            }
+        }
+    }
+
+    /// Applies a batch, retrying store failures until they succeed: a
+    /// result is never acknowledged before its effect is durable.
+    async fn apply(&self, batch: Vec<Delivery<ResultMessage>>) {
+        let mut results = Vec::with_capacity(batch.len());
+        for d in batch {
+            match d.message {
+                Ok(m) => results.push(m),
+                Err(bad) => self.dead_letter(&bad.raw, &bad.reason).await,
+            }
+        }
+        if results.is_empty() {
+            return;
+        }
+        let reports: Vec<OutcomeReport> = results
+            .iter()
+            .map(|m| OutcomeReport {
+                task_id: m.task_id,
+                attempt: m.attempt,
+                outcome: m.outcome.clone(),
+            })
+            .collect();
+        let mut backoff = Backoff::new(Duration::from_millis(100));
+        let applied = loop {
+            match self.store.apply_outcomes(&reports, self.clock.now()).await {
+                Ok(applied) => break applied,
+                Err(e) => {
+                    let delay = backoff.next();
+                    tracing::warn!(error = %e, ?delay, "applying outcomes failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        for (msg, applied) in results.iter().zip(applied) {
+            match applied {
+                Applied::Moved {
+                    request,
+                    task,
+                    request_status,
+                } => {
+                    metrics::counter!(OUTCOMES_TOTAL, "result" => "applied").increment(1);
+                    tracing::info!(%request, task = %msg.task_id, system = %msg.system, state = %task, "task updated");
+                    if let Some(status) = request_status.filter(|s| s.is_final()) {
+                        metrics::counter!(REQUESTS_FINISHED_TOTAL, "status" => status.as_str()).increment(1);
+                        tracing::info!(%request, %status, "request finished");
+                    }
+                }
+                Applied::Ignored => {
+                    metrics::counter!(OUTCOMES_TOTAL, "result" => "ignored").increment(1);
+                    tracing::debug!(task = %msg.task_id, "duplicate or late outcome ignored");
+                }
+                Applied::UnknownTask => {
+                    metrics::counter!(OUTCOMES_TOTAL, "result" => "unknown_task").increment(1);
+                    self.dead_letter(&msg.encode(), "result refers to an unknown task")
+                        .await;
+                }
+            }
+        }
+    }
+
+    async fn dead_letter(&self, raw: &[u8], reason: &str) {
+        metrics::counter!(DEAD_LETTERS_TOTAL, "source" => RESULTS_SOURCE).increment(1);
+        if let Err(e) = self.bus.dead_letter(RESULTS_SOURCE, raw, reason).await {
+            tracing::error!(error = %e, reason, "could not dead-letter a result");
+        }
+    }
+}
