@@ -13,10 +13,7 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str) -> Self {
-        Self {
-            base: base.trim_end_matches('/').to_owned(),
-            http: reqwest::Client::new(),
-        }
+        Self { base: base.trim_end_matches('/').to_owned(), http: reqwest::Client::new() }
     }
 
     async fn check(resp: reqwest::Response) -> anyhow::Result<Value> {
@@ -43,20 +40,16 @@ impl Client {
         if let Some(k) = idempotency_key {
             req = req.header("Idempotency-Key", k);
         }
-        Self::check(
-            req.send()
-                .await
-                .with_context(|| format!("cannot reach {}", self.base))?,
-        )
-        .await
+        Self::check(req.send().await.with_context(|| format!("cannot reach {}", self.base))?).await
     }
 
     pub async fn request(&self, id: &str) -> anyhow::Result<Value> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/requests/{id}", self.base))
-            .send()
-            .await;
+        let resp = self.http.get(format!("{}/v1/requests/{id}", self.base)).send().await;
+        Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
+    }
+
+    pub async fn retry(&self, id: &str, system: &str) -> anyhow::Result<Value> {
+        let resp = self.http.post(format!("{}/v1/requests/{id}/systems/{system}/retry", self.base)).send().await;
         Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
     }
 
@@ -73,12 +66,7 @@ impl Client {
         if let Some(c) = cursor {
             query.push(("cursor", c.to_owned()));
         }
-        let resp = self
-            .http
-            .get(format!("{}/v1/requests", self.base))
-            .query(&query)
-            .send()
-            .await;
+        let resp = self.http.get(format!("{}/v1/requests", self.base)).query(&query).send().await;
         Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
     }
 }

@@ -37,6 +37,8 @@ pub struct Config {
     pub keys: KeysConfig,
     #[serde(default)]
     pub dispatcher: DispatcherConfig,
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
     /// Retries of connector calls inside a worker.
     #[serde(default)]
     pub retry: RetryPolicy,
@@ -61,9 +63,7 @@ impl ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self {
-            listen: Self::default_listen(),
-        }
+        Self { listen: Self::default_listen() }
     }
 }
 
@@ -83,9 +83,7 @@ impl StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self {
-            url: Self::default_url(),
-        }
+        Self { url: Self::default_url() }
     }
 }
 
@@ -118,10 +116,7 @@ impl KeysConfig {
 
 impl Default for KeysConfig {
     fn default() -> Self {
-        Self {
-            master_key: None,
-            master_key_file: Self::default_file(),
-        }
+        Self { master_key: None, master_key_file: Self::default_file() }
     }
 }
 
@@ -149,15 +144,6 @@ impl DispatcherConfig {
     const fn default_poll_ms() -> u64 {
         500
     }
-
-    pub fn settings(&self) -> lethe_coordinator::Settings {
-        lethe_coordinator::Settings {
-            dispatch_batch: self.batch,
-            lease: Duration::from_secs(self.lease_secs),
-            poll_interval: Duration::from_millis(self.poll_interval_ms),
-            ..Default::default()
-        }
-    }
 }
 
 impl Default for DispatcherConfig {
@@ -166,6 +152,57 @@ impl Default for DispatcherConfig {
             batch: Self::default_batch(),
             lease_secs: Self::default_lease_secs(),
             poll_interval_ms: Self::default_poll_ms(),
+        }
+    }
+}
+
+/// Time-outs and redispatch of tasks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Seconds a dispatched task may go without a result before it is sent again.
+    #[serde(default = "SchedulerConfig::default_timeout")]
+    pub task_timeout_secs: u64,
+    /// Attempts per task before it fails for good; an operator retry grants as many again.
+    #[serde(default = "SchedulerConfig::default_max_attempts")]
+    pub max_attempts: u32,
+    /// Delay before the second attempt, in seconds; doubled for each further one.
+    #[serde(default = "SchedulerConfig::default_initial")]
+    pub retry_initial_delay_secs: u64,
+    /// Upper bound of the delay between attempts, in seconds.
+    #[serde(default = "SchedulerConfig::default_max")]
+    pub retry_max_delay_secs: u64,
+    /// Seconds between sweeps for timed-out tasks.
+    #[serde(default = "SchedulerConfig::default_interval")]
+    pub interval_secs: u64,
+}
+
+impl SchedulerConfig {
+    const fn default_timeout() -> u64 {
+        300
+    }
+    const fn default_max_attempts() -> u32 {
+        5
+    }
+    const fn default_initial() -> u64 {
+        5
+    }
+    const fn default_max() -> u64 {
+        3600
+    }
+    const fn default_interval() -> u64 {
+        5
+    }
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            task_timeout_secs: Self::default_timeout(),
+            max_attempts: Self::default_max_attempts(),
+            retry_initial_delay_secs: Self::default_initial(),
+            retry_max_delay_secs: Self::default_max(),
+            interval_secs: Self::default_interval(),
         }
     }
 }
@@ -244,9 +281,7 @@ impl Config {
         if let Some(url) = &overrides.store_url {
             config.store.url = url.clone();
         }
-        config
-            .validate()
-            .with_context(|| format!("{origin} is not a valid Lethe config"))?;
+        config.validate().with_context(|| format!("{origin} is not a valid Lethe config"))?;
         Ok(config)
     }
 
@@ -261,10 +296,7 @@ impl Config {
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
             if !ok {
-                bail!(
-                    "system name {:?} must be 1-64 lower-case letters, digits, '-' or '_'",
-                    s.name
-                );
+                bail!("system name {:?} must be 1-64 lower-case letters, digits, '-' or '_'", s.name);
             }
             if !seen.insert(&s.name) {
                 bail!("system {:?} is declared twice", s.name);
@@ -274,7 +306,31 @@ impl Config {
         if self.dispatcher.batch == 0 {
             bail!("dispatcher.batch must be at least 1");
         }
+        if self.scheduler.max_attempts == 0 {
+            bail!("scheduler.max_attempts must be at least 1");
+        }
+        if self.scheduler.task_timeout_secs == 0 {
+            bail!("scheduler.task_timeout_secs must be at least 1");
+        }
         Ok(())
+    }
+
+    /// The coordinator's tunables.
+    pub fn settings(&self) -> lethe_coordinator::Settings {
+        let (d, s) = (&self.dispatcher, &self.scheduler);
+        lethe_coordinator::Settings {
+            dispatch_batch: d.batch,
+            lease: Duration::from_secs(d.lease_secs),
+            poll_interval: Duration::from_millis(d.poll_interval_ms),
+            retry: lethe_store::RetrySchedule {
+                max_attempts: s.max_attempts,
+                initial_delay: Duration::from_secs(s.retry_initial_delay_secs),
+                max_delay: Duration::from_secs(s.retry_max_delay_secs),
+            },
+            task_timeout: Duration::from_secs(s.task_timeout_secs),
+            scheduler_interval: Duration::from_secs(s.interval_secs.max(1)),
+            ..Default::default()
+        }
     }
 
     pub fn is_sqlite(&self) -> bool {
@@ -297,14 +353,10 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> anyhow::Resul
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(value.clone()));
-        let (last, parents) = keys
-            .split_last()
-            .unwrap_or_else(|| unreachable!("split yields one key"));
+        let (last, parents) = keys.split_last().unwrap_or_else(|| unreachable!("split yields one key"));
         let mut node = &mut *table;
         for k in parents {
-            let entry = node
-                .entry(k.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = node.entry(k.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             node = entry
                 .as_table_mut()
                 .with_context(|| format!("environment variable {name}: `{k}` is not a section"))?;
@@ -379,10 +431,7 @@ mod tests {
             ("LETHE__DISPATCHER__BATCH".to_owned(), "7".to_owned()),
             ("UNRELATED".to_owned(), "x".to_owned()),
         ];
-        let flags = Overrides {
-            listen: None,
-            store_url: Some("sqlite://flag.db".into()),
-        };
+        let flags = Overrides { listen: None, store_url: Some("sqlite://flag.db".into()) };
         let c = Config::load_with_env(None, &flags, &env).unwrap();
         assert_eq!(c.server.listen.port(), 9000);
         assert_eq!(c.store.url, "sqlite://flag.db");
@@ -399,16 +448,12 @@ mod tests {
             p
         };
         let unknown = write("[server]\nlisten = \"127.0.0.1:1\"\nport = 3\n");
-        let err = format!(
-            "{:#}",
-            Config::load_with_env(Some(&unknown), &Overrides::default(), &[]).unwrap_err()
-        );
+        let err =
+            format!("{:#}", Config::load_with_env(Some(&unknown), &Overrides::default(), &[]).unwrap_err());
         assert!(err.contains("unknown field `port`"), "{err}");
         let twice = write("[[systems]]\nname = \"a\"\nconnector = \"sql\"\n[systems.config]\nurl = \"sqlite://x.db\"\n[[systems.config.tables]]\nname = \"t\"\naction = \"delete\"\nmatch = { email = \"email\" }\n[[systems]]\nname = \"a\"\nconnector = \"sql\"\n[systems.config]\nurl = \"sqlite://x.db\"\n[[systems.config.tables]]\nname = \"t\"\naction = \"delete\"\nmatch = { email = \"email\" }\n");
-        let err = format!(
-            "{:#}",
-            Config::load_with_env(Some(&twice), &Overrides::default(), &[]).unwrap_err()
-        );
+        let err =
+            format!("{:#}", Config::load_with_env(Some(&twice), &Overrides::default(), &[]).unwrap_err());
         assert!(err.contains("declared twice"), "{err}");
         let unknown_kind = write("[[systems]]\nname = \"a\"\nconnector = \"ftp\"\n");
         let err = format!(
@@ -425,9 +470,7 @@ mod tests {
             resolve_placeholders("postgres://u:${LETHE_TEST_PLACEHOLDER}@h/db").unwrap(),
             "postgres://u:s3cret@h/db"
         );
-        let err = resolve_placeholders("${LETHE_TEST_MISSING_VAR}")
-            .unwrap_err()
-            .to_string();
+        let err = resolve_placeholders("${LETHE_TEST_MISSING_VAR}").unwrap_err().to_string();
         assert_eq!(err, "environment variable LETHE_TEST_MISSING_VAR is not set");
     }
 }

@@ -42,9 +42,8 @@ CREATE TABLE IF NOT EXISTS email_events (
     kind TEXT NOT NULL, at TEXT NOT NULL);
 ";
 
-const FIRST: &[&str] = &[
-    "Ada", "Grace", "Alan", "Edsger", "Barbara", "Ken", "Margaret", "Dennis", "Frances", "Niklaus",
-];
+const FIRST: &[&str] =
+    &["Ada", "Grace", "Alan", "Edsger", "Barbara", "Ken", "Margaret", "Dennis", "Frances", "Niklaus"];
 const LAST: &[&str] = &[
     "Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Thompson", "Hamilton", "Ritchie", "Allen", "Wirth",
 ];
@@ -171,24 +170,17 @@ pub async fn run(subjects: usize, requests: usize) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let running = serve::start(&config, listener).await?;
     let client = Client::new(&format!("http://{}", running.addr));
-    println!(
-        "Coordinator running on http://{} (state in {})",
-        running.addr, config.store.url
-    );
+    println!("Coordinator running on http://{} (state in {})", running.addr, config.store.url);
 
     let mut ids = Vec::new();
     for i in 0..requests {
         let subject = BTreeMap::from([("email".to_owned(), email(i))]);
-        let accepted = client
-            .submit(subject, "gdpr", Some(&format!("demo-{i}")), None)
-            .await?;
+        let accepted = client.submit(subject, "gdpr", Some(&format!("demo-{i}")), None).await?;
         ids.push(accepted["id"].as_str().context("no id in the answer")?.to_owned());
     }
     // Someone no system knows: the request completes with nothing found.
     let stranger = BTreeMap::from([("email".to_owned(), "nobody@example.org".to_owned())]);
-    let accepted = client
-        .submit(stranger, "ccpa", Some("demo-stranger"), None)
-        .await?;
+    let accepted = client.submit(stranger, "ccpa", Some("demo-stranger"), None).await?;
     ids.push(accepted["id"].as_str().context("no id in the answer")?.to_owned());
     println!("Submitted {} erasure requests over HTTP\n", ids.len());
 
@@ -201,16 +193,11 @@ pub async fn run(subjects: usize, requests: usize) -> anyhow::Result<()> {
         let mut line = String::new();
         let systems: Vec<String> = config.systems.iter().map(|s| s.name.clone()).collect();
         for system in &systems {
-            let done = views
-                .iter()
-                .filter(|v| task_state(v, system).is_some_and(is_final))
-                .count();
+            let done = views.iter().filter(|v| task_state(v, system).is_some_and(is_final)).count();
             line.push_str(&format!("{system} {done}/{}   ", views.len()));
         }
-        let finished = views
-            .iter()
-            .filter(|v| v["status"] != "received" && v["status"] != "in_progress")
-            .count();
+        let finished =
+            views.iter().filter(|v| v["status"] != "received" && v["status"] != "in_progress").count();
         println!("  progress: {line}requests final {finished}/{}", views.len());
         if finished == views.len() {
             break views;
@@ -224,11 +211,7 @@ pub async fn run(subjects: usize, requests: usize) -> anyhow::Result<()> {
 }
 
 fn task_state<'a>(view: &'a Value, system: &str) -> Option<&'a str> {
-    view["systems"]
-        .as_array()?
-        .iter()
-        .find(|s| s["system"] == system)?["state"]
-        .as_str()
+    view["systems"].as_array()?.iter().find(|s| s["system"] == system)?["state"].as_str()
 }
 
 fn is_final(state: &str) -> bool {
@@ -238,48 +221,33 @@ fn is_final(state: &str) -> bool {
 async fn report(views: &[Value], config: &Config, subjects: usize, took: Duration) -> anyhow::Result<()> {
     let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
     for v in views {
-        *by_status
-            .entry(v["status"].as_str().unwrap_or("?").to_owned())
-            .or_default() += 1;
+        *by_status.entry(v["status"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
     }
-    println!(
-        "\nAll {} requests final in {:.1}s: {by_status:?}",
-        views.len(),
-        took.as_secs_f64()
-    );
+    println!("\nAll {} requests final in {:.1}s: {by_status:?}", views.len(), took.as_secs_f64());
     println!("\nWhat was erased (rows per table, summed over all requests):");
     for system in &config.systems {
         let mut tables: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for v in views {
-            let Some(s) = v["systems"]
-                .as_array()
-                .and_then(|a| a.iter().find(|s| s["system"] == system.name))
+            let Some(s) = v["systems"].as_array().and_then(|a| a.iter().find(|s| s["system"] == system.name))
             else {
                 continue;
             };
             for d in s["outcome"]["datasets"].as_array().into_iter().flatten() {
-                let e = tables
-                    .entry(d["dataset"].as_str().unwrap_or("?").to_owned())
-                    .or_default();
+                let e = tables.entry(d["dataset"].as_str().unwrap_or("?").to_owned()).or_default();
                 e.0 += d["deleted"].as_u64().unwrap_or(0);
                 e.1 += d["anonymized"].as_u64().unwrap_or(0);
             }
         }
         for (table, (deleted, anonymized)) in tables {
-            println!(
-                "  {:<11} {:<13} deleted {deleted:>4}   anonymized {anonymized:>4}",
-                system.name, table
-            );
+            println!("  {:<11} {:<13} deleted {deleted:>4}   anonymized {anonymized:>4}", system.name, table);
         }
     }
     let mut shop = open(SHOP_DB).await?;
     let mut news = open(NEWSLETTER_DB).await?;
     let kept_orders = count(&mut shop, "SELECT COUNT(*) FROM orders WHERE customer_id IS NULL").await?;
-    let kept_amount = count(
-        &mut shop,
-        "SELECT COALESCE(SUM(amount_cents), 0) FROM orders WHERE customer_id IS NULL",
-    )
-    .await?;
+    let kept_amount =
+        count(&mut shop, "SELECT COALESCE(SUM(amount_cents), 0) FROM orders WHERE customer_id IS NULL")
+            .await?;
     let customers = count(&mut shop, "SELECT COUNT(*) FROM customers").await?;
     let subscribers = count(&mut news, "SELECT COUNT(*) FROM subscribers").await?;
     println!("\nWhat was kept:");
@@ -291,10 +259,7 @@ async fn report(views: &[Value], config: &Config, subjects: usize, took: Duratio
     );
     println!("  everyone else: {customers} of {subjects} shop customers and {subscribers} newsletter subscribers untouched");
     let shredded = views.iter().filter(|v| v["key_destroyed_at"].is_string()).count();
-    println!(
-        "\nCrypto-shredding: {shredded} of {} requests have had their data key destroyed;",
-        views.len()
-    );
+    println!("\nCrypto-shredding: {shredded} of {} requests have had their data key destroyed;", views.len());
     println!("their identifiers in Lethe's own store are unreadable from now on.");
     println!("\nTry: lethe serve   then   lethe submit --email someone@example.com --regulation gdpr");
     Ok(())

@@ -49,9 +49,7 @@ fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+    let mut file = options.open(path).with_context(|| format!("cannot create {}", path.display()))?;
     file.write_all(contents)?;
     file.sync_all()?;
     Ok(())
@@ -90,17 +88,11 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&config.keys.master_key_file)
-                .unwrap()
-                .permissions()
-                .mode();
+            let mode = std::fs::metadata(&config.keys.master_key_file).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         config.store.url = "postgres://localhost/x".into();
         config.keys.master_key_file = dir.path().join("absent.key");
-        assert!(
-            load_master_key(&config).is_err(),
-            "never invent a key for a shared store"
-        );
+        assert!(load_master_key(&config).is_err(), "never invent a key for a shared store");
     }
 }

@@ -103,6 +103,15 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Run a failed task of a request again (operators).
+    Retry {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Request id.
+        id: String,
+        /// System whose task failed.
+        system: String,
+    },
     /// Work with requests.
     Requests {
         #[command(subcommand)]
@@ -158,12 +167,10 @@ enum ConfigCommand {
     },
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LETHE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -173,7 +180,12 @@ fn init_tracing(format: LogFormat) {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // The demo talks to a person on stdout; keep the coordinator's log quiet.
+    let default_filter = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info,sqlx=warn",
+    };
+    init_tracing(cli.log_format, default_filter);
     match run(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -185,11 +197,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve {
-            config,
-            listen,
-            store_url,
-        } => {
+        Command::Serve { config, listen, store_url } => {
             let embedded = config.config.is_none();
             let config = config.load(&Overrides { listen, store_url })?;
             if embedded {
@@ -209,12 +217,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             idempotency_key,
         } => {
             let mut subject = BTreeMap::new();
-            for (kind, value) in [
-                ("email", email),
-                ("phone", phone),
-                ("customer_id", customer_id),
-                ("device_id", device_id),
-            ] {
+            for (kind, value) in
+                [("email", email), ("phone", phone), ("customer_id", customer_id), ("device_id", device_id)]
+            {
                 if let Some(v) = value {
                     subject.insert(kind.to_owned(), v);
                 }
@@ -227,12 +232,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 bail!("give at least one identifier (--email, --phone, --customer-id, --device-id or --id TYPE=VALUE)");
             }
             let answer = Client::new(&server.server)
-                .submit(
-                    subject,
-                    &regulation,
-                    external_ref.as_deref(),
-                    idempotency_key.as_deref(),
-                )
+                .submit(subject, &regulation, external_ref.as_deref(), idempotency_key.as_deref())
                 .await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(())
@@ -250,19 +250,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
-        Command::Requests {
-            command:
-                RequestsCommand::List {
-                    server,
-                    status,
-                    limit,
-                    cursor,
-                    json,
-                },
-        } => {
-            let page = Client::new(&server.server)
-                .list(status.as_deref(), limit, cursor.as_deref())
-                .await?;
+        Command::Retry { server, id, system } => {
+            let answer = Client::new(&server.server).retry(&id, &system).await?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            Ok(())
+        }
+        Command::Requests { command: RequestsCommand::List { server, status, limit, cursor, json } } => {
+            let page = Client::new(&server.server).list(status.as_deref(), limit, cursor.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&page)?);
             } else {
@@ -277,23 +271,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("state store ({}) is up to date", store.backend());
             Ok(())
         }
-        Command::Config {
-            command: ConfigCommand::Check { config },
-        } => {
-            let origin = config
-                .config
-                .as_ref()
-                .map_or("embedded default".to_owned(), |p| p.display().to_string());
+        Command::Config { command: ConfigCommand::Check { config } } => {
+            let origin =
+                config.config.as_ref().map_or("embedded default".to_owned(), |p| p.display().to_string());
             let config = config.load(&Overrides::default())?;
             println!(
                 "{origin}: ok ({} systems: {})",
                 config.systems.len(),
-                config
-                    .systems
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                config.systems.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
             );
             Ok(())
         }

@@ -20,10 +20,7 @@ pub fn validate(system: &SystemConfig) -> anyhow::Result<()> {
             let config: SqlConfig = parse(&system.config)?;
             config.validate().map_err(anyhow::Error::msg)
         }
-        other => bail!(
-            "unknown connector type {other:?}; this build knows: {}",
-            KNOWN.join(", ")
-        ),
+        other => bail!("unknown connector type {other:?}; this build knows: {}", KNOWN.join(", ")),
     }
 }
 
@@ -38,15 +35,10 @@ pub async fn build(system: &SystemConfig) -> anyhow::Result<Arc<dyn Connector>> 
                 .with_context(|| format!("system {:?}: cannot connect", system.name))?;
             Ok(Arc::new(connector))
         }
-        other => bail!(
-            "unknown connector type {other:?}; this build knows: {}",
-            KNOWN.join(", ")
-        ),
+        other => bail!("unknown connector type {other:?}; this build knows: {}", KNOWN.join(", ")),
     }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(table: &toml::Table) -> anyhow::Result<T> {
-    toml::Value::Table(table.clone())
-        .try_into()
-        .context("invalid connector settings")
+    toml::Value::Table(table.clone()).try_into().context("invalid connector settings")
 }

@@ -36,9 +36,7 @@ impl Running {
 /// Starts everything `config` describes, serving HTTP on `listener`.
 pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Running> {
     let url = resolve_placeholders(&config.store.url).context("store.url")?;
-    let store = lethe_store::connect(&url)
-        .await
-        .context("cannot open the state store")?;
+    let store = lethe_store::connect(&url).await.context("cannot open the state store")?;
     let master = load_master_key(config)?;
     let bus: Arc<dyn Bus> = match config.bus {
         BusConfig::InProcess => Arc::new(InProcessBus::new()),
@@ -50,7 +48,7 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         master.clone(),
         planner,
         Arc::new(SystemClock),
-        config.dispatcher.settings(),
+        config.settings(),
     )
     .await?;
     let mut tasks = JoinSet::new();
@@ -61,30 +59,18 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
             if let Err(e) = connector.health().await {
                 tracing::warn!(system = %system.name, error = %e, "connector health check failed; its tasks will fail until fixed");
             }
-            let worker = Worker::new(
-                system.name.clone(),
-                connector,
-                keys.clone(),
-                bus.clone(),
-                config.retry,
-            );
+            let worker = Worker::new(system.name.clone(), connector, keys.clone(), bus.clone(), config.retry);
             tasks.spawn(async move { worker.run().await.map_err(anyhow::Error::from) });
         }
     }
     let addr = listener.local_addr()?;
     let router = app(coordinator.state.clone());
     tasks.spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
         Ok(())
     });
     tracing::info!(%addr, store = store.backend(), systems = config.systems.len(), "lethe coordinator listening");
-    Ok(Running {
-        addr,
-        tasks,
-        _coordinator: coordinator,
-    })
+    Ok(Running { addr, tasks, _coordinator: coordinator })
 }
 
 /// `lethe serve`: runs until Ctrl-C or SIGTERM.

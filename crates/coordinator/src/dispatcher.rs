@@ -50,12 +50,7 @@ impl Dispatcher {
         let now = self.clock.now();
         let items = self
             .store
-            .claim_outbox(
-                &self.owner,
-                self.settings.dispatch_batch,
-                self.settings.lease,
-                now,
-            )
+            .claim_outbox(&self.owner, self.settings.dispatch_batch, self.settings.lease, now)
             .await
             .map_err(|e| e.to_string())?;
         if items.is_empty() {
@@ -70,10 +65,7 @@ impl Dispatcher {
             }
             return Err(format!("publish: {e}"));
         }
-        self.store
-            .mark_published(&self.owner, &items, self.clock.now())
-            .await
-            .map_err(|e| e.to_string())?;
+        self.store.mark_published(&self.owner, &items, self.clock.now()).await.map_err(|e| e.to_string())?;
         for item in &items {
             metrics::counter!(TASKS_DISPATCHED_TOTAL, "system" => item.system.clone()).increment(1);
         }

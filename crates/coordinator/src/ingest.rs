@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lethe_bus::{Bus, Consumer, Delivery, Position, ResultMessage};
-use lethe_store::{Applied, OutcomeReport, StateStore};
+use lethe_store::{Applied, OutcomeReport, RetrySchedule, StateStore};
 
 use crate::clock::Clock;
 use crate::dispatcher::Backoff;
@@ -19,6 +19,7 @@ pub struct Ingest {
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) batch: usize,
+    pub(crate) schedule: RetrySchedule,
 }
 
 impl Ingest {
@@ -56,15 +57,11 @@ impl Ingest {
         }
         let reports: Vec<OutcomeReport> = results
             .iter()
-            .map(|m| OutcomeReport {
-                task_id: m.task_id,
-                attempt: m.attempt,
-                outcome: m.outcome.clone(),
-            })
+            .map(|m| OutcomeReport { task_id: m.task_id, attempt: m.attempt, outcome: m.outcome.clone() })
             .collect();
         let mut backoff = Backoff::new(Duration::from_millis(100));
         let applied = loop {
-            match self.store.apply_outcomes(&reports, self.clock.now()).await {
+            match self.store.apply_outcomes(&reports, &self.schedule, self.clock.now()).await {
                 Ok(applied) => break applied,
                 Err(e) => {
                     let delay = backoff.next();
@@ -75,11 +72,7 @@ impl Ingest {
         };
         for (msg, applied) in results.iter().zip(applied) {
             match applied {
-                Applied::Moved {
-                    request,
-                    task,
-                    request_status,
-                } => {
+                Applied::Moved { request, task, request_status } => {
                     metrics::counter!(OUTCOMES_TOTAL, "result" => "applied").increment(1);
                     tracing::info!(%request, task = %msg.task_id, system = %msg.system, state = %task, "task updated");
                     if let Some(status) = request_status.filter(|s| s.is_final()) {
@@ -93,8 +86,7 @@ impl Ingest {
                 }
                 Applied::UnknownTask => {
                     metrics::counter!(OUTCOMES_TOTAL, "result" => "unknown_task").increment(1);
-                    self.dead_letter(&msg.encode(), "result refers to an unknown task")
-                        .await;
+                    self.dead_letter(&msg.encode(), "result refers to an unknown task").await;
                 }
             }
         }

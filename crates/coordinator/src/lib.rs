@@ -10,13 +10,14 @@ pub mod ingest;
 pub mod keys;
 pub mod metrics;
 pub mod planner;
+pub mod scheduler;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use lethe_bus::{Bus, BusError};
 use lethe_core::MasterKey;
-use lethe_store::{StateStore, StoreError};
+use lethe_store::{RetrySchedule, StateStore, StoreError};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
@@ -36,6 +37,12 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// Results applied per store transaction.
     pub ingest_batch: usize,
+    /// Redispatch of tasks that failed in a retryable way or timed out.
+    pub retry: RetrySchedule,
+    /// How long a dispatched task may go without a result.
+    pub task_timeout: Duration,
+    /// How often the scheduler looks for timed-out tasks.
+    pub scheduler_interval: Duration,
 }
 
 impl Default for Settings {
@@ -45,6 +52,9 @@ impl Default for Settings {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(500),
             ingest_batch: 256,
+            retry: RetrySchedule::default(),
+            task_timeout: Duration::from_secs(300),
+            scheduler_interval: Duration::from_secs(5),
         }
     }
 }
@@ -89,6 +99,7 @@ impl Coordinator {
             bus: bus.clone(),
             clock: clock.clone(),
             batch: settings.ingest_batch,
+            schedule: settings.retry,
         };
         tasks.spawn(ingest.run(results));
         let dispatcher = dispatcher::Dispatcher {
@@ -100,13 +111,14 @@ impl Coordinator {
             owner: format!("coordinator-{}", uuid::Uuid::new_v4()),
         };
         tasks.spawn(dispatcher.run());
-        let state = AppState {
-            store,
-            master,
-            planner: Arc::new(planner),
-            clock,
-            wake,
+        let scheduler = scheduler::Scheduler {
+            store: store.clone(),
+            clock: clock.clone(),
+            wake: wake.clone(),
+            settings,
         };
+        tasks.spawn(scheduler.run());
+        let state = AppState { store, master, planner: Arc::new(planner), clock, wake };
         Ok(Self { state, tasks })
     }
 }

@@ -15,19 +15,10 @@ pub const PUBLISH_FAILURES_TOTAL: &str = "lethe_publish_failures_total";
 pub const DEAD_LETTERS_TOTAL: &str = "lethe_dead_letters_total";
 
 pub fn describe() {
-    metrics::describe_counter!(
-        REQUESTS_RECEIVED_TOTAL,
-        "Erasure requests accepted, by regulation."
-    );
-    metrics::describe_counter!(
-        REQUESTS_FINISHED_TOTAL,
-        "Erasure requests that reached a final status."
-    );
+    metrics::describe_counter!(REQUESTS_RECEIVED_TOTAL, "Erasure requests accepted, by regulation.");
+    metrics::describe_counter!(REQUESTS_FINISHED_TOTAL, "Erasure requests that reached a final status.");
     metrics::describe_counter!(TASKS_DISPATCHED_TOTAL, "Tasks published to the bus, by system.");
     metrics::describe_counter!(OUTCOMES_TOTAL, "Connector outcomes ingested, by result.");
-    metrics::describe_counter!(
-        PUBLISH_FAILURES_TOTAL,
-        "Failed attempts to publish an outbox batch."
-    );
+    metrics::describe_counter!(PUBLISH_FAILURES_TOTAL, "Failed attempts to publish an outbox batch.");
     metrics::describe_counter!(DEAD_LETTERS_TOTAL, "Messages dead-lettered, by source.");
 }

@@ -51,11 +51,7 @@ impl Planner {
         let tasks = plan
             .iter()
             .filter(|p| p.action.needs_connector())
-            .map(|p| NewTask {
-                id: TaskId::new(),
-                system: p.system.clone(),
-                action: p.action,
-            })
+            .map(|p| NewTask { id: TaskId::new(), system: p.system.clone(), action: p.action })
             .collect();
         (plan, tasks)
     }

@@ -195,14 +195,8 @@ mod tests {
 
     #[test]
     fn emails_are_trimmed_and_lower_cased() {
-        assert_eq!(
-            parse("email", "  Ada.Lovelace@Example.COM \t").unwrap(),
-            "ada.lovelace@example.com"
-        );
-        assert_eq!(
-            parse("email", "o'brien@example.ie").unwrap(),
-            "o'brien@example.ie"
-        );
+        assert_eq!(parse("email", "  Ada.Lovelace@Example.COM \t").unwrap(), "ada.lovelace@example.com");
+        assert_eq!(parse("email", "o'brien@example.ie").unwrap(), "o'brien@example.ie");
         for bad in [
             "",
             "   ",
@@ -222,13 +216,7 @@ mod tests {
     fn phones_become_e164() {
         assert_eq!(parse("phone", "+44 20 7946 0958").unwrap(), "+442079460958");
         assert_eq!(parse("phone", "0049 (30) 123-4567").unwrap(), "+49301234567");
-        for bad in [
-            "020 7946 0958",
-            "+12",
-            "+1234567890123456",
-            "+44 20 ABC",
-            "+0123456789",
-        ] {
+        for bad in ["020 7946 0958", "+12", "+1234567890123456", "+44 20 ABC", "+0123456789"] {
             assert!(parse("phone", bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -93,10 +93,7 @@ impl Outcome {
     /// A short, identifier-free description for task views and audit.
     pub fn summary(&self) -> String {
         match self {
-            Self::Erased { datasets, residual }
-            | Self::RetainedInPart {
-                datasets, residual, ..
-            } => {
+            Self::Erased { datasets, residual } | Self::RetainedInPart { datasets, residual, .. } => {
                 let deleted: u64 = datasets.iter().map(|d| d.deleted).sum();
                 let anonymized: u64 = datasets.iter().map(|d| d.anonymized).sum();
                 let mut s = format!("deleted {deleted}, anonymized {anonymized}");
@@ -107,10 +104,7 @@ impl Outcome {
             }
             Self::NotFound { .. } => "nothing found".into(),
             Self::Failed { retryable, reason } => {
-                format!(
-                    "failed ({}): {reason}",
-                    if *retryable { "retryable" } else { "permanent" }
-                )
+                format!("failed ({}): {reason}", if *retryable { "retryable" } else { "permanent" })
             }
             Self::Accepted { .. } => "accepted; external job running".into(),
         }
@@ -123,14 +117,8 @@ mod tests {
 
     #[test]
     fn residual_turns_success_into_failure() {
-        let ok = Outcome::Erased {
-            datasets: vec![],
-            residual: Some(0),
-        };
-        let under = Outcome::Erased {
-            datasets: vec![],
-            residual: Some(3),
-        };
+        let ok = Outcome::Erased { datasets: vec![], residual: Some(0) };
+        let under = Outcome::Erased { datasets: vec![], residual: Some(3) };
         assert_eq!(ok.class(), OutcomeClass::Succeeded);
         assert_eq!(under.class(), OutcomeClass::Failed);
         assert!(under.summary().contains("under-deletion"));
@@ -138,10 +126,7 @@ mod tests {
 
     #[test]
     fn wire_form_is_tagged() {
-        let o = Outcome::Failed {
-            retryable: true,
-            reason: "timeout".into(),
-        };
+        let o = Outcome::Failed { retryable: true, reason: "timeout".into() };
         let json = serde_json::to_value(&o).unwrap();
         assert_eq!(json["status"], "failed");
         let back: Outcome = serde_json::from_value(json).unwrap();

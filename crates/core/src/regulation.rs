@@ -38,23 +38,15 @@ impl Period {
     /// clamps the day: 31 January + 1 month = 28 (or 29) February.
     pub fn add_to(self, from: DateTime<Utc>) -> DateTime<Utc> {
         match self {
-            Self::Months(n) => from
-                .checked_add_months(Months::new(n))
-                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            Self::Months(n) => from.checked_add_months(Months::new(n)).unwrap_or(DateTime::<Utc>::MAX_UTC),
             Self::Days(n) => from + Duration::days(i64::from(n)),
         }
     }
 }
 
 impl Regulation {
-    pub const ALL: [Regulation; 6] = [
-        Self::Gdpr,
-        Self::UkGdpr,
-        Self::Ccpa,
-        Self::Vcdpa,
-        Self::Lgpd,
-        Self::Pipeda,
-    ];
+    pub const ALL: [Regulation; 6] =
+        [Self::Gdpr, Self::UkGdpr, Self::Ccpa, Self::Vcdpa, Self::Lgpd, Self::Pipeda];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -87,11 +79,8 @@ impl Regulation {
 /// reason about month ends.
 pub fn last_day_of_month(date: NaiveDate) -> u32 {
     let (y, m) = (date.year(), date.month());
-    let first_next = if m == 12 {
-        NaiveDate::from_ymd_opt(y + 1, 1, 1)
-    } else {
-        NaiveDate::from_ymd_opt(y, m + 1, 1)
-    };
+    let first_next =
+        if m == 12 { NaiveDate::from_ymd_opt(y + 1, 1, 1) } else { NaiveDate::from_ymd_opt(y, m + 1, 1) };
     first_next.and_then(|d| d.pred_opt()).map_or(31, |d| d.day())
 }
 
@@ -104,10 +93,7 @@ impl FromStr for Regulation {
     type Err = UnknownRegulation;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|r| r.as_str().eq_ignore_ascii_case(s.trim()))
-            .ok_or(UnknownRegulation)
+        Self::ALL.into_iter().find(|r| r.as_str().eq_ignore_ascii_case(s.trim())).ok_or(UnknownRegulation)
     }
 }
 
@@ -158,13 +144,7 @@ mod tests {
 
     #[test]
     fn month_end_helper() {
-        assert_eq!(
-            last_day_of_month(NaiveDate::from_ymd_opt(2028, 2, 3).unwrap()),
-            29
-        );
-        assert_eq!(
-            last_day_of_month(NaiveDate::from_ymd_opt(2026, 12, 3).unwrap()),
-            31
-        );
+        assert_eq!(last_day_of_month(NaiveDate::from_ymd_opt(2028, 2, 3).unwrap()), 29);
+        assert_eq!(last_day_of_month(NaiveDate::from_ymd_opt(2026, 12, 3).unwrap()), 31);
     }
 }

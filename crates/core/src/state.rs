@@ -2,8 +2,8 @@
 //!
 //! Delivery is at least once, so the coordinator sees duplicates, stale
 //! redispatches and late outcomes. Those are *ignored*: a terminal state
-//! never changes through an outcome or a dispatch. The only way out of
-//! `failed` is an explicit operator retry.
+//! never changes through an outcome, a dispatch or a requeue. The only way
+//! out of `failed` is an explicit operator retry.
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,14 +31,8 @@ pub enum TaskState {
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 6] = [
-        Self::Pending,
-        Self::Dispatched,
-        Self::Accepted,
-        Self::Succeeded,
-        Self::Retained,
-        Self::Failed,
-    ];
+    pub const ALL: [TaskState; 6] =
+        [Self::Pending, Self::Dispatched, Self::Accepted, Self::Succeeded, Self::Retained, Self::Failed];
 
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Succeeded | Self::Retained | Self::Failed)
@@ -71,12 +65,9 @@ impl TaskState {
                 OutcomeClass::Accepted => Accepted,
             },
             (Failed, TaskEvent::Retry) => Pending,
-            (state, TaskEvent::Retry) => {
-                return Err(IllegalTransition {
-                    state,
-                    event: "retry",
-                })
-            }
+            (state, TaskEvent::Retry) => return Err(IllegalTransition { state, event: "retry" }),
+            (s, TaskEvent::Requeue) if s.is_terminal() => return Ok(Step::Ignored),
+            (_, TaskEvent::Requeue) => Pending,
         };
         Ok(Step::Moved(next))
     }
@@ -91,6 +82,9 @@ pub enum TaskEvent {
     Outcome(OutcomeClass),
     /// An operator asked to run a failed task again.
     Retry,
+    /// The scheduler gave up waiting (time-out) or saw a retryable failure
+    /// with attempts left, and queued the task for another attempt.
+    Requeue,
 }
 
 /// The result of applying an event.
@@ -119,19 +113,11 @@ pub enum RequestStatus {
 }
 
 impl RequestStatus {
-    pub const ALL: [RequestStatus; 5] = [
-        Self::Received,
-        Self::InProgress,
-        Self::Completed,
-        Self::CompletedWithExemptions,
-        Self::Failed,
-    ];
+    pub const ALL: [RequestStatus; 5] =
+        [Self::Received, Self::InProgress, Self::Completed, Self::CompletedWithExemptions, Self::Failed];
 
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            Self::Completed | Self::CompletedWithExemptions | Self::Failed
-        )
+        matches!(self, Self::Completed | Self::CompletedWithExemptions | Self::Failed)
     }
 
     /// Final and closed for good: the request's data key may be destroyed.
@@ -175,10 +161,7 @@ impl RequestStatus {
     pub fn reopen(self) -> Result<RequestStatus, IllegalTransition> {
         match self {
             Self::Failed | Self::InProgress => Ok(Self::InProgress),
-            _ => Err(IllegalTransition {
-                state: TaskState::Succeeded,
-                event: "retry",
-            }),
+            _ => Err(IllegalTransition { state: TaskState::Succeeded, event: "retry" }),
         }
     }
 }
@@ -215,6 +198,7 @@ mod tests {
         prop_oneof![
             Just(TaskEvent::Dispatched),
             Just(TaskEvent::Retry),
+            Just(TaskEvent::Requeue),
             Just(TaskEvent::Outcome(OutcomeClass::Succeeded)),
             Just(TaskEvent::Outcome(OutcomeClass::Retained)),
             Just(TaskEvent::Outcome(OutcomeClass::Failed)),
@@ -227,6 +211,7 @@ mod tests {
         match event {
             TaskEvent::Retry => (state == TaskState::Failed).then_some(TaskState::Pending),
             _ if state.is_terminal() => Some(state),
+            TaskEvent::Requeue => Some(TaskState::Pending),
             TaskEvent::Dispatched if state == TaskState::Accepted => Some(state),
             TaskEvent::Dispatched => Some(TaskState::Dispatched),
             TaskEvent::Outcome(OutcomeClass::Succeeded) => Some(TaskState::Succeeded),
@@ -291,15 +276,9 @@ mod tests {
         assert_eq!(s.next(&[Pending, Pending]), RequestStatus::Received);
         assert_eq!(s.next(&[Dispatched, Pending]), RequestStatus::InProgress);
         assert_eq!(s.next(&[Succeeded, Succeeded]), RequestStatus::Completed);
-        assert_eq!(
-            s.next(&[Succeeded, Retained]),
-            RequestStatus::CompletedWithExemptions
-        );
+        assert_eq!(s.next(&[Succeeded, Retained]), RequestStatus::CompletedWithExemptions);
         assert_eq!(s.next(&[Failed, Retained]), RequestStatus::Failed);
-        assert_eq!(
-            RequestStatus::InProgress.next(&[Pending]),
-            RequestStatus::InProgress
-        );
+        assert_eq!(RequestStatus::InProgress.next(&[Pending]), RequestStatus::InProgress);
         assert_eq!(RequestStatus::Failed.reopen(), Ok(RequestStatus::InProgress));
         assert!(RequestStatus::Completed.reopen().is_err());
     }

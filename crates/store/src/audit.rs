@@ -36,12 +36,7 @@ pub(crate) struct PendingEvent {
 
 impl PendingEvent {
     pub fn new(request: RequestId, task: Option<TaskId>, kind: &'static str, detail: Value) -> Self {
-        Self {
-            request_id: Some(request),
-            task_id: task,
-            kind,
-            detail,
-        }
+        Self { request_id: Some(request), task_id: task, kind, detail }
     }
 }
 
@@ -73,15 +68,7 @@ pub fn event_hash(
     let mut h = Sha256::new();
     let at = at_ms.to_string();
     let seq = seq.to_string();
-    for field in [
-        prev_hash,
-        &seq,
-        &at,
-        request_id.unwrap_or(""),
-        task_id.unwrap_or(""),
-        kind,
-        detail,
-    ] {
+    for field in [prev_hash, &seq, &at, request_id.unwrap_or(""), task_id.unwrap_or(""), kind, detail] {
         h.update((field.len() as u64).to_be_bytes());
         h.update(field.as_bytes());
     }
@@ -136,8 +123,5 @@ pub(crate) fn verify_chain(events: &[AuditEvent], head: (i64, &str)) -> AuditChe
             ),
         };
     }
-    AuditCheck::Intact {
-        events: events.len() as u64,
-        head: prev,
-    }
+    AuditCheck::Intact { events: events.len() as u64, head: prev }
 }

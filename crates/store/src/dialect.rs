@@ -45,8 +45,5 @@ impl Dialect {
 
 /// `$start, $start+1, …` for `n` values.
 pub fn placeholders(start: usize, n: usize) -> String {
-    (start..start + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    (start..start + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }

@@ -101,11 +101,34 @@ pub trait StateStore: Send + Sync + 'static {
     /// Applies connector outcomes (idempotently, through the task state
     /// machine), completes requests whose tasks are all final, and destroys
     /// the data key of a request that closes.
+    ///
+    /// A retryable failure of the task's current attempt, with attempts
+    /// left in `schedule`, queues the task again after a backoff delay; a
+    /// failure reported for a superseded attempt is ignored.
     async fn apply_outcomes(
         &self,
         reports: &[OutcomeReport],
+        schedule: &RetrySchedule,
         now: DateTime<Utc>,
     ) -> Result<Vec<Applied>, StoreError>;
+
+    /// Tasks dispatched more than `timeout` ago without a result: queued
+    /// again while attempts remain, failed otherwise.
+    async fn expire_dispatched(
+        &self,
+        timeout: Duration,
+        schedule: &RetrySchedule,
+        now: DateTime<Utc>,
+    ) -> Result<Expired, StoreError>;
+
+    /// An operator retry of a failed task: it becomes pending with a fresh
+    /// attempt budget and a failed request is reopened.
+    async fn retry_task(
+        &self,
+        request: RequestId,
+        system: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RetryResult, StoreError>;
 
     /// The wrapped data key of the request of `task`, if `task` belongs to
     /// `system` and the key still exists.

@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use lethe_core::{
-    Action, IdentifierKind, Outcome, PlanItem, Regulation, RequestId, RequestStatus, SealedIdentifier, Step,
-    TaskEvent, TaskId, TaskState,
+    Action, IdentifierKind, Outcome, OutcomeClass, PlanItem, Regulation, RequestId, RequestStatus,
+    SealedIdentifier, Step, TaskEvent, TaskId, TaskState,
 };
 use serde_json::json;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -76,10 +76,7 @@ impl SqlStore {
             Dialect::Postgres => sqlx::migrate!("./migrations/postgres"),
             Dialect::Sqlite => sqlx::migrate!("./migrations/sqlite"),
         };
-        migrator
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Migration(e.to_string()))
+        migrator.run(&self.pool).await.map_err(|e| StoreError::Migration(e.to_string()))
     }
 
     async fn begin(&self) -> Result<Tx<'static>, StoreError> {
@@ -92,10 +89,7 @@ fn sqlite_url(url: &str) -> Result<String, StoreError> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     let path = rest.split('?').next().unwrap_or_default();
     if !path.is_empty() && path != ":memory:" {
-        if let Some(dir) = std::path::Path::new(path)
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-        {
+        if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
@@ -144,9 +138,7 @@ fn ms(t: DateTime<Utc>) -> i64 {
 }
 
 fn time(ms: i64) -> Result<DateTime<Utc>, StoreError> {
-    Utc.timestamp_millis_opt(ms)
-        .single()
-        .ok_or_else(|| StoreError::Corrupt(format!("bad timestamp {ms}")))
+    Utc.timestamp_millis_opt(ms).single().ok_or_else(|| StoreError::Corrupt(format!("bad timestamp {ms}")))
 }
 
 fn opt_time(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
@@ -154,8 +146,7 @@ fn opt_time(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
 }
 
 fn parse<T: FromStr>(s: &str, what: &str) -> Result<T, StoreError> {
-    s.parse()
-        .map_err(|_| StoreError::Corrupt(format!("bad {what} {s:?}")))
+    s.parse().map_err(|_| StoreError::Corrupt(format!("bad {what} {s:?}")))
 }
 
 fn col<T>(row: &AnyRow, name: &str) -> Result<T, StoreError>
@@ -167,6 +158,21 @@ where
 
 fn json_text<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
+}
+
+/// A task row locked for update.
+struct TaskLock {
+    state: TaskState,
+    system: String,
+    attempts: i64,
+    budget_start: i64,
+    updated_at: i64,
+}
+
+impl TaskLock {
+    fn has_attempts_left(&self, schedule: &RetrySchedule) -> bool {
+        self.attempts - self.budget_start < i64::from(schedule.max_attempts)
+    }
 }
 
 fn request_record(row: &AnyRow) -> Result<RequestRecord, StoreError> {
@@ -258,30 +264,74 @@ impl SqlStore {
     }
 
     async fn lock_request(&self, tx: &mut AnyConnection, id: RequestId) -> Result<RequestStatus, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT status FROM requests WHERE id = $1{}",
-            self.dialect.for_update()
-        ))
-        .bind(id.to_string())
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        let row =
+            sqlx::query(&format!("SELECT status FROM requests WHERE id = $1{}", self.dialect.for_update()))
+                .bind(id.to_string())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err)?;
         parse(&col::<String>(&row, "status")?, "status")
     }
 
-    async fn lock_task(&self, tx: &mut AnyConnection, id: TaskId) -> Result<(TaskState, String), StoreError> {
+    async fn lock_task(&self, tx: &mut AnyConnection, id: TaskId) -> Result<TaskLock, StoreError> {
         let row = sqlx::query(&format!(
-            "SELECT state, system FROM tasks WHERE id = $1{}",
+            "SELECT state, system, attempts, budget_start, updated_at FROM tasks WHERE id = $1{}",
             self.dialect.for_update()
         ))
         .bind(id.to_string())
         .fetch_one(&mut *tx)
         .await
         .map_err(db_err)?;
-        Ok((
-            parse(&col::<String>(&row, "state")?, "task state")?,
-            col(&row, "system")?,
-        ))
+        Ok(TaskLock {
+            state: parse(&col::<String>(&row, "state")?, "task state")?,
+            system: col(&row, "system")?,
+            attempts: col(&row, "attempts")?,
+            budget_start: col(&row, "budget_start")?,
+            updated_at: col(&row, "updated_at")?,
+        })
+    }
+
+    /// Queues a task for publication at `available_at`.
+    async fn enqueue(
+        &self,
+        tx: &mut AnyConnection,
+        task: TaskId,
+        available_at: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO outbox (task_id, created_at, available_at) VALUES ($1, $2, $3)")
+            .bind(task.to_string())
+            .bind(ms(now))
+            .bind(available_at)
+            .execute(&mut *tx)
+            .await
+            .map(|_| ())
+            .map_err(db_err)
+    }
+
+    /// Moves a locked task to `state`, optionally recording an outcome.
+    async fn set_task_state(
+        &self,
+        tx: &mut AnyConnection,
+        task: TaskId,
+        state: TaskState,
+        outcome: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let finished = state.is_terminal().then(|| ms(now));
+        sqlx::query(
+            "UPDATE tasks SET state = $1, last_outcome = COALESCE($2, last_outcome), updated_at = $3, \
+             finished_at = $4 WHERE id = $5",
+        )
+        .bind(state.as_str())
+        .bind(outcome.map(str::to_owned))
+        .bind(ms(now))
+        .bind(finished)
+        .bind(task.to_string())
+        .execute(&mut *tx)
+        .await
+        .map(|_| ())
+        .map_err(db_err)
     }
 
     /// Recomputes a locked request's status from its tasks; on a change,
@@ -316,12 +366,7 @@ impl SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        events.push(PendingEvent::new(
-            id,
-            None,
-            "request.status",
-            json!({"from": current, "to": next}),
-        ));
+        events.push(PendingEvent::new(id, None, "request.status", json!({"from": current, "to": next})));
         if next.is_closed() {
             sqlx::query("UPDATE requests SET wrapped_key = NULL, key_destroyed_at = $1 WHERE id = $2")
                 .bind(ms(now))
@@ -340,8 +385,7 @@ impl SqlStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(db_err)?;
-        row.map(|r| parse(&col::<String>(&r, "id")?, "request id"))
-            .transpose()
+        row.map(|r| parse(&col::<String>(&r, "id")?, "request id")).transpose()
     }
 
     async fn insert_request(&self, req: &NewRequest) -> Result<(), StoreError> {
@@ -431,8 +475,7 @@ impl SqlStore {
                 serde_json::to_value(item).unwrap_or_default(),
             ));
         }
-        self.refresh_request(&mut tx, req.id, RequestStatus::Received, now, &mut events)
-            .await?;
+        self.refresh_request(&mut tx, req.id, RequestStatus::Received, now, &mut events).await?;
         self.append_audit(&mut tx, events, now).await?;
         tx.commit().await.map_err(db_err)
     }
@@ -445,11 +488,7 @@ impl StateStore for SqlStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
-            .map_err(db_err)
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(db_err)
     }
 
     async fn create_request(&self, req: NewRequest) -> Result<Created, StoreError> {
@@ -462,11 +501,9 @@ impl StateStore for SqlStore {
             Ok(()) => Ok(Created::New(req.id)),
             // A concurrent request with the same idempotency key won the race.
             Err(StoreError::Conflict(c)) => match &req.idempotency_key {
-                Some(key) => self
-                    .existing_by_key(key)
-                    .await?
-                    .map(Created::Existing)
-                    .ok_or(StoreError::Conflict(c)),
+                Some(key) => {
+                    self.existing_by_key(key).await?.map(Created::Existing).ok_or(StoreError::Conflict(c))
+                }
                 None => Err(StoreError::Conflict(c)),
             },
             Err(e) => Err(e),
@@ -553,7 +590,7 @@ impl StateStore for SqlStore {
         let until = ms(now) + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
         let claimed = sqlx::query(&format!(
             "UPDATE outbox SET claimed_by = $1, claimed_until = $2 WHERE id IN (\
-               SELECT id FROM outbox WHERE claimed_until IS NULL OR claimed_until < $3 \
+               SELECT id FROM outbox WHERE available_at <= $3 AND (claimed_until IS NULL OR claimed_until < $3) \
                ORDER BY id LIMIT $4{}) RETURNING id, task_id",
             self.dialect.skip_locked()
         ))
@@ -589,10 +626,8 @@ impl StateStore for SqlStore {
         for r in &tasks {
             by_task.insert(col::<String>(r, "id")?, r);
         }
-        let mut request_ids: Vec<String> = tasks
-            .iter()
-            .map(|r| col::<String>(r, "request_id"))
-            .collect::<Result<_, _>>()?;
+        let mut request_ids: Vec<String> =
+            tasks.iter().map(|r| col::<String>(r, "request_id")).collect::<Result<_, _>>()?;
         request_ids.sort();
         request_ids.dedup();
         let sql = format!(
@@ -607,13 +642,10 @@ impl StateStore for SqlStore {
             .map_err(db_err)?;
         let mut sealed: HashMap<String, Vec<SealedIdentifier>> = HashMap::new();
         for r in &idents {
-            sealed
-                .entry(col(r, "request_id")?)
-                .or_default()
-                .push(SealedIdentifier {
-                    kind: parse::<IdentifierKind>(&col::<String>(r, "kind")?, "identifier type")?,
-                    ciphertext: col(r, "sealed")?,
-                });
+            sealed.entry(col(r, "request_id")?).or_default().push(SealedIdentifier {
+                kind: parse::<IdentifierKind>(&col::<String>(r, "kind")?, "identifier type")?,
+                ciphertext: col(r, "sealed")?,
+            });
         }
         let mut items = Vec::with_capacity(rows.len());
         let mut obsolete = Vec::new();
@@ -638,10 +670,7 @@ impl StateStore for SqlStore {
             });
         }
         if !obsolete.is_empty() {
-            let q = format!(
-                "DELETE FROM outbox WHERE id IN ({})",
-                placeholders(1, obsolete.len())
-            );
+            let q = format!("DELETE FROM outbox WHERE id IN ({})", placeholders(1, obsolete.len()));
             obsolete
                 .iter()
                 .fold(sqlx::query(&q), |q, id| q.bind(*id))
@@ -674,7 +703,7 @@ impl StateStore for SqlStore {
                 continue; // our lease expired and another dispatcher took the row
             }
             let status = self.lock_request(&mut tx, item.request_id).await?;
-            let (state, _) = self.lock_task(&mut tx, item.task_id).await?;
+            let state = self.lock_task(&mut tx, item.task_id).await?.state;
             let attempt = i64::from(item.attempt);
             sqlx::query("INSERT INTO attempts (task_id, attempt, dispatched_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
                 .bind(item.task_id.to_string())
@@ -706,8 +735,7 @@ impl StateStore for SqlStore {
                     json!({"system": item.system, "attempt": item.attempt}),
                 ));
             }
-            self.refresh_request(&mut tx, item.request_id, status, now, &mut events)
-                .await?;
+            self.refresh_request(&mut tx, item.request_id, status, now, &mut events).await?;
         }
         self.append_audit(&mut tx, events, now).await?;
         tx.commit().await.map_err(db_err)
@@ -732,16 +760,14 @@ impl StateStore for SqlStore {
     async fn apply_outcomes(
         &self,
         reports: &[OutcomeReport],
+        schedule: &RetrySchedule,
         now: DateTime<Utc>,
     ) -> Result<Vec<Applied>, StoreError> {
         if reports.is_empty() {
             return Ok(Vec::new());
         }
         let mut tx = self.begin().await?;
-        let q = format!(
-            "SELECT id, request_id FROM tasks WHERE id IN ({})",
-            placeholders(1, reports.len())
-        );
+        let q = format!("SELECT id, request_id FROM tasks WHERE id IN ({})", placeholders(1, reports.len()));
         let owners = reports
             .iter()
             .fold(sqlx::query(&q), |q, r| q.bind(r.task_id.to_string()))
@@ -766,8 +792,19 @@ impl StateStore for SqlStore {
                 continue;
             };
             let status = self.lock_request(&mut tx, request).await?;
-            let (state, system) = self.lock_task(&mut tx, report.task_id).await?;
-            let step = state.apply(TaskEvent::Outcome(report.outcome.class()));
+            let task = self.lock_task(&mut tx, report.task_id).await?;
+            let class = report.outcome.class();
+            let superseded = i64::from(report.attempt) < task.attempts;
+            let retry_later = class == OutcomeClass::Failed
+                && matches!(report.outcome, Outcome::Failed { retryable: true, .. })
+                && task.has_attempts_left(schedule);
+            let step = if class == OutcomeClass::Failed && superseded {
+                Ok(Step::Ignored) // a newer attempt is under way
+            } else if retry_later {
+                task.state.apply(TaskEvent::Requeue)
+            } else {
+                task.state.apply(TaskEvent::Outcome(class))
+            };
             let body = json_text(&report.outcome);
             let label = serde_json::to_value(&report.outcome)
                 .ok()
@@ -793,16 +830,7 @@ impl StateStore for SqlStore {
                 results[i] = Applied::Ignored;
                 continue;
             };
-            let finished = next.is_terminal().then(|| ms(now));
-            sqlx::query("UPDATE tasks SET state = $1, last_outcome = $2, updated_at = $3, finished_at = $4 WHERE id = $5")
-                .bind(next.as_str())
-                .bind(&body)
-                .bind(ms(now))
-                .bind(finished)
-                .bind(report.task_id.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
+            self.set_task_state(&mut tx, report.task_id, next, Some(&body), now).await?;
             sqlx::query("UPDATE attempts SET finished_at = $1 WHERE task_id = $2 AND attempt = $3")
                 .bind(ms(now))
                 .bind(report.task_id.to_string())
@@ -814,20 +842,152 @@ impl StateStore for SqlStore {
                 request,
                 Some(report.task_id),
                 "task.outcome",
-                json!({"system": system, "attempt": report.attempt, "state": next, "outcome": report.outcome}),
+                json!({"system": task.system, "attempt": report.attempt, "state": next, "outcome": report.outcome}),
             ));
-            let request_status = self
-                .refresh_request(&mut tx, request, status, now, &mut events)
-                .await?;
-            results[i] = Applied::Moved {
-                request,
-                task: next,
-                request_status,
-            };
+            if retry_later {
+                let at = now + chrono::Duration::from_std(schedule.delay(report.attempt)).unwrap_or_default();
+                self.enqueue(&mut tx, report.task_id, ms(at), now).await?;
+                events.push(PendingEvent::new(
+                    request,
+                    Some(report.task_id),
+                    "task.retry_scheduled",
+                    json!({"system": task.system, "after_attempt": report.attempt, "not_before": at}),
+                ));
+            }
+            let request_status = self.refresh_request(&mut tx, request, status, now, &mut events).await?;
+            results[i] = Applied::Moved { request, task: next, request_status };
         }
         self.append_audit(&mut tx, events, now).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(results)
+    }
+
+    async fn expire_dispatched(
+        &self,
+        timeout: Duration,
+        schedule: &RetrySchedule,
+        now: DateTime<Utc>,
+    ) -> Result<Expired, StoreError> {
+        let cutoff = ms(now) - i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX / 2);
+        let rows = sqlx::query(
+            "SELECT id, request_id FROM tasks WHERE state = $1 AND updated_at < $2 ORDER BY request_id, id LIMIT 500",
+        )
+        .bind(TaskState::Dispatched.as_str())
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let mut expired = Expired::default();
+        if rows.is_empty() {
+            return Ok(expired);
+        }
+        let mut tx = self.begin().await?;
+        let mut events = Vec::new();
+        for row in &rows {
+            let task_id: TaskId = parse(&col::<String>(row, "id")?, "task id")?;
+            let request: RequestId = parse(&col::<String>(row, "request_id")?, "request id")?;
+            let status = self.lock_request(&mut tx, request).await?;
+            let task = self.lock_task(&mut tx, task_id).await?;
+            if task.state != TaskState::Dispatched || task.updated_at >= cutoff {
+                continue; // a result arrived meanwhile
+            }
+            let secs = timeout.as_secs();
+            if task.has_attempts_left(schedule) {
+                self.set_task_state(&mut tx, task_id, TaskState::Pending, None, now).await?;
+                self.enqueue(&mut tx, task_id, ms(now), now).await?;
+                expired.requeued += 1;
+                events.push(PendingEvent::new(
+                    request,
+                    Some(task_id),
+                    "task.timed_out",
+                    json!({"system": task.system, "attempt": task.attempts, "timeout_secs": secs, "requeued": true}),
+                ));
+            } else {
+                let outcome = Outcome::Failed {
+                    retryable: true,
+                    reason: format!(
+                        "no result within {secs}s; gave up after {} attempts",
+                        task.attempts - task.budget_start
+                    ),
+                };
+                self.set_task_state(&mut tx, task_id, TaskState::Failed, Some(&json_text(&outcome)), now)
+                    .await?;
+                expired.failed += 1;
+                events.push(PendingEvent::new(
+                    request,
+                    Some(task_id),
+                    "task.timed_out",
+                    json!({"system": task.system, "attempt": task.attempts, "timeout_secs": secs, "requeued": false}),
+                ));
+                self.refresh_request(&mut tx, request, status, now, &mut events).await?;
+            }
+        }
+        self.append_audit(&mut tx, events, now).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(expired)
+    }
+
+    async fn retry_task(
+        &self,
+        request: RequestId,
+        system: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RetryResult, StoreError> {
+        let mut tx = self.begin().await?;
+        let exists = sqlx::query("SELECT id FROM requests WHERE id = $1")
+            .bind(request.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        if exists.is_none() {
+            return Ok(RetryResult::NotFound);
+        }
+        let status = self.lock_request(&mut tx, request).await?;
+        let row = sqlx::query("SELECT id FROM tasks WHERE request_id = $1 AND system = $2")
+            .bind(request.to_string())
+            .bind(system)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let Some(row) = row else { return Ok(RetryResult::NotFound) };
+        let task_id: TaskId = parse(&col::<String>(&row, "id")?, "task id")?;
+        let task = self.lock_task(&mut tx, task_id).await?;
+        if task.state.apply(TaskEvent::Retry).is_err() {
+            return Ok(RetryResult::NotFailed(task.state));
+        }
+        sqlx::query("UPDATE tasks SET state = $1, budget_start = attempts, updated_at = $2, finished_at = NULL WHERE id = $3")
+            .bind(TaskState::Pending.as_str())
+            .bind(ms(now))
+            .bind(task_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        self.enqueue(&mut tx, task_id, ms(now), now).await?;
+        let mut events = vec![PendingEvent::new(
+            request,
+            Some(task_id),
+            "task.retry_requested",
+            json!({"system": system}),
+        )];
+        if status == RequestStatus::Failed {
+            let reopened = status.reopen().map_err(|e| StoreError::Conflict(e.to_string()))?;
+            sqlx::query("UPDATE requests SET status = $1, updated_at = $2, finished_at = NULL WHERE id = $3")
+                .bind(reopened.as_str())
+                .bind(ms(now))
+                .bind(request.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            events.push(PendingEvent::new(
+                request,
+                None,
+                "request.status",
+                json!({"from": status, "to": reopened}),
+            ));
+        }
+        self.append_audit(&mut tx, events, now).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(RetryResult::Queued)
     }
 
     async fn task_key(&self, system: &str, task: TaskId) -> Result<Option<Vec<u8>>, StoreError> {
@@ -839,10 +999,7 @@ impl StateStore for SqlStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(row
-            .map(|r| col::<Option<Vec<u8>>>(&r, "wrapped_key"))
-            .transpose()?
-            .flatten())
+        Ok(row.map(|r| col::<Option<Vec<u8>>>(&r, "wrapped_key")).transpose()?.flatten())
     }
 
     async fn requeue_in_flight(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
@@ -865,10 +1022,8 @@ impl StateStore for SqlStore {
     }
 
     async fn outbox_backlog(&self) -> Result<u64, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM outbox")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db_err)?;
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n FROM outbox").fetch_one(&self.pool).await.map_err(db_err)?;
         Ok(u64::try_from(col::<i64>(&row, "n")?).unwrap_or(0))
     }
 
@@ -881,11 +1036,7 @@ impl StateStore for SqlStore {
                     .fetch_all(&self.pool)
                     .await
             }
-            None => {
-                sqlx::query(&format!("{base} ORDER BY seq"))
-                    .fetch_all(&self.pool)
-                    .await
-            }
+            None => sqlx::query(&format!("{base} ORDER BY seq")).fetch_all(&self.pool).await,
         }
         .map_err(db_err)?;
         rows.iter()

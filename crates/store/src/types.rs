@@ -1,9 +1,12 @@
 //! The records the store reads and writes.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use lethe_core::{
     Action, Outcome, PlanItem, Regulation, RequestId, RequestStatus, SealedIdentifier, TaskId, TaskState,
 };
+use rand::Rng;
 
 /// An identifier as stored: sealed, plus a keyed hash for look-ups.
 #[derive(Debug, Clone)]
@@ -130,13 +133,57 @@ pub struct OutcomeReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
     /// The task moved; `request_status` is set if the request's changed too.
-    Moved {
-        request: RequestId,
-        task: TaskState,
-        request_status: Option<RequestStatus>,
-    },
+    Moved { request: RequestId, task: TaskState, request_status: Option<RequestStatus> },
     /// A duplicate or late outcome; recorded, changed nothing.
     Ignored,
     /// No such task.
     UnknownTask,
+}
+
+/// When a task that failed in a retryable way, or timed out, runs again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetrySchedule {
+    /// Attempts (dispatches) before a task fails for good; an operator
+    /// retry grants as many again.
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubled for each further one.
+    pub initial_delay: Duration,
+    /// Upper bound of the delay.
+    pub max_delay: Duration,
+}
+
+impl Default for RetrySchedule {
+    fn default() -> Self {
+        Self { max_attempts: 5, initial_delay: Duration::from_secs(5), max_delay: Duration::from_secs(3600) }
+    }
+}
+
+impl RetrySchedule {
+    /// The delay after `attempt` (1-based): exponential, capped, with ±20 %
+    /// jitter so that retries of many tasks spread out.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = 2u32.saturating_pow(attempt.saturating_sub(1).min(30));
+        let base = self.initial_delay.saturating_mul(exp).min(self.max_delay);
+        base.mul_f64(rand::thread_rng().gen_range(0.8..1.2))
+    }
+}
+
+/// What an operator retry did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryResult {
+    /// The task is pending again and queued for dispatch.
+    Queued,
+    /// No such request, or the request has no task for that system.
+    NotFound,
+    /// Only failed tasks can be retried.
+    NotFailed(TaskState),
+}
+
+/// What a time-out sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Tasks queued for another attempt.
+    pub requeued: u64,
+    /// Tasks that ran out of attempts and failed.
+    pub failed: u64,
 }

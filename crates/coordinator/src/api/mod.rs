@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use lethe_core::MasterKey;
 use lethe_store::StateStore;
@@ -38,11 +38,9 @@ pub struct AppState {
 /// The coordinator's router.
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route(
-            "/v1/requests",
-            get(requests::list_requests).post(requests::submit),
-        )
+        .route("/v1/requests", get(requests::list_requests).post(requests::submit))
         .route("/v1/requests/{id}", get(requests::get_request))
+        .route("/v1/requests/{id}/systems/{system}/retry", post(requests::retry_task))
         .route("/v1/systems", get(list_systems))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -76,12 +74,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         Ok(()) => (StatusCode::OK, Json(Health { status: "ready" })),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(Health {
-                    status: "state store unavailable",
-                }),
-            )
+            (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "state store unavailable" }))
         }
     }
 }
@@ -89,14 +82,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Lethe", description = "Right-to-be-forgotten erasure orchestrator"),
-    paths(
-        requests::submit,
-        requests::get_request,
-        requests::list_requests,
-        list_systems,
-        healthz,
-        readyz
-    ),
+    paths(requests::submit, requests::get_request, requests::list_requests, requests::retry_task, list_systems, healthz, readyz),
     components(schemas(lethe_core::Outcome, lethe_core::DatasetReport, lethe_core::RetainedReport))
 )]
 struct ApiDoc;

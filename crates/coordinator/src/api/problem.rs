@@ -30,11 +30,7 @@ pub struct ProblemBody {
 
 impl Problem {
     pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
-        Self {
-            status,
-            title,
-            detail: detail.into(),
-        }
+        Self { status, title, detail: detail.into() }
     }
 
     pub fn invalid(detail: impl Into<String>) -> Self {
@@ -75,12 +71,7 @@ impl IntoResponse for Problem {
             detail: self.detail,
         };
         let json = serde_json::to_vec(&body).unwrap_or_default();
-        (
-            self.status,
-            [(header::CONTENT_TYPE, "application/problem+json")],
-            json,
-        )
-            .into_response()
+        (self.status, [(header::CONTENT_TYPE, "application/problem+json")], json).into_response()
     }
 }
 
@@ -107,26 +98,18 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
                 "send the body as application/json",
             ));
         }
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e: BytesRejection| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    Problem::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload too large",
-                        "the request body is too large",
-                    )
-                } else {
-                    Problem::new(
-                        StatusCode::BAD_REQUEST,
-                        "bad request",
-                        "the request body could not be read",
-                    )
-                }
-            })?;
-        serde_json::from_slice(&bytes)
-            .map(StrictJson)
-            .map_err(describe_json_error)
+        let bytes = Bytes::from_request(req, state).await.map_err(|e: BytesRejection| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload too large",
+                    "the request body is too large",
+                )
+            } else {
+                Problem::new(StatusCode::BAD_REQUEST, "bad request", "the request body could not be read")
+            }
+        })?;
+        serde_json::from_slice(&bytes).map(StrictJson).map_err(describe_json_error)
     }
 }
 

@@ -11,7 +11,7 @@ use lethe_core::{Action, TaskId};
 use lethe_core::{
     DataKey, Identifier, IdentifierKind, Outcome, Regulation, RequestId, RequestStatus, TaskState,
 };
-use lethe_store::{Created, ListQuery, NewIdentifier, NewRequest, RequestRecord};
+use lethe_store::{Created, ListQuery, NewIdentifier, NewRequest, RequestRecord, RetryResult};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -150,16 +150,12 @@ fn parse_subject(subject: &BTreeMap<String, String>) -> Result<Vec<Identifier>, 
         return Err(Problem::invalid("subject must contain at least one identifier"));
     }
     if subject.len() > MAX_IDENTIFIERS {
-        return Err(Problem::invalid(format!(
-            "subject may contain at most {MAX_IDENTIFIERS} identifiers"
-        )));
+        return Err(Problem::invalid(format!("subject may contain at most {MAX_IDENTIFIERS} identifiers")));
     }
     subject
         .iter()
         .map(|(kind, value)| {
-            let kind: IdentifierKind = kind
-                .parse()
-                .map_err(|e| Problem::invalid(format!("subject: {e}")))?;
+            let kind: IdentifierKind = kind.parse().map_err(|e| Problem::invalid(format!("subject: {e}")))?;
             Identifier::parse(kind, value).map_err(|e| Problem::invalid(format!("subject: {e}")))
         })
         .collect()
@@ -178,9 +174,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    let key = v
-        .to_str()
-        .map_err(|_| Problem::invalid("Idempotency-Key must be visible ASCII"))?;
+    let key = v.to_str().map_err(|_| Problem::invalid("Idempotency-Key must be visible ASCII"))?;
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(Problem::invalid(format!(
             "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
@@ -207,10 +201,8 @@ pub async fn submit(
     headers: HeaderMap,
     StrictJson(body): StrictJson<SubmitRequest>,
 ) -> Result<Response, Problem> {
-    let regulation: Regulation = body
-        .regulation
-        .parse()
-        .map_err(|e| Problem::invalid(format!("regulation: {e}")))?;
+    let regulation: Regulation =
+        body.regulation.parse().map_err(|e| Problem::invalid(format!("regulation: {e}")))?;
     let identifiers = parse_subject(&body.subject)?;
     if let Some(r) = &body.external_ref {
         check_text("external_ref", r, MAX_REF_LEN)?;
@@ -236,14 +228,9 @@ pub async fn submit(
         wrapped_key: state.master.wrap(&key),
         identifiers: identifiers
             .iter()
-            .map(|i| NewIdentifier {
-                sealed: key.seal(id, i),
-                subject_hash: state.master.subject_hash(i),
-            })
+            .map(|i| NewIdentifier { sealed: key.seal(id, i), subject_hash: state.master.subject_hash(i) })
             .collect(),
-        verification: body
-            .verification
-            .map(|v| serde_json::to_value(v).unwrap_or_default()),
+        verification: body.verification.map(|v| serde_json::to_value(v).unwrap_or_default()),
         plan,
         tasks,
     };
@@ -252,31 +239,14 @@ pub async fn submit(
             metrics::counter!(REQUESTS_RECEIVED_TOTAL, "regulation" => regulation.as_str()).increment(1);
             tracing::info!(request = %id, %regulation, "request received");
             state.wake.notify_one();
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(Submitted {
-                    id,
-                    status: initial,
-                    due_at,
-                }),
-            )
-                .into_response())
+            Ok((StatusCode::ACCEPTED, Json(Submitted { id, status: initial, due_at })).into_response())
         }
         Created::Existing(id) => {
-            let existing = state
-                .store
-                .request(id)
-                .await?
-                .ok_or_else(|| Problem::not_found("no such request"))?;
-            let body = Submitted {
-                id,
-                status: existing.request.status,
-                due_at: existing.request.due_at,
-            };
+            let existing =
+                state.store.request(id).await?.ok_or_else(|| Problem::not_found("no such request"))?;
+            let body = Submitted { id, status: existing.request.status, due_at: existing.request.due_at };
             let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
-            response
-                .headers_mut()
-                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
             Ok(response)
         }
     }
@@ -350,10 +320,7 @@ pub async fn list_requests(
     let Query(params) = params.map_err(|_| Problem::invalid("unknown or malformed query parameter"))?;
     let status = params
         .status
-        .map(|s| {
-            s.parse::<RequestStatus>()
-                .map_err(|_| Problem::invalid("unknown status"))
-        })
+        .map(|s| s.parse::<RequestStatus>().map_err(|_| Problem::invalid("unknown status")))
         .transpose()?;
     let limit = params.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
@@ -361,26 +328,52 @@ pub async fn list_requests(
     }
     let before = params
         .cursor
-        .map(|c| {
-            c.parse::<RequestId>()
-                .map_err(|_| Problem::invalid("malformed cursor"))
-        })
+        .map(|c| c.parse::<RequestId>().map_err(|_| Problem::invalid("malformed cursor")))
         .transpose()?;
-    let rows = state
-        .store
-        .list_requests(&ListQuery {
-            status,
-            before,
-            limit,
-        })
-        .await?;
-    let next_cursor = (rows.len() == limit as usize)
-        .then(|| rows.last().map(|r| r.id.to_string()))
-        .flatten();
-    Ok(Json(RequestPage {
-        items: rows.into_iter().map(RequestSummary::from).collect(),
-        next_cursor,
-    }))
+    let rows = state.store.list_requests(&ListQuery { status, before, limit }).await?;
+    let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.id.to_string())).flatten();
+    Ok(Json(RequestPage { items: rows.into_iter().map(RequestSummary::from).collect(), next_cursor }))
+}
+
+/// The answer to an operator retry.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RetryAccepted {
+    #[schema(value_type = String, format = Uuid)]
+    pub id: RequestId,
+    pub system: String,
+    pub state: TaskState,
+}
+
+/// Run a failed task again (operators). The task gets a fresh attempt
+/// budget; a failed request is reopened.
+#[utoipa::path(
+    post, path = "/v1/requests/{id}/systems/{system}/retry", tag = "requests",
+    params(("id" = String, Path, description = "Request id"), ("system" = String, Path, description = "System name")),
+    responses(
+        (status = 202, body = RetryAccepted),
+        (status = 404, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, body = ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+pub async fn retry_task(
+    State(state): State<AppState>,
+    Path((id, system)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<RetryAccepted>), Problem> {
+    let missing = || Problem::not_found("no such request, or it has no task for that system");
+    let id: RequestId = id.parse().map_err(|_| missing())?;
+    match state.store.retry_task(id, &system, state.clock.now()).await? {
+        RetryResult::Queued => {
+            tracing::info!(request = %id, %system, "operator retry queued");
+            state.wake.notify_one();
+            Ok((StatusCode::ACCEPTED, Json(RetryAccepted { id, system, state: TaskState::Pending })))
+        }
+        RetryResult::NotFound => Err(missing()),
+        RetryResult::NotFailed(current) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("only a failed task can be retried; this one is {current}"),
+        )),
+    }
 }
 
 #[cfg(test)]

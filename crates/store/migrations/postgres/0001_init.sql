@@ -45,13 +45,16 @@ CREATE TABLE tasks (
     action       TEXT   NOT NULL,
     state        TEXT   NOT NULL,
     attempts     BIGINT NOT NULL DEFAULT 0,
+    -- attempts made before the last operator retry: the retry budget
+    -- counts from here
+    budget_start BIGINT NOT NULL DEFAULT 0,
     last_outcome TEXT,
     created_at   BIGINT NOT NULL,
     updated_at   BIGINT NOT NULL,
     finished_at  BIGINT,
     UNIQUE (request_id, system)
 );
-CREATE INDEX tasks_by_state ON tasks (state);
+CREATE INDEX tasks_by_state ON tasks (state, updated_at);
 
 CREATE TABLE attempts (
     task_id       TEXT   NOT NULL REFERENCES tasks (id),
@@ -79,6 +82,8 @@ CREATE TABLE outbox (
     id            BIGSERIAL PRIMARY KEY,
     task_id       TEXT   NOT NULL REFERENCES tasks (id),
     created_at    BIGINT NOT NULL,
+    -- not published before this time (retry backoff)
+    available_at  BIGINT NOT NULL DEFAULT 0,
     claimed_by    TEXT,
     claimed_until BIGINT
 );

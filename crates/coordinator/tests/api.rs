@@ -1,0 +1,424 @@
+//! The HTTP API driven through `app(state)` with `oneshot`, on a real
+//! SQLite state store, plus the whole in-process loop (dispatcher → worker
+//! → ingest) with a small in-memory connector.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use chrono::{TimeZone, Utc};
+use http_body_util::BodyExt;
+use lethe_bus::{Bus, InProcessBus};
+use lethe_connector::{Connector, ConnectorError, Erasure, ErasureTask, RetryPolicy, Worker};
+use lethe_coordinator::{app, AppState, Coordinator, ManualClock, Planner, Settings, StoreKeys, SystemInfo};
+use lethe_core::{DataKey, DatasetReport, MasterKey};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+fn systems() -> Vec<SystemInfo> {
+    ["crm", "mail"]
+        .into_iter()
+        .map(|name| SystemInfo {
+            name: name.into(),
+            connector: "memory".into(),
+            owner: None,
+            categories: vec!["identity.contact".into()],
+            description: None,
+        })
+        .collect()
+}
+
+struct Harness {
+    coordinator: Coordinator,
+    clock: ManualClock,
+    bus: Arc<InProcessBus>,
+    master: MasterKey,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        Self::with(Settings { poll_interval: Duration::from_millis(20), ..Default::default() }).await
+    }
+
+    async fn with(settings: Settings) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            lethe_store::connect(&format!("sqlite://{}/state.db", dir.path().display())).await.unwrap();
+        let bus = Arc::new(InProcessBus::new());
+        let master = MasterKey::new(DataKey::generate());
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 31, 12, 0, 0).unwrap());
+        let coordinator = Coordinator::start(
+            store,
+            bus.clone(),
+            master.clone(),
+            Planner::new(systems()),
+            Arc::new(clock.clone()),
+            settings,
+        )
+        .await
+        .unwrap();
+        Self { coordinator, clock, bus, master, _dir: dir }
+    }
+
+    fn app(&self) -> Router {
+        app(self.state())
+    }
+
+    fn state(&self) -> AppState {
+        self.coordinator.state.clone()
+    }
+
+    fn start_workers(&self, connector: Arc<MemoryConnector>) {
+        let keys = Arc::new(StoreKeys::new(self.state().store.clone(), self.master.clone()));
+        for system in ["crm", "mail"] {
+            let worker = Worker::new(
+                system,
+                connector.clone(),
+                keys.clone(),
+                self.bus.clone() as Arc<dyn Bus>,
+                RetryPolicy { initial_delay_ms: 1, max_delay_ms: 5, max_retries: 3 },
+            );
+            tokio::spawn(worker.run());
+        }
+    }
+}
+
+async fn call(app: &Router, req: Request<Body>) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, body, headers)
+}
+
+fn post(body: impl Into<Body>) -> Request<Body> {
+    Request::post("/v1/requests").header(header::CONTENT_TYPE, "application/json").body(body.into()).unwrap()
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn submit_returns_202_with_due_date_and_the_request_is_readable() {
+    let h = Harness::new().await;
+    let body = json!({"subject": {"email": " Ada@Example.com ", "customer_id": "C-1"}, "regulation": "gdpr",
+                      "external_ref": "T-1", "verification": {"method": "email_link"}});
+    let (status, created, _) = call(&h.app(), post(body.to_string())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    assert_eq!(created["status"], "received");
+    assert_eq!(created["due_at"], "2026-02-28T12:00:00Z", "one month, clamped at the month's end");
+    let id = created["id"].as_str().unwrap();
+    let (status, view, _) = call(&h.app(), get(&format!("/v1/requests/{id}"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(view["regulation"], "gdpr");
+    assert_eq!(view["external_ref"], "T-1");
+    assert_eq!(view["days_left"], 28);
+    let systems: Vec<&str> =
+        view["systems"].as_array().unwrap().iter().map(|s| s["system"].as_str().unwrap()).collect();
+    assert_eq!(systems, ["crm", "mail"]);
+    assert!(view["systems"].as_array().unwrap().iter().all(|s| s["action"] == "erase"));
+    assert!(!view.to_string().contains("ada@example.com"), "the view never shows identifiers");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_problem_that_never_echoes_identifiers() {
+    let h = Harness::new().await;
+    let app = h.app();
+    let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
+        (post("{\"subject\": {\"email\": \"leak@example.com\""), StatusCode::BAD_REQUEST, "not valid JSON"),
+        (post(json!({"subject": {"email": "a@b.io"}, "regulation": "hipaa"}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, "unknown regulation"),
+        (post(json!({"subject": {}, "regulation": "gdpr"}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, "at least one identifier"),
+        (post(json!({"regulation": "gdpr"}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, "missing field `subject`"),
+        (post(json!({"subject": {"email": "leak-no-at-sign"}, "regulation": "gdpr"}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, "email is not a valid address"),
+        (post(json!({"subject": {"phone": "020 leak 0958"}, "regulation": "gdpr"}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, "E.164"),
+        (post(json!({"subject": {"email": "a@b.io"}, "regulation": "gdpr", "extra": 1}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, "unknown field `extra`"),
+        (post(json!({"subject": "leak@example.com", "regulation": "gdpr"}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, "does not match the expected schema"),
+        (post(json!({"subject": {"email": ["leak@example.com"]}, "regulation": "gdpr"}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, "does not match the expected schema"),
+        (post(json!({"subject": {"Bad Kind": "leak"}, "regulation": "gdpr"}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, "identifier type"),
+        (post(json!({"subject": {"email": format!("{}@example.com", "x".repeat(400))}, "regulation": "gdpr"}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, "longer than"),
+        (post(format!("{{\"subject\": {{\"email\": \"{}\"}}, \"regulation\": \"gdpr\"}}", "y".repeat(70_000))), StatusCode::PAYLOAD_TOO_LARGE, "too large"),
+        (Request::post("/v1/requests").header(header::CONTENT_TYPE, "text/plain").body(Body::from("leak@example.com")).unwrap(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "application/json"),
+        (get("/v1/requests/not-a-uuid"), StatusCode::NOT_FOUND, "no such request"),
+        (get("/v1/requests/01a22690-b0c4-7692-b28e-6c3b77a9eaf8"), StatusCode::NOT_FOUND, "no such request"),
+        (get("/v1/requests?status=leak"), StatusCode::UNPROCESSABLE_ENTITY, "unknown status"),
+        (get("/v1/requests?limit=0"), StatusCode::UNPROCESSABLE_ENTITY, "limit"),
+        (get("/v1/requests?cursor=leak"), StatusCode::UNPROCESSABLE_ENTITY, "cursor"),
+        (get("/v1/nothing"), StatusCode::NOT_FOUND, "no such endpoint"),
+    ];
+    for (req, expected, detail) in cases {
+        let uri = req.uri().clone();
+        let (status, body, headers) = call(&app, req).await;
+        assert_eq!(status, expected, "{uri}: {body}");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json", "{uri}");
+        let text = body["detail"].as_str().unwrap_or_default();
+        assert!(text.contains(detail), "{uri}: {text:?} should mention {detail:?}");
+        assert!(!body.to_string().contains("leak"), "{uri}: {body} echoes input");
+        assert_eq!(body["status"], expected.as_u16());
+    }
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_same_request() {
+    let h = Harness::new().await;
+    let body = json!({"subject": {"email": "grace@example.com"}, "regulation": "ccpa"}).to_string();
+    let keyed = |b: &str| {
+        Request::post("/v1/requests")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", "portal-42")
+            .body(Body::from(b.to_owned()))
+            .unwrap()
+    };
+    let (s1, first, h1) = call(&h.app(), keyed(&body)).await;
+    let (s2, second, h2) = call(&h.app(), keyed(&body)).await;
+    assert_eq!((s1, s2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+    assert_eq!(first["id"], second["id"]);
+    assert!(h1.get("idempotent-replayed").is_none());
+    assert_eq!(h2["idempotent-replayed"], "true");
+    let (_, other, _) = call(&h.app(), post(body)).await;
+    assert_ne!(other["id"], first["id"], "without the key it is a new request");
+    let (_, page, _) = call(&h.app(), get("/v1/requests")).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn list_paginates_with_a_cursor_and_filters_by_status() {
+    let h = Harness::new().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let body = json!({"subject": {"email": format!("p{i}@example.com")}, "regulation": "lgpd"});
+        ids.push(call(&h.app(), post(body.to_string())).await.1["id"].as_str().unwrap().to_owned());
+    }
+    let (_, p1, _) = call(&h.app(), get("/v1/requests?limit=3")).await;
+    let page_ids = |p: &Value| {
+        p["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(page_ids(&p1), [ids[4].clone(), ids[3].clone(), ids[2].clone()]);
+    let cursor = p1["next_cursor"].as_str().unwrap();
+    let (_, p2, _) = call(&h.app(), get(&format!("/v1/requests?limit=3&cursor={cursor}"))).await;
+    assert_eq!(page_ids(&p2), [ids[1].clone(), ids[0].clone()]);
+    assert!(p2["next_cursor"].is_null());
+    let (_, done, _) = call(&h.app(), get("/v1/requests?status=completed")).await;
+    assert!(done["items"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn systems_health_readiness_and_openapi() {
+    let h = Harness::new().await;
+    let (s, systems, _) = call(&h.app(), get("/v1/systems")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(systems[0]["name"], "crm");
+    assert_eq!(call(&h.app(), get("/healthz")).await.0, StatusCode::OK);
+    assert_eq!(call(&h.app(), get("/readyz")).await.0, StatusCode::OK);
+    let (s, doc, _) = call(&h.app(), get("/openapi.json")).await;
+    assert_eq!(s, StatusCode::OK);
+    for path in ["/v1/requests", "/v1/requests/{id}", "/v1/systems", "/healthz", "/readyz"] {
+        assert!(doc["paths"].get(path).is_some(), "openapi lacks {path}");
+    }
+    assert!(doc["components"]["schemas"].get("SubmitRequest").is_some());
+    assert!(doc["components"]["schemas"].get("Outcome").is_some());
+}
+
+/// An in-memory connector: a map of subject → records, failing a given
+/// number of times first to exercise the runtime's retries.
+#[derive(Default)]
+struct MemoryConnector {
+    records: Mutex<HashMap<(String, String), u64>>,
+    transient_failures: Mutex<u32>,
+}
+
+impl MemoryConnector {
+    fn key(task: &ErasureTask) -> Option<(String, String)> {
+        task.identifiers_of("email").next().map(|i| (task.system.clone(), i.expose().to_owned()))
+    }
+}
+
+#[async_trait]
+impl Connector for MemoryConnector {
+    async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+        {
+            let mut failures = self.transient_failures.lock().unwrap();
+            if *failures > 0 {
+                *failures -= 1;
+                return Err(ConnectorError::retryable("connection reset"));
+            }
+        }
+        let removed = Self::key(task).and_then(|k| self.records.lock().unwrap().remove(&k)).unwrap_or(0);
+        Ok(Erasure {
+            datasets: vec![DatasetReport { dataset: "records".into(), deleted: removed, anonymized: 0 }],
+            retained: vec![],
+        })
+    }
+
+    async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
+        Ok(Self::key(task).and_then(|k| self.records.lock().unwrap().get(&k).copied()).unwrap_or(0))
+    }
+
+    async fn health(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+}
+
+async fn wait_final(app: &Router, id: &str) -> Value {
+    for _ in 0..200 {
+        let (_, view, _) = call(app, get(&format!("/v1/requests/{id}"))).await;
+        if !matches!(view["status"].as_str(), Some("received" | "in_progress")) {
+            return view;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("request {id} did not finish");
+}
+
+#[tokio::test]
+async fn requests_complete_through_the_in_process_loop_with_retries() {
+    let h = Harness::new().await;
+    let connector = Arc::new(MemoryConnector::default());
+    connector.records.lock().unwrap().insert(("crm".into(), "ada@example.com".into()), 3);
+    connector.records.lock().unwrap().insert(("mail".into(), "ada@example.com".into()), 1);
+    *connector.transient_failures.lock().unwrap() = 2;
+    h.start_workers(connector.clone());
+
+    let (_, created, _) = call(
+        &h.app(),
+        post(json!({"subject": {"email": "ADA@example.com"}, "regulation": "gdpr"}).to_string()),
+    )
+    .await;
+    let view = wait_final(&h.app(), created["id"].as_str().unwrap()).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    let crm = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").unwrap();
+    assert_eq!(crm["state"], "succeeded");
+    assert_eq!(crm["outcome"]["status"], "erased");
+    assert_eq!(crm["outcome"]["datasets"][0]["deleted"], 3);
+    assert_eq!(crm["outcome"]["residual"], 0);
+    assert!(view["key_destroyed_at"].is_string());
+    assert!(connector.records.lock().unwrap().is_empty());
+    assert_eq!(*connector.transient_failures.lock().unwrap(), 0, "transient failures were retried");
+
+    // The same subject again: nothing left, still completes.
+    let (_, again, _) = call(
+        &h.app(),
+        post(json!({"subject": {"email": "ada@example.com"}, "regulation": "gdpr"}).to_string()),
+    )
+    .await;
+    let view = wait_final(&h.app(), again["id"].as_str().unwrap()).await;
+    assert_eq!(view["status"], "completed");
+    assert!(view["systems"].as_array().unwrap().iter().all(|s| s["outcome"]["status"] == "not_found"));
+}
+
+/// Fails permanently until repaired.
+#[derive(Default)]
+struct Broken {
+    repaired: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Connector for Broken {
+    async fn erase(&self, _: &ErasureTask) -> Result<Erasure, ConnectorError> {
+        if self.repaired.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(Erasure::default());
+        }
+        Err(ConnectorError::permanent("table customers does not exist"))
+    }
+    async fn verify(&self, _: &ErasureTask) -> Result<u64, ConnectorError> {
+        Ok(0)
+    }
+    async fn health(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_permanent_failure_fails_the_request_keeps_its_key_and_can_be_retried() {
+    let h = Harness::new().await;
+    let broken = Arc::new(Broken::default());
+    let keys = Arc::new(StoreKeys::new(h.state().store.clone(), h.master.clone()));
+    for system in ["crm", "mail"] {
+        let worker =
+            Worker::new(system, broken.clone(), keys.clone(), h.bus.clone() as Arc<dyn Bus>, RetryPolicy::default());
+        tokio::spawn(worker.run());
+    }
+    let body = json!({"subject": {"email": "x@example.com"}, "regulation": "pipeda"});
+    let (_, created, _) = call(&h.app(), post(body.to_string())).await;
+    let id = created["id"].as_str().unwrap();
+    let view = wait_final(&h.app(), id).await;
+    assert_eq!(view["status"], "failed");
+    let crm = &view["systems"][0];
+    assert_eq!(crm["state"], "failed");
+    assert_eq!(crm["attempts"], 1, "permanent errors are not retried");
+    assert_eq!(crm["summary"], "failed (permanent): table customers does not exist");
+    assert!(view["key_destroyed_at"].is_null(), "kept so that an operator can retry");
+
+    let retry = |system: &str| Request::post(format!("/v1/requests/{id}/systems/{system}/retry")).body(Body::empty()).unwrap();
+    let (status, _, _) = call(&h.app(), retry("nope")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    broken.repaired.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (status, body, _) = call(&h.app(), retry("crm")).await;
+    assert_eq!((status, body["state"].as_str()), (StatusCode::ACCEPTED, Some("pending")));
+    let (status, body, _) = call(&h.app(), retry("crm")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, _, _) = call(&h.app(), retry("mail")).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let view = wait_final(&h.app(), id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["systems"][0]["attempts"], 2);
+    assert!(view["key_destroyed_at"].is_string());
+}
+
+#[tokio::test]
+async fn silent_tasks_are_redispatched_after_their_time_out_then_failed() {
+    let settings = Settings {
+        poll_interval: Duration::from_millis(10),
+        scheduler_interval: Duration::from_millis(10),
+        task_timeout: Duration::from_secs(60),
+        retry: lethe_store::RetrySchedule { max_attempts: 2, ..Default::default() },
+        ..Default::default()
+    };
+    let h = Harness::with(settings).await;
+    // No worker runs: every dispatch goes unanswered.
+    let (_, created, _) =
+        call(&h.app(), post(json!({"subject": {"email": "q@example.com"}, "regulation": "gdpr"}).to_string())).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let attempts = |v: &Value| v["systems"][0]["attempts"].as_u64().unwrap();
+    let view_of = || async { call(&h.app(), get(&format!("/v1/requests/{id}"))).await.1 };
+    for expected in [1, 2] {
+        for _ in 0..100 {
+            if attempts(&view_of().await) == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(attempts(&view_of().await), expected);
+        h.clock.advance(chrono::Duration::seconds(61));
+    }
+    let view = wait_final(&h.app(), &id).await;
+    assert_eq!(view["status"], "failed");
+    assert!(view["systems"][0]["summary"].as_str().unwrap().contains("no result within 60s"), "{view}");
+}
+
+#[tokio::test]
+async fn the_real_server_answers_on_a_port() {
+    let h = Harness::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = h.app();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"status\":\"ok\""));
+}
