@@ -35,20 +35,13 @@ struct PerRow<'t> {
 
 impl PerRow<'_> {
     fn is_left(&self) -> bool {
-        self.pending
-            || self
-                .values
-                .iter()
-                .any(|(_, s, v)| v.as_deref().is_some_and(|v| !is_done(s, v)))
+        self.pending || self.values.iter().any(|(_, s, v)| v.as_deref().is_some_and(|v| !is_done(s, v)))
     }
 }
 
 impl Anonymizer<'_> {
     fn err(&self, op: &str, e: &sqlx::Error) -> ConnectorError {
-        let ctx = Context {
-            op,
-            table: Some(&self.table.name),
-        };
+        let ctx = Context { op, table: Some(&self.table.name) };
         classify(self.dialect, ctx, e)
     }
 
@@ -65,11 +58,7 @@ impl Anonymizer<'_> {
             self.assignments(&mut sql)?;
             sql.push(" WHERE ").cond(cond, None, 0).push(" AND ");
             self.pending(&mut sql)?;
-            let done = sql
-                .query()
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| self.err("anonymize", &e))?;
+            let done = sql.query().execute(&mut *conn).await.map_err(|e| self.err("anonymize", &e))?;
             return Ok(done.rows_affected());
         }
         let pk_kind = self.columns.kind_or_other(&t.primary_key);
@@ -99,11 +88,7 @@ impl Anonymizer<'_> {
             } else {
                 sql.ident(&t.primary_key).push(" = ").bind_for(pk_kind, row.key);
             }
-            let done = sql
-                .query()
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| self.err("anonymize", &e))?;
+            let done = sql.query().execute(&mut *conn).await.map_err(|e| self.err("anonymize", &e))?;
             anonymized += done.rows_affected();
         }
         Ok(anonymized)
@@ -206,10 +191,7 @@ impl Anonymizer<'_> {
             let text = self.dialect.as_text(&self.dialect.quote(col));
             sql.push(", ").push(&text);
         }
-        sql.push(" FROM ")
-            .ident(&t.name)
-            .push(" WHERE ")
-            .cond(cond, None, 0);
+        sql.push(" FROM ").ident(&t.name).push(" WHERE ").cond(cond, None, 0);
         let read = |e: sqlx::Error| self.err("select", &e);
         let rows = sql.query().fetch_all(&mut *conn).await.map_err(read)?;
         let mut out = Vec::with_capacity(rows.len());
@@ -233,9 +215,7 @@ impl Anonymizer<'_> {
     fn transform(&self, strategy: &Strategy, value: &str) -> Result<String, ConnectorError> {
         Ok(match strategy {
             Strategy::Hash => {
-                let key = self
-                    .hash_key
-                    .ok_or_else(|| ConnectorError::permanent("hash_key is not set"))?;
+                let key = self.hash_key.ok_or_else(|| ConnectorError::permanent("hash_key is not set"))?;
                 let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes())
                     .map_err(|_| ConnectorError::permanent("hash_key is unusable"))?;
                 mac.update(value.as_bytes());
@@ -261,10 +241,7 @@ impl Anonymizer<'_> {
 fn is_done(strategy: &Strategy, value: &str) -> bool {
     match strategy {
         Strategy::Hash => {
-            value.len() == 64
-                && value
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            value.len() == 64 && value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         }
         Strategy::Redact => value.chars().all(|c| c == '*'),
         Strategy::Null | Strategy::Fixed(_) => true,

@@ -111,19 +111,11 @@ impl TableColumns {
                 let sql = "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR) \
                            FROM information_schema.COLUMNS \
                            WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?";
-                sqlx::query(sql)
-                    .bind(schema)
-                    .bind(name)
-                    .fetch_all(&mut *conn)
-                    .await?
+                sqlx::query(sql).bind(schema).bind(name).fetch_all(&mut *conn).await?
             }
             Dialect::Sqlite => {
                 let sql = "SELECT name, CAST(type AS TEXT) FROM pragma_table_info($1, $2)";
-                sqlx::query(sql)
-                    .bind(name)
-                    .bind(schema.unwrap_or("main"))
-                    .fetch_all(&mut *conn)
-                    .await?
+                sqlx::query(sql).bind(name).bind(schema.unwrap_or("main")).fetch_all(&mut *conn).await?
             }
         };
         let case_insensitive = dialect != Dialect::Postgres;
@@ -137,17 +129,10 @@ impl TableColumns {
                 Dialect::MySql => ColKind::mysql(&type_name),
                 Dialect::Sqlite => ColKind::sqlite(&type_name),
             };
-            let key = if case_insensitive {
-                column.to_ascii_lowercase()
-            } else {
-                column
-            };
+            let key = if case_insensitive { column.to_ascii_lowercase() } else { column };
             columns.insert(key, kind);
         }
-        Ok(Self {
-            columns,
-            case_insensitive,
-        })
+        Ok(Self { columns, case_insensitive })
     }
 }
 
@@ -167,13 +152,9 @@ impl Catalog {
     ) -> Result<Self, ConnectorError> {
         let mut tables = Vec::with_capacity(config.tables.len());
         for t in &config.tables {
-            let ctx = Context {
-                op: "reading the columns",
-                table: Some(&t.name),
-            };
-            let columns = TableColumns::load(conn, dialect, &t.name)
-                .await
-                .map_err(|e| classify(dialect, ctx, &e))?;
+            let ctx = Context { op: "reading the columns", table: Some(&t.name) };
+            let columns =
+                TableColumns::load(conn, dialect, &t.name).await.map_err(|e| classify(dialect, ctx, &e))?;
             if !columns.exists() {
                 return Err(ConnectorError::permanent(format!(
                     "table {} does not exist (or is not visible to this user)",

@@ -161,17 +161,11 @@ impl<'de> Deserialize<'de> for MatchColumn {
                 f.write_str("a column name or { column = \"...\", compare = \"exact\" | \"normalized\" }")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<MatchColumn, E> {
-                Ok(MatchColumn {
-                    column: v.to_owned(),
-                    compare: None,
-                })
+                Ok(MatchColumn { column: v.to_owned(), compare: None })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MatchColumn, A::Error> {
                 let t = MatchColumnTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(MatchColumn {
-                    column: t.column,
-                    compare: t.compare,
-                })
+                Ok(MatchColumn { column: t.column, compare: t.compare })
             }
         }
         d.deserialize_any(V)
@@ -218,10 +212,7 @@ impl SqlConfig {
         for t in &self.tables {
             t.check(&names, &mut problems);
         }
-        let uses_hash = self
-            .tables
-            .iter()
-            .any(|t| t.columns.values().any(|s| *s == Strategy::Hash));
+        let uses_hash = self.tables.iter().any(|t| t.columns.values().any(|s| *s == Strategy::Hash));
         match &self.hash_key {
             None if uses_hash => {
                 problems.push("a column uses the hash strategy but hash_key is not set".to_owned())
@@ -244,27 +235,18 @@ impl SqlConfig {
     /// Indexes of the tables, children before parents (deepest first; equal
     /// depths in configured order). Fails on a parent cycle.
     pub fn order(&self) -> Result<Vec<usize>, String> {
-        let index: HashMap<&str, usize> = self
-            .tables
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.as_str(), i))
-            .collect();
+        let index: HashMap<&str, usize> =
+            self.tables.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
         let mut depths = Vec::with_capacity(self.tables.len());
         for (i, _) in self.tables.iter().enumerate() {
             let mut path = vec![i];
             let mut current = i;
-            while let Some(p) = self.tables[current]
-                .parent
-                .as_ref()
-                .and_then(|p| index.get(p.table.as_str()))
+            while let Some(p) = self.tables[current].parent.as_ref().and_then(|p| index.get(p.table.as_str()))
             {
                 if path.contains(p) {
                     let start = path.iter().position(|x| x == p).unwrap_or(0);
-                    let mut names: Vec<&str> = path[start..]
-                        .iter()
-                        .map(|&j| self.tables[j].name.as_str())
-                        .collect();
+                    let mut names: Vec<&str> =
+                        path[start..].iter().map(|&j| self.tables[j].name.as_str()).collect();
                     names.push(self.tables[*p].name.as_str());
                     return Err(format!("parent cycle: {}", names.join(" -> ")));
                 }
@@ -318,9 +300,7 @@ impl TableConfig {
             }
         }
         if self.matches.is_empty() && self.parent.is_none() {
-            problems.push(format!(
-                "table {t} has neither match nor parent: it could never match a subject"
-            ));
+            problems.push(format!("table {t} has neither match nor parent: it could never match a subject"));
         }
         match self.action {
             TableAction::Delete if !self.columns.is_empty() => {
@@ -330,10 +310,8 @@ impl TableConfig {
                 problems.push(format!("table {t}: action anonymize needs at least one column"));
             }
             TableAction::Anonymize if self.columns.contains_key(&self.primary_key) => {
-                problems.push(format!(
-                    "table {t}: the primary key {} cannot be anonymized",
-                    self.primary_key
-                ));
+                problems
+                    .push(format!("table {t}: the primary key {} cannot be anonymized", self.primary_key));
             }
             _ => {}
         }
@@ -400,10 +378,7 @@ mod tests {
         );
         let id = &customers.matches[&IdentifierKind::CustomerId];
         assert_eq!(id.compare_for(&IdentifierKind::CustomerId), Compare::Exact);
-        assert_eq!(
-            customers.matches[&IdentifierKind::Phone].compare,
-            Some(Compare::Normalized)
-        );
+        assert_eq!(customers.matches[&IdentifierKind::Phone].compare, Some(Compare::Normalized));
         let orders = &c.tables[2];
         assert_eq!(orders.primary_key, "order_id");
         assert_eq!(orders.action, TableAction::Anonymize);
@@ -432,9 +407,7 @@ mod tests {
         )
         .unwrap();
         c.validate().unwrap();
-        assert!(c.tables[0]
-            .matches
-            .contains_key(&IdentifierKind::Custom("loyalty_number".into())));
+        assert!(c.tables[0].matches.contains_key(&IdentifierKind::Custom("loyalty_number".into())));
     }
 
     #[test]
@@ -445,10 +418,7 @@ mod tests {
         assert!(parse(&table).unwrap_err().contains("categroy"));
         let parent = EXAMPLE.replacen("references = \"id\"", "references = \"id\", on = \"x\"", 1);
         assert!(parse(&parent).is_err());
-        let matched = EXAMPLE.replace(
-            "compare = \"normalized\"",
-            "compare = \"normalized\", fuzzy = true",
-        );
+        let matched = EXAMPLE.replace("compare = \"normalized\"", "compare = \"normalized\", fuzzy = true");
         assert!(parse(&matched).unwrap_err().contains("fuzzy"));
         let compare = EXAMPLE.replace("compare = \"normalized\"", "compare = \"soundex\"");
         assert!(parse(&compare).is_err());
@@ -488,10 +458,7 @@ mod tests {
         assert!(p.contains("customers -> crm.orders -> customers"), "{p}");
 
         let p = problems(|c| c.tables[2].columns.clear());
-        assert!(
-            p.contains("crm.orders: action anonymize needs at least one column"),
-            "{p}"
-        );
+        assert!(p.contains("crm.orders: action anonymize needs at least one column"), "{p}");
 
         let p = problems(|c| {
             c.tables[0].columns.insert("name".into(), Strategy::Null);
@@ -534,10 +501,7 @@ mod tests {
             c.max_connections = 0;
             c.tables[2].columns.clear();
         });
-        assert!(
-            p.contains("max_connections") && p.contains("anonymize needs"),
-            "{p}"
-        );
+        assert!(p.contains("max_connections") && p.contains("anonymize needs"), "{p}");
     }
 
     #[test]

@@ -36,10 +36,7 @@ pub struct SqlConnector {
 
 impl std::fmt::Debug for SqlConnector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqlConnector")
-            .field("dialect", &self.dialect)
-            .field("config", &self.config)
-            .finish()
+        f.debug_struct("SqlConnector").field("dialect", &self.dialect).field("config", &self.config).finish()
     }
 }
 
@@ -58,23 +55,8 @@ impl SqlConnector {
             .max_connections(config.max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy(&dialect.driver_url(&config.url))
-            .map_err(|e| {
-                classify(
-                    dialect,
-                    Context {
-                        op: "opening the pool",
-                        table: None,
-                    },
-                    &e,
-                )
-            })?;
-        Ok(Self {
-            config,
-            dialect,
-            pool,
-            order,
-            catalog: RwLock::new(None),
-        })
+            .map_err(|e| classify(dialect, Context { op: "opening the pool", table: None }, &e))?;
+        Ok(Self { config, dialect, pool, order, catalog: RwLock::new(None) })
     }
 
     pub fn config(&self) -> &SqlConfig {
@@ -95,10 +77,7 @@ impl SqlConnector {
     }
 
     async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>, ConnectorError> {
-        self.pool
-            .acquire()
-            .await
-            .map_err(|e| self.err("connecting", None, &e))
+        self.pool.acquire().await.map_err(|e| self.err("connecting", None, &e))
     }
 
     async fn catalog(&self) -> Result<Arc<Catalog>, ConnectorError> {
@@ -119,9 +98,7 @@ impl SqlConnector {
 
     /// The subject condition of every table (`None`: matches nothing).
     fn conditions(&self, catalog: &Catalog, ids: &Ids) -> Vec<Option<Cond>> {
-        (0..self.config.tables.len())
-            .map(|i| self.cond_for(catalog, i, ids))
-            .collect()
+        (0..self.config.tables.len()).map(|i| self.cond_for(catalog, i, ids)).collect()
     }
 
     fn cond_for(&self, catalog: &Catalog, i: usize, ids: &Ids) -> Option<Cond> {
@@ -135,12 +112,7 @@ impl SqlConnector {
             let col_kind = catalog.tables[i].kind(&m.column).unwrap_or(ColKind::Other);
             let values = usable_values(col_kind, compare, values.clone());
             if !values.is_empty() {
-                terms.push(Term::Match {
-                    column: m.column.clone(),
-                    kind: col_kind,
-                    compare,
-                    values,
-                });
+                terms.push(Term::Match { column: m.column.clone(), kind: col_kind, compare, values });
             }
         }
         if let Some(p) = &t.parent {
@@ -167,11 +139,7 @@ impl SqlConnector {
             .config
             .tables
             .iter()
-            .map(|t| DatasetReport {
-                dataset: t.name.clone(),
-                deleted: 0,
-                anonymized: 0,
-            })
+            .map(|t| DatasetReport { dataset: t.name.clone(), deleted: 0, anonymized: 0 })
             .collect();
         for &i in &self.order {
             let Some(cond) = &conds[i] else { continue };
@@ -179,10 +147,7 @@ impl SqlConnector {
             match t.action {
                 TableAction::Delete => {
                     let mut sql = Sql::new(self.dialect);
-                    sql.push("DELETE FROM ")
-                        .ident(&t.name)
-                        .push(" WHERE ")
-                        .cond(cond, None, 0);
+                    sql.push("DELETE FROM ").ident(&t.name).push(" WHERE ").cond(cond, None, 0);
                     let done = sql
                         .query()
                         .execute(&mut *conn)
@@ -213,10 +178,7 @@ impl SqlConnector {
                 TableAction::Anonymize => self.anonymizer(catalog, i).residual(conn, cond).await?,
                 TableAction::Delete => {
                     let mut sql = Sql::new(self.dialect);
-                    sql.push("SELECT COUNT(*) FROM ")
-                        .ident(&t.name)
-                        .push(" WHERE ")
-                        .cond(cond, None, 0);
+                    sql.push("SELECT COUNT(*) FROM ").ident(&t.name).push(" WHERE ").cond(cond, None, 0);
                     let read = |e: sqlx::Error| self.err("verify", Some(&t.name), &e);
                     let row = sql.query().fetch_one(&mut *conn).await.map_err(read)?;
                     let n: i64 = row.try_get(0).map_err(read)?;
@@ -261,22 +223,11 @@ impl Connector for SqlConnector {
                 .config
                 .tables
                 .iter()
-                .map(|t| DatasetReport {
-                    dataset: t.name.clone(),
-                    deleted: 0,
-                    anonymized: 0,
-                })
+                .map(|t| DatasetReport { dataset: t.name.clone(), deleted: 0, anonymized: 0 })
                 .collect();
-            return Ok(Erasure {
-                datasets,
-                retained: vec![],
-            });
+            return Ok(Erasure { datasets, retained: vec![] });
         }
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| self.err("begin transaction", None, &e))?;
+        let mut tx = self.pool.begin().await.map_err(|e| self.err("begin transaction", None, &e))?;
         let result = self.erase_in(&mut tx, &catalog, &conds).await;
         let datasets = match result {
             Ok(d) => d,
@@ -289,10 +240,7 @@ impl Connector for SqlConnector {
             }
         };
         tx.commit().await.map_err(|e| self.err("commit", None, &e))?;
-        Ok(Erasure {
-            datasets,
-            retained: vec![],
-        })
+        Ok(Erasure { datasets, retained: vec![] })
     }
 
     async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {

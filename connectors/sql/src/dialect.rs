@@ -18,9 +18,10 @@ impl Dialect {
             Some("postgres" | "postgresql") => Ok(Self::Postgres),
             Some("mysql" | "mariadb") => Ok(Self::MySql),
             Some("sqlite") => Ok(Self::Sqlite),
-            _ => Err(
-                "url must start with postgres://, postgresql://, mysql://, mariadb:// or sqlite:".to_owned(),
-            ),
+            _ => {
+                Err("url must start with postgres://, postgresql://, mysql://, mariadb:// or sqlite:"
+                    .to_owned())
+            }
         }
     }
 
@@ -56,10 +57,7 @@ impl Dialect {
             Self::MySql => '`',
             Self::Postgres | Self::Sqlite => '"',
         };
-        name.split('.')
-            .map(|part| format!("{q}{part}{q}"))
-            .collect::<Vec<_>>()
-            .join(".")
+        name.split('.').map(|part| format!("{q}{part}{q}")).collect::<Vec<_>>().join(".")
     }
 
     /// An expression that reads `expr` as text.
@@ -120,17 +118,11 @@ mod tests {
         assert_eq!(Dialect::from_url("postgresql://u@h/db"), Ok(Dialect::Postgres));
         assert_eq!(Dialect::from_url("mysql://root@h/db"), Ok(Dialect::MySql));
         assert_eq!(Dialect::from_url("MariaDB://root@h/db"), Ok(Dialect::MySql));
-        assert_eq!(
-            Dialect::from_url("sqlite:///tmp/x.db?mode=rwc"),
-            Ok(Dialect::Sqlite)
-        );
+        assert_eq!(Dialect::from_url("sqlite:///tmp/x.db?mode=rwc"), Ok(Dialect::Sqlite));
         assert_eq!(Dialect::from_url("sqlite::memory:"), Ok(Dialect::Sqlite));
         assert!(Dialect::from_url("oracle://h").is_err());
         assert!(Dialect::from_url("no scheme").is_err());
-        assert_eq!(
-            Dialect::MySql.driver_url("mariadb://root@h:3306/db"),
-            "mysql://root@h:3306/db"
-        );
+        assert_eq!(Dialect::MySql.driver_url("mariadb://root@h:3306/db"), "mysql://root@h:3306/db");
         assert_eq!(Dialect::Postgres.driver_url("postgres://h/db"), "postgres://h/db");
     }
 
@@ -148,9 +140,7 @@ mod tests {
         for ok in ["customers", "_x", "A1_b", "crm.customers"] {
             assert!(is_table_name(ok), "{ok}");
         }
-        for bad in [
-            "", "1abc", "a-b", "a b", "a;drop", "\"x\"", "a.b.c", ".a", "a.", "é",
-        ] {
+        for bad in ["", "1abc", "a-b", "a b", "a;drop", "\"x\"", "a.b.c", ".a", "a.", "é"] {
             assert!(!is_table_name(bad), "{bad}");
         }
         assert!(!is_identifier("crm.customers"));
@@ -163,10 +153,7 @@ mod tests {
             redact_url("postgres://lethe:s3cret@db:5432/app?sslmode=require"),
             "postgres://lethe:[redacted]@db:5432/app?sslmode=require"
         );
-        assert_eq!(
-            redact_url("mysql://root@127.0.0.1:3306/"),
-            "mysql://root@127.0.0.1:3306/"
-        );
+        assert_eq!(redact_url("mysql://root@127.0.0.1:3306/"), "mysql://root@127.0.0.1:3306/");
         assert_eq!(redact_url("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
     }
 }

@@ -66,10 +66,8 @@ fn database(dialect: Dialect, db: &dyn DatabaseError) -> (bool, String) {
 }
 
 fn postgres(state: &str, kind: ErrorKind) -> (bool, String) {
-    let retryable = matches!(
-        state,
-        "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
-    ) || state.starts_with("08");
+    let retryable = matches!(state, "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300")
+        || state.starts_with("08");
     let what = match state {
         "40001" => "serialization failure",
         "40P01" => "deadlock detected",
@@ -117,10 +115,7 @@ fn mysql(number: u16, state: &str, kind: ErrorKind) -> (bool, String) {
         _ if state.starts_with("23") => "constraint violation",
         _ => "database error",
     };
-    (
-        retryable,
-        format!("{what} (MySQL error {number}, SQLSTATE {state})"),
-    )
+    (retryable, format!("{what} (MySQL error {number}, SQLSTATE {state})"))
 }
 
 fn sqlite(code: i32, kind: ErrorKind) -> (bool, String) {
@@ -155,10 +150,7 @@ mod tests {
     use super::*;
 
     fn ctx() -> Context<'static> {
-        Context {
-            op: "delete",
-            table: Some("customers"),
-        }
+        Context { op: "delete", table: Some("customers") }
     }
 
     #[test]
@@ -166,10 +158,7 @@ mod tests {
         let refused = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         let e = classify(Dialect::Postgres, ctx(), &refused);
         assert!(e.retryable);
-        assert_eq!(
-            e.message,
-            "delete on table customers failed: I/O error (ConnectionRefused)"
-        );
+        assert_eq!(e.message, "delete on table customers failed: I/O error (ConnectionRefused)");
         assert!(classify(Dialect::MySql, ctx(), &sqlx::Error::PoolTimedOut).retryable);
         assert!(!classify(Dialect::Sqlite, ctx(), &sqlx::Error::RowNotFound).retryable);
     }

@@ -32,11 +32,7 @@ pub struct Sql {
 
 impl Sql {
     pub fn new(dialect: Dialect) -> Self {
-        Self {
-            dialect,
-            text: String::with_capacity(256),
-            params: Vec::new(),
-        }
+        Self { dialect, text: String::with_capacity(256), params: Vec::new() }
     }
 
     pub fn push(&mut self, s: &str) -> &mut Self {
@@ -103,12 +99,8 @@ pub fn param_for(kind: ColKind, value: &str) -> Option<Param> {
 }
 
 fn is_uuid(value: &str) -> bool {
-    let hex: String = value
-        .trim_start_matches('{')
-        .trim_end_matches('}')
-        .chars()
-        .filter(|c| *c != '-')
-        .collect();
+    let hex: String =
+        value.trim_start_matches('{').trim_end_matches('}').chars().filter(|c| *c != '-').collect();
     hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit())
 }
 
@@ -121,19 +113,9 @@ pub struct Cond {
 #[derive(Debug)]
 pub enum Term {
     /// `column` holds one of `values`.
-    Match {
-        column: String,
-        kind: ColKind,
-        compare: Compare,
-        values: Vec<String>,
-    },
+    Match { column: String, kind: ColKind, compare: Compare, values: Vec<String> },
     /// `column IN (SELECT references FROM table WHERE cond)`.
-    Parent {
-        column: String,
-        table: String,
-        references: String,
-        cond: Cond,
-    },
+    Parent { column: String, table: String, references: String, cond: Cond },
 }
 
 impl Sql {
@@ -146,18 +128,10 @@ impl Sql {
                 self.push(" OR ");
             }
             match term {
-                Term::Match {
-                    column,
-                    kind,
-                    compare,
-                    values,
-                } => self.match_term(qualifier, column, *kind, *compare, values),
-                Term::Parent {
-                    column,
-                    table,
-                    references,
-                    cond,
-                } => {
+                Term::Match { column, kind, compare, values } => {
+                    self.match_term(qualifier, column, *kind, *compare, values)
+                }
+                Term::Parent { column, table, references, cond } => {
                     let alias = format!("p{}", depth + 1);
                     self.column(qualifier, column).push(" IN (SELECT ");
                     self.column(Some(&alias), references).push(" FROM ").ident(table);
@@ -182,11 +156,7 @@ impl Sql {
         let target = target.text;
         match compare {
             Compare::Normalized => {
-                let text = if kind == ColKind::Text {
-                    target
-                } else {
-                    self.dialect.as_text(&target)
-                };
+                let text = if kind == ColKind::Text { target } else { self.dialect.as_text(&target) };
                 self.push("LOWER(TRIM(").push(&text).push(")) IN (");
                 for (i, v) in values.iter().enumerate() {
                     if i > 0 {
@@ -220,10 +190,7 @@ impl Sql {
 pub fn usable_values(col_kind: ColKind, compare: Compare, values: Vec<String>) -> Vec<String> {
     match compare {
         Compare::Normalized => values,
-        Compare::Exact => values
-            .into_iter()
-            .filter(|v| param_for(col_kind, v).is_some())
-            .collect(),
+        Compare::Exact => values.into_iter().filter(|v| param_for(col_kind, v).is_some()).collect(),
     }
 }
 
@@ -260,28 +227,17 @@ mod tests {
     #[test]
     fn renders_placeholders_per_dialect() {
         let mut pg = Sql::new(Dialect::Postgres);
-        pg.push("DELETE FROM ")
-            .ident("orders")
-            .push(" WHERE ")
-            .cond(&sample(), None, 0);
+        pg.push("DELETE FROM ").ident("orders").push(" WHERE ").cond(&sample(), None, 0);
         assert_eq!(
             pg.text(),
             "DELETE FROM \"orders\" WHERE (\"customer_id\" IN (SELECT p1.\"id\" FROM \"customers\" AS p1 WHERE \
              (LOWER(TRIM(p1.\"email\")) IN ($1) OR p1.\"id\" IN ($2, $3))))"
         );
-        assert_eq!(
-            pg.params,
-            vec![Param::Text("a@x.io".into()), Param::Int(7), Param::Int(8)]
-        );
+        assert_eq!(pg.params, vec![Param::Text("a@x.io".into()), Param::Int(7), Param::Int(8)]);
 
         let mut my = Sql::new(Dialect::MySql);
         my.cond(&sample(), None, 0);
-        assert!(
-            my.text()
-                .contains("LOWER(TRIM(p1.`email`)) IN (?) OR p1.`id` IN (?, ?)"),
-            "{}",
-            my.text()
-        );
+        assert!(my.text().contains("LOWER(TRIM(p1.`email`)) IN (?) OR p1.`id` IN (?, ?)"), "{}", my.text());
     }
 
     #[test]
@@ -294,9 +250,6 @@ mod tests {
             usable_values(ColKind::Integer, Compare::Exact, vec!["x".into(), "3".into()]),
             vec!["3".to_owned()]
         );
-        assert_eq!(
-            format!("{:?}", Param::Text("secret@x.io".into())),
-            "Param([redacted])"
-        );
+        assert_eq!(format!("{:?}", Param::Text("secret@x.io".into())), "Param([redacted])");
     }
 }

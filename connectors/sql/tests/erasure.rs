@@ -18,29 +18,14 @@ use sha2::Sha256;
 
 fn report(customers: u64, orders: u64, addresses: u64) -> Vec<DatasetReport> {
     vec![
-        DatasetReport {
-            dataset: "customers".into(),
-            deleted: customers,
-            anonymized: 0,
-        },
-        DatasetReport {
-            dataset: "orders".into(),
-            deleted: 0,
-            anonymized: orders,
-        },
-        DatasetReport {
-            dataset: "addresses".into(),
-            deleted: addresses,
-            anonymized: 0,
-        },
+        DatasetReport { dataset: "customers".into(), deleted: customers, anonymized: 0 },
+        DatasetReport { dataset: "orders".into(), deleted: 0, anonymized: orders },
+        DatasetReport { dataset: "addresses".into(), deleted: addresses, anonymized: 0 },
     ]
 }
 
 fn erased(customers: u64, orders: u64, addresses: u64) -> Erasure {
-    Erasure {
-        datasets: report(customers, orders, addresses),
-        retained: vec![],
-    }
+    Erasure { datasets: report(customers, orders, addresses), retained: vec![] }
 }
 
 fn hmac_hex(value: &str) -> String {
@@ -62,10 +47,7 @@ fn anonymized(order: &Order, note: Option<String>) -> Order {
 }
 
 fn orders_except(ids: &[i64]) -> Vec<Order> {
-    shop_orders()
-        .into_iter()
-        .filter(|o| !ids.contains(&o.id))
-        .collect()
+    shop_orders().into_iter().filter(|o| !ids.contains(&o.id)).collect()
 }
 
 async fn erases_the_subject_and_nothing_else(db: Arc<TestDb>) {
@@ -73,11 +55,7 @@ async fn erases_the_subject_and_nothing_else(db: Arc<TestDb>) {
     let sql = db.connector(&shop_tables("hash")).await;
     let ada = task(vec![id("email", "  ADA@example.com")]);
 
-    assert_eq!(
-        sql.verify(&ada).await.unwrap(),
-        5,
-        "1 customer + 2 addresses + 2 orders before"
-    );
+    assert_eq!(sql.verify(&ada).await.unwrap(), 5, "1 customer + 2 addresses + 2 orders before");
     assert_eq!(sql.erase(&ada).await.unwrap(), erased(1, 2, 2));
 
     // Ada's customer row and addresses are gone, nobody else's.
@@ -88,10 +66,8 @@ async fn erases_the_subject_and_nothing_else(db: Arc<TestDb>) {
 
     // Her orders are kept with their amounts, anonymised; the others untouched.
     let before = shop_orders();
-    let mut expected = vec![
-        anonymized(&before[0], Some(hmac_hex("gift for Ada"))),
-        anonymized(&before[1], None),
-    ];
+    let mut expected =
+        vec![anonymized(&before[0], Some(hmac_hex("gift for Ada"))), anonymized(&before[1], None)];
     expected.extend(orders_except(&[100, 101]));
     assert_eq!(db.orders().await, expected);
 
@@ -111,10 +87,7 @@ async fn redact_keeps_the_length_in_characters(db: Arc<TestDb>) {
     let bobs = orders.iter().find(|o| o.id == 200).unwrap();
     // "à la porte" is 10 characters (11 bytes in UTF-8).
     assert_eq!(*bobs, anonymized(&shop_orders()[2], Some("**********".into())));
-    assert_eq!(
-        orders.iter().filter(|o| o.id != 200).cloned().collect::<Vec<_>>(),
-        orders_except(&[200])
-    );
+    assert_eq!(orders.iter().filter(|o| o.id != 200).cloned().collect::<Vec<_>>(), orders_except(&[200]));
     assert_eq!(sql.verify(&bob).await.unwrap(), 0);
     assert_eq!(sql.erase(&bob).await.unwrap(), erased(0, 0, 0));
 }
@@ -134,19 +107,13 @@ async fn matches_customer_ids_as_integers_only(db: Arc<TestDb>) {
     let bob = task(vec![id("customer_id", "2")]);
     assert_eq!(sql.verify(&bob).await.unwrap(), 3);
     assert_eq!(sql.erase(&bob).await.unwrap(), erased(1, 1, 1));
-    assert_eq!(
-        db.customers().await.iter().map(|c| c.0).collect::<Vec<_>>(),
-        vec![1, 3, 4]
-    );
+    assert_eq!(db.customers().await.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 3, 4]);
     assert_eq!(db.address_ids().await, vec![10, 11, 30, 40]);
 
     // Several identifiers of one subject: each finds its rows.
     let both = task(vec![id("customer_id", "3"), id("email", "ada@example.com")]);
     assert_eq!(sql.erase(&both).await.unwrap(), erased(2, 3, 3));
-    assert_eq!(
-        db.customers().await.iter().map(|c| c.0).collect::<Vec<_>>(),
-        vec![4]
-    );
+    assert_eq!(db.customers().await.iter().map(|c| c.0).collect::<Vec<_>>(), vec![4]);
     assert_eq!(sql.verify(&both).await.unwrap(), 0);
 }
 
@@ -156,30 +123,17 @@ async fn quotes_and_injection_shaped_values_touch_only_their_rows(db: Arc<TestDb
 
     let obrien = task(vec![id("email", "O'Brien@example.com")]);
     assert_eq!(sql.erase(&obrien).await.unwrap(), erased(1, 1, 1));
-    assert_eq!(
-        db.customers().await.iter().map(|c| c.0).collect::<Vec<_>>(),
-        vec![1, 2, 4]
-    );
+    assert_eq!(db.customers().await.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 2, 4]);
 
     // Spliced into `email = '...'`, this value would read `... OR '1'='1'`.
     let mallory = task(vec![id("email", INJECTION_EMAIL)]);
     assert_eq!(sql.erase(&mallory).await.unwrap(), erased(1, 1, 1));
-    assert_eq!(
-        db.customers().await.iter().map(|c| c.0).collect::<Vec<_>>(),
-        vec![1, 2]
-    );
+    assert_eq!(db.customers().await.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(db.address_ids().await, vec![10, 11, 20]);
-    let untouched: Vec<Order> = db
-        .orders()
-        .await
-        .into_iter()
-        .filter(|o| o.customer_id.is_some() || o.id == 500)
-        .collect();
+    let untouched: Vec<Order> =
+        db.orders().await.into_iter().filter(|o| o.customer_id.is_some() || o.id == 500).collect();
     assert_eq!(untouched, orders_except(&[300, 400]));
-    assert_eq!(
-        sql.verify(&obrien).await.unwrap() + sql.verify(&mallory).await.unwrap(),
-        0
-    );
+    assert_eq!(sql.verify(&obrien).await.unwrap() + sql.verify(&mallory).await.unwrap(), 0);
 }
 
 async fn identifier_types_no_table_uses_report_zeros(db: Arc<TestDb>) {
@@ -219,11 +173,7 @@ columns = { name = "null", body = "redact" }
     let sql = db.connector(tables).await;
     let ada = task(vec![id("email", "ada@example.com")]);
     let one = |n| Erasure {
-        datasets: vec![DatasetReport {
-            dataset: "tickets".into(),
-            deleted: 0,
-            anonymized: n,
-        }],
+        datasets: vec![DatasetReport { dataset: "tickets".into(), deleted: 0, anonymized: n }],
         retained: vec![],
     };
     assert_eq!(sql.verify(&ada).await.unwrap(), 2);
@@ -233,10 +183,7 @@ columns = { name = "null", body = "redact" }
 
     let pool = db.pool().await;
     let rows: Vec<(String, Option<String>, Option<String>)> =
-        sqlx::query_as("SELECT code, name, body FROM tickets ORDER BY code")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+        sqlx::query_as("SELECT code, name, body FROM tickets ORDER BY code").fetch_all(&pool).await.unwrap();
     pool.close().await;
     assert_eq!(
         rows,
@@ -263,15 +210,9 @@ async fn health_checks_tables_and_columns(db: Arc<TestDb>) {
     let missing_column = shop_tables("hash").replace("note = \"hash\"", "notes = \"hash\"");
     let sql = db.connector(&missing_column).await;
     let e = sql.health().await.unwrap_err();
-    assert!(
-        !e.retryable && e.message.contains("orders") && e.message.contains("notes"),
-        "{e:?}"
-    );
+    assert!(!e.retryable && e.message.contains("orders") && e.message.contains("notes"), "{e:?}");
     // An erase against that configuration fails the same way and touches nothing.
-    let e = sql
-        .erase(&task(vec![id("email", "bob@example.com")]))
-        .await
-        .unwrap_err();
+    let e = sql.erase(&task(vec![id("email", "bob@example.com")])).await.unwrap_err();
     assert!(!e.retryable && e.message.contains("notes"), "{e:?}");
     assert_eq!(db.count("customers").await, 4);
 }
@@ -289,12 +230,10 @@ async fn database_errors_are_classified_without_values(db: Arc<TestDb>) {
             .await
         }
         common::Engine::MySql => {
-            db.exec(&[
-                "CREATE TRIGGER refuse BEFORE DELETE ON customers FOR EACH ROW BEGIN \
+            db.exec(&["CREATE TRIGGER refuse BEFORE DELETE ON customers FOR EACH ROW BEGIN \
                  DECLARE msg VARCHAR(255); SET msg = CONCAT('cannot delete ', OLD.email); \
-                 SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = msg; END",
-            ])
-            .await
+                 SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = msg; END"])
+                .await
         }
         common::Engine::Sqlite => {
             db.exec(&["CREATE TRIGGER refuse BEFORE DELETE ON customers BEGIN \
@@ -303,20 +242,11 @@ async fn database_errors_are_classified_without_values(db: Arc<TestDb>) {
         }
     }
     let sql = db.connector(&shop_tables("hash")).await;
-    let e = sql
-        .erase(&task(vec![id("email", "ada@example.com")]))
-        .await
-        .unwrap_err();
+    let e = sql.erase(&task(vec![id("email", "ada@example.com")])).await.unwrap_err();
     assert!(!e.retryable, "{e:?}");
     let lower = e.message.to_lowercase();
-    assert!(
-        !lower.contains("ada@example.com") && !lower.contains("example"),
-        "{e:?}"
-    );
-    assert!(
-        e.message.contains("customers") && e.message.contains("delete"),
-        "{e:?}"
-    );
+    assert!(!lower.contains("ada@example.com") && !lower.contains("example"), "{e:?}");
+    assert!(e.message.contains("customers") && e.message.contains("delete"), "{e:?}");
     // One transaction: the children deleted or anonymised before the
     // failure are back.
     assert_eq!(db.address_ids().await, vec![10, 11, 20, 30, 40]);
@@ -347,11 +277,7 @@ async fn schema_qualified_table_names(db: Arc<TestDb>) {
 
 async fn uuid_keys_and_identifiers(db: Arc<TestDb>) {
     // A native uuid on PostgreSQL (compared as CAST($n AS uuid)), text elsewhere.
-    let uuid = if db.engine == common::Engine::Postgres {
-        "UUID"
-    } else {
-        "CHAR(36)"
-    };
+    let uuid = if db.engine == common::Engine::Postgres { "UUID" } else { "CHAR(36)" };
     db.exec(&[
         &format!("CREATE TABLE devices (id {uuid} PRIMARY KEY, device_id {uuid}, label VARCHAR(64))"),
         "INSERT INTO devices (id, device_id, label) VALUES \
@@ -369,11 +295,7 @@ columns = { label = "redact" }
     let sql = db.connector(tables).await;
     let nothing = task(vec![id("device_id", "not-a-uuid")]);
     let one = |n| Erasure {
-        datasets: vec![DatasetReport {
-            dataset: "devices".into(),
-            deleted: 0,
-            anonymized: n,
-        }],
+        datasets: vec![DatasetReport { dataset: "devices".into(), deleted: 0, anonymized: n }],
         retained: vec![],
     };
     assert_eq!(sql.erase(&nothing).await.unwrap(), one(0));
@@ -382,15 +304,10 @@ columns = { label = "redact" }
     assert_eq!(sql.erase(&ada).await.unwrap(), one(1));
     assert_eq!(sql.verify(&ada).await.unwrap(), 0);
     let pool = db.pool().await;
-    let labels: Vec<(String,)> = sqlx::query_as("SELECT label FROM devices ORDER BY label")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+    let labels: Vec<(String,)> =
+        sqlx::query_as("SELECT label FROM devices ORDER BY label").fetch_all(&pool).await.unwrap();
     pool.close().await;
-    assert_eq!(
-        labels,
-        vec![("*********".to_owned(),), ("Bob tablet".to_owned(),)]
-    );
+    assert_eq!(labels, vec![("*********".to_owned(),), ("Bob tablet".to_owned(),)]);
 }
 
 async fn unreachable_database(db: Arc<TestDb>) {
@@ -401,15 +318,10 @@ async fn unreachable_database(db: Arc<TestDb>) {
     };
     let mut config = db.config(&shop_tables("hash"));
     config.url = url;
-    let sql = SqlConnector::connect(config)
-        .await
-        .expect("lazy: connecting happens on use");
+    let sql = SqlConnector::connect(config).await.expect("lazy: connecting happens on use");
     let e = sql.health().await.unwrap_err();
     assert_eq!(e.retryable, retryable, "{e:?}");
-    let e = sql
-        .erase(&task(vec![id("email", "ada@example.com")]))
-        .await
-        .unwrap_err();
+    let e = sql.erase(&task(vec![id("email", "ada@example.com")])).await.unwrap_err();
     assert_eq!(e.retryable, retryable, "{e:?}");
     assert!(!e.message.contains("ada"), "{e:?}");
 }

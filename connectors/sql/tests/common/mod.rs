@@ -65,20 +65,10 @@ impl TestDb {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let path = dir.path().join("shop.db");
                 let url = format!("sqlite://{}?mode=rwc", path.display());
-                Self {
-                    engine,
-                    url,
-                    admin_url: None,
-                    name,
-                    _dir: Some(dir),
-                }
+                Self { engine, url, admin_url: None, name, _dir: Some(dir) }
             }
             Engine::Postgres | Engine::MySql => {
-                let base = if engine == Engine::Postgres {
-                    pg_base()
-                } else {
-                    mysql_base()
-                };
+                let base = if engine == Engine::Postgres { pg_base() } else { mysql_base() };
                 let mut admin = AnyConnection::connect(&base)
                     .await
                     .unwrap_or_else(|e| panic!("cannot reach the test server for {engine:?}: {e}"));
@@ -90,13 +80,7 @@ impl TestDb {
                 admin.execute(create.as_str()).await.expect("create database");
                 let _ = admin.close().await;
                 let url = with_database(&base, &name);
-                Self {
-                    engine,
-                    url,
-                    admin_url: Some(base),
-                    name,
-                    _dir: None,
-                }
+                Self { engine, url, admin_url: Some(base), name, _dir: None }
             }
         }
     }
@@ -145,20 +129,15 @@ impl TestDb {
 
     pub async fn customers(&self) -> Vec<(i64, Option<String>, Option<String>)> {
         let pool = self.pool().await;
-        let rows = sqlx::query("SELECT id, email, name FROM customers ORDER BY id")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+        let rows =
+            sqlx::query("SELECT id, email, name FROM customers ORDER BY id").fetch_all(&pool).await.unwrap();
         pool.close().await;
         rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
     }
 
     pub async fn address_ids(&self) -> Vec<i64> {
         let pool = self.pool().await;
-        let rows = sqlx::query("SELECT id FROM addresses ORDER BY id")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+        let rows = sqlx::query("SELECT id FROM addresses ORDER BY id").fetch_all(&pool).await.unwrap();
         pool.close().await;
         rows.iter().map(|r| r.get(0)).collect()
     }
@@ -189,9 +168,7 @@ impl TestDb {
 
     /// A connector over this database, configured with `tables` (TOML).
     pub async fn connector(&self, tables: &str) -> SqlConnector {
-        SqlConnector::connect(self.config(tables))
-            .await
-            .expect("valid configuration")
+        SqlConnector::connect(self.config(tables)).await.expect("valid configuration")
     }
 
     pub fn config(&self, tables: &str) -> SqlConfig {
@@ -262,31 +239,10 @@ const SHOP: [&str; 6] = [
 /// The orders as the fixture inserts them.
 pub fn shop_orders() -> Vec<Order> {
     vec![
-        Order::new(
-            100,
-            Some(1),
-            1250,
-            "Ada Lovelace",
-            "12 Analytical Row",
-            Some("gift for Ada"),
-        ),
+        Order::new(100, Some(1), 1250, "Ada Lovelace", "12 Analytical Row", Some("gift for Ada")),
         Order::new(101, Some(1), 990, "Ada L.", "1 Engine Lane", None),
-        Order::new(
-            200,
-            Some(2),
-            500,
-            "Bob Builder",
-            "5 Site Road",
-            Some("à la porte"),
-        ),
-        Order::new(
-            300,
-            Some(3),
-            700,
-            "Siobhan O'Brien",
-            "7 Quay Street",
-            Some("call O'Brien"),
-        ),
+        Order::new(200, Some(2), 500, "Bob Builder", "5 Site Road", Some("à la porte")),
+        Order::new(300, Some(3), 700, "Siobhan O'Brien", "7 Quay Street", Some("call O'Brien")),
         Order::new(400, Some(4), 800, "Mallory", "13 Shady Court", Some("x")),
         Order::new(500, None, 100, "Walk-in", "Counter", Some("cash")),
     ]
