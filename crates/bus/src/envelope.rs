@@ -11,33 +11,49 @@ use crate::Undecodable;
 pub const ENVELOPE_VERSION: u32 = 1;
 
 /// A unit of work for a connector: one subject in one system.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskMessage {
+    /// Envelope version; this document describes version 1.
+    #[schema(minimum = 1, maximum = 1)]
     pub version: u32,
+    /// Unique per (request, system); results refer to it.
+    #[schema(value_type = String, format = Uuid)]
     pub task_id: TaskId,
+    #[schema(value_type = String, format = Uuid)]
     pub request_id: RequestId,
+    /// The system's name; also the topic suffix.
     pub system: String,
+    /// `erase` or `anonymize`.
     pub action: Action,
     /// 1 for the first dispatch, incremented on every redispatch.
     pub attempt: u32,
     pub regulation: Regulation,
+    /// The request's legal due date.
     pub due_at: DateTime<Utc>,
     /// The subject's identifiers, sealed under the request's data key.
     pub identifiers: Vec<SealedIdentifier>,
+    /// When the coordinator published this attempt.
     pub issued_at: DateTime<Utc>,
 }
 
 /// A connector's report on one task attempt.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResultMessage {
+    /// Envelope version; this document describes version 1.
+    #[schema(minimum = 1, maximum = 1)]
     pub version: u32,
+    /// The `task_id` of the task message.
+    #[schema(value_type = String, format = Uuid)]
     pub task_id: TaskId,
+    #[schema(value_type = String, format = Uuid)]
     pub request_id: RequestId,
     pub system: String,
+    /// The `attempt` of the task message answered.
     pub attempt: u32,
     pub outcome: Outcome,
+    /// When the connector finished the attempt.
     pub reported_at: DateTime<Utc>,
     /// Free-form name of the worker instance, for operators.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -45,10 +61,7 @@ pub struct ResultMessage {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(raw: &[u8], version: impl Fn(&T) -> u32) -> Result<T, Undecodable> {
-    let fail = |reason: String| Undecodable {
-        reason,
-        raw: raw.to_vec(),
-    };
+    let fail = |reason: String| Undecodable { reason, raw: raw.to_vec() };
     let msg: T = serde_json::from_slice(raw).map_err(|e| fail(format!("invalid envelope: {e}")))?;
     match version(&msg) {
         ENVELOPE_VERSION => Ok(msg),
@@ -76,6 +89,28 @@ impl ResultMessage {
     }
 }
 
+/// The JSON Schema (2020-12) of an envelope, generated from these types;
+/// `docs/schemas/` holds the published copies and a test keeps them equal.
+pub fn json_schema(name: &str) -> Option<serde_json::Value> {
+    use utoipa::OpenApi;
+    #[derive(OpenApi)]
+    #[openapi(components(schemas(TaskMessage, ResultMessage)))]
+    struct Envelopes;
+    let doc = serde_json::to_value(Envelopes::openapi()).ok()?;
+    let text = doc["components"]["schemas"].to_string().replace("#/components/schemas/", "#/$defs/");
+    let mut defs: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).ok()?;
+    let root = defs.remove(name)?;
+    let mut schema = serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": format!("https://lethe.dev/schemas/{}.v{ENVELOPE_VERSION}.json", name.trim_end_matches("Message").to_lowercase()),
+        "title": name,
+    });
+    let obj = schema.as_object_mut()?;
+    obj.extend(root.as_object()?.clone());
+    obj.insert("$defs".into(), serde_json::Value::Object(defs));
+    Some(schema)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +134,22 @@ mod tests {
         v["version"] = 2.into();
         let err = ResultMessage::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert_eq!(err.reason, "unsupported envelope version 2");
+    }
+
+    /// `docs/schemas/*.json` are the published contract; regenerate them
+    /// with `LETHE_WRITE_SCHEMAS=1 cargo test -p lethe-bus` after a change.
+    #[test]
+    fn published_schemas_match_the_code() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/schemas");
+        for (name, file) in [("TaskMessage", "task.v1.json"), ("ResultMessage", "result.v1.json")] {
+            let generated = serde_json::to_string_pretty(&json_schema(name).unwrap()).unwrap() + "\n";
+            let path = dir.join(file);
+            if std::env::var_os("LETHE_WRITE_SCHEMAS").is_some() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &generated).unwrap();
+            }
+            let published = std::fs::read_to_string(&path).unwrap_or_default();
+            assert_eq!(published, generated, "{file} is out of date; see this test's doc comment");
+        }
     }
 }

@@ -1,17 +1,22 @@
 //! Lethe's message bus: the versioned envelopes that travel between the
-//! coordinator and connectors, the [`Bus`] trait, and the in-process
-//! implementation used by the embedded default.
+//! coordinator and connectors, the [`Bus`] trait, the in-process
+//! implementation used by the embedded default and the Kafka implementation
+//! used in production (feature `kafka`, on by default).
 //!
 //! The coordinator only ever publishes what the transactional outbox holds,
 //! so a bus is free to be at-least-once: consumers acknowledge a message only
 //! after the effect it caused is durable.
 
 pub mod envelope;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod memory;
 
 use async_trait::async_trait;
 
 pub use envelope::{ResultMessage, TaskMessage, ENVELOPE_VERSION};
+#[cfg(feature = "kafka")]
+pub use kafka::{KafkaBus, KafkaConfig};
 pub use memory::InProcessBus;
 
 #[derive(Debug, thiserror::Error)]

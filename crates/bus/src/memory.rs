@@ -67,11 +67,7 @@ impl InProcessBus {
 
     /// Messages dead-lettered so far (their reasons and sizes, not bodies).
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        self.inner
-            .dead_letters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.dead_letters.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -84,15 +80,9 @@ struct ChannelConsumer<T> {
 impl<T: Send> Consumer<T> for ChannelConsumer<T> {
     async fn recv(&mut self) -> Option<Delivery<T>> {
         let message = self.rx.recv().await?;
-        let position = Position {
-            partition: 0,
-            offset: self.next_offset,
-        };
+        let position = Position { partition: 0, offset: self.next_offset };
         self.next_offset += 1;
-        Some(Delivery {
-            message: Ok(message),
-            position,
-        })
+        Some(Delivery { message: Ok(message), position })
     }
 
     async fn ack(&mut self, _position: Position) -> Result<(), BusError> {
@@ -101,18 +91,14 @@ impl<T: Send> Consumer<T> for ChannelConsumer<T> {
 }
 
 fn take_receiver<T>(slot: &mut Option<mpsc::Receiver<T>>, what: &str) -> Result<mpsc::Receiver<T>, BusError> {
-    slot.take()
-        .ok_or_else(|| BusError::Config(format!("{what} already has a consumer in this process")))
+    slot.take().ok_or_else(|| BusError::Config(format!("{what} already has a consumer in this process")))
 }
 
 #[async_trait]
 impl Bus for InProcessBus {
     async fn publish_tasks(&self, tasks: &[TaskMessage]) -> Result<(), BusError> {
         for task in tasks {
-            self.task_sender(&task.system)
-                .send(task.clone())
-                .await
-                .map_err(|_| BusError::Closed)?;
+            self.task_sender(&task.system).send(task.clone()).await.map_err(|_| BusError::Closed)?;
         }
         Ok(())
     }
@@ -126,13 +112,7 @@ impl Bus for InProcessBus {
     }
 
     async fn publish_result(&self, result: &ResultMessage) -> Result<(), BusError> {
-        let tx = self
-            .inner
-            .results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .clone();
+        let tx = self.inner.results.lock().unwrap_or_else(|e| e.into_inner()).0.clone();
         tx.send(result.clone()).await.map_err(|_| BusError::Closed)
     }
 
@@ -144,15 +124,11 @@ impl Bus for InProcessBus {
 
     async fn dead_letter(&self, source: &str, raw: &[u8], reason: &str) -> Result<(), BusError> {
         tracing::warn!(source, reason, size = raw.len(), "message dead-lettered");
-        self.inner
-            .dead_letters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(DeadLetter {
-                source: source.into(),
-                reason: reason.into(),
-                size: raw.len(),
-            });
+        self.inner.dead_letters.lock().unwrap_or_else(|e| e.into_inner()).push(DeadLetter {
+            source: source.into(),
+            reason: reason.into(),
+            size: raw.len(),
+        });
         Ok(())
     }
 

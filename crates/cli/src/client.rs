@@ -49,7 +49,8 @@ impl Client {
     }
 
     pub async fn retry(&self, id: &str, system: &str) -> anyhow::Result<Value> {
-        let resp = self.http.post(format!("{}/v1/requests/{id}/systems/{system}/retry", self.base)).send().await;
+        let resp =
+            self.http.post(format!("{}/v1/requests/{id}/systems/{system}/retry", self.base)).send().await;
         Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
     }
 

@@ -93,6 +93,9 @@ pub enum BusConfig {
     /// Channels inside the coordinator process; connectors run in-process.
     #[default]
     InProcess,
+    /// Kafka (or any Kafka-compatible broker); connectors run as
+    /// `lethe connector run` processes.
+    Kafka(lethe_bus::KafkaConfig),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -224,6 +227,10 @@ pub struct SystemConfig {
     /// Data categories the system holds, e.g. `identity.contact`.
     #[serde(default)]
     pub categories: Vec<String>,
+    /// Bearer token of this system's connector workers (`lethe connector
+    /// run`), written as `${ENV_VAR}`; required with the Kafka bus.
+    #[serde(default)]
+    pub token: Option<String>,
     /// The connector's own settings (see the connector's documentation).
     #[serde(default)]
     pub config: toml::Table,
@@ -302,6 +309,9 @@ impl Config {
                 bail!("system {:?} is declared twice", s.name);
             }
             crate::registry::validate(s).with_context(|| format!("system {:?}", s.name))?;
+            if matches!(self.bus, BusConfig::Kafka(_)) && s.token.is_none() {
+                bail!("system {:?} needs a `token` for its connector workers with the Kafka bus", s.name);
+            }
         }
         if self.dispatcher.batch == 0 {
             bail!("dispatcher.batch must be at least 1");
@@ -331,6 +341,14 @@ impl Config {
             scheduler_interval: Duration::from_secs(s.interval_secs.max(1)),
             ..Default::default()
         }
+    }
+
+    /// A system by name.
+    pub fn system(&self, name: &str) -> anyhow::Result<&SystemConfig> {
+        self.systems.iter().find(|s| s.name == name).with_context(|| {
+            let known: Vec<&str> = self.systems.iter().map(|s| s.name.as_str()).collect();
+            format!("no system named {name:?}; configured: {}", known.join(", "))
+        })
     }
 
     pub fn is_sqlite(&self) -> bool {

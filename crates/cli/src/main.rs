@@ -112,6 +112,11 @@ enum Command {
         /// System whose task failed.
         system: String,
     },
+    /// Connector workers.
+    Connector {
+        #[command(subcommand)]
+        command: ConnectorCommand,
+    },
     /// Work with requests.
     Requests {
         #[command(subcommand)]
@@ -155,6 +160,22 @@ enum RequestsCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConnectorCommand {
+    /// Run a worker for one system (Kafka bus): consumes lethe.tasks.<system>
+    /// in consumer group lethe.connector.<system>; run several to share the load.
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The system to serve.
+        #[arg(long)]
+        system: String,
+        /// The coordinator's API (for task keys); default http://<server.listen>.
+        #[arg(long, env = "LETHE_COORDINATOR")]
+        coordinator: Option<String>,
     },
 }
 
@@ -249,6 +270,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 println!();
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+        }
+        Command::Connector { command: ConnectorCommand::Run { config, system, coordinator } } => {
+            let config = config.load(&Overrides::default())?;
+            serve::run_connector(config, &system, coordinator).await
         }
         Command::Retry { server, id, system } => {
             let answer = Client::new(&server.server).retry(&id, &system).await?;

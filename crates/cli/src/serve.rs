@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use lethe_bus::{Bus, InProcessBus};
-use lethe_connector::Worker;
-use lethe_coordinator::{app, Coordinator, Planner, StoreKeys, SystemClock};
+use lethe_bus::{Bus, InProcessBus, KafkaBus};
+use lethe_connector::{HttpKeys, Worker};
+use lethe_coordinator::{app, ConnectorTokens, Coordinator, Planner, StoreKeys, SystemClock};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
@@ -38,9 +38,13 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
     let url = resolve_placeholders(&config.store.url).context("store.url")?;
     let store = lethe_store::connect(&url).await.context("cannot open the state store")?;
     let master = load_master_key(config)?;
-    let bus: Arc<dyn Bus> = match config.bus {
-        BusConfig::InProcess => Arc::new(InProcessBus::new()),
-    };
+    let bus = build_bus(config).await?;
+    let tokens = config
+        .systems
+        .iter()
+        .filter_map(|s| s.token.as_ref().map(|t| Ok((s.name.clone(), resolve_placeholders(t)?))))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("system token")?;
     let planner = Planner::new(config.systems.iter().map(|s| s.info()).collect());
     let coordinator = Coordinator::start(
         store.clone(),
@@ -49,6 +53,7 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         planner,
         Arc::new(SystemClock),
         config.settings(),
+        ConnectorTokens::new(tokens),
     )
     .await?;
     let mut tasks = JoinSet::new();
@@ -71,6 +76,46 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
     });
     tracing::info!(%addr, store = store.backend(), systems = config.systems.len(), "lethe coordinator listening");
     Ok(Running { addr, tasks, _coordinator: coordinator })
+}
+
+/// The bus `config` names, with its topics in place.
+pub async fn build_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
+    Ok(match &config.bus {
+        BusConfig::InProcess => Arc::new(InProcessBus::new()),
+        BusConfig::Kafka(kafka) => {
+            let mut kafka = kafka.clone();
+            kafka.brokers = resolve_placeholders(&kafka.brokers).context("bus.brokers")?;
+            for value in kafka.client.values_mut() {
+                *value = resolve_placeholders(value).context("bus.client")?;
+            }
+            let systems: Vec<String> = config.systems.iter().map(|s| s.name.clone()).collect();
+            Arc::new(KafkaBus::connect(kafka, &systems).await.context("cannot set up Kafka")?)
+        }
+    })
+}
+
+/// `lethe connector run`: one worker for one system, consuming its Kafka
+/// topic in the system's consumer group, with keys from the coordinator.
+pub async fn run_connector(config: Config, system: &str, coordinator: Option<String>) -> anyhow::Result<()> {
+    let system = config.system(system)?;
+    if !matches!(config.bus, BusConfig::Kafka(_)) {
+        anyhow::bail!("`lethe connector run` needs the Kafka bus; with the in-process bus `lethe serve` runs the connectors");
+    }
+    let token = system.token.as_deref().context("the system has no `token`")?;
+    let token = resolve_placeholders(token).context("system token")?;
+    let coordinator = coordinator.unwrap_or_else(|| format!("http://{}", config.server.listen));
+    let bus = build_bus(&config).await?;
+    let connector = registry::build(system).await?;
+    if let Err(e) = connector.health().await {
+        tracing::warn!(system = %system.name, error = %e, "connector health check failed");
+    }
+    let keys = Arc::new(HttpKeys::new(&coordinator, token));
+    let worker = Worker::new(system.name.clone(), connector, keys, bus, config.retry);
+    tracing::info!(system = %system.name, %coordinator, "connector worker consuming");
+    tokio::select! {
+        r = worker.run() => r.map_err(anyhow::Error::from),
+        _ = shutdown_signal() => Ok(()),
+    }
 }
 
 /// `lethe serve`: runs until Ctrl-C or SIGTERM.

@@ -52,19 +52,13 @@ pub struct ConnectorError {
 impl ConnectorError {
     /// A transient failure (connection refused, timeout, lock, 5xx, 429).
     pub fn retryable(message: impl Into<String>) -> Self {
-        Self {
-            retryable: true,
-            message: message.into(),
-        }
+        Self { retryable: true, message: message.into() }
     }
 
     /// A failure that will not go away by itself (bad configuration, missing
     /// table, permission denied).
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self {
-            retryable: false,
-            message: message.into(),
-        }
+        Self { retryable: false, message: message.into() }
     }
 }
 

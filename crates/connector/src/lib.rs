@@ -7,10 +7,12 @@
 //! runtime, so that every connector behaves the same way.
 
 pub mod connector;
+pub mod keys;
 pub mod metrics;
 pub mod retry;
 pub mod worker;
 
 pub use connector::{Connector, ConnectorError, Erasure, ErasureTask};
+pub use keys::HttpKeys;
 pub use retry::RetryPolicy;
 pub use worker::{KeyResolver, Worker};

@@ -11,14 +11,8 @@ pub const TASK_DURATION_SECONDS: &str = "lethe_connector_task_duration_seconds";
 
 /// Registers descriptions with the installed recorder, if any.
 pub fn describe() {
-    metrics::describe_counter!(
-        TASKS_TOTAL,
-        "Tasks finished by connector workers, by system and outcome."
-    );
-    metrics::describe_counter!(
-        RETRIES_TOTAL,
-        "Retries of connector calls after retryable errors."
-    );
+    metrics::describe_counter!(TASKS_TOTAL, "Tasks finished by connector workers, by system and outcome.");
+    metrics::describe_counter!(RETRIES_TOTAL, "Retries of connector calls after retryable errors.");
     metrics::describe_histogram!(
         TASK_DURATION_SECONDS,
         metrics::Unit::Seconds,

@@ -37,9 +37,7 @@ impl RetryPolicy {
     pub fn backoff(&self) -> ExponentialBuilder {
         ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(self.initial_delay_ms))
-            .with_max_delay(Duration::from_millis(
-                self.max_delay_ms.max(self.initial_delay_ms),
-            ))
+            .with_max_delay(Duration::from_millis(self.max_delay_ms.max(self.initial_delay_ms)))
             .with_max_times(self.max_retries)
             .with_jitter()
     }

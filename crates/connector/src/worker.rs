@@ -41,10 +41,7 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker")
-            .field("system", &self.system)
-            .field("name", &self.name)
-            .finish()
+        f.debug_struct("Worker").field("system", &self.system).field("name", &self.name).finish()
     }
 }
 
@@ -58,14 +55,7 @@ impl Worker {
     ) -> Self {
         let system = system.into();
         let name = format!("{system}-{}", std::process::id());
-        Self {
-            system,
-            name,
-            connector,
-            keys,
-            bus,
-            retry,
-        }
+        Self { system, name, connector, keys, bus, retry }
     }
 
     /// Consumes until the bus closes. Each task is acknowledged only after
@@ -138,18 +128,13 @@ impl Worker {
         };
         match self.call("verify", || self.connector.verify(&task)).await {
             Ok(residual) => erased(erasure, residual),
-            Err(e) => failed(ConnectorError {
-                message: format!("verification failed: {}", e.message),
-                ..e
-            }),
+            Err(e) => failed(ConnectorError { message: format!("verification failed: {}", e.message), ..e }),
         }
     }
 
     async fn open(&self, msg: &TaskMessage) -> Result<ErasureTask, ConnectorError> {
         let key = self
-            .call("key", || {
-                self.keys.data_key(&msg.system, msg.request_id, msg.task_id)
-            })
+            .call("key", || self.keys.data_key(&msg.system, msg.request_id, msg.task_id))
             .await?
             .ok_or_else(|| {
                 ConnectorError::permanent("the request's data key was destroyed; the request is closed")
@@ -189,27 +174,17 @@ impl Worker {
 }
 
 fn failed(e: ConnectorError) -> Outcome {
-    Outcome::Failed {
-        retryable: e.retryable,
-        reason: e.message,
-    }
+    Outcome::Failed { retryable: e.retryable, reason: e.message }
 }
 
 fn erased(erasure: Erasure, residual: u64) -> Outcome {
     let residual = Some(residual);
     if !erasure.retained.is_empty() {
-        Outcome::RetainedInPart {
-            datasets: erasure.datasets,
-            retained: erasure.retained,
-            residual,
-        }
+        Outcome::RetainedInPart { datasets: erasure.datasets, retained: erasure.retained, residual }
     } else if erasure.total() == 0 {
         Outcome::NotFound { residual }
     } else {
-        Outcome::Erased {
-            datasets: erasure.datasets,
-            residual,
-        }
+        Outcome::Erased { datasets: erasure.datasets, residual }
     }
 }
 

@@ -4,6 +4,7 @@
 //! backends and connectors together.
 
 pub mod api;
+pub mod auth;
 pub mod clock;
 pub mod dispatcher;
 pub mod ingest;
@@ -22,6 +23,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 pub use api::{app, AppState};
+pub use auth::ConnectorTokens;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use keys::StoreKeys;
 pub use planner::{Planner, SystemInfo};
@@ -83,6 +85,7 @@ impl Coordinator {
         planner: Planner,
         clock: Arc<dyn Clock>,
         settings: Settings,
+        connector_tokens: ConnectorTokens,
     ) -> Result<Self, StartError> {
         metrics::describe();
         if !bus.is_durable() {
@@ -111,14 +114,17 @@ impl Coordinator {
             owner: format!("coordinator-{}", uuid::Uuid::new_v4()),
         };
         tasks.spawn(dispatcher.run());
-        let scheduler = scheduler::Scheduler {
-            store: store.clone(),
-            clock: clock.clone(),
-            wake: wake.clone(),
-            settings,
-        };
+        let scheduler =
+            scheduler::Scheduler { store: store.clone(), clock: clock.clone(), wake: wake.clone(), settings };
         tasks.spawn(scheduler.run());
-        let state = AppState { store, master, planner: Arc::new(planner), clock, wake };
+        let state = AppState {
+            store,
+            master,
+            planner: Arc::new(planner),
+            clock,
+            wake,
+            connector_tokens: Arc::new(connector_tokens),
+        };
         Ok(Self { state, tasks })
     }
 }

@@ -14,7 +14,9 @@ use chrono::{TimeZone, Utc};
 use http_body_util::BodyExt;
 use lethe_bus::{Bus, InProcessBus};
 use lethe_connector::{Connector, ConnectorError, Erasure, ErasureTask, RetryPolicy, Worker};
-use lethe_coordinator::{app, AppState, Coordinator, ManualClock, Planner, Settings, StoreKeys, SystemInfo};
+use lethe_coordinator::{
+    app, AppState, ConnectorTokens, Coordinator, ManualClock, Planner, Settings, StoreKeys, SystemInfo,
+};
 use lethe_core::{DataKey, DatasetReport, MasterKey};
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -59,6 +61,7 @@ impl Harness {
             Planner::new(systems()),
             Arc::new(clock.clone()),
             settings,
+            ConnectorTokens::new([("crm".to_owned(), "crm-token".to_owned())]),
         )
         .await
         .unwrap();
@@ -345,8 +348,13 @@ async fn a_permanent_failure_fails_the_request_keeps_its_key_and_can_be_retried(
     let broken = Arc::new(Broken::default());
     let keys = Arc::new(StoreKeys::new(h.state().store.clone(), h.master.clone()));
     for system in ["crm", "mail"] {
-        let worker =
-            Worker::new(system, broken.clone(), keys.clone(), h.bus.clone() as Arc<dyn Bus>, RetryPolicy::default());
+        let worker = Worker::new(
+            system,
+            broken.clone(),
+            keys.clone(),
+            h.bus.clone() as Arc<dyn Bus>,
+            RetryPolicy::default(),
+        );
         tokio::spawn(worker.run());
     }
     let body = json!({"subject": {"email": "x@example.com"}, "regulation": "pipeda"});
@@ -360,7 +368,9 @@ async fn a_permanent_failure_fails_the_request_keeps_its_key_and_can_be_retried(
     assert_eq!(crm["summary"], "failed (permanent): table customers does not exist");
     assert!(view["key_destroyed_at"].is_null(), "kept so that an operator can retry");
 
-    let retry = |system: &str| Request::post(format!("/v1/requests/{id}/systems/{system}/retry")).body(Body::empty()).unwrap();
+    let retry = |system: &str| {
+        Request::post(format!("/v1/requests/{id}/systems/{system}/retry")).body(Body::empty()).unwrap()
+    };
     let (status, _, _) = call(&h.app(), retry("nope")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     broken.repaired.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -387,8 +397,11 @@ async fn silent_tasks_are_redispatched_after_their_time_out_then_failed() {
     };
     let h = Harness::with(settings).await;
     // No worker runs: every dispatch goes unanswered.
-    let (_, created, _) =
-        call(&h.app(), post(json!({"subject": {"email": "q@example.com"}, "regulation": "gdpr"}).to_string())).await;
+    let (_, created, _) = call(
+        &h.app(),
+        post(json!({"subject": {"email": "q@example.com"}, "regulation": "gdpr"}).to_string()),
+    )
+    .await;
     let id = created["id"].as_str().unwrap().to_owned();
     let attempts = |v: &Value| v["systems"][0]["attempts"].as_u64().unwrap();
     let view_of = || async { call(&h.app(), get(&format!("/v1/requests/{id}"))).await.1 };
@@ -421,4 +434,41 @@ async fn the_real_server_answers_on_a_port() {
     stream.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"status\":\"ok\""));
+}
+
+#[tokio::test]
+async fn connector_keys_need_the_systems_token_and_vanish_with_the_request() {
+    let h = Harness::new().await;
+    let (_, created, _) = call(
+        &h.app(),
+        post(json!({"subject": {"email": "k@example.com"}, "regulation": "gdpr"}).to_string()),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap();
+    let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{id}"))).await;
+    let task_of = |system: &str| {
+        view["systems"].as_array().unwrap().iter().find(|s| s["system"] == system).unwrap()["task_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let ask = |token: Option<&str>, task: &str| {
+        let mut req = Request::post("/v1/connector/keys").header(header::CONTENT_TYPE, "application/json");
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        req.body(Body::from(json!({"task_id": task}).to_string())).unwrap()
+    };
+    let crm = task_of("crm");
+    assert_eq!(call(&h.app(), ask(None, &crm)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&h.app(), ask(Some("wrong"), &crm)).await.0, StatusCode::UNAUTHORIZED);
+    let (status, body, _) = call(&h.app(), ask(Some("crm-token"), &crm)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["key"].as_str().unwrap().len(), 64);
+    let (status, _, _) = call(&h.app(), ask(Some("crm-token"), &task_of("mail"))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a worker reads only its own system's keys");
+    // Once the request closes, its key is gone for everyone.
+    h.start_workers(Arc::new(MemoryConnector::default()));
+    wait_final(&h.app(), id).await;
+    assert_eq!(call(&h.app(), ask(Some("crm-token"), &crm)).await.0, StatusCode::NOT_FOUND);
 }

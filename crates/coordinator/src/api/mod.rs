@@ -1,6 +1,7 @@
 //! The HTTP API. [`app`] builds the whole router from its state, so tests
 //! drive it with `oneshot` and the binary serves the same router.
 
+pub mod connector;
 pub mod problem;
 pub mod requests;
 
@@ -17,6 +18,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use utoipa::{OpenApi, ToSchema};
 
+use crate::auth::ConnectorTokens;
 use crate::clock::Clock;
 use crate::planner::{Planner, SystemInfo};
 use problem::Problem;
@@ -33,6 +35,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Wakes the dispatcher when new outbox rows were committed.
     pub wake: Arc<Notify>,
+    /// Tokens of connector workers running in other processes.
+    pub connector_tokens: Arc<ConnectorTokens>,
 }
 
 /// The coordinator's router.
@@ -42,6 +46,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/requests/{id}", get(requests::get_request))
         .route("/v1/requests/{id}/systems/{system}/retry", post(requests::retry_task))
         .route("/v1/systems", get(list_systems))
+        .route("/v1/connector/keys", post(connector::task_key))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
@@ -82,7 +87,16 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Lethe", description = "Right-to-be-forgotten erasure orchestrator"),
-    paths(requests::submit, requests::get_request, requests::list_requests, requests::retry_task, list_systems, healthz, readyz),
+    paths(
+        requests::submit,
+        requests::get_request,
+        requests::list_requests,
+        requests::retry_task,
+        connector::task_key,
+        list_systems,
+        healthz,
+        readyz
+    ),
     components(schemas(lethe_core::Outcome, lethe_core::DatasetReport, lethe_core::RetainedReport))
 )]
 struct ApiDoc;

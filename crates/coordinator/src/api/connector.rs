@@ -1,0 +1,57 @@
+//! `/v1/connector/*`: what connector workers in other processes ask of the
+//! coordinator.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::Json;
+use lethe_core::TaskId;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::problem::{Problem, ProblemBody, StrictJson};
+use super::AppState;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRequest {
+    /// The task the worker holds.
+    pub task_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyResponse {
+    /// The request's AES-256-GCM data key, hex-encoded.
+    pub key: String,
+}
+
+/// The data key for a task of the caller's system. 404 when the task is
+/// unknown, belongs to another system, or its request's key was destroyed.
+#[utoipa::path(
+    post, path = "/v1/connector/keys", tag = "connectors",
+    request_body = KeyRequest,
+    security(("connector_token" = [])),
+    responses(
+        (status = 200, body = KeyResponse),
+        (status = 401, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, body = ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+pub async fn task_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    StrictJson(body): StrictJson<KeyRequest>,
+) -> Result<Json<KeyResponse>, Problem> {
+    let system = state.connector_tokens.authenticate(&headers)?;
+    let gone = || Problem::not_found("no key for this task: unknown, another system's, or destroyed");
+    let task: TaskId = body.task_id.parse().map_err(|_| gone())?;
+    let wrapped = state.store.task_key(system, task).await?.ok_or_else(gone)?;
+    let key = state.master.unwrap(&wrapped).map_err(|_| {
+        tracing::error!(%task, "a request key cannot be unwrapped with the configured master key");
+        Problem::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error",
+            "the key cannot be provided",
+        )
+    })?;
+    Ok(Json(KeyResponse { key: key.to_hex().to_string() }))
+}
