@@ -18,19 +18,29 @@ use crate::registry;
 /// A coordinator serving on a bound address.
 pub struct Running {
     pub addr: SocketAddr,
-    tasks: JoinSet<anyhow::Result<()>>,
+    tasks: JoinSet<anyhow::Result<Stopped>>,
     _coordinator: Coordinator,
 }
 
 impl Running {
-    /// Waits until a background task stops (which is an error) or forever.
+    /// Waits until a background task stops. The HTTP server stops cleanly
+    /// on Ctrl-C or SIGTERM; any other task stopping, or any error, is a
+    /// failure.
     pub async fn wait(&mut self) -> anyhow::Result<()> {
         match self.tasks.join_next().await {
-            Some(Ok(result)) => result.and(Err(anyhow::anyhow!("a background task stopped"))),
+            Some(Ok(Ok(Stopped::Server))) => Ok(()),
+            Some(Ok(Ok(Stopped::Worker(system)))) => Err(anyhow::anyhow!("the worker of {system} stopped")),
+            Some(Ok(Err(e))) => Err(e),
             Some(Err(e)) => Err(e.into()),
             None => std::future::pending().await,
         }
     }
+}
+
+/// Which background task ended.
+enum Stopped {
+    Server,
+    Worker(String),
 }
 
 /// Starts everything `config` describes, serving HTTP on `listener`.
@@ -65,14 +75,17 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
                 tracing::warn!(system = %system.name, error = %e, "connector health check failed; its tasks will fail until fixed");
             }
             let worker = Worker::new(system.name.clone(), connector, keys.clone(), bus.clone(), config.retry);
-            tasks.spawn(async move { worker.run().await.map_err(anyhow::Error::from) });
+            let name = system.name.clone();
+            tasks.spawn(async move {
+                worker.run().await.map(|()| Stopped::Worker(name)).map_err(anyhow::Error::from)
+            });
         }
     }
     let addr = listener.local_addr()?;
     let router = app(coordinator.state.clone());
     tasks.spawn(async move {
         axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
-        Ok(())
+        Ok(Stopped::Server)
     });
     tracing::info!(%addr, store = store.backend(), systems = config.systems.len(), "lethe coordinator listening");
     Ok(Running { addr, tasks, _coordinator: coordinator })
@@ -124,13 +137,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let mut running = start(&config, listener).await?;
-    tokio::select! {
-        r = running.wait() => r,
-        _ = shutdown_signal() => {
-            tracing::info!("shutting down");
-            Ok(())
-        }
-    }
+    running.wait().await
 }
 
 async fn shutdown_signal() {
@@ -149,4 +156,5 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
 }

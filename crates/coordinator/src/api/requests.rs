@@ -6,7 +6,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use lethe_core::{Action, TaskId};
 use lethe_core::{
     DataKey, Identifier, IdentifierKind, Outcome, Regulation, RequestId, RequestStatus, TaskState,
@@ -213,7 +213,8 @@ pub async fn submit(
     let idempotency = idempotency_key(&headers)?;
 
     let id = RequestId::new();
-    let now = state.clock.now();
+    // The store keeps milliseconds; answer with what every later read shows.
+    let now = state.clock.now().trunc_subsecs(3);
     let due_at = regulation.due_at(now);
     let key = DataKey::generate();
     let (plan, tasks) = state.planner.plan();

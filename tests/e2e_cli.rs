@@ -1,0 +1,121 @@
+//! The `lethe` command line against a running `lethe serve`: submit, status,
+//! requests list, and `config check` on a good and on broken files.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+use support::{ada_and_neighbours, describe, lethe, Lab, Server, StateKind};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_round_trip_against_a_running_server() {
+    let lab = Lab::new(StateKind::Sqlite, ada_and_neighbours()).await;
+    let server = Server::start(&lab).await;
+    let cwd = lab.root();
+    let base = server.base.as_str();
+
+    // lethe submit
+    let out =
+        lethe(&["submit", "--email", "  Ada@Example.COM ", "--regulation", "gdpr", "--server", base], cwd)
+            .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let answer: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&out)));
+    let id = answer["id"].as_str().expect("id").to_owned();
+    uuid::Uuid::parse_str(&id).expect("a UUID");
+    assert!(answer["due_at"].is_string(), "{answer}");
+    assert!(answer["status"].is_string(), "{answer}");
+
+    // lethe status (after the request is final, so the table is stable)
+    server.wait_final(&id).await;
+    let out = lethe(&["status", &id, "--server", base], cwd).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    for expected in [
+        format!("request   {id}"),
+        "status    completed".to_owned(),
+        "regulation gdpr".to_owned(),
+        "SYSTEM".to_owned(),
+        "STATE".to_owned(),
+    ] {
+        assert!(table.contains(&expected), "{expected:?} missing from:\n{table}");
+    }
+    let shop = table.lines().find(|l| l.starts_with("shop ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(shop.contains("erase") && shop.contains("succeeded"), "{shop}");
+    assert!(shop.contains("deleted 3, anonymized 3"), "{shop}");
+    let news = table.lines().find(|l| l.starts_with("newsletter ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(news.contains("succeeded") && news.contains("deleted 5, anonymized 0"), "{news}");
+    assert!(!table.to_ascii_lowercase().contains("ada@example.com"), "{table}");
+
+    // lethe status --watch on a final request returns at once
+    let out = lethe(&["status", &id, "--watch", "--server", base], cwd).await;
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // lethe status on an unknown request fails and says so
+    let out = lethe(&["status", "00000000-0000-0000-0000-000000000000", "--server", base], cwd).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404"), "{}", describe(&out));
+
+    // lethe submit with an invalid address fails without echoing it
+    let out =
+        lethe(&["submit", "--email", "secret-value-no-at", "--regulation", "gdpr", "--server", base], cwd)
+            .await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("422"), "{}", describe(&out));
+    assert!(!describe(&out).contains("secret-value-no-at"), "{}", describe(&out));
+
+    // lethe requests list (table and JSON)
+    let out = lethe(&["requests", "list", "--server", base], cwd).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let list = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(list.starts_with("ID"), "{list}");
+    let row = list.lines().find(|l| l.starts_with(&id)).unwrap_or_else(|| panic!("{id} not in:\n{list}"));
+    assert!(row.contains("completed") && row.contains("gdpr"), "{row}");
+    assert_eq!(list.lines().count(), 2, "header and one request:\n{list}");
+    let out = lethe(&["requests", "list", "--json", "--server", base], cwd).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let page: Value = serde_json::from_slice(&out.stdout).expect("JSON page");
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(1), "{page}");
+    assert_eq!(page["items"][0]["id"], id.as_str());
+
+    // The subject is erased as configured.
+    let ada = BTreeSet::from([1]);
+    lab.assert_rows_after(&ada, &ada).await;
+
+    // lethe config check: the lab's file is fine.
+    let config = lab.config.to_str().expect("UTF-8 path");
+    let out = lethe(&["config", "check", "--config", config], cwd).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(": ok"), "{stdout}");
+    assert!(stdout.contains("2 systems: shop, newsletter"), "{stdout}");
+
+    // An unknown field at the top level of a section.
+    let text = std::fs::read_to_string(&lab.config).expect("read config");
+    let broken = lab.root().join("broken.toml");
+    std::fs::write(&broken, text.replace("[server]\n", "[server]\nlisten_backlog = 128\n")).unwrap();
+    let out = lethe(&["config", "check", "--config", broken.to_str().unwrap()], cwd).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown field `listen_backlog`"), "{}", describe(&out));
+
+    // An unknown field inside a connector's settings.
+    let bad_table = lab.root().join("bad-table.toml");
+    std::fs::write(
+        &bad_table,
+        text.replacen("action = \"delete\"\n", "action = \"delete\"\nsoft_delete = true\n", 1),
+    )
+    .unwrap();
+    let out = lethe(&["config", "check", "--config", bad_table.to_str().unwrap()], cwd).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("soft_delete"), "{}", describe(&out));
+    assert!(stderr.contains("shop"), "the message names the system: {}", describe(&out));
+
+    // A file that does not exist.
+    let missing = lab.root().join("missing.toml");
+    let out = lethe(&["config", "check", "--config", missing.to_str().unwrap()], cwd).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"), "{}", describe(&out));
+}
