@@ -1,5 +1,5 @@
 //! The Kafka bus (librdkafka through rdkafka). Topics: `lethe.tasks.<system>`
-//! (key = request id), `lethe.results`, `lethe.dlq`. The producer is
+//! (key = request id), `lethe.results`, `lethe.dlq` ([`Names`]). The producer is
 //! idempotent with `acks=all`; consumers store an offset only when the
 //! message is acknowledged, i.e. after the effect it caused is durable, and
 //! commit stored offsets in the background (at least once).
@@ -22,19 +22,36 @@ use serde::Deserialize;
 
 use crate::{Bus, BusError, Consumer, Delivery, Position, ResultMessage, TaskMessage};
 
-/// Topic of a system's tasks.
-pub fn tasks_topic(system: &str) -> String {
-    format!("lethe.tasks.{system}")
-}
-/// Topic of results from every connector.
-pub const RESULTS_TOPIC: &str = "lethe.results";
-/// Dead letters, with `lethe-dlq-reason` and `lethe-dlq-source` headers.
-pub const DLQ_TOPIC: &str = "lethe.dlq";
-/// Consumer group of the coordinators' result ingest.
-pub const COORDINATOR_GROUP: &str = "lethe.coordinator";
-/// Consumer group of a system's connector workers.
-pub fn connector_group(system: &str) -> String {
-    format!("lethe.connector.{system}")
+/// The names of a deployment's topics and consumer groups. With the default
+/// namespace `lethe`: `lethe.tasks.<system>`, `lethe.results`, `lethe.dlq`,
+/// groups `lethe.coordinator` and `lethe.connector.<system>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names(String);
+
+impl Names {
+    pub fn new(namespace: &str) -> Self {
+        Self(namespace.to_owned())
+    }
+    /// Topic of a system's tasks.
+    pub fn tasks(&self, system: &str) -> String {
+        format!("{}.tasks.{system}", self.0)
+    }
+    /// Topic of results from every connector.
+    pub fn results(&self) -> String {
+        format!("{}.results", self.0)
+    }
+    /// Dead letters, with `lethe-dlq-reason` and `lethe-dlq-source` headers.
+    pub fn dlq(&self) -> String {
+        format!("{}.dlq", self.0)
+    }
+    /// Consumer group of the coordinators' result ingest.
+    pub fn coordinator_group(&self) -> String {
+        format!("{}.coordinator", self.0)
+    }
+    /// Consumer group of a system's connector workers.
+    pub fn connector_group(&self, system: &str) -> String {
+        format!("{}.connector.{system}", self.0)
+    }
 }
 
 /// Kafka settings (`[bus]` with `kind = "kafka"`).
@@ -43,6 +60,10 @@ pub fn connector_group(system: &str) -> String {
 pub struct KafkaConfig {
     /// Bootstrap servers, e.g. `broker-1:9092,broker-2:9092`.
     pub brokers: String,
+    /// Prefix of topic and consumer-group names (default `lethe`); lets
+    /// several deployments share one cluster.
+    #[serde(default = "KafkaConfig::default_namespace")]
+    pub namespace: String,
     /// Partitions of topics Lethe creates (existing topics are left alone).
     #[serde(default = "KafkaConfig::default_partitions")]
     pub partitions: i32,
@@ -57,6 +78,10 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
+    fn default_namespace() -> String {
+        "lethe".into()
+    }
+
     const fn default_partitions() -> i32 {
         6
     }
@@ -91,6 +116,7 @@ pub fn traceparent(request: uuid::Uuid) -> String {
 #[derive(Clone)]
 pub struct KafkaBus {
     config: Arc<KafkaConfig>,
+    names: Names,
     producer: FutureProducer,
 }
 
@@ -112,10 +138,11 @@ impl KafkaBus {
             .set("linger.ms", "5")
             .create()
             .map_err(|e| BusError::Config(e.to_string()))?;
-        let bus = Self { config: Arc::new(config), producer };
-        let mut topics: Vec<String> = systems.iter().map(|s| tasks_topic(s)).collect();
-        topics.push(RESULTS_TOPIC.into());
-        topics.push(DLQ_TOPIC.into());
+        let names = Names::new(&config.namespace);
+        let bus = Self { config: Arc::new(config), names, producer };
+        let mut topics: Vec<String> = systems.iter().map(|s| bus.names.tasks(s)).collect();
+        topics.push(bus.names.results());
+        topics.push(bus.names.dlq());
         bus.ensure_topics(&topics).await?;
         Ok(bus)
     }
@@ -239,7 +266,7 @@ impl Bus for KafkaBus {
     async fn publish_tasks(&self, tasks: &[TaskMessage]) -> Result<(), BusError> {
         let payloads: Vec<(String, String, Vec<u8>, uuid::Uuid)> = tasks
             .iter()
-            .map(|t| (tasks_topic(&t.system), t.request_id.to_string(), t.encode(), t.request_id.0))
+            .map(|t| (self.names.tasks(&t.system), t.request_id.to_string(), t.encode(), t.request_id.0))
             .collect();
         let sends = payloads
             .iter()
@@ -251,23 +278,26 @@ impl Bus for KafkaBus {
     }
 
     async fn task_consumer(&self, system: &str) -> Result<Box<dyn Consumer<TaskMessage>>, BusError> {
-        Ok(Box::new(self.consumer(&connector_group(system), &tasks_topic(system))?))
+        Ok(Box::new(self.consumer(&self.names.connector_group(system), &self.names.tasks(system))?))
     }
 
     async fn publish_result(&self, result: &ResultMessage) -> Result<(), BusError> {
         let key = result.request_id.to_string();
-        self.send(RESULTS_TOPIC, &key, &result.encode(), headers(result.request_id.0)).await
+        self.send(&self.names.results(), &key, &result.encode(), headers(result.request_id.0)).await
     }
 
     async fn result_consumer(&self) -> Result<Box<dyn Consumer<ResultMessage>>, BusError> {
-        Ok(Box::new(KafkaResultConsumer(self.consumer(COORDINATOR_GROUP, RESULTS_TOPIC)?)))
+        Ok(Box::new(KafkaResultConsumer(
+            self.consumer(&self.names.coordinator_group(), &self.names.results())?,
+        )))
     }
 
     async fn dead_letter(&self, source: &str, raw: &[u8], reason: &str) -> Result<(), BusError> {
         let headers = OwnedHeaders::new()
             .insert(Header { key: "lethe-dlq-reason", value: Some(reason) })
             .insert(Header { key: "lethe-dlq-source", value: Some(source) });
-        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(DLQ_TOPIC).payload(raw).headers(headers);
+        let topic = self.names.dlq();
+        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&topic).payload(raw).headers(headers);
         self.producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| unavailable(e))
     }
 
