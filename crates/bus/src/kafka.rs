@@ -244,6 +244,10 @@ impl Consumer<TaskMessage> for KafkaConsumer {
     async fn ack(&mut self, position: Position) -> Result<(), BusError> {
         self.consumer.store_offset(&self.topic, position.partition, position.offset).map_err(unavailable)
     }
+
+    fn source(&self) -> String {
+        self.topic.clone()
+    }
 }
 
 /// The same consumer type serves results; only the decoding differs.
@@ -258,6 +262,10 @@ impl Consumer<ResultMessage> for KafkaResultConsumer {
 
     async fn ack(&mut self, position: Position) -> Result<(), BusError> {
         self.0.consumer.store_offset(&self.0.topic, position.partition, position.offset).map_err(unavailable)
+    }
+
+    fn source(&self) -> String {
+        self.0.topic.clone()
     }
 }
 

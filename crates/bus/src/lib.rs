@@ -60,6 +60,9 @@ pub trait Consumer<T>: Send {
     /// The next delivery; `None` once the bus is shut down.
     async fn recv(&mut self) -> Option<Delivery<T>>;
     async fn ack(&mut self, position: Position) -> Result<(), BusError>;
+
+    /// Where messages come from (a topic name), for dead letters.
+    fn source(&self) -> String;
 }
 
 /// The transport between coordinator and connectors.

@@ -74,6 +74,7 @@ impl InProcessBus {
 struct ChannelConsumer<T> {
     rx: mpsc::Receiver<T>,
     next_offset: i64,
+    source: String,
 }
 
 #[async_trait]
@@ -87,6 +88,10 @@ impl<T: Send> Consumer<T> for ChannelConsumer<T> {
 
     async fn ack(&mut self, _position: Position) -> Result<(), BusError> {
         Ok(())
+    }
+
+    fn source(&self) -> String {
+        self.source.clone()
     }
 }
 
@@ -108,7 +113,7 @@ impl Bus for InProcessBus {
         let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
         let slot = &mut tasks.get_mut(system).ok_or(BusError::Closed)?.1;
         let rx = take_receiver(slot, &format!("system {system}"))?;
-        Ok(Box::new(ChannelConsumer { rx, next_offset: 0 }))
+        Ok(Box::new(ChannelConsumer { rx, next_offset: 0, source: format!("in-process tasks of {system}") }))
     }
 
     async fn publish_result(&self, result: &ResultMessage) -> Result<(), BusError> {
@@ -119,7 +124,7 @@ impl Bus for InProcessBus {
     async fn result_consumer(&self) -> Result<Box<dyn Consumer<ResultMessage>>, BusError> {
         let mut results = self.inner.results.lock().unwrap_or_else(|e| e.into_inner());
         let rx = take_receiver(&mut results.1, "the results stream")?;
-        Ok(Box::new(ChannelConsumer { rx, next_offset: 0 }))
+        Ok(Box::new(ChannelConsumer { rx, next_offset: 0, source: "in-process results".into() }))
     }
 
     async fn dead_letter(&self, source: &str, raw: &[u8], reason: &str) -> Result<(), BusError> {

@@ -42,6 +42,8 @@ pub struct Config {
     /// Retries of connector calls inside a worker.
     #[serde(default)]
     pub retry: RetryPolicy,
+    #[serde(default)]
+    pub worker: WorkerConfig,
     /// The data systems to erase from.
     #[serde(default)]
     pub systems: Vec<SystemConfig>,
@@ -156,6 +158,27 @@ impl Default for DispatcherConfig {
             lease_secs: Self::default_lease_secs(),
             poll_interval_ms: Self::default_poll_ms(),
         }
+    }
+}
+
+/// Connector workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Tasks a worker runs at once (offsets are still stored in order).
+    #[serde(default = "WorkerConfig::default_concurrency")]
+    pub concurrency: usize,
+}
+
+impl WorkerConfig {
+    const fn default_concurrency() -> usize {
+        8
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self { concurrency: Self::default_concurrency() }
     }
 }
 

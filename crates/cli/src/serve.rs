@@ -74,7 +74,8 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
             if let Err(e) = connector.health().await {
                 tracing::warn!(system = %system.name, error = %e, "connector health check failed; its tasks will fail until fixed");
             }
-            let worker = Worker::new(system.name.clone(), connector, keys.clone(), bus.clone(), config.retry);
+            let worker = Worker::new(system.name.clone(), connector, keys.clone(), bus.clone(), config.retry)
+                .with_concurrency(config.worker.concurrency);
             let name = system.name.clone();
             tasks.spawn(async move {
                 worker.run().await.map(|()| Stopped::Worker(name)).map_err(anyhow::Error::from)
@@ -123,7 +124,8 @@ pub async fn run_connector(config: Config, system: &str, coordinator: Option<Str
         tracing::warn!(system = %system.name, error = %e, "connector health check failed");
     }
     let keys = Arc::new(HttpKeys::new(&coordinator, token));
-    let worker = Worker::new(system.name.clone(), connector, keys, bus, config.retry);
+    let worker = Worker::new(system.name.clone(), connector, keys, bus, config.retry)
+        .with_concurrency(config.worker.concurrency);
     tracing::info!(system = %system.name, %coordinator, "connector worker consuming");
     tokio::select! {
         r = worker.run() => r.map_err(anyhow::Error::from),

@@ -9,8 +9,9 @@ use std::time::Instant;
 use async_trait::async_trait;
 use backon::Retryable;
 use chrono::Utc;
-use lethe_bus::{Bus, BusError, Consumer, ResultMessage, TaskMessage, ENVELOPE_VERSION};
+use lethe_bus::{Bus, BusError, Consumer, Delivery, Position, ResultMessage, TaskMessage, ENVELOPE_VERSION};
 use lethe_core::{DataKey, Outcome, RequestId, TaskId};
+use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::connector::{Connector, ConnectorError, Erasure, ErasureTask};
@@ -37,6 +38,7 @@ pub struct Worker {
     keys: Arc<dyn KeyResolver>,
     bus: Arc<dyn Bus>,
     retry: RetryPolicy,
+    concurrency: usize,
 }
 
 impl std::fmt::Debug for Worker {
@@ -55,7 +57,15 @@ impl Worker {
     ) -> Self {
         let system = system.into();
         let name = format!("{system}-{}", std::process::id());
-        Self { system, name, connector, keys, bus, retry }
+        Self { system, name, connector, keys, bus, retry, concurrency: 8 }
+    }
+
+    /// How many tasks run at once (default 8). Acknowledgements still
+    /// follow the order of each partition: an offset is stored only once
+    /// every earlier task of its partition has delivered its result.
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
     }
 
     /// Consumes until the bus closes. Each task is acknowledged only after
@@ -63,21 +73,48 @@ impl Worker {
     pub async fn run(self) -> Result<(), BusError> {
         crate::metrics::describe();
         let mut consumer: Box<dyn Consumer<TaskMessage>> = self.bus.task_consumer(&self.system).await?;
-        tracing::info!(system = %self.system, "worker started");
-        while let Some(delivery) = consumer.recv().await {
-            match delivery.message {
-                Ok(task) => {
-                    let result = self.process(task).await;
-                    self.publish(&result).await?;
-                }
-                Err(bad) => {
-                    let source = format!("lethe.tasks.{}", self.system);
-                    self.bus.dead_letter(&source, &bad.raw, &bad.reason).await?;
+        tracing::info!(system = %self.system, concurrency = self.concurrency, "worker started");
+        let this = Arc::new(self);
+        let source: Arc<str> = consumer.source().into();
+        let mut in_flight: JoinSet<Result<Position, BusError>> = JoinSet::new();
+        let mut order = AckOrder::default();
+        let mut open = true;
+        while open || !in_flight.is_empty() {
+            tokio::select! {
+                delivery = consumer.recv(), if open && in_flight.len() < this.concurrency => match delivery {
+                    Some(d) => {
+                        order.received(d.position);
+                        in_flight.spawn(this.clone().handle(d, source.clone()));
+                    }
+                    None => open = false,
+                },
+                Some(done) = in_flight.join_next() => {
+                    let position = done.map_err(|e| BusError::Unavailable(format!("task panicked: {e}")))??;
+                    if let Some(ack) = order.completed(position) {
+                        consumer.ack(ack).await?;
+                    }
                 }
             }
-            consumer.ack(delivery.position).await?;
         }
         Ok(())
+    }
+
+    /// Processes one delivery to a published result (or a dead letter).
+    async fn handle(
+        self: Arc<Self>,
+        delivery: Delivery<TaskMessage>,
+        source: Arc<str>,
+    ) -> Result<Position, BusError> {
+        match delivery.message {
+            Ok(task) => {
+                let result = self.process(task).await;
+                self.publish(&result).await?;
+            }
+            Err(bad) => {
+                self.bus.dead_letter(&source, &bad.raw, &bad.reason).await?;
+            }
+        }
+        Ok(delivery.position)
     }
 
     async fn publish(&self, result: &ResultMessage) -> Result<(), BusError> {
@@ -195,5 +232,53 @@ fn outcome_label(o: &Outcome) -> &'static str {
         Outcome::RetainedInPart { .. } => "retained_in_part",
         Outcome::Failed { .. } => "failed",
         Outcome::Accepted { .. } => "accepted",
+    }
+}
+
+/// Keeps acknowledgements in partition order while tasks finish out of
+/// order: the offset to store is the highest one below which every task of
+/// that partition is done.
+#[derive(Debug, Default)]
+struct AckOrder {
+    partitions: std::collections::HashMap<i32, std::collections::VecDeque<(i64, bool)>>,
+}
+
+impl AckOrder {
+    fn received(&mut self, p: Position) {
+        self.partitions.entry(p.partition).or_default().push_back((p.offset, false));
+    }
+
+    /// Marks `p` done; returns the position to acknowledge, if any moved.
+    fn completed(&mut self, p: Position) -> Option<Position> {
+        let queue = self.partitions.get_mut(&p.partition)?;
+        if let Some(entry) = queue.iter_mut().find(|(o, _)| *o == p.offset) {
+            entry.1 = true;
+        }
+        let mut last = None;
+        while let Some(&(offset, true)) = queue.front() {
+            queue.pop_front();
+            last = Some(Position { partition: p.partition, offset });
+        }
+        last
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledgements_follow_partition_order() {
+        let at = |partition, offset| Position { partition, offset };
+        let mut order = AckOrder::default();
+        for o in 0..4 {
+            order.received(at(0, o));
+        }
+        order.received(at(1, 7));
+        assert_eq!(order.completed(at(0, 2)), None, "0 and 1 are still running");
+        assert_eq!(order.completed(at(1, 7)), Some(at(1, 7)));
+        assert_eq!(order.completed(at(0, 0)), Some(at(0, 0)));
+        assert_eq!(order.completed(at(0, 1)), Some(at(0, 2)), "1 done releases 2 as well");
+        assert_eq!(order.completed(at(0, 3)), Some(at(0, 3)));
     }
 }

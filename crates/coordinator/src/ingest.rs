@@ -12,8 +12,6 @@ use crate::clock::Clock;
 use crate::dispatcher::Backoff;
 use crate::metrics::{DEAD_LETTERS_TOTAL, OUTCOMES_TOTAL, REQUESTS_FINISHED_TOTAL};
 
-const RESULTS_SOURCE: &str = "lethe.results";
-
 pub struct Ingest {
     pub(crate) store: Arc<dyn StateStore>,
     pub(crate) bus: Arc<dyn Bus>,
@@ -24,6 +22,7 @@ pub struct Ingest {
 
 impl Ingest {
     pub async fn run(self, mut consumer: Box<dyn Consumer<ResultMessage>>) {
+        let source = consumer.source();
         while let Some(first) = consumer.recv().await {
             let mut batch = vec![first];
             while batch.len() < self.batch {
@@ -33,7 +32,7 @@ impl Ingest {
                 }
             }
             let positions: Vec<Position> = batch.iter().map(|d| d.position).collect();
-            self.apply(batch).await;
+            self.apply(batch, &source).await;
             for p in positions {
                 if let Err(e) = consumer.ack(p).await {
                     tracing::warn!(error = %e, "could not acknowledge a result");
@@ -44,12 +43,12 @@ impl Ingest {
 
     /// Applies a batch, retrying store failures until they succeed: a
     /// result is never acknowledged before its effect is durable.
-    async fn apply(&self, batch: Vec<Delivery<ResultMessage>>) {
+    async fn apply(&self, batch: Vec<Delivery<ResultMessage>>, source: &str) {
         let mut results = Vec::with_capacity(batch.len());
         for d in batch {
             match d.message {
                 Ok(m) => results.push(m),
-                Err(bad) => self.dead_letter(&bad.raw, &bad.reason).await,
+                Err(bad) => self.dead_letter(source, &bad.raw, &bad.reason).await,
             }
         }
         if results.is_empty() {
@@ -86,15 +85,15 @@ impl Ingest {
                 }
                 Applied::UnknownTask => {
                     metrics::counter!(OUTCOMES_TOTAL, "result" => "unknown_task").increment(1);
-                    self.dead_letter(&msg.encode(), "result refers to an unknown task").await;
+                    self.dead_letter(source, &msg.encode(), "result refers to an unknown task").await;
                 }
             }
         }
     }
 
-    async fn dead_letter(&self, raw: &[u8], reason: &str) {
-        metrics::counter!(DEAD_LETTERS_TOTAL, "source" => RESULTS_SOURCE).increment(1);
-        if let Err(e) = self.bus.dead_letter(RESULTS_SOURCE, raw, reason).await {
+    async fn dead_letter(&self, source: &str, raw: &[u8], reason: &str) {
+        metrics::counter!(DEAD_LETTERS_TOTAL, "source" => "results").increment(1);
+        if let Err(e) = self.bus.dead_letter(source, raw, reason).await {
             tracing::error!(error = %e, reason, "could not dead-letter a result");
         }
     }

@@ -472,3 +472,53 @@ async fn connector_keys_need_the_systems_token_and_vanish_with_the_request() {
     wait_final(&h.app(), id).await;
     assert_eq!(call(&h.app(), ask(Some("crm-token"), &crm)).await.0, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn batches_accept_valid_items_refuse_invalid_ones_and_replay_by_key() {
+    let h = Harness::new().await;
+    let batch = |items: Value| {
+        Request::post("/v1/requests:batch")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(json!({ "requests": items }).to_string()))
+            .unwrap()
+    };
+    let items = json!([
+        {"request": {"subject": {"email": "b1@example.com"}, "regulation": "gdpr"}, "idempotency_key": "row-1"},
+        {"request": {"subject": {"email": "leak-invalid"}, "regulation": "gdpr"}, "idempotency_key": "row-2"},
+        {"request": {"subject": {"phone": "+44 20 7946 0958"}, "regulation": "ccpa"}, "idempotency_key": "row-3"},
+        {"request": {"subject": {"email": "b1@example.com"}, "regulation": "gdpr"}, "idempotency_key": "row-1"},
+    ]);
+    let (status, first, _) = call(&h.app(), batch(items.clone())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let r = first["results"].as_array().unwrap();
+    assert_eq!(r.len(), 4);
+    assert!(r[0]["id"].is_string() && r[0]["error"].is_null());
+    assert!(r[1]["id"].is_null() && r[1]["error"].as_str().unwrap().contains("email"));
+    assert!(!first.to_string().contains("leak"), "errors never quote values");
+    assert_eq!(r[2]["status"], "received");
+    assert_eq!(
+        (r[3]["id"].clone(), r[3]["replayed"].clone()),
+        (r[0]["id"].clone(), json!(true)),
+        "same key in one batch"
+    );
+    let (_, again, _) = call(&h.app(), batch(items)).await;
+    let r2 = again["results"].as_array().unwrap();
+    assert_eq!(r2[0]["id"], r[0]["id"]);
+    assert_eq!(r2[2]["id"], r[2]["id"]);
+    assert!(r2[0]["replayed"].as_bool().unwrap() && r2[2]["replayed"].as_bool().unwrap());
+    let (_, page, _) = call(&h.app(), get("/v1/requests")).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2, "two requests, however often the batch is sent");
+
+    assert_eq!(call(&h.app(), batch(json!([]))).await.0, StatusCode::UNPROCESSABLE_ENTITY);
+    let many: Vec<Value> = (0..1001)
+        .map(|i| json!({"request": {"subject": {"customer_id": format!("c{i}")}, "regulation": "gdpr"}}))
+        .collect();
+    let (status, body, _) = call(&h.app(), batch(Value::Array(many))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let thousand: Vec<Value> = (0..1000)
+        .map(|i| json!({"request": {"subject": {"customer_id": format!("c{i}")}, "regulation": "gdpr"}}))
+        .collect();
+    let (status, body, _) = call(&h.app(), batch(Value::Array(thousand))).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(body["results"].as_array().unwrap().iter().filter(|r| r["id"].is_string()).count(), 1000);
+}

@@ -69,6 +69,10 @@ pub trait StateStore: Send + Sync + 'static {
     /// writes nothing and returns the existing request.
     async fn create_request(&self, request: NewRequest) -> Result<Created, StoreError>;
 
+    /// Many requests in one transaction (bulk intake); idempotency keys
+    /// behave as in [`StateStore::create_request`], also within the batch.
+    async fn create_requests(&self, requests: Vec<NewRequest>) -> Result<Vec<Created>, StoreError>;
+
     /// One request with its plan and tasks.
     async fn request(&self, id: RequestId) -> Result<Option<RequestDetail>, StoreError>;
 

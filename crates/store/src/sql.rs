@@ -388,9 +388,25 @@ impl SqlStore {
         row.map(|r| parse(&col::<String>(&r, "id")?, "request id")).transpose()
     }
 
-    async fn insert_request(&self, req: &NewRequest) -> Result<(), StoreError> {
-        let now = req.received_at;
+    /// Writes requests in one transaction (one audit append for all).
+    async fn insert_requests(&self, reqs: &[&NewRequest]) -> Result<(), StoreError> {
+        let Some(last) = reqs.last() else { return Ok(()) };
         let mut tx = self.begin().await?;
+        let mut events = Vec::new();
+        for req in reqs {
+            self.write_request(&mut tx, req, &mut events).await?;
+        }
+        self.append_audit(&mut tx, events, last.received_at).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn write_request(
+        &self,
+        tx: &mut AnyConnection,
+        req: &NewRequest,
+        events: &mut Vec<PendingEvent>,
+    ) -> Result<(), StoreError> {
+        let now = req.received_at;
         sqlx::query(
             "INSERT INTO requests (id, regulation, status, received_at, due_at, updated_at, external_ref, \
              idempotency_key, wrapped_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -456,7 +472,7 @@ impl SqlStore {
                 .map_err(db_err)?;
         }
         let subjects: Vec<&str> = req.identifiers.iter().map(|i| i.subject_hash.as_str()).collect();
-        let mut events = vec![PendingEvent::new(
+        events.push(PendingEvent::new(
             req.id,
             None,
             "request.received",
@@ -466,7 +482,7 @@ impl SqlStore {
                 "subjects": subjects,
                 "verification": req.verification,
             }),
-        )];
+        ));
         for item in &req.plan {
             events.push(PendingEvent::new(
                 req.id,
@@ -475,9 +491,8 @@ impl SqlStore {
                 serde_json::to_value(item).unwrap_or_default(),
             ));
         }
-        self.refresh_request(&mut tx, req.id, RequestStatus::Received, now, &mut events).await?;
-        self.append_audit(&mut tx, events, now).await?;
-        tx.commit().await.map_err(db_err)
+        self.refresh_request(tx, req.id, RequestStatus::Received, now, events).await?;
+        Ok(())
     }
 }
 
@@ -497,7 +512,7 @@ impl StateStore for SqlStore {
                 return Ok(Created::Existing(id));
             }
         }
-        match self.insert_request(&req).await {
+        match self.insert_requests(&[&req]).await {
             Ok(()) => Ok(Created::New(req.id)),
             // A concurrent request with the same idempotency key won the race.
             Err(StoreError::Conflict(c)) => match &req.idempotency_key {
@@ -506,6 +521,40 @@ impl StateStore for SqlStore {
                 }
                 None => Err(StoreError::Conflict(c)),
             },
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn create_requests(&self, reqs: Vec<NewRequest>) -> Result<Vec<Created>, StoreError> {
+        let mut results = Vec::with_capacity(reqs.len());
+        let mut fresh: Vec<&NewRequest> = Vec::new();
+        let mut seen: HashMap<&str, RequestId> = HashMap::new();
+        for req in &reqs {
+            let Some(key) = req.idempotency_key.as_deref() else {
+                results.push(Created::New(req.id));
+                fresh.push(req);
+                continue;
+            };
+            if let Some(id) = seen.get(key) {
+                results.push(Created::Existing(*id));
+            } else if let Some(id) = self.existing_by_key(key).await? {
+                results.push(Created::Existing(id));
+            } else {
+                seen.insert(key, req.id);
+                results.push(Created::New(req.id));
+                fresh.push(req);
+            }
+        }
+        match self.insert_requests(&fresh).await {
+            Ok(()) => Ok(results),
+            // A concurrent submission used one of the keys: go one by one.
+            Err(StoreError::Conflict(_)) => {
+                let mut one_by_one = Vec::with_capacity(reqs.len());
+                for req in reqs {
+                    one_by_one.push(self.create_request(req).await?);
+                }
+                Ok(one_by_one)
+            }
             Err(e) => Err(e),
         }
     }

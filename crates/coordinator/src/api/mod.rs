@@ -1,6 +1,7 @@
 //! The HTTP API. [`app`] builds the whole router from its state, so tests
 //! drive it with `oneshot` and the binary serves the same router.
 
+pub mod batch;
 pub mod connector;
 pub mod problem;
 pub mod requests;
@@ -43,6 +44,10 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/requests", get(requests::list_requests).post(requests::submit))
+        .route(
+            "/v1/requests:batch",
+            post(batch::submit_batch).layer(DefaultBodyLimit::max(batch::MAX_BATCH_BYTES)),
+        )
         .route("/v1/requests/{id}", get(requests::get_request))
         .route("/v1/requests/{id}/systems/{system}/retry", post(requests::retry_task))
         .route("/v1/systems", get(list_systems))

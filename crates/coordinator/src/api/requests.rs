@@ -175,12 +175,17 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
         return Ok(None);
     };
     let key = v.to_str().map_err(|_| Problem::invalid("Idempotency-Key must be visible ASCII"))?;
+    check_idempotency_key(key).map(Some)
+}
+
+/// Checks a client's idempotency key (header or batch field).
+pub(crate) fn check_idempotency_key(key: &str) -> Result<String, Problem> {
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(Problem::invalid(format!(
             "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
         )));
     }
-    Ok(Some(key.to_owned()))
+    Ok(key.to_owned())
 }
 
 /// Submit an erasure request.
@@ -201,44 +206,11 @@ pub async fn submit(
     headers: HeaderMap,
     StrictJson(body): StrictJson<SubmitRequest>,
 ) -> Result<Response, Problem> {
-    let regulation: Regulation =
-        body.regulation.parse().map_err(|e| Problem::invalid(format!("regulation: {e}")))?;
-    let identifiers = parse_subject(&body.subject)?;
-    if let Some(r) = &body.external_ref {
-        check_text("external_ref", r, MAX_REF_LEN)?;
-    }
-    if let Some(v) = &body.verification {
-        check_text("verification.method", &v.method, 64)?;
-    }
-    let idempotency = idempotency_key(&headers)?;
-
-    let id = RequestId::new();
-    // The store keeps milliseconds; answer with what every later read shows.
-    let now = state.clock.now().trunc_subsecs(3);
-    let due_at = regulation.due_at(now);
-    let key = DataKey::generate();
-    let (plan, tasks) = state.planner.plan();
-    let initial = RequestStatus::Received.next(&vec![TaskState::Pending; tasks.len()]);
-    let new = NewRequest {
-        id,
-        regulation,
-        received_at: now,
-        due_at,
-        external_ref: body.external_ref,
-        idempotency_key: idempotency.map(|k| state.master.opaque_hash("idempotency-key", &k)),
-        wrapped_key: state.master.wrap(&key),
-        identifiers: identifiers
-            .iter()
-            .map(|i| NewIdentifier { sealed: key.seal(id, i), subject_hash: state.master.subject_hash(i) })
-            .collect(),
-        verification: body.verification.map(|v| serde_json::to_value(v).unwrap_or_default()),
-        plan,
-        tasks,
-    };
-    match state.store.create_request(new).await? {
+    let prepared = prepare(&state, body, idempotency_key(&headers)?)?;
+    let (regulation, initial, due_at) = (prepared.new.regulation, prepared.initial, prepared.new.due_at);
+    match state.store.create_request(prepared.new).await? {
         Created::New(id) => {
-            metrics::counter!(REQUESTS_RECEIVED_TOTAL, "regulation" => regulation.as_str()).increment(1);
-            tracing::info!(request = %id, %regulation, "request received");
+            received(id, regulation);
             state.wake.notify_one();
             Ok((StatusCode::ACCEPTED, Json(Submitted { id, status: initial, due_at })).into_response())
         }
@@ -251,6 +223,61 @@ pub async fn submit(
             Ok(response)
         }
     }
+}
+
+/// A validated submission, ready for the store.
+pub(crate) struct Prepared {
+    pub new: NewRequest,
+    /// The status the request starts in.
+    pub initial: RequestStatus,
+}
+
+/// Validates a submission and builds what the store writes: a fresh data
+/// key (wrapped), sealed identifiers with their keyed hashes, the plan and
+/// the tasks.
+pub(crate) fn prepare(
+    state: &AppState,
+    body: SubmitRequest,
+    idempotency: Option<String>,
+) -> Result<Prepared, Problem> {
+    let regulation: Regulation =
+        body.regulation.parse().map_err(|e| Problem::invalid(format!("regulation: {e}")))?;
+    let identifiers = parse_subject(&body.subject)?;
+    if let Some(r) = &body.external_ref {
+        check_text("external_ref", r, MAX_REF_LEN)?;
+    }
+    if let Some(v) = &body.verification {
+        check_text("verification.method", &v.method, 64)?;
+    }
+    let id = RequestId::new();
+    // The store keeps milliseconds; answer with what every later read shows.
+    let now = state.clock.now().trunc_subsecs(3);
+    let key = DataKey::generate();
+    let (plan, tasks) = state.planner.plan();
+    let initial = RequestStatus::Received.next(&vec![TaskState::Pending; tasks.len()]);
+    let new = NewRequest {
+        id,
+        regulation,
+        received_at: now,
+        due_at: regulation.due_at(now),
+        external_ref: body.external_ref,
+        idempotency_key: idempotency.map(|k| state.master.opaque_hash("idempotency-key", &k)),
+        wrapped_key: state.master.wrap(&key),
+        identifiers: identifiers
+            .iter()
+            .map(|i| NewIdentifier { sealed: key.seal(id, i), subject_hash: state.master.subject_hash(i) })
+            .collect(),
+        verification: body.verification.map(|v| serde_json::to_value(v).unwrap_or_default()),
+        plan,
+        tasks,
+    };
+    Ok(Prepared { new, initial })
+}
+
+/// Records an accepted request in logs and metrics.
+pub(crate) fn received(id: RequestId, regulation: Regulation) {
+    metrics::counter!(REQUESTS_RECEIVED_TOTAL, "regulation" => regulation.as_str()).increment(1);
+    tracing::info!(request = %id, %regulation, "request received");
 }
 
 /// A request with each system's action, state, attempts and outcome.
