@@ -1,6 +1,7 @@
 //! `lethe`: the one binary. It wires concrete backends and connectors
 //! together; every other crate works against traits.
 
+mod bench;
 mod client;
 mod config;
 mod demo;
@@ -132,6 +133,31 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// The end-to-end throughput benchmark (PostgreSQL + Kafka, separate
+    /// processes); prints the figures of docs/benchmarks.md.
+    Bench {
+        /// Erasure requests submitted.
+        #[arg(long, default_value_t = 10_000)]
+        requests: usize,
+        /// Subjects seeded (default: 100,000 or --requests, whichever is larger).
+        #[arg(long)]
+        subjects: Option<usize>,
+        /// PostgreSQL URL of a user who may create databases.
+        #[arg(long, env = "LETHE_BENCH_PG_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+        pg_url: String,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "LETHE_BENCH_BROKERS", default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// Requests per HTTP batch.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Tasks each worker runs at once.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Partitions per topic.
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+    },
     /// Seed two local demo stores, erase people from them through the
     /// embedded coordinator, and report what was erased and what was kept.
     Demo {
@@ -207,7 +233,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The demo talks to a person on stdout; keep the coordinator's log quiet.
     let default_filter = match cli.command {
-        Command::Demo { .. } => "warn",
+        Command::Demo { .. } | Command::Bench { .. } => "warn",
         _ => "info,sqlx=warn",
     };
     init_tracing(cli.log_format, default_filter);
@@ -312,5 +338,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { subjects, requests } => demo::run(subjects, requests).await,
+        Command::Bench { requests, subjects, pg_url, brokers, batch, concurrency, partitions } => {
+            let subjects = subjects.unwrap_or(100_000).max(requests);
+            let args =
+                bench::BenchArgs { requests, subjects, pg_url, brokers, batch, concurrency, partitions };
+            bench::run(args).await
+        }
     }
 }

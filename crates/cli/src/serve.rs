@@ -55,6 +55,14 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         .filter_map(|s| s.token.as_ref().map(|t| Ok((s.name.clone(), resolve_placeholders(t)?))))
         .collect::<anyhow::Result<Vec<_>>>()
         .context("system token")?;
+    let mut seen = std::collections::HashMap::new();
+    for (system, token) in &tokens {
+        if let Some(other) = seen.insert(token.as_str(), system.as_str()) {
+            anyhow::bail!(
+                "systems {other:?} and {system:?} share a connector token; give each system its own"
+            );
+        }
+    }
     let planner = Planner::new(config.systems.iter().map(|s| s.info()).collect());
     let coordinator = Coordinator::start(
         store.clone(),

@@ -174,7 +174,9 @@ impl Worker {
             .call("key", || self.keys.data_key(&msg.system, msg.request_id, msg.task_id))
             .await?
             .ok_or_else(|| {
-                ConnectorError::permanent("the request's data key was destroyed; the request is closed")
+                ConnectorError::permanent(
+                    "no key for this task: the request is closed or the task is not this system's",
+                )
             })?;
         let identifiers = msg
             .identifiers

@@ -1,0 +1,326 @@
+//! `lethe bench`: the end-to-end throughput benchmark. It builds its own
+//! workload (an operational PostgreSQL database of subjects with two
+//! addresses and three orders each, keyed by e-mail, served as three
+//! systems), runs the production shape as separate processes (coordinator
+//! on PostgreSQL state, Kafka bus, one `lethe connector run` per system),
+//! submits requests over HTTP in batches, and compares the end-to-end time
+//! with the same deletes and updates issued directly as batched SQL.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::process::{Child, Command};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    pub requests: usize,
+    pub subjects: usize,
+    /// A PostgreSQL URL whose user may create databases; the benchmark's
+    /// databases are created next to it.
+    pub pg_url: String,
+    pub brokers: String,
+    pub batch: usize,
+    pub concurrency: usize,
+    pub partitions: i32,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE customers (id BIGSERIAL PRIMARY KEY, email TEXT NOT NULL, name TEXT NOT NULL);
+CREATE TABLE addresses (id BIGSERIAL PRIMARY KEY, email TEXT NOT NULL, street TEXT NOT NULL, city TEXT NOT NULL);
+CREATE TABLE orders (id BIGSERIAL PRIMARY KEY, email TEXT, amount_cents BIGINT NOT NULL,
+                     ship_name TEXT, ship_address TEXT);
+";
+
+const INDEXES: &str = "
+CREATE INDEX ON customers (email);
+CREATE INDEX ON addresses (email);
+CREATE INDEX ON orders (email);
+ANALYZE;
+";
+
+fn email(i: usize) -> String {
+    format!("subject{i}@bench.example")
+}
+
+fn db_url(base: &str, name: &str) -> anyhow::Result<String> {
+    let (prefix, _) = base.rsplit_once('/').context("the PostgreSQL URL needs a database path")?;
+    Ok(format!("{prefix}/{name}"))
+}
+
+async fn recreate(admin: &mut PgConnection, name: &str) -> anyhow::Result<()> {
+    admin.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await?;
+    admin.execute(format!("CREATE DATABASE {name}").as_str()).await?;
+    Ok(())
+}
+
+async fn seed(pool: &PgPool, subjects: usize) -> anyhow::Result<()> {
+    pool.execute(SCHEMA).await?;
+    let n = subjects as i64;
+    sqlx::query(
+        "INSERT INTO customers (email, name) SELECT 'subject' || g || '@bench.example', 'Name ' || g \
+         FROM generate_series(0, $1 - 1) g",
+    )
+    .bind(n)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO addresses (email, street, city) SELECT 'subject' || g || '@bench.example', k || ' Bench Row', 'London' \
+         FROM generate_series(0, $1 - 1) g, generate_series(1, 2) k",
+    )
+    .bind(n)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO orders (email, amount_cents, ship_name, ship_address) \
+         SELECT 'subject' || g || '@bench.example', 100 * k + g % 1000, 'Name ' || g, k || ' Bench Row' \
+         FROM generate_series(0, $1 - 1) g, generate_series(1, 3) k",
+    )
+    .bind(n)
+    .execute(pool)
+    .await?;
+    pool.execute(INDEXES).await?;
+    Ok(())
+}
+
+fn config(args: &BenchArgs, state_url: &str, ops_url: &str, namespace: &str, listen: &str) -> String {
+    let system = |name: &str, table: &str, action: &str, columns: &str| {
+        format!(
+            "[[systems]]\nname = \"{name}\"\nconnector = \"sql\"\ntoken = \"${{LETHE_BENCH_TOKEN_{upper}}}\"\n\
+             [systems.config]\nurl = \"{ops_url}\"\nmax_connections = {conns}\n\
+             [[systems.config.tables]]\nname = \"{table}\"\nmatch = {{ email = {{ column = \"email\", compare = \"exact\" }} }}\n\
+             action = \"{action}\"\n{columns}\n",
+            conns = args.concurrency.clamp(1, 16),
+            upper = name.to_uppercase(),
+        )
+    };
+    format!(
+        "[server]\nlisten = \"{listen}\"\n[store]\nurl = \"{state_url}\"\n[keys]\nmaster_key = \"${{LETHE_BENCH_MASTER_KEY}}\"\n\
+         [bus]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nnamespace = \"{namespace}\"\npartitions = {partitions}\n\
+         [dispatcher]\nbatch = 1000\npoll_interval_ms = 50\n[scheduler]\ntask_timeout_secs = 600\n\
+         [worker]\nconcurrency = {concurrency}\n\n{}{}{}",
+        system("addresses", "addresses", "delete", ""),
+        system("customers", "customers", "delete", ""),
+        system(
+            "orders",
+            "orders",
+            "anonymize",
+            "columns = { email = \"null\", ship_name = \"null\", ship_address = { fixed = \"[erased]\" } }"
+        ),
+        brokers = args.brokers,
+        partitions = args.partitions,
+        concurrency = args.concurrency,
+    )
+}
+
+fn spawn(exe: &Path, args: &[&str], log: &Path, env: &[(&str, String)]) -> anyhow::Result<Child> {
+    let out = std::fs::File::create(log)?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdout(Stdio::from(out.try_clone()?))
+        .stderr(Stdio::from(out))
+        .env("LETHE_LOG", "warn")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().with_context(|| format!("cannot start {}", exe.display()))
+}
+
+/// Peak resident set size of a process, in MiB (VmHWM).
+fn peak_rss_mib(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// The floor: the same deletes and updates issued directly, batched.
+async fn floor(pool: &PgPool, requests: usize, batch: usize) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let emails: Vec<String> = (0..requests).map(email).collect();
+    for chunk in emails.chunks(batch) {
+        let mut tx = pool.begin().await?;
+        sqlx::query("DELETE FROM addresses WHERE email = ANY($1)").bind(chunk).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM customers WHERE email = ANY($1)").bind(chunk).execute(&mut *tx).await?;
+        sqlx::query("UPDATE orders SET email = NULL, ship_name = NULL, ship_address = '[erased]' WHERE email = ANY($1)")
+            .bind(chunk)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    Ok(started.elapsed())
+}
+
+async fn wait_ready(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    for _ in 0..300 {
+        if http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the coordinator did not become ready")
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.requests > args.subjects {
+        bail!("--requests cannot exceed --subjects");
+    }
+    let exe = std::env::current_exe()?;
+    let work = PathBuf::from(format!("lethe-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let mut admin = PgConnection::connect(&args.pg_url).await.context("cannot reach PostgreSQL")?;
+    let (ops, floor_db, state) = ("lethe_bench_ops", "lethe_bench_floor", "lethe_bench_state");
+    for db in [ops, floor_db, state] {
+        recreate(&mut admin, db).await?;
+    }
+    let ops_url = db_url(&args.pg_url, ops)?;
+    let state_url = db_url(&args.pg_url, state)?;
+    println!(
+        "seeding {} subjects (2 addresses, 3 orders each) twice: the pipeline's copy and the floor's",
+        args.subjects
+    );
+    let t = Instant::now();
+    let ops_pool = PgPoolOptions::new().max_connections(4).connect(&ops_url).await?;
+    let floor_pool =
+        PgPoolOptions::new().max_connections(4).connect(&db_url(&args.pg_url, floor_db)?).await?;
+    seed(&ops_pool, args.subjects).await?;
+    seed(&floor_pool, args.subjects).await?;
+    println!("  seeded in {:.1}s", t.elapsed().as_secs_f64());
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let listen = listener.local_addr()?.to_string();
+    drop(listener);
+    let namespace = format!("bench{}", std::process::id());
+    let config_path = work.join("bench.toml");
+    std::fs::write(&config_path, config(&args, &state_url, &ops_url, &namespace, &listen))?;
+    let env = vec![
+        ("LETHE_BENCH_TOKEN_ADDRESSES", "bench-token-a".to_owned()),
+        ("LETHE_BENCH_TOKEN_CUSTOMERS", "bench-token-c".to_owned()),
+        ("LETHE_BENCH_TOKEN_ORDERS", "bench-token-o".to_owned()),
+        ("LETHE_BENCH_MASTER_KEY", lethe_core::DataKey::generate().to_hex().to_string()),
+    ];
+    let cfg = config_path.to_string_lossy().to_string();
+    let mut coordinator = spawn(&exe, &["serve", "--config", &cfg], &work.join("coordinator.log"), &env)?;
+    let base = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    wait_ready(&http, &base).await?;
+    let mut workers = Vec::new();
+    for system in ["addresses", "customers", "orders"] {
+        let log = work.join(format!("worker-{system}.log"));
+        let args = ["connector", "run", "--config", &cfg, "--system", system, "--coordinator", &base];
+        workers.push(spawn(&exe, &args, &log, &env)?);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    println!("submitting {} requests over HTTP in batches of {}", args.requests, args.batch);
+    let started = Instant::now();
+    let bodies: Vec<Value> = (0..args.requests)
+        .collect::<Vec<_>>()
+        .chunks(args.batch)
+        .map(|chunk| {
+            let items: Vec<Value> = chunk
+                .iter()
+                .map(|i| json!({"request": {"subject": {"email": email(*i)}, "regulation": "gdpr"}}))
+                .collect();
+            json!({ "requests": items })
+        })
+        .collect();
+    for body in &bodies {
+        let resp = http.post(format!("{base}/v1/requests:batch")).json(body).send().await?;
+        if resp.status().as_u16() != 202 {
+            bail!("batch refused: {}", resp.status());
+        }
+    }
+    let intake = started.elapsed();
+    println!("  intake done in {:.1}s", intake.as_secs_f64());
+
+    let state_pool = PgPoolOptions::new().max_connections(2).connect(&state_url).await?;
+    let mut last_report = Instant::now();
+    let done = loop {
+        let (finished,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM requests WHERE finished_at IS NOT NULL")
+                .fetch_one(&state_pool)
+                .await?;
+        if finished as usize >= args.requests {
+            break started.elapsed();
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            println!("  {finished}/{} final after {:.0}s", args.requests, started.elapsed().as_secs_f64());
+            last_report = Instant::now();
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            bail!("not finished after an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let rss_coordinator = peak_rss_mib(coordinator.id());
+    let rss_workers: Vec<f64> = workers.iter().map(|w| peak_rss_mib(w.id())).collect();
+    let (completed,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM requests WHERE status = 'completed'")
+        .fetch_one(&state_pool)
+        .await?;
+    let latencies: Vec<(i64,)> =
+        sqlx::query_as("SELECT finished_at - received_at FROM requests").fetch_all(&state_pool).await?;
+    let mut lat: Vec<f64> = latencies.into_iter().map(|(ms,)| ms as f64 / 1000.0).collect();
+    lat.sort_by(f64::total_cmp);
+    let (left,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM customers WHERE email LIKE 'subject%'")
+        .fetch_one(&ops_pool)
+        .await?;
+    for w in &mut workers {
+        let _ = w.kill().await;
+    }
+    let _ = coordinator.kill().await;
+
+    println!("running the floor: the same statements as batched SQL ({} emails per transaction)", args.batch);
+    let floor_time = floor(&floor_pool, args.requests, args.batch).await?;
+
+    let secs = done.as_secs_f64();
+    let tasks = args.requests * 3;
+    println!("\n| figure | value |\n| --- | --- |");
+    println!("| requests (N) | {} |", args.requests);
+    println!("| subjects in the database | {} |", args.subjects);
+    println!("| completed | {completed} |");
+    println!("| customers left in the database | {left} (expected {}) |", args.subjects - args.requests);
+    println!(
+        "| intake | {:.0} requests/s ({:.1} s) |",
+        args.requests as f64 / intake.as_secs_f64(),
+        intake.as_secs_f64()
+    );
+    println!(
+        "| end to end | {:.0} requests/s, {:.0} tasks/s ({secs:.1} s) |",
+        args.requests as f64 / secs,
+        tasks as f64 / secs
+    );
+    println!(
+        "| completion latency p50 / p95 / p99 | {:.2} s / {:.2} s / {:.2} s |",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.95),
+        percentile(&lat, 0.99)
+    );
+    println!("| peak RSS coordinator | {rss_coordinator:.0} MiB |");
+    println!(
+        "| peak RSS workers (addresses, customers, orders) | {} MiB |",
+        rss_workers.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
+    );
+    println!("| floor (direct batched SQL) | {:.2} s |", floor_time.as_secs_f64());
+    println!("| end to end / floor | {:.1}x |", secs / floor_time.as_secs_f64());
+    println!("\nlogs and config: {}", work.display());
+    Ok(())
+}
