@@ -8,6 +8,7 @@
 
 mod audit;
 mod dialect;
+mod rows;
 mod sql;
 mod types;
 

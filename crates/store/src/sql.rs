@@ -16,6 +16,7 @@ use sqlx::{AnyConnection, AnyPool, Executor, Row};
 
 use crate::audit::{self, AuditCheck, AuditEvent, PendingEvent};
 use crate::dialect::{placeholders, Dialect};
+use crate::rows::{insert_rows, Arg};
 use crate::types::*;
 use crate::{StateStore, StoreError};
 
@@ -105,7 +106,7 @@ fn sqlite_url(url: &str) -> Result<String, StoreError> {
 
 /// Maps a sqlx error to a [`StoreError`] without database text, which could
 /// echo stored values.
-fn db_err(e: sqlx::Error) -> StoreError {
+pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
     tracing::debug!(error = %e, "state store error");
     match &e {
         sqlx::Error::Database(db) => {
@@ -231,29 +232,32 @@ impl SqlStore {
         .map_err(db_err)?;
         let (mut seq, mut prev): (i64, String) = (col(&head, "seq")?, col(&head, "hash")?);
         let at = ms(now);
+        let mut rows = Vec::with_capacity(events.len());
         for e in events {
             seq += 1;
             let detail = e.detail.to_string();
             let rid = e.request_id.map(|r| r.to_string());
             let tid = e.task_id.map(|t| t.to_string());
             let hash = audit::event_hash(&prev, seq, at, rid.as_deref(), tid.as_deref(), e.kind, &detail);
-            sqlx::query(
-                "INSERT INTO audit_events (seq, at, request_id, task_id, kind, detail, prev_hash, hash) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )
-            .bind(seq)
-            .bind(at)
-            .bind(rid)
-            .bind(tid)
-            .bind(e.kind)
-            .bind(detail)
-            .bind(&prev)
-            .bind(&hash)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            rows.push(vec![
+                Arg::from(seq),
+                at.into(),
+                rid.into(),
+                tid.into(),
+                e.kind.into(),
+                detail.into(),
+                prev.into(),
+                hash.clone().into(),
+            ]);
             prev = hash;
         }
+        insert_rows(
+            tx,
+            "audit_events",
+            &["seq", "at", "request_id", "task_id", "kind", "detail", "prev_hash", "hash"],
+            rows,
+        )
+        .await?;
         sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
             .bind(seq)
             .bind(prev)
@@ -388,111 +392,106 @@ impl SqlStore {
         row.map(|r| parse(&col::<String>(&r, "id")?, "request id")).transpose()
     }
 
-    /// Writes requests in one transaction (one audit append for all).
+    /// Writes requests in one transaction: one multi-row insert per table
+    /// and one audit append for all of them.
     async fn insert_requests(&self, reqs: &[&NewRequest]) -> Result<(), StoreError> {
         let Some(last) = reqs.last() else { return Ok(()) };
-        let mut tx = self.begin().await?;
+        let (mut requests, mut identifiers, mut plans, mut tasks, mut outbox) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut events = Vec::new();
         for req in reqs {
-            self.write_request(&mut tx, req, &mut events).await?;
-        }
-        self.append_audit(&mut tx, events, last.received_at).await?;
-        tx.commit().await.map_err(db_err)
-    }
-
-    async fn write_request(
-        &self,
-        tx: &mut AnyConnection,
-        req: &NewRequest,
-        events: &mut Vec<PendingEvent>,
-    ) -> Result<(), StoreError> {
-        let now = req.received_at;
-        sqlx::query(
-            "INSERT INTO requests (id, regulation, status, received_at, due_at, updated_at, external_ref, \
-             idempotency_key, wrapped_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(req.id.to_string())
-        .bind(req.regulation.as_str())
-        .bind(RequestStatus::Received.as_str())
-        .bind(ms(req.received_at))
-        .bind(ms(req.due_at))
-        .bind(ms(now))
-        .bind(req.external_ref.clone())
-        .bind(req.idempotency_key.clone())
-        .bind(req.wrapped_key.clone())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        for (pos, ident) in req.identifiers.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO identifiers (request_id, position, kind, sealed, subject_hash) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(req.id.to_string())
-            .bind(pos as i64)
-            .bind(ident.sealed.kind.as_str())
-            .bind(&ident.sealed.ciphertext)
-            .bind(&ident.subject_hash)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        }
-        for item in &req.plan {
-            sqlx::query(
-                "INSERT INTO plan_items (request_id, system, action, reason, basis, until_at) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(req.id.to_string())
-            .bind(&item.system)
-            .bind(item.action.as_str())
-            .bind(&item.reason)
-            .bind(item.basis.clone())
-            .bind(item.until.map(ms))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        }
-        for task in &req.tasks {
-            sqlx::query(
-                "INSERT INTO tasks (id, request_id, system, action, state, attempts, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, 0, $6, $6)",
-            )
-            .bind(task.id.to_string())
-            .bind(req.id.to_string())
-            .bind(&task.system)
-            .bind(task.action.as_str())
-            .bind(TaskState::Pending.as_str())
-            .bind(ms(now))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            sqlx::query("INSERT INTO outbox (task_id, created_at) VALUES ($1, $2)")
-                .bind(task.id.to_string())
-                .bind(ms(now))
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
-        let subjects: Vec<&str> = req.identifiers.iter().map(|i| i.subject_hash.as_str()).collect();
-        events.push(PendingEvent::new(
-            req.id,
-            None,
-            "request.received",
-            json!({
-                "regulation": req.regulation,
-                "due_at": req.due_at,
-                "subjects": subjects,
-                "verification": req.verification,
-            }),
-        ));
-        for item in &req.plan {
+            let (id, now) = (req.id.to_string(), ms(req.received_at));
+            requests.push(vec![
+                Arg::from(id.as_str()),
+                req.regulation.as_str().into(),
+                RequestStatus::Received.as_str().into(),
+                now.into(),
+                ms(req.due_at).into(),
+                now.into(),
+                req.external_ref.clone().into(),
+                req.idempotency_key.clone().into(),
+                req.wrapped_key.clone().into(),
+            ]);
+            for (pos, ident) in req.identifiers.iter().enumerate() {
+                identifiers.push(vec![
+                    Arg::from(id.as_str()),
+                    (pos as i64).into(),
+                    ident.sealed.kind.as_str().into(),
+                    ident.sealed.ciphertext.clone().into(),
+                    ident.subject_hash.clone().into(),
+                ]);
+            }
+            for item in &req.plan {
+                plans.push(vec![
+                    Arg::from(id.as_str()),
+                    item.system.clone().into(),
+                    item.action.as_str().into(),
+                    item.reason.clone().into(),
+                    item.basis.clone().into(),
+                    item.until.map(ms).into(),
+                ]);
+            }
+            for task in &req.tasks {
+                let task_id = task.id.to_string();
+                tasks.push(vec![
+                    Arg::from(task_id.as_str()),
+                    id.as_str().into(),
+                    task.system.clone().into(),
+                    task.action.as_str().into(),
+                    TaskState::Pending.as_str().into(),
+                    now.into(),
+                    now.into(),
+                ]);
+                outbox.push(vec![Arg::from(task_id), now.into(), now.into()]);
+            }
+            let subjects: Vec<&str> = req.identifiers.iter().map(|i| i.subject_hash.as_str()).collect();
             events.push(PendingEvent::new(
                 req.id,
                 None,
-                "plan.decided",
-                serde_json::to_value(item).unwrap_or_default(),
+                "request.received",
+                json!({
+                    "regulation": req.regulation,
+                    "due_at": req.due_at,
+                    "subjects": subjects,
+                    "verification": req.verification,
+                }),
             ));
+            for item in &req.plan {
+                events.push(PendingEvent::new(
+                    req.id,
+                    None,
+                    "plan.decided",
+                    serde_json::to_value(item).unwrap_or_default(),
+                ));
+            }
         }
-        self.refresh_request(tx, req.id, RequestStatus::Received, now, events).await?;
-        Ok(())
+        let mut tx = self.begin().await?;
+        let request_columns = [
+            "id",
+            "regulation",
+            "status",
+            "received_at",
+            "due_at",
+            "updated_at",
+            "external_ref",
+            "idempotency_key",
+            "wrapped_key",
+        ];
+        insert_rows(&mut tx, "requests", &request_columns, requests).await?;
+        let identifier_columns = ["request_id", "position", "kind", "sealed", "subject_hash"];
+        insert_rows(&mut tx, "identifiers", &identifier_columns, identifiers).await?;
+        let plan_columns = ["request_id", "system", "action", "reason", "basis", "until_at"];
+        insert_rows(&mut tx, "plan_items", &plan_columns, plans).await?;
+        let task_columns = ["id", "request_id", "system", "action", "state", "created_at", "updated_at"];
+        insert_rows(&mut tx, "tasks", &task_columns, tasks).await?;
+        insert_rows(&mut tx, "outbox", &["task_id", "created_at", "available_at"], outbox).await?;
+        // A request with nothing to do is complete at once.
+        for req in reqs.iter().filter(|r| r.tasks.is_empty()) {
+            self.refresh_request(&mut tx, req.id, RequestStatus::Received, req.received_at, &mut events)
+                .await?;
+        }
+        self.append_audit(&mut tx, events, last.received_at).await?;
+        tx.commit().await.map_err(db_err)
     }
 }
 
