@@ -56,6 +56,17 @@ pub(crate) async fn insert_rows(
     columns: &[&str],
     rows: Vec<Vec<Arg>>,
 ) -> Result<(), StoreError> {
+    insert_rows_with(tx, table, columns, rows, "").await
+}
+
+/// [`insert_rows`] with a clause after the values, e.g. `ON CONFLICT DO NOTHING`.
+pub(crate) async fn insert_rows_with(
+    tx: &mut AnyConnection,
+    table: &str,
+    columns: &[&str],
+    rows: Vec<Vec<Arg>>,
+    suffix: &str,
+) -> Result<(), StoreError> {
     let per_chunk = (MAX_PARAMS / columns.len()).max(1);
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
@@ -63,7 +74,8 @@ pub(crate) async fn insert_rows(
         let values: Vec<String> = (0..chunk.len())
             .map(|i| format!("({})", placeholders(1 + i * columns.len(), columns.len())))
             .collect();
-        let sql = format!("INSERT INTO {table} ({}) VALUES {}", columns.join(", "), values.join(", "));
+        let sql =
+            format!("INSERT INTO {table} ({}) VALUES {} {suffix}", columns.join(", "), values.join(", "));
         let mut query = sqlx::query(&sql);
         for arg in chunk.into_iter().flatten() {
             query = match arg {

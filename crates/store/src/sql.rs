@@ -16,7 +16,7 @@ use sqlx::{AnyConnection, AnyPool, Executor, Row};
 
 use crate::audit::{self, AuditCheck, AuditEvent, PendingEvent};
 use crate::dialect::{placeholders, Dialect};
-use crate::rows::{insert_rows, Arg};
+use crate::rows::{insert_rows, insert_rows_with, Arg};
 use crate::types::*;
 use crate::{StateStore, StoreError};
 
@@ -293,6 +293,59 @@ impl SqlStore {
             budget_start: col(&row, "budget_start")?,
             updated_at: col(&row, "updated_at")?,
         })
+    }
+
+    /// Locks requests in id order (the order every writer uses) and returns
+    /// their statuses.
+    async fn lock_requests(
+        &self,
+        tx: &mut AnyConnection,
+        ids: impl Iterator<Item = RequestId>,
+    ) -> Result<HashMap<RequestId, RequestStatus>, StoreError> {
+        let ids: std::collections::BTreeSet<String> = ids.map(|i| i.to_string()).collect();
+        let sql = format!(
+            "SELECT id, status FROM requests WHERE id IN ({}) ORDER BY id{}",
+            placeholders(1, ids.len()),
+            self.dialect.for_update()
+        );
+        let rows = ids.iter().fold(sqlx::query(&sql), |q, id| q.bind(id.as_str())).fetch_all(&mut *tx).await;
+        rows.map_err(db_err)?
+            .iter()
+            .map(|r| {
+                Ok((
+                    parse(&col::<String>(r, "id")?, "request id")?,
+                    parse(&col::<String>(r, "status")?, "status")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Locks tasks in id order and returns them.
+    async fn lock_tasks(
+        &self,
+        tx: &mut AnyConnection,
+        ids: impl Iterator<Item = TaskId>,
+    ) -> Result<HashMap<TaskId, TaskLock>, StoreError> {
+        let ids: std::collections::BTreeSet<String> = ids.map(|i| i.to_string()).collect();
+        let sql = format!(
+            "SELECT id, state, system, attempts, budget_start, updated_at FROM tasks WHERE id IN ({}) ORDER BY id{}",
+            placeholders(1, ids.len()),
+            self.dialect.for_update()
+        );
+        let rows = ids.iter().fold(sqlx::query(&sql), |q, id| q.bind(id.as_str())).fetch_all(&mut *tx).await;
+        rows.map_err(db_err)?
+            .iter()
+            .map(|r| {
+                let lock = TaskLock {
+                    state: parse(&col::<String>(r, "state")?, "task state")?,
+                    system: col(r, "system")?,
+                    attempts: col(r, "attempts")?,
+                    budget_start: col(r, "budget_start")?,
+                    updated_at: col(r, "updated_at")?,
+                };
+                Ok((parse(&col::<String>(r, "id")?, "task id")?, lock))
+            })
+            .collect()
     }
 
     /// Queues a task for publication at `available_at`.
@@ -736,54 +789,88 @@ impl StateStore for SqlStore {
         items: &[OutboxItem],
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let mut sorted: Vec<&OutboxItem> = items.iter().collect();
-        sorted.sort_by_key(|i| (i.request_id, i.task_id));
+        if items.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.begin().await?;
-        let mut events = Vec::new();
-        for item in sorted {
-            let deleted = sqlx::query("DELETE FROM outbox WHERE id = $1 AND claimed_by = $2")
-                .bind(item.outbox_id)
-                .bind(owner)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-            if deleted.rows_affected() == 0 {
-                continue; // our lease expired and another dispatcher took the row
-            }
-            let status = self.lock_request(&mut tx, item.request_id).await?;
-            let state = self.lock_task(&mut tx, item.task_id).await?.state;
-            let attempt = i64::from(item.attempt);
-            sqlx::query("INSERT INTO attempts (task_id, attempt, dispatched_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-                .bind(item.task_id.to_string())
-                .bind(attempt)
-                .bind(ms(now))
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-            let new_state = match state.apply(TaskEvent::Dispatched) {
-                Ok(Step::Moved(next)) => next,
-                _ => state,
-            };
-            sqlx::query(
-                "UPDATE tasks SET state = $1, attempts = CASE WHEN attempts < $2 THEN $2 ELSE attempts END, \
-                 updated_at = $3 WHERE id = $4",
-            )
-            .bind(new_state.as_str())
-            .bind(attempt)
-            .bind(ms(now))
-            .bind(item.task_id.to_string())
-            .execute(&mut *tx)
+        // Only rows still ours: a dispatcher whose lease expired lost them.
+        let sql = format!(
+            "DELETE FROM outbox WHERE claimed_by = $1 AND id IN ({}) RETURNING id",
+            placeholders(2, items.len())
+        );
+        let owned: std::collections::HashSet<i64> = items
+            .iter()
+            .fold(sqlx::query(&sql).bind(owner), |q, i| q.bind(i.outbox_id))
+            .fetch_all(&mut *tx)
             .await
-            .map_err(db_err)?;
-            if new_state != state || state == TaskState::Dispatched {
+            .map_err(db_err)?
+            .iter()
+            .map(|r| col::<i64>(r, "id"))
+            .collect::<Result<_, _>>()?;
+        let items: Vec<&OutboxItem> = items.iter().filter(|i| owned.contains(&i.outbox_id)).collect();
+        if items.is_empty() {
+            return tx.commit().await.map_err(db_err);
+        }
+        let requests = self.lock_requests(&mut tx, items.iter().map(|i| i.request_id)).await?;
+        let tasks = self.lock_tasks(&mut tx, items.iter().map(|i| i.task_id)).await?;
+        let attempts = items
+            .iter()
+            .map(|i| vec![Arg::from(i.task_id.to_string()), i64::from(i.attempt).into(), ms(now).into()])
+            .collect();
+        let columns = ["task_id", "attempt", "dispatched_at"];
+        insert_rows_with(&mut tx, "attempts", &columns, attempts, "ON CONFLICT DO NOTHING").await?;
+        let mut by_attempt: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+        let mut events = Vec::new();
+        let mut started = std::collections::BTreeSet::new();
+        for item in &items {
+            by_attempt.entry(item.attempt).or_default().push(item.task_id.to_string());
+            let state = tasks.get(&item.task_id).map_or(TaskState::Pending, |t| t.state);
+            if let Ok(Step::Moved(_)) = state.apply(TaskEvent::Dispatched) {
                 events.push(PendingEvent::new(
                     item.request_id,
                     Some(item.task_id),
                     "task.dispatched",
                     json!({"system": item.system, "attempt": item.attempt}),
                 ));
+                if requests.get(&item.request_id) == Some(&RequestStatus::Received) {
+                    started.insert(item.request_id);
+                }
             }
-            self.refresh_request(&mut tx, item.request_id, status, now, &mut events).await?;
+        }
+        // Pending or dispatched tasks become dispatched; any other state is
+        // left alone (an outcome may have arrived before this record).
+        for (attempt, ids) in by_attempt {
+            let sql = format!(
+                "UPDATE tasks SET state = CASE WHEN state IN ($1, $2) THEN $2 ELSE state END, \
+                 attempts = CASE WHEN attempts < $3 THEN $3 ELSE attempts END, updated_at = $4 WHERE id IN ({})",
+                placeholders(5, ids.len())
+            );
+            let query = sqlx::query(&sql)
+                .bind(TaskState::Pending.as_str())
+                .bind(TaskState::Dispatched.as_str())
+                .bind(i64::from(attempt))
+                .bind(ms(now));
+            ids.iter().fold(query, |q, id| q.bind(id.as_str())).execute(&mut *tx).await.map_err(db_err)?;
+        }
+        if !started.is_empty() {
+            let sql = format!(
+                "UPDATE requests SET status = $1, updated_at = $2 WHERE status = $3 AND id IN ({})",
+                placeholders(4, started.len())
+            );
+            let query = sqlx::query(&sql)
+                .bind(RequestStatus::InProgress.as_str())
+                .bind(ms(now))
+                .bind(RequestStatus::Received.as_str());
+            started
+                .iter()
+                .fold(query, |q, id| q.bind(id.to_string()))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            for id in started {
+                let change = json!({"from": RequestStatus::Received, "to": RequestStatus::InProgress});
+                events.push(PendingEvent::new(id, None, "request.status", change));
+            }
         }
         self.append_audit(&mut tx, events, now).await?;
         tx.commit().await.map_err(db_err)
@@ -829,18 +916,24 @@ impl StateStore for SqlStore {
                 parse::<RequestId>(&col::<String>(r, "request_id")?, "request id")?,
             );
         }
-        // Lock requests, then tasks, in one global order to rule out deadlocks.
-        let mut order: Vec<usize> = (0..reports.len()).collect();
-        order.sort_by_key(|&i| (request_of.get(&reports[i].task_id).copied(), reports[i].task_id));
+        if request_of.is_empty() {
+            tx.commit().await.map_err(db_err)?;
+            return Ok(vec![Applied::UnknownTask; reports.len()]);
+        }
+        // Requests first, then tasks, each in id order: the order every writer uses.
+        let mut statuses = self.lock_requests(&mut tx, request_of.values().copied()).await?;
+        let mut tasks = self.lock_tasks(&mut tx, request_of.keys().copied()).await?;
+
         let mut results = vec![Applied::UnknownTask; reports.len()];
-        let mut events = Vec::new();
-        for i in order {
-            let report = &reports[i];
-            let Some(&request) = request_of.get(&report.task_id) else {
+        let (mut outcome_rows, mut requeue_rows, mut events) = (Vec::new(), Vec::new(), Vec::new());
+        let mut moved: Vec<(TaskId, TaskState, String)> = Vec::new();
+        let mut last_move_of: HashMap<RequestId, usize> = HashMap::new();
+        for (i, report) in reports.iter().enumerate() {
+            let (Some(&request), Some(task)) =
+                (request_of.get(&report.task_id), tasks.get_mut(&report.task_id))
+            else {
                 continue;
             };
-            let status = self.lock_request(&mut tx, request).await?;
-            let task = self.lock_task(&mut tx, report.task_id).await?;
             let class = report.outcome.class();
             let superseded = i64::from(report.attempt) < task.attempts;
             let retry_later = class == OutcomeClass::Failed
@@ -858,34 +951,24 @@ impl StateStore for SqlStore {
                 .ok()
                 .and_then(|v| v.get("status").and_then(|s| s.as_str().map(str::to_owned)))
                 .unwrap_or_default();
-            let moved = match step {
+            let next = match step {
                 Ok(Step::Moved(next)) => Some(next),
                 _ => None,
             };
-            sqlx::query(
-                "INSERT INTO outcomes (task_id, attempt, received_at, status, body, applied) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(report.task_id.to_string())
-            .bind(i64::from(report.attempt))
-            .bind(ms(now))
-            .bind(&label)
-            .bind(&body)
-            .bind(i64::from(moved.is_some()))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            let Some(next) = moved else {
+            outcome_rows.push(vec![
+                Arg::from(report.task_id.to_string()),
+                i64::from(report.attempt).into(),
+                ms(now).into(),
+                label.into(),
+                body.clone().into(),
+                i64::from(next.is_some()).into(),
+            ]);
+            let Some(next) = next else {
                 results[i] = Applied::Ignored;
                 continue;
             };
-            self.set_task_state(&mut tx, report.task_id, next, Some(&body), now).await?;
-            sqlx::query("UPDATE attempts SET finished_at = $1 WHERE task_id = $2 AND attempt = $3")
-                .bind(ms(now))
-                .bind(report.task_id.to_string())
-                .bind(i64::from(report.attempt))
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
+            task.state = next;
+            moved.push((report.task_id, next, body));
             events.push(PendingEvent::new(
                 request,
                 Some(report.task_id),
@@ -894,7 +977,7 @@ impl StateStore for SqlStore {
             ));
             if retry_later {
                 let at = now + chrono::Duration::from_std(schedule.delay(report.attempt)).unwrap_or_default();
-                self.enqueue(&mut tx, report.task_id, ms(at), now).await?;
+                requeue_rows.push(vec![Arg::from(report.task_id.to_string()), ms(now).into(), ms(at).into()]);
                 events.push(PendingEvent::new(
                     request,
                     Some(report.task_id),
@@ -902,8 +985,92 @@ impl StateStore for SqlStore {
                     json!({"system": task.system, "after_attempt": report.attempt, "not_before": at}),
                 ));
             }
-            let request_status = self.refresh_request(&mut tx, request, status, now, &mut events).await?;
-            results[i] = Applied::Moved { request, task: next, request_status };
+            results[i] = Applied::Moved { request, task: next, request_status: None };
+            last_move_of.insert(request, i);
+        }
+
+        let columns = ["task_id", "attempt", "received_at", "status", "body", "applied"];
+        insert_rows(&mut tx, "outcomes", &columns, outcome_rows).await?;
+        for (task, state, body) in &moved {
+            self.set_task_state(&mut tx, *task, *state, Some(body), now).await?;
+        }
+        if !moved.is_empty() {
+            let sql = format!(
+                "UPDATE attempts SET finished_at = $1 WHERE finished_at IS NULL AND task_id IN ({})",
+                placeholders(2, moved.len())
+            );
+            let query = sqlx::query(&sql).bind(ms(now));
+            moved
+                .iter()
+                .fold(query, |q, (t, _, _)| q.bind(t.to_string()))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        insert_rows(&mut tx, "outbox", &["task_id", "created_at", "available_at"], requeue_rows).await?;
+
+        // Requests whose tasks moved: recompute their status once each.
+        if !last_move_of.is_empty() {
+            let sql = format!(
+                "SELECT request_id, state FROM tasks WHERE request_id IN ({})",
+                placeholders(1, last_move_of.len())
+            );
+            let rows = last_move_of
+                .keys()
+                .fold(sqlx::query(&sql), |q, r| q.bind(r.to_string()))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            let mut states: HashMap<RequestId, Vec<TaskState>> = HashMap::new();
+            for r in &rows {
+                states
+                    .entry(parse(&col::<String>(r, "request_id")?, "request id")?)
+                    .or_default()
+                    .push(parse(&col::<String>(r, "state")?, "task state")?);
+            }
+            let mut changes: std::collections::BTreeMap<&'static str, Vec<RequestId>> = Default::default();
+            for (request, i) in &last_move_of {
+                let Some(current) = statuses.get_mut(request) else { continue };
+                let next = current.next(states.get(request).map_or(&[][..], Vec::as_slice));
+                if next == *current {
+                    continue;
+                }
+                events.push(PendingEvent::new(
+                    *request,
+                    None,
+                    "request.status",
+                    json!({"from": *current, "to": next}),
+                ));
+                if next.is_closed() {
+                    events.push(PendingEvent::new(*request, None, "request.key_destroyed", json!({})));
+                }
+                *current = next;
+                changes.entry(next.as_str()).or_default().push(*request);
+                if let Applied::Moved { request_status, .. } = &mut results[*i] {
+                    *request_status = Some(next);
+                }
+            }
+            for (status, ids) in changes {
+                let next: RequestStatus = parse(status, "status")?;
+                let closed = next.is_closed();
+                let sql = format!(
+                    "UPDATE requests SET status = $1, updated_at = $2, finished_at = $3, \
+                     wrapped_key = CASE WHEN $4 = 1 THEN NULL ELSE wrapped_key END, \
+                     key_destroyed_at = CASE WHEN $4 = 1 THEN $2 ELSE key_destroyed_at END \
+                     WHERE id IN ({})",
+                    placeholders(5, ids.len())
+                );
+                let query = sqlx::query(&sql)
+                    .bind(status)
+                    .bind(ms(now))
+                    .bind(next.is_final().then(|| ms(now)))
+                    .bind(i64::from(closed));
+                ids.iter()
+                    .fold(query, |q, id| q.bind(id.to_string()))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            }
         }
         self.append_audit(&mut tx, events, now).await?;
         tx.commit().await.map_err(db_err)?;
