@@ -102,7 +102,7 @@ fn config(args: &BenchArgs, state_url: &str, ops_url: &str, namespace: &str, lis
     format!(
         "[server]\nlisten = \"{listen}\"\n[store]\nurl = \"{state_url}\"\n[keys]\nmaster_key = \"${{LETHE_BENCH_MASTER_KEY}}\"\n\
          [bus]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nnamespace = \"{namespace}\"\npartitions = {partitions}\n\
-         [dispatcher]\nbatch = 1000\npoll_interval_ms = 50\n[scheduler]\ntask_timeout_secs = 600\n\
+         [dispatcher]\nbatch = 1000\npoll_interval_ms = 50\n[scheduler]\ntask_timeout_secs = 30\n\
          [worker]\nconcurrency = {concurrency}\n\n{}{}{}",
         system("addresses", "addresses", "delete", ""),
         system("customers", "customers", "delete", ""),

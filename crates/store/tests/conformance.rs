@@ -363,7 +363,7 @@ async fn retryable_failures_requeue_with_backoff_until_attempts_run_out(b: &Back
     let items = dispatch_all(&b.store).await;
     let task = items[0].task_id;
     let r = OutcomeReport { task_id: task, attempt: 1, outcome: flaky.clone() };
-    let applied = b.store.apply_outcomes(&[r.clone()], &schedule, t0()).await.unwrap();
+    let applied = b.store.apply_outcomes(std::slice::from_ref(&r), &schedule, t0()).await.unwrap();
     assert_eq!(applied[0], Applied::Moved { request: id, task: TaskState::Pending, request_status: None });
     let detail = b.store.request(id).await.unwrap().unwrap();
     assert_eq!(detail.request.status, RequestStatus::InProgress);
