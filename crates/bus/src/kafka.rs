@@ -136,6 +136,7 @@ impl KafkaBus {
             .set("acks", "all")
             .set("message.timeout.ms", "30000")
             .set("linger.ms", "5")
+            .set("queue.buffering.max.kbytes", "65536")
             .create()
             .map_err(|e| BusError::Config(e.to_string()))?;
         let names = Names::new(&config.namespace);
@@ -189,6 +190,8 @@ impl KafkaBus {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
+            // Bounded prefetch: librdkafka's default queues up to 64 MiB.
+            .set("queued.max.messages.kbytes", "8192")
             .create()
             .map_err(|e| BusError::Config(e.to_string()))?;
         consumer.subscribe(&[topic]).map_err(unavailable)?;
