@@ -5,7 +5,7 @@
 //! commit stored offsets in the background (at least once).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,7 +16,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
 
@@ -117,7 +117,20 @@ pub fn traceparent(request: uuid::Uuid) -> String {
 pub struct KafkaBus {
     config: Arc<KafkaConfig>,
     names: Names,
-    producer: FutureProducer,
+    /// Replaced after a fatal error (see [`KafkaBus::produce`]).
+    producer: Arc<RwLock<FutureProducer>>,
+}
+
+fn new_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
+    config
+        .client()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.kbytes", "65536")
+        .create()
+        .map_err(|e| BusError::Config(e.to_string()))
 }
 
 impl std::fmt::Debug for KafkaBus {
@@ -130,17 +143,9 @@ impl KafkaBus {
     /// Connects a producer and creates the topics of `systems`, the results
     /// and the dead-letter topic if they are missing.
     pub async fn connect(config: KafkaConfig, systems: &[String]) -> Result<Self, BusError> {
-        let producer: FutureProducer = config
-            .client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("message.timeout.ms", "30000")
-            .set("linger.ms", "5")
-            .set("queue.buffering.max.kbytes", "65536")
-            .create()
-            .map_err(|e| BusError::Config(e.to_string()))?;
+        let producer = new_producer(&config)?;
         let names = Names::new(&config.namespace);
-        let bus = Self { config: Arc::new(config), names, producer };
+        let bus = Self { config: Arc::new(config), names, producer: Arc::new(RwLock::new(producer)) };
         let mut topics: Vec<String> = systems.iter().map(|s| bus.names.tasks(s)).collect();
         topics.push(bus.names.results());
         topics.push(bus.names.dlq());
@@ -176,8 +181,25 @@ impl KafkaBus {
         payload: &[u8],
         headers: OwnedHeaders,
     ) -> Result<(), BusError> {
-        let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
-        self.producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| unavailable(e))
+        self.produce(FutureRecord::to(topic).key(key).payload(payload).headers(headers)).await
+    }
+
+    /// Sends one record and waits for its delivery report. An idempotent
+    /// producer whose message timed out (e.g. during a broker outage longer
+    /// than `message.timeout.ms`) enters a fatal state and fails every later
+    /// send; it is then replaced, and the caller's retry uses the new one.
+    async fn produce(&self, record: FutureRecord<'_, str, [u8]>) -> Result<(), BusError> {
+        let producer = self.producer.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let result = producer.send(record, Duration::from_secs(30)).await;
+        let Err((error, _)) = result else { return Ok(()) };
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            tracing::warn!(?code, %reason, "the Kafka producer hit a fatal error; replacing it");
+            match new_producer(&self.config) {
+                Ok(fresh) => *self.producer.write().unwrap_or_else(|e| e.into_inner()) = fresh,
+                Err(e) => tracing::error!(error = %e, "could not create a new Kafka producer"),
+            }
+        }
+        Err(unavailable(error))
     }
 
     fn consumer(&self, group: &str, topic: &str) -> Result<KafkaConsumer, BusError> {
@@ -308,8 +330,7 @@ impl Bus for KafkaBus {
             .insert(Header { key: "lethe-dlq-reason", value: Some(reason) })
             .insert(Header { key: "lethe-dlq-source", value: Some(source) });
         let topic = self.names.dlq();
-        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&topic).payload(raw).headers(headers);
-        self.producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| unavailable(e))
+        self.produce(FutureRecord::to(&topic).payload(raw).headers(headers)).await
     }
 
     fn is_durable(&self) -> bool {
