@@ -9,14 +9,19 @@
 //!   subscribers and their e-mail events, both deleted.
 //! - the state store: a SQLite file in the temporary directory or another
 //!   fresh PostgreSQL database.
+//! - `archive` (only with [`LabOptions::archive`]): another SQLite file
+//!   with scanned documents matched by their owner's e-mail, deleted.
 //!
-//! [`Lab`] creates and seeds all of it and writes the config file;
+//! [`Lab`] creates and seeds all of it and writes the config file, with
+//! the in-process bus or, with [`LabOptions::kafka`], Kafka ([`kafka`]);
 //! [`Server`] runs `lethe serve` on it, waits for `/readyz`, captures its
 //! output in a file and prints the end of that file when a test fails.
 //! Databases are named `lethe_e2e_<uuid>` and dropped (best effort) when
 //! their [`PgDb`] is dropped, panics included.
 
 #![allow(dead_code)]
+
+pub mod kafka;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -99,6 +104,10 @@ impl PgDb {
 
 impl Drop for PgDb {
     fn drop(&mut self) {
+        if std::env::var_os("LETHE_TEST_KEEP").is_some() {
+            eprintln!("database kept: {}", self.url);
+            return;
+        }
         // Drop runs inside the test's runtime: drop the database from a
         // thread with a runtime of its own.
         let admin = self.admin.clone();
@@ -137,6 +146,10 @@ pub struct Person {
     pub addresses: i64,
     pub orders: i64,
     pub events: i64,
+    /// The address as stored in the archive's `documents.owner_email`.
+    pub archive_email: Option<String>,
+    /// Documents the archive holds for this person.
+    pub documents: i64,
 }
 
 impl Person {
@@ -150,6 +163,8 @@ impl Person {
             addresses: 1,
             orders: 1,
             events: 1,
+            archive_email: Some(email.to_owned()),
+            documents: 1,
         }
     }
 
@@ -173,6 +188,10 @@ pub fn generated_people(n: i64) -> Vec<Person> {
             p.addresses = i % 3;
             p.orders = i % 4;
             p.events = i % 5;
+            p.documents = i % 3;
+            if i % 4 == 1 {
+                p.archive_email = Some(email.to_uppercase());
+            }
             match i % 7 {
                 3 => p.shop_email = Some(format!("  {}  ", email.to_uppercase())),
                 4 => p.newsletter_email = Some(format!(" Person{i}@Example.Com")),
@@ -310,6 +329,24 @@ pub fn assert_rows_eq<T: Debug + PartialEq>(what: &str, actual: &[T], expected: 
     panic!("{msg}");
 }
 
+/// id, owner_email, title: a row of the archive's `documents`.
+pub type DocumentRow = (i64, String, String);
+
+/// What the archive holds after erasing `erased` (by person id), by id.
+pub fn expected_documents(people: &[Person], erased: &BTreeSet<i64>) -> Vec<DocumentRow> {
+    let mut rows: Vec<DocumentRow> = people
+        .iter()
+        .filter(|p| !erased.contains(&p.id))
+        .filter_map(|p| p.archive_email.as_ref().map(|stored| (p, stored)))
+        .flat_map(|(p, stored)| {
+            (0..p.documents)
+                .map(move |j| (p.id * 10 + j, stored.clone(), format!("Document {j} of {}", p.name)))
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
 pub fn assert_all_rows_eq(actual: &Rows, expected: &Rows) {
     assert_rows_eq("shop.customers", &actual.customers, &expected.customers);
     assert_rows_eq("shop.addresses", &actual.addresses, &expected.addresses);
@@ -327,15 +364,36 @@ pub enum StateKind {
     Postgres,
 }
 
-/// Everything one test's server needs: a temporary directory, the two
+/// What a [`Lab`] sets up besides the defaults (in-process bus, `shop`
+/// and `newsletter`, the coordinator's default time-outs).
+#[derive(Debug, Clone, Default)]
+pub struct LabOptions {
+    /// Kafka instead of the in-process bus; every system then gets a
+    /// connector token (`LETHE_TEST_TOKEN_<SYSTEM>`, see [`Lab::child_env`]).
+    pub kafka: Option<kafka::KafkaSetup>,
+    /// A third system, `archive`: SQLite `documents` matched by e-mail.
+    pub archive: bool,
+    /// `[scheduler] task_timeout_secs`, with a 1 s sweep, retries after 1-2 s
+    /// and 10 attempts.
+    pub task_timeout_secs: Option<u64>,
+    /// `[dispatcher] lease_secs`.
+    pub lease_secs: Option<u64>,
+}
+
+/// Everything one test's server needs: a temporary directory, the
 /// systems (created and seeded), the state store and the config file.
 pub struct Lab {
     pub state_kind: StateKind,
+    pub options: LabOptions,
     pub people: Vec<Person>,
     pub shop: PgDb,
     /// The PostgreSQL state store (for [`StateKind::Postgres`]).
     pub state_db: Option<PgDb>,
     pub newsletter: PathBuf,
+    /// The archive's SQLite file (with [`LabOptions::archive`]).
+    pub archive: Option<PathBuf>,
+    /// Connector token of each system (Kafka only).
+    pub tokens: BTreeMap<String, String>,
     /// The SQLite state store file (for [`StateKind::Sqlite`]).
     pub state_file: PathBuf,
     pub config: PathBuf,
@@ -349,6 +407,10 @@ pub struct Lab {
 
 impl Lab {
     pub async fn new(state_kind: StateKind, people: Vec<Person>) -> Self {
+        Self::with_options(state_kind, people, LabOptions::default()).await
+    }
+
+    pub async fn with_options(state_kind: StateKind, people: Vec<Person>, options: LabOptions) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().canonicalize().expect("absolute temp dir");
         let shop = PgDb::create().await;
@@ -358,12 +420,26 @@ impl Lab {
         };
         let master_key = (state_kind == StateKind::Postgres)
             .then(|| format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()));
+        let mut systems = vec!["shop", "newsletter"];
+        if options.archive {
+            systems.push("archive");
+        }
+        let tokens = match options.kafka {
+            Some(_) => systems
+                .iter()
+                .map(|s| ((*s).to_owned(), format!("tok-{s}-{}", uuid::Uuid::new_v4().simple())))
+                .collect(),
+            None => BTreeMap::new(),
+        };
         let lab = Self {
             state_kind,
             people,
             shop,
             state_db,
             newsletter: root.join("newsletter.db"),
+            archive: options.archive.then(|| root.join("archive.db")),
+            tokens,
+            options,
             state_file: root.join("state.db"),
             config: root.join("lethe.toml"),
             listen: free_port(),
@@ -373,12 +449,34 @@ impl Lab {
         };
         lab.seed_shop().await;
         lab.seed_newsletter().await;
+        lab.seed_archive().await;
         std::fs::write(&lab.config, lab.config_text()).expect("write config");
         lab
     }
 
     pub fn root(&self) -> &Path {
         self.config.parent().expect("config in a directory")
+    }
+
+    /// The environment variable holding `system`'s connector token.
+    pub fn token_var(system: &str) -> String {
+        format!("LETHE_TEST_TOKEN_{}", system.to_ascii_uppercase())
+    }
+
+    /// `system`'s connector token (Kafka labs only).
+    pub fn token(&self, system: &str) -> &str {
+        self.tokens.get(system).unwrap_or_else(|| panic!("no token for {system}: not a Kafka lab?"))
+    }
+
+    /// The variables the config's `${…}` placeholders need, for every
+    /// `lethe` process of this lab.
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> =
+            self.tokens.iter().map(|(s, t)| (Self::token_var(s), t.clone())).collect();
+        if let Some(key) = &self.master_key {
+            env.push(("LETHE_TEST_MASTER_KEY".into(), key.clone()));
+        }
+        env
     }
 
     pub fn state_url(&self) -> String {
@@ -395,6 +493,54 @@ impl Lab {
         } else {
             format!("master_key_file = \"{}\"", self.root().join("master.key").display())
         };
+        let bus = match &self.options.kafka {
+            Some(k) => k.bus_toml(),
+            None => "kind = \"in-process\"\n".to_owned(),
+        };
+        let token = |system: &str| match self.options.kafka {
+            Some(_) => format!("token = \"${{{}}}\"\n", Self::token_var(system)),
+            None => String::new(),
+        };
+        let mut dispatcher = "poll_interval_ms = 50\n".to_owned();
+        if let Some(secs) = self.options.lease_secs {
+            dispatcher.push_str(&format!("lease_secs = {secs}\n"));
+        }
+        let mut tuning = String::new();
+        if let Some(secs) = self.options.task_timeout_secs {
+            tuning.push_str(&format!(
+                "[scheduler]\ntask_timeout_secs = {secs}\ninterval_secs = 1\nmax_attempts = 10\n\
+                 retry_initial_delay_secs = 1\nretry_max_delay_secs = 2\n\n"
+            ));
+        }
+        if self.options.kafka.is_some() {
+            // A worker keeps asking for a key while the coordinator restarts
+            // (about 30 s) rather than report a retryable failure at once.
+            tuning.push_str("[retry]\ninitial_delay_ms = 200\nmax_delay_ms = 2000\nmax_retries = 20\n\n");
+        }
+        let archive = match &self.archive {
+            Some(path) => format!(
+                r#"
+[[systems]]
+name = "archive"
+connector = "sql"
+owner = "records-team"
+description = "Scanned documents, filed by their owner's e-mail address"
+categories = ["identity.contact"]
+{token}
+[systems.config]
+url = "sqlite://{path}?mode=rw"
+
+[[systems.config.tables]]
+name = "documents"
+match = {{ email = "owner_email" }}
+action = "delete"
+category = "identity.contact"
+"#,
+                token = token("archive"),
+                path = path.display(),
+            ),
+            None => String::new(),
+        };
         format!(
             r#"# Written by the end-to-end suite.
 [server]
@@ -404,21 +550,19 @@ listen = "{listen}"
 url = "{state}"
 
 [bus]
-kind = "in-process"
-
+{bus}
 [keys]
 {keys}
 
 [dispatcher]
-poll_interval_ms = 50
-
-[[systems]]
+{dispatcher}
+{tuning}[[systems]]
 name = "shop"
 connector = "sql"
 owner = "commerce-team"
 description = "Web shop: customers, their addresses and orders"
 categories = ["identity.contact", "billing.order"]
-
+{shop_token}
 [systems.config]
 url = "{shop}"
 
@@ -447,7 +591,7 @@ connector = "sql"
 owner = "marketing-team"
 description = "Newsletter subscribers and their e-mail events"
 categories = ["marketing.profile", "analytics.events"]
-
+{news_token}
 [systems.config]
 url = "sqlite://{news}?mode=rw"
 
@@ -462,7 +606,9 @@ name = "email_events"
 parent = {{ table = "subscribers", column = "subscriber_id", references = "id" }}
 action = "delete"
 category = "analytics.events"
-"#,
+{archive}"#,
+            shop_token = token("shop"),
+            news_token = token("newsletter"),
             listen = self.listen,
             state = self.state_url(),
             shop = self.shop.url,
@@ -540,6 +686,59 @@ category = "analytics.events"
         );
         pool.execute(sql.as_str()).await.expect("seed the newsletter");
         pool.close().await;
+    }
+
+    async fn archive_pool(&self, create: bool) -> Option<SqlitePool> {
+        let path = self.archive.as_ref()?;
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .expect("sqlite url")
+            .create_if_missing(create);
+        Some(
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await
+                .expect("open the archive database"),
+        )
+    }
+
+    async fn seed_archive(&self) {
+        let Some(pool) = self.archive_pool(true).await else { return };
+        pool.execute(
+            "CREATE TABLE documents (id INTEGER PRIMARY KEY, owner_email TEXT NOT NULL, title TEXT);",
+        )
+        .await
+        .expect("archive schema");
+        let mut sql = String::new();
+        insert(
+            &mut sql,
+            "documents (id, owner_email, title)",
+            expected_documents(&self.people, &BTreeSet::new())
+                .iter()
+                .map(|(id, e, t)| format!("({id}, {}, {})", lit(e), lit(t))),
+        );
+        pool.execute(sql.as_str()).await.expect("seed the archive");
+        pool.close().await;
+    }
+
+    /// Every row of the archive's `documents` now, by id.
+    pub async fn archive_rows(&self) -> Vec<DocumentRow> {
+        let pool = self.archive_pool(false).await.expect("this lab has no archive");
+        let rows = sqlx::query("SELECT id, owner_email, title FROM documents ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("read documents")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        pool.close().await;
+        rows
+    }
+
+    /// Asserts the archive holds exactly the documents of everyone not in `erased`.
+    pub async fn assert_archive_after(&self, erased: &BTreeSet<i64>) {
+        let expected = expected_documents(&self.people, erased);
+        assert_rows_eq("archive.documents", &self.archive_rows().await, &expected);
     }
 
     /// Every row of both systems now.
@@ -683,6 +882,18 @@ category = "analytics.events"
     }
 }
 
+impl Drop for Lab {
+    /// A failing test keeps its directory (config, every process's log) and
+    /// says where; `LETHE_TEST_KEEP=1` keeps it always. (The PostgreSQL
+    /// databases are dropped all the same.)
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("LETHE_TEST_KEEP").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("lab directory kept: {}", self.root().display());
+        }
+    }
+}
+
 fn insert(sql: &mut String, into: &str, values: impl Iterator<Item = String>) {
     let values: Vec<String> = values.collect();
     if !values.is_empty() {
@@ -694,17 +905,25 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, and that no other test of this
+/// process was given (tests run in parallel threads: the system may hand
+/// a port just released by one test to the next).
 pub fn free_port() -> SocketAddr {
-    let l = StdListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr")
+    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    loop {
+        let l = StdListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = l.local_addr().expect("local addr");
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(addr.port()) {
+            return addr;
+        }
+    }
 }
 
 // -------------------------------------------------------------------- Server
 
 /// Removes the caller's `LETHE*` and proxy variables so that a child sees
 /// only what the test gives it.
-fn clean_env(cmd: &mut Command) {
+pub(crate) fn clean_env(cmd: &mut Command) {
     for (k, _) in std::env::vars_os() {
         let upper = k.to_string_lossy().to_ascii_uppercase();
         if upper.starts_with("LETHE") || upper.ends_with("_PROXY") {
@@ -730,38 +949,47 @@ pub struct Server {
 impl Server {
     /// Starts the server and waits until `/readyz` answers 200.
     pub async fn start(lab: &Lab) -> Self {
+        Self::start_at(lab, lab.listen, &lab.log).await
+    }
+
+    /// Starts another server of the same lab, listening on `listen`
+    /// (`--listen` when it is not the config's address) and writing to `log`.
+    pub async fn start_at(lab: &Lab, listen: SocketAddr, log_path: &Path) -> Self {
         let mut log =
-            std::fs::OpenOptions::new().create(true).append(true).open(&lab.log).expect("open server log");
-        writeln!(log, "===== lethe serve --config {} =====", lab.config.display()).expect("write log");
+            std::fs::OpenOptions::new().create(true).append(true).open(log_path).expect("open server log");
+        writeln!(log, "===== lethe serve --config {} ({listen}) =====", lab.config.display())
+            .expect("write log");
         let mut cmd = Command::new(LETHE);
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&lab.config)
-            .current_dir(lab.root())
+        cmd.arg("serve").arg("--config").arg(&lab.config);
+        if listen != lab.listen {
+            cmd.arg("--listen").arg(listen.to_string());
+        }
+        cmd.current_dir(lab.root())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
             .kill_on_drop(true);
         clean_env(&mut cmd);
-        cmd.env("LETHE_LOG", "info").env("NO_COLOR", "1");
-        if let Some(key) = &lab.master_key {
-            cmd.env("LETHE_TEST_MASTER_KEY", key);
-        }
+        cmd.env("LETHE_LOG", "info").env("NO_COLOR", "1").envs(lab.child_env());
+        let listening_before = count_listening(log_path);
         let child = cmd.spawn().expect("spawn lethe serve");
         let mut server =
-            Self { child, base: format!("http://{}", lab.listen), log: lab.log.clone(), http: http_client() };
-        server.wait_ready().await;
+            Self { child, base: format!("http://{listen}"), log: log_path.to_owned(), http: http_client() };
+        server.wait_ready(listening_before).await;
         server
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits until this process says it listens (so that another process
+    /// on the same port cannot pass for it) and `/readyz` answers 200.
+    async fn wait_ready(&mut self, listening_before: usize) {
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().expect("poll child") {
-                panic!("lethe serve exited with {status} before it was ready");
+                panic!("lethe serve exited with {status} before it was ready:\n{}", self.log_text());
             }
+            let ours = count_listening(&self.log) > listening_before;
             if let Ok(r) = self.http.get(self.url("/readyz")).timeout(Duration::from_secs(2)).send().await {
-                if r.status() == 200 {
+                if r.status() == 200 && ours {
                     return;
                 }
             }
@@ -859,6 +1087,11 @@ impl Server {
     }
 }
 
+/// How many times a log says "lethe coordinator listening".
+fn count_listening(log: &Path) -> usize {
+    std::fs::read_to_string(log).map_or(0, |t| t.matches("lethe coordinator listening").count())
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
@@ -937,4 +1170,87 @@ pub fn describe(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+// ------------------------------------------------------------------ Batches
+
+/// Submissions [`submit_many`] keeps in flight: enough to exercise the
+/// coordinator concurrently, few enough that its state-store pool (and
+/// PostgreSQL's 100 connections, shared by tests running in parallel)
+/// does not grow to its limit.
+pub const SUBMIT_CONCURRENCY: usize = 8;
+
+/// Submits every `(person id, subject)`, [`SUBMIT_CONCURRENCY`] at a time,
+/// the i-th to `bases[i % bases.len()]`; asserts each answers 202 within
+/// `max_latency`. Returns request id → person id, and the slowest answer's time.
+pub async fn submit_many(
+    http: &reqwest::Client,
+    bases: &[&str],
+    subjects: &[(i64, Value)],
+    max_latency: Duration,
+) -> (BTreeMap<String, i64>, Duration) {
+    let mut submissions = tokio::task::JoinSet::new();
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(SUBMIT_CONCURRENCY));
+    for (i, (person, subject)) in subjects.iter().enumerate() {
+        let (http, base) = (http.clone(), bases[i % bases.len()].to_owned());
+        let (person, subject) = (*person, subject.clone());
+        let permits = permits.clone();
+        submissions.spawn(async move {
+            let _permit = permits.acquire_owned().await.expect("semaphore");
+            let sent = Instant::now();
+            let answer = tokio::time::timeout(max_latency, submit_with(&http, &base, subject))
+                .await
+                .unwrap_or_else(|_| panic!("POST {base}/v1/requests took more than {max_latency:?}"));
+            (person, answer, sent.elapsed())
+        });
+    }
+    let mut accepted = BTreeMap::new();
+    let mut slowest = Duration::ZERO;
+    while let Some(joined) = submissions.join_next().await {
+        let (person, answer, took) = joined.expect("submission task");
+        slowest = slowest.max(took);
+        let id = answer["id"].as_str().expect("id").to_owned();
+        assert!(accepted.insert(id, person).is_none(), "duplicate request id");
+    }
+    assert_eq!(accepted.len(), subjects.len());
+    (accepted, slowest)
+}
+
+/// Polls `GET /v1/requests` until every request of `accepted` is listed
+/// and final; then returns each one's full view. Fails after `timeout`,
+/// naming what is still open.
+pub async fn wait_all_final(
+    server: &Server,
+    accepted: &BTreeMap<String, i64>,
+    timeout: Duration,
+) -> BTreeMap<String, Value> {
+    let started = Instant::now();
+    loop {
+        let listed = server.list().await;
+        let status: BTreeMap<&str, &str> = listed
+            .iter()
+            .map(|r| (r["id"].as_str().unwrap_or_default(), r["status"].as_str().unwrap_or_default()))
+            .collect();
+        let open: Vec<(&String, &str)> = accepted
+            .keys()
+            .map(|id| (id, status.get(id.as_str()).copied().unwrap_or("(not listed)")))
+            .filter(|(_, s)| !FINAL.contains(s))
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{} of {} requests still open {timeout:?} after waiting began; first: {:?}",
+            open.len(),
+            accepted.len(),
+            &open[..open.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut views = BTreeMap::new();
+    for id in accepted.keys() {
+        views.insert(id.clone(), server.request(id).await);
+    }
+    views
 }

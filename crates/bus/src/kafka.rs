@@ -186,14 +186,26 @@ impl KafkaBus {
 
     /// Sends one record and waits for its delivery report. An idempotent
     /// producer whose message timed out (e.g. during a broker outage longer
-    /// than `message.timeout.ms`) enters a fatal state and fails every later
-    /// send; it is then replaced, and the caller's retry uses the new one.
+    /// than `message.timeout.ms`) can end up fenced or in a fatal state and
+    /// fail every later send; it is then replaced, and the caller's retry
+    /// uses the new one (with a new producer id).
     async fn produce(&self, record: FutureRecord<'_, str, [u8]>) -> Result<(), BusError> {
         let producer = self.producer.read().unwrap_or_else(|e| e.into_inner()).clone();
         let result = producer.send(record, Duration::from_secs(30)).await;
         let Err((error, _)) = result else { return Ok(()) };
-        if let Some((code, reason)) = producer.client().fatal_error() {
-            tracing::warn!(?code, %reason, "the Kafka producer hit a fatal error; replacing it");
+        let fenced = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::InvalidProducerIdMapping
+                    | RDKafkaErrorCode::Fatal
+            )
+        );
+        if fenced || producer.client().fatal_error().is_some() {
+            tracing::warn!(error = %error, "the Kafka producer can no longer publish; replacing it");
             match new_producer(&self.config) {
                 Ok(fresh) => *self.producer.write().unwrap_or_else(|e| e.into_inner()) = fresh,
                 Err(e) => tracing::error!(error = %e, "could not create a new Kafka producer"),
