@@ -268,31 +268,13 @@ impl SqlStore {
     }
 
     async fn lock_request(&self, tx: &mut AnyConnection, id: RequestId) -> Result<RequestStatus, StoreError> {
-        let row =
-            sqlx::query(&format!("SELECT status FROM requests WHERE id = $1{}", self.dialect.for_update()))
-                .bind(id.to_string())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        parse(&col::<String>(&row, "status")?, "status")
+        let mut locked = self.lock_requests(tx, std::iter::once(id)).await?;
+        locked.remove(&id).ok_or_else(|| StoreError::Corrupt(format!("request {id} vanished")))
     }
 
     async fn lock_task(&self, tx: &mut AnyConnection, id: TaskId) -> Result<TaskLock, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT state, system, attempts, budget_start, updated_at FROM tasks WHERE id = $1{}",
-            self.dialect.for_update()
-        ))
-        .bind(id.to_string())
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        Ok(TaskLock {
-            state: parse(&col::<String>(&row, "state")?, "task state")?,
-            system: col(&row, "system")?,
-            attempts: col(&row, "attempts")?,
-            budget_start: col(&row, "budget_start")?,
-            updated_at: col(&row, "updated_at")?,
-        })
+        let mut locked = self.lock_tasks(tx, std::iter::once(id)).await?;
+        locked.remove(&id).ok_or_else(|| StoreError::Corrupt(format!("task {id} vanished")))
     }
 
     /// Locks requests in id order (the order every writer uses) and returns
