@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
+
 use lethe_bus::{Bus, TaskMessage, ENVELOPE_VERSION};
 use lethe_store::{OutboxItem, StateStore};
 use tokio::sync::Notify;
@@ -24,19 +26,19 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub async fn run(self) {
-        let mut backoff = Backoff::new(self.settings.poll_interval);
+        let mut backoff = delays(self.settings.poll_interval);
         loop {
             match self.relay_once().await {
                 Ok(0) => {
-                    backoff.reset();
+                    backoff = delays(self.settings.poll_interval);
                     tokio::select! {
                         _ = self.wake.notified() => {}
                         _ = tokio::time::sleep(self.settings.poll_interval) => {}
                     }
                 }
-                Ok(_) => backoff.reset(),
+                Ok(_) => backoff = delays(self.settings.poll_interval),
                 Err(e) => {
-                    let delay = backoff.next();
+                    let delay = backoff.next().unwrap_or(self.settings.poll_interval);
                     tracing::warn!(error = %e, ?delay, "outbox relay failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
@@ -88,26 +90,13 @@ fn message(item: &OutboxItem, now: chrono::DateTime<chrono::Utc>) -> TaskMessage
     }
 }
 
-/// Capped exponential delay for the coordinator's own loops.
-pub(crate) struct Backoff {
-    base: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    const MAX: Duration = Duration::from_secs(10);
-
-    pub(crate) fn new(base: Duration) -> Self {
-        Self { base, current: base }
-    }
-
-    pub(crate) fn next(&mut self) -> Duration {
-        let d = self.current;
-        self.current = (self.current * 2).min(Self::MAX);
-        d
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.current = self.base;
-    }
+/// The delays of the coordinator's own retry loops: exponential from
+/// `base`, capped at 10 s, never giving up (the same `backon` policy the
+/// connector runtime uses, without a retry limit).
+pub(crate) fn delays(base: Duration) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(base)
+        .with_max_delay(Duration::from_secs(10).max(base))
+        .without_max_times()
+        .build()
 }

@@ -9,7 +9,7 @@ use lethe_bus::{Bus, Consumer, Delivery, Position, ResultMessage};
 use lethe_store::{Applied, OutcomeReport, RetrySchedule, StateStore};
 
 use crate::clock::Clock;
-use crate::dispatcher::Backoff;
+use crate::dispatcher::delays;
 use crate::metrics::{DEAD_LETTERS_TOTAL, OUTCOMES_TOTAL, REQUESTS_FINISHED_TOTAL};
 
 pub struct Ingest {
@@ -58,12 +58,12 @@ impl Ingest {
             .iter()
             .map(|m| OutcomeReport { task_id: m.task_id, attempt: m.attempt, outcome: m.outcome.clone() })
             .collect();
-        let mut backoff = Backoff::new(Duration::from_millis(100));
+        let mut backoff = delays(Duration::from_millis(100));
         let applied = loop {
             match self.store.apply_outcomes(&reports, &self.schedule, self.clock.now()).await {
                 Ok(applied) => break applied,
                 Err(e) => {
-                    let delay = backoff.next();
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(error = %e, ?delay, "applying outcomes failed; retrying");
                     tokio::time::sleep(delay).await;
                 }

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, Datelike, Duration, Months, NaiveDate, Utc};
+use chrono::{DateTime, Duration, Months, Utc};
 use serde::{Deserialize, Serialize};
 
 /// A privacy law under which a subject asks to be forgotten.
@@ -75,15 +75,6 @@ impl Regulation {
     }
 }
 
-/// The last day of the month of `date`; used by tests and callers that
-/// reason about month ends.
-pub fn last_day_of_month(date: NaiveDate) -> u32 {
-    let (y, m) = (date.year(), date.month());
-    let first_next =
-        if m == 12 { NaiveDate::from_ymd_opt(y + 1, 1, 1) } else { NaiveDate::from_ymd_opt(y, m + 1, 1) };
-    first_next.and_then(|d| d.pred_opt()).map_or(31, |d| d.day())
-}
-
 /// An unknown regulation name; the message lists the known ones.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown regulation; expected one of gdpr, uk-gdpr, ccpa, vcdpa, lgpd, pipeda")]
@@ -140,11 +131,5 @@ mod tests {
         }
         assert_eq!("GDPR".parse::<Regulation>().unwrap(), Regulation::Gdpr);
         assert!("hipaa".parse::<Regulation>().is_err());
-    }
-
-    #[test]
-    fn month_end_helper() {
-        assert_eq!(last_day_of_month(NaiveDate::from_ymd_opt(2028, 2, 3).unwrap()), 29);
-        assert_eq!(last_day_of_month(NaiveDate::from_ymd_opt(2026, 12, 3).unwrap()), 31);
     }
 }

@@ -62,10 +62,6 @@ impl SqlStore {
         Ok(Self { pool, dialect })
     }
 
-    pub fn dialect(&self) -> Dialect {
-        self.dialect
-    }
-
     /// The underlying pool, for tests and tools that inspect the database.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
