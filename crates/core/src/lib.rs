@@ -7,6 +7,7 @@ pub mod identifier;
 pub mod ids;
 pub mod outcome;
 pub mod plan;
+pub mod policy;
 pub mod regulation;
 pub mod state;
 
@@ -14,6 +15,7 @@ pub use crypto::{DataKey, MasterKey, SealedIdentifier};
 pub use identifier::{Identifier, IdentifierError, IdentifierKind};
 pub use ids::{RequestId, TaskId};
 pub use outcome::{DatasetReport, Outcome, OutcomeClass, RetainedReport};
-pub use plan::{Action, PlanItem};
-pub use regulation::{Period, Regulation};
+pub use plan::{Action, CategoryPlan, Directive, HoldRef, PlanItem, Reference};
+pub use policy::{ActiveHold, HoldScope, Policy, PolicyError, Rule, RuleAction, SystemCategories};
+pub use regulation::{DeadlineRule, Deadlines, ExtensionRefused, Period, Regulation};
 pub use state::{RequestStatus, Step, TaskEvent, TaskState};

@@ -19,9 +19,15 @@ pub struct DatasetReport {
 #[serde(deny_unknown_fields)]
 pub struct RetainedReport {
     pub dataset: String,
+    /// The data category of the dataset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
     pub count: u64,
     pub basis: String,
-    pub until: DateTime<Utc>,
+    /// When the last of these records may go; absent while a legal hold
+    /// keeps them (no end date until it is released).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
 }
 
 /// A connector's report on one attempt of one task.

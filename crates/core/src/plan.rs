@@ -6,6 +6,8 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::regulation::Period;
+
 /// The action planned for one system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -26,9 +28,15 @@ impl Action {
         }
     }
 
-    /// Whether a connector has work to do for this action.
-    pub fn needs_connector(self) -> bool {
-        matches!(self, Self::Erase | Self::Anonymize)
+    /// Precedence when several apply: hold > retain > anonymize > erase.
+    /// The higher rank keeps more, so it is the more protective choice.
+    pub fn rank(self) -> u8 {
+        match self {
+            Self::Erase => 0,
+            Self::Anonymize => 1,
+            Self::Retain => 2,
+            Self::Hold => 3,
+        }
     }
 }
 
@@ -49,10 +57,114 @@ impl fmt::Display for Action {
     }
 }
 
+/// What a retention period is counted from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reference {
+    /// The record's own date (e.g. the invoice date) where the connector can
+    /// read it; the request date for records without one.
+    #[default]
+    Record,
+    /// The date the request was received.
+    Request,
+}
+
+/// The legal hold behind a `hold` decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HoldRef {
+    pub id: String,
+    pub reason: String,
+    pub case_reference: String,
+}
+
+/// What was decided for one data category of one system, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CategoryPlan {
+    pub category: String,
+    /// What happens now: `hold` while a legal hold covers the category,
+    /// otherwise the rule's action.
+    pub action: Action,
+    /// The policy rule that decided (still applies under a hold, once the
+    /// hold ends).
+    pub rule: String,
+    /// The rule's own action.
+    pub rule_action: Action,
+    /// Legal basis of a `retain` rule (a citation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basis: Option<String>,
+    /// Retention period of a `retain` rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<Period>,
+    /// What the period counts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Reference>,
+    /// End of the retention counted from the request date: the end for
+    /// records without a date of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<HoldRef>,
+}
+
+impl CategoryPlan {
+    /// The instruction sent to a connector for this category, for an
+    /// attempt issued at `as_of`.
+    pub fn directive(&self, as_of: DateTime<Utc>) -> Directive {
+        let (basis, cutoff) = match (&self.hold, self.action) {
+            (Some(h), Action::Hold) => (Some(format!("legal hold {}: {}", h.case_reference, h.reason)), None),
+            (_, Action::Retain) => (
+                self.basis.clone(),
+                match (self.reference, self.period) {
+                    (Some(Reference::Record), Some(p)) => Some(p.subtract_from(as_of)),
+                    _ => None,
+                },
+            ),
+            _ => (None, None),
+        };
+        Directive {
+            category: self.category.clone(),
+            action: self.action,
+            basis,
+            period: (self.action == Action::Retain).then_some(self.period).flatten(),
+            cutoff,
+            until: (self.action == Action::Retain).then_some(self.until).flatten(),
+        }
+    }
+}
+
+/// A connector's instruction for one data category (see docs/protocol.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Directive {
+    /// The data category, as declared on the system's datasets.
+    pub category: String,
+    /// `erase` (the dataset's declared treatment), `anonymize`, `retain`
+    /// (keep what is still within its period, erase what is past it) or
+    /// `hold` (touch nothing).
+    pub action: Action,
+    /// For `retain` and `hold`: the legal basis, reported with kept records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basis: Option<String>,
+    /// For `retain`: the retention period; a kept record with a date of its
+    /// own is kept until that date plus the period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<Period>,
+    /// For `retain` counted from the record's date: records dated at or
+    /// before this instant are past their period and are erased now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutoff: Option<DateTime<Utc>>,
+    /// For `retain`: the end of the retention of records without a date of
+    /// their own (all records, when the period counts from the request).
+    /// At or after it they are erased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+}
+
 /// One line of a plan: the action for one system, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlanItem {
     pub system: String,
+    /// The most protective action among the system's categories.
     pub action: Action,
     /// Human-readable reason, e.g. the rule that decided.
     pub reason: String,
@@ -62,4 +174,7 @@ pub struct PlanItem {
     /// End of a retention period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<DateTime<Utc>>,
+    /// The decision for each data category the system holds.
+    #[serde(default)]
+    pub categories: Vec<CategoryPlan>,
 }

@@ -7,7 +7,9 @@ use chrono::{DateTime, Duration, Months, Utc};
 use serde::{Deserialize, Serialize};
 
 /// A privacy law under which a subject asks to be forgotten.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Regulation {
     /// EU GDPR Art. 17, answered within one month (Art. 12(3)).
@@ -24,11 +26,12 @@ pub enum Regulation {
     Pipeda,
 }
 
-/// How long a regulation gives to answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// A calendar period: `10y`, `6m`, `45d` (or ISO 8601 `P10Y`, `P6M`, `P45D`).
+/// Serialised in the ISO 8601 form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Period {
-    /// Calendar months, clamped to the last day of a shorter month.
+    /// Calendar months (a year is 12), clamped to the last day of a shorter
+    /// month.
     Months(u32),
     Days(u32),
 }
@@ -42,7 +45,82 @@ impl Period {
             Self::Days(n) => from + Duration::days(i64::from(n)),
         }
     }
+
+    /// `from` minus this period, clamped the same way.
+    pub fn subtract_from(self, from: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            Self::Months(n) => from.checked_sub_months(Months::new(n)).unwrap_or(DateTime::<Utc>::MIN_UTC),
+            Self::Days(n) => from - Duration::days(i64::from(n)),
+        }
+    }
+
+    /// A rough length in days, to compare periods of different units.
+    pub fn approx_days(self) -> u64 {
+        match self {
+            Self::Months(n) => u64::from(n) * 3044 / 100,
+            Self::Days(n) => u64::from(n),
+        }
+    }
 }
+
+impl fmt::Display for Period {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Months(n) if n % 12 == 0 && n > 0 => write!(f, "P{}Y", n / 12),
+            Self::Months(n) => write!(f, "P{n}M"),
+            Self::Days(n) => write!(f, "P{n}D"),
+        }
+    }
+}
+
+/// A period that could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid period {0:?}; expected a number and a unit, e.g. 10y, 6m, 45d (or P10Y, P6M, P45D)")]
+pub struct InvalidPeriod(pub String);
+
+impl FromStr for Period {
+    type Err = InvalidPeriod;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || InvalidPeriod(s.to_owned());
+        let t = s.trim().to_ascii_lowercase();
+        let t = t.strip_prefix('p').unwrap_or(&t);
+        let unit = t.chars().last().ok_or_else(bad)?;
+        let n: u32 = t[..t.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
+        match unit {
+            'y' => n.checked_mul(12).map(Self::Months).ok_or_else(bad),
+            'm' => Ok(Self::Months(n)),
+            'w' => n.checked_mul(7).map(Self::Days).ok_or_else(bad),
+            'd' => Ok(Self::Days(n)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl Serialize for Period {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Period {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl utoipa::PartialSchema for Period {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some("ISO 8601 period: PnY, PnM or PnD"))
+            .examples([serde_json::json!("P10Y")])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Period {}
 
 impl Regulation {
     pub const ALL: [Regulation; 6] =
@@ -72,6 +150,83 @@ impl Regulation {
     /// The due date of a request received at `received`.
     pub fn due_at(self, received: DateTime<Utc>) -> DateTime<Utc> {
         self.response_period().add_to(received)
+    }
+
+    /// How much a controller may extend the deadline, once, if the law
+    /// allows it: GDPR Art. 12(3) two further months, CCPA §1798.130 and
+    /// VCDPA 45 further days, PIPEDA s. 8(4) 30 further days. LGPD has none.
+    pub fn extension_period(self) -> Option<Period> {
+        match self {
+            Self::Gdpr | Self::UkGdpr => Some(Period::Months(2)),
+            Self::Ccpa | Self::Vcdpa => Some(Period::Days(45)),
+            Self::Pipeda => Some(Period::Days(30)),
+            Self::Lgpd => None,
+        }
+    }
+}
+
+/// The deadlines of one regulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadlineRule {
+    /// Time to answer, from receipt.
+    pub response: Period,
+    /// One extension allowed before the original due date, if any.
+    #[serde(default)]
+    pub extension: Option<Period>,
+}
+
+/// Due dates and extensions per regulation: the statutory values, each
+/// replaceable by configuration (e.g. a company that answers faster).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deadlines {
+    overrides: std::collections::BTreeMap<Regulation, DeadlineRule>,
+}
+
+/// Why an extension was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExtensionRefused {
+    #[error("{0} allows no extension of the deadline")]
+    NotAllowed(Regulation),
+    #[error("the deadline was already extended once")]
+    AlreadyExtended,
+    #[error("the original due date has passed; an extension must be decided before it")]
+    TooLate,
+}
+
+impl Deadlines {
+    pub fn new(overrides: std::collections::BTreeMap<Regulation, DeadlineRule>) -> Self {
+        Self { overrides }
+    }
+
+    pub fn rule(&self, regulation: Regulation) -> DeadlineRule {
+        self.overrides.get(&regulation).copied().unwrap_or(DeadlineRule {
+            response: regulation.response_period(),
+            extension: regulation.extension_period(),
+        })
+    }
+
+    pub fn due_at(&self, regulation: Regulation, received: DateTime<Utc>) -> DateTime<Utc> {
+        self.rule(regulation).response.add_to(received)
+    }
+
+    /// The new due date of a request whose original due date is
+    /// `original_due`, if it may be extended at `now`.
+    pub fn extend(
+        &self,
+        regulation: Regulation,
+        original_due: DateTime<Utc>,
+        already_extended: bool,
+        now: DateTime<Utc>,
+    ) -> Result<DateTime<Utc>, ExtensionRefused> {
+        let period = self.rule(regulation).extension.ok_or(ExtensionRefused::NotAllowed(regulation))?;
+        if already_extended {
+            return Err(ExtensionRefused::AlreadyExtended);
+        }
+        if now >= original_due {
+            return Err(ExtensionRefused::TooLate);
+        }
+        Ok(period.add_to(original_due))
     }
 }
 
@@ -120,6 +275,69 @@ mod tests {
         for (reg, received, due) in cases {
             assert_eq!(reg.due_at(received), due, "{reg} received {received}");
         }
+    }
+
+    #[test]
+    fn extensions_once_and_only_before_the_original_due_date() {
+        let d = Deadlines::default();
+        // (regulation, received, now, already extended, expected new due date or refusal)
+        type Case = (Regulation, DateTime<Utc>, DateTime<Utc>, bool, Result<DateTime<Utc>, ExtensionRefused>);
+        let cases: [Case; 9] = [
+            // GDPR: due 28 Feb (clamped), +2 months from the original due date
+            (Regulation::Gdpr, at(2026, 1, 31), at(2026, 2, 10), false, Ok(at(2026, 4, 28))),
+            // leap year: due 29 Feb 2028, +2 months = 29 April
+            (Regulation::Gdpr, at(2028, 1, 31), at(2028, 2, 1), false, Ok(at(2028, 4, 29))),
+            (Regulation::UkGdpr, at(2026, 10, 31), at(2026, 11, 1), false, Ok(at(2027, 1, 30))),
+            (Regulation::Ccpa, at(2026, 1, 1), at(2026, 1, 2), false, Ok(at(2026, 4, 1))),
+            (Regulation::Vcdpa, at(2026, 1, 1), at(2026, 2, 14), false, Ok(at(2026, 4, 1))),
+            (Regulation::Pipeda, at(2026, 2, 1), at(2026, 2, 2), false, Ok(at(2026, 4, 2))),
+            (Regulation::Lgpd, at(2026, 2, 1), at(2026, 2, 2), false, Err(ExtensionRefused::NotAllowed(Regulation::Lgpd))),
+            // at the due date itself it is too late
+            (Regulation::Gdpr, at(2026, 1, 31), at(2026, 2, 28), false, Err(ExtensionRefused::TooLate)),
+            (Regulation::Ccpa, at(2026, 1, 1), at(2026, 1, 2), true, Err(ExtensionRefused::AlreadyExtended)),
+        ];
+        for (reg, received, now, extended, expected) in cases {
+            let original = d.due_at(reg, received);
+            assert_eq!(d.extend(reg, original, extended, now), expected, "{reg} received {received} at {now}");
+        }
+    }
+
+    #[test]
+    fn configured_deadlines_replace_the_statutory_ones() {
+        let mut o = std::collections::BTreeMap::new();
+        o.insert(Regulation::Gdpr, DeadlineRule { response: Period::Days(14), extension: None });
+        let d = Deadlines::new(o);
+        assert_eq!(d.due_at(Regulation::Gdpr, at(2026, 1, 1)), at(2026, 1, 15));
+        assert_eq!(d.due_at(Regulation::Ccpa, at(2026, 1, 1)), at(2026, 2, 15));
+        assert_eq!(
+            d.extend(Regulation::Gdpr, at(2026, 1, 15), false, at(2026, 1, 2)),
+            Err(ExtensionRefused::NotAllowed(Regulation::Gdpr))
+        );
+    }
+
+    #[test]
+    fn periods_parse_print_and_do_calendar_arithmetic() {
+        let cases = [
+            ("10y", Period::Months(120), "P10Y"),
+            ("P10Y", Period::Months(120), "P10Y"),
+            ("6m", Period::Months(6), "P6M"),
+            ("45d", Period::Days(45), "P45D"),
+            ("2w", Period::Days(14), "P14D"),
+            (" 7Y ", Period::Months(84), "P7Y"),
+        ];
+        for (text, period, iso) in cases {
+            assert_eq!(text.parse::<Period>().unwrap(), period, "{text}");
+            assert_eq!(period.to_string(), iso);
+            assert_eq!(serde_json::to_string(&period).unwrap(), format!("\"{iso}\""));
+        }
+        for bad in ["", "y", "10", "10x", "-1y", "1.5y", "99999999999y"] {
+            assert!(bad.parse::<Period>().is_err(), "{bad:?} parsed");
+        }
+        // 29 February + 10 years clamps to 28 February; back again is 28 Feb.
+        let leap = at(2016, 2, 29);
+        assert_eq!(Period::Months(120).add_to(leap), at(2026, 2, 28));
+        assert_eq!(Period::Months(120).subtract_from(at(2026, 2, 28)), at(2016, 2, 28));
+        assert!(Period::Months(120).approx_days() > Period::Days(3650).approx_days() - 1);
     }
 
     #[test]

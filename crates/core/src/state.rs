@@ -3,7 +3,9 @@
 //! Delivery is at least once, so the coordinator sees duplicates, stale
 //! redispatches and late outcomes. Those are *ignored*: a terminal state
 //! never changes through an outcome, a dispatch or a requeue. The only way
-//! out of `failed` is an explicit operator retry.
+//! out of `failed` is an explicit operator retry; the only way out of
+//! `retained` and `held` is a follow-up (a retention period ended, a legal
+//! hold was released).
 
 use std::fmt;
 use std::str::FromStr;
@@ -24,18 +26,34 @@ pub enum TaskState {
     Accepted,
     /// Erased, anonymised or nothing found, and verified.
     Succeeded,
-    /// Erased in part; the rest is kept on a legal basis.
+    /// Erased in part; the rest is kept on a legal basis until a follow-up.
     Retained,
+    /// Not dispatched: a legal hold covers everything the system holds.
+    Held,
     /// Failed for good (attempts exhausted, permanent error or under-deletion).
     Failed,
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 6] =
-        [Self::Pending, Self::Dispatched, Self::Accepted, Self::Succeeded, Self::Retained, Self::Failed];
+    pub const ALL: [TaskState; 7] = [
+        Self::Pending,
+        Self::Dispatched,
+        Self::Accepted,
+        Self::Succeeded,
+        Self::Retained,
+        Self::Held,
+        Self::Failed,
+    ];
 
+    /// Settled: nothing in flight. Outcomes, dispatches and requeues are
+    /// ignored from here.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Retained | Self::Failed)
+        matches!(self, Self::Succeeded | Self::Retained | Self::Held | Self::Failed)
+    }
+
+    /// Data kept on purpose that a later follow-up will erase.
+    pub fn is_exempted(self) -> bool {
+        matches!(self, Self::Retained | Self::Held)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +63,7 @@ impl TaskState {
             Self::Accepted => "accepted",
             Self::Succeeded => "succeeded",
             Self::Retained => "retained",
+            Self::Held => "held",
             Self::Failed => "failed",
         }
     }
@@ -66,6 +85,8 @@ impl TaskState {
             },
             (Failed, TaskEvent::Retry) => Pending,
             (state, TaskEvent::Retry) => return Err(IllegalTransition { state, event: "retry" }),
+            (Retained | Held, TaskEvent::FollowUp) => Pending,
+            (_, TaskEvent::FollowUp) => return Ok(Step::Ignored),
             (s, TaskEvent::Requeue) if s.is_terminal() => return Ok(Step::Ignored),
             (_, TaskEvent::Requeue) => Pending,
         };
@@ -85,6 +106,9 @@ pub enum TaskEvent {
     /// The scheduler gave up waiting (time-out) or saw a retryable failure
     /// with attempts left, and queued the task for another attempt.
     Requeue,
+    /// A retention period ended or a legal hold was released: the task runs
+    /// again to erase what may now go.
+    FollowUp,
 }
 
 /// The result of applying an event.
@@ -120,10 +144,11 @@ impl RequestStatus {
         matches!(self, Self::Completed | Self::CompletedWithExemptions | Self::Failed)
     }
 
-    /// Final and closed for good: the request's data key may be destroyed.
-    /// A `failed` request keeps its key so that an operator can retry it.
+    /// Closed for good: the request's data key may be destroyed. A
+    /// `failed` request keeps its key so that an operator can retry it, and
+    /// one `completed_with_exemptions` keeps it for its follow-ups.
     pub fn is_closed(self) -> bool {
-        matches!(self, Self::Completed | Self::CompletedWithExemptions)
+        self == Self::Completed
     }
 
     pub fn as_str(self) -> &'static str {
@@ -137,19 +162,24 @@ impl RequestStatus {
     }
 
     /// The status that `tasks` imply, given the `current` one. Never moves
-    /// backwards and never leaves a final status (see [`Self::reopen`]).
+    /// backwards; `completed` and `failed` are left only through
+    /// [`Self::reopen`]. A request `completed_with_exemptions` stays so
+    /// while follow-ups run, and becomes `completed` once nothing is kept
+    /// (or `failed` if a follow-up fails).
     pub fn next(self, tasks: &[TaskState]) -> RequestStatus {
-        if self.is_final() {
+        if matches!(self, Self::Completed | Self::Failed) {
             return self;
         }
         if tasks.iter().all(|t| t.is_terminal()) {
             if tasks.contains(&TaskState::Failed) {
                 RequestStatus::Failed
-            } else if tasks.contains(&TaskState::Retained) {
+            } else if tasks.iter().any(|t| t.is_exempted()) {
                 RequestStatus::CompletedWithExemptions
             } else {
                 RequestStatus::Completed
             }
+        } else if self == RequestStatus::CompletedWithExemptions {
+            self
         } else if self == RequestStatus::InProgress || tasks.iter().any(|t| *t != TaskState::Pending) {
             RequestStatus::InProgress
         } else {
@@ -199,6 +229,7 @@ mod tests {
             Just(TaskEvent::Dispatched),
             Just(TaskEvent::Retry),
             Just(TaskEvent::Requeue),
+            Just(TaskEvent::FollowUp),
             Just(TaskEvent::Outcome(OutcomeClass::Succeeded)),
             Just(TaskEvent::Outcome(OutcomeClass::Retained)),
             Just(TaskEvent::Outcome(OutcomeClass::Failed)),
@@ -210,6 +241,8 @@ mod tests {
     fn model(state: TaskState, event: TaskEvent) -> Option<TaskState> {
         match event {
             TaskEvent::Retry => (state == TaskState::Failed).then_some(TaskState::Pending),
+            TaskEvent::FollowUp if state.is_exempted() => Some(TaskState::Pending),
+            TaskEvent::FollowUp => Some(state),
             _ if state.is_terminal() => Some(state),
             TaskEvent::Requeue => Some(TaskState::Pending),
             TaskEvent::Dispatched if state == TaskState::Accepted => Some(state),
@@ -240,7 +273,7 @@ mod tests {
             events in prop::collection::vec(event(), 1..40),
         ) {
             for start in TaskState::ALL.into_iter().filter(|s| s.is_terminal()) {
-                for e in events.iter().filter(|e| **e != TaskEvent::Retry) {
+                for e in events.iter().filter(|e| !matches!(e, TaskEvent::Retry | TaskEvent::FollowUp)) {
                     prop_assert_eq!(start.apply(*e), Ok(Step::Ignored));
                 }
             }
@@ -248,7 +281,7 @@ mod tests {
 
         #[test]
         fn request_status_is_monotonic_and_final_is_final(
-            steps in prop::collection::vec(prop::collection::vec(0usize..6, 0..6), 1..20),
+            steps in prop::collection::vec(prop::collection::vec(0usize..7, 0..6), 1..20),
         ) {
             let rank = |s: RequestStatus| match s {
                 RequestStatus::Received => 0,
@@ -260,7 +293,9 @@ mod tests {
                 let tasks: Vec<TaskState> = tasks.into_iter().map(|i| TaskState::ALL[i]).collect();
                 let next = status.next(&tasks);
                 prop_assert!(rank(next) >= rank(status));
-                if status.is_final() { prop_assert_eq!(next, status); }
+                if matches!(status, RequestStatus::Completed | RequestStatus::Failed) {
+                    prop_assert_eq!(next, status);
+                }
                 if !status.is_final() && !tasks.is_empty() && tasks.iter().all(|t| t.is_terminal()) {
                     prop_assert!(next.is_final());
                 }
@@ -278,6 +313,17 @@ mod tests {
         assert_eq!(s.next(&[Succeeded, Succeeded]), RequestStatus::Completed);
         assert_eq!(s.next(&[Succeeded, Retained]), RequestStatus::CompletedWithExemptions);
         assert_eq!(s.next(&[Failed, Retained]), RequestStatus::Failed);
+        assert_eq!(s.next(&[Succeeded, Held]), RequestStatus::CompletedWithExemptions);
+        // follow-ups: exemptions stay while one runs, then completed or failed
+        let cwe = RequestStatus::CompletedWithExemptions;
+        assert_eq!(cwe.next(&[Succeeded, Pending]), cwe);
+        assert_eq!(cwe.next(&[Succeeded, Succeeded]), RequestStatus::Completed);
+        assert_eq!(cwe.next(&[Succeeded, Retained]), cwe);
+        assert_eq!(cwe.next(&[Failed, Retained]), RequestStatus::Failed);
+        assert!(!cwe.is_closed() && RequestStatus::Completed.is_closed());
+        assert_eq!(TaskState::Retained.apply(TaskEvent::FollowUp), Ok(Step::Moved(Pending)));
+        assert_eq!(TaskState::Held.apply(TaskEvent::FollowUp), Ok(Step::Moved(Pending)));
+        assert_eq!(TaskState::Succeeded.apply(TaskEvent::FollowUp), Ok(Step::Ignored));
         assert_eq!(RequestStatus::InProgress.next(&[Pending]), RequestStatus::InProgress);
         assert_eq!(RequestStatus::Failed.reopen(), Ok(RequestStatus::InProgress));
         assert!(RequestStatus::Completed.reopen().is_err());
