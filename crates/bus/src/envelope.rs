@@ -2,7 +2,7 @@
 //! a consumer rejects a version it does not know.
 
 use chrono::{DateTime, Utc};
-use lethe_core::{Action, Outcome, Regulation, RequestId, SealedIdentifier, TaskId};
+use lethe_core::{Action, Directive, Outcome, Regulation, RequestId, SealedIdentifier, TaskId};
 use serde::{Deserialize, Serialize};
 
 use crate::Undecodable;
@@ -24,8 +24,13 @@ pub struct TaskMessage {
     pub request_id: RequestId,
     /// The system's name; also the topic suffix.
     pub system: String,
-    /// `erase` or `anonymize`.
+    /// The most protective of the category actions below (`erase`,
+    /// `anonymize`, `retain` or `hold`); informational: connectors follow
+    /// `categories`.
     pub action: Action,
+    /// What to do with each data category the system declares. A dataset
+    /// whose category is not listed must be left untouched.
+    pub categories: Vec<Directive>,
     /// 1 for the first dispatch, incremented on every redispatch.
     pub attempt: u32,
     pub regulation: Regulation,
@@ -33,7 +38,8 @@ pub struct TaskMessage {
     pub due_at: DateTime<Utc>,
     /// The subject's identifiers, sealed under the request's data key.
     pub identifiers: Vec<SealedIdentifier>,
-    /// When the coordinator published this attempt.
+    /// When the coordinator published this attempt; retention is decided
+    /// as of this instant (`cutoff` and `until` of the directives).
     pub issued_at: DateTime<Utc>,
 }
 

@@ -1,7 +1,8 @@
 //! The trait a connector author implements.
 
 use async_trait::async_trait;
-use lethe_core::{Action, DatasetReport, Identifier, RequestId, RetainedReport, TaskId};
+use chrono::{DateTime, Utc};
+use lethe_core::{Action, DatasetReport, Directive, Identifier, RequestId, RetainedReport, TaskId};
 
 /// One subject's erasure in one system, with identifiers already decrypted.
 #[derive(Debug, Clone)]
@@ -9,9 +10,14 @@ pub struct ErasureTask {
     pub task_id: TaskId,
     pub request_id: RequestId,
     pub system: String,
-    /// `erase` or `anonymize`; a connector whose datasets each declare their
-    /// own treatment may apply those instead.
+    /// The most protective action among `directives` (informational).
     pub action: Action,
+    /// What to do per data category; a dataset whose category has no
+    /// directive is left untouched.
+    pub directives: Vec<Directive>,
+    /// The coordinator's time of this attempt: retention is decided as of
+    /// it, never as of the connector's clock.
+    pub issued_at: DateTime<Utc>,
     pub attempt: u32,
     /// Normalised identifiers. They print as `[redacted]`; use
     /// [`Identifier::expose`] only to bind them as query parameters.
@@ -19,6 +25,11 @@ pub struct ErasureTask {
 }
 
 impl ErasureTask {
+    /// The directive for `category`, if the task has one.
+    pub fn directive(&self, category: &str) -> Option<&Directive> {
+        self.directives.iter().find(|d| d.category == category)
+    }
+
     /// The identifiers of one type.
     pub fn identifiers_of<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Identifier> + 'a {
         self.identifiers.iter().filter(move |i| i.kind().as_str() == kind)

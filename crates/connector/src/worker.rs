@@ -191,6 +191,8 @@ impl Worker {
             request_id: msg.request_id,
             system: msg.system.clone(),
             action: msg.action,
+            directives: msg.categories.clone(),
+            issued_at: msg.issued_at,
             attempt: msg.attempt,
             identifiers,
         })

@@ -212,7 +212,8 @@ impl Policy {
         for r in &self.rules {
             for c in &r.categories {
                 if !held.contains(c.as_str()) {
-                    warnings.push(format!("rule `{}` names category `{c}`, which no system declares", r.name));
+                    warnings
+                        .push(format!("rule `{}` names category `{c}`, which no system declares", r.name));
                 }
             }
         }
@@ -296,7 +297,9 @@ impl Policy {
                     retain.then(|| rule.from.unwrap_or_default()),
                 )
             }
-            None => ("undecided".into(), Action::Hold, Some("no rule decides this category".into()), None, None),
+            None => {
+                ("undecided".into(), Action::Hold, Some("no rule decides this category".into()), None, None)
+            }
         };
         CategoryPlan {
             category: category.to_owned(),

@@ -291,14 +291,24 @@ mod tests {
             (Regulation::Ccpa, at(2026, 1, 1), at(2026, 1, 2), false, Ok(at(2026, 4, 1))),
             (Regulation::Vcdpa, at(2026, 1, 1), at(2026, 2, 14), false, Ok(at(2026, 4, 1))),
             (Regulation::Pipeda, at(2026, 2, 1), at(2026, 2, 2), false, Ok(at(2026, 4, 2))),
-            (Regulation::Lgpd, at(2026, 2, 1), at(2026, 2, 2), false, Err(ExtensionRefused::NotAllowed(Regulation::Lgpd))),
+            (
+                Regulation::Lgpd,
+                at(2026, 2, 1),
+                at(2026, 2, 2),
+                false,
+                Err(ExtensionRefused::NotAllowed(Regulation::Lgpd)),
+            ),
             // at the due date itself it is too late
             (Regulation::Gdpr, at(2026, 1, 31), at(2026, 2, 28), false, Err(ExtensionRefused::TooLate)),
             (Regulation::Ccpa, at(2026, 1, 1), at(2026, 1, 2), true, Err(ExtensionRefused::AlreadyExtended)),
         ];
         for (reg, received, now, extended, expected) in cases {
             let original = d.due_at(reg, received);
-            assert_eq!(d.extend(reg, original, extended, now), expected, "{reg} received {received} at {now}");
+            assert_eq!(
+                d.extend(reg, original, extended, now),
+                expected,
+                "{reg} received {received} at {now}"
+            );
         }
     }
 

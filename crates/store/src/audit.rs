@@ -38,6 +38,11 @@ impl PendingEvent {
     pub fn new(request: RequestId, task: Option<TaskId>, kind: &'static str, detail: Value) -> Self {
         Self { request_id: Some(request), task_id: task, kind, detail }
     }
+
+    /// An event about no single request (e.g. a legal hold).
+    pub fn global(kind: &'static str, detail: Value) -> Self {
+        Self { request_id: None, task_id: None, kind, detail }
+    }
 }
 
 /// The result of walking the chain.

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use lethe_core::{RequestId, TaskId};
+use lethe_core::{ActiveHold, Deadlines, RequestId, TaskId};
 
 pub use audit::{AuditCheck, AuditEvent};
 pub use dialect::Dialect;
@@ -146,6 +146,47 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Rows waiting in the outbox.
     async fn outbox_backlog(&self) -> Result<u64, StoreError>;
+
+    /// Legal holds in force at `now` on any of `subject_hashes`, each with
+    /// the hash it matched.
+    async fn active_holds(
+        &self,
+        subject_hashes: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, ActiveHold)>, StoreError>;
+
+    /// Records a legal hold. It applies to requests planned from now on.
+    async fn place_hold(&self, hold: NewHold) -> Result<(), StoreError>;
+
+    /// Releases a hold: every category it held falls back to its rule (or
+    /// to another hold still in force), and each task that kept data only
+    /// because of it is queued again to erase what may now go.
+    async fn release_hold(
+        &self,
+        id: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<ReleaseResult, StoreError>;
+
+    /// Holds, newest first; released and expired ones too if `all`.
+    async fn list_holds(&self, all: bool) -> Result<Vec<HoldRecord>, StoreError>;
+
+    /// Releases holds whose expiry has passed. Returns how many.
+    async fn expire_holds(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// Queues `retained` tasks whose follow-up date has come (up to
+    /// `limit`), to erase what their retention periods no longer cover.
+    async fn run_follow_ups(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
+
+    /// Extends a request's deadline once, before its original due date, by
+    /// the regulation's extension period.
+    async fn extend_request(
+        &self,
+        id: RequestId,
+        reason: &str,
+        deadlines: &Deadlines,
+        now: DateTime<Utc>,
+    ) -> Result<ExtendResult, StoreError>;
 
     /// Audit events of one request, or all of them, in chain order.
     async fn audit_events(&self, request: Option<RequestId>) -> Result<Vec<AuditEvent>, StoreError>;

@@ -20,6 +20,8 @@ use crate::rows::{insert_rows, insert_rows_with, Arg};
 use crate::types::*;
 use crate::{StateStore, StoreError};
 
+mod retention;
+
 /// A state store on PostgreSQL or SQLite (see [`Dialect`]).
 #[derive(Debug, Clone)]
 pub struct SqlStore {
@@ -183,11 +185,14 @@ fn request_record(row: &AnyRow) -> Result<RequestRecord, StoreError> {
         finished_at: opt_time(col(row, "finished_at")?)?,
         external_ref: col(row, "external_ref")?,
         key_destroyed_at: opt_time(col(row, "key_destroyed_at")?)?,
+        original_due_at: opt_time(col(row, "original_due_at")?)?,
+        extension_reason: col(row, "extension_reason")?,
     })
 }
 
 const REQUEST_COLUMNS: &str =
-    "id, regulation, status, received_at, due_at, updated_at, finished_at, external_ref, key_destroyed_at";
+    "id, regulation, status, received_at, due_at, updated_at, finished_at, external_ref, \
+     key_destroyed_at, original_due_at, extension_reason";
 
 fn task_record(row: &AnyRow) -> Result<TaskRecord, StoreError> {
     let last: Option<String> = col(row, "last_outcome")?;
@@ -204,6 +209,7 @@ fn task_record(row: &AnyRow) -> Result<TaskRecord, StoreError> {
             .map_err(|e| StoreError::Corrupt(format!("bad outcome: {e}")))?,
         updated_at: time(col(row, "updated_at")?)?,
         finished_at: opt_time(col(row, "finished_at")?)?,
+        follow_up_at: opt_time(col(row, "follow_up_at")?)?,
     })
 }
 
@@ -427,10 +433,18 @@ impl SqlStore {
     /// and one audit append for all of them.
     async fn insert_requests(&self, reqs: &[&NewRequest]) -> Result<(), StoreError> {
         let Some(last) = reqs.last() else { return Ok(()) };
+        let mut tx = self.begin().await?;
+        // A hold released since the plan was made no longer keeps anything.
+        let replanned = self.drop_released_holds(&mut tx, reqs).await?;
+        let reqs: Vec<&NewRequest> = match &replanned {
+            Some(r) => r.iter().collect(),
+            None => reqs.to_vec(),
+        };
         let (mut requests, mut identifiers, mut plans, mut tasks, mut outbox) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut categories = Vec::new();
         let mut events = Vec::new();
-        for req in reqs {
+        for req in &reqs {
             let (id, now) = (req.id.to_string(), ms(req.received_at));
             requests.push(vec![
                 Arg::from(id.as_str()),
@@ -461,6 +475,9 @@ impl SqlStore {
                     item.basis.clone().into(),
                     item.until.map(ms).into(),
                 ]);
+                for c in &item.categories {
+                    categories.push(retention::category_row(&id, &item.system, c));
+                }
             }
             for task in &req.tasks {
                 let task_id = task.id.to_string();
@@ -469,11 +486,13 @@ impl SqlStore {
                     id.as_str().into(),
                     task.system.clone().into(),
                     task.action.as_str().into(),
-                    TaskState::Pending.as_str().into(),
+                    if task.held { TaskState::Held } else { TaskState::Pending }.as_str().into(),
                     now.into(),
                     now.into(),
                 ]);
-                outbox.push(vec![Arg::from(task_id), now.into(), now.into()]);
+                if !task.held {
+                    outbox.push(vec![Arg::from(task_id), now.into(), now.into()]);
+                }
             }
             let subjects: Vec<&str> = req.identifiers.iter().map(|i| i.subject_hash.as_str()).collect();
             events.push(PendingEvent::new(
@@ -496,7 +515,6 @@ impl SqlStore {
                 ));
             }
         }
-        let mut tx = self.begin().await?;
         let request_columns = [
             "id",
             "regulation",
@@ -513,11 +531,13 @@ impl SqlStore {
         insert_rows(&mut tx, "identifiers", &identifier_columns, identifiers).await?;
         let plan_columns = ["request_id", "system", "action", "reason", "basis", "until_at"];
         insert_rows(&mut tx, "plan_items", &plan_columns, plans).await?;
+        insert_rows(&mut tx, "plan_categories", &retention::CATEGORY_COLUMNS, categories).await?;
         let task_columns = ["id", "request_id", "system", "action", "state", "created_at", "updated_at"];
         insert_rows(&mut tx, "tasks", &task_columns, tasks).await?;
         insert_rows(&mut tx, "outbox", &["task_id", "created_at", "available_at"], outbox).await?;
-        // A request with nothing to do is complete at once.
-        for req in reqs.iter().filter(|r| r.tasks.is_empty()) {
+        // A request with nothing to dispatch (no system, or all held) is
+        // settled at once.
+        for req in reqs.iter().filter(|r| r.tasks.iter().all(|t| t.held)) {
             self.refresh_request(&mut tx, req.id, RequestStatus::Received, req.received_at, &mut events)
                 .await?;
         }
@@ -599,25 +619,10 @@ impl StateStore for SqlStore {
             return Ok(None);
         };
         let request = request_record(&row)?;
-        let plan = sqlx::query("SELECT system, action, reason, basis, until_at FROM plan_items WHERE request_id = $1 ORDER BY system")
-            .bind(id.to_string())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?
-            .iter()
-            .map(|r| {
-                Ok(PlanItem {
-                    system: col(r, "system")?,
-                    action: parse::<Action>(&col::<String>(r, "action")?, "action")?,
-                    reason: col(r, "reason")?,
-                    basis: col(r, "basis")?,
-                    until: opt_time(col(r, "until_at")?)?,
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        let plan = self.plan_of(id).await?;
         let tasks = sqlx::query(
-            "SELECT id, request_id, system, action, state, attempts, last_outcome, updated_at, finished_at \
-             FROM tasks WHERE request_id = $1 ORDER BY system",
+            "SELECT id, request_id, system, action, state, attempts, last_outcome, updated_at, finished_at, \
+             follow_up_at FROM tasks WHERE request_id = $1 ORDER BY system",
         )
         .bind(id.to_string())
         .fetch_all(&self.pool)
@@ -640,6 +645,14 @@ impl StateStore for SqlStore {
             n += 1;
             sql.push_str(&format!(" AND id < ${n}"));
         }
+        if q.due_before.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND due_at < ${n}"));
+        }
+        if q.overdue_at.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND due_at < ${n} AND status IN ('received', 'in_progress', 'failed')"));
+        }
         sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", n + 1));
         let mut query = sqlx::query(&sql);
         if let Some(s) = q.status {
@@ -647,6 +660,9 @@ impl StateStore for SqlStore {
         }
         if let Some(b) = q.before {
             query = query.bind(b.to_string());
+        }
+        for t in [q.due_before, q.overdue_at].into_iter().flatten() {
+            query = query.bind(ms(t));
         }
         query
             .bind(i64::from(q.limit.max(1)))
@@ -726,6 +742,7 @@ impl StateStore for SqlStore {
                 ciphertext: col(r, "sealed")?,
             });
         }
+        let mut plans = self.categories_of(&mut tx, &request_ids).await?;
         let mut items = Vec::with_capacity(rows.len());
         let mut obsolete = Vec::new();
         for (outbox_id, task_id) in &rows {
@@ -736,16 +753,23 @@ impl StateStore for SqlStore {
                 continue;
             }
             let request_id: String = col(t, "request_id")?;
+            let system: String = col(t, "system")?;
+            let categories = plans.remove(&(request_id.clone(), system.clone())).unwrap_or_default();
+            let action = match categories.iter().map(|c| c.action).max_by_key(|a| a.rank()) {
+                Some(a) => a,
+                None => parse(&col::<String>(t, "action")?, "action")?,
+            };
             items.push(OutboxItem {
                 outbox_id: *outbox_id,
                 task_id: parse(task_id, "task id")?,
                 request_id: parse(&request_id, "request id")?,
-                system: col(t, "system")?,
-                action: parse(&col::<String>(t, "action")?, "action")?,
+                system,
+                action,
                 attempt: u32::try_from(col::<i64>(t, "attempts")? + 1).unwrap_or(u32::MAX),
                 regulation: parse::<Regulation>(&col::<String>(t, "regulation")?, "regulation")?,
                 due_at: time(col(t, "due_at")?)?,
                 identifiers: sealed.get(&request_id).cloned().unwrap_or_default(),
+                categories,
             });
         }
         if !obsolete.is_empty() {
@@ -971,6 +995,11 @@ impl StateStore for SqlStore {
         insert_rows(&mut tx, "outcomes", &columns, outcome_rows).await?;
         for (task, state, body) in &moved {
             self.set_task_state(&mut tx, *task, *state, Some(body), now).await?;
+        }
+        for (i, report) in reports.iter().enumerate() {
+            if let Applied::Moved { task: TaskState::Retained, .. } = results[i] {
+                retention::set_follow_up(&mut tx, report.task_id, &report.outcome, now).await?;
+            }
         }
         if !moved.is_empty() {
             let sql = format!(
@@ -1218,6 +1247,49 @@ impl StateStore for SqlStore {
         let row =
             sqlx::query("SELECT COUNT(*) AS n FROM outbox").fetch_one(&self.pool).await.map_err(db_err)?;
         Ok(u64::try_from(col::<i64>(&row, "n")?).unwrap_or(0))
+    }
+
+    async fn active_holds(
+        &self,
+        subject_hashes: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, lethe_core::ActiveHold)>, StoreError> {
+        self.holds_on(subject_hashes, now).await
+    }
+
+    async fn place_hold(&self, hold: NewHold) -> Result<(), StoreError> {
+        self.insert_hold(hold).await
+    }
+
+    async fn release_hold(
+        &self,
+        id: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<ReleaseResult, StoreError> {
+        self.release(id, reason, now).await
+    }
+
+    async fn list_holds(&self, all: bool) -> Result<Vec<HoldRecord>, StoreError> {
+        self.holds(all).await
+    }
+
+    async fn expire_holds(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.expire(now).await
+    }
+
+    async fn run_follow_ups(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        self.follow_ups(now, limit).await
+    }
+
+    async fn extend_request(
+        &self,
+        id: RequestId,
+        reason: &str,
+        deadlines: &lethe_core::Deadlines,
+        now: DateTime<Utc>,
+    ) -> Result<ExtendResult, StoreError> {
+        self.extend(id, reason, deadlines, now).await
     }
 
     async fn audit_events(&self, request: Option<RequestId>) -> Result<Vec<AuditEvent>, StoreError> {

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use lethe_core::{
-    Action, Outcome, PlanItem, Regulation, RequestId, RequestStatus, SealedIdentifier, TaskId, TaskState,
+    Action, CategoryPlan, ExtensionRefused, HoldScope, Outcome, PlanItem, Regulation, RequestId,
+    RequestStatus, SealedIdentifier, TaskId, TaskState,
 };
 use rand::Rng;
 
@@ -21,6 +22,9 @@ pub struct NewTask {
     pub id: TaskId,
     pub system: String,
     pub action: Action,
+    /// A legal hold covers everything the system holds: the task waits in
+    /// `held`, undispatched, until the hold ends.
+    pub held: bool,
 }
 
 /// Everything written when a request is accepted.
@@ -38,9 +42,9 @@ pub struct NewRequest {
     pub identifiers: Vec<NewIdentifier>,
     /// How the portal verified the subject (method and time; no identifier).
     pub verification: Option<serde_json::Value>,
+    /// One line per system, with the decision per data category.
     pub plan: Vec<PlanItem>,
-    /// Tasks for the systems whose plan needs a connector; each gets an
-    /// outbox row.
+    /// One task per system; each not held gets an outbox row.
     pub tasks: Vec<NewTask>,
 }
 
@@ -73,6 +77,9 @@ pub struct RequestRecord {
     pub external_ref: Option<String>,
     /// When the data key was destroyed (crypto-shredding), if it was.
     pub key_destroyed_at: Option<DateTime<Utc>>,
+    /// The due date before the one extension, if the deadline was extended.
+    pub original_due_at: Option<DateTime<Utc>>,
+    pub extension_reason: Option<String>,
 }
 
 /// A task row.
@@ -87,6 +94,8 @@ pub struct TaskRecord {
     pub last_outcome: Option<Outcome>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// For a `retained` task: when it runs again to erase what may then go.
+    pub follow_up_at: Option<DateTime<Utc>>,
 }
 
 /// A request with its plan and tasks.
@@ -103,6 +112,11 @@ pub struct ListQuery {
     pub status: Option<RequestStatus>,
     /// Return requests older than this one (the previous page's last id).
     pub before: Option<RequestId>,
+    /// Only requests due before this instant.
+    pub due_before: Option<DateTime<Utc>>,
+    /// Only requests overdue at this instant: past their due date and not
+    /// answered (received, in progress or failed).
+    pub overdue_at: Option<DateTime<Utc>>,
     pub limit: u32,
 }
 
@@ -119,6 +133,8 @@ pub struct OutboxItem {
     pub regulation: Regulation,
     pub due_at: DateTime<Utc>,
     pub identifiers: Vec<SealedIdentifier>,
+    /// The plan of the task's system, per data category.
+    pub categories: Vec<CategoryPlan>,
 }
 
 /// An outcome received for a task attempt.
@@ -186,4 +202,55 @@ pub struct Expired {
     pub requeued: u64,
     /// Tasks that ran out of attempts and failed.
     pub failed: u64,
+}
+
+/// A legal hold to place.
+#[derive(Debug, Clone)]
+pub struct NewHold {
+    pub id: String,
+    /// Keyed hashes of the subject's identifiers (never the values).
+    pub subject_hashes: Vec<String>,
+    pub scope: HoldScope,
+    pub reason: String,
+    pub case_reference: String,
+    pub placed_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A legal hold as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldRecord {
+    pub id: String,
+    pub scope: HoldScope,
+    pub reason: String,
+    pub case_reference: String,
+    pub placed_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub released_at: Option<DateTime<Utc>>,
+    pub release_reason: Option<String>,
+    /// How many identifiers the hold names.
+    pub identifiers: u64,
+}
+
+/// What releasing a hold did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseResult {
+    /// Released; `resumed` tasks were queued to erase what it kept.
+    Released {
+        resumed: u64,
+    },
+    NotFound,
+    AlreadyReleased,
+}
+
+/// What an extension request did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExtendResult {
+    Extended {
+        due_at: DateTime<Utc>,
+    },
+    NotFound,
+    /// The request is already answered; there is nothing to extend.
+    Final(RequestStatus),
+    Refused(ExtensionRefused),
 }

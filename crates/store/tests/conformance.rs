@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use lethe_core::{
-    Action, DataKey, DatasetReport, Identifier, IdentifierKind, MasterKey, Outcome, PlanItem, Regulation,
-    RequestId, RequestStatus, RetainedReport, TaskId, TaskState,
+    Action, ActiveHold, DataKey, DatasetReport, Deadlines, ExtensionRefused, HoldRef, HoldScope, Identifier,
+    IdentifierKind, MasterKey, Outcome, Period, Policy, Reference, Regulation, RequestId, RequestStatus,
+    RetainedReport, SystemCategories, TaskId, TaskState,
 };
 use lethe_store::{
-    Applied, AuditCheck, Created, Expired, ListQuery, NewIdentifier, NewRequest, NewTask, OutcomeReport,
-    RetryResult, RetrySchedule, SqlStore, StateStore,
+    Applied, AuditCheck, Created, Expired, ExtendResult, ListQuery, NewHold, NewIdentifier, NewRequest,
+    NewTask, OutboxItem, OutcomeReport, ReleaseResult, RetryResult, RetrySchedule, SqlStore, StateStore,
 };
 use sqlx::{Connection, Executor};
 
@@ -57,46 +58,129 @@ fn t0() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 31, 9, 0, 0).unwrap()
 }
 
+fn day(d: i64) -> DateTime<Utc> {
+    t0() + chrono::Duration::days(d)
+}
+
+/// A small retention policy in the format of `config/policies/*.toml`.
+const POLICY: &str = r#"
+[[rule]]
+name = "erase-by-default"
+description = "everything no other rule names is erased"
+action = "erase"
+
+[[rule]]
+name = "invoices-hgb"
+categories = ["invoices"]
+action = "retain"
+basis = "HGB §257(4)"
+period = "10y"
+
+[[rule]]
+name = "ledger-ao"
+systems = ["ledger"]
+categories = ["payments"]
+action = "retain"
+basis = "AO §147(3)"
+period = "6y"
+from = "request"
+
+[[rule]]
+name = "events-anonymize"
+categories = ["events"]
+action = "anonymize"
+"#;
+
+/// The registered systems and the data categories each holds.
+const SYSTEMS: [(&str, &[&str]); 5] = [
+    ("analytics", &["events"]),
+    ("billing", &["contact", "invoices"]),
+    ("crm", &["contact", "support"]),
+    ("ledger", &["payments"]),
+    ("mail", &["contact", "newsletter"]),
+];
+
 struct Fixture {
     master: MasterKey,
+    policy: Policy,
 }
 
 impl Fixture {
     fn new() -> Self {
-        Self { master: MasterKey::new(DataKey::generate()) }
+        let policy: Policy = toml::from_str(POLICY).unwrap();
+        let all: Vec<&str> = SYSTEMS.iter().map(|(s, _)| *s).collect();
+        policy.check(&Self::systems(&all)).expect("the test policy decides every category");
+        Self { master: MasterKey::new(DataKey::generate()), policy }
     }
 
+    fn systems(names: &[&str]) -> Vec<SystemCategories> {
+        names
+            .iter()
+            .map(|name| {
+                let (_, categories) = SYSTEMS.iter().find(|(s, _)| s == name).expect("a known system");
+                SystemCategories {
+                    system: name.to_string(),
+                    categories: categories.iter().map(|c| c.to_string()).collect(),
+                }
+            })
+            .collect()
+    }
+
+    fn ident(email: &str) -> Identifier {
+        Identifier::parse(IdentifierKind::Email, email).unwrap()
+    }
+
+    /// The keyed hash by which holds and audit records know the subject.
+    fn subject(&self, email: &str) -> String {
+        self.master.subject_hash(&Self::ident(email))
+    }
+
+    /// A GDPR request received at `t0`, planned without holds.
     fn request(&self, email: &str, systems: &[&str], key: Option<&str>) -> NewRequest {
+        let mut req = self.planned(Regulation::Gdpr, t0(), email, systems, &[]);
+        req.idempotency_key = key.map(|k| self.master.opaque_hash("idempotency", k));
+        req
+    }
+
+    /// A request planned by the policy, with the holds in force on the
+    /// subject, as the coordinator's planner does it: one task per system,
+    /// held when a hold covers every category of the system.
+    fn planned(
+        &self,
+        regulation: Regulation,
+        received: DateTime<Utc>,
+        email: &str,
+        systems: &[&str],
+        holds: &[ActiveHold],
+    ) -> NewRequest {
         let id = RequestId::new();
         let data_key = DataKey::generate();
-        let ident = Identifier::parse(IdentifierKind::Email, email).unwrap();
+        let ident = Self::ident(email);
+        let plan = self.policy.plan(regulation, received, &Self::systems(systems), holds);
+        let tasks = plan
+            .iter()
+            .map(|p| NewTask {
+                id: TaskId::new(),
+                system: p.system.clone(),
+                action: p.action,
+                held: !p.categories.is_empty() && p.categories.iter().all(|c| c.action == Action::Hold),
+            })
+            .collect();
         NewRequest {
             id,
-            regulation: Regulation::Gdpr,
-            received_at: t0(),
-            due_at: Regulation::Gdpr.due_at(t0()),
+            regulation,
+            received_at: received,
+            due_at: regulation.due_at(received),
             external_ref: Some("ticket-1".into()),
-            idempotency_key: key.map(|k| self.master.opaque_hash("idempotency", k)),
+            idempotency_key: None,
             wrapped_key: self.master.wrap(&data_key),
             identifiers: vec![NewIdentifier {
                 subject_hash: self.master.subject_hash(&ident),
                 sealed: data_key.seal(id, &ident),
             }],
             verification: None,
-            plan: systems
-                .iter()
-                .map(|s| PlanItem {
-                    system: s.to_string(),
-                    action: Action::Erase,
-                    reason: "default".into(),
-                    basis: None,
-                    until: None,
-                })
-                .collect(),
-            tasks: systems
-                .iter()
-                .map(|s| NewTask { id: TaskId::new(), system: s.to_string(), action: Action::Erase })
-                .collect(),
+            plan,
+            tasks,
         }
     }
 }
@@ -108,16 +192,46 @@ fn erased(n: u64) -> Outcome {
     }
 }
 
-async fn dispatch_all(store: &SqlStore) -> Vec<lethe_store::OutboxItem> {
-    let items = store.claim_outbox("test", 100, Duration::from_secs(30), t0()).await.unwrap();
-    store.mark_published("test", &items, t0()).await.unwrap();
+async fn dispatch_all(store: &SqlStore) -> Vec<OutboxItem> {
+    dispatch_at(store, t0()).await
+}
+
+async fn dispatch_at(store: &SqlStore, now: DateTime<Utc>) -> Vec<OutboxItem> {
+    let items = store.claim_outbox("test", 100, Duration::from_secs(30), now).await.unwrap();
+    store.mark_published("test", &items, now).await.unwrap();
     items
 }
 
 async fn report(store: &SqlStore, task: TaskId, attempt: u32, outcome: Outcome) -> Applied {
+    report_at(store, task, attempt, outcome, t0()).await
+}
+
+async fn report_at(
+    store: &SqlStore,
+    task: TaskId,
+    attempt: u32,
+    outcome: Outcome,
+    now: DateTime<Utc>,
+) -> Applied {
     let schedule = RetrySchedule { max_attempts: 1, ..Default::default() };
     let report = OutcomeReport { task_id: task, attempt, outcome };
-    store.apply_outcomes(&[report], &schedule, t0()).await.unwrap()[0]
+    store.apply_outcomes(&[report], &schedule, now).await.unwrap()[0]
+}
+
+async fn detail(store: &SqlStore, id: RequestId) -> lethe_store::RequestDetail {
+    store.request(id).await.unwrap().expect("the request exists")
+}
+
+fn task_of<'a>(d: &'a lethe_store::RequestDetail, system: &str) -> &'a lethe_store::TaskRecord {
+    d.tasks.iter().find(|t| t.system == system).expect("a task for the system")
+}
+
+fn plan_of<'a>(d: &'a lethe_store::RequestDetail, system: &str) -> &'a lethe_core::PlanItem {
+    d.plan.iter().find(|p| p.system == system).expect("a plan line for the system")
+}
+
+fn item_of<'a>(items: &'a [OutboxItem], system: &str) -> &'a OutboxItem {
+    items.iter().find(|i| i.system == system).expect("an outbox item for the system")
 }
 
 async fn create_writes_request_plan_tasks_and_outbox(b: &Backend) {
@@ -230,9 +344,10 @@ async fn failures_exemptions_and_under_deletion(b: &Backend) {
         datasets: vec![],
         retained: vec![RetainedReport {
             dataset: "invoices".into(),
+            category: Some("invoices".into()),
             count: 2,
             basis: "HGB §257".into(),
-            until: Utc.with_ymd_and_hms(2036, 1, 31, 0, 0, 0).unwrap(),
+            until: Some(Utc.with_ymd_and_hms(2036, 1, 31, 0, 0, 0).unwrap()),
         }],
         residual: Some(0),
     };
@@ -438,6 +553,618 @@ async fn operators_retry_failed_tasks_and_reopen_the_request(b: &Backend) {
     assert!(matches!(b.store.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
 }
 
+fn utc(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(y, m, d, h, 0, 0).unwrap()
+}
+
+async fn per_category_plans_are_stored_and_sent_with_each_task(b: &Backend) {
+    let f = Fixture::new();
+    let req = f.request("q@example.com", &["analytics", "billing", "crm", "ledger"], None);
+    let (id, written) = (req.id, req.plan.clone());
+    b.store.create_request(req).await.unwrap();
+    let d = detail(&b.store, id).await;
+    assert_eq!(d.plan, written, "the plan reads back as written");
+
+    let billing = plan_of(&d, "billing");
+    assert_eq!(billing.action, Action::Retain);
+    assert_eq!(billing.basis.as_deref(), Some("HGB §257(4)"));
+    assert_eq!(billing.until, Some(utc(2036, 1, 31, 9)));
+    let [contact, invoices] = &billing.categories[..] else { panic!("{:?}", billing.categories) };
+    assert_eq!(contact.category, "contact");
+    assert_eq!(
+        (contact.action, contact.rule_action, contact.rule.as_str()),
+        (Action::Erase, Action::Erase, "erase-by-default")
+    );
+    assert_eq!((&contact.basis, contact.period, contact.reference, contact.until), (&None, None, None, None));
+    assert_eq!(invoices.category, "invoices");
+    assert_eq!(
+        (invoices.action, invoices.rule_action, invoices.rule.as_str()),
+        (Action::Retain, Action::Retain, "invoices-hgb")
+    );
+    assert_eq!(invoices.basis.as_deref(), Some("HGB §257(4)"));
+    assert_eq!((invoices.period, invoices.reference), (Some(Period::Months(120)), Some(Reference::Record)));
+    assert_eq!((invoices.until, &invoices.hold), (Some(utc(2036, 1, 31, 9)), &None));
+    let ledger = &plan_of(&d, "ledger").categories[0];
+    assert_eq!((ledger.rule.as_str(), ledger.basis.as_deref()), ("ledger-ao", Some("AO §147(3)")));
+    assert_eq!((ledger.period, ledger.reference), (Some(Period::Months(72)), Some(Reference::Request)));
+    assert_eq!(ledger.until, Some(utc(2032, 1, 31, 9)));
+    assert_eq!(plan_of(&d, "analytics").action, Action::Anonymize);
+    assert_eq!(plan_of(&d, "crm").action, Action::Erase);
+    assert_eq!(task_of(&d, "billing").action, Action::Retain);
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT system, category, rule FROM plan_categories WHERE request_id = $1 ORDER BY system, category",
+    )
+    .bind(id.to_string())
+    .fetch_all(b.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 6, "one row per category of every system: {rows:?}");
+
+    // Each task goes out with its system's categories and action.
+    let items = dispatch_all(&b.store).await;
+    assert_eq!(items.len(), 4);
+    for item in &items {
+        let line = plan_of(&d, &item.system);
+        assert_eq!((item.action, &item.categories), (line.action, &line.categories), "{}", item.system);
+    }
+    let directive = item_of(&items, "billing").categories[1].directive(t0());
+    assert_eq!((directive.action, directive.cutoff), (Action::Retain, Some(utc(2016, 1, 31, 9))));
+    let decided = b.store.audit_events(Some(id)).await.unwrap();
+    assert!(decided.iter().any(|e| e.kind == "plan.decided" && e.detail.contains("invoices-hgb")));
+}
+
+async fn retained_outcomes_follow_up_when_their_retention_ends(b: &Backend) {
+    let f = Fixture::new();
+    let req = f.request("r@example.com", &["billing", "crm"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let items = dispatch_all(&b.store).await;
+    let (billing, crm) = (item_of(&items, "billing").task_id, item_of(&items, "crm").task_id);
+    report(&b.store, crm, 1, erased(2)).await;
+    let (notes_end, invoices_end) = (utc(2029, 6, 30, 0), utc(2036, 1, 31, 9));
+    let kept = |dataset: &str, count, until| RetainedReport {
+        dataset: dataset.into(),
+        category: Some("invoices".into()),
+        count,
+        basis: "HGB §257(4)".into(),
+        until: Some(until),
+    };
+    let outcome = Outcome::RetainedInPart {
+        datasets: vec![DatasetReport { dataset: "billing_contacts".into(), deleted: 1, anonymized: 0 }],
+        retained: vec![kept("invoices", 3, invoices_end), kept("credit_notes", 1, notes_end)],
+        residual: Some(0),
+    };
+    assert_eq!(
+        report(&b.store, billing, 1, outcome).await,
+        Applied::Moved {
+            request: id,
+            task: TaskState::Retained,
+            request_status: Some(RequestStatus::CompletedWithExemptions)
+        }
+    );
+    let d = detail(&b.store, id).await;
+    let task = task_of(&d, "billing");
+    assert_eq!((task.state, task.follow_up_at), (TaskState::Retained, Some(notes_end)), "the earliest end");
+    assert_eq!(d.request.status, RequestStatus::CompletedWithExemptions);
+    assert!(d.request.key_destroyed_at.is_none());
+    assert!(b.store.task_key("billing", billing).await.unwrap().is_some(), "the key stays for the follow-up");
+
+    // Nothing before the follow-up date.
+    assert_eq!(b.store.run_follow_ups(notes_end - chrono::Duration::seconds(1), 10).await.unwrap(), 0);
+    assert_eq!(b.store.outbox_backlog().await.unwrap(), 0);
+    assert_eq!(task_of(&detail(&b.store, id).await, "billing").state, TaskState::Retained);
+    // From it on: pending and queued once, with a fresh attempt budget.
+    let due = notes_end + chrono::Duration::hours(1);
+    assert_eq!(b.store.run_follow_ups(due, 10).await.unwrap(), 1);
+    assert_eq!(b.store.run_follow_ups(due, 10).await.unwrap(), 0, "queued once");
+    assert_eq!(b.store.outbox_backlog().await.unwrap(), 1);
+    let d = detail(&b.store, id).await;
+    let task = task_of(&d, "billing");
+    assert_eq!((task.state, task.follow_up_at, task.attempts), (TaskState::Pending, None, 1));
+    assert_eq!(d.request.status, RequestStatus::CompletedWithExemptions);
+    let (budget_start,): (i64,) = sqlx::query_as("SELECT budget_start FROM tasks WHERE id = $1")
+        .bind(billing.to_string())
+        .fetch_one(b.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(budget_start, 1);
+
+    let again = dispatch_at(&b.store, due).await;
+    let [item] = &again[..] else { panic!("{again:?}") };
+    assert_eq!((item.task_id, item.attempt, item.action), (billing, 2, Action::Retain));
+    assert_eq!(item.categories, plan_of(&d, "billing").categories);
+    // Two attempts per budget: the follow-up's failure is retried, not final.
+    let schedule = RetrySchedule {
+        max_attempts: 2,
+        initial_delay: Duration::from_secs(10),
+        max_delay: Duration::from_secs(60),
+    };
+    let flaky = Outcome::Failed { retryable: true, reason: "connection reset".into() };
+    let failure = OutcomeReport { task_id: billing, attempt: 2, outcome: flaky };
+    assert_eq!(
+        b.store.apply_outcomes(&[failure], &schedule, due).await.unwrap()[0],
+        Applied::Moved { request: id, task: TaskState::Pending, request_status: None }
+    );
+    let later = due + chrono::Duration::minutes(5);
+    let third = dispatch_at(&b.store, later).await;
+    assert_eq!((third.len(), third[0].attempt), (1, 3));
+    assert_eq!(
+        report_at(&b.store, billing, 3, erased(4), later).await,
+        Applied::Moved {
+            request: id,
+            task: TaskState::Succeeded,
+            request_status: Some(RequestStatus::Completed)
+        }
+    );
+    let d = detail(&b.store, id).await;
+    assert_eq!(d.request.status, RequestStatus::Completed);
+    assert_eq!((d.request.key_destroyed_at, d.request.finished_at), (Some(later), Some(later)));
+    assert_eq!(b.store.task_key("billing", billing).await.unwrap(), None, "key destroyed");
+
+    let events = b.store.audit_events(Some(id)).await.unwrap();
+    let follow_up = events.iter().find(|e| e.kind == "task.follow_up").expect("a task.follow_up event");
+    assert_eq!(follow_up.task_id, Some(billing));
+    assert!(follow_up.detail.contains("retained") && follow_up.detail.contains("retention period ended"));
+    assert_eq!(events.last().map(|e| e.kind.as_str()), Some("request.key_destroyed"));
+    assert!(matches!(b.store.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
+}
+
+fn hold(id: &str, subjects: Vec<String>, scope: HoldScope, placed_at: DateTime<Utc>) -> NewHold {
+    NewHold {
+        id: id.into(),
+        subject_hashes: subjects,
+        scope,
+        reason: "pending litigation".into(),
+        case_reference: format!("case {id}"),
+        placed_at,
+        expires_at: None,
+    }
+}
+
+fn systems_scope(systems: &[&str]) -> HoldScope {
+    HoldScope { systems: systems.iter().map(|s| s.to_string()).collect(), categories: vec![] }
+}
+
+async fn holds_in_force(b: &Backend, subject: &str, now: DateTime<Utc>) -> Vec<ActiveHold> {
+    let found = b.store.active_holds(&[subject.to_owned()], now).await.unwrap();
+    found.into_iter().map(|(_, h)| h).collect()
+}
+
+async fn legal_holds_keep_a_system_until_released(b: &Backend) {
+    let f = Fixture::new();
+    let (subject, alias, other) =
+        (f.subject("s@example.com"), f.subject("s.alias@example.com"), f.subject("t@example.com"));
+    let scope = systems_scope(&["crm"]);
+    let placed =
+        hold("hold-1", vec![subject.clone(), alias.clone(), subject.clone()], scope.clone(), day(-1));
+    b.store.place_hold(placed).await.unwrap();
+    let hold_ref = HoldRef {
+        id: "hold-1".into(),
+        reason: "pending litigation".into(),
+        case_reference: "case hold-1".into(),
+    };
+    let active = ActiveHold { hold: hold_ref.clone(), scope: scope.clone() };
+    let found = b.store.active_holds(&[other.clone(), subject.clone()], t0()).await.unwrap();
+    assert_eq!(found, vec![(subject.clone(), active.clone())]);
+    assert_eq!(
+        b.store.active_holds(std::slice::from_ref(&alias), t0()).await.unwrap(),
+        vec![(alias, active.clone())]
+    );
+    assert!(b.store.active_holds(&[other], t0()).await.unwrap().is_empty());
+    assert!(b.store.active_holds(&[], t0()).await.unwrap().is_empty());
+
+    let req = f.planned(Regulation::Gdpr, t0(), "s@example.com", &["crm", "mail"], &[active]);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let d = detail(&b.store, id).await;
+    assert_eq!(task_of(&d, "crm").state, TaskState::Held);
+    assert_eq!(task_of(&d, "mail").state, TaskState::Pending);
+    assert_eq!(b.store.outbox_backlog().await.unwrap(), 1, "a held task is not queued");
+    let crm = plan_of(&d, "crm");
+    assert_eq!(crm.action, Action::Hold);
+    assert!(crm.reason.contains("case hold-1"), "{}", crm.reason);
+    assert!(crm.categories.iter().all(|c| c.action == Action::Hold
+        && c.rule_action == Action::Erase
+        && c.hold.as_ref() == Some(&hold_ref)));
+
+    let items = dispatch_all(&b.store).await;
+    assert_eq!(items.iter().map(|i| i.system.as_str()).collect::<Vec<_>>(), ["mail"]);
+    assert_eq!(
+        report(&b.store, items[0].task_id, 1, erased(1)).await,
+        Applied::Moved {
+            request: id,
+            task: TaskState::Succeeded,
+            request_status: Some(RequestStatus::CompletedWithExemptions)
+        }
+    );
+    assert!(detail(&b.store, id).await.request.key_destroyed_at.is_none());
+
+    let released = day(30);
+    let result = b.store.release_hold("hold-1", "case settled", released).await.unwrap();
+    assert_eq!(result, ReleaseResult::Released { resumed: 1 });
+    let d = detail(&b.store, id).await;
+    assert_eq!(d.request.status, RequestStatus::CompletedWithExemptions);
+    let crm_task = task_of(&d, "crm");
+    assert_eq!((crm_task.state, crm_task.action), (TaskState::Pending, Action::Erase));
+    let crm = plan_of(&d, "crm");
+    assert_eq!(crm.action, Action::Erase);
+    assert!(crm.categories.iter().all(|c| c.action == Action::Erase && c.hold.is_none()), "{crm:?}");
+    assert_eq!(b.store.outbox_backlog().await.unwrap(), 1);
+    assert_eq!(
+        b.store.release_hold("hold-1", "again", released).await.unwrap(),
+        ReleaseResult::AlreadyReleased
+    );
+    assert_eq!(b.store.release_hold("hold-404", "typo", released).await.unwrap(), ReleaseResult::NotFound);
+    assert!(holds_in_force(b, &subject, released).await.is_empty());
+
+    let items = dispatch_at(&b.store, released).await;
+    let [item] = &items[..] else { panic!("{items:?}") };
+    assert_eq!((item.system.as_str(), item.action, item.attempt), ("crm", Action::Erase, 1));
+    assert!(item.categories.iter().all(|c| c.action == Action::Erase));
+    assert_eq!(
+        report_at(&b.store, item.task_id, 1, erased(2), released).await,
+        Applied::Moved {
+            request: id,
+            task: TaskState::Succeeded,
+            request_status: Some(RequestStatus::Completed)
+        }
+    );
+    assert!(detail(&b.store, id).await.request.key_destroyed_at.is_some());
+
+    assert!(b.store.list_holds(false).await.unwrap().is_empty());
+    let all = b.store.list_holds(true).await.unwrap();
+    let [listed] = &all[..] else { panic!("{all:?}") };
+    assert_eq!(
+        listed,
+        &lethe_store::HoldRecord {
+            id: "hold-1".into(),
+            scope,
+            reason: "pending litigation".into(),
+            case_reference: "case hold-1".into(),
+            placed_at: day(-1),
+            expires_at: None,
+            released_at: Some(released),
+            release_reason: Some("case settled".into()),
+            identifiers: 2,
+        }
+    );
+    let events = b.store.audit_events(None).await.unwrap();
+    let kinds: Vec<&str> =
+        events.iter().filter(|e| e.request_id.is_none()).map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["hold.placed", "hold.released"]);
+    assert!(events.iter().all(|e| !e.detail.contains("s@example.com")));
+    assert!(events[0].detail.contains(&subject), "a hold names its subjects by hash");
+    let follow_up = events.iter().find(|e| e.kind == "task.follow_up").expect("a task.follow_up event");
+    assert!(follow_up.detail.contains("held") && follow_up.detail.contains("legal hold released"));
+    assert!(matches!(b.store.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
+}
+
+async fn overlapping_holds_keep_data_until_the_last_is_released(b: &Backend) {
+    let f = Fixture::new();
+    let subject = f.subject("v@example.com");
+    b.store
+        .place_hold(hold("hold-a", vec![subject.clone()], systems_scope(&["crm"]), day(-2)))
+        .await
+        .unwrap();
+    b.store
+        .place_hold(hold("hold-b", vec![subject.clone()], systems_scope(&["crm"]), day(-1)))
+        .await
+        .unwrap();
+    let listed: Vec<String> = b.store.list_holds(false).await.unwrap().into_iter().map(|h| h.id).collect();
+    assert_eq!(listed, ["hold-b", "hold-a"], "newest first");
+    let holds = holds_in_force(b, &subject, t0()).await;
+    assert_eq!(holds.len(), 2);
+    let req = f.planned(Regulation::Gdpr, t0(), "v@example.com", &["crm"], &holds);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let d = detail(&b.store, id).await;
+    assert_eq!(d.request.status, RequestStatus::CompletedWithExemptions, "nothing to dispatch");
+    assert!(d.request.key_destroyed_at.is_none());
+    assert_eq!(task_of(&d, "crm").state, TaskState::Held);
+
+    // The hold the plan names goes; the other still covers every category.
+    let first = b.store.release_hold("hold-a", "one case closed", day(1)).await.unwrap();
+    assert_eq!(first, ReleaseResult::Released { resumed: 0 });
+    let d = detail(&b.store, id).await;
+    assert_eq!(task_of(&d, "crm").state, TaskState::Held);
+    let crm = plan_of(&d, "crm");
+    assert!(crm
+        .categories
+        .iter()
+        .all(|c| c.action == Action::Hold && c.hold.as_ref().map(|h| h.id.as_str()) == Some("hold-b")));
+    assert_eq!(b.store.outbox_backlog().await.unwrap(), 0);
+
+    let last = b.store.release_hold("hold-b", "all cases closed", day(2)).await.unwrap();
+    assert_eq!(last, ReleaseResult::Released { resumed: 1 });
+    let d = detail(&b.store, id).await;
+    assert_eq!(task_of(&d, "crm").state, TaskState::Pending);
+    assert!(plan_of(&d, "crm").categories.iter().all(|c| c.action == Action::Erase && c.hold.is_none()));
+    assert_eq!(b.store.outbox_backlog().await.unwrap(), 1);
+}
+
+async fn expired_holds_release_what_they_kept(b: &Backend) {
+    let f = Fixture::new();
+    let subject = f.subject("u@example.com");
+    let scope = HoldScope { systems: vec![], categories: vec!["contact".into()] };
+    let mut placed = hold("hold-2", vec![subject.clone()], scope, day(-1));
+    placed.expires_at = Some(day(10));
+    b.store.place_hold(placed).await.unwrap();
+    assert_eq!(holds_in_force(b, &subject, day(9)).await.len(), 1);
+    assert!(holds_in_force(b, &subject, day(10)).await.is_empty(), "not from its expiry on");
+
+    // The hold covers one category of the system: the task runs and keeps it.
+    let holds = holds_in_force(b, &subject, t0()).await;
+    let req = f.planned(Regulation::Gdpr, t0(), "u@example.com", &["crm"], &holds);
+    assert!(!req.tasks[0].held);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let items = dispatch_all(&b.store).await;
+    let [item] = &items[..] else { panic!("{items:?}") };
+    let actions: Vec<(&str, Action)> =
+        item.categories.iter().map(|c| (c.category.as_str(), c.action)).collect();
+    assert_eq!(
+        (item.action, actions),
+        (Action::Hold, vec![("contact", Action::Hold), ("support", Action::Erase)])
+    );
+    let kept = Outcome::RetainedInPart {
+        datasets: vec![DatasetReport { dataset: "tickets".into(), deleted: 4, anonymized: 0 }],
+        retained: vec![RetainedReport {
+            dataset: "contacts".into(),
+            category: Some("contact".into()),
+            count: 1,
+            basis: "legal hold case hold-2: pending litigation".into(),
+            until: None,
+        }],
+        residual: Some(0),
+    };
+    report(&b.store, item.task_id, 1, kept).await;
+    let d = detail(&b.store, id).await;
+    let task = task_of(&d, "crm");
+    assert_eq!((task.state, task.follow_up_at), (TaskState::Retained, None), "a hold has no end date");
+    assert_eq!(d.request.status, RequestStatus::CompletedWithExemptions);
+    assert_eq!(b.store.run_follow_ups(day(100_000), 10).await.unwrap(), 0);
+
+    assert_eq!(b.store.expire_holds(day(9)).await.unwrap(), 0);
+    assert_eq!(b.store.list_holds(false).await.unwrap().len(), 1);
+    assert_eq!(b.store.expire_holds(day(10)).await.unwrap(), 1);
+    assert_eq!(b.store.expire_holds(day(11)).await.unwrap(), 0);
+    assert!(b.store.list_holds(false).await.unwrap().is_empty());
+    let all = b.store.list_holds(true).await.unwrap();
+    assert_eq!((all[0].released_at, all[0].release_reason.as_deref()), (Some(day(10)), Some("expired")));
+
+    let d = detail(&b.store, id).await;
+    assert_eq!(task_of(&d, "crm").state, TaskState::Pending);
+    assert_eq!(d.request.status, RequestStatus::CompletedWithExemptions);
+    let again = dispatch_at(&b.store, day(10)).await;
+    let [item] = &again[..] else { panic!("{again:?}") };
+    assert_eq!((item.action, item.attempt), (Action::Erase, 2));
+    assert!(item.categories.iter().all(|c| c.action == Action::Erase && c.hold.is_none()));
+    assert_eq!(
+        report_at(&b.store, item.task_id, 2, erased(1), day(10)).await,
+        Applied::Moved {
+            request: id,
+            task: TaskState::Succeeded,
+            request_status: Some(RequestStatus::Completed)
+        }
+    );
+}
+
+async fn a_hold_released_while_its_task_runs_is_followed_up(b: &Backend) {
+    let f = Fixture::new();
+    let subject = f.subject("y@example.com");
+    let scope = HoldScope { systems: vec![], categories: vec!["contact".into()] };
+    b.store.place_hold(hold("hold-3", vec![subject.clone()], scope, day(-1))).await.unwrap();
+    let holds = holds_in_force(b, &subject, t0()).await;
+    let req = f.planned(Regulation::Gdpr, t0(), "y@example.com", &["crm"], &holds);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let items = dispatch_all(&b.store).await;
+    let task = items[0].task_id;
+    assert_eq!(items[0].categories[0].action, Action::Hold);
+
+    // Released while the connector works under the old directive: the
+    // task is in flight, so nothing is resumed yet.
+    let released = day(1);
+    let result = b.store.release_hold("hold-3", "withdrawn", released).await.unwrap();
+    assert_eq!(result, ReleaseResult::Released { resumed: 0 });
+    assert!(plan_of(&detail(&b.store, id).await, "crm").categories.iter().all(|c| c.action == Action::Erase));
+    let kept = Outcome::RetainedInPart {
+        datasets: vec![DatasetReport { dataset: "tickets".into(), deleted: 2, anonymized: 0 }],
+        retained: vec![RetainedReport {
+            dataset: "contacts".into(),
+            category: Some("contact".into()),
+            count: 1,
+            basis: "legal hold case hold-3: pending litigation".into(),
+            until: None,
+        }],
+        residual: Some(0),
+    };
+    let reported = day(2);
+    report_at(&b.store, task, 1, kept, reported).await;
+    // The hold behind what was kept is gone: it is erased at the next sweep.
+    let d = detail(&b.store, id).await;
+    assert_eq!(
+        (task_of(&d, "crm").state, task_of(&d, "crm").follow_up_at),
+        (TaskState::Retained, Some(reported))
+    );
+    assert_eq!(b.store.run_follow_ups(reported, 10).await.unwrap(), 1);
+    let again = dispatch_at(&b.store, reported).await;
+    let [item] = &again[..] else { panic!("{again:?}") };
+    assert_eq!((item.action, item.attempt), (Action::Erase, 2));
+    assert_eq!(
+        report_at(&b.store, task, 2, erased(1), reported).await,
+        Applied::Moved {
+            request: id,
+            task: TaskState::Succeeded,
+            request_status: Some(RequestStatus::Completed)
+        }
+    );
+}
+
+async fn a_hold_released_before_its_plan_is_stored_keeps_nothing(b: &Backend) {
+    let f = Fixture::new();
+    let subject = f.subject("z@example.com");
+    b.store
+        .place_hold(hold("hold-4", vec![subject.clone()], systems_scope(&["crm"]), day(-2)))
+        .await
+        .unwrap();
+    let contact = HoldScope { systems: vec![], categories: vec!["contact".into()] };
+    b.store.place_hold(hold("hold-5", vec![subject.clone()], contact, day(-1))).await.unwrap();
+    // The planner saw both holds; the first is released before the insert.
+    let holds = holds_in_force(b, &subject, t0()).await;
+    let req = f.planned(Regulation::Gdpr, t0(), "z@example.com", &["crm", "mail"], &holds);
+    assert!(req.tasks.iter().find(|t| t.system == "crm").unwrap().held);
+    let id = req.id;
+    let result = b.store.release_hold("hold-4", "withdrawn", t0()).await.unwrap();
+    assert_eq!(result, ReleaseResult::Released { resumed: 0 });
+    b.store.create_request(req).await.unwrap();
+
+    let d = detail(&b.store, id).await;
+    assert_eq!(d.request.status, RequestStatus::Received);
+    let crm = plan_of(&d, "crm");
+    let decisions: Vec<(&str, Action, Option<&str>)> = crm
+        .categories
+        .iter()
+        .map(|c| (c.category.as_str(), c.action, c.hold.as_ref().map(|h| h.id.as_str())))
+        .collect();
+    assert_eq!(decisions, [("contact", Action::Hold, Some("hold-5")), ("support", Action::Erase, None)]);
+    let task = task_of(&d, "crm");
+    assert_eq!((task.state, task.action), (TaskState::Pending, Action::Hold));
+    assert_eq!(b.store.outbox_backlog().await.unwrap(), 2, "the crm task is queued, not held");
+    let items = dispatch_all(&b.store).await;
+    assert_eq!(item_of(&items, "crm").categories, crm.categories);
+}
+
+async fn deadlines_extend_once_before_the_original_due_date(b: &Backend) {
+    let f = Fixture::new();
+    let deadlines = Deadlines::default();
+    let create = |regulation, email: &str| {
+        let req = f.planned(regulation, t0(), email, &["crm"], &[]);
+        let id = req.id;
+        async move {
+            b.store.create_request(req).await.unwrap();
+            id
+        }
+    };
+    let gdpr = create(Regulation::Gdpr, "w1@example.com").await;
+    let late = create(Regulation::Gdpr, "w2@example.com").await;
+    let lgpd = create(Regulation::Lgpd, "w3@example.com").await;
+    let done = create(Regulation::Ccpa, "w4@example.com").await;
+    let items = dispatch_all(&b.store).await;
+    let done_task = items.iter().find(|i| i.request_id == done).unwrap().task_id;
+    report(&b.store, done_task, 1, erased(1)).await;
+
+    let original = utc(2026, 2, 28, 9);
+    let extended = b.store.extend_request(gdpr, "complex request", &deadlines, day(1)).await.unwrap();
+    assert_eq!(extended, ExtendResult::Extended { due_at: utc(2026, 4, 28, 9) });
+    let r = detail(&b.store, gdpr).await.request;
+    assert_eq!((r.due_at, r.original_due_at), (utc(2026, 4, 28, 9), Some(original)));
+    assert_eq!(r.extension_reason.as_deref(), Some("complex request"));
+    assert_eq!(
+        b.store.extend_request(gdpr, "again", &deadlines, day(2)).await.unwrap(),
+        ExtendResult::Refused(ExtensionRefused::AlreadyExtended)
+    );
+    let r = detail(&b.store, gdpr).await.request;
+    assert_eq!((r.due_at, r.extension_reason.as_deref()), (utc(2026, 4, 28, 9), Some("complex request")));
+
+    assert_eq!(
+        b.store.extend_request(late, "too late", &deadlines, original).await.unwrap(),
+        ExtendResult::Refused(ExtensionRefused::TooLate)
+    );
+    let r = detail(&b.store, late).await.request;
+    assert_eq!((r.due_at, r.original_due_at, r.extension_reason), (original, None, None));
+    assert_eq!(
+        b.store.extend_request(lgpd, "no", &deadlines, day(1)).await.unwrap(),
+        ExtendResult::Refused(ExtensionRefused::NotAllowed(Regulation::Lgpd))
+    );
+    assert_eq!(
+        b.store.extend_request(done, "answered", &deadlines, day(1)).await.unwrap(),
+        ExtendResult::Final(RequestStatus::Completed)
+    );
+    assert_eq!(
+        b.store.extend_request(RequestId::new(), "who", &deadlines, day(1)).await.unwrap(),
+        ExtendResult::NotFound
+    );
+
+    let events = b.store.audit_events(Some(gdpr)).await.unwrap();
+    let extension: Vec<_> = events.iter().filter(|e| e.kind == "request.extended").collect();
+    let [event] = &extension[..] else { panic!("{extension:?}") };
+    assert!(event.detail.contains("complex request") && event.detail.contains("2026-04-28"));
+    for other in [late, lgpd, done] {
+        let events = b.store.audit_events(Some(other)).await.unwrap();
+        assert!(events.iter().all(|e| e.kind != "request.extended"));
+    }
+}
+
+async fn list_filters_by_due_date_and_overdue(b: &Backend) {
+    let f = Fixture::new();
+    let mut ids = Vec::new();
+    // GDPR due 28 Feb, LGPD due 15 Feb (three of them), CCPA due 17 Mar.
+    for (regulation, email) in [
+        (Regulation::Gdpr, "x1@example.com"),
+        (Regulation::Lgpd, "x2@example.com"),
+        (Regulation::Ccpa, "x3@example.com"),
+        (Regulation::Lgpd, "x4@example.com"),
+        (Regulation::Lgpd, "x5@example.com"),
+    ] {
+        let req = f.planned(regulation, t0(), email, &["crm"], &[]);
+        ids.push(req.id);
+        b.store.create_request(req).await.unwrap();
+    }
+    let items = dispatch_all(&b.store).await;
+    let task = |i: usize| items.iter().find(|x| x.request_id == ids[i]).unwrap().task_id;
+    report(&b.store, task(3), 1, erased(1)).await; // completed
+    report(&b.store, task(4), 1, Outcome::Failed { retryable: false, reason: "denied".into() }).await;
+    let ids = &ids;
+    let list = |q: ListQuery| async move {
+        let found = b.store.list_requests(&ListQuery { limit: 50, ..q }).await.unwrap();
+        let mut idx: Vec<usize> =
+            found.iter().map(|r| ids.iter().position(|i| *i == r.id).unwrap()).collect();
+        idx.sort();
+        idx
+    };
+    assert_eq!(
+        list(ListQuery { due_before: Some(utc(2026, 3, 1, 0)), ..Default::default() }).await,
+        [0, 1, 3, 4]
+    );
+    assert_eq!(
+        list(ListQuery { due_before: Some(utc(2026, 2, 15, 9)), ..Default::default() }).await,
+        [0usize; 0]
+    );
+    assert_eq!(
+        list(ListQuery { due_before: Some(utc(2026, 2, 16, 0)), ..Default::default() }).await,
+        [1, 3, 4]
+    );
+    // Overdue: past due and not answered; a completed request never is.
+    assert_eq!(
+        list(ListQuery { overdue_at: Some(utc(2026, 2, 15, 9)), ..Default::default() }).await,
+        [0usize; 0]
+    );
+    assert_eq!(list(ListQuery { overdue_at: Some(utc(2026, 2, 20, 0)), ..Default::default() }).await, [1, 4]);
+    assert_eq!(
+        list(ListQuery { overdue_at: Some(utc(2026, 3, 20, 0)), ..Default::default() }).await,
+        [0, 1, 2, 4]
+    );
+    let failed = ListQuery {
+        overdue_at: Some(utc(2026, 3, 20, 0)),
+        status: Some(RequestStatus::Failed),
+        ..Default::default()
+    };
+    assert_eq!(list(failed).await, [4]);
+    let both = ListQuery {
+        overdue_at: Some(utc(2026, 3, 20, 0)),
+        due_before: Some(utc(2026, 3, 1, 0)),
+        ..Default::default()
+    };
+    assert_eq!(list(both).await, [0, 1, 4]);
+    // An extension moves the due date, and so whether the request is overdue.
+    b.store.extend_request(ids[0], "complex", &Deadlines::default(), day(1)).await.unwrap();
+    assert_eq!(
+        list(ListQuery { overdue_at: Some(utc(2026, 3, 20, 0)), ..Default::default() }).await,
+        [1, 2, 4]
+    );
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -463,4 +1190,13 @@ suite!(
     retryable_failures_requeue_with_backoff_until_attempts_run_out,
     silent_tasks_time_out_then_fail,
     operators_retry_failed_tasks_and_reopen_the_request,
+    per_category_plans_are_stored_and_sent_with_each_task,
+    retained_outcomes_follow_up_when_their_retention_ends,
+    legal_holds_keep_a_system_until_released,
+    overlapping_holds_keep_data_until_the_last_is_released,
+    expired_holds_release_what_they_kept,
+    a_hold_released_while_its_task_runs_is_followed_up,
+    a_hold_released_before_its_plan_is_stored_keeps_nothing,
+    deadlines_extend_once_before_the_original_due_date,
+    list_filters_by_due_date_and_overdue,
 );

@@ -121,12 +121,15 @@ fn a_hold_beats_every_rule_and_covers_only_its_scope() {
         (hold(&["crm"], &["identity.contact"]), "crm", "identity.contact", Action::Hold),
     ];
     for (h, system, category, action) in cases {
-        let plan = p.plan(Regulation::Gdpr, received, &systems(), &[h.clone()]);
+        let plan = p.plan(Regulation::Gdpr, received, &systems(), std::slice::from_ref(&h));
         let item = plan.iter().find(|i| i.system == system).unwrap();
         let c = item.categories.iter().find(|c| c.category == category).unwrap();
         assert_eq!(c.action, action, "{} {system} {category}", h.scope);
         // the rule underneath survives the hold, for when it is released
-        assert_eq!(c.rule_action, Action::from(p.decide(Regulation::Gdpr, system, category).unwrap().rule.action));
+        assert_eq!(
+            c.rule_action,
+            Action::from(p.decide(Regulation::Gdpr, system, category).unwrap().rule.action)
+        );
     }
 }
 
@@ -183,7 +186,9 @@ fn an_undecided_category_or_unknown_system_is_rejected_by_name() {
     let err = p.check(&systems()).unwrap_err().to_string();
     assert!(err.contains("rule `typo` names unknown system `bilings`"), "{err}");
     assert!(
-        err.contains("category `analytics.events` of system `analytics` is decided by no rule under uk-gdpr, ccpa"),
+        err.contains(
+            "category `analytics.events` of system `analytics` is decided by no rule under uk-gdpr, ccpa"
+        ),
         "{err}"
     );
     assert!(!err.contains("`billing.invoice` of"), "invoices are decided everywhere: {err}");
@@ -193,24 +198,36 @@ fn an_undecided_category_or_unknown_system_is_rejected_by_name() {
 #[test]
 fn malformed_rules_are_rejected() {
     let cases = [
-        (r#"[[rule]]
+        (
+            r#"[[rule]]
             name = "r"
             action = "retain"
-            period = "10y""#, "gives no legal basis"),
-        (r#"[[rule]]
+            period = "10y""#,
+            "gives no legal basis",
+        ),
+        (
+            r#"[[rule]]
             name = "r"
             action = "retain"
-            basis = "x""#, "gives no period"),
-        (r#"[[rule]]
+            basis = "x""#,
+            "gives no period",
+        ),
+        (
+            r#"[[rule]]
             name = "r"
             action = "erase"
-            period = "1y""#, "takes no period"),
-        (r#"[[rule]]
+            period = "1y""#,
+            "takes no period",
+        ),
+        (
+            r#"[[rule]]
             name = "r"
             action = "erase"
             [[rule]]
             name = "r"
-            action = "erase""#, "two rules are named `r`"),
+            action = "erase""#,
+            "two rules are named `r`",
+        ),
     ];
     for (text, expected) in cases {
         let p: Policy = toml::from_str(text).unwrap();
@@ -230,7 +247,9 @@ fn malformed_rules_are_rejected() {
 #[test]
 fn a_category_no_system_holds_is_a_warning() {
     let mut p = policy();
-    p.extend(toml::from_str("[[rule]]\nname = \"x\"\ncategories = [\"hr.payroll\"]\naction = \"erase\"").unwrap());
+    p.extend(
+        toml::from_str("[[rule]]\nname = \"x\"\ncategories = [\"hr.payroll\"]\naction = \"erase\"").unwrap(),
+    );
     let warnings = p.check(&systems()).unwrap();
     assert_eq!(warnings, vec!["rule `x` names category `hr.payroll`, which no system declares".to_owned()]);
 }

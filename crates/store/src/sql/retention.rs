@@ -1,0 +1,642 @@
+//! Retention and legal holds: per-category plans, holds and their release,
+//! follow-ups when a retention period ends, and deadline extensions.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use lethe_core::policy::summarize;
+use lethe_core::{ActiveHold, CategoryPlan, Deadlines, HoldRef, HoldScope, Period, Reference};
+
+use super::*;
+
+pub(super) const CATEGORY_COLUMNS: [&str; 11] = [
+    "request_id",
+    "system",
+    "category",
+    "action",
+    "rule",
+    "rule_action",
+    "basis",
+    "period",
+    "reference",
+    "until_at",
+    "hold_id",
+];
+
+/// The `plan_categories` row of one category decision.
+pub(super) fn category_row(request: &str, system: &str, c: &CategoryPlan) -> Vec<Arg> {
+    vec![
+        Arg::from(request),
+        system.into(),
+        c.category.as_str().into(),
+        c.action.as_str().into(),
+        c.rule.as_str().into(),
+        c.rule_action.as_str().into(),
+        c.basis.clone().into(),
+        c.period.map(|p| p.to_string()).into(),
+        c.reference.map(|r| reference_name(r).to_owned()).into(),
+        c.until.map(ms).into(),
+        c.hold.as_ref().map(|h| h.id.clone()).into(),
+    ]
+}
+
+fn reference_name(r: Reference) -> &'static str {
+    match r {
+        Reference::Record => "record",
+        Reference::Request => "request",
+    }
+}
+
+fn category_plan(r: &AnyRow) -> Result<CategoryPlan, StoreError> {
+    let hold_id: Option<String> = col(r, "hold_id")?;
+    let hold = match hold_id {
+        Some(id) => Some(HoldRef {
+            id,
+            reason: col::<Option<String>>(r, "hold_reason")?.unwrap_or_default(),
+            case_reference: col::<Option<String>>(r, "hold_case")?.unwrap_or_default(),
+        }),
+        None => None,
+    };
+    let reference = match col::<Option<String>>(r, "reference")?.as_deref() {
+        None => None,
+        Some("record") => Some(Reference::Record),
+        Some("request") => Some(Reference::Request),
+        Some(other) => return Err(StoreError::Corrupt(format!("unknown retention reference {other:?}"))),
+    };
+    Ok(CategoryPlan {
+        category: col(r, "category")?,
+        action: parse(&col::<String>(r, "action")?, "action")?,
+        rule: col(r, "rule")?,
+        rule_action: parse(&col::<String>(r, "rule_action")?, "action")?,
+        basis: col(r, "basis")?,
+        period: col::<Option<String>>(r, "period")?.map(|p| parse::<Period>(&p, "period")).transpose()?,
+        reference,
+        until: opt_time(col(r, "until_at")?)?,
+        hold,
+    })
+}
+
+/// Records when a task that kept data runs again: the earliest end among
+/// what it kept. Data kept without an end date waits for a legal hold's
+/// release, unless the hold behind it was released while the attempt ran
+/// (the release could not resume a task in flight): then it runs again now.
+pub(super) async fn set_follow_up(
+    tx: &mut AnyConnection,
+    task: TaskId,
+    outcome: &Outcome,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let Outcome::RetainedInPart { retained, .. } = outcome else { return Ok(()) };
+    let plan = sqlx::query(
+        "SELECT p.category, p.action FROM plan_categories p \
+         JOIN tasks t ON t.request_id = p.request_id AND t.system = p.system WHERE t.id = $1",
+    )
+    .bind(task.to_string())
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    let mut planned = BTreeSet::new();
+    let mut held = BTreeSet::new();
+    for r in &plan {
+        let category: String = col(r, "category")?;
+        if parse::<Action>(&col::<String>(r, "action")?, "action")? == Action::Hold {
+            held.insert(category.clone());
+        }
+        planned.insert(category);
+    }
+    let at = retained
+        .iter()
+        .filter_map(|r| match r.until {
+            Some(until) => Some(until),
+            None => {
+                let still_held = match &r.category {
+                    Some(c) if planned.contains(c) => held.contains(c),
+                    _ => !held.is_empty(),
+                };
+                (!planned.is_empty() && !still_held).then_some(now)
+            }
+        })
+        .min();
+    sqlx::query("UPDATE tasks SET follow_up_at = $1 WHERE id = $2")
+        .bind(at.map(ms))
+        .bind(task.to_string())
+        .execute(&mut *tx)
+        .await
+        .map(|_| ())
+        .map_err(db_err)
+}
+
+const HOLD_COLUMNS: &str =
+    "h.id, h.reason, h.case_reference, h.scope, h.placed_at, h.expires_at, h.released_at, h.release_reason";
+
+fn scope_of(r: &AnyRow) -> Result<HoldScope, StoreError> {
+    serde_json::from_str(&col::<String>(r, "scope")?)
+        .map_err(|e| StoreError::Corrupt(format!("bad hold scope: {e}")))
+}
+
+/// Holds in force at `now` on any of `hashes`, with the hash each matched.
+async fn holds_in_force(
+    conn: &mut AnyConnection,
+    hashes: &[String],
+    now: DateTime<Utc>,
+) -> Result<Vec<(String, ActiveHold)>, StoreError> {
+    let unique: BTreeSet<&str> = hashes.iter().map(String::as_str).collect();
+    let mut found = Vec::new();
+    let unique: Vec<&str> = unique.into_iter().collect();
+    for chunk in unique.chunks(1000) {
+        if chunk.is_empty() {
+            continue;
+        }
+        let sql = format!(
+            "SELECT s.subject_hash, {HOLD_COLUMNS} FROM hold_subjects s JOIN holds h ON h.id = s.hold_id \
+             WHERE h.released_at IS NULL AND (h.expires_at IS NULL OR h.expires_at > $1) \
+             AND s.subject_hash IN ({}) ORDER BY h.placed_at, h.id",
+            placeholders(2, chunk.len())
+        );
+        let rows = chunk
+            .iter()
+            .fold(sqlx::query(&sql).bind(ms(now)), |q, h| q.bind(*h))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        for r in &rows {
+            let hold = ActiveHold {
+                hold: HoldRef {
+                    id: col(r, "id")?,
+                    reason: col(r, "reason")?,
+                    case_reference: col(r, "case_reference")?,
+                },
+                scope: scope_of(r)?,
+            };
+            found.push((col(r, "subject_hash")?, hold));
+        }
+    }
+    Ok(found)
+}
+
+impl SqlStore {
+    /// A request's plan: one line per system, summarised from the current
+    /// category decisions.
+    pub(super) async fn plan_of(&self, id: RequestId) -> Result<Vec<PlanItem>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        let mut categories = self.categories_of(&mut conn, &[id.to_string()]).await?;
+        sqlx::query("SELECT system, action, reason, basis, until_at FROM plan_items WHERE request_id = $1 ORDER BY system")
+            .bind(id.to_string())
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| {
+                let system: String = col(r, "system")?;
+                match categories.remove(&(id.to_string(), system.clone())) {
+                    Some(c) => Ok(summarize(&system, c)),
+                    None => Ok(PlanItem {
+                        action: parse::<Action>(&col::<String>(r, "action")?, "action")?,
+                        reason: col(r, "reason")?,
+                        basis: col(r, "basis")?,
+                        until: opt_time(col(r, "until_at")?)?,
+                        categories: Vec::new(),
+                        system,
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// The category decisions of `requests`, by (request, system).
+    pub(super) async fn categories_of(
+        &self,
+        conn: &mut AnyConnection,
+        requests: &[String],
+    ) -> Result<HashMap<(String, String), Vec<CategoryPlan>>, StoreError> {
+        let mut out: HashMap<(String, String), Vec<CategoryPlan>> = HashMap::new();
+        if requests.is_empty() {
+            return Ok(out);
+        }
+        let sql = format!(
+            "SELECT p.request_id, p.system, p.category, p.action, p.rule, p.rule_action, p.basis, p.period, \
+             p.reference, p.until_at, p.hold_id, h.reason AS hold_reason, h.case_reference AS hold_case \
+             FROM plan_categories p LEFT JOIN holds h ON h.id = p.hold_id \
+             WHERE p.request_id IN ({}) ORDER BY p.request_id, p.system, p.category",
+            placeholders(1, requests.len())
+        );
+        let rows = requests
+            .iter()
+            .fold(sqlx::query(&sql), |q, r| q.bind(r.as_str()))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        for r in &rows {
+            out.entry((col(r, "request_id")?, col(r, "system")?)).or_default().push(category_plan(r)?);
+        }
+        Ok(out)
+    }
+
+    /// Plans of `reqs` without the holds released since they were made
+    /// (between the planner's [`StateStore::active_holds`] and the insert),
+    /// or `None` if no hold they name was released. Locks the holds named,
+    /// so that a release waits for the insert or the insert for the release.
+    pub(super) async fn drop_released_holds(
+        &self,
+        tx: &mut AnyConnection,
+        reqs: &[&NewRequest],
+    ) -> Result<Option<Vec<NewRequest>>, StoreError> {
+        let named: BTreeSet<&str> = reqs
+            .iter()
+            .flat_map(|r| &r.plan)
+            .flat_map(|p| &p.categories)
+            .filter_map(|c| c.hold.as_ref().map(|h| h.id.as_str()))
+            .collect();
+        if named.is_empty() {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT id, released_at FROM holds WHERE id IN ({}) ORDER BY id{}",
+            placeholders(1, named.len()),
+            self.dialect.for_update()
+        );
+        let rows = named.iter().fold(sqlx::query(&sql), |q, id| q.bind(*id)).fetch_all(&mut *tx).await;
+        let mut released = BTreeSet::new();
+        for r in &rows.map_err(db_err)? {
+            if col::<Option<i64>>(r, "released_at")?.is_some() {
+                released.insert(col::<String>(r, "id")?);
+            }
+        }
+        if released.is_empty() {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let mut req = (*req).clone();
+            let stale = |c: &CategoryPlan| c.hold.as_ref().is_some_and(|h| released.contains(&h.id));
+            if req.plan.iter().flat_map(|p| &p.categories).any(stale) {
+                let hashes: Vec<String> = req.identifiers.iter().map(|i| i.subject_hash.clone()).collect();
+                let others = holds_in_force(tx, &hashes, req.received_at).await?;
+                for item in &mut req.plan {
+                    let mut categories = std::mem::take(&mut item.categories);
+                    for c in categories.iter_mut().filter(|c| stale(c)) {
+                        let still = others.iter().find(|(_, a)| a.scope.covers(&item.system, &c.category));
+                        c.hold = still.map(|(_, a)| a.hold.clone());
+                        c.action = if c.hold.is_some() { Action::Hold } else { c.rule_action };
+                    }
+                    *item = summarize(&item.system, categories);
+                }
+                for task in &mut req.tasks {
+                    if let Some(item) = req.plan.iter().find(|p| p.system == task.system) {
+                        task.action = item.action;
+                        task.held = !item.categories.is_empty()
+                            && item.categories.iter().all(|c| c.action == Action::Hold);
+                    }
+                }
+            }
+            out.push(req);
+        }
+        Ok(Some(out))
+    }
+
+    pub(super) async fn holds_on(
+        &self,
+        hashes: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, ActiveHold)>, StoreError> {
+        if hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        holds_in_force(&mut conn, hashes, now).await
+    }
+
+    pub(super) async fn insert_hold(&self, hold: NewHold) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let scope = json_text(&hold.scope);
+        sqlx::query(
+            "INSERT INTO holds (id, reason, case_reference, scope, placed_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(hold.id.as_str())
+        .bind(hold.reason.as_str())
+        .bind(hold.case_reference.as_str())
+        .bind(scope)
+        .bind(ms(hold.placed_at))
+        .bind(hold.expires_at.map(ms))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let hashes: BTreeSet<&str> = hold.subject_hashes.iter().map(String::as_str).collect();
+        let rows = hashes.iter().map(|h| vec![Arg::from(hold.id.as_str()), (*h).into()]).collect();
+        insert_rows(&mut tx, "hold_subjects", &["hold_id", "subject_hash"], rows).await?;
+        let event = PendingEvent::global(
+            "hold.placed",
+            json!({
+                "hold_id": hold.id,
+                "scope": hold.scope,
+                "reason": hold.reason,
+                "case_reference": hold.case_reference,
+                "expires_at": hold.expires_at,
+                "subjects": hashes,
+            }),
+        );
+        self.append_audit(&mut tx, vec![event], hold.placed_at).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    pub(super) async fn release(
+        &self,
+        id: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<ReleaseResult, StoreError> {
+        let mut tx = self.begin().await?;
+        let row =
+            sqlx::query(&format!("SELECT released_at FROM holds WHERE id = $1{}", self.dialect.for_update()))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        let Some(row) = row else { return Ok(ReleaseResult::NotFound) };
+        if col::<Option<i64>>(&row, "released_at")?.is_some() {
+            return Ok(ReleaseResult::AlreadyReleased);
+        }
+        sqlx::query("UPDATE holds SET released_at = $1, release_reason = $2 WHERE id = $3")
+            .bind(ms(now))
+            .bind(reason)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let held = sqlx::query("SELECT request_id, system, category FROM plan_categories WHERE hold_id = $1")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let mut held_by: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for r in &held {
+            held_by.entry(col(r, "request_id")?).or_default().push((col(r, "system")?, col(r, "category")?));
+        }
+        // Other holds in force on the same subjects may still cover a category.
+        let mut hashes_of: HashMap<String, Vec<String>> = HashMap::new();
+        if !held_by.is_empty() {
+            let sql = format!(
+                "SELECT request_id, subject_hash FROM identifiers WHERE request_id IN ({})",
+                placeholders(1, held_by.len())
+            );
+            let rows = held_by
+                .keys()
+                .fold(sqlx::query(&sql), |q, r| q.bind(r.as_str()))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            for r in &rows {
+                hashes_of.entry(col(r, "request_id")?).or_default().push(col(r, "subject_hash")?);
+            }
+        }
+        let all_hashes: Vec<String> = hashes_of.values().flatten().cloned().collect();
+        let mut others = holds_in_force(&mut tx, &all_hashes, now).await?;
+        if !others.is_empty() {
+            // Lock the holds that may take over, and drop those released
+            // meanwhile: a concurrent release must not leave a category
+            // kept by a hold that no longer exists.
+            let ids: BTreeSet<String> = others.iter().map(|(_, a)| a.hold.id.clone()).collect();
+            let sql = format!(
+                "SELECT id FROM holds WHERE id IN ({}) AND released_at IS NULL ORDER BY id{}",
+                placeholders(1, ids.len()),
+                self.dialect.for_update()
+            );
+            let rows =
+                ids.iter().fold(sqlx::query(&sql), |q, id| q.bind(id.as_str())).fetch_all(&mut *tx).await;
+            let live: BTreeSet<String> =
+                rows.map_err(db_err)?.iter().map(|r| col::<String>(r, "id")).collect::<Result<_, _>>()?;
+            others.retain(|(_, a)| live.contains(&a.hold.id));
+        }
+        let mut events = Vec::new();
+        let mut resumed = 0u64;
+        for (request, categories) in &held_by {
+            let hashes = hashes_of.get(request).map_or(&[][..], Vec::as_slice);
+            let mut freed: BTreeSet<&str> = BTreeSet::new();
+            for (system, category) in categories {
+                let still = others
+                    .iter()
+                    .find(|(h, a)| hashes.contains(h) && a.scope.covers(system, category))
+                    .map(|(_, a)| a.hold.id.clone());
+                let sql = if still.is_some() {
+                    "UPDATE plan_categories SET hold_id = $1, action = 'hold' \
+                     WHERE request_id = $2 AND system = $3 AND category = $4"
+                } else {
+                    "UPDATE plan_categories SET hold_id = $1, action = rule_action \
+                     WHERE request_id = $2 AND system = $3 AND category = $4"
+                };
+                sqlx::query(sql)
+                    .bind(still.clone())
+                    .bind(request.as_str())
+                    .bind(system.as_str())
+                    .bind(category.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                if still.is_none() {
+                    freed.insert(system.as_str());
+                }
+            }
+            if freed.is_empty() {
+                continue;
+            }
+            let request_id: RequestId = parse(request, "request id")?;
+            self.lock_request(&mut tx, request_id).await?;
+            for system in freed {
+                let task = sqlx::query("SELECT id FROM tasks WHERE request_id = $1 AND system = $2")
+                    .bind(request.as_str())
+                    .bind(system)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                let Some(task) = task else { continue };
+                let task_id: TaskId = parse(&col::<String>(&task, "id")?, "task id")?;
+                if self
+                    .follow_up(&mut tx, request_id, task_id, "legal hold released", now, &mut events)
+                    .await?
+                {
+                    resumed += 1;
+                }
+            }
+        }
+        events.push(PendingEvent::global(
+            "hold.released",
+            json!({"hold_id": id, "reason": reason, "resumed_tasks": resumed}),
+        ));
+        self.append_audit(&mut tx, events, now).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(ReleaseResult::Released { resumed })
+    }
+
+    /// Moves a `retained` or `held` task (its request locked by the caller)
+    /// back to `pending` with a fresh attempt budget and queues it.
+    async fn follow_up(
+        &self,
+        tx: &mut AnyConnection,
+        request: RequestId,
+        task_id: TaskId,
+        why: &str,
+        now: DateTime<Utc>,
+        events: &mut Vec<PendingEvent>,
+    ) -> Result<bool, StoreError> {
+        let task = self.lock_task(tx, task_id).await?;
+        if task.state.apply(TaskEvent::FollowUp) != Ok(Step::Moved(TaskState::Pending)) {
+            return Ok(false);
+        }
+        // The task's action follows the plan as it is now: a released hold
+        // gives its categories back to their rules.
+        let actions = sqlx::query("SELECT action FROM plan_categories WHERE request_id = $1 AND system = $2")
+            .bind(request.to_string())
+            .bind(task.system.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| parse::<Action>(&col::<String>(r, "action")?, "action"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let action = actions.into_iter().max_by_key(|a| a.rank()).map(Action::as_str);
+        sqlx::query(
+            "UPDATE tasks SET state = $1, budget_start = attempts, follow_up_at = NULL, updated_at = $2, \
+             finished_at = NULL, action = COALESCE($3, action) WHERE id = $4",
+        )
+        .bind(TaskState::Pending.as_str())
+        .bind(ms(now))
+        .bind(action)
+        .bind(task_id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        self.enqueue(tx, task_id, ms(now), now).await?;
+        events.push(PendingEvent::new(
+            request,
+            Some(task_id),
+            "task.follow_up",
+            json!({"system": task.system, "from": task.state, "why": why}),
+        ));
+        Ok(true)
+    }
+
+    pub(super) async fn holds(&self, all: bool) -> Result<Vec<HoldRecord>, StoreError> {
+        let filter = if all { "" } else { " WHERE h.released_at IS NULL" };
+        let sql = format!(
+            "SELECT {HOLD_COLUMNS}, (SELECT COUNT(*) FROM hold_subjects s WHERE s.hold_id = h.id) AS subjects \
+             FROM holds h{filter} ORDER BY h.placed_at DESC, h.id DESC"
+        );
+        sqlx::query(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| {
+                Ok(HoldRecord {
+                    id: col(r, "id")?,
+                    scope: scope_of(r)?,
+                    reason: col(r, "reason")?,
+                    case_reference: col(r, "case_reference")?,
+                    placed_at: time(col(r, "placed_at")?)?,
+                    expires_at: opt_time(col(r, "expires_at")?)?,
+                    released_at: opt_time(col(r, "released_at")?)?,
+                    release_reason: col(r, "release_reason")?,
+                    identifiers: u64::try_from(col::<i64>(r, "subjects")?).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn expire(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM holds WHERE released_at IS NULL AND expires_at IS NOT NULL AND expires_at <= $1 \
+             ORDER BY expires_at LIMIT 100",
+        )
+        .bind(ms(now))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let mut released = 0;
+        for r in &rows {
+            let id: String = col(r, "id")?;
+            if let ReleaseResult::Released { .. } = self.release(&id, "expired", now).await? {
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
+    pub(super) async fn follow_ups(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, request_id FROM tasks WHERE state = $1 AND follow_up_at IS NOT NULL AND follow_up_at <= $2 \
+             ORDER BY request_id, id LIMIT $3",
+        )
+        .bind(TaskState::Retained.as_str())
+        .bind(ms(now))
+        .bind(i64::from(limit.max(1)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.begin().await?;
+        let mut events = Vec::new();
+        let mut queued = 0;
+        for r in &rows {
+            let request: RequestId = parse(&col::<String>(r, "request_id")?, "request id")?;
+            let task: TaskId = parse(&col::<String>(r, "id")?, "task id")?;
+            self.lock_request(&mut tx, request).await?;
+            if self.follow_up(&mut tx, request, task, "retention period ended", now, &mut events).await? {
+                queued += 1;
+            }
+        }
+        self.append_audit(&mut tx, events, now).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(queued)
+    }
+
+    pub(super) async fn extend(
+        &self,
+        id: RequestId,
+        reason: &str,
+        deadlines: &Deadlines,
+        now: DateTime<Utc>,
+    ) -> Result<ExtendResult, StoreError> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT regulation, status, due_at, original_due_at FROM requests WHERE id = $1{}",
+            self.dialect.for_update()
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let Some(row) = row else { return Ok(ExtendResult::NotFound) };
+        let status: RequestStatus = parse(&col::<String>(&row, "status")?, "status")?;
+        if matches!(status, RequestStatus::Completed | RequestStatus::CompletedWithExemptions) {
+            return Ok(ExtendResult::Final(status));
+        }
+        let regulation: Regulation = parse(&col::<String>(&row, "regulation")?, "regulation")?;
+        let due = time(col(&row, "due_at")?)?;
+        let original = opt_time(col(&row, "original_due_at")?)?;
+        let new_due = match deadlines.extend(regulation, original.unwrap_or(due), original.is_some(), now) {
+            Ok(d) => d,
+            Err(refused) => return Ok(ExtendResult::Refused(refused)),
+        };
+        sqlx::query(
+            "UPDATE requests SET due_at = $1, original_due_at = $2, extension_reason = $3, updated_at = $4 WHERE id = $5",
+        )
+        .bind(ms(new_due))
+        .bind(ms(due))
+        .bind(reason)
+        .bind(ms(now))
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let event = PendingEvent::new(
+            id,
+            None,
+            "request.extended",
+            json!({"from": due, "to": new_due, "reason": reason}),
+        );
+        self.append_audit(&mut tx, vec![event], now).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(ExtendResult::Extended { due_at: new_due })
+    }
+}
