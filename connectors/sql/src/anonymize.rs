@@ -1,6 +1,8 @@
 //! Anonymising the subject's rows of one table, and counting what is left.
+//! Both work on a [`Scope`]: the subject's rows except those kept by
+//! retention, a hold or a kept linked row.
 //!
-//! `null` and `fixed` are set-based: one `UPDATE ... WHERE <subject> AND
+//! `null` and `fixed` are set-based: one `UPDATE ... WHERE <scope> AND
 //! <pending>`. `hash` and `redact` need the current value, so the matching
 //! rows are read (key and those columns) and updated one by one by primary
 //! key, in the caller's transaction. Rows already anonymised are left alone,
@@ -15,7 +17,8 @@ use crate::catalog::{ColKind, TableColumns};
 use crate::config::{Strategy, TableConfig};
 use crate::dialect::Dialect;
 use crate::error::{classify, Context};
-use crate::query::{param_for, Cond, Param, Sql};
+use crate::query::{param_for, Param, Sql};
+use crate::retention::Scope;
 
 /// One anonymize table, with what the database says about its columns.
 pub struct Anonymizer<'a> {
@@ -49,21 +52,21 @@ impl Anonymizer<'_> {
         self.table.per_row_columns().next().is_some()
     }
 
-    /// Anonymises the rows matching `cond`; returns how many changed.
-    pub async fn run(&self, conn: &mut AnyConnection, cond: &Cond) -> Result<u64, ConnectorError> {
+    /// Anonymises the rows in `scope`; returns how many changed.
+    pub async fn run(&self, conn: &mut AnyConnection, scope: &Scope<'_>) -> Result<u64, ConnectorError> {
         let t = self.table;
         if !self.has_per_row() {
             let mut sql = Sql::new(self.dialect);
             sql.push("UPDATE ").ident(&t.name).push(" SET ");
             self.assignments(&mut sql)?;
-            sql.push(" WHERE ").cond(cond, None, 0).push(" AND ");
+            sql.push(" WHERE ").scope(scope).push(" AND ");
             self.pending(&mut sql)?;
             let done = sql.query().execute(&mut *conn).await.map_err(|e| self.err("anonymize", &e))?;
             return Ok(done.rows_affected());
         }
         let pk_kind = self.columns.kind_or_other(&t.primary_key);
         let mut anonymized = 0;
-        for row in self.select(conn, cond).await? {
+        for row in self.select(conn, scope).await? {
             if !row.is_left() {
                 continue;
             }
@@ -94,19 +97,15 @@ impl Anonymizer<'_> {
         Ok(anonymized)
     }
 
-    /// Counts the rows matching `cond` that still hold something their
+    /// Counts the rows in `scope` that still hold something their
     /// strategies would change.
-    pub async fn residual(&self, conn: &mut AnyConnection, cond: &Cond) -> Result<u64, ConnectorError> {
+    pub async fn residual(&self, conn: &mut AnyConnection, scope: &Scope<'_>) -> Result<u64, ConnectorError> {
         if self.has_per_row() {
-            let rows = self.select(conn, cond).await?;
+            let rows = self.select(conn, scope).await?;
             return Ok(rows.iter().filter(|r| r.is_left()).count() as u64);
         }
         let mut sql = Sql::new(self.dialect);
-        sql.push("SELECT COUNT(*) FROM ")
-            .ident(&self.table.name)
-            .push(" WHERE ")
-            .cond(cond, None, 0)
-            .push(" AND ");
+        sql.push("SELECT COUNT(*) FROM ").ident(&self.table.name).push(" WHERE ").scope(scope).push(" AND ");
         self.pending(&mut sql)?;
         let read = |e: sqlx::Error| self.err("verify", &e);
         let row = sql.query().fetch_one(&mut *conn).await.map_err(read)?;
@@ -171,8 +170,12 @@ impl Anonymizer<'_> {
         Ok(())
     }
 
-    /// The matching rows: key, pending flag, per-row column values as text.
-    async fn select(&self, conn: &mut AnyConnection, cond: &Cond) -> Result<Vec<PerRow<'_>>, ConnectorError> {
+    /// The rows in `scope`: key, pending flag, per-row column values as text.
+    async fn select(
+        &self,
+        conn: &mut AnyConnection,
+        scope: &Scope<'_>,
+    ) -> Result<Vec<PerRow<'_>>, ConnectorError> {
         let t = self.table;
         let pk_integer = self.columns.kind_or_other(&t.primary_key) == ColKind::Integer;
         let per_row: Vec<(&String, &Strategy)> = t.per_row_columns().collect();
@@ -191,7 +194,7 @@ impl Anonymizer<'_> {
             let text = self.dialect.as_text(&self.dialect.quote(col));
             sql.push(", ").push(&text);
         }
-        sql.push(" FROM ").ident(&t.name).push(" WHERE ").cond(cond, None, 0);
+        sql.push(" FROM ").ident(&t.name).push(" WHERE ").scope(scope);
         let read = |e: sqlx::Error| self.err("select", &e);
         let rows = sql.query().fetch_all(&mut *conn).await.map_err(read)?;
         let mut out = Vec::with_capacity(rows.len());

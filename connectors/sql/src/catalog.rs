@@ -197,6 +197,7 @@ pub fn configured_columns(t: &TableConfig) -> Vec<&str> {
     cols.extend(t.matches.values().map(|m| m.column.as_str()));
     cols.extend(t.parent.iter().map(|p| p.column.as_str()));
     cols.extend(t.columns.keys().map(String::as_str));
+    cols.extend(t.date_column.as_deref());
     let mut seen = std::collections::HashSet::new();
     cols.retain(|c| seen.insert(*c));
     cols

@@ -73,9 +73,15 @@ pub struct TableConfig {
     /// `"hash"`, `"redact"`).
     #[serde(default)]
     pub columns: BTreeMap<String, Strategy>,
-    /// Data category label, e.g. `identity.contact` (informational).
+    /// The data category, e.g. `billing.invoice`; the retention policy
+    /// decides per category, and a task leaves a table whose category it
+    /// has no directive for untouched.
+    pub category: String,
+    /// The record's own date (e.g. an invoice date): the reference of a
+    /// retention counted from the record. Rows without one (NULL) are
+    /// retained like those of a table without this column.
     #[serde(default)]
-    pub category: Option<String>,
+    pub date_column: Option<String>,
 }
 
 /// What happens to a table's matching rows.
@@ -260,6 +266,18 @@ impl SqlConfig {
         Ok(order)
     }
 
+    /// The distinct data categories of the tables, in table order: what
+    /// the system holds.
+    pub fn categories(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for t in &self.tables {
+            if !out.contains(&t.category) {
+                out.push(t.category.clone());
+            }
+        }
+        out
+    }
+
     /// The configured table called `name`.
     pub fn table(&self, name: &str) -> Option<&TableConfig> {
         self.tables.iter().find(|t| t.name == name)
@@ -292,6 +310,9 @@ impl TableConfig {
         for c in self.columns.keys() {
             column("column", c);
         }
+        if let Some(d) = &self.date_column {
+            column("date_column", d);
+        }
         if let Some(p) = &self.parent {
             if p.table == *t {
                 problems.push(format!("table {t} is its own parent"));
@@ -315,7 +336,12 @@ impl TableConfig {
             }
             _ => {}
         }
-        if self.category.as_deref().is_some_and(|c| c.trim().is_empty()) {
+        if let Some(d) = self.date_column.as_ref().filter(|d| self.columns.contains_key(*d)) {
+            problems.push(format!(
+                "table {t}: the date_column {d} cannot be anonymized (it dates the retention)"
+            ));
+        }
+        if self.category.trim().is_empty() {
             problems.push(format!("table {t}: category is empty"));
         }
     }
@@ -348,12 +374,15 @@ mod tests {
         [[tables]]
         name = "addresses"
         action = "delete"
+        category = "identity.contact"
         parent = { table = "customers", column = "customer_id", references = "id" }
 
         [[tables]]
         name = "crm.orders"
         primary_key = "order_id"
         action = "anonymize"
+        category = "billing.order"
+        date_column = "ordered_at"
         parent = { table = "customers", column = "customer_id", references = "id" }
         columns = { name = "null", address = { fixed = "REDACTED" }, customer_id = "null", note = "hash", phone = "redact" }
     "#;
@@ -370,7 +399,8 @@ mod tests {
         assert_eq!(c.dialect(), Ok(Dialect::Postgres));
         let customers = &c.tables[0];
         assert_eq!(customers.primary_key, "id");
-        assert_eq!(customers.category.as_deref(), Some("identity.contact"));
+        assert_eq!(customers.category, "identity.contact");
+        assert_eq!(customers.date_column, None);
         let email = &customers.matches[&IdentifierKind::Email];
         assert_eq!(
             (email.column.as_str(), email.compare_for(&IdentifierKind::Email)),
@@ -380,6 +410,8 @@ mod tests {
         assert_eq!(id.compare_for(&IdentifierKind::CustomerId), Compare::Exact);
         assert_eq!(customers.matches[&IdentifierKind::Phone].compare, Some(Compare::Normalized));
         let orders = &c.tables[2];
+        assert_eq!(orders.date_column.as_deref(), Some("ordered_at"));
+        assert_eq!(c.categories(), vec!["identity.contact".to_owned(), "billing.order".to_owned()]);
         assert_eq!(orders.primary_key, "order_id");
         assert_eq!(orders.action, TableAction::Anonymize);
         assert_eq!(orders.columns["address"], Strategy::Fixed("REDACTED".into()));
@@ -402,6 +434,7 @@ mod tests {
             [[tables]]
             name = "cards"
             action = "delete"
+            category = "loyalty.card"
             match = { loyalty_number = "number" }
             "#,
         )
@@ -428,6 +461,8 @@ mod tests {
         assert!(parse(&action).is_err());
         let kind = EXAMPLE.replace("customer_id = \"id\"", "\"Customer ID\" = \"id\"");
         assert!(parse(&kind).is_err());
+        let uncategorized = EXAMPLE.replace("category = \"identity.contact\"", "");
+        assert!(parse(&uncategorized).unwrap_err().contains("category"));
     }
 
     fn problems(edit: impl Fn(&mut SqlConfig)) -> String {
@@ -495,6 +530,15 @@ mod tests {
             c.tables[2].columns.insert("order_id".into(), Strategy::Hash);
         });
         assert!(p.contains("primary key order_id cannot be anonymized"), "{p}");
+
+        let p = problems(|c| c.tables[1].category = " ".into());
+        assert!(p.contains("addresses: category is empty"), "{p}");
+
+        let p = problems(|c| c.tables[2].date_column = Some("ordered at".into()));
+        assert!(p.contains("date_column \"ordered at\""), "{p}");
+
+        let p = problems(|c| c.tables[2].date_column = Some("note".into()));
+        assert!(p.contains("crm.orders: the date_column note cannot be anonymized"), "{p}");
 
         // Several problems at once are all reported.
         let p = problems(|c| {

@@ -5,8 +5,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use lethe_connector::{Connector, ConnectorError, Erasure, ErasureTask};
-use lethe_core::{Action, DatasetReport};
+use lethe_core::{DatasetReport, RetainedReport};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyConnection, AnyPool, Row};
 
@@ -16,6 +17,7 @@ use crate::config::{SqlConfig, TableAction};
 use crate::dialect::Dialect;
 use crate::error::{classify, Context};
 use crate::query::{usable_values, Cond, Sql, Term};
+use crate::retention::{count_kept, plan, report_kept, Scope, TablePlan, Until};
 
 /// How long to wait for a pooled connection before a retryable failure.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -134,34 +136,50 @@ impl SqlConnector {
         conn: &mut AnyConnection,
         catalog: &Catalog,
         conds: &[Option<Cond>],
-    ) -> Result<Vec<DatasetReport>, ConnectorError> {
-        let mut reports: Vec<DatasetReport> = self
-            .config
-            .tables
-            .iter()
-            .map(|t| DatasetReport { dataset: t.name.clone(), deleted: 0, anonymized: 0 })
-            .collect();
+        plans: &[Option<TablePlan<'_>>],
+        issued_at: DateTime<Utc>,
+    ) -> Result<Erasure, ConnectorError> {
+        let tables = &self.config.tables;
+        let mut datasets = zeros(&self.config);
+        let mut retained: Vec<Vec<RetainedReport>> = vec![Vec::new(); tables.len()];
+        // Per table: how many rows are kept, and until when.
+        let mut kept: Vec<(u64, Until)> = vec![(0, None); tables.len()];
         for &i in &self.order {
-            let Some(cond) = &conds[i] else { continue };
-            let t = &self.config.tables[i];
-            match t.action {
-                TableAction::Delete => {
-                    let mut sql = Sql::new(self.dialect);
-                    sql.push("DELETE FROM ").ident(&t.name).push(" WHERE ").cond(cond, None, 0);
-                    let done = sql
-                        .query()
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(|e| self.err("delete", Some(&t.name), &e))?;
-                    reports[i].deleted = done.rows_affected();
-                }
-                TableAction::Anonymize => {
-                    reports[i].anonymized = self.anonymizer(catalog, i).run(conn, cond).await?;
+            let (Some(cond), Some(plan)) = (&conds[i], &plans[i]) else { continue };
+            let t = &tables[i];
+            if !plan.keeps_all() {
+                let scope = Scope { table: &t.name, cond, kept: Some(&plan.kept) };
+                match t.action {
+                    TableAction::Delete => {
+                        let mut sql = Sql::new(self.dialect);
+                        sql.push("DELETE FROM ").ident(&t.name).push(" WHERE ").scope(&scope);
+                        let done = sql
+                            .query()
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(|e| self.err("delete", Some(&t.name), &e))?;
+                        datasets[i].deleted = done.rows_affected();
+                    }
+                    TableAction::Anonymize => {
+                        datasets[i].anonymized = self.anonymizer(catalog, i).run(conn, &scope).await?;
+                    }
                 }
             }
-            tracing::debug!(table = %t.name, deleted = reports[i].deleted, anonymized = reports[i].anonymized, "table processed");
+            let rows = count_kept(conn, self.dialect, &t.name, cond, &plan.kept)
+                .await
+                .map_err(|e| self.err("count kept rows", Some(&t.name), &e))?;
+            let (reports, end) = report_kept(t, plan, &rows, issued_at, &kept);
+            retained[i] = reports;
+            kept[i] = (rows.own + rows.linked, end);
+            tracing::debug!(
+                table = %t.name,
+                deleted = datasets[i].deleted,
+                anonymized = datasets[i].anonymized,
+                kept = kept[i].0,
+                "table processed"
+            );
         }
-        Ok(reports)
+        Ok(Erasure { datasets, retained: retained.into_iter().flatten().collect() })
     }
 
     async fn verify_in(
@@ -169,16 +187,21 @@ impl SqlConnector {
         conn: &mut AnyConnection,
         catalog: &Catalog,
         conds: &[Option<Cond>],
+        plans: &[Option<TablePlan<'_>>],
     ) -> Result<u64, ConnectorError> {
         let mut residual = 0u64;
         for &i in &self.order {
-            let Some(cond) = &conds[i] else { continue };
+            let (Some(cond), Some(plan)) = (&conds[i], &plans[i]) else { continue };
+            if plan.keeps_all() {
+                continue;
+            }
             let t = &self.config.tables[i];
+            let scope = Scope { table: &t.name, cond, kept: Some(&plan.kept) };
             let found = match t.action {
-                TableAction::Anonymize => self.anonymizer(catalog, i).residual(conn, cond).await?,
+                TableAction::Anonymize => self.anonymizer(catalog, i).residual(conn, &scope).await?,
                 TableAction::Delete => {
                     let mut sql = Sql::new(self.dialect);
-                    sql.push("SELECT COUNT(*) FROM ").ident(&t.name).push(" WHERE ").cond(cond, None, 0);
+                    sql.push("SELECT COUNT(*) FROM ").ident(&t.name).push(" WHERE ").scope(&scope);
                     let read = |e: sqlx::Error| self.err("verify", Some(&t.name), &e);
                     let row = sql.query().fetch_one(&mut *conn).await.map_err(read)?;
                     let n: i64 = row.try_get(0).map_err(read)?;
@@ -192,6 +215,20 @@ impl SqlConnector {
         }
         Ok(residual)
     }
+}
+
+/// A zero report for every table, in configured order.
+fn zeros(config: &SqlConfig) -> Vec<DatasetReport> {
+    config
+        .tables
+        .iter()
+        .map(|t| DatasetReport { dataset: t.name.clone(), deleted: 0, anonymized: 0 })
+        .collect()
+}
+
+/// Whether some table both has a directive and can match the subject.
+fn any_work(conds: &[Option<Cond>], plans: &[Option<TablePlan<'_>>]) -> bool {
+    conds.iter().zip(plans).any(|(c, p)| c.is_some() && p.is_some())
 }
 
 fn identifiers(task: &ErasureTask) -> Ids {
@@ -209,28 +246,17 @@ fn identifiers(task: &ErasureTask) -> Ids {
 #[async_trait]
 impl Connector for SqlConnector {
     async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
-        if !matches!(task.action, Action::Erase | Action::Anonymize) {
-            return Err(ConnectorError::permanent(format!(
-                "task action {} is not an erasure; nothing was done",
-                task.action.as_str()
-            )));
-        }
+        let plans = plan(&self.config, &self.order, task)?;
         let catalog = self.catalog().await?;
         let conds = self.conditions(&catalog, &identifiers(task));
-        if conds.iter().all(Option::is_none) {
-            tracing::debug!("no configured table can use the task's identifier types");
-            let datasets = self
-                .config
-                .tables
-                .iter()
-                .map(|t| DatasetReport { dataset: t.name.clone(), deleted: 0, anonymized: 0 })
-                .collect();
-            return Ok(Erasure { datasets, retained: vec![] });
+        if !any_work(&conds, &plans) {
+            tracing::debug!("no table both has a directive and can use the task's identifier types");
+            return Ok(Erasure { datasets: zeros(&self.config), retained: vec![] });
         }
         let mut tx = self.pool.begin().await.map_err(|e| self.err("begin transaction", None, &e))?;
-        let result = self.erase_in(&mut tx, &catalog, &conds).await;
-        let datasets = match result {
-            Ok(d) => d,
+        let result = self.erase_in(&mut tx, &catalog, &conds, &plans, task.issued_at).await;
+        let erasure = match result {
+            Ok(e) => e,
             Err(e) => {
                 // Dropping the transaction rolls it back; forget the catalog
                 // in case the schema changed under us.
@@ -240,17 +266,18 @@ impl Connector for SqlConnector {
             }
         };
         tx.commit().await.map_err(|e| self.err("commit", None, &e))?;
-        Ok(Erasure { datasets, retained: vec![] })
+        Ok(erasure)
     }
 
     async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
+        let plans = plan(&self.config, &self.order, task)?;
         let catalog = self.catalog().await?;
         let conds = self.conditions(&catalog, &identifiers(task));
-        if conds.iter().all(Option::is_none) {
+        if !any_work(&conds, &plans) {
             return Ok(0);
         }
         let mut conn = self.acquire().await?;
-        let result = self.verify_in(&mut conn, &catalog, &conds).await;
+        let result = self.verify_in(&mut conn, &catalog, &conds, &plans).await;
         if result.is_err() {
             self.remember(None);
         }

@@ -67,6 +67,21 @@ impl Dialect {
             Self::Postgres | Self::Sqlite => format!("CAST({expr} AS TEXT)"),
         }
     }
+
+    /// An expression that reads the date or timestamp `expr` as whole
+    /// seconds since 1970-01-01 00:00:00 UTC (a date counts from its
+    /// midnight; a timestamp without time zone is read as UTC), so that
+    /// dates are compared with bound integers on every engine. NULL, or
+    /// on SQLite text that is not an ISO-8601 date, gives NULL.
+    pub fn epoch(self, expr: &str) -> String {
+        match self {
+            Self::Postgres => format!("CAST(EXTRACT(EPOCH FROM {expr}) AS BIGINT)"),
+            // Independent of the session time zone for DATE and DATETIME;
+            // TIMESTAMP is read in the session's zone, which sqlx sets to UTC.
+            Self::MySql => format!("TIMESTAMPDIFF(SECOND, '1970-01-01 00:00:00', {expr})"),
+            Self::Sqlite => format!("CAST(ROUND((julianday({expr}) - 2440587.5) * 86400) AS INTEGER)"),
+        }
+    }
 }
 
 impl fmt::Display for Dialect {
@@ -133,6 +148,8 @@ mod tests {
         assert_eq!(Dialect::MySql.placeholder(7), "?");
         assert_eq!(Dialect::Postgres.quote("crm.customers"), "\"crm\".\"customers\"");
         assert_eq!(Dialect::MySql.quote("orders"), "`orders`");
+        assert_eq!(Dialect::Postgres.epoch("\"d\""), "CAST(EXTRACT(EPOCH FROM \"d\") AS BIGINT)");
+        assert_eq!(Dialect::MySql.epoch("`d`"), "TIMESTAMPDIFF(SECOND, '1970-01-01 00:00:00', `d`)");
     }
 
     #[test]

@@ -8,8 +8,17 @@
 //! which are validated when the configuration is loaded. Identifier values
 //! are only ever bound as parameters.
 //!
+//! Each table declares its data category. A task carries a directive per
+//! category: `erase` applies the table's treatment, `anonymize` too (only
+//! on an `anonymize` table), `retain` applies it to the rows past their
+//! period (counted from the table's `date_column` where a row has one) and
+//! keeps the others, `hold` touches nothing; a table whose category has no
+//! directive is left untouched. A parent row referenced by a kept child row
+//! is kept too. Kept rows are reported with their legal basis and end.
+//!
 //! An erase runs in one transaction, children before parents, and reports
-//! the rows deleted and anonymised per table; verify counts what is left.
+//! the rows deleted and anonymised per table and the rows kept; verify
+//! counts what should be gone but is left.
 
 mod anonymize;
 mod catalog;
@@ -18,6 +27,7 @@ mod connector;
 mod dialect;
 mod error;
 mod query;
+mod retention;
 
 pub use config::{
     Compare, MatchColumn, ParentConfig, SqlConfig, Strategy, TableAction, TableConfig, MIN_HASH_KEY_LEN,

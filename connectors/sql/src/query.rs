@@ -70,9 +70,18 @@ impl Sql {
         }
     }
 
-    #[cfg(test)]
+    /// The SQL text so far.
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// A configured (validated) name, quoted.
+    pub fn quoted(&self, name: &str) -> String {
+        self.dialect.quote(name)
     }
 
     /// The statement, ready to run.

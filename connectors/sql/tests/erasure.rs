@@ -167,6 +167,7 @@ async fn anonymize_by_own_column_is_idempotent(db: Arc<TestDb>) {
 name = "tickets"
 primary_key = "code"
 action = "anonymize"
+category = "support.ticket"
 match = { email = "email" }
 columns = { name = "null", body = "redact" }
 "#;
@@ -200,12 +201,19 @@ async fn health_checks_tables_and_columns(db: Arc<TestDb>) {
     db.connector(&shop_tables("hash")).await.health().await.unwrap();
 
     let missing_table = format!(
-        "{}\n[[tables]]\nname = \"invoices\"\naction = \"delete\"\nmatch = {{ email = \"email\" }}\n",
+        "{}\n[[tables]]\nname = \"invoices\"\naction = \"delete\"\ncategory = \"billing.invoice\"\n\
+         match = {{ email = \"email\" }}\n",
         shop_tables("hash")
     );
     let e = db.connector(&missing_table).await.health().await.unwrap_err();
     assert!(!e.retryable, "{e:?}");
     assert!(e.message.contains("invoices"), "{e:?}");
+
+    // A date column is checked like the others.
+    let missing_date = shop_tables("hash")
+        .replace("category = \"billing.order\"", "category = \"billing.order\"\ndate_column = \"placed_at\"");
+    let e = db.connector(&missing_date).await.health().await.unwrap_err();
+    assert!(!e.retryable && e.message.contains("orders") && e.message.contains("placed_at"), "{e:?}");
 
     let missing_column = shop_tables("hash").replace("note = \"hash\"", "notes = \"hash\"");
     let sql = db.connector(&missing_column).await;
@@ -289,6 +297,7 @@ async fn uuid_keys_and_identifiers(db: Arc<TestDb>) {
 [[tables]]
 name = "devices"
 action = "anonymize"
+category = "device.registry"
 match = { device_id = "device_id" }
 columns = { label = "redact" }
 "#;
@@ -348,6 +357,7 @@ url = "postgres://postgres@127.0.0.1:1/none"
 [[tables]]
 name = "addresses"
 action = "delete"
+category = "identity.contact"
 parent = { table = "clients", column = "customer_id", references = "id" }
 "#,
     )

@@ -89,12 +89,12 @@ async fn seed(pool: &PgPool, subjects: usize) -> anyhow::Result<()> {
 }
 
 fn config(args: &BenchArgs, state_url: &str, ops_url: &str, namespace: &str, listen: &str) -> String {
-    let system = |name: &str, table: &str, action: &str, columns: &str| {
+    let system = |name: &str, table: &str, action: &str, category: &str, columns: &str| {
         format!(
             "[[systems]]\nname = \"{name}\"\nconnector = \"sql\"\ntoken = \"${{LETHE_BENCH_TOKEN_{upper}}}\"\n\
              [systems.config]\nurl = \"{ops_url}\"\nmax_connections = {conns}\n\
              [[systems.config.tables]]\nname = \"{table}\"\nmatch = {{ email = {{ column = \"email\", compare = \"exact\" }} }}\n\
-             action = \"{action}\"\n{columns}\n",
+             action = \"{action}\"\ncategory = \"{category}\"\n{columns}\n",
             conns = args.concurrency.clamp(1, 16),
             upper = name.to_uppercase(),
         )
@@ -104,12 +104,13 @@ fn config(args: &BenchArgs, state_url: &str, ops_url: &str, namespace: &str, lis
          [bus]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nnamespace = \"{namespace}\"\npartitions = {partitions}\n\
          [dispatcher]\nbatch = 1000\npoll_interval_ms = 50\n[scheduler]\ntask_timeout_secs = 30\n\
          [worker]\nconcurrency = {concurrency}\n\n{}{}{}",
-        system("addresses", "addresses", "delete", ""),
-        system("customers", "customers", "delete", ""),
+        system("addresses", "addresses", "delete", "identity.contact", ""),
+        system("customers", "customers", "delete", "identity.contact", ""),
         system(
             "orders",
             "orders",
             "anonymize",
+            "billing.order",
             "columns = { email = \"null\", ship_name = \"null\", ship_address = { fixed = \"[erased]\" } }"
         ),
         brokers = args.brokers,

@@ -10,9 +10,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use lethe_connector::ErasureTask;
 use lethe_connector_sql::{SqlConfig, SqlConnector};
-use lethe_core::{Action, Identifier, IdentifierKind, RequestId, TaskId};
+use lethe_core::{Action, Directive, Identifier, IdentifierKind, RequestId, TaskId};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
 
@@ -275,12 +276,14 @@ match = {{ email = "email", customer_id = "id" }}
 [[tables]]
 name = "orders"
 action = "anonymize"
+category = "billing.order"
 parent = {{ table = "customers", column = "customer_id", references = "id" }}
 columns = {{ name = "null", address = {{ fixed = "REDACTED" }}, customer_id = "null", note = "{note}" }}
 
 [[tables]]
 name = "addresses"
 action = "delete"
+category = "identity.contact"
 parent = {{ table = "customers", column = "customer_id", references = "id" }}
 "#
     )
@@ -290,12 +293,39 @@ pub fn id(kind: &str, value: &str) -> Identifier {
     Identifier::parse(kind.parse::<IdentifierKind>().expect("kind"), value).expect("valid identifier")
 }
 
+/// Every data category the fixtures' tables declare.
+pub const CATEGORIES: [&str; 5] =
+    ["identity.contact", "billing.order", "billing.invoice", "support.ticket", "device.registry"];
+
+/// A directive without retention details (`erase`, `anonymize`, `hold`).
+pub fn directive(category: &str, action: Action) -> Directive {
+    Directive { category: category.into(), action, basis: None, period: None, cutoff: None, until: None }
+}
+
+/// `erase` for every category of [`CATEGORIES`].
+pub fn erase_all() -> Vec<Directive> {
+    CATEGORIES.iter().map(|c| directive(c, Action::Erase)).collect()
+}
+
+/// A task erasing every category, issued now.
 pub fn task(identifiers: Vec<Identifier>) -> ErasureTask {
+    task_with(identifiers, erase_all(), Utc::now())
+}
+
+/// A task with its own directives, issued at `issued_at`.
+pub fn task_with(
+    identifiers: Vec<Identifier>,
+    directives: Vec<Directive>,
+    issued_at: DateTime<Utc>,
+) -> ErasureTask {
+    let action = directives.iter().map(|d| d.action).max_by_key(|a| a.rank()).unwrap_or(Action::Erase);
     ErasureTask {
         task_id: TaskId::new(),
         request_id: RequestId::new(),
         system: "shop".into(),
-        action: Action::Erase,
+        action,
+        directives,
+        issued_at,
         attempt: 1,
         identifiers,
     }
