@@ -1,5 +1,6 @@
-//! The HTTP client behind `lethe submit`, `lethe status` and
-//! `lethe requests list`.
+//! The HTTP client behind the commands that talk to a running coordinator
+//! (`submit`, `status`, `retry`, `extend`, `requests list`, `hold …`,
+//! `policy explain`).
 
 use std::collections::BTreeMap;
 
@@ -54,20 +55,24 @@ impl Client {
         Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
     }
 
-    pub async fn list(
-        &self,
-        status: Option<&str>,
-        limit: u32,
-        cursor: Option<&str>,
-    ) -> anyhow::Result<Value> {
-        let mut query = vec![("limit", limit.to_string())];
-        if let Some(s) = status {
-            query.push(("status", s.to_owned()));
-        }
-        if let Some(c) = cursor {
-            query.push(("cursor", c.to_owned()));
-        }
-        let resp = self.http.get(format!("{}/v1/requests", self.base)).query(&query).send().await;
+    pub async fn list(&self, query: &[(&str, String)]) -> anyhow::Result<Value> {
+        let resp = self.http.get(format!("{}/v1/requests", self.base)).query(query).send().await;
+        Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
+    }
+
+    /// POSTs `body` as JSON to `path`.
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let resp = self.http.post(format!("{}{path}", self.base)).json(body).send().await;
+        Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
+    }
+
+    pub async fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
+        let resp = self.http.get(format!("{}{path}", self.base)).query(query).send().await;
+        Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        let resp = self.http.delete(format!("{}{path}", self.base)).send().await;
         Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
     }
 }
@@ -86,6 +91,9 @@ pub fn render_request(v: &Value) -> String {
         text(v, "received_at"),
         text(v, "due_at"),
     );
+    if let Some(orig) = v.get("original_due_at").and_then(Value::as_str) {
+        out.push_str(&format!("extended  from {orig}: {}\n", text(v, "extension_reason")));
+    }
     if let Some(days) = v.get("days_left").and_then(Value::as_i64) {
         out.push_str(&format!("days left {days}\n"));
     }
@@ -102,8 +110,40 @@ pub fn render_request(v: &Value) -> String {
             s.get("attempts").and_then(Value::as_u64).unwrap_or(0),
             text(s, "summary"),
         ));
+        for c in s.get("categories").and_then(Value::as_array).into_iter().flatten() {
+            out.push_str(&render_category(c));
+        }
+        if let Some(at) = s.get("follow_up_at").and_then(Value::as_str) {
+            out.push_str(&format!("  follow-up erasure at {at}\n"));
+        }
+        for r in s.pointer("/outcome/retained").and_then(Value::as_array).into_iter().flatten() {
+            out.push_str(&format!(
+                "  kept {} in {} until {}: {}\n",
+                r.get("count").and_then(Value::as_u64).unwrap_or(0),
+                text(r, "dataset"),
+                r.get("until").and_then(Value::as_str).unwrap_or("the hold ends"),
+                text(r, "basis"),
+            ));
+        }
     }
     out
+}
+
+/// One category line of a plan: action, rule and basis or hold.
+pub fn render_category(c: &Value) -> String {
+    let mut line =
+        format!("  - {:<22} {:<9} rule {}", text(c, "category"), text(c, "action"), text(c, "rule"));
+    if let Some(h) = c.get("hold") {
+        line.push_str(&format!("; legal hold {} ({})", text(h, "case_reference"), text(h, "reason")));
+    }
+    if let Some(p) = c.get("period").and_then(Value::as_str) {
+        line.push_str(&format!("; {p} from the {}", text(c, "reference")));
+    }
+    if let Some(b) = c.get("basis").and_then(Value::as_str) {
+        line.push_str(&format!("; basis: {b}"));
+    }
+    line.push('\n');
+    line
 }
 
 /// Renders a page of requests.
@@ -120,6 +160,60 @@ pub fn render_list(v: &Value) -> String {
     }
     if let Some(c) = v.get("next_cursor").and_then(Value::as_str) {
         out.push_str(&format!("(more: --cursor {c})\n"));
+    }
+    out
+}
+
+/// Renders a plan explanation.
+pub fn render_explanation(v: &Value) -> String {
+    let mut out = format!(
+        "regulation {}  as of {}  due {}\n",
+        text(v, "regulation"),
+        text(v, "as_of"),
+        text(v, "due_at")
+    );
+    for s in v.get("systems").and_then(Value::as_array).into_iter().flatten() {
+        out.push_str(&format!("\n{} -> {} ({})\n", text(s, "system"), text(s, "action"), text(s, "reason")));
+        for c in s.get("categories").and_then(Value::as_array).into_iter().flatten() {
+            out.push_str(&render_category(c));
+        }
+    }
+    out
+}
+
+/// Renders legal holds.
+pub fn render_holds(v: &Value) -> String {
+    let mut out = format!("{:<36}  {:<16} {:<24} {:<9} {}\n", "ID", "CASE", "SCOPE", "STATE", "REASON");
+    for h in v.as_array().into_iter().flatten() {
+        let scope = h.get("scope").cloned().unwrap_or_default();
+        let list = |k: &str| -> Vec<String> {
+            scope
+                .get(k)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        };
+        let (systems, categories) = (list("systems"), list("categories"));
+        let scope = match (systems.is_empty(), categories.is_empty()) {
+            (true, true) => "all systems".to_owned(),
+            _ => [systems.join(","), categories.join(",")]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" / "),
+        };
+        let state = if h.get("released_at").is_some_and(|r| !r.is_null()) { "released" } else { "active" };
+        out.push_str(&format!(
+            "{:<36}  {:<16} {:<24} {:<9} {}\n",
+            text(h, "id"),
+            text(h, "case_reference"),
+            scope,
+            state,
+            text(h, "reason")
+        ));
     }
     out
 }

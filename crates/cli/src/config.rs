@@ -47,6 +47,27 @@ pub struct Config {
     /// The data systems to erase from.
     #[serde(default)]
     pub systems: Vec<SystemConfig>,
+    /// The retention policy: which files hold its rules.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// Deadlines per regulation, replacing the statutory ones, e.g.
+    /// `[deadlines.gdpr] response = "1m", extension = "2m"`.
+    #[serde(default)]
+    pub deadlines: std::collections::BTreeMap<lethe_core::Regulation, lethe_core::DeadlineRule>,
+    /// The directory relative paths are resolved from: the config file's,
+    /// or the working directory for the embedded default.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Policy files, or directories whose `*.toml` files are read in name
+    /// order, relative to the config file. Empty: the bundled
+    /// `config/policies/default.toml`.
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -247,7 +268,9 @@ pub struct SystemConfig {
     /// What the system is.
     #[serde(default)]
     pub description: Option<String>,
-    /// Data categories the system holds, e.g. `identity.contact`.
+    /// Data categories the system holds, e.g. `identity.contact`. Read from
+    /// the connector's datasets when left out; when given, it must list
+    /// exactly the categories the datasets declare.
     #[serde(default)]
     pub categories: Vec<String>,
     /// Bearer token of this system's connector workers (`lethe connector
@@ -260,14 +283,29 @@ pub struct SystemConfig {
 }
 
 impl SystemConfig {
-    pub fn info(&self) -> lethe_coordinator::SystemInfo {
-        lethe_coordinator::SystemInfo {
+    /// The system as the coordinator knows it, with the categories its
+    /// connector's datasets declare.
+    pub fn info(&self) -> anyhow::Result<lethe_coordinator::SystemInfo> {
+        let declared = crate::registry::categories(self)?;
+        if !self.categories.is_empty() {
+            let listed: std::collections::BTreeSet<&String> = self.categories.iter().collect();
+            let found: std::collections::BTreeSet<&String> = declared.iter().collect();
+            if listed != found {
+                bail!(
+                    "system {:?} lists categories [{}] but its datasets declare [{}]",
+                    self.name,
+                    self.categories.join(", "),
+                    declared.join(", ")
+                );
+            }
+        }
+        Ok(lethe_coordinator::SystemInfo {
             name: self.name.clone(),
             connector: self.connector.clone(),
             owner: self.owner.clone(),
-            categories: self.categories.clone(),
+            categories: declared,
             description: self.description.clone(),
-        }
+        })
     }
 }
 
@@ -291,6 +329,10 @@ impl Config {
         overrides: &Overrides,
         env: &[(String, String)],
     ) -> anyhow::Result<Self> {
+        let base_dir = match path.and_then(Path::parent) {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         let (text, origin) = match path {
             Some(p) => (
                 std::fs::read_to_string(p)
@@ -305,6 +347,7 @@ impl Config {
         let mut config: Config = toml::Value::Table(table)
             .try_into()
             .with_context(|| format!("{origin} (with LETHE__ overrides) is not a valid Lethe config"))?;
+        config.base_dir = base_dir;
         if let Some(listen) = overrides.listen {
             config.server.listen = listen;
         }
@@ -345,6 +388,7 @@ impl Config {
         if self.scheduler.task_timeout_secs == 0 {
             bail!("scheduler.task_timeout_secs must be at least 1");
         }
+        crate::policy::planner(self)?;
         Ok(())
     }
 
@@ -450,7 +494,9 @@ mod tests {
         while let Some(dir) = dirs.pop() {
             for entry in std::fs::read_dir(&dir).unwrap() {
                 let path = entry.unwrap().path();
-                if path.is_dir() {
+                if path.is_dir() && path.file_name().is_some_and(|n| n == "policies") {
+                    continue; // policy files, parsed by the policy tests
+                } else if path.is_dir() {
                     dirs.push(path);
                 } else if path.extension().is_some_and(|e| e == "toml") {
                     files.push(path);
@@ -492,7 +538,7 @@ mod tests {
         let err =
             format!("{:#}", Config::load_with_env(Some(&unknown), &Overrides::default(), &[]).unwrap_err());
         assert!(err.contains("unknown field `port`"), "{err}");
-        let twice = write("[[systems]]\nname = \"a\"\nconnector = \"sql\"\n[systems.config]\nurl = \"sqlite://x.db\"\n[[systems.config.tables]]\nname = \"t\"\naction = \"delete\"\nmatch = { email = \"email\" }\n[[systems]]\nname = \"a\"\nconnector = \"sql\"\n[systems.config]\nurl = \"sqlite://x.db\"\n[[systems.config.tables]]\nname = \"t\"\naction = \"delete\"\nmatch = { email = \"email\" }\n");
+        let twice = write("[[systems]]\nname = \"a\"\nconnector = \"sql\"\n[systems.config]\nurl = \"sqlite://x.db\"\n[[systems.config.tables]]\nname = \"t\"\naction = \"delete\"\ncategory = \"identity.contact\"\nmatch = { email = \"email\" }\n[[systems]]\nname = \"a\"\nconnector = \"sql\"\n[systems.config]\nurl = \"sqlite://x.db\"\n[[systems.config.tables]]\nname = \"t\"\naction = \"delete\"\ncategory = \"identity.contact\"\nmatch = { email = \"email\" }\n");
         let err =
             format!("{:#}", Config::load_with_env(Some(&twice), &Overrides::default(), &[]).unwrap_err());
         assert!(err.contains("declared twice"), "{err}");

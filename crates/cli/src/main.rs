@@ -6,15 +6,16 @@ mod client;
 mod config;
 mod demo;
 mod keys;
+mod ops;
+mod policy;
 mod registry;
 mod serve;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::client::Client;
@@ -73,18 +74,8 @@ enum Command {
     Submit {
         #[command(flatten)]
         server: ServerArgs,
-        #[arg(long)]
-        email: Option<String>,
-        /// International format, e.g. +44 20 7946 0958.
-        #[arg(long)]
-        phone: Option<String>,
-        #[arg(long)]
-        customer_id: Option<String>,
-        #[arg(long)]
-        device_id: Option<String>,
-        /// Another identifier as TYPE=VALUE (repeatable).
-        #[arg(long = "id", value_name = "TYPE=VALUE")]
-        other: Vec<String>,
+        #[command(flatten)]
+        subject: ops::SubjectArgs,
         /// gdpr, uk-gdpr, ccpa, vcdpa, lgpd or pipeda.
         #[arg(long)]
         regulation: String,
@@ -112,6 +103,31 @@ enum Command {
         id: String,
         /// System whose task failed.
         system: String,
+    },
+    /// Extend a request's deadline once, before its original due date
+    /// (operators): GDPR +2 months, CCPA/VCDPA +45 days, PIPEDA +30 days.
+    Extend {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Request id.
+        id: String,
+        /// Why (shown to the subject; no personal data).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Legal holds: place, release, list.
+    Hold {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(subcommand)]
+        command: ops::HoldCommand,
+    },
+    /// The retention policy.
+    Policy {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(subcommand)]
+        command: ops::PolicyCommand,
     },
     /// Connector workers.
     Connector {
@@ -178,6 +194,12 @@ enum RequestsCommand {
         server: ServerArgs,
         #[arg(long)]
         status: Option<String>,
+        /// Only requests past their due date and not answered yet.
+        #[arg(long)]
+        overdue: bool,
+        /// Only requests due before this time (RFC 3339).
+        #[arg(long)]
+        due_before: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// Continue after this request (the `next_cursor` shown).
@@ -256,32 +278,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             serve::run(config).await
         }
-        Command::Submit {
-            server,
-            email,
-            phone,
-            customer_id,
-            device_id,
-            other,
-            regulation,
-            external_ref,
-            idempotency_key,
-        } => {
-            let mut subject = BTreeMap::new();
-            for (kind, value) in
-                [("email", email), ("phone", phone), ("customer_id", customer_id), ("device_id", device_id)]
-            {
-                if let Some(v) = value {
-                    subject.insert(kind.to_owned(), v);
-                }
-            }
-            for pair in other {
-                let (k, v) = pair.split_once('=').context("--id takes TYPE=VALUE")?;
-                subject.insert(k.to_owned(), v.to_owned());
-            }
-            if subject.is_empty() {
-                bail!("give at least one identifier (--email, --phone, --customer-id, --device-id or --id TYPE=VALUE)");
-            }
+        Command::Submit { server, subject, regulation, external_ref, idempotency_key } => {
+            let subject = subject.subject()?;
             let answer = Client::new(&server.server)
                 .submit(subject, &regulation, external_ref.as_deref(), idempotency_key.as_deref())
                 .await?;
@@ -310,8 +308,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(())
         }
-        Command::Requests { command: RequestsCommand::List { server, status, limit, cursor, json } } => {
-            let page = Client::new(&server.server).list(status.as_deref(), limit, cursor.as_deref()).await?;
+        Command::Extend { server, id, reason } => ops::extend(&server.server, &id, &reason).await,
+        Command::Hold { server, command } => ops::hold(&server.server, command).await,
+        Command::Policy { server, command } => ops::policy(&server.server, command).await,
+        Command::Requests {
+            command: RequestsCommand::List { server, status, overdue, due_before, limit, cursor, json },
+        } => {
+            let mut query = vec![("limit", limit.to_string())];
+            for (k, v) in [("status", status), ("due_before", due_before), ("cursor", cursor)] {
+                if let Some(v) = v {
+                    query.push((k, v));
+                }
+            }
+            if overdue {
+                query.push(("overdue", "true".to_owned()));
+            }
+            let page = Client::new(&server.server).list(&query).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&page)?);
             } else {

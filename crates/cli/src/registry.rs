@@ -1,5 +1,5 @@
 //! The one list of connector types. Adding a connector means one arm in
-//! [`validate`] and one in [`build`].
+//! [`validate`], [`categories`] and [`build`].
 
 use std::sync::Arc;
 
@@ -20,6 +20,14 @@ pub fn validate(system: &SystemConfig) -> anyhow::Result<()> {
             let config: SqlConfig = parse(&system.config)?;
             config.validate().map_err(anyhow::Error::msg)
         }
+        other => bail!("unknown connector type {other:?}; this build knows: {}", KNOWN.join(", ")),
+    }
+}
+
+/// The data categories a system's datasets declare, in order.
+pub fn categories(system: &SystemConfig) -> anyhow::Result<Vec<String>> {
+    match system.connector.as_str() {
+        "sql" => Ok(parse::<SqlConfig>(&system.config)?.categories()),
         other => bail!("unknown connector type {other:?}; this build knows: {}", KNOWN.join(", ")),
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use lethe_bus::{Bus, InProcessBus, KafkaBus};
 use lethe_connector::{HttpKeys, Worker};
-use lethe_coordinator::{app, ConnectorTokens, Coordinator, Planner, StoreKeys, SystemClock};
+use lethe_coordinator::{app, ConnectorTokens, Coordinator, StoreKeys, SystemClock};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
@@ -63,7 +63,10 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
             );
         }
     }
-    let planner = Planner::new(config.systems.iter().map(|s| s.info()).collect());
+    let (planner, warnings) = crate::policy::planner(config)?;
+    for w in warnings {
+        tracing::warn!(warning = %w, "retention policy");
+    }
     let coordinator = Coordinator::start(
         store.clone(),
         bus.clone(),

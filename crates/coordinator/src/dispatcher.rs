@@ -86,6 +86,7 @@ fn message(item: &OutboxItem, now: chrono::DateTime<chrono::Utc>) -> TaskMessage
         regulation: item.regulation,
         due_at: item.due_at,
         identifiers: item.identifiers.clone(),
+        categories: item.categories.iter().map(|c| c.directive(now)).collect(),
         issued_at: now,
     }
 }

@@ -1,6 +1,9 @@
 //! The scheduler: finds dispatched tasks that went silent past their
-//! time-out and queues them again (or fails them once out of attempts).
-//! Retryable failures are rescheduled by the ingest itself, with backoff.
+//! time-out and queues them again (or fails them once out of attempts),
+//! starts follow-ups of tasks whose retention period ended, and releases
+//! legal holds that expired. Retryable failures are rescheduled by the
+//! ingest itself, with backoff. It reads time only from its clock, so tests
+//! move time forward instead of sleeping.
 
 use std::sync::Arc;
 
@@ -9,6 +12,9 @@ use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::Settings;
+
+/// Follow-ups queued per sweep.
+const FOLLOW_UP_BATCH: u32 = 500;
 
 pub struct Scheduler {
     pub(crate) store: Arc<dyn StateStore>,
@@ -37,6 +43,22 @@ impl Scheduler {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "time-out sweep failed; will try again"),
+        }
+        match self.store.expire_holds(now).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(holds = n, "legal holds expired and were released");
+                self.wake.notify_one();
+            }
+            Err(e) => tracing::warn!(error = %e, "hold expiry sweep failed; will try again"),
+        }
+        match self.store.run_follow_ups(now, FOLLOW_UP_BATCH).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(tasks = n, "retention periods ended; follow-up erasures queued");
+                self.wake.notify_one();
+            }
+            Err(e) => tracing::warn!(error = %e, "follow-up sweep failed; will try again"),
         }
     }
 }

@@ -58,7 +58,7 @@ impl Harness {
             store,
             bus.clone(),
             master.clone(),
-            Planner::new(systems()),
+            Planner::erase_all(systems()).unwrap(),
             Arc::new(clock.clone()),
             settings,
             ConnectorTokens::new([("crm".to_owned(), "crm-token".to_owned())]),
@@ -521,4 +521,105 @@ async fn batches_accept_valid_items_refuse_invalid_ones_and_replay_by_key() {
     let (status, body, _) = call(&h.app(), batch(Value::Array(thousand))).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(body["results"].as_array().unwrap().iter().filter(|r| r["id"].is_string()).count(), 1000);
+}
+
+fn post_json(uri: &str, body: Value) -> Request<Body> {
+    Request::post(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn deadlines_extend_once_before_the_original_due_date() {
+    let h = Harness::new().await;
+    let submit = |regulation: &str| {
+        post(json!({"subject": {"email": "ada@example.com"}, "regulation": regulation}).to_string())
+    };
+    let (_, first, _) = call(&h.app(), submit("gdpr")).await;
+    let first = first["id"].as_str().unwrap().to_owned();
+    let (_, second, _) = call(&h.app(), submit("ccpa")).await;
+    let second = second["id"].as_str().unwrap().to_owned();
+    let (_, lgpd, _) = call(&h.app(), submit("lgpd")).await;
+    let lgpd = lgpd["id"].as_str().unwrap().to_owned();
+    let extend =
+        |id: &str, reason: &str| post_json(&format!("/v1/requests/{id}/extend"), json!({"reason": reason}));
+
+    // GDPR: due 28 February (received 31 January), extended by two months.
+    let (status, ext, _) = call(&h.app(), extend(&first, "complex: archive restore needed")).await;
+    assert_eq!((status, ext["due_at"].as_str()), (StatusCode::OK, Some("2026-04-28T12:00:00Z")), "{ext}");
+    let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{first}"))).await;
+    assert_eq!(view["original_due_at"], "2026-02-28T12:00:00Z");
+    assert_eq!(view["extension_reason"], "complex: archive restore needed");
+    assert_eq!(view["days_left"], 87, "{view}");
+    // Only once.
+    let (status, again, _) = call(&h.app(), extend(&first, "again")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(again["detail"].as_str().unwrap().contains("already extended"), "{again}");
+    // LGPD has no extension.
+    let (status, refused, _) = call(&h.app(), extend(&lgpd, "complex")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(refused["detail"].as_str().unwrap().contains("lgpd allows no extension"), "{refused}");
+    // Bad input.
+    assert_eq!(call(&h.app(), extend(&first, "  ")).await.0, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        call(&h.app(), extend("0190f0b8-3c2a-7cc1-9d55-0a4c1e0e7f3b", "x")).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // 20 March: the LGPD request (due 15 February) is overdue, the extended
+    // GDPR one is not, the CCPA one (due 17 March) is; too late to extend it.
+    h.clock.advance(chrono::Duration::days(48));
+    let (status, late, _) = call(&h.app(), extend(&second, "complex")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(late["detail"].as_str().unwrap().contains("original due date has passed"), "{late}");
+    let (status, overdue, _) = call(&h.app(), get("/v1/requests?overdue=true")).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut ids: Vec<&str> =
+        overdue["items"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    ids.sort();
+    let mut expected = vec![second.as_str(), lgpd.as_str()];
+    expected.sort();
+    assert_eq!(ids, expected);
+    let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{second}"))).await;
+    assert_eq!(view["days_left"], -3, "{view}");
+    let (_, soon, _) = call(&h.app(), get("/v1/requests?due_before=2026-03-01T00:00:00Z")).await;
+    assert_eq!(soon["items"].as_array().unwrap().len(), 1, "only the LGPD request: {soon}");
+    let (status, _, _) = call(&h.app(), get("/v1/requests?due_before=soon")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn explain_shows_each_category_and_holds_reject_unknown_scopes() {
+    let h = Harness::new().await;
+    let body = json!({"subject": {"email": "ada@example.com"}, "regulation": "gdpr"});
+    let (status, plan, _) = call(&h.app(), post_json("/v1/plans:explain", body.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{plan}");
+    assert_eq!(plan["systems"][0]["categories"][0]["rule"], "default-erase");
+    assert_eq!(plan["due_at"], "2026-02-28T12:00:00Z");
+    let (_, page, _) = call(&h.app(), get("/v1/requests")).await;
+    assert!(page["items"].as_array().unwrap().is_empty(), "explain creates nothing");
+
+    let hold = |scope: Value| {
+        post_json(
+            "/v1/holds",
+            json!({"subject": {"email": "ada@example.com"}, "scope": scope, "reason": "r", "case_reference": "C"}),
+        )
+    };
+    let (status, err, _) = call(&h.app(), hold(json!({"systems": ["nope"]}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    let (status, _, _) = call(&h.app(), hold(json!({"categories": ["hr.payroll"]}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, placed, _) = call(&h.app(), hold(json!({"systems": ["crm"]}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{placed}");
+    // Explain now shows the hold for crm and erase for mail.
+    let (_, plan, _) = call(&h.app(), post_json("/v1/plans:explain", body)).await;
+    let by_system: HashMap<&str, &Value> =
+        plan["systems"].as_array().unwrap().iter().map(|s| (s["system"].as_str().unwrap(), s)).collect();
+    assert_eq!(by_system["crm"]["action"], "hold");
+    assert_eq!(by_system["crm"]["categories"][0]["hold"]["id"], placed["id"]);
+    assert_eq!(by_system["mail"]["action"], "erase");
+    let (status, _, _) =
+        call(&h.app(), Request::delete("/v1/holds/not-a-hold").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

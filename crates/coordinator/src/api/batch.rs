@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::problem::{Problem, ProblemBody, StrictJson};
-use super::requests::{check_idempotency_key, prepare, received, SubmitRequest};
+use super::requests::{check_idempotency_key, holds_for, prepare, received, SubmitRequest};
 use super::AppState;
 
 /// Most submissions in one batch.
@@ -74,6 +74,7 @@ pub async fn submit_batch(
     if body.requests.is_empty() || body.requests.len() > MAX_BATCH {
         return Err(Problem::invalid(format!("a batch holds 1 to {MAX_BATCH} requests")));
     }
+    let holds = holds_for(&state, body.requests.iter().map(|r| &r.request.subject)).await?;
     let mut results: Vec<BatchResult> = Vec::with_capacity(body.requests.len());
     let mut fresh = Vec::new();
     let mut slots = Vec::new();
@@ -83,7 +84,7 @@ pub async fn submit_batch(
             .as_deref()
             .map(check_idempotency_key)
             .transpose()
-            .and_then(|key| prepare(&state, item.request, key));
+            .and_then(|key| prepare(&state, item.request, key, &holds));
         match prepared {
             Ok(p) => {
                 slots.push(results.len());

@@ -3,6 +3,8 @@
 
 pub mod batch;
 pub mod connector;
+pub mod holds;
+pub mod plans;
 pub mod problem;
 pub mod requests;
 
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use lethe_core::MasterKey;
 use lethe_store::StateStore;
@@ -50,6 +52,10 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/requests/{id}", get(requests::get_request))
         .route("/v1/requests/{id}/systems/{system}/retry", post(requests::retry_task))
+        .route("/v1/requests/{id}/extend", post(requests::extend))
+        .route("/v1/plans:explain", post(plans::explain))
+        .route("/v1/holds", get(holds::list).post(holds::place))
+        .route("/v1/holds/{id}", delete(holds::release))
         .route("/v1/systems", get(list_systems))
         .route("/v1/connector/keys", post(connector::task_key))
         .route("/healthz", get(healthz))
@@ -97,6 +103,11 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         requests::get_request,
         requests::list_requests,
         requests::retry_task,
+        requests::extend,
+        plans::explain,
+        holds::place,
+        holds::release,
+        holds::list,
         connector::task_key,
         list_systems,
         healthz,

@@ -1,17 +1,18 @@
 //! `/v1/requests`: submit, read and list erasure requests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Not;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, SubsecRound, Utc};
-use lethe_core::{Action, TaskId};
+use lethe_core::{Action, ActiveHold, CategoryPlan, TaskId};
 use lethe_core::{
     DataKey, Identifier, IdentifierKind, Outcome, Regulation, RequestId, RequestStatus, TaskState,
 };
-use lethe_store::{Created, ListQuery, NewIdentifier, NewRequest, RequestRecord, RetryResult};
+use lethe_store::{Created, ExtendResult, ListQuery, NewIdentifier, NewRequest, RequestRecord, RetryResult};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -72,6 +73,9 @@ pub struct SystemView {
     pub basis: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub until: Option<DateTime<Utc>>,
+    /// The decision for each data category: action, rule, basis, period,
+    /// and the legal hold behind a `hold`.
+    pub categories: Vec<CategoryPlan>,
     #[schema(value_type = Option<String>, format = Uuid)]
     pub task_id: Option<TaskId>,
     pub state: Option<TaskState>,
@@ -80,6 +84,9 @@ pub struct SystemView {
     /// A one-line, identifier-free summary of the outcome.
     pub summary: Option<String>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// For a `retained` task: when it runs again to erase what may then go.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub follow_up_at: Option<DateTime<Utc>>,
 }
 
 /// A request with its per-system progress.
@@ -91,8 +98,14 @@ pub struct RequestView {
     pub regulation: Regulation,
     pub received_at: DateTime<Utc>,
     pub due_at: DateTime<Utc>,
+    /// The due date before its one extension, if it was extended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_due_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extension_reason: Option<String>,
     pub finished_at: Option<DateTime<Utc>>,
-    /// Whole days until the due date (negative when overdue); absent once final.
+    /// Whole days until the due date (negative when overdue); absent once
+    /// answered.
     pub days_left: Option<i64>,
     pub external_ref: Option<String>,
     /// When the request's data key was destroyed (its identifiers are unreadable since).
@@ -129,6 +142,10 @@ pub struct ListParams {
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
+    /// Only requests due before this instant (RFC 3339).
+    pub due_before: Option<String>,
+    /// `true`: only requests past their due date and not answered yet.
+    pub overdue: Option<bool>,
 }
 
 impl From<RequestRecord> for RequestSummary {
@@ -145,7 +162,7 @@ impl From<RequestRecord> for RequestSummary {
     }
 }
 
-fn parse_subject(subject: &BTreeMap<String, String>) -> Result<Vec<Identifier>, Problem> {
+pub(crate) fn parse_subject(subject: &BTreeMap<String, String>) -> Result<Vec<Identifier>, Problem> {
     if subject.is_empty() {
         return Err(Problem::invalid("subject must contain at least one identifier"));
     }
@@ -206,7 +223,8 @@ pub async fn submit(
     headers: HeaderMap,
     StrictJson(body): StrictJson<SubmitRequest>,
 ) -> Result<Response, Problem> {
-    let prepared = prepare(&state, body, idempotency_key(&headers)?)?;
+    let holds = holds_for(&state, std::iter::once(&body.subject)).await?;
+    let prepared = prepare(&state, body, idempotency_key(&headers)?, &holds)?;
     let (regulation, initial, due_at) = (prepared.new.regulation, prepared.initial, prepared.new.due_at);
     match state.store.create_request(prepared.new).await? {
         Created::New(id) => {
@@ -232,14 +250,35 @@ pub(crate) struct Prepared {
     pub initial: RequestStatus,
 }
 
-/// Validates a submission and builds what the store writes: a fresh data
-/// key (wrapped), sealed identifiers with their keyed hashes, the plan and
-/// the tasks.
-pub(crate) fn prepare(
+/// Legal holds in force on the subjects, by keyed subject hash. One store
+/// query for a whole batch; subjects that do not parse are skipped (their
+/// submission is refused later with the reason).
+pub(crate) async fn holds_for<'a>(
     state: &AppState,
-    body: SubmitRequest,
-    idempotency: Option<String>,
-) -> Result<Prepared, Problem> {
+    subjects: impl Iterator<Item = &'a BTreeMap<String, String>>,
+) -> Result<HoldIndex, Problem> {
+    let hashes: Vec<String> = subjects
+        .filter_map(|s| parse_subject(s).ok())
+        .flatten()
+        .map(|i| state.master.subject_hash(&i))
+        .collect();
+    let mut index = HoldIndex::new();
+    for (hash, hold) in state.store.active_holds(&hashes, state.clock.now()).await? {
+        index.entry(hash).or_default().push(hold);
+    }
+    Ok(index)
+}
+
+/// Holds in force, by keyed subject hash.
+pub(crate) type HoldIndex = HashMap<String, Vec<ActiveHold>>;
+
+/// A submission checked field by field.
+pub(crate) struct Checked {
+    pub regulation: Regulation,
+    pub identifiers: Vec<Identifier>,
+}
+
+pub(crate) fn check(body: &SubmitRequest) -> Result<Checked, Problem> {
     let regulation: Regulation =
         body.regulation.parse().map_err(|e| Problem::invalid(format!("regulation: {e}")))?;
     let identifiers = parse_subject(&body.subject)?;
@@ -249,17 +288,45 @@ pub(crate) fn prepare(
     if let Some(v) = &body.verification {
         check_text("verification.method", &v.method, 64)?;
     }
+    Ok(Checked { regulation, identifiers })
+}
+
+/// The holds of `index` that apply to any of `identifiers`, each once.
+pub(crate) fn holds_on(state: &AppState, identifiers: &[Identifier], index: &HoldIndex) -> Vec<ActiveHold> {
+    let mut holds: Vec<ActiveHold> = Vec::new();
+    for i in identifiers {
+        for h in index.get(&state.master.subject_hash(i)).into_iter().flatten() {
+            if !holds.iter().any(|x| x.hold.id == h.hold.id) {
+                holds.push(h.clone());
+            }
+        }
+    }
+    holds
+}
+
+/// Validates a submission and builds what the store writes: a fresh data
+/// key (wrapped), sealed identifiers with their keyed hashes, the plan and
+/// the tasks.
+pub(crate) fn prepare(
+    state: &AppState,
+    body: SubmitRequest,
+    idempotency: Option<String>,
+    holds: &HoldIndex,
+) -> Result<Prepared, Problem> {
+    let Checked { regulation, identifiers } = check(&body)?;
     let id = RequestId::new();
     // The store keeps milliseconds; answer with what every later read shows.
     let now = state.clock.now().trunc_subsecs(3);
     let key = DataKey::generate();
-    let (plan, tasks) = state.planner.plan();
-    let initial = RequestStatus::Received.next(&vec![TaskState::Pending; tasks.len()]);
+    let (plan, tasks) = state.planner.plan(regulation, now, &holds_on(state, &identifiers, holds));
+    let states: Vec<TaskState> =
+        tasks.iter().map(|t| if t.held { TaskState::Held } else { TaskState::Pending }).collect();
+    let initial = RequestStatus::Received.next(&states);
     let new = NewRequest {
         id,
         regulation,
         received_at: now,
-        due_at: regulation.due_at(now),
+        due_at: state.planner.deadlines().due_at(regulation, now),
         external_ref: body.external_ref,
         idempotency_key: idempotency.map(|k| state.master.opaque_hash("idempotency-key", &k)),
         wrapped_key: state.master.wrap(&key),
@@ -309,21 +376,25 @@ pub async fn get_request(
                 outcome: task.and_then(|t| t.last_outcome.clone()),
                 summary: task.and_then(|t| t.last_outcome.as_ref().map(Outcome::summary)),
                 updated_at: task.map(|t| t.updated_at),
+                follow_up_at: task.and_then(|t| t.follow_up_at),
                 system: p.system,
                 action: p.action,
                 reason: p.reason,
                 basis: p.basis,
                 until: p.until,
+                categories: p.categories,
             }
         })
         .collect();
-    let days_left = (!r.status.is_final()).then(|| (r.due_at - state.clock.now()).num_days());
+    let days_left = answered(r.status).not().then(|| (r.due_at - state.clock.now()).num_days());
     Ok(Json(RequestView {
         id: r.id,
         status: r.status,
         regulation: r.regulation,
         received_at: r.received_at,
         due_at: r.due_at,
+        original_due_at: r.original_due_at,
+        extension_reason: r.extension_reason,
         finished_at: r.finished_at,
         days_left,
         external_ref: r.external_ref,
@@ -358,7 +429,17 @@ pub async fn list_requests(
         .cursor
         .map(|c| c.parse::<RequestId>().map_err(|_| Problem::invalid("malformed cursor")))
         .transpose()?;
-    let rows = state.store.list_requests(&ListQuery { status, before, limit }).await?;
+    let due_before = params
+        .due_before
+        .map(|d| {
+            DateTime::parse_from_rfc3339(&d).map(|d| d.with_timezone(&Utc)).map_err(|_| {
+                Problem::invalid("due_before must be an RFC 3339 time, e.g. 2026-12-01T00:00:00Z")
+            })
+        })
+        .transpose()?;
+    let overdue_at = params.overdue.unwrap_or(false).then(|| state.clock.now());
+    let query = ListQuery { status, before, due_before, overdue_at, limit };
+    let rows = state.store.list_requests(&query).await?;
     let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.id.to_string())).flatten();
     Ok(Json(RequestPage { items: rows.into_iter().map(RequestSummary::from).collect(), next_cursor }))
 }
@@ -401,6 +482,68 @@ pub async fn retry_task(
             "conflict",
             format!("only a failed task can be retried; this one is {current}"),
         )),
+    }
+}
+
+/// Whether a request has been answered (its legal deadline no longer runs).
+fn answered(status: RequestStatus) -> bool {
+    matches!(status, RequestStatus::Completed | RequestStatus::CompletedWithExemptions)
+}
+
+/// Why the deadline is extended (GDPR Art. 12(3) asks to tell the subject).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendBody {
+    /// e.g. "complex request: 14 systems, archive restore needed".
+    pub reason: String,
+}
+
+/// The new deadline.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Extended {
+    #[schema(value_type = String, format = Uuid)]
+    pub id: RequestId,
+    pub due_at: DateTime<Utc>,
+}
+
+/// Extend a request's deadline, once and before the original due date, by
+/// its regulation's extension (GDPR +2 months, CCPA/VCDPA +45 days,
+/// PIPEDA +30 days; LGPD allows none).
+#[utoipa::path(
+    post, path = "/v1/requests/{id}/extend", tag = "requests",
+    request_body = ExtendBody,
+    params(("id" = String, Path, description = "Request id")),
+    responses(
+        (status = 200, body = Extended),
+        (status = 404, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "Refused: already extended, too late, not allowed, or answered", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, body = ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+pub async fn extend(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    StrictJson(body): StrictJson<ExtendBody>,
+) -> Result<Json<Extended>, Problem> {
+    let missing = || Problem::not_found("no such request");
+    let id: RequestId = id.parse().map_err(|_| missing())?;
+    if body.reason.trim().is_empty() {
+        return Err(Problem::invalid("reason must not be empty"));
+    }
+    check_text("reason", &body.reason, 512)?;
+    let conflict = |detail: String| Problem::new(StatusCode::CONFLICT, "conflict", detail);
+    match state
+        .store
+        .extend_request(id, body.reason.trim(), state.planner.deadlines(), state.clock.now())
+        .await?
+    {
+        ExtendResult::Extended { due_at } => {
+            tracing::info!(request = %id, %due_at, "deadline extended");
+            Ok(Json(Extended { id, due_at }))
+        }
+        ExtendResult::NotFound => Err(missing()),
+        ExtendResult::Final(status) => Err(conflict(format!("the request is already {status}"))),
+        ExtendResult::Refused(r) => Err(conflict(r.to_string())),
     }
 }
 

@@ -1,0 +1,181 @@
+//! Operator commands for retention and legal holds: `lethe hold …`,
+//! `lethe policy explain` and `lethe extend`.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use crate::client::{self, Client};
+use crate::config::{Config, Overrides};
+
+/// A subject's identifiers on the command line.
+#[derive(Args, Clone, Default)]
+pub struct SubjectArgs {
+    #[arg(long)]
+    pub email: Option<String>,
+    /// International format, e.g. +44 20 7946 0958.
+    #[arg(long)]
+    pub phone: Option<String>,
+    #[arg(long)]
+    pub customer_id: Option<String>,
+    #[arg(long)]
+    pub device_id: Option<String>,
+    /// Another identifier as TYPE=VALUE (repeatable).
+    #[arg(long = "id", value_name = "TYPE=VALUE")]
+    pub other: Vec<String>,
+}
+
+impl SubjectArgs {
+    /// The identifiers by type; at least one.
+    pub fn subject(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        let mut subject = BTreeMap::new();
+        for (kind, value) in [
+            ("email", &self.email),
+            ("phone", &self.phone),
+            ("customer_id", &self.customer_id),
+            ("device_id", &self.device_id),
+        ] {
+            if let Some(v) = value {
+                subject.insert(kind.to_owned(), v.clone());
+            }
+        }
+        for pair in &self.other {
+            let (k, v) = pair.split_once('=').context("--id takes TYPE=VALUE")?;
+            subject.insert(k.to_owned(), v.to_owned());
+        }
+        if subject.is_empty() {
+            bail!("give at least one identifier (--email, --phone, --customer-id, --device-id or --id TYPE=VALUE)");
+        }
+        Ok(subject)
+    }
+}
+
+#[derive(Subcommand)]
+pub enum HoldCommand {
+    /// Place a legal hold on a subject: its data in the scope is kept until
+    /// the hold is released or expires.
+    Place {
+        #[command(flatten)]
+        subject: Box<SubjectArgs>,
+        /// Hold only this system (repeatable; default all systems).
+        #[arg(long = "system")]
+        systems: Vec<String>,
+        /// Hold only this data category (repeatable; default all).
+        #[arg(long = "category")]
+        categories: Vec<String>,
+        /// Why (no personal data), e.g. "pending litigation".
+        #[arg(long)]
+        reason: String,
+        /// The case reference.
+        #[arg(long)]
+        case_ref: String,
+        /// When the hold ends by itself (RFC 3339).
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// Release a hold; the work it held resumes.
+    Release { id: String },
+    /// List holds.
+    List {
+        /// Released and expired holds too.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Show, for every system and category, the action and the rule (with
+    /// its basis) or hold that decides it, without creating a request.
+    Explain {
+        #[command(flatten)]
+        subject: SubjectArgs,
+        /// gdpr, uk-gdpr, ccpa, vcdpa, lgpd or pipeda.
+        #[arg(long)]
+        regulation: String,
+        /// Evaluate the configuration's policy here instead of asking the
+        /// coordinator (legal holds are then not consulted; identifiers are
+        /// optional).
+        #[arg(long)]
+        local: bool,
+        /// Configuration for --local (default: the embedded one).
+        #[arg(long, short, env = "LETHE_CONFIG")]
+        config: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn hold(server: &str, command: HoldCommand) -> anyhow::Result<()> {
+    let client = Client::new(server);
+    match command {
+        HoldCommand::Place { subject, systems, categories, reason, case_ref, expires_at } => {
+            let body = json!({
+                "subject": subject.subject()?,
+                "scope": {"systems": systems, "categories": categories},
+                "reason": reason,
+                "case_reference": case_ref,
+                "expires_at": expires_at,
+            });
+            print_json(&client.post("/v1/holds", &body).await?)
+        }
+        HoldCommand::Release { id } => print_json(&client.delete(&format!("/v1/holds/{id}")).await?),
+        HoldCommand::List { all, json } => {
+            let holds = client.get("/v1/holds", &[("all", all.to_string())]).await?;
+            if json {
+                print_json(&holds)
+            } else {
+                print!("{}", client::render_holds(&holds));
+                Ok(())
+            }
+        }
+    }
+}
+
+pub async fn policy(server: &str, command: PolicyCommand) -> anyhow::Result<()> {
+    let PolicyCommand::Explain { subject, regulation, local, config, json } = command;
+    let explanation = if local {
+        explain_locally(config.as_deref(), &regulation)?
+    } else {
+        let body = json!({"subject": subject.subject()?, "regulation": regulation});
+        Client::new(server).post("/v1/plans:explain", &body).await?
+    };
+    if json {
+        print_json(&explanation)
+    } else {
+        print!("{}", client::render_explanation(&explanation));
+        Ok(())
+    }
+}
+
+fn explain_locally(config: Option<&std::path::Path>, regulation: &str) -> anyhow::Result<Value> {
+    let config = Config::load(config, &Overrides::default())?;
+    let (planner, warnings) = crate::policy::planner(&config)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let regulation: lethe_core::Regulation = regulation.parse()?;
+    let now = chrono::Utc::now();
+    let (systems, _) = planner.plan(regulation, now, &[]);
+    Ok(json!({
+        "regulation": regulation,
+        "as_of": now,
+        "due_at": planner.deadlines().due_at(regulation, now),
+        "systems": systems,
+    }))
+}
+
+pub async fn extend(server: &str, id: &str, reason: &str) -> anyhow::Result<()> {
+    print_json(
+        &Client::new(server).post(&format!("/v1/requests/{id}/extend"), &json!({"reason": reason})).await?,
+    )
+}
+
+fn print_json(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}

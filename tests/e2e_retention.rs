@@ -1,0 +1,375 @@
+//! Retention, legal holds and deadlines end to end, with time moved by a
+//! manual clock instead of waited for. The coordinator, its scheduler, the
+//! HTTP API and the connector workers run in this process on the library
+//! crates (the same code `lethe serve` wires), against real stores:
+//!
+//! - `billing`: a fresh PostgreSQL database. Billing profiles
+//!   (`identity.contact`) are deleted; invoices (`billing.invoice`, dated by
+//!   `issued_on`) are kept ten years under HGB §257 by the bundled policy.
+//! - `marketing`: a SQLite file with subscribers (`marketing.profile`) and
+//!   their events (`analytics.events`), all deleted.
+//! - state: a SQLite file.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use lethe_bus::InProcessBus;
+use lethe_connector::{RetryPolicy, Worker};
+use lethe_connector_sql::{SqlConfig, SqlConnector};
+use lethe_coordinator::{
+    app, ConnectorTokens, Coordinator, ManualClock, Planner, Settings, StoreKeys, SystemInfo,
+};
+use lethe_core::{DataKey, Deadlines, MasterKey, Policy};
+use serde_json::{json, Value};
+use sqlx::{Executor, Row};
+use support::PgDb;
+
+const BUNDLED_POLICY: &str = include_str!("../config/policies/default.toml");
+
+fn day(y: i32, m: u32, d: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
+}
+
+struct Harness {
+    base: String,
+    http: reqwest::Client,
+    clock: ManualClock,
+    billing: PgDb,
+    marketing: std::path::PathBuf,
+    _coordinator: Coordinator,
+    _dir: tempfile::TempDir,
+}
+
+const BILLING_SCHEMA: &str = "
+    CREATE TABLE billing_profiles (id BIGINT PRIMARY KEY, email TEXT NOT NULL, name TEXT NOT NULL);
+    CREATE TABLE invoices (
+        id BIGINT PRIMARY KEY, customer_email TEXT NOT NULL, issued_on DATE NOT NULL,
+        amount_cents BIGINT NOT NULL, billing_name TEXT NOT NULL);
+    INSERT INTO billing_profiles VALUES (1, 'ada@example.com', 'Ada'), (2, 'bob@example.com', 'Bob');
+    INSERT INTO invoices VALUES
+        (10, 'ada@example.com', '2013-03-01', 1000, 'Ada'),
+        (11, 'ada@example.com', '2024-05-10', 2000, 'Ada'),
+        (12, 'ada@example.com', '2025-01-15', 3000, 'Ada'),
+        (20, 'bob@example.com', '2012-01-01', 4000, 'Bob');
+";
+
+const MARKETING_SCHEMA: &str = "
+    CREATE TABLE subscribers (id INTEGER PRIMARY KEY, email TEXT NOT NULL);
+    CREATE TABLE events (id INTEGER PRIMARY KEY, subscriber_id INTEGER NOT NULL, kind TEXT NOT NULL);
+    INSERT INTO subscribers VALUES (1, 'ada@example.com'), (2, 'bob@example.com');
+    INSERT INTO events VALUES (1, 1, 'open'), (2, 1, 'click'), (3, 2, 'open');
+";
+
+impl Harness {
+    async fn start(now: DateTime<Utc>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let billing = PgDb::create().await;
+        billing.pool().await.execute(BILLING_SCHEMA).await.unwrap();
+        let marketing = dir.path().join("marketing.db");
+        let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&marketing).create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        pool.execute(MARKETING_SCHEMA).await.unwrap();
+        pool.close().await;
+
+        let billing_config: SqlConfig = toml::from_str(&format!(
+            r#"
+            url = "{}"
+            [[tables]]
+            name = "billing_profiles"
+            match = {{ email = "email" }}
+            action = "delete"
+            category = "identity.contact"
+            [[tables]]
+            name = "invoices"
+            match = {{ email = "customer_email" }}
+            action = "delete"
+            category = "billing.invoice"
+            date_column = "issued_on"
+            "#,
+            billing.url
+        ))
+        .unwrap();
+        let marketing_config: SqlConfig = toml::from_str(&format!(
+            r#"
+            url = "sqlite://{}"
+            [[tables]]
+            name = "subscribers"
+            match = {{ email = "email" }}
+            action = "delete"
+            category = "marketing.profile"
+            [[tables]]
+            name = "events"
+            parent = {{ table = "subscribers", column = "subscriber_id", references = "id" }}
+            action = "delete"
+            category = "analytics.events"
+            "#,
+            marketing.display()
+        ))
+        .unwrap();
+        let systems = [("billing", &billing_config), ("marketing", &marketing_config)]
+            .iter()
+            .map(|(name, c)| SystemInfo {
+                name: (*name).to_owned(),
+                connector: "sql".into(),
+                owner: None,
+                categories: c.categories(),
+                description: None,
+            })
+            .collect();
+        let policy: Policy = toml::from_str(BUNDLED_POLICY).unwrap();
+        let (planner, warnings) = Planner::new(systems, policy, Deadlines::default()).unwrap();
+        assert!(warnings.iter().all(|w| w.contains("which no system declares")), "{warnings:?}");
+
+        let store = lethe_store::connect(&format!("sqlite://{}", dir.path().join("state.db").display()))
+            .await
+            .unwrap();
+        let master = MasterKey::new(DataKey::generate());
+        let bus = Arc::new(InProcessBus::new());
+        let clock = ManualClock::new(now);
+        let settings = Settings {
+            poll_interval: Duration::from_millis(20),
+            scheduler_interval: Duration::from_millis(50),
+            ..Settings::default()
+        };
+        let coordinator = Coordinator::start(
+            store.clone(),
+            bus.clone(),
+            master.clone(),
+            planner,
+            Arc::new(clock.clone()),
+            settings,
+            ConnectorTokens::new(Vec::new()),
+        )
+        .await
+        .unwrap();
+        let keys = Arc::new(StoreKeys::new(store.clone(), master));
+        for (name, config) in [("billing", billing_config), ("marketing", marketing_config)] {
+            let connector = Arc::new(SqlConnector::connect(config).await.unwrap());
+            let worker = Worker::new(name, connector, keys.clone(), bus.clone(), RetryPolicy::default());
+            tokio::spawn(worker.run());
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let router = app(coordinator.state.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Self {
+            base,
+            http: reqwest::Client::new(),
+            clock,
+            billing,
+            marketing,
+            _coordinator: coordinator,
+            _dir: dir,
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn submit(&self, email: &str) -> String {
+        let body = json!({"subject": {"email": email}, "regulation": "gdpr"});
+        let (status, answer) = self.call(reqwest::Method::POST, "/v1/requests", Some(body)).await;
+        assert_eq!(status, 202, "{answer}");
+        answer["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn request(&self, id: &str) -> Value {
+        self.call(reqwest::Method::GET, &format!("/v1/requests/{id}"), None).await.1
+    }
+
+    /// Waits until `check` holds for the request view.
+    async fn until(&self, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let view = self.request(id).await;
+            if check(&view) {
+                return view;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}: {view:#}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn invoices_of(&self, email: &str) -> Vec<i64> {
+        let pool = self.billing.pool().await;
+        let rows = sqlx::query("SELECT id FROM invoices WHERE customer_email = $1 ORDER BY id")
+            .bind(email)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get::<i64, _>(0)).collect()
+    }
+
+    async fn billing_profiles(&self) -> Vec<String> {
+        let pool = self.billing.pool().await;
+        let rows =
+            sqlx::query("SELECT email FROM billing_profiles ORDER BY id").fetch_all(&pool).await.unwrap();
+        rows.iter().map(|r| r.get::<String, _>(0)).collect()
+    }
+
+    async fn marketing_rows(&self) -> (Vec<String>, i64) {
+        let pool =
+            sqlx::SqlitePool::connect(&format!("sqlite://{}", self.marketing.display())).await.unwrap();
+        let subs = sqlx::query("SELECT email FROM subscribers ORDER BY id").fetch_all(&pool).await.unwrap();
+        let events: i64 = sqlx::query("SELECT COUNT(*) FROM events").fetch_one(&pool).await.unwrap().get(0);
+        (subs.iter().map(|r| r.get::<String, _>(0)).collect(), events)
+    }
+
+    fn system<'a>(view: &'a Value, name: &str) -> &'a Value {
+        view["systems"].as_array().unwrap().iter().find(|s| s["system"] == name).unwrap()
+    }
+}
+
+fn status_is(status: &'static str) -> impl Fn(&Value) -> bool {
+    move |v| v["status"] == status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoices_are_kept_with_their_basis_and_erased_by_follow_ups() {
+    let h = Harness::start(day(2026, 11, 29)).await;
+
+    // The plan, explained before anything is created.
+    let body = json!({"subject": {"email": "ada@example.com"}, "regulation": "gdpr"});
+    let (status, plan) = h.call(reqwest::Method::POST, "/v1/plans:explain", Some(body)).await;
+    assert_eq!(status, 200, "{plan}");
+    let billing_plan = Harness::system(&json!({"systems": plan["systems"]}), "billing").clone();
+    assert_eq!(billing_plan["action"], "retain");
+    let invoice = billing_plan["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["category"] == "billing.invoice")
+        .unwrap();
+    assert_eq!(invoice["rule"], "eu-commercial-records-10y");
+    assert!(invoice["basis"].as_str().unwrap().contains("HGB §257"), "{invoice}");
+    assert_eq!(invoice["period"], "P10Y");
+
+    let id = h.submit("Ada@Example.com").await;
+    let view = h.until(&id, "completed_with_exemptions", status_is("completed_with_exemptions")).await;
+
+    // Profile and marketing data are gone; the 2013 invoice is past its ten
+    // years and gone too; the 2024 and 2025 invoices are kept. Bob is untouched.
+    assert_eq!(h.billing_profiles().await, vec!["bob@example.com"]);
+    assert_eq!(h.invoices_of("ada@example.com").await, vec![11, 12]);
+    assert_eq!(h.invoices_of("bob@example.com").await, vec![20]);
+    assert_eq!(h.marketing_rows().await, (vec!["bob@example.com".to_owned()], 1));
+
+    let billing = Harness::system(&view, "billing");
+    assert_eq!(billing["state"], "retained", "{view:#}");
+    let kept = &billing["outcome"]["retained"][0];
+    assert_eq!((kept["dataset"].as_str(), kept["count"].as_u64()), (Some("invoices"), Some(2)), "{kept}");
+    assert!(kept["basis"].as_str().unwrap().contains("HGB §257"), "{kept}");
+    assert_eq!(kept["until"], "2035-01-15T00:00:00Z", "the later invoice's date + 10 years");
+    assert_eq!(billing["follow_up_at"], "2035-01-15T00:00:00Z", "when the dataset's last retention ends");
+    assert_eq!(Harness::system(&view, "marketing")["state"], "succeeded");
+    assert!(view["key_destroyed_at"].is_null(), "the key survives until the follow-ups are done");
+
+    // Nothing happens before the retention ends, not even once the 2024
+    // invoice alone could go: the dataset is followed up as a whole.
+    h.clock.advance(day(2034, 6, 1) - h_now(&h));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(h.invoices_of("ada@example.com").await, vec![11, 12]);
+    assert_eq!(h.request(&id).await["status"], "completed_with_exemptions");
+
+    // Past the last end: everything is gone and the key is destroyed.
+    h.clock.advance(day(2035, 2, 1) - h_now(&h));
+    let view = h.until(&id, "completed", status_is("completed")).await;
+    assert!(h.invoices_of("ada@example.com").await.is_empty());
+    assert_eq!(h.invoices_of("bob@example.com").await, vec![20]);
+    assert!(view["key_destroyed_at"].is_string(), "{view:#}");
+    let billing = Harness::system(&view, "billing");
+    assert_eq!(billing["state"], "succeeded");
+    assert_eq!(billing["outcome"]["datasets"][1]["deleted"], 2, "{billing:#}");
+}
+
+fn h_now(h: &Harness) -> DateTime<Utc> {
+    use lethe_coordinator::Clock;
+    h.clock.now()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_keeps_its_scope_untouched_until_released() {
+    let h = Harness::start(day(2026, 11, 29)).await;
+    let hold = json!({
+        "subject": {"email": "ada@example.com"},
+        "scope": {"systems": ["marketing"]},
+        "reason": "pending litigation",
+        "case_reference": "LIT-2026-114",
+    });
+    let (status, placed) = h.call(reqwest::Method::POST, "/v1/holds", Some(hold)).await;
+    assert_eq!(status, 201, "{placed}");
+    let hold_id = placed["id"].as_str().unwrap().to_owned();
+    assert!(!placed.to_string().contains("ada@"), "a hold never shows its subject: {placed}");
+
+    let id = h.submit("ada@example.com").await;
+    let view = h.until(&id, "completed_with_exemptions", status_is("completed_with_exemptions")).await;
+    let marketing = Harness::system(&view, "marketing");
+    assert_eq!(marketing["state"], "held", "{view:#}");
+    assert_eq!(marketing["action"], "hold");
+    assert_eq!(marketing["categories"][0]["hold"]["case_reference"], "LIT-2026-114");
+    // The held system is untouched; billing went ahead.
+    assert_eq!(
+        h.marketing_rows().await,
+        (vec!["ada@example.com".to_owned(), "bob@example.com".to_owned()], 3)
+    );
+    assert_eq!(h.billing_profiles().await, vec!["bob@example.com"]);
+
+    // A second request for the subject is held the same way; another
+    // subject is not held at all.
+    let (_, list) = h.call(reqwest::Method::GET, "/v1/holds", None).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+
+    let (status, released) = h.call(reqwest::Method::DELETE, &format!("/v1/holds/{hold_id}"), None).await;
+    assert_eq!((status, released["resumed_tasks"].as_u64()), (200, Some(1)), "{released}");
+    let view =
+        h.until(&id, "marketing erased", |v| Harness::system(v, "marketing")["state"] == "succeeded").await;
+    assert_eq!(h.marketing_rows().await, (vec!["bob@example.com".to_owned()], 1));
+    assert_eq!(view["status"], "completed_with_exemptions", "the invoices are still kept");
+    let (status, _) = h.call(reqwest::Method::DELETE, &format!("/v1/holds/{hold_id}"), None).await;
+    assert_eq!(status, 409, "released twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_category_hold_resumes_by_itself() {
+    let h = Harness::start(day(2026, 11, 29)).await;
+    let hold = json!({
+        "subject": {"email": "ada@example.com"},
+        "scope": {"categories": ["identity.contact"]},
+        "reason": "fraud investigation",
+        "case_reference": "FR-7",
+        "expires_at": "2027-01-01T00:00:00Z",
+    });
+    let (status, placed) = h.call(reqwest::Method::POST, "/v1/holds", Some(hold)).await;
+    assert_eq!(status, 201, "{placed}");
+    let id = h.submit("ada@example.com").await;
+    let view = h.until(&id, "completed_with_exemptions", status_is("completed_with_exemptions")).await;
+    // Only the held category stayed: the profile row, reported with the hold
+    // as its basis and no end date.
+    assert_eq!(h.billing_profiles().await, vec!["ada@example.com", "bob@example.com"]);
+    assert_eq!(h.invoices_of("ada@example.com").await, vec![11, 12]);
+    let kept: Vec<&Value> =
+        Harness::system(&view, "billing")["outcome"]["retained"].as_array().unwrap().iter().collect();
+    let profile = kept.iter().find(|r| r["dataset"] == "billing_profiles").expect("profile reported as kept");
+    assert!(profile["basis"].as_str().unwrap().contains("FR-7"), "{profile}");
+    assert!(profile.get("until").is_none_or(Value::is_null), "{profile}");
+
+    // The hold expires: the scheduler releases it and the profile goes.
+    h.clock.advance(chrono::Duration::days(40));
+    h.until(&id, "profile erased", |v| {
+        Harness::system(v, "billing")["outcome"]["retained"].as_array().is_some_and(|r| r.len() == 1)
+    })
+    .await;
+    assert_eq!(h.billing_profiles().await, vec!["bob@example.com"]);
+    let (_, holds) = h.call(reqwest::Method::GET, "/v1/holds?all=true", None).await;
+    assert_eq!(holds[0]["release_reason"], "expired", "{holds}");
+}
