@@ -119,3 +119,95 @@ async fn cli_round_trip_against_a_running_server() {
     assert!(!out.status.success(), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"), "{}", describe(&out));
 }
+
+/// `lethe hold place|list|release`, `lethe policy explain` (server and
+/// local) and `lethe extend`, against `lethe serve`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_policy_and_extensions_from_the_command_line() {
+    let lab = Lab::new(StateKind::Sqlite, ada_and_neighbours()).await;
+    let server = Server::start(&lab).await;
+    let cwd = lab.root();
+    let base = server.base.as_str();
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let place = [
+        "hold",
+        "place",
+        "--email",
+        "ada@example.com",
+        "--system",
+        "newsletter",
+        "--reason",
+        "pending litigation",
+        "--case-ref",
+        "LIT-9",
+    ];
+    let placed: Value = serde_json::from_str(&ok(at(base, cwd, &place).await)).unwrap();
+    let hold_id = placed["id"].as_str().unwrap().to_owned();
+    let list = ok(at(base, cwd, &["hold", "list"]).await);
+    assert!(list.contains(&hold_id) && list.contains("LIT-9") && list.contains("newsletter"), "{list}");
+
+    let explain =
+        ok(at(base, cwd, &["policy", "explain", "--email", "ada@example.com", "--regulation", "gdpr"]).await);
+    assert!(explain.contains("newsletter -> hold"), "{explain}");
+    assert!(explain.contains("legal hold LIT-9"), "{explain}");
+    assert!(explain.contains("shop -> erase") && explain.contains("erase-everything-else"), "{explain}");
+    let config = lab.config.display().to_string();
+    let local =
+        ok(lethe(&["policy", "explain", "--local", "--config", &config, "--regulation", "ccpa"], cwd).await);
+    assert!(local.contains("newsletter -> erase"), "no holds locally: {local}");
+
+    let out = ok(at(base, cwd, &["submit", "--email", "ada@example.com", "--regulation", "gdpr"]).await);
+    let id = serde_json::from_str::<Value>(&out).unwrap()["id"].as_str().unwrap().to_owned();
+    let view = server.wait_final(&id).await;
+    assert_eq!(view["status"], "completed_with_exemptions", "{view:#}");
+    let status = ok(at(base, cwd, &["status", &id]).await);
+    let news = status.lines().find(|l| l.starts_with("newsletter ")).unwrap_or_else(|| panic!("{status}"));
+    assert!(news.contains("hold") && news.contains("held"), "{status}");
+
+    // Answered requests cannot be extended; the CLI says why.
+    let out = at(base, cwd, &["extend", &id, "--reason", "complex"]).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("409"), "{}", describe(&out));
+
+    let released: Value =
+        serde_json::from_str(&ok(at(base, cwd, &["hold", "release", &hold_id]).await)).unwrap();
+    assert_eq!(released["resumed_tasks"], 1, "{released}");
+    let started = std::time::Instant::now();
+    loop {
+        let view = server.request(&id).await;
+        if view["status"] == "completed" {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "{view:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let all = ok(at(base, cwd, &["hold", "list", "--all"]).await);
+    assert!(all.contains("released"), "{all}");
+}
+
+/// Runs `lethe <args> --server <base>`.
+async fn at(base: &str, cwd: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut all = args.to_vec();
+    all.extend(["--server", base]);
+    lethe(&all, cwd).await
+}
+
+/// The quick start's first command: `lethe demo` on the embedded default,
+/// in an empty directory, with no external service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_erases_and_keeps_what_the_policy_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = lethe(&["demo", "--subjects", "40", "--requests", "8"], dir.path()).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for expected in ["All 9 requests final", "completed_with_exemptions", "HGB §257", "shop        invoices"]
+    {
+        assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+    }
+    let printed: Vec<&str> = text.lines().filter(|l| !l.starts_with("Try:")).collect();
+    assert!(!printed.join("\n").contains("@example.com"), "the demo prints no identifier:\n{text}");
+}

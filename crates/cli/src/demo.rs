@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS addresses (
 CREATE TABLE IF NOT EXISTS orders (
     id INTEGER PRIMARY KEY, customer_id INTEGER REFERENCES customers (id),
     amount_cents INTEGER NOT NULL, ship_name TEXT, ship_address TEXT, placed_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS invoices (
+    id INTEGER PRIMARY KEY, billing_email TEXT NOT NULL, billing_name TEXT NOT NULL,
+    amount_cents INTEGER NOT NULL, issued_on TEXT NOT NULL);
 ";
 
 const NEWSLETTER_SCHEMA: &str = "
@@ -87,7 +90,7 @@ async fn seed(subjects: usize) -> anyhow::Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(17);
     let mut shop = open(SHOP_DB).await?;
     let mut tx = shop.begin().await?;
-    let (mut address_id, mut order_id) = (0, 0);
+    let (mut address_id, mut order_id, mut invoice_id) = (0, 0, 0);
     for i in 0..subjects {
         let name = format!("{} {}", FIRST[i % FIRST.len()], LAST[(i / 10) % LAST.len()]);
         let stored = match i % 7 {
@@ -125,6 +128,23 @@ async fn seed(subjects: usize) -> anyhow::Result<()> {
             .bind("2026-10-01")
             .execute(&mut *tx)
             .await?;
+        }
+        // Invoices: some from 2014 (past the ten years tax law keeps them),
+        // some from 2025 (kept until 2035).
+        for (issued_on, every) in [("2014-03-12", 2), ("2025-09-30", 3)] {
+            if i % every == 0 {
+                invoice_id += 1;
+                sqlx::query(
+                    "INSERT INTO invoices (id, billing_email, billing_name, amount_cents, issued_on) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(invoice_id)
+                .bind(email(i))
+                .bind(&name)
+                .bind(rng.gen_range(500..50_000_i64))
+                .bind(issued_on)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
     }
     tx.commit().await?;
@@ -257,6 +277,34 @@ async fn report(views: &[Value], config: &Config, subjects: usize, took: Duratio
         kept_amount / 100,
         kept_amount % 100
     );
+    let mut kept: BTreeMap<(String, String), (u64, String)> = BTreeMap::new();
+    for v in views {
+        for s in v["systems"].as_array().into_iter().flatten() {
+            for r in s["outcome"]["retained"].as_array().into_iter().flatten() {
+                let key = (
+                    s["system"].as_str().unwrap_or("?").to_owned(),
+                    r["basis"].as_str().unwrap_or("?").to_owned(),
+                );
+                let e = kept.entry(key).or_insert((0, String::new()));
+                e.0 += r["count"].as_u64().unwrap_or(0);
+                let until = r["until"].as_str().unwrap_or("the hold ends").to_owned();
+                e.1 = e.1.clone().max(until);
+            }
+        }
+    }
+    for ((system, basis), (count, until)) in &kept {
+        println!("  {system}: {count} records kept until at most {until}, on the basis of {basis}");
+    }
+    let follow_ups = views
+        .iter()
+        .filter(|v| v["systems"].as_array().into_iter().flatten().any(|s| s["follow_up_at"].is_string()))
+        .count();
+    if follow_ups > 0 {
+        println!(
+            "  {follow_ups} requests are completed_with_exemptions: a follow-up erases what they keep when the \
+             retention ends, and only then is their key destroyed"
+        );
+    }
     println!("  everyone else: {customers} of {subjects} shop customers and {subscribers} newsletter subscribers untouched");
     let shredded = views.iter().filter(|v| v["key_destroyed_at"].is_string()).count();
     println!("\nCrypto-shredding: {shredded} of {} requests have had their data key destroyed;", views.len());

@@ -53,7 +53,7 @@ impl ConfigArgs {
 #[derive(Args)]
 struct ServerArgs {
     /// Base URL of the coordinator's API.
-    #[arg(long, env = "LETHE_SERVER", default_value = "http://127.0.0.1:8700")]
+    #[arg(long, env = "LETHE_SERVER", default_value = "http://127.0.0.1:8700", global = true)]
     server: String,
 }
 
