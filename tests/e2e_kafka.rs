@@ -264,7 +264,7 @@ fn digests(s: &str) -> [String; 2] {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_identifier_readable_in_topics_after_completion() {
+async fn no_identifier_readable_in_topics_state_or_logs_after_completion() {
     const REQUESTS: usize = 20;
     let started = Instant::now();
     let lab = kafka_lab(30, 3, false).await;
@@ -342,6 +342,26 @@ async fn no_identifier_readable_in_topics_after_completion() {
     }
     assert_eq!(task_ids.len(), REQUESTS * 2, "task messages for every task");
     eprintln!("scanned {} messages ({} bytes) for {} needles", scanned.0, scanned.1, needles.len());
+
+    // Nor does the state store (every row of every table), nor the full
+    // log of any process (coordinator and workers).
+    for n in &needles {
+        let found = lab.state_store_occurrences(n).await;
+        assert!(found.is_empty(), "the state store holds {n:?} in {found:?}");
+    }
+    let mut logs = 0;
+    for entry in std::fs::read_dir(lab.root()).expect("lab directory") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default().to_ascii_lowercase();
+            assert!(text.len() > 100, "{} is (nearly) empty", path.display());
+            for n in &needles {
+                assert!(!text.contains(n.as_str()), "{} holds {n:?}", path.display());
+            }
+            logs += 1;
+        }
+    }
+    assert!(logs >= 3, "the coordinator's and both workers' logs were scanned ({logs})");
 
     // The keys that would open the ciphertexts are gone: the coordinator
     // refuses every task's key, and the state store holds no wrapped key.

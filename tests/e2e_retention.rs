@@ -151,13 +151,24 @@ impl Harness {
             let worker = Worker::new(name, connector, keys.clone(), bus.clone(), RetryPolicy::default());
             tokio::spawn(worker.run());
         }
+        let token = lethe_coordinator::auth::new_token();
+        let admin = lethe_store::NewToken {
+            id: "admin".into(),
+            name: "admin".into(),
+            digest: lethe_coordinator::auth::digest(&token),
+            scopes: lethe_coordinator::Scope::ADMIN.iter().map(ToString::to_string).collect(),
+            created_at: Utc::now(),
+        };
+        store.create_token(admin).await.unwrap();
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let router = app(coordinator.state.clone());
         tokio::spawn(async move { axum::serve(listener, router).await });
         Self {
             base,
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder().default_headers(headers).build().unwrap(),
             clock,
             billing,
             marketing,

@@ -476,6 +476,7 @@ impl Lab {
         if let Some(key) = &self.master_key {
             env.push(("LETHE_TEST_MASTER_KEY".into(), key.clone()));
         }
+        env.push(("LETHE_TEST_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()));
         env
     }
 
@@ -545,6 +546,7 @@ category = "identity.contact"
             r#"# Written by the end-to-end suite.
 [server]
 listen = "{listen}"
+admin_token = "${{LETHE_TEST_ADMIN_TOKEN}}"
 
 [store]
 url = "{state}"
@@ -933,9 +935,25 @@ pub(crate) fn clean_env(cmd: &mut Command) {
     cmd.env("NO_PROXY", "127.0.0.1,localhost");
 }
 
-/// A plain-HTTP client that ignores proxy settings.
-pub fn http_client() -> reqwest::Client {
+/// The administrator's API token of every lab (`[server] admin_token`).
+pub const ADMIN_TOKEN: &str = "lethe_test-administrator-token-0123456789";
+
+/// A plain-HTTP client that ignores proxy settings and sends no token.
+pub fn plain_http_client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(20)).build().expect("HTTP client")
+}
+
+/// A plain-HTTP client that ignores proxy settings and sends the lab's
+/// administrator token.
+pub fn http_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {ADMIN_TOKEN}").parse().expect("header"));
+    reqwest::Client::builder()
+        .no_proxy()
+        .default_headers(headers)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("HTTP client")
 }
 
 /// `lethe serve --config <lab config>` as a child process.
@@ -1156,7 +1174,7 @@ pub async fn lethe(args: &[&str], cwd: &Path) -> Output {
     let mut cmd = Command::new(LETHE);
     cmd.args(args).current_dir(cwd).stdin(Stdio::null()).kill_on_drop(true);
     clean_env(&mut cmd);
-    cmd.env("LETHE_LOG", "warn").env("NO_COLOR", "1");
+    cmd.env("LETHE_LOG", "warn").env("NO_COLOR", "1").env("LETHE_TOKEN", ADMIN_TOKEN);
     tokio::time::timeout(Duration::from_secs(30), cmd.output())
         .await
         .unwrap_or_else(|_| panic!("lethe {args:?} did not finish within 30 s"))

@@ -100,7 +100,7 @@ fn config(args: &BenchArgs, state_url: &str, ops_url: &str, namespace: &str, lis
         )
     };
     format!(
-        "[server]\nlisten = \"{listen}\"\n[store]\nurl = \"{state_url}\"\n[keys]\nmaster_key = \"${{LETHE_BENCH_MASTER_KEY}}\"\n\
+        "[server]\nlisten = \"{listen}\"\nadmin_token = \"${{LETHE_BENCH_ADMIN_TOKEN}}\"\n[store]\nurl = \"{state_url}\"\n[keys]\nmaster_key = \"${{LETHE_BENCH_MASTER_KEY}}\"\n\
          [bus]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nnamespace = \"{namespace}\"\npartitions = {partitions}\n\
          [dispatcher]\nbatch = 1000\npoll_interval_ms = 50\n[scheduler]\ntask_timeout_secs = 30\n\
          [worker]\nconcurrency = {concurrency}\n\n{}{}{}",
@@ -217,11 +217,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ("LETHE_BENCH_TOKEN_CUSTOMERS", "bench-token-c".to_owned()),
         ("LETHE_BENCH_TOKEN_ORDERS", "bench-token-o".to_owned()),
         ("LETHE_BENCH_MASTER_KEY", lethe_core::DataKey::generate().to_hex().to_string()),
+        ("LETHE_BENCH_ADMIN_TOKEN", lethe_coordinator::auth::new_token()),
     ];
     let cfg = config_path.to_string_lossy().to_string();
     let mut coordinator = spawn(&exe, &["serve", "--config", &cfg], &work.join("coordinator.log"), &env)?;
     let base = format!("http://{listen}");
-    let http = reqwest::Client::new();
+    let admin =
+        env.iter().find(|(k, _)| *k == "LETHE_BENCH_ADMIN_TOKEN").map(|(_, v)| v.clone()).unwrap_or_default();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {admin}").parse()?);
+    let http = reqwest::Client::builder().default_headers(headers).build()?;
     wait_ready(&http, &base).await?;
     let mut workers = Vec::new();
     for system in ["addresses", "customers", "orders"] {

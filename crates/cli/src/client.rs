@@ -13,8 +13,16 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str) -> Self {
-        Self { base: base.trim_end_matches('/').to_owned(), http: reqwest::Client::new() }
+    /// A client of the API at `base`, sending `token` as a bearer token.
+    pub fn new(base: &str, token: Option<&str>) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(value) = token.and_then(|t| format!("Bearer {}", t.trim()).parse().ok()) {
+            let mut value: reqwest::header::HeaderValue = value;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let http = reqwest::Client::builder().default_headers(headers).build().unwrap_or_default();
+        Self { base: base.trim_end_matches('/').to_owned(), http }
     }
 
     async fn check(resp: reqwest::Response) -> anyhow::Result<Value> {

@@ -76,6 +76,12 @@ pub struct ServerConfig {
     /// Address of the HTTP API.
     #[serde(default = "ServerConfig::default_listen")]
     pub listen: SocketAddr,
+    /// An administrator's API token provisioned from a secret, written as
+    /// `${ENV_VAR}`: stored (as a digest, with every non-connector scope) on
+    /// start. Without it, the first start on an empty store creates one and
+    /// prints it once.
+    #[serde(default)]
+    pub admin_token: Option<String>,
 }
 
 impl ServerConfig {
@@ -86,7 +92,7 @@ impl ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { listen: Self::default_listen() }
+        Self { listen: Self::default_listen(), admin_token: None }
     }
 }
 

@@ -189,7 +189,13 @@ pub async fn run(subjects: usize, requests: usize) -> anyhow::Result<()> {
     seed(subjects).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let running = serve::start(&config, listener).await?;
-    let client = Client::new(&format!("http://{}", running.addr));
+    let token = crate::tokens::create(
+        running.store.as_ref(),
+        "demo",
+        &[lethe_coordinator::Scope::RequestsSubmit, lethe_coordinator::Scope::RequestsRead],
+    )
+    .await?;
+    let client = Client::new(&format!("http://{}", running.addr), Some(&token));
     println!("Coordinator running on http://{} (state in {})", running.addr, config.store.url);
 
     let mut ids = Vec::new();

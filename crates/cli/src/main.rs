@@ -8,8 +8,10 @@ mod demo;
 mod keys;
 mod ops;
 mod policy;
+mod proof;
 mod registry;
 mod serve;
+mod tokens;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,7 +42,7 @@ enum LogFormat {
 #[derive(Args)]
 struct ConfigArgs {
     /// Configuration file; without it, the embedded default (config/lethe.toml).
-    #[arg(long, short, env = "LETHE_CONFIG")]
+    #[arg(long, short, env = "LETHE_CONFIG", global = true)]
     config: Option<PathBuf>,
 }
 
@@ -55,6 +57,16 @@ struct ServerArgs {
     /// Base URL of the coordinator's API.
     #[arg(long, env = "LETHE_SERVER", default_value = "http://127.0.0.1:8700", global = true)]
     server: String,
+    /// API token (`lethe token create`, or the one `lethe serve` printed on
+    /// its first start).
+    #[arg(long, env = "LETHE_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+}
+
+impl ServerArgs {
+    fn client(&self) -> Client {
+        Client::new(&self.server, self.token.as_deref())
+    }
 }
 
 #[derive(Subcommand)]
@@ -138,6 +150,29 @@ enum Command {
     Requests {
         #[command(subcommand)]
         command: RequestsCommand,
+    },
+    /// API tokens (on the state store): create, list, revoke.
+    Token {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(subcommand)]
+        command: tokens::TokenCommand,
+    },
+    /// The tamper-evident audit trail.
+    Audit {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(subcommand)]
+        command: proof::AuditCommand,
+    },
+    /// Signed erasure certificates.
+    Certificate {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(subcommand)]
+        command: proof::CertificateCommand,
     },
     /// Create or update the state store's schema.
     Migrate {
@@ -280,14 +315,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Submit { server, subject, regulation, external_ref, idempotency_key } => {
             let subject = subject.subject()?;
-            let answer = Client::new(&server.server)
+            let answer = server
+                .client()
                 .submit(subject, &regulation, external_ref.as_deref(), idempotency_key.as_deref())
                 .await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(())
         }
         Command::Status { server, id, watch } => {
-            let client = Client::new(&server.server);
+            let client = server.client();
             loop {
                 let view = client.request(&id).await?;
                 print!("{}", client::render_request(&view));
@@ -304,13 +340,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
             serve::run_connector(config, &system, coordinator).await
         }
         Command::Retry { server, id, system } => {
-            let answer = Client::new(&server.server).retry(&id, &system).await?;
+            let answer = server.client().retry(&id, &system).await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(())
         }
-        Command::Extend { server, id, reason } => ops::extend(&server.server, &id, &reason).await,
-        Command::Hold { server, command } => ops::hold(&server.server, command).await,
-        Command::Policy { server, command } => ops::policy(&server.server, command).await,
+        Command::Extend { server, id, reason } => ops::extend(&server.client(), &id, &reason).await,
+        Command::Hold { server, command } => ops::hold(&server.client(), command).await,
+        Command::Policy { server, command } => ops::policy(&server.client(), command).await,
+        Command::Token { config, command } => {
+            tokens::run(&config.load(&Overrides::default())?, command).await
+        }
+        Command::Audit { config, command } => {
+            proof::audit(&config.load(&Overrides::default())?, command).await
+        }
+        Command::Certificate { config, server, command } => {
+            let needs_config = matches!(command, proof::CertificateCommand::RotateKey);
+            let config = if needs_config { Some(config.load(&Overrides::default())?) } else { None };
+            proof::certificate(config.as_ref(), &server.client(), command).await
+        }
         Command::Requests {
             command: RequestsCommand::List { server, status, overdue, due_before, limit, cursor, json },
         } => {
@@ -323,7 +370,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if overdue {
                 query.push(("overdue", "true".to_owned()));
             }
-            let page = Client::new(&server.server).list(&query).await?;
+            let page = server.client().list(&query).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&page)?);
             } else {

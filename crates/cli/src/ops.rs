@@ -110,8 +110,7 @@ pub enum PolicyCommand {
     },
 }
 
-pub async fn hold(server: &str, command: HoldCommand) -> anyhow::Result<()> {
-    let client = Client::new(server);
+pub async fn hold(client: &Client, command: HoldCommand) -> anyhow::Result<()> {
     match command {
         HoldCommand::Place { subject, systems, categories, reason, case_ref, expires_at } => {
             let body = json!({
@@ -136,13 +135,13 @@ pub async fn hold(server: &str, command: HoldCommand) -> anyhow::Result<()> {
     }
 }
 
-pub async fn policy(server: &str, command: PolicyCommand) -> anyhow::Result<()> {
+pub async fn policy(client: &Client, command: PolicyCommand) -> anyhow::Result<()> {
     let PolicyCommand::Explain { subject, regulation, local, config, json } = command;
     let explanation = if local {
         explain_locally(config.as_deref(), &regulation)?
     } else {
         let body = json!({"subject": subject.subject()?, "regulation": regulation});
-        Client::new(server).post("/v1/plans:explain", &body).await?
+        client.post("/v1/plans:explain", &body).await?
     };
     if json {
         print_json(&explanation)
@@ -169,10 +168,8 @@ fn explain_locally(config: Option<&std::path::Path>, regulation: &str) -> anyhow
     }))
 }
 
-pub async fn extend(server: &str, id: &str, reason: &str) -> anyhow::Result<()> {
-    print_json(
-        &Client::new(server).post(&format!("/v1/requests/{id}/extend"), &json!({"reason": reason})).await?,
-    )
+pub async fn extend(client: &Client, id: &str, reason: &str) -> anyhow::Result<()> {
+    print_json(&client.post(&format!("/v1/requests/{id}/extend"), &json!({"reason": reason})).await?)
 }
 
 fn print_json(v: &Value) -> anyhow::Result<()> {

@@ -18,6 +18,7 @@ use crate::registry;
 /// A coordinator serving on a bound address.
 pub struct Running {
     pub addr: SocketAddr,
+    pub store: Arc<dyn lethe_store::StateStore>,
     tasks: JoinSet<anyhow::Result<Stopped>>,
     _coordinator: Coordinator,
 }
@@ -100,7 +101,7 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         Ok(Stopped::Server)
     });
     tracing::info!(%addr, store = store.backend(), systems = config.systems.len(), "lethe coordinator listening");
-    Ok(Running { addr, tasks, _coordinator: coordinator })
+    Ok(Running { addr, store, tasks, _coordinator: coordinator })
 }
 
 /// The bus `config` names, with its topics in place.
@@ -150,6 +151,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let mut running = start(&config, listener).await?;
+    crate::tokens::bootstrap_admin(&config, running.store.as_ref()).await?;
     running.wait().await
 }
 

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod certificate;
 pub mod clock;
 pub mod dispatcher;
 pub mod ingest;
@@ -23,7 +24,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 pub use api::{app, AppState};
-pub use auth::ConnectorTokens;
+pub use auth::{Caller, ConnectorTokens, Scope};
+pub use certificate::Certifier;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use keys::StoreKeys;
 pub use planner::{Planner, SystemInfo};
@@ -117,7 +119,10 @@ impl Coordinator {
         let scheduler =
             scheduler::Scheduler { store: store.clone(), clock: clock.clone(), wake: wake.clone(), settings };
         tasks.spawn(scheduler.run());
+        let certifier = Certifier::new(store.clone(), master.clone());
+        certifier.ensure_key(clock.now()).await?;
         let state = AppState {
+            certifier,
             store,
             master,
             planner: Arc::new(planner),

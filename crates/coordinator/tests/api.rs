@@ -35,6 +35,8 @@ fn systems() -> Vec<SystemInfo> {
 }
 
 struct Harness {
+    /// An administrator's token; `app()` sends it when a request has none.
+    admin: String,
     coordinator: Coordinator,
     clock: ManualClock,
     bus: Arc<InProcessBus>,
@@ -65,10 +67,42 @@ impl Harness {
         )
         .await
         .unwrap();
-        Self { coordinator, clock, bus, master, _dir: dir }
+        let h = Self { admin: String::new(), coordinator, clock, bus, master, _dir: dir };
+        let admin = h.token("admin", &lethe_coordinator::Scope::ADMIN).await;
+        Self { admin, ..h }
     }
 
+    /// A new API token with `scopes`.
+    async fn token(&self, name: &str, scopes: &[lethe_coordinator::Scope]) -> String {
+        let token = lethe_coordinator::auth::new_token();
+        let record = lethe_store::NewToken {
+            id: uuid::Uuid::now_v7().to_string(),
+            name: name.into(),
+            digest: lethe_coordinator::auth::digest(&token),
+            scopes: scopes.iter().map(ToString::to_string).collect(),
+            created_at: Utc::now(),
+        };
+        self.state().store.create_token(record).await.unwrap();
+        token
+    }
+
+    /// The router, sending the administrator's token with requests that
+    /// carry none.
     fn app(&self) -> Router {
+        let token = format!("Bearer {}", self.admin);
+        app(self.state()).layer(axum::middleware::map_request(move |mut req: Request<Body>| {
+            let token = token.clone();
+            async move {
+                if !req.headers().contains_key(header::AUTHORIZATION) {
+                    req.headers_mut().insert(header::AUTHORIZATION, token.parse().unwrap());
+                }
+                req
+            }
+        }))
+    }
+
+    /// The router as a client without a token sees it.
+    fn raw(&self) -> Router {
         app(self.state())
     }
 
@@ -460,7 +494,8 @@ async fn connector_keys_need_the_systems_token_and_vanish_with_the_request() {
         req.body(Body::from(json!({"task_id": task}).to_string())).unwrap()
     };
     let crm = task_of("crm");
-    assert_eq!(call(&h.app(), ask(None, &crm)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&h.raw(), ask(None, &crm)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&h.app(), ask(None, &crm)).await.0, StatusCode::FORBIDDEN, "an admin is no connector");
     assert_eq!(call(&h.app(), ask(Some("wrong"), &crm)).await.0, StatusCode::UNAUTHORIZED);
     let (status, body, _) = call(&h.app(), ask(Some("crm-token"), &crm)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -622,4 +657,175 @@ async fn explain_shows_each_category_and_holds_reject_unknown_scopes() {
     let (status, _, _) =
         call(&h.app(), Request::delete("/v1/holds/not-a-hold").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// Every endpoint × every scope × no token: 2xx where the scope allows it,
+/// 403 where it does not, 401 without a valid token.
+#[tokio::test]
+async fn scope_matrix() {
+    use lethe_coordinator::Scope;
+    let h = Harness::with(Settings {
+        poll_interval: Duration::from_millis(20),
+        scheduler_interval: Duration::from_millis(20),
+        task_timeout: Duration::from_secs(60),
+        retry: lethe_store::RetrySchedule { max_attempts: 1, ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    // R1: nobody answers, it times out and fails (a task to retry, a key to fetch).
+    let (_, r1, _) = call(
+        &h.app(),
+        post(json!({"subject": {"email": "r1@example.com"}, "regulation": "gdpr"}).to_string()),
+    )
+    .await;
+    let r1 = r1["id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.clock.advance(chrono::Duration::seconds(120));
+    let failed = wait_final(&h.app(), &r1).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let crm_task = failed["systems"][0]["task_id"].as_str().unwrap().to_owned();
+    // R2: submitted by a portal, completed.
+    h.start_workers(Arc::new(MemoryConnector::default()));
+    let portal = h.token("portal", &[Scope::RequestsSubmit, Scope::RequestsReadOwn]).await;
+    let as_portal = |mut r: Request<Body>| {
+        r.headers_mut().insert(header::AUTHORIZATION, format!("Bearer {portal}").parse().unwrap());
+        r
+    };
+    let (_, r2, _) = call(
+        &h.app(),
+        as_portal(post(json!({"subject": {"email": "r2@example.com"}, "regulation": "gdpr"}).to_string())),
+    )
+    .await;
+    let r2 = r2["id"].as_str().unwrap().to_owned();
+    assert_eq!(wait_final(&h.app(), &r2).await["status"], "completed");
+    let (_, hold, _) = call(
+        &h.app(),
+        post_json(
+            "/v1/holds",
+            json!({"subject": {"email": "h@example.com"}, "reason": "r", "case_reference": "C-1"}),
+        ),
+    )
+    .await;
+    let hold = hold["id"].as_str().unwrap().to_owned();
+
+    let mut tokens: Vec<(&str, Option<String>)> = vec![
+        ("none", None),
+        ("revoked", Some(h.token("revoked", &Scope::ADMIN).await)),
+        ("portal", Some(portal.clone())),
+    ];
+    for (name, scope) in [
+        ("submit", Scope::RequestsSubmit),
+        ("read", Scope::RequestsRead),
+        ("manage", Scope::RequestsManage),
+        ("holds", Scope::HoldsWrite),
+        ("suppressions", Scope::SuppressionsCheck),
+        ("connector-mail", Scope::Connector("mail".into())),
+    ] {
+        tokens.push((name, Some(h.token(name, &[scope]).await)));
+    }
+    tokens.push(("connector-crm", Some("crm-token".to_owned())));
+    let revoked_id = {
+        let all = h.state().store.list_tokens().await.unwrap();
+        all.into_iter().find(|t| t.name == "revoked").unwrap().id
+    };
+    assert!(h.state().store.revoke_token(&revoked_id, Utc::now()).await.unwrap());
+
+    let subject = json!({"subject": {"email": "m@example.com"}, "regulation": "gdpr"});
+    // (method, path, body, tokens allowed, status when allowed)
+    type Endpoint<'a> = (&'a str, String, Option<Value>, Vec<&'a str>, u16);
+    let endpoints: Vec<Endpoint> = vec![
+        ("POST", "/v1/requests".into(), Some(subject.clone()), vec!["portal", "submit"], 202),
+        (
+            "POST",
+            "/v1/requests:batch".into(),
+            Some(json!({"requests": [{"request": subject}]})),
+            vec!["portal", "submit"],
+            202,
+        ),
+        ("GET", "/v1/requests".into(), None, vec!["portal", "read"], 200),
+        ("GET", format!("/v1/requests/{r2}"), None, vec!["portal", "read"], 200),
+        ("GET", format!("/v1/requests/{r2}/certificate"), None, vec!["portal", "read"], 200),
+        ("POST", format!("/v1/requests/{r1}/systems/crm/retry"), None, vec!["manage"], 202),
+        (
+            "POST",
+            format!("/v1/requests/{r1}/extend"),
+            Some(json!({"reason": "complex"})),
+            vec!["manage"],
+            200,
+        ),
+        ("POST", "/v1/plans:explain".into(), Some(subject.clone()), vec!["read"], 200),
+        (
+            "POST",
+            "/v1/holds".into(),
+            Some(json!({"subject": {"email": "x@example.com"}, "reason": "r", "case_reference": "C"})),
+            vec!["holds"],
+            201,
+        ),
+        ("GET", "/v1/holds".into(), None, vec!["holds"], 200),
+        ("DELETE", format!("/v1/holds/{hold}"), None, vec!["holds"], 200),
+        (
+            "POST",
+            "/v1/suppressions:check".into(),
+            Some(json!({"subjects": [{"email": "r2@example.com"}]})),
+            vec!["suppressions"],
+            200,
+        ),
+        ("GET", "/v1/systems".into(), None, vec!["portal", "submit", "read", "holds"], 200),
+        ("POST", "/v1/connector/keys".into(), Some(json!({"task_id": crm_task})), vec!["connector-crm"], 200),
+        ("GET", "/v1/keys/certificate".into(), None, vec!["*"], 200),
+    ];
+    for (method, path, body, allowed, ok) in &endpoints {
+        for (name, token) in &tokens {
+            let mut req = Request::builder().method(*method).uri(path.as_str());
+            if let Some(t) = token {
+                req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            let req = match body {
+                Some(b) => {
+                    req.header(header::CONTENT_TYPE, "application/json").body(Body::from(b.to_string()))
+                }
+                None => req.body(Body::empty()),
+            }
+            .unwrap();
+            let (status, answer, _) = call(&h.raw(), req).await;
+            let expected = if allowed.contains(&"*") || allowed.contains(name) {
+                *ok
+            } else if matches!(*name, "none" | "revoked") {
+                401
+            } else if path == "/v1/connector/keys" && name.starts_with("connector-") {
+                404 // another system's worker: the task does not exist for it
+            } else {
+                403
+            };
+            assert_eq!(status.as_u16(), expected, "{method} {path} with {name}: {answer}");
+            if expected >= 400 {
+                let detail = answer["detail"].as_str().unwrap_or_default();
+                assert!(
+                    !detail.contains("scope") && !detail.contains("lethe_"),
+                    "no hint for an attacker: {detail}"
+                );
+            }
+        }
+    }
+    // The suppression list: the erased subject is on it (in any spelling),
+    // the failed one and a stranger are not.
+    let check = post_json(
+        "/v1/suppressions:check",
+        json!({"subjects": [{"email": " R2@Example.com"}, {"email": "r1@example.com"}, {"phone": "+442079460958"}]}),
+    );
+    let (status, answer, _) = call(&h.app(), check).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let flags: Vec<bool> =
+        answer["results"].as_array().unwrap().iter().map(|r| r["suppressed"].as_bool().unwrap()).collect();
+    assert_eq!(flags, vec![true, false, false]);
+    let (status, _, _) = call(&h.app(), post_json("/v1/suppressions:check", json!({"subjects": []}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // A portal reads only its own requests: another's is "not found".
+    let (status, _, _) = call(&h.raw(), as_portal(get(&format!("/v1/requests/{r1}")))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, page, _) = call(&h.raw(), as_portal(get("/v1/requests"))).await;
+    let ids: Vec<&str> =
+        page["items"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&r2.as_str()) && !ids.contains(&r1.as_str()), "{page}");
 }

@@ -188,6 +188,29 @@ pub trait StateStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<ExtendResult, StoreError>;
 
+    /// Stores an API token (its digest).
+    async fn create_token(&self, token: NewToken) -> Result<(), StoreError>;
+
+    /// The token with this digest, revoked or not.
+    async fn token_by_digest(&self, digest: &str) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// Every token, oldest first.
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Revokes a token; false if there is no such token in force.
+    async fn revoke_token(&self, id: &str, now: DateTime<Utc>) -> Result<bool, StoreError>;
+
+    /// Which of `subject_hashes` belong to a subject whose erasure was
+    /// answered (completed, or completed with exemptions): the suppression
+    /// list.
+    async fn suppressed(&self, subject_hashes: &[String]) -> Result<Vec<String>, StoreError>;
+
+    /// Certificate signing keys, newest first.
+    async fn signing_keys(&self) -> Result<Vec<SigningKeyRecord>, StoreError>;
+
+    /// Adds a signing key and retires the others.
+    async fn add_signing_key(&self, key: SigningKeyRecord) -> Result<(), StoreError>;
+
     /// Audit events of one request, or all of them, in chain order.
     async fn audit_events(&self, request: Option<RequestId>) -> Result<Vec<AuditEvent>, StoreError>;
 

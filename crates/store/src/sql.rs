@@ -21,6 +21,7 @@ use crate::types::*;
 use crate::{StateStore, StoreError};
 
 mod retention;
+mod tokens;
 
 /// A state store on PostgreSQL or SQLite (see [`Dialect`]).
 #[derive(Debug, Clone)]
@@ -187,12 +188,13 @@ fn request_record(row: &AnyRow) -> Result<RequestRecord, StoreError> {
         key_destroyed_at: opt_time(col(row, "key_destroyed_at")?)?,
         original_due_at: opt_time(col(row, "original_due_at")?)?,
         extension_reason: col(row, "extension_reason")?,
+        submitted_by: col(row, "submitted_by")?,
     })
 }
 
 const REQUEST_COLUMNS: &str =
     "id, regulation, status, received_at, due_at, updated_at, finished_at, external_ref, \
-     key_destroyed_at, original_due_at, extension_reason";
+     key_destroyed_at, original_due_at, extension_reason, submitted_by";
 
 fn task_record(row: &AnyRow) -> Result<TaskRecord, StoreError> {
     let last: Option<String> = col(row, "last_outcome")?;
@@ -456,6 +458,7 @@ impl SqlStore {
                 req.external_ref.clone().into(),
                 req.idempotency_key.clone().into(),
                 req.wrapped_key.clone().into(),
+                req.submitted_by.clone().into(),
             ]);
             for (pos, ident) in req.identifiers.iter().enumerate() {
                 identifiers.push(vec![
@@ -525,6 +528,7 @@ impl SqlStore {
             "external_ref",
             "idempotency_key",
             "wrapped_key",
+            "submitted_by",
         ];
         insert_rows(&mut tx, "requests", &request_columns, requests).await?;
         let identifier_columns = ["request_id", "position", "kind", "sealed", "subject_hash"];
@@ -653,6 +657,10 @@ impl StateStore for SqlStore {
             n += 1;
             sql.push_str(&format!(" AND due_at < ${n} AND status IN ('received', 'in_progress', 'failed')"));
         }
+        if q.submitted_by.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND submitted_by = ${n}"));
+        }
         sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", n + 1));
         let mut query = sqlx::query(&sql);
         if let Some(s) = q.status {
@@ -663,6 +671,9 @@ impl StateStore for SqlStore {
         }
         for t in [q.due_before, q.overdue_at].into_iter().flatten() {
             query = query.bind(ms(t));
+        }
+        if let Some(by) = &q.submitted_by {
+            query = query.bind(by.as_str());
         }
         query
             .bind(i64::from(q.limit.max(1)))
@@ -1290,6 +1301,34 @@ impl StateStore for SqlStore {
         now: DateTime<Utc>,
     ) -> Result<ExtendResult, StoreError> {
         self.extend(id, reason, deadlines, now).await
+    }
+
+    async fn create_token(&self, token: NewToken) -> Result<(), StoreError> {
+        self.insert_token(token).await
+    }
+
+    async fn token_by_digest(&self, digest: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.token_with(digest).await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.tokens().await
+    }
+
+    async fn revoke_token(&self, id: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        self.revoke(id, now).await
+    }
+
+    async fn suppressed(&self, subject_hashes: &[String]) -> Result<Vec<String>, StoreError> {
+        self.suppressed_hashes(subject_hashes).await
+    }
+
+    async fn signing_keys(&self) -> Result<Vec<SigningKeyRecord>, StoreError> {
+        self.keys().await
+    }
+
+    async fn add_signing_key(&self, key: SigningKeyRecord) -> Result<(), StoreError> {
+        self.insert_signing_key(key).await
     }
 
     async fn audit_events(&self, request: Option<RequestId>) -> Result<Vec<AuditEvent>, StoreError> {

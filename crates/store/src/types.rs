@@ -42,6 +42,8 @@ pub struct NewRequest {
     pub identifiers: Vec<NewIdentifier>,
     /// How the portal verified the subject (method and time; no identifier).
     pub verification: Option<serde_json::Value>,
+    /// The API token that submitted it (for `requests:read:own`).
+    pub submitted_by: Option<String>,
     /// One line per system, with the decision per data category.
     pub plan: Vec<PlanItem>,
     /// One task per system; each not held gets an outbox row.
@@ -80,6 +82,8 @@ pub struct RequestRecord {
     /// The due date before the one extension, if the deadline was extended.
     pub original_due_at: Option<DateTime<Utc>>,
     pub extension_reason: Option<String>,
+    /// The API token that submitted it.
+    pub submitted_by: Option<String>,
 }
 
 /// A task row.
@@ -117,6 +121,8 @@ pub struct ListQuery {
     /// Only requests overdue at this instant: past their due date and not
     /// answered (received, in progress or failed).
     pub overdue_at: Option<DateTime<Utc>>,
+    /// Only requests submitted with this token.
+    pub submitted_by: Option<String>,
     pub limit: u32,
 }
 
@@ -253,4 +259,37 @@ pub enum ExtendResult {
     /// The request is already answered; there is nothing to extend.
     Final(RequestStatus),
     Refused(ExtensionRefused),
+}
+
+/// An API token to store (its digest only).
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub id: String,
+    pub name: String,
+    /// Hex SHA-256 of the token text.
+    pub digest: String,
+    pub scopes: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An API token as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub id: String,
+    pub name: String,
+    pub digest: String,
+    pub scopes: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A certificate signing key: the public half in hex, the private half
+/// wrapped by the master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKeyRecord {
+    pub id: String,
+    pub public_key: String,
+    pub wrapped_key: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    pub retired_at: Option<DateTime<Utc>>,
 }

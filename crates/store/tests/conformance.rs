@@ -179,6 +179,7 @@ impl Fixture {
                 sealed: data_key.seal(id, &ident),
             }],
             verification: None,
+            submitted_by: None,
             plan,
             tasks,
         }
@@ -1165,6 +1166,65 @@ async fn list_filters_by_due_date_and_overdue(b: &Backend) {
     );
 }
 
+async fn tokens_suppressions_and_signing_keys(b: &Backend) {
+    use lethe_store::{NewToken, SigningKeyRecord};
+    let s = &b.store;
+    let token = NewToken {
+        id: "t1".into(),
+        name: "portal".into(),
+        digest: "ab".repeat(32),
+        scopes: vec!["requests:submit".into(), "requests:read:own".into()],
+        created_at: t0(),
+    };
+    s.create_token(token).await.unwrap();
+    let found = s.token_by_digest(&"ab".repeat(32)).await.unwrap().unwrap();
+    assert_eq!((found.name.as_str(), found.scopes.len(), found.revoked_at), ("portal", 2, None));
+    assert!(s.token_by_digest(&"cd".repeat(32)).await.unwrap().is_none());
+    assert!(s.revoke_token("t1", t0()).await.unwrap());
+    assert!(!s.revoke_token("t1", t0()).await.unwrap(), "revoked once");
+    assert!(s.token_by_digest(&"ab".repeat(32)).await.unwrap().unwrap().revoked_at.is_some());
+    assert_eq!(s.list_tokens().await.unwrap().len(), 1);
+
+    // Requests remember their submitter; the list can filter by it.
+    let f = Fixture::new();
+    let mut mine = f.request("ada@example.com", &["crm"], None);
+    mine.submitted_by = Some("t1".into());
+    let mine_id = mine.id;
+    s.create_request(mine).await.unwrap();
+    s.create_request(f.request("bob@example.com", &["crm"], None)).await.unwrap();
+    let q = ListQuery { submitted_by: Some("t1".into()), limit: 10, ..Default::default() };
+    let own: Vec<RequestId> = s.list_requests(&q).await.unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(own, vec![mine_id]);
+    assert_eq!(s.request(mine_id).await.unwrap().unwrap().request.submitted_by.as_deref(), Some("t1"));
+
+    // The suppression list holds subjects whose erasure was answered.
+    let ada = f.master.subject_hash(&Identifier::parse(IdentifierKind::Email, "ada@example.com").unwrap());
+    assert!(s.suppressed(std::slice::from_ref(&ada)).await.unwrap().is_empty(), "not yet erased");
+    for item in dispatch_all(s).await {
+        if item.request_id == mine_id {
+            report(s, item.task_id, item.attempt, erased(1)).await;
+        }
+    }
+    assert_eq!(s.suppressed(&[ada.clone(), "ff".repeat(32)]).await.unwrap(), vec![ada]);
+
+    // Signing keys: adding one retires the others; all stay readable.
+    for (id, at) in [("k1", t0()), ("k2", t0() + chrono::Duration::days(1))] {
+        let key = SigningKeyRecord {
+            id: id.into(),
+            public_key: "00".repeat(32),
+            wrapped_key: vec![1, 2, 3],
+            created_at: at,
+            retired_at: None,
+        };
+        s.add_signing_key(key).await.unwrap();
+    }
+    let keys = s.signing_keys().await.unwrap();
+    assert_eq!(keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), vec!["k2", "k1"]);
+    assert!(keys[0].retired_at.is_none() && keys[1].retired_at.is_some());
+    assert_eq!(keys[1].wrapped_key, vec![1, 2, 3]);
+    assert!(matches!(s.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1199,4 +1259,5 @@ suite!(
     a_hold_released_before_its_plan_is_stored_keeps_nothing,
     deadlines_extend_once_before_the_original_due_date,
     list_filters_by_due_date_and_overdue,
+    tokens_suppressions_and_signing_keys,
 );

@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 use super::problem::{Problem, ProblemBody, StrictJson};
 use super::requests::{check_idempotency_key, holds_for, prepare, received, SubmitRequest};
 use super::AppState;
+use crate::auth::{Caller, Scope};
 
 /// Most submissions in one batch.
 pub const MAX_BATCH: usize = 1000;
@@ -69,8 +70,10 @@ pub struct BatchResponse {
 )]
 pub async fn submit_batch(
     State(state): State<AppState>,
+    caller: Caller,
     StrictJson(body): StrictJson<BatchRequest>,
 ) -> Result<(StatusCode, Json<BatchResponse>), Problem> {
+    caller.require(Scope::RequestsSubmit)?;
     if body.requests.is_empty() || body.requests.len() > MAX_BATCH {
         return Err(Problem::invalid(format!("a batch holds 1 to {MAX_BATCH} requests")));
     }
@@ -84,7 +87,7 @@ pub async fn submit_batch(
             .as_deref()
             .map(check_idempotency_key)
             .transpose()
-            .and_then(|key| prepare(&state, item.request, key, &holds));
+            .and_then(|key| prepare(&state, &caller, item.request, key, &holds));
         match prepared {
             Ok(p) => {
                 slots.push(results.len());

@@ -2,7 +2,6 @@
 //! coordinator.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::Json;
 use lethe_core::TaskId;
 use serde::{Deserialize, Serialize};
@@ -10,6 +9,7 @@ use utoipa::ToSchema;
 
 use super::problem::{Problem, ProblemBody, StrictJson};
 use super::AppState;
+use crate::auth::Caller;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -33,15 +33,16 @@ pub struct KeyResponse {
     responses(
         (status = 200, body = KeyResponse),
         (status = 401, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, body = ProblemBody, content_type = "application/problem+json"),
         (status = 404, body = ProblemBody, content_type = "application/problem+json"),
     )
 )]
 pub async fn task_key(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     StrictJson(body): StrictJson<KeyRequest>,
 ) -> Result<Json<KeyResponse>, Problem> {
-    let system = state.connector_tokens.authenticate(&headers)?;
+    let system = caller.connector_system().ok_or_else(crate::auth::forbidden)?;
     let gone = || Problem::not_found("no key for this task: unknown, another system's, or destroyed");
     let task: TaskId = body.task_id.parse().map_err(|_| gone())?;
     let wrapped = state.store.task_key(system, task).await?.ok_or_else(gone)?;

@@ -17,6 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::problem::{Problem, ProblemBody, StrictJson};
 use super::requests::parse_subject;
 use super::AppState;
+use crate::auth::{Caller, Scope};
 
 const MAX_TEXT: usize = 512;
 
@@ -105,8 +106,10 @@ fn check_text(what: &str, value: &str) -> Result<(), Problem> {
 )]
 pub async fn place(
     State(state): State<AppState>,
+    caller: Caller,
     StrictJson(body): StrictJson<PlaceHold>,
 ) -> Result<(StatusCode, Json<HoldView>), Problem> {
+    caller.require(Scope::HoldsWrite)?;
     let identifiers = parse_subject(&body.subject)?;
     check_text("reason", &body.reason)?;
     check_text("case_reference", &body.case_reference)?;
@@ -161,8 +164,10 @@ pub async fn place(
 )]
 pub async fn release(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Released>, Problem> {
+    caller.require(Scope::HoldsWrite)?;
     if uuid::Uuid::parse_str(&id).is_err() {
         return Err(Problem::not_found("no such hold"));
     }
@@ -189,8 +194,10 @@ pub async fn release(
 )]
 pub async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     params: Result<Query<HoldListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<HoldView>>, Problem> {
+    caller.require(Scope::HoldsWrite)?;
     let Query(params) = params.map_err(|_| Problem::invalid("unknown or malformed query parameter"))?;
     let holds = state.store.list_holds(params.all.unwrap_or(false)).await?;
     Ok(Json(holds.into_iter().map(HoldView::from).collect()))

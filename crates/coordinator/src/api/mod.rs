@@ -6,6 +6,7 @@ pub mod connector;
 pub mod holds;
 pub mod plans;
 pub mod problem;
+pub mod proof;
 pub mod requests;
 
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use utoipa::{OpenApi, ToSchema};
 
-use crate::auth::ConnectorTokens;
+use crate::auth::{Caller, ConnectorTokens, Scope};
 use crate::clock::Clock;
 use crate::planner::{Planner, SystemInfo};
 use problem::Problem;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub wake: Arc<Notify>,
     /// Tokens of connector workers running in other processes.
     pub connector_tokens: Arc<ConnectorTokens>,
+    /// Signs erasure certificates.
+    pub certifier: crate::certificate::Certifier,
 }
 
 /// The coordinator's router.
@@ -56,6 +59,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/plans:explain", post(plans::explain))
         .route("/v1/holds", get(holds::list).post(holds::place))
         .route("/v1/holds/{id}", delete(holds::release))
+        .route("/v1/requests/{id}/certificate", get(proof::certificate))
+        .route("/v1/keys/certificate", get(proof::public_keys))
+        .route("/v1/suppressions:check", post(proof::check_suppressions))
         .route("/v1/systems", get(list_systems))
         .route("/v1/connector/keys", post(connector::task_key))
         .route("/healthz", get(healthz))
@@ -73,8 +79,12 @@ pub struct Health {
 
 /// The configured systems.
 #[utoipa::path(get, path = "/v1/systems", tag = "systems", responses((status = 200, body = Vec<SystemInfo>)))]
-async fn list_systems(State(state): State<AppState>) -> Json<Vec<SystemInfo>> {
-    Json(state.planner.systems().to_vec())
+async fn list_systems(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<SystemInfo>>, Problem> {
+    caller.require_any(&[Scope::RequestsRead, Scope::RequestsSubmit, Scope::HoldsWrite])?;
+    Ok(Json(state.planner.systems().to_vec()))
 }
 
 /// Liveness: the process answers.
@@ -108,6 +118,9 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         holds::place,
         holds::release,
         holds::list,
+        proof::certificate,
+        proof::public_keys,
+        proof::check_suppressions,
         connector::task_key,
         list_systems,
         healthz,

@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 use super::problem::{Problem, ProblemBody, StrictJson};
 use super::requests::{check, holds_for, holds_on, SubmitRequest};
 use super::AppState;
+use crate::auth::{Caller, Scope};
 
 /// The plan a request would get now.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -34,8 +35,10 @@ pub struct Explanation {
 )]
 pub async fn explain(
     State(state): State<AppState>,
+    caller: Caller,
     StrictJson(body): StrictJson<SubmitRequest>,
 ) -> Result<Json<Explanation>, Problem> {
+    caller.require(Scope::RequestsRead)?;
     let checked = check(&body)?;
     let index = holds_for(&state, std::iter::once(&body.subject)).await?;
     let holds = holds_on(&state, &checked.identifiers, &index);

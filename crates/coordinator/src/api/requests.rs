@@ -18,6 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::problem::{Problem, ProblemBody, StrictJson};
 use super::AppState;
+use crate::auth::{Caller, Scope};
 use crate::metrics::REQUESTS_RECEIVED_TOTAL;
 
 /// Most identifiers one request may carry.
@@ -220,11 +221,13 @@ pub(crate) fn check_idempotency_key(key: &str) -> Result<String, Problem> {
 )]
 pub async fn submit(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     StrictJson(body): StrictJson<SubmitRequest>,
 ) -> Result<Response, Problem> {
+    caller.require(Scope::RequestsSubmit)?;
     let holds = holds_for(&state, std::iter::once(&body.subject)).await?;
-    let prepared = prepare(&state, body, idempotency_key(&headers)?, &holds)?;
+    let prepared = prepare(&state, &caller, body, idempotency_key(&headers)?, &holds)?;
     let (regulation, initial, due_at) = (prepared.new.regulation, prepared.initial, prepared.new.due_at);
     match state.store.create_request(prepared.new).await? {
         Created::New(id) => {
@@ -309,6 +312,7 @@ pub(crate) fn holds_on(state: &AppState, identifiers: &[Identifier], index: &Hol
 /// the tasks.
 pub(crate) fn prepare(
     state: &AppState,
+    caller: &Caller,
     body: SubmitRequest,
     idempotency: Option<String>,
     holds: &HoldIndex,
@@ -335,6 +339,7 @@ pub(crate) fn prepare(
             .map(|i| NewIdentifier { sealed: key.seal(id, i), subject_hash: state.master.subject_hash(i) })
             .collect(),
         verification: body.verification.map(|v| serde_json::to_value(v).unwrap_or_default()),
+        submitted_by: Some(caller.token_id.clone()),
         plan,
         tasks,
     };
@@ -358,11 +363,10 @@ pub(crate) fn received(id: RequestId, regulation: Regulation) {
 )]
 pub async fn get_request(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<RequestView>, Problem> {
-    let missing = || Problem::not_found("no such request");
-    let id: RequestId = id.parse().map_err(|_| missing())?;
-    let detail = state.store.request(id).await?.ok_or_else(missing)?;
+    let detail = readable_request(&state, &caller, &id).await?;
     let r = detail.request;
     let systems = detail
         .plan
@@ -414,8 +418,11 @@ pub async fn get_request(
 )]
 pub async fn list_requests(
     State(state): State<AppState>,
+    caller: Caller,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<RequestPage>, Problem> {
+    caller.require_any(&[Scope::RequestsRead, Scope::RequestsReadOwn])?;
+    let submitted_by = (!caller.can(&Scope::RequestsRead)).then(|| caller.token_id.clone());
     let Query(params) = params.map_err(|_| Problem::invalid("unknown or malformed query parameter"))?;
     let status = params
         .status
@@ -438,7 +445,7 @@ pub async fn list_requests(
         })
         .transpose()?;
     let overdue_at = params.overdue.unwrap_or(false).then(|| state.clock.now());
-    let query = ListQuery { status, before, due_before, overdue_at, limit };
+    let query = ListQuery { status, before, due_before, overdue_at, submitted_by, limit };
     let rows = state.store.list_requests(&query).await?;
     let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.id.to_string())).flatten();
     Ok(Json(RequestPage { items: rows.into_iter().map(RequestSummary::from).collect(), next_cursor }))
@@ -466,8 +473,10 @@ pub struct RetryAccepted {
 )]
 pub async fn retry_task(
     State(state): State<AppState>,
+    caller: Caller,
     Path((id, system)): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<RetryAccepted>), Problem> {
+    caller.require(Scope::RequestsManage)?;
     let missing = || Problem::not_found("no such request, or it has no task for that system");
     let id: RequestId = id.parse().map_err(|_| missing())?;
     match state.store.retry_task(id, &system, state.clock.now()).await? {
@@ -483,6 +492,26 @@ pub async fn retry_task(
             format!("only a failed task can be retried; this one is {current}"),
         )),
     }
+}
+
+/// A request the caller may read: any with `requests:read`, its own with
+/// `requests:read:own` (another's is "not found", not "forbidden", so that
+/// ids cannot be probed).
+pub(crate) async fn readable_request(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<lethe_store::RequestDetail, Problem> {
+    caller.require_any(&[Scope::RequestsRead, Scope::RequestsReadOwn])?;
+    let missing = || Problem::not_found("no such request");
+    let id: RequestId = id.parse().map_err(|_| missing())?;
+    let detail = state.store.request(id).await?.ok_or_else(missing)?;
+    if !caller.can(&Scope::RequestsRead)
+        && detail.request.submitted_by.as_deref() != Some(caller.token_id.as_str())
+    {
+        return Err(missing());
+    }
+    Ok(detail)
 }
 
 /// Whether a request has been answered (its legal deadline no longer runs).
@@ -522,9 +551,11 @@ pub struct Extended {
 )]
 pub async fn extend(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     StrictJson(body): StrictJson<ExtendBody>,
 ) -> Result<Json<Extended>, Problem> {
+    caller.require(Scope::RequestsManage)?;
     let missing = || Problem::not_found("no such request");
     let id: RequestId = id.parse().map_err(|_| missing())?;
     if body.reason.trim().is_empty() {

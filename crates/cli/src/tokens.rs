@@ -1,0 +1,130 @@
+//! API tokens: `lethe token create|list|revoke` (on the state store
+//! directly, so that the first token can be made before any server runs)
+//! and the administrator's token at start-up.
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use lethe_coordinator::auth::{digest, new_token};
+use lethe_coordinator::Scope;
+use lethe_store::{NewToken, StateStore};
+
+use crate::config::{resolve_placeholders, Config};
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; it is printed once and stored only as a digest.
+    Create {
+        /// What the token is for, e.g. "self-service portal".
+        #[arg(long)]
+        name: String,
+        /// A scope (repeatable): requests:submit, requests:read:own,
+        /// requests:read, requests:manage, holds:write, suppressions:check,
+        /// connector:<system>; or `admin` for every non-connector scope.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
+    /// List tokens (never their values).
+    List,
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+pub async fn run(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
+    let store = open(config).await?;
+    match command {
+        TokenCommand::Create { name, scopes } => {
+            let scopes = parse_scopes(config, &scopes)?;
+            let token = create(store.as_ref(), &name, &scopes).await?;
+            println!("{token}");
+            eprintln!("token created for {name:?} with scopes {}; it is not shown again", join(&scopes));
+        }
+        TokenCommand::List => {
+            println!("{:<36}  {:<24} {:<8} SCOPES", "ID", "NAME", "STATE");
+            for t in store.list_tokens().await? {
+                let state = if t.revoked_at.is_some() { "revoked" } else { "active" };
+                println!("{:<36}  {:<24} {:<8} {}", t.id, t.name, state, t.scopes.join(" "));
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            if !store.revoke_token(&id, chrono::Utc::now()).await? {
+                bail!("no active token with id {id:?}");
+            }
+            println!("token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+async fn open(config: &Config) -> anyhow::Result<std::sync::Arc<dyn StateStore>> {
+    let url = resolve_placeholders(&config.store.url).context("store.url")?;
+    lethe_store::connect(&url).await.context("cannot open the state store")
+}
+
+fn join(scopes: &[Scope]) -> String {
+    scopes.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+}
+
+fn parse_scopes(config: &Config, given: &[String]) -> anyhow::Result<Vec<Scope>> {
+    let mut scopes = Vec::new();
+    for s in given {
+        if s == "admin" {
+            scopes.extend(Scope::ADMIN);
+            continue;
+        }
+        let scope: Scope = s.parse().map_err(anyhow::Error::msg)?;
+        if let Scope::Connector(system) = &scope {
+            config.system(system)?;
+        }
+        scopes.push(scope);
+    }
+    scopes.dedup();
+    Ok(scopes)
+}
+
+/// Stores a new token with `scopes` and returns its text.
+pub async fn create(store: &dyn StateStore, name: &str, scopes: &[Scope]) -> anyhow::Result<String> {
+    let token = new_token();
+    store.create_token(record(name, &token, scopes)).await?;
+    Ok(token)
+}
+
+fn record(name: &str, token: &str, scopes: &[Scope]) -> NewToken {
+    NewToken {
+        id: uuid::Uuid::now_v7().to_string(),
+        name: name.to_owned(),
+        digest: digest(token),
+        scopes: scopes.iter().map(ToString::to_string).collect(),
+        created_at: chrono::Utc::now(),
+    }
+}
+
+/// The administrator's token at start-up: the configured one is stored (as
+/// a digest) if it is not yet; without one, a store with no administrator's
+/// token in force gets a new one, printed once.
+pub async fn bootstrap_admin(config: &Config, store: &dyn StateStore) -> anyhow::Result<()> {
+    if let Some(configured) = &config.server.admin_token {
+        let token = resolve_placeholders(configured).context("server.admin_token")?;
+        if token.len() < 32 {
+            bail!("server.admin_token must be at least 32 characters");
+        }
+        if store.token_by_digest(&digest(&token)).await?.is_none() {
+            store.create_token(record("admin (configured)", &token, &Scope::ADMIN)).await?;
+        }
+        return Ok(());
+    }
+    let admin: Vec<String> = Scope::ADMIN.iter().map(ToString::to_string).collect();
+    let has_admin = store
+        .list_tokens()
+        .await?
+        .iter()
+        .any(|t| t.revoked_at.is_none() && admin.iter().all(|s| t.scopes.contains(s)));
+    if !has_admin {
+        let token = create(store, "admin (first start)", &Scope::ADMIN).await?;
+        println!(
+            "\nCreated the first administrator token. It is shown only now and stored as a digest:\n\n    {token}\n\n\
+             Use it as `export LETHE_TOKEN={token}` for the lethe commands, or as\n\
+             `Authorization: Bearer …`; make narrower ones with `lethe token create`.\n"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,309 @@
+//! Erasure certificates: a signed, identifier-free summary of a finished
+//! request that anyone holding the public key can verify.
+//!
+//! A certificate is `{"payload": {...}, "signature": {"algorithm":
+//! "Ed25519", "key_id", "value"}}`. The signature covers the canonical form
+//! of `payload`: JSON with object keys sorted by code point, no insignificant
+//! whitespace (RFC 8785 for the values a certificate holds: strings,
+//! integers, booleans, null). Signing keys live in the state store, wrapped
+//! by the master key; a rotated key is retired, not deleted, and stays
+//! published so that the certificates it signed still verify.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use lethe_core::{DataKey, MasterKey, Outcome, RequestStatus};
+use lethe_store::{RequestDetail, SigningKeyRecord, StateStore, StoreError};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// The `format` of certificates this build writes.
+pub const FORMAT: &str = "lethe-erasure-certificate/1";
+
+/// A signed certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    /// What is certified; no identifier.
+    #[schema(value_type = Object)]
+    pub payload: Value,
+    pub signature: SignatureInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignatureInfo {
+    /// `Ed25519`.
+    pub algorithm: String,
+    /// The signing key's id (see `GET /v1/keys/certificate`).
+    pub key_id: String,
+    /// Base64 (standard, padded) of the 64-byte signature.
+    pub value: String,
+}
+
+/// A published verification key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PublicKey {
+    pub key_id: String,
+    /// `Ed25519`.
+    pub algorithm: String,
+    /// Hex of the 32-byte public key.
+    pub public_key: String,
+    pub created_at: DateTime<Utc>,
+    /// Set once a newer key signs; certificates it signed still verify.
+    pub retired_at: Option<DateTime<Utc>>,
+}
+
+/// The certificate public keys, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PublicKeys {
+    pub keys: Vec<PublicKey>,
+}
+
+/// Why a certificate does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("the certificate is not a valid certificate document: {0}")]
+    Malformed(String),
+    #[error("no public key with id {0:?} was given")]
+    UnknownKey(String),
+    #[error(
+        "the signature does not match the content: the certificate was altered or signed by another key"
+    )]
+    BadSignature,
+}
+
+/// The canonical JSON text of `v`: keys sorted, no whitespace.
+pub fn canonical(v: &Value) -> String {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let fields: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical(&map[k])))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        Value::Array(items) => format!("[{}]", items.iter().map(canonical).collect::<Vec<_>>().join(",")),
+        other => other.to_string(),
+    }
+}
+
+/// Verifies `certificate` with one of `keys`.
+pub fn verify(certificate: &Certificate, keys: &[PublicKey]) -> Result<(), VerifyError> {
+    let sig = &certificate.signature;
+    if sig.algorithm != "Ed25519" {
+        return Err(VerifyError::Malformed(format!("unsupported algorithm {:?}", sig.algorithm)));
+    }
+    let key = keys
+        .iter()
+        .find(|k| k.key_id == sig.key_id)
+        .ok_or_else(|| VerifyError::UnknownKey(sig.key_id.clone()))?;
+    let public: [u8; 32] = hex::decode(&key.public_key)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| VerifyError::Malformed("public key is not 32 hex-encoded bytes".into()))?;
+    let public =
+        VerifyingKey::from_bytes(&public).map_err(|_| VerifyError::Malformed("invalid public key".into()))?;
+    let bytes: [u8; 64] = base64::engine::general_purpose::STANDARD
+        .decode(&sig.value)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| VerifyError::Malformed("signature is not 64 base64-encoded bytes".into()))?;
+    public
+        .verify_strict(canonical(&certificate.payload).as_bytes(), &Signature::from_bytes(&bytes))
+        .map_err(|_| VerifyError::BadSignature)
+}
+
+/// Signs certificates with the current key of the state store.
+#[derive(Clone)]
+pub struct Certifier {
+    store: Arc<dyn StateStore>,
+    master: MasterKey,
+}
+
+impl Certifier {
+    pub fn new(store: Arc<dyn StateStore>, master: MasterKey) -> Self {
+        Self { store, master }
+    }
+
+    /// Creates the first signing key if there is none.
+    pub async fn ensure_key(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        if self.store.signing_keys().await?.is_empty() {
+            self.rotate(now).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds a new signing key; the previous ones are retired but stay
+    /// published. Returns the new key's id.
+    pub async fn rotate(&self, now: DateTime<Utc>) -> Result<String, StoreError> {
+        let mut secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut secret);
+        let signing = SigningKey::from_bytes(&secret);
+        let wrapped =
+            self.master.wrap(&DataKey::from_bytes(&secret).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        secret.fill(0);
+        let id = format!("cert-{}", uuid::Uuid::now_v7().simple());
+        let record = SigningKeyRecord {
+            id: id.clone(),
+            public_key: hex::encode(signing.verifying_key().as_bytes()),
+            wrapped_key: wrapped,
+            created_at: now,
+            retired_at: None,
+        };
+        self.store.add_signing_key(record).await?;
+        Ok(id)
+    }
+
+    pub async fn public_keys(&self) -> Result<PublicKeys, StoreError> {
+        let keys = self.store.signing_keys().await?;
+        Ok(PublicKeys {
+            keys: keys
+                .into_iter()
+                .map(|k| PublicKey {
+                    key_id: k.id,
+                    algorithm: "Ed25519".into(),
+                    public_key: k.public_key,
+                    created_at: k.created_at,
+                    retired_at: k.retired_at,
+                })
+                .collect(),
+        })
+    }
+
+    /// The signed certificate of a request that has been answered.
+    pub async fn certify(
+        &self,
+        detail: &RequestDetail,
+        now: DateTime<Utc>,
+    ) -> Result<Certificate, StoreError> {
+        let current = self
+            .store
+            .signing_keys()
+            .await?
+            .into_iter()
+            .find(|k| k.retired_at.is_none())
+            .ok_or_else(|| StoreError::Corrupt("no certificate signing key".into()))?;
+        let secret =
+            self.master.unwrap(&current.wrapped_key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let signing = SigningKey::from_bytes(secret.as_bytes());
+        let audit = self.store.audit_events(Some(detail.request.id)).await?;
+        let payload = payload(detail, audit.last().map(|e| (e.seq, e.hash.as_str())), now);
+        let signature = signing.sign(canonical(&payload).as_bytes());
+        Ok(Certificate {
+            payload,
+            signature: SignatureInfo {
+                algorithm: "Ed25519".into(),
+                key_id: current.id,
+                value: base64::engine::general_purpose::STANDARD.encode(signature.to_bytes()),
+            },
+        })
+    }
+}
+
+/// Whether a request's certificate can be issued.
+pub fn certifiable(status: RequestStatus) -> bool {
+    matches!(status, RequestStatus::Completed | RequestStatus::CompletedWithExemptions)
+}
+
+fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, now: DateTime<Utc>) -> Value {
+    let r = &detail.request;
+    let systems: Vec<Value> = detail
+        .plan
+        .iter()
+        .map(|p| {
+            let task = detail.tasks.iter().find(|t| t.system == p.system);
+            let outcome = task.and_then(|t| t.last_outcome.as_ref());
+            let (datasets, retained) = match outcome {
+                Some(Outcome::Erased { datasets, .. }) => (json!(datasets), json!([])),
+                Some(Outcome::RetainedInPart { datasets, retained, .. }) => (json!(datasets), json!(retained)),
+                _ => (json!([]), json!([])),
+            };
+            let categories: Vec<Value> = p
+                .categories
+                .iter()
+                .map(|c| {
+                    json!({
+                        "category": c.category,
+                        "action": c.action,
+                        "rule": c.rule,
+                        "basis": c.basis,
+                        "legal_hold": c.hold.as_ref().map(|h| &h.case_reference),
+                    })
+                })
+                .collect();
+            json!({
+                "system": p.system,
+                "action": p.action,
+                "state": task.map(|t| t.state),
+                "outcome": outcome.map(|o| match o {
+                    Outcome::Erased { .. } => "erased",
+                    Outcome::NotFound { .. } => "not_found",
+                    Outcome::RetainedInPart { .. } => "retained_in_part",
+                    Outcome::Failed { .. } => "failed",
+                    Outcome::Accepted { .. } => "accepted",
+                }),
+                "datasets": datasets,
+                "retained": retained,
+                "verification": {"verified": outcome.and_then(Outcome::residual).is_some(), "residual": outcome.and_then(Outcome::residual)},
+                "categories": categories,
+            })
+        })
+        .collect();
+    json!({
+        "format": FORMAT,
+        "request_id": r.id.to_string(),
+        "regulation": r.regulation,
+        "status": r.status,
+        "received_at": r.received_at,
+        "due_at": r.due_at,
+        "original_due_at": r.original_due_at,
+        "finished_at": r.finished_at,
+        "key_destroyed_at": r.key_destroyed_at,
+        "issued_at": now,
+        "systems": systems,
+        "audit": audit.map(|(seq, hash)| json!({"last_event": seq, "hash": hash})),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_form_sorts_keys_and_drops_whitespace() {
+        let v: Value = serde_json::from_str(r#"{ "b": [1, {"z": null, "a": "é\n"}], "a": true }"#).unwrap();
+        assert_eq!(canonical(&v), r#"{"a":true,"b":[1,{"a":"é\n","z":null}]}"#);
+    }
+
+    #[test]
+    fn a_signature_verifies_and_any_change_breaks_it() {
+        let signing = SigningKey::from_bytes(&[7u8; 32]);
+        let payload = json!({"request_id": "r1", "systems": [{"system": "shop", "deleted": 3}]});
+        let value = base64::engine::general_purpose::STANDARD
+            .encode(signing.sign(canonical(&payload).as_bytes()).to_bytes());
+        let cert = Certificate {
+            payload,
+            signature: SignatureInfo { algorithm: "Ed25519".into(), key_id: "k1".into(), value },
+        };
+        let key = PublicKey {
+            key_id: "k1".into(),
+            algorithm: "Ed25519".into(),
+            public_key: hex::encode(signing.verifying_key().as_bytes()),
+            created_at: Utc::now(),
+            retired_at: None,
+        };
+        assert_eq!(verify(&cert, std::slice::from_ref(&key)), Ok(()));
+        let mut changed = cert.clone();
+        changed.payload["systems"][0]["deleted"] = json!(4);
+        assert_eq!(verify(&changed, std::slice::from_ref(&key)), Err(VerifyError::BadSignature));
+        let mut other = key.clone();
+        other.key_id = "k2".into();
+        assert!(matches!(verify(&cert, &[other]), Err(VerifyError::UnknownKey(_))));
+    }
+}
