@@ -265,6 +265,10 @@ async fn systems_health_readiness_and_openapi() {
     }
     assert!(doc["components"]["schemas"].get("SubmitRequest").is_some());
     assert!(doc["components"]["schemas"].get("Outcome").is_some());
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    assert_eq!(doc["paths"]["/v1/requests"]["post"]["security"][0]["bearer"][0], "requests:submit");
+    assert_eq!(doc["paths"]["/v1/holds/{id}"]["delete"]["security"][0]["bearer"][0], "holds:write");
+    assert!(doc["paths"]["/v1/keys/certificate"]["get"].get("security").is_none(), "public");
 }
 
 /// An in-memory connector: a map of subject → records, failing a given

@@ -59,7 +59,7 @@ pub struct BatchResponse {
 /// Submit many erasure requests. Invalid items are refused one by one;
 /// the valid ones are written in one transaction.
 #[utoipa::path(
-    post, path = "/v1/requests:batch", tag = "requests",
+    post, path = "/v1/requests:batch", tag = "requests", security(("bearer" = ["requests:submit"])),
     request_body = BatchRequest,
     responses(
         (status = 202, body = BatchResponse),

@@ -27,9 +27,8 @@ pub struct KeyResponse {
 /// The data key for a task of the caller's system. 404 when the task is
 /// unknown, belongs to another system, or its request's key was destroyed.
 #[utoipa::path(
-    post, path = "/v1/connector/keys", tag = "connectors",
+    post, path = "/v1/connector/keys", tag = "connectors", security(("bearer" = ["connector:<system>"])),
     request_body = KeyRequest,
-    security(("connector_token" = [])),
     responses(
         (status = 200, body = KeyResponse),
         (status = 401, body = ProblemBody, content_type = "application/problem+json"),

@@ -97,7 +97,7 @@ fn check_text(what: &str, value: &str) -> Result<(), Problem> {
 
 /// Place a legal hold on a subject.
 #[utoipa::path(
-    post, path = "/v1/holds", tag = "holds",
+    post, path = "/v1/holds", tag = "holds", security(("bearer" = ["holds:write"])),
     request_body = PlaceHold,
     responses(
         (status = 201, body = HoldView),
@@ -154,7 +154,7 @@ pub async fn place(
 
 /// Release a legal hold; what it kept is erased by the tasks it resumes.
 #[utoipa::path(
-    delete, path = "/v1/holds/{id}", tag = "holds",
+    delete, path = "/v1/holds/{id}", tag = "holds", security(("bearer" = ["holds:write"])),
     params(("id" = String, Path, description = "Hold id")),
     responses(
         (status = 200, body = Released),
@@ -188,7 +188,7 @@ pub async fn release(
 
 /// Legal holds, newest first.
 #[utoipa::path(
-    get, path = "/v1/holds", tag = "holds",
+    get, path = "/v1/holds", tag = "holds", security(("bearer" = ["holds:write"])),
     params(HoldListParams),
     responses((status = 200, body = Vec<HoldView>))
 )]

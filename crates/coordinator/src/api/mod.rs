@@ -78,7 +78,7 @@ pub struct Health {
 }
 
 /// The configured systems.
-#[utoipa::path(get, path = "/v1/systems", tag = "systems", responses((status = 200, body = Vec<SystemInfo>)))]
+#[utoipa::path(get, path = "/v1/systems", tag = "systems", security(("bearer" = ["requests:read"]), ("bearer" = ["requests:submit"]), ("bearer" = ["holds:write"])), responses((status = 200, body = Vec<SystemInfo>)))]
 async fn list_systems(
     State(state): State<AppState>,
     caller: Caller,
@@ -105,8 +105,25 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
+/// Declares the bearer-token scheme; each operation lists the scopes that
+/// grant it (any one of them suffices).
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some("An API token (`lethe token create`) or a system's connector token"))
+            .build();
+        components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
+    modifiers(&BearerAuth),
     info(title = "Lethe", description = "Right-to-be-forgotten erasure orchestrator"),
     paths(
         requests::submit,

@@ -26,7 +26,7 @@ pub struct Explanation {
 
 /// Explain the plan for a request body (dry run: nothing is created).
 #[utoipa::path(
-    post, path = "/v1/plans:explain", tag = "requests",
+    post, path = "/v1/plans:explain", tag = "requests", security(("bearer" = ["requests:read"])),
     request_body = SubmitRequest,
     responses(
         (status = 200, body = Explanation),

@@ -20,7 +20,7 @@ pub const MAX_SUBJECTS: usize = 1000;
 
 /// The signed erasure certificate of an answered request.
 #[utoipa::path(
-    get, path = "/v1/requests/{id}/certificate", tag = "proof",
+    get, path = "/v1/requests/{id}/certificate", tag = "proof", security(("bearer" = ["requests:read"]), ("bearer" = ["requests:read:own"])),
     params(("id" = String, Path, description = "Request id")),
     responses(
         (status = 200, body = Certificate),
@@ -76,7 +76,7 @@ pub struct SuppressionAnswer {
 /// pipelines that restore backups or re-import data. Subjects are compared
 /// by keyed hash only.
 #[utoipa::path(
-    post, path = "/v1/suppressions:check", tag = "proof",
+    post, path = "/v1/suppressions:check", tag = "proof", security(("bearer" = ["suppressions:check"])),
     request_body = SuppressionCheck,
     responses(
         (status = 200, body = SuppressionAnswer),

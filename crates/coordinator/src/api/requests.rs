@@ -208,7 +208,7 @@ pub(crate) fn check_idempotency_key(key: &str) -> Result<String, Problem> {
 
 /// Submit an erasure request.
 #[utoipa::path(
-    post, path = "/v1/requests", tag = "requests",
+    post, path = "/v1/requests", tag = "requests", security(("bearer" = ["requests:submit"])),
     request_body = SubmitRequest,
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried submission return the same request")),
     responses(
@@ -354,7 +354,7 @@ pub(crate) fn received(id: RequestId, regulation: Regulation) {
 
 /// A request with each system's action, state, attempts and outcome.
 #[utoipa::path(
-    get, path = "/v1/requests/{id}", tag = "requests",
+    get, path = "/v1/requests/{id}", tag = "requests", security(("bearer" = ["requests:read"]), ("bearer" = ["requests:read:own"])),
     params(("id" = String, Path, description = "Request id")),
     responses(
         (status = 200, body = RequestView),
@@ -409,7 +409,7 @@ pub async fn get_request(
 
 /// Requests, newest first, with cursor pagination.
 #[utoipa::path(
-    get, path = "/v1/requests", tag = "requests",
+    get, path = "/v1/requests", tag = "requests", security(("bearer" = ["requests:read"]), ("bearer" = ["requests:read:own"])),
     params(ListParams),
     responses(
         (status = 200, body = RequestPage),
@@ -463,7 +463,7 @@ pub struct RetryAccepted {
 /// Run a failed task again (operators). The task gets a fresh attempt
 /// budget; a failed request is reopened.
 #[utoipa::path(
-    post, path = "/v1/requests/{id}/systems/{system}/retry", tag = "requests",
+    post, path = "/v1/requests/{id}/systems/{system}/retry", tag = "requests", security(("bearer" = ["requests:manage"])),
     params(("id" = String, Path, description = "Request id"), ("system" = String, Path, description = "System name")),
     responses(
         (status = 202, body = RetryAccepted),
@@ -539,7 +539,7 @@ pub struct Extended {
 /// its regulation's extension (GDPR +2 months, CCPA/VCDPA +45 days,
 /// PIPEDA +30 days; LGPD allows none).
 #[utoipa::path(
-    post, path = "/v1/requests/{id}/extend", tag = "requests",
+    post, path = "/v1/requests/{id}/extend", tag = "requests", security(("bearer" = ["requests:manage"])),
     request_body = ExtendBody,
     params(("id" = String, Path, description = "Request id")),
     responses(
