@@ -26,7 +26,9 @@ use support::kafka::{
     assert_applied_once, assert_completed, assert_erased_everywhere, produce, read_topic, read_topics,
     settle_group, state_counts, state_pool, subject_of, topics, ConnectorWorker, KafkaSetup,
 };
-use support::{free_port, generated_people, submit_many, wait_all_final, Lab, LabOptions, Server, StateKind};
+use support::{
+    describe, free_port, generated_people, submit_many, wait_all_final, Lab, LabOptions, Server, StateKind,
+};
 
 /// How long a batch may take to complete.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -188,6 +190,43 @@ async fn malformed_result_goes_to_the_dlq_and_ingest_continues() {
     assert_completed(&all_views, &all, &lab.people, &["shop", "newsletter"]);
     assert_erased_everywhere(&lab, &BTreeSet::from([1, 2])).await;
     assert_applied_once(&lab, &all, 2).await;
+
+    // Operators list and replay the dead letters. Replay republishes what
+    // decodes (the orphan result, dead-lettered again since its task is
+    // still unknown) and skips the rest; each letter is replayed once.
+    let dlq = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(support::LETHE);
+        cmd.arg("dlq").args(args).args(["--config", lab.config.to_str().unwrap()]).envs(lab.child_env());
+        cmd.env("LETHE_LOG", "warn");
+        async move { cmd.output().await.expect("run lethe dlq") }
+    };
+    let out = dlq(&["list"]).await;
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && listed.starts_with("2 dead letters"), "{}", describe(&out));
+    assert!(listed.contains("unknown task") && listed.contains(&k.results()), "{listed}");
+    let out = dlq(&["replay", "--dry-run"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("would replay 1 results; skipped 1"),
+        "{}",
+        describe(&out)
+    );
+    let out = dlq(&["replay"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("replayed 1 results; skipped 1"),
+        "{}",
+        describe(&out)
+    );
+    let waiting = Instant::now();
+    while read_topic(&k.brokers, &k.dlq()).await.len() < 3 {
+        assert!(waiting.elapsed() < Duration::from_secs(30), "the replayed orphan is dead-lettered again");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let out = dlq(&["replay"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("replayed 1 results; skipped 0"),
+        "{}",
+        describe(&out)
+    );
     eprintln!("done in {:?}", started.elapsed());
 }
 

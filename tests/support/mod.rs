@@ -378,6 +378,11 @@ pub struct LabOptions {
     pub task_timeout_secs: Option<u64>,
     /// `[dispatcher] lease_secs`.
     pub lease_secs: Option<u64>,
+    /// TOML appended to the config file (e.g. `[[webhooks]]` entries).
+    pub extra_config: String,
+    /// More variables for every `lethe` process (for the placeholders of
+    /// `extra_config`).
+    pub extra_env: Vec<(String, String)>,
 }
 
 /// Everything one test's server needs: a temporary directory, the
@@ -477,6 +482,7 @@ impl Lab {
             env.push(("LETHE_TEST_MASTER_KEY".into(), key.clone()));
         }
         env.push(("LETHE_TEST_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()));
+        env.extend(self.options.extra_env.iter().cloned());
         env
     }
 
@@ -608,7 +614,8 @@ name = "email_events"
 parent = {{ table = "subscribers", column = "subscriber_id", references = "id" }}
 action = "delete"
 category = "analytics.events"
-{archive}"#,
+{archive}{extra}"#,
+            extra = self.options.extra_config,
             shop_token = token("shop"),
             news_token = token("newsletter"),
             listen = self.listen,

@@ -64,6 +64,10 @@ pub struct ResultMessage {
     /// Free-form name of the worker instance, for operators.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
+    /// The `issued_at` of the task message answered, echoed so that the
+    /// coordinator can measure dispatch-to-outcome latency (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_issued_at: Option<DateTime<Utc>>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(raw: &[u8], version: impl Fn(&T) -> u32) -> Result<T, Undecodable> {
@@ -132,6 +136,7 @@ mod tests {
             outcome: Outcome::NotFound { residual: Some(0) },
             reported_at: Utc::now(),
             worker: None,
+            task_issued_at: None,
         };
         assert_eq!(ResultMessage::decode(&msg.encode()).unwrap(), msg);
         let err = ResultMessage::decode(b"{not json").unwrap_err();

@@ -13,11 +13,12 @@ use rand::RngCore;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::consumer::{Consumer as _, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
 use serde::Deserialize;
 
 use crate::{Bus, BusError, Consumer, Delivery, Position, ResultMessage, TaskMessage};
@@ -215,10 +216,12 @@ impl KafkaBus {
     }
 
     fn consumer(&self, group: &str, topic: &str) -> Result<KafkaConsumer, BusError> {
-        let consumer: StreamConsumer = self
+        let consumer: StreamConsumer<LagContext> = self
             .config
             .client()
             .set("group.id", group)
+            // librdkafka's statistics carry each partition's consumer lag.
+            .set("statistics.interval.ms", "10000")
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
@@ -226,7 +229,7 @@ impl KafkaBus {
             .set("enable.partition.eof", "false")
             // Bounded prefetch: librdkafka's default queues up to 64 MiB.
             .set("queued.max.messages.kbytes", "8192")
-            .create()
+            .create_with_context(LagContext { group: group.to_owned() })
             .map_err(|e| BusError::Config(e.to_string()))?;
         consumer.subscribe(&[topic]).map_err(unavailable)?;
         Ok(KafkaConsumer { consumer, topic: topic.to_owned() })
@@ -240,9 +243,36 @@ fn headers(request: uuid::Uuid) -> OwnedHeaders {
         .insert(Header { key: "content-type", value: Some("application/json") })
 }
 
+/// Gauge of the messages a consumer group has yet to read, by `group`,
+/// `topic` and `partition`, from librdkafka's statistics.
+pub const CONSUMER_LAG: &str = "lethe_kafka_consumer_lag";
+
+/// Publishes each assigned partition's consumer lag; librdkafka's own log
+/// goes where the default context sends it.
+pub struct LagContext {
+    group: String,
+}
+
+impl ClientContext for LagContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if p.partition < 0 || p.consumer_lag < 0 {
+                    continue; // the internal partition, or not assigned here
+                }
+                metrics::gauge!(CONSUMER_LAG, "group" => self.group.clone(), "topic" => topic.clone(),
+                    "partition" => partition.to_string())
+                .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LagContext {}
+
 /// One subscription of a consumer group.
 pub struct KafkaConsumer {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<LagContext>,
     topic: String,
 }
 
@@ -347,5 +377,75 @@ impl Bus for KafkaBus {
 
     fn is_durable(&self) -> bool {
         true
+    }
+}
+
+/// A message of the dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub partition: i32,
+    pub offset: i64,
+    /// The topic it was read from when it was dead-lettered.
+    pub source: String,
+    /// Why, e.g. "invalid envelope: …" or "result refers to an unknown task".
+    pub reason: String,
+    pub payload: Vec<u8>,
+}
+
+impl KafkaBus {
+    /// Reads the dead letters that consumer group `group` has not yet
+    /// handled, until none arrives for `idle`. With `commit`, the group's
+    /// offsets move past what was read, so each letter is handled once.
+    pub async fn dead_letters(
+        &self,
+        group: &str,
+        idle: Duration,
+        commit: bool,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        use futures::StreamExt as _;
+        let topic = self.names.dlq();
+        let consumer: StreamConsumer = self
+            .config
+            .client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(|e| BusError::Config(e.to_string()))?;
+        consumer.subscribe(&[topic.as_str()]).map_err(unavailable)?;
+        let mut letters = Vec::new();
+        let mut stream = consumer.stream();
+        // The first message may take a group rebalance to arrive.
+        let mut wait = idle.max(Duration::from_secs(10));
+        while let Ok(Some(next)) = tokio::time::timeout(wait, stream.next()).await {
+            let m = next.map_err(unavailable)?;
+            let header = |name: &str| {
+                m.headers()
+                    .and_then(|h| h.iter().find(|h| h.key == name))
+                    .and_then(|h| h.value.and_then(|v| std::str::from_utf8(v).ok()))
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            letters.push(DeadLetter {
+                partition: m.partition(),
+                offset: m.offset(),
+                source: header("lethe-dlq-source"),
+                reason: header("lethe-dlq-reason"),
+                payload: m.payload().unwrap_or_default().to_vec(),
+            });
+            wait = idle;
+        }
+        drop(stream);
+        if commit && !letters.is_empty() {
+            consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync).map_err(unavailable)?;
+        }
+        Ok(letters)
+    }
+
+    /// Publishes a dead-lettered result to the results topic again, for the
+    /// coordinator's ingest to apply (idempotently) or dead-letter anew.
+    pub async fn replay_result(&self, result: &ResultMessage) -> Result<(), BusError> {
+        self.publish_result(result).await
     }
 }

@@ -54,6 +54,9 @@ pub struct Config {
     /// `[deadlines.gdpr] response = "1m", extension = "2m"`.
     #[serde(default)]
     pub deadlines: std::collections::BTreeMap<lethe_core::Regulation, lethe_core::DeadlineRule>,
+    /// Webhook endpoints of self-service portals: `[[webhooks]]` entries.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
     /// The directory relative paths are resolved from: the config file's,
     /// or the working directory for the embedded default.
     #[serde(skip)]
@@ -315,6 +318,134 @@ impl SystemConfig {
     }
 }
 
+/// A webhook endpoint: it receives request events, signed with its secret
+/// (`Lethe-Signature` header), retried with backoff.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Unique name: lower-case letters, digits, `-` and `_`. Names the
+    /// endpoint in the delivery log and keys its position in the event
+    /// stream (renaming it starts a new stream from the present).
+    pub name: String,
+    /// Where events are POSTed: an `https://` (or `http://`) URL; may be `${ENV_VAR}`.
+    pub url: String,
+    /// The signing secret, written as `${ENV_VAR}`; at least 16 characters.
+    pub secret: String,
+    /// The events it receives (`request.received`, `request.extended`,
+    /// `request.completed`, `request.completed_with_exemptions`,
+    /// `request.failed`); all of them when left out.
+    #[serde(default)]
+    pub events: Option<Vec<lethe_coordinator::webhooks::EventType>>,
+    /// Add the request's identifiers to the payload. Only possible while
+    /// the request's data key exists (never in `request.completed` or
+    /// `request.completed_with_exemptions`); off by default.
+    #[serde(default)]
+    pub include_identifiers: bool,
+    /// Attempts per event before it is given up (logged as such).
+    #[serde(default = "WebhookConfig::default_max_attempts")]
+    pub max_attempts: u32,
+    /// Seconds one attempt may take.
+    #[serde(default = "WebhookConfig::default_timeout_secs")]
+    pub timeout_secs: u64,
+    /// Delay before the second attempt, in milliseconds; doubled, with
+    /// jitter, for each further one.
+    #[serde(default = "WebhookConfig::default_initial_delay_ms")]
+    pub retry_initial_delay_ms: u64,
+    /// Upper bound of the delay between attempts, in milliseconds.
+    #[serde(default = "WebhookConfig::default_max_delay_ms")]
+    pub retry_max_delay_ms: u64,
+}
+
+impl WebhookConfig {
+    const fn default_max_attempts() -> u32 {
+        8
+    }
+    const fn default_timeout_secs() -> u64 {
+        10
+    }
+    const fn default_initial_delay_ms() -> u64 {
+        1_000
+    }
+    const fn default_max_delay_ms() -> u64 {
+        300_000
+    }
+
+    /// Checks what can be checked before placeholders are resolved.
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.url.contains("${") {
+            check_webhook_url(&self.url)?;
+        }
+        if self.secret.trim().is_empty() {
+            bail!("`secret` is required (write it as ${{ENV_VAR}})");
+        }
+        if self.events.as_ref().is_some_and(Vec::is_empty) {
+            bail!("`events` lists no event; leave it out to receive all of them");
+        }
+        if self.max_attempts == 0 {
+            bail!("max_attempts must be at least 1");
+        }
+        if self.timeout_secs == 0 {
+            bail!("timeout_secs must be at least 1");
+        }
+        if self.retry_initial_delay_ms == 0 || self.retry_max_delay_ms < self.retry_initial_delay_ms {
+            bail!("retry delays must satisfy 1 <= retry_initial_delay_ms <= retry_max_delay_ms");
+        }
+        Ok(())
+    }
+
+    /// The endpoint as the coordinator runs it, with its URL and secret
+    /// resolved from the environment.
+    pub fn endpoint(&self) -> anyhow::Result<lethe_coordinator::webhooks::WebhookEndpoint> {
+        use lethe_coordinator::webhooks::{EventType, Secret, WebhookEndpoint};
+        let url = resolve_placeholders(&self.url).context("url")?;
+        check_webhook_url(&url)?;
+        let secret = resolve_placeholders(&self.secret).context("secret")?;
+        if secret.chars().count() < 16 {
+            bail!("the secret must be at least 16 characters");
+        }
+        let events = match &self.events {
+            Some(events) => events.iter().copied().collect(),
+            None => EventType::ALL.into_iter().collect(),
+        };
+        Ok(WebhookEndpoint {
+            events,
+            include_identifiers: self.include_identifiers,
+            max_attempts: self.max_attempts,
+            timeout: Duration::from_secs(self.timeout_secs),
+            initial_delay: Duration::from_millis(self.retry_initial_delay_ms),
+            max_delay: Duration::from_millis(self.retry_max_delay_ms),
+            ..WebhookEndpoint::new(self.name.clone(), url, Secret::new(secret))
+        })
+    }
+}
+
+/// The URL and secret may carry credentials: neither is printed.
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("name", &self.name)
+            .field("url", &"[redacted]")
+            .field("secret", &"[redacted]")
+            .field("events", &self.events)
+            .field("include_identifiers", &self.include_identifiers)
+            .field("max_attempts", &self.max_attempts)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("retry_initial_delay_ms", &self.retry_initial_delay_ms)
+            .field("retry_max_delay_ms", &self.retry_max_delay_ms)
+            .finish()
+    }
+}
+
+/// An absolute `https://` or `http://` URL with a host. The error does not
+/// quote the URL, which may hold a credential.
+fn check_webhook_url(url: &str) -> anyhow::Result<()> {
+    let parsed = reqwest::Url::parse(url).map_err(|_| anyhow::anyhow!("`url` is not a valid URL"))?;
+    if !matches!(parsed.scheme(), "https" | "http") || parsed.host_str().is_none_or(str::is_empty) {
+        bail!("`url` must be an https:// (or http://) URL with a host");
+    }
+    Ok(())
+}
+
 /// Command-line overrides (layer 4).
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -394,8 +525,28 @@ impl Config {
         if self.scheduler.task_timeout_secs == 0 {
             bail!("scheduler.task_timeout_secs must be at least 1");
         }
+        let mut webhooks = std::collections::BTreeSet::new();
+        for w in &self.webhooks {
+            let ok = !w.name.is_empty()
+                && w.name.len() <= 64
+                && w.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+            if !ok {
+                bail!("webhook name {:?} must be 1-64 lower-case letters, digits, '-' or '_'", w.name);
+            }
+            if !webhooks.insert(&w.name) {
+                bail!("webhook {:?} is declared twice", w.name);
+            }
+            w.validate().with_context(|| format!("webhook {:?}", w.name))?;
+        }
         crate::policy::planner(self)?;
         Ok(())
+    }
+
+    /// The webhook endpoints, with URLs and secrets resolved.
+    pub fn webhook_endpoints(&self) -> anyhow::Result<Vec<lethe_coordinator::webhooks::WebhookEndpoint>> {
+        self.webhooks.iter().map(|w| w.endpoint().with_context(|| format!("webhook {:?}", w.name))).collect()
     }
 
     /// The coordinator's tunables.
@@ -565,5 +716,49 @@ mod tests {
         );
         let err = resolve_placeholders("${LETHE_TEST_MISSING_VAR}").unwrap_err().to_string();
         assert_eq!(err, "environment variable LETHE_TEST_MISSING_VAR is not set");
+    }
+
+    #[test]
+    fn webhooks_are_validated_and_never_print_their_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |webhook: &str| {
+            let p = dir.path().join("w.toml");
+            std::fs::write(&p, format!("[[webhooks]]\nname = \"portal\"\n{webhook}")).unwrap();
+            Config::load_with_env(Some(&p), &Overrides::default(), &[]).map_err(|e| format!("{e:#}"))
+        };
+        let ok = load(
+            "url = \"https://portal.example/hooks/lethe\"\nsecret = \"${LETHE_TEST_WEBHOOK_SECRET}\"\n\
+             events = [\"request.completed\", \"request.failed\"]\nmax_attempts = 3\n",
+        )
+        .unwrap();
+        let w = &ok.webhooks[0];
+        assert_eq!((w.max_attempts, w.timeout_secs, w.include_identifiers), (3, 10, false));
+        std::env::set_var("LETHE_TEST_WEBHOOK_SECRET", "whsec_0123456789abcdef");
+        let endpoint = ok.webhook_endpoints().unwrap().remove(0);
+        assert_eq!(endpoint.events.len(), 2);
+        for debug in [format!("{ok:?}"), format!("{endpoint:?}")] {
+            assert!(!debug.contains("whsec_") && !debug.contains("portal.example"), "{debug}");
+        }
+        std::env::set_var("LETHE_TEST_WEBHOOK_SHORT", "short");
+        let short =
+            load("url = \"http://127.0.0.1:9/x\"\nsecret = \"${LETHE_TEST_WEBHOOK_SHORT}\"\n").unwrap();
+        let err = format!("{:#}", short.webhook_endpoints().unwrap_err());
+        assert!(err.contains("at least 16") && !err.contains("short"), "{err}");
+        for (body, expected) in [
+            ("url = \"ftp://x.example/\"\nsecret = \"s\"\n", "https://"),
+            ("url = \"not a url\"\nsecret = \"s\"\n", "not a valid URL"),
+            ("url = \"https://x.example/\"\n", "missing field `secret`"),
+            ("url = \"https://x.example/\"\nsecret = \"\"\n", "`secret` is required"),
+            (
+                "url = \"https://x.example/\"\nsecret = \"s\"\nevents = [\"request.deleted\"]\n",
+                "unknown variant",
+            ),
+            ("url = \"https://x.example/\"\nsecret = \"s\"\nevents = []\n", "lists no event"),
+            ("url = \"https://x.example/\"\nsecret = \"s\"\nmax_attempts = 0\n", "max_attempts"),
+            ("url = \"https://x.example/\"\nsecret = \"s\"\nretries = 3\n", "unknown field `retries`"),
+        ] {
+            let err = load(body).unwrap_err();
+            assert!(err.contains(expected), "{body}: {err}");
+        }
     }
 }

@@ -5,6 +5,8 @@ mod bench;
 mod client;
 mod config;
 mod demo;
+mod dlq;
+mod import;
 mod keys;
 mod ops;
 mod policy;
@@ -98,6 +100,15 @@ enum Command {
         #[arg(long)]
         idempotency_key: Option<String>,
     },
+    /// Submit erasure requests in bulk from a CSV file (resumable: run it
+    /// again after an interruption; rows sent before are not duplicated).
+    /// Exit status 2 when some rows were rejected.
+    Import {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        args: import::ImportArgs,
+    },
     /// Show a request and each system's progress.
     Status {
         #[command(flatten)]
@@ -173,6 +184,13 @@ enum Command {
         server: ServerArgs,
         #[command(subcommand)]
         command: proof::CertificateCommand,
+    },
+    /// The Kafka bus's dead-letter topic: list, replay.
+    Dlq {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
     },
     /// Create or update the state store's schema.
     Migrate {
@@ -322,6 +340,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(())
         }
+        Command::Import { server, args } => {
+            let summary = import::run(&server.client(), &args).await?;
+            if !summary.rejected.is_empty() {
+                // 2: some rows were rejected, every other row was sent (see import.rs).
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::Status { server, id, watch } => {
             let client = server.client();
             loop {
@@ -350,6 +376,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Token { config, command } => {
             tokens::run(&config.load(&Overrides::default())?, command).await
         }
+        Command::Dlq { config, command } => dlq::run(&config.load(&Overrides::default())?, command).await,
         Command::Audit { config, command } => {
             proof::audit(&config.load(&Overrides::default())?, command).await
         }

@@ -68,7 +68,8 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
     for w in warnings {
         tracing::warn!(warning = %w, "retention policy");
     }
-    let coordinator = Coordinator::start(
+    let webhooks = config.webhook_endpoints()?;
+    let mut coordinator = Coordinator::start(
         store.clone(),
         bus.clone(),
         master.clone(),
@@ -78,6 +79,9 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         ConnectorTokens::new(tokens),
     )
     .await?;
+    if !webhooks.is_empty() {
+        coordinator.start_webhooks(webhooks, &config.settings()).await?;
+    }
     let mut tasks = JoinSet::new();
     if matches!(config.bus, BusConfig::InProcess) {
         let keys = Arc::new(StoreKeys::new(store.clone(), master));

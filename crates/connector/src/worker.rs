@@ -151,6 +151,7 @@ impl Worker {
             outcome,
             reported_at: Utc::now(),
             worker: Some(self.name.clone()),
+            task_issued_at: Some(task.issued_at),
         }
     }
 

@@ -10,7 +10,9 @@ use lethe_store::{Applied, OutcomeReport, RetrySchedule, StateStore};
 
 use crate::clock::Clock;
 use crate::dispatcher::delays;
-use crate::metrics::{DEAD_LETTERS_TOTAL, OUTCOMES_TOTAL, REQUESTS_FINISHED_TOTAL};
+use crate::metrics::{
+    DEAD_LETTERS_TOTAL, DISPATCH_TO_OUTCOME_SECONDS, OUTCOMES_TOTAL, REQUESTS_FINISHED_TOTAL,
+};
 
 pub struct Ingest {
     pub(crate) store: Arc<dyn StateStore>,
@@ -73,6 +75,11 @@ impl Ingest {
             match applied {
                 Applied::Moved { request, task, request_status } => {
                     metrics::counter!(OUTCOMES_TOTAL, "result" => "applied").increment(1);
+                    if let Some(issued) = msg.task_issued_at {
+                        let seconds = (self.clock.now() - issued).num_milliseconds().max(0) as f64 / 1000.0;
+                        metrics::histogram!(DISPATCH_TO_OUTCOME_SECONDS, "system" => msg.system.clone())
+                            .record(seconds);
+                    }
                     tracing::info!(%request, task = %msg.task_id, system = %msg.system, state = %task, "task updated");
                     if let Some(status) = request_status.filter(|s| s.is_final()) {
                         metrics::counter!(REQUESTS_FINISHED_TOTAL, "status" => status.as_str()).increment(1);

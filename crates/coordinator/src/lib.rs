@@ -13,6 +13,7 @@ pub mod keys;
 pub mod metrics;
 pub mod planner;
 pub mod scheduler;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,6 +90,7 @@ impl Coordinator {
         settings: Settings,
         connector_tokens: ConnectorTokens,
     ) -> Result<Self, StartError> {
+        metrics::prometheus();
         metrics::describe();
         if !bus.is_durable() {
             let n = store.requeue_in_flight(clock.now()).await?;

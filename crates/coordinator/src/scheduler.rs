@@ -37,6 +37,8 @@ impl Scheduler {
         match self.store.expire_dispatched(self.settings.task_timeout, &self.settings.retry, now).await {
             Ok(e) if e.requeued + e.failed > 0 => {
                 tracing::warn!(requeued = e.requeued, failed = e.failed, "tasks timed out without a result");
+                metrics::counter!(crate::metrics::TASK_REQUEUES_TOTAL, "reason" => "timeout")
+                    .increment(e.requeued);
                 if e.requeued > 0 {
                     self.wake.notify_one();
                 }
@@ -56,6 +58,7 @@ impl Scheduler {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!(tasks = n, "retention periods ended; follow-up erasures queued");
+                metrics::counter!(crate::metrics::TASK_REQUEUES_TOTAL, "reason" => "follow_up").increment(n);
                 self.wake.notify_one();
             }
             Err(e) => tracing::warn!(error = %e, "follow-up sweep failed; will try again"),

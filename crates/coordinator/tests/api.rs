@@ -833,3 +833,53 @@ async fn scope_matrix() {
         page["items"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert!(ids.contains(&r2.as_str()) && !ids.contains(&r1.as_str()), "{page}");
 }
+
+/// Sums the samples of `name` whose labels contain every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_move_with_a_batch_and_never_name_a_subject() {
+    let h = Harness::new().await;
+    let scrape = || async {
+        let resp = h.raw().oneshot(get("/metrics")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "public, like /healthz");
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    };
+    let before = scrape().await;
+    let connector = Arc::new(MemoryConnector::default());
+    h.start_workers(connector.clone());
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let body = json!({"subject": {"email": format!("metric{i}@example.com")}, "regulation": "ccpa"});
+        let (_, created, _) = call(&h.app(), post(body.to_string())).await;
+        ids.push(created["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        assert_eq!(wait_final(&h.app(), id).await["status"], "completed");
+    }
+    let after = scrape().await;
+    let moved = |name: &str, labels: &[&str]| metric(&after, name, labels) - metric(&before, name, labels);
+    assert!(moved("lethe_requests_received_total", &["regulation=\"ccpa\""]) >= 5.0, "{after}");
+    assert!(moved("lethe_tasks_dispatched_total", &["system=\"crm\""]) >= 5.0, "{after}");
+    assert!(moved("lethe_outcomes_total", &["result=\"applied\""]) >= 10.0, "{after}");
+    assert!(moved("lethe_dispatch_to_outcome_seconds_count", &["system=\"mail\""]) >= 5.0, "{after}");
+    assert!(moved("lethe_connector_tasks_total", &["system=\"crm\""]) >= 5.0, "{after}");
+    // Gauges from the state store (this harness's own store).
+    assert_eq!(
+        metric(&after, "lethe_requests", &["status=\"completed\"", "regulation=\"ccpa\""]),
+        5.0,
+        "{after}"
+    );
+    assert_eq!(metric(&after, "lethe_tasks", &["state=\"succeeded\""]), 10.0, "{after}");
+    assert_eq!(metric(&after, "lethe_outbox_backlog", &[]), 0.0);
+    assert_eq!(metric(&after, "lethe_requests_overdue", &[]), 0.0);
+    assert!(!after.contains("@example.com") && !after.contains("metric0"), "no identifier in metrics");
+}

@@ -11,6 +11,7 @@ mod dialect;
 mod rows;
 mod sql;
 mod types;
+mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ pub use audit::{AuditCheck, AuditEvent};
 pub use dialect::Dialect;
 pub use sql::SqlStore;
 pub use types::*;
+pub use webhook::{AuditPage, DeliveryQuery, SealedSubject, WebhookDelivery};
 
 /// A store failure. Messages never contain identifiers or raw database text
 /// that could echo one; the full error is logged at debug level only.
@@ -147,6 +149,10 @@ pub trait StateStore: Send + Sync + 'static {
     /// Rows waiting in the outbox.
     async fn outbox_backlog(&self) -> Result<u64, StoreError>;
 
+    /// Requests by status and regulation, tasks by system and state, and
+    /// the overdue and due-soon counts at `now` (due before `now + soon`).
+    async fn stats(&self, now: DateTime<Utc>, soon: Duration) -> Result<StoreStats, StoreError>;
+
     /// Legal holds in force at `now` on any of `subject_hashes`, each with
     /// the hash it matched.
     async fn active_holds(
@@ -216,4 +222,49 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Walks the whole audit chain.
     async fn verify_audit(&self) -> Result<AuditCheck, StoreError>;
+
+    /// Creates `endpoint`'s webhook cursor at the head of the audit chain
+    /// (it receives events from now on) unless it exists; returns the
+    /// cursor's position.
+    async fn init_webhook_cursor(&self, endpoint: &str, now: DateTime<Utc>) -> Result<i64, StoreError>;
+
+    /// Claims `endpoint`'s cursor for `owner` for `lease` (renewing its own
+    /// claim) and returns its position; `None` while another owner's lease
+    /// runs, so that replicas never deliver one endpoint's events at once.
+    async fn claim_webhook_cursor(
+        &self,
+        endpoint: &str,
+        owner: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Option<i64>, StoreError>;
+
+    /// Moves `endpoint`'s cursor forward to `seq` if `owner` still holds its
+    /// claim; false otherwise.
+    async fn advance_webhook_cursor(
+        &self,
+        endpoint: &str,
+        owner: &str,
+        seq: i64,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// Up to `limit` audit events after `after` whose kind is one of
+    /// `kinds`, in chain order, and how far the chain was looked at.
+    async fn audit_events_after(
+        &self,
+        after: i64,
+        kinds: &[&str],
+        limit: u32,
+    ) -> Result<AuditPage, StoreError>;
+
+    /// Records one webhook delivery attempt.
+    async fn record_webhook_delivery(&self, delivery: &WebhookDelivery) -> Result<(), StoreError>;
+
+    /// Webhook delivery attempts, newest first.
+    async fn webhook_deliveries(&self, query: &DeliveryQuery) -> Result<Vec<WebhookDelivery>, StoreError>;
+
+    /// A request's identifiers, sealed, with its wrapped data key; `None`
+    /// once the key is destroyed (or for an unknown request).
+    async fn sealed_subject(&self, request: RequestId) -> Result<Option<SealedSubject>, StoreError>;
 }

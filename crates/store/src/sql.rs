@@ -22,6 +22,7 @@ use crate::{StateStore, StoreError};
 
 mod retention;
 mod tokens;
+mod webhooks;
 
 /// A state store on PostgreSQL or SQLite (see [`Dialect`]).
 #[derive(Debug, Clone)]
@@ -661,6 +662,13 @@ impl StateStore for SqlStore {
             n += 1;
             sql.push_str(&format!(" AND submitted_by = ${n}"));
         }
+        if q.system.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND id IN (SELECT request_id FROM tasks WHERE system = ${n})"));
+        }
+        if q.failed_task {
+            sql.push_str(" AND id IN (SELECT request_id FROM tasks WHERE state = 'failed')");
+        }
         sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", n + 1));
         let mut query = sqlx::query(&sql);
         if let Some(s) = q.status {
@@ -674,6 +682,9 @@ impl StateStore for SqlStore {
         }
         if let Some(by) = &q.submitted_by {
             query = query.bind(by.as_str());
+        }
+        if let Some(system) = &q.system {
+            query = query.bind(system.as_str());
         }
         query
             .bind(i64::from(q.limit.max(1)))
@@ -1254,6 +1265,44 @@ impl StateStore for SqlStore {
         Ok(done.rows_affected())
     }
 
+    async fn stats(&self, now: DateTime<Utc>, soon: Duration) -> Result<StoreStats, StoreError> {
+        let q = |sql: &'static str| sqlx::query(sql);
+        let mut stats = StoreStats::default();
+        for r in q("SELECT status, regulation, COUNT(*) AS n FROM requests GROUP BY status, regulation")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?
+        {
+            stats.requests.push((
+                col(&r, "status")?,
+                col(&r, "regulation")?,
+                col::<i64>(&r, "n")?.max(0) as u64,
+            ));
+        }
+        for r in q("SELECT system, state, COUNT(*) AS n FROM tasks GROUP BY system, state")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?
+        {
+            stats.tasks.push((col(&r, "system")?, col(&r, "state")?, col::<i64>(&r, "n")?.max(0) as u64));
+        }
+        let open = "status IN ('received', 'in_progress', 'failed')";
+        let soon_ms = ms(now) + i64::try_from(soon.as_millis()).unwrap_or(i64::MAX / 4);
+        let row = sqlx::query(&format!(
+            "SELECT SUM(CASE WHEN due_at < $1 THEN 1 ELSE 0 END) AS overdue, \
+             SUM(CASE WHEN due_at >= $1 AND due_at < $2 THEN 1 ELSE 0 END) AS soon FROM requests WHERE {open}"
+        ))
+        .bind(ms(now))
+        .bind(soon_ms)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        stats.overdue = col::<Option<i64>>(&row, "overdue")?.unwrap_or(0).max(0) as u64;
+        stats.due_soon = col::<Option<i64>>(&row, "soon")?.unwrap_or(0).max(0) as u64;
+        stats.outbox_backlog = self.outbox_backlog().await?;
+        Ok(stats)
+    }
+
     async fn outbox_backlog(&self) -> Result<u64, StoreError> {
         let row =
             sqlx::query("SELECT COUNT(*) AS n FROM outbox").fetch_one(&self.pool).await.map_err(db_err)?;
@@ -1371,5 +1420,53 @@ impl StateStore for SqlStore {
             .map_err(db_err)?;
         let (seq, hash): (i64, String) = (col(&head, "seq")?, col(&head, "hash")?);
         Ok(audit::verify_chain(&events, (seq, &hash)))
+    }
+
+    async fn init_webhook_cursor(&self, endpoint: &str, now: DateTime<Utc>) -> Result<i64, StoreError> {
+        self.init_cursor(endpoint, now).await
+    }
+
+    async fn claim_webhook_cursor(
+        &self,
+        endpoint: &str,
+        owner: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Option<i64>, StoreError> {
+        self.claim_cursor(endpoint, owner, lease, now).await
+    }
+
+    async fn advance_webhook_cursor(
+        &self,
+        endpoint: &str,
+        owner: &str,
+        seq: i64,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.advance_cursor(endpoint, owner, seq, now).await
+    }
+
+    async fn audit_events_after(
+        &self,
+        after: i64,
+        kinds: &[&str],
+        limit: u32,
+    ) -> Result<crate::AuditPage, StoreError> {
+        self.audit_after(after, kinds, limit).await
+    }
+
+    async fn record_webhook_delivery(&self, delivery: &crate::WebhookDelivery) -> Result<(), StoreError> {
+        self.insert_delivery(delivery).await
+    }
+
+    async fn webhook_deliveries(
+        &self,
+        query: &crate::DeliveryQuery,
+    ) -> Result<Vec<crate::WebhookDelivery>, StoreError> {
+        self.deliveries(query).await
+    }
+
+    async fn sealed_subject(&self, request: RequestId) -> Result<Option<crate::SealedSubject>, StoreError> {
+        self.sealed_subject_of(request).await
     }
 }

@@ -123,6 +123,10 @@ pub struct ListQuery {
     pub overdue_at: Option<DateTime<Utc>>,
     /// Only requests submitted with this token.
     pub submitted_by: Option<String>,
+    /// Only requests with a task in this system.
+    pub system: Option<String>,
+    /// Only requests with a failed task.
+    pub failed_task: bool,
     pub limit: u32,
 }
 
@@ -292,4 +296,18 @@ pub struct SigningKeyRecord {
     pub wrapped_key: Vec<u8>,
     pub created_at: DateTime<Utc>,
     pub retired_at: Option<DateTime<Utc>>,
+}
+
+/// Counts for the metrics endpoint, read at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// (status, regulation, count).
+    pub requests: Vec<(String, String, u64)>,
+    /// (system, state, count).
+    pub tasks: Vec<(String, String, u64)>,
+    /// Past their due date and not answered.
+    pub overdue: u64,
+    /// Not answered and due within the `soon` window given.
+    pub due_soon: u64,
+    pub outbox_backlog: u64,
 }

@@ -1225,6 +1225,137 @@ async fn tokens_suppressions_and_signing_keys(b: &Backend) {
     assert!(matches!(s.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
 }
 
+async fn stats_count_requests_tasks_and_deadlines(b: &Backend) {
+    let s = &b.store;
+    let f = Fixture::new();
+    let done = f.request("ada@example.com", &["crm", "mail"], None);
+    let done_id = done.id;
+    s.create_request(done).await.unwrap();
+    s.create_request(f.request("bob@example.com", &["crm"], None)).await.unwrap();
+    for item in dispatch_all(s).await {
+        if item.request_id == done_id {
+            report(s, item.task_id, item.attempt, erased(1)).await;
+        }
+    }
+    let due = Regulation::Gdpr.due_at(t0());
+    let soon = Duration::from_secs(7 * 86_400);
+    let stats = s.stats(t0(), soon).await.unwrap();
+    let count = |v: &[(String, String, u64)], a: &str, b: &str| {
+        v.iter().find(|(x, y, _)| x == a && y == b).map_or(0, |(_, _, n)| *n)
+    };
+    assert_eq!(count(&stats.requests, "completed", "gdpr"), 1);
+    assert_eq!(count(&stats.requests, "in_progress", "gdpr"), 1);
+    assert_eq!(count(&stats.tasks, "crm", "succeeded"), 1);
+    assert_eq!(count(&stats.tasks, "crm", "dispatched"), 1);
+    assert_eq!((stats.overdue, stats.due_soon, stats.outbox_backlog), (0, 0, 0));
+    let later = s.stats(due - chrono::Duration::days(1), soon).await.unwrap();
+    assert_eq!((later.overdue, later.due_soon), (0, 1), "the open request is due within the week");
+    let past = s.stats(due + chrono::Duration::days(1), soon).await.unwrap();
+    assert_eq!((past.overdue, past.due_soon), (1, 0), "only the open request is overdue");
+    // The dashboard's filters: requests with a task in a system, or a failed task.
+    let with_mail = ListQuery { system: Some("mail".into()), limit: 10, ..Default::default() };
+    let found: Vec<RequestId> = s.list_requests(&with_mail).await.unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(found, vec![done_id]);
+    let failed = ListQuery { failed_task: true, limit: 10, ..Default::default() };
+    assert!(s.list_requests(&failed).await.unwrap().is_empty());
+}
+
+async fn webhook_cursors_tail_request_events_and_log_deliveries(b: &Backend) {
+    use lethe_store::{DeliveryQuery, WebhookDelivery};
+    const KINDS: [&str; 3] = ["request.received", "request.status", "request.extended"];
+    let f = Fixture::new();
+    let s = &b.store;
+    // A new endpoint starts at the head of the chain: nothing before it.
+    s.place_hold(hold("h-0", vec![f.subject("nobody@example.com")], HoldScope::default(), t0()))
+        .await
+        .unwrap();
+    let start = s.init_webhook_cursor("portal", t0()).await.unwrap();
+    assert!(start >= 1, "the hold's audit event is before the cursor");
+    let req = f.request("hook@example.com", &["crm"], None);
+    let id = req.id;
+    s.create_request(req).await.unwrap();
+    assert_eq!(s.init_webhook_cursor("portal", day(1)).await.unwrap(), start, "init keeps a cursor");
+
+    // One replica at a time holds an endpoint, until its lease runs out.
+    let lease = Duration::from_secs(30);
+    assert_eq!(s.claim_webhook_cursor("portal", "a", lease, t0()).await.unwrap(), Some(start));
+    assert_eq!(s.claim_webhook_cursor("portal", "b", lease, t0()).await.unwrap(), None);
+    assert_eq!(s.claim_webhook_cursor("portal", "a", lease, t0()).await.unwrap(), Some(start));
+    assert_eq!(s.claim_webhook_cursor("nobody", "a", lease, t0()).await.unwrap(), None, "no such cursor");
+
+    // Only the kinds asked for, after the cursor, in order.
+    let page = s.audit_events_after(start, &KINDS, 100).await.unwrap();
+    assert_eq!(page.events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), vec!["request.received"]);
+    assert_eq!(page.events[0].request_id, Some(id));
+    let all = s.audit_events(None).await.unwrap();
+    assert_eq!(page.scanned_to, all.last().unwrap().seq, "scanned past the plan events");
+    assert!(all.iter().any(|e| e.kind == "plan.decided" && e.seq > start));
+    let received = page.events[0].seq;
+
+    // The identifiers can be opened while the key exists, and not after.
+    let sealed = s.sealed_subject(id).await.unwrap().expect("key exists");
+    let key = f.master.unwrap(&sealed.wrapped_key).unwrap();
+    assert_eq!(sealed.identifiers.len(), 1);
+    assert_eq!(key.open(id, &sealed.identifiers[0]).unwrap().expose(), "hook@example.com");
+    assert_eq!(s.sealed_subject(RequestId::new()).await.unwrap(), None);
+    let items = dispatch_all(s).await;
+    report(s, items[0].task_id, 1, erased(1)).await;
+    assert_eq!(s.sealed_subject(id).await.unwrap(), None, "key destroyed with completion");
+
+    // A page of one stops at its event; the next finds the completion.
+    let one = s.audit_events_after(start, &KINDS, 1).await.unwrap();
+    assert_eq!((one.events.len(), one.scanned_to), (1, received));
+    let next = s.audit_events_after(received, &KINDS, 100).await.unwrap();
+    let kinds: Vec<&str> = next.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, vec!["request.status", "request.status"], "in_progress, then completed");
+    assert!(next.events[1].detail.contains("\"to\":\"completed\""), "{}", next.events[1].detail);
+    let end = s.audit_events_after(next.scanned_to, &KINDS, 100).await.unwrap();
+    assert!(end.events.is_empty() && end.scanned_to == next.scanned_to);
+    assert!(s.audit_events_after(0, &[], 10).await.unwrap().events.is_empty());
+
+    // Only the holder moves the cursor, and never backwards.
+    assert!(!s.advance_webhook_cursor("portal", "b", next.scanned_to, t0()).await.unwrap());
+    assert!(s.advance_webhook_cursor("portal", "a", next.scanned_to, t0()).await.unwrap());
+    assert!(!s.advance_webhook_cursor("portal", "a", received, t0()).await.unwrap());
+    let later = t0() + chrono::Duration::seconds(31);
+    assert_eq!(s.claim_webhook_cursor("portal", "b", lease, later).await.unwrap(), Some(next.scanned_to));
+    assert!(!s.advance_webhook_cursor("portal", "a", next.scanned_to + 1, later).await.unwrap());
+
+    // The delivery log, newest first, filtered by endpoint and request.
+    let attempt = |n: u32, endpoint: &str, request: Option<RequestId>, code: Option<u16>| WebhookDelivery {
+        id: format!("d-{endpoint}-{n}"),
+        endpoint: endpoint.into(),
+        event_id: "evt_1".into(),
+        event_type: "request.received".into(),
+        seq: received,
+        request_id: request,
+        attempt: n,
+        status_code: code,
+        error: (code != Some(200)).then(|| "HTTP 500".to_owned()),
+        delivered: code == Some(200),
+        created_at: t0() + chrono::Duration::seconds(i64::from(n)),
+        duration_ms: 12,
+        next_attempt_at: (code != Some(200)).then(|| t0() + chrono::Duration::seconds(60)),
+    };
+    let log = [
+        attempt(1, "portal", Some(id), Some(500)),
+        attempt(2, "portal", Some(id), None),
+        attempt(3, "portal", Some(id), Some(200)),
+        attempt(1, "crm-hook", None, Some(200)),
+    ];
+    for d in &log {
+        s.record_webhook_delivery(d).await.unwrap();
+    }
+    let portal = DeliveryQuery { endpoint: Some("portal".into()), ..Default::default() };
+    let got = s.webhook_deliveries(&portal).await.unwrap();
+    assert_eq!(got, vec![log[2].clone(), log[1].clone(), log[0].clone()]);
+    let by_request = DeliveryQuery { request_id: Some(id), limit: 2, ..Default::default() };
+    let got = s.webhook_deliveries(&by_request).await.unwrap();
+    assert_eq!(got.iter().map(|d| d.attempt).collect::<Vec<_>>(), vec![3, 2]);
+    assert_eq!(s.webhook_deliveries(&DeliveryQuery::default()).await.unwrap().len(), 4);
+    assert!(matches!(s.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1260,4 +1391,6 @@ suite!(
     deadlines_extend_once_before_the_original_due_date,
     list_filters_by_due_date_and_overdue,
     tokens_suppressions_and_signing_keys,
+    stats_count_requests_tasks_and_deadlines,
+    webhook_cursors_tail_request_events_and_log_deliveries,
 );

@@ -8,6 +8,8 @@ pub mod plans;
 pub mod problem;
 pub mod proof;
 pub mod requests;
+pub mod ui;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -61,10 +63,14 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/holds/{id}", delete(holds::release))
         .route("/v1/requests/{id}/certificate", get(proof::certificate))
         .route("/v1/keys/certificate", get(proof::public_keys))
+        .route("/v1/requests/{id}/events", get(ui::events))
+        .route("/ui", get(ui::page))
         .route("/v1/suppressions:check", post(proof::check_suppressions))
         .route("/v1/systems", get(list_systems))
         .route("/v1/connector/keys", post(connector::task_key))
+        .route("/v1/webhooks/deliveries", get(webhooks::deliveries))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { Problem::not_found("no such endpoint") })
@@ -85,6 +91,16 @@ async fn list_systems(
 ) -> Result<Json<Vec<SystemInfo>>, Problem> {
     caller.require_any(&[Scope::RequestsRead, Scope::RequestsSubmit, Scope::HoldsWrite])?;
     Ok(Json(state.planner.systems().to_vec()))
+}
+
+/// Prometheus metrics: counters and histograms of this process, and gauges
+/// read from the state store. No label is ever an identifier.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+async fn metrics_text(State(state): State<AppState>) -> Result<impl IntoResponse, Problem> {
+    let stats = state.store.stats(state.clock.now(), std::time::Duration::from_secs(7 * 86_400)).await?;
+    let mut text = crate::metrics::prometheus().render();
+    text.push_str(&crate::metrics::state_gauges(&stats));
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }
 
 /// Liveness: the process answers.
@@ -138,9 +154,12 @@ impl utoipa::Modify for BearerAuth {
         proof::certificate,
         proof::public_keys,
         proof::check_suppressions,
+        ui::events,
         connector::task_key,
+        webhooks::deliveries,
         list_systems,
         healthz,
+        metrics_text,
         readyz
     ),
     components(schemas(lethe_core::Outcome, lethe_core::DatasetReport, lethe_core::RetainedReport))

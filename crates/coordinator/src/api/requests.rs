@@ -147,6 +147,10 @@ pub struct ListParams {
     pub due_before: Option<String>,
     /// `true`: only requests past their due date and not answered yet.
     pub overdue: Option<bool>,
+    /// Only requests with a task in this system.
+    pub system: Option<String>,
+    /// `true`: only requests with a failed task.
+    pub failed_task: Option<bool>,
 }
 
 impl From<RequestRecord> for RequestSummary {
@@ -445,7 +449,10 @@ pub async fn list_requests(
         })
         .transpose()?;
     let overdue_at = params.overdue.unwrap_or(false).then(|| state.clock.now());
-    let query = ListQuery { status, before, due_before, overdue_at, submitted_by, limit };
+    let system = params.system.filter(|s| !s.is_empty());
+    let failed_task = params.failed_task.unwrap_or(false);
+    let query =
+        ListQuery { status, before, due_before, overdue_at, submitted_by, system, failed_task, limit };
     let rows = state.store.list_requests(&query).await?;
     let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.id.to_string())).flatten();
     Ok(Json(RequestPage { items: rows.into_iter().map(RequestSummary::from).collect(), next_cursor }))

@@ -1,0 +1,79 @@
+//! `lethe dlq list|replay`: the dead-letter topic of the Kafka bus.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use lethe_bus::{KafkaBus, ResultMessage};
+
+use crate::config::{resolve_placeholders, BusConfig, Config};
+
+#[derive(Subcommand)]
+pub enum DlqCommand {
+    /// Count the dead letters by source and reason (reads from the start;
+    /// moves no offset).
+    List,
+    /// Publish dead-lettered results to the results topic again, e.g. after
+    /// fixing what made them fail. Each letter is handled once (consumer
+    /// group `<namespace>.dlq-replay`); letters that still cannot be decoded
+    /// are skipped and counted.
+    Replay {
+        /// Show what would be replayed; publish nothing, move no offset.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
+    let BusConfig::Kafka(kafka) = &config.bus else {
+        bail!("the dead-letter topic exists only with the Kafka bus; the in-process bus logs dead letters");
+    };
+    let mut kafka = kafka.clone();
+    kafka.brokers = resolve_placeholders(&kafka.brokers).context("bus.brokers")?;
+    for value in kafka.client.values_mut() {
+        *value = resolve_placeholders(value).context("bus.client")?;
+    }
+    let namespace = kafka.namespace.clone();
+    let systems: Vec<String> = config.systems.iter().map(|s| s.name.clone()).collect();
+    let bus = KafkaBus::connect(kafka, &systems).await.context("cannot reach Kafka")?;
+    let idle = Duration::from_secs(3);
+    match command {
+        DlqCommand::List => {
+            let group = format!("{namespace}.dlq-list-{}", uuid::Uuid::new_v4().simple());
+            let letters = bus.dead_letters(&group, idle, false).await?;
+            let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
+            for l in &letters {
+                *counts.entry((l.source.clone(), l.reason.clone())).or_default() += 1;
+            }
+            println!("{} dead letters", letters.len());
+            for ((source, reason), n) in counts {
+                println!("{n:>6}  {source}  {reason}");
+            }
+        }
+        DlqCommand::Replay { dry_run } => {
+            let group = format!("{namespace}.dlq-replay");
+            let letters = if dry_run {
+                let probe = format!("{namespace}.dlq-list-{}", uuid::Uuid::new_v4().simple());
+                bus.dead_letters(&probe, idle, false).await?
+            } else {
+                bus.dead_letters(&group, idle, true).await?
+            };
+            let (mut replayed, mut skipped) = (0, 0);
+            for l in &letters {
+                match ResultMessage::decode(&l.payload) {
+                    Ok(result) => {
+                        if !dry_run {
+                            bus.replay_result(&result).await?;
+                        }
+                        replayed += 1;
+                    }
+                    Err(_) => skipped += 1,
+                }
+            }
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            println!("{verb} {replayed} results; skipped {skipped} letters that still cannot be decoded");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,600 @@
+//! `lethe import <file.csv> --regulation gdpr`: erasure requests in bulk from
+//! a CSV file, sent in batches through `POST /v1/requests:batch` (a token
+//! with `requests:submit`).
+//!
+//! The header row names the columns: identifier types (`email`, `phone`,
+//! `customer_id`, `device_id` or a custom lower-case type), and optionally
+//! `regulation` (overrides `--regulation` for its row) and `external_ref`.
+//! Columns named `line` and `reason` are ignored, so that a corrected
+//! `<file>.rejected.csv` can be imported as it is. Empty cells are skipped;
+//! blank lines are not rows. A row with the wrong number of cells or without
+//! any identifier is rejected here; the coordinator judges the rest
+//! (identifier syntax, regulation) and refuses items one by one.
+//!
+//! **Resuming.** Every row is sent with the idempotency key
+//! `import:<first 32 hex digits of the file's SHA-256>:<line>`. Running the
+//! same file again, after an interruption or a failure, sends the same keys
+//! and the coordinator answers `replayed` with the request it created the
+//! first time instead of creating another; the batch size may differ between
+//! runs. A file with any byte changed gets other keys: correct rejected rows
+//! in `<file>.rejected.csv` and import that file, rather than editing the
+//! original and importing it again.
+//!
+//! **Privacy.** Nothing printed names an identifier: rows are named by line
+//! number, header cells are never quoted (a file without a header row would
+//! have identifiers there), and the coordinator's reasons never quote values.
+//! The exception is `<file>.rejected.csv`, the rejected rows as they were
+//! read, behind a `line` and a `reason` column: a copy of the operator's own
+//! input, created readable by its owner only, and removed by a later run of
+//! the same file that rejects nothing.
+//!
+//! **Exit status.** 0 when every row was created or had been created by an
+//! earlier run (replayed); 2 when some rows were rejected (every other row
+//! was sent); 1 when the import could not run or stopped (unreadable file,
+//! header without an identifier column, coordinator unreachable or refusing
+//! the token): what was sent before stays, and the same command resumes.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use csv::ByteRecord;
+use indicatif::{ProgressBar, ProgressStyle};
+use lethe_core::IdentifierKind;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::client::Client;
+
+/// Most rows in one batch (the coordinator's limit).
+pub const MAX_BATCH: usize = 1000;
+
+/// Hex digits of the file's SHA-256 in each idempotency key (128 bits).
+const DIGEST_HEX_LEN: usize = 32;
+
+#[derive(Args)]
+pub struct ImportArgs {
+    /// The CSV file. Header row: identifier types (email, phone,
+    /// customer_id, device_id or a custom lower-case type), optionally
+    /// `regulation` (per row) and `external_ref`.
+    pub file: PathBuf,
+    /// Regulation of the rows without a `regulation` cell: gdpr, uk-gdpr,
+    /// ccpa, vcdpa, lgpd or pipeda.
+    #[arg(long)]
+    pub regulation: String,
+    /// Rows per call to the coordinator (1 to 1000).
+    #[arg(long, default_value_t = 500, value_parser = batch_size)]
+    pub batch: usize,
+    /// Pause between batches, in milliseconds (to go easy on a busy coordinator).
+    #[arg(long, default_value_t = 0)]
+    pub pause_ms: u64,
+    /// Rejected rows listed in the summary (all of them are in <file>.rejected.csv).
+    #[arg(long, default_value_t = 20)]
+    pub show_rejected: usize,
+}
+
+fn batch_size(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_BATCH).contains(&n) => Ok(n),
+        _ => Err(format!("a batch holds 1 to {MAX_BATCH} rows")),
+    }
+}
+
+/// What a header column holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Column {
+    Identifier(String),
+    Regulation,
+    ExternalRef,
+    Ignored,
+}
+
+/// One submission, as the coordinator takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submission {
+    pub subject: BTreeMap<String, String>,
+    pub regulation: String,
+    pub external_ref: Option<String>,
+}
+
+/// A data row of the file.
+#[derive(Debug)]
+pub struct Row {
+    /// Line of the file where the row starts (the header is line 1).
+    pub line: u64,
+    /// The row, or why it is rejected without asking the coordinator.
+    pub submission: Result<Submission, String>,
+    /// The cells as read (identifiers: only for the rejected file).
+    cells: Vec<String>,
+}
+
+/// A parsed file.
+#[derive(Debug)]
+pub struct Parsed {
+    header: Vec<String>,
+    columns: Vec<Column>,
+    pub rows: Vec<Row>,
+}
+
+/// `import:<hex digest prefix>`, shared by every row of the file `bytes`.
+pub fn key_prefix(bytes: &[u8]) -> String {
+    let digest = hex::encode(Sha256::digest(bytes));
+    format!("import:{}", &digest[..DIGEST_HEX_LEN])
+}
+
+/// The idempotency key of the row at `line`.
+pub fn row_key(prefix: &str, line: u64) -> String {
+    format!("{prefix}:{line}")
+}
+
+fn header_column(index: usize, raw: &[u8]) -> anyhow::Result<Column> {
+    let n = index + 1;
+    // Never quote a header cell: without a header row, it is an identifier.
+    let name = std::str::from_utf8(raw)
+        .with_context(|| format!("column {n} of the header row is not valid UTF-8"))?
+        .trim()
+        .to_ascii_lowercase();
+    Ok(match name.as_str() {
+        "" => bail!("column {n} of the header row has no name"),
+        "regulation" => Column::Regulation,
+        "external_ref" => Column::ExternalRef,
+        "line" | "reason" => Column::Ignored,
+        other => match other.parse::<IdentifierKind>() {
+            Ok(kind) => Column::Identifier(kind.as_str().to_owned()),
+            Err(_) => bail!(
+                "column {n} of the header row is not an identifier type (email, phone, customer_id, \
+                 device_id or a lower-case word of letters, digits and _), regulation or external_ref; \
+                 the first row must name the columns"
+            ),
+        },
+    })
+}
+
+/// Parses a CSV file's bytes; `default_regulation` applies to rows without
+/// a `regulation` cell. Fails only on the header; rows are judged one by one.
+pub fn parse(bytes: &[u8], default_regulation: &str) -> anyhow::Result<Parsed> {
+    let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let mut reader = csv::ReaderBuilder::new().flexible(true).has_headers(true).from_reader(body);
+    let raw_header = reader.byte_headers().context("cannot read the header row")?.clone();
+    if raw_header.is_empty() {
+        bail!("the file is empty: expected a header row naming the columns (e.g. email,regulation)");
+    }
+    let columns = raw_header
+        .iter()
+        .enumerate()
+        .map(|(i, c)| header_column(i, c))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for (i, c) in columns.iter().enumerate() {
+        if *c != Column::Ignored {
+            if let Some(first) = columns[..i].iter().position(|d| d == c) {
+                bail!("column {} of the header row repeats column {}", i + 1, first + 1);
+            }
+        }
+    }
+    if !columns.iter().any(|c| matches!(c, Column::Identifier(_))) {
+        bail!(
+            "the header row names no identifier column: expected at least one of email, phone, \
+             customer_id, device_id or a custom lower-case identifier type (besides regulation and external_ref)"
+        );
+    }
+    let header = raw_header.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+    let mut rows = Vec::new();
+    let mut lines = Lines { text: body, at: 0, line: 1 };
+    for record in reader.byte_records() {
+        let record = record.context("cannot read the file")?;
+        let line = lines.line_of(record.position().map_or(0, |p| p.byte()));
+        let cells = record.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+        rows.push(Row { line, submission: row(&columns, &record, default_regulation), cells });
+    }
+    Ok(Parsed { header, columns, rows })
+}
+
+/// Line numbers of where records start. The csv crate's own
+/// `Position::line` miscounts after blank lines and CRLF line ends, so the
+/// line is counted from the record's byte offset (which may point at the
+/// line ends skipped before it). Offsets must come in increasing order.
+struct Lines<'a> {
+    text: &'a [u8],
+    at: usize,
+    line: u64,
+}
+
+impl Lines<'_> {
+    fn line_of(&mut self, offset: u64) -> u64 {
+        let len = self.text.len();
+        let mut start = usize::try_from(offset).unwrap_or(len).min(len);
+        while start < len && matches!(self.text[start], b'\r' | b'\n') {
+            start += 1;
+        }
+        while self.at < start {
+            match self.text[self.at] {
+                b'\n' => self.line += 1,
+                b'\r' if self.text.get(self.at + 1) != Some(&b'\n') => self.line += 1,
+                _ => {}
+            }
+            self.at += 1;
+        }
+        self.line
+    }
+}
+
+fn row(columns: &[Column], record: &ByteRecord, default_regulation: &str) -> Result<Submission, String> {
+    if record.len() != columns.len() {
+        return Err(format!("{} cells where the header has {}", record.len(), columns.len()));
+    }
+    let mut subject = BTreeMap::new();
+    let mut regulation = None;
+    let mut external_ref = None;
+    for (column, cell) in columns.iter().zip(record.iter()) {
+        let cell = std::str::from_utf8(cell).map_err(|_| "not valid UTF-8".to_owned())?;
+        if cell.trim().is_empty() {
+            continue;
+        }
+        match column {
+            Column::Identifier(kind) => {
+                subject.insert(kind.clone(), cell.to_owned());
+            }
+            Column::Regulation => regulation = Some(cell.trim().to_owned()),
+            Column::ExternalRef => external_ref = Some(cell.trim().to_owned()),
+            Column::Ignored => {}
+        }
+    }
+    if subject.is_empty() {
+        return Err("no identifier".to_owned());
+    }
+    Ok(Submission {
+        subject,
+        regulation: regulation.unwrap_or_else(|| default_regulation.to_owned()),
+        external_ref,
+    })
+}
+
+/// What an import did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub read: usize,
+    pub created: usize,
+    pub replayed: usize,
+    /// Line → reason, both local and the coordinator's.
+    pub rejected: BTreeMap<u64, String>,
+}
+
+impl Summary {
+    fn progress(&self) -> String {
+        format!("created {}, replayed {}, rejected {}", self.created, self.replayed, self.rejected.len())
+    }
+
+    /// The report printed at the end; names rows by line only.
+    pub fn render(&self, show_rejected: usize) -> String {
+        let mut out = format!(
+            "rows read:         {}\nrequests created:  {}\nalready created:   {} (replayed: sent by an earlier run of this file)\nrejected:          {}\n",
+            self.read,
+            self.created,
+            self.replayed,
+            self.rejected.len()
+        );
+        for (line, reason) in self.rejected.iter().take(show_rejected) {
+            out.push_str(&format!("  line {line}: {reason}\n"));
+        }
+        if self.rejected.len() > show_rejected {
+            out.push_str(&format!("  …and {} more\n", self.rejected.len() - show_rejected));
+        }
+        out
+    }
+}
+
+/// `<file>.rejected.csv`.
+pub fn rejected_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".rejected.csv");
+    PathBuf::from(name)
+}
+
+/// Writes the rejected rows as read, behind `line` and `reason` columns
+/// (in front, so that a row with too many cells keeps them aligned).
+fn write_rejected(path: &Path, parsed: &Parsed, rejected: &BTreeMap<u64, String>) -> anyhow::Result<()> {
+    let kept = |cells: &[String]| -> Vec<String> {
+        cells
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| parsed.columns.get(*i) != Some(&Column::Ignored))
+            .map(|(_, c)| c.clone())
+            .collect()
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(path)?;
+    let mut out = csv::WriterBuilder::new().flexible(true).from_writer(file);
+    let mut header = vec!["line".to_owned(), "reason".to_owned()];
+    header.extend(kept(&parsed.header));
+    out.write_record(&header)?;
+    for row in &parsed.rows {
+        if let Some(reason) = rejected.get(&row.line) {
+            let mut record = vec![row.line.to_string(), reason.clone()];
+            record.extend(kept(&row.cells));
+            out.write_record(&record)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Runs an import; prints progress on stderr and the summary on stdout.
+pub async fn run(client: &Client, args: &ImportArgs) -> anyhow::Result<Summary> {
+    let shown = args.file.display();
+    let bytes = std::fs::read(&args.file).with_context(|| format!("cannot read {shown}"))?;
+    let parsed = parse(&bytes, &args.regulation).with_context(|| format!("{shown}"))?;
+    let prefix = key_prefix(&bytes);
+    let mut summary = Summary { read: parsed.rows.len(), ..Summary::default() };
+    let mut pending = Vec::new();
+    for row in &parsed.rows {
+        match &row.submission {
+            Ok(s) => pending.push((row.line, s)),
+            Err(reason) => {
+                summary.rejected.insert(row.line, reason.clone());
+            }
+        }
+    }
+    let terminal = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
+    let bar = if terminal { ProgressBar::new(summary.read as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} rows  {msg}  [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(summary.rejected.len() as u64);
+    bar.set_message(summary.progress());
+    let mut sent = 0;
+    for (n, chunk) in pending.chunks(args.batch).enumerate() {
+        if n > 0 && args.pause_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
+        }
+        let (first, last) = (chunk[0].0, chunk[chunk.len() - 1].0);
+        let items: Vec<Value> = chunk
+            .iter()
+            .map(|(line, s)| {
+                json!({
+                    "request": {"subject": s.subject, "regulation": s.regulation, "external_ref": s.external_ref},
+                    "idempotency_key": row_key(&prefix, *line),
+                })
+            })
+            .collect();
+        let answer = client.post("/v1/requests:batch", &json!({ "requests": items })).await;
+        let results = answer.and_then(|a| batch_results(&a, chunk.len())).with_context(|| {
+            format!(
+                "the batch of lines {first} to {last} was not accepted ({sent} rows were sent before it); \
+                 run the same command again to resume: rows already sent are answered as already created"
+            )
+        });
+        let results = match results {
+            Ok(r) => r,
+            Err(e) => {
+                bar.abandon();
+                return Err(e);
+            }
+        };
+        for ((line, _), result) in chunk.iter().zip(results) {
+            match result {
+                Outcome::Created => summary.created += 1,
+                Outcome::Replayed => summary.replayed += 1,
+                Outcome::Refused(reason) => {
+                    summary.rejected.insert(*line, reason);
+                }
+            }
+        }
+        sent += chunk.len();
+        bar.inc(chunk.len() as u64);
+        bar.set_message(summary.progress());
+        if !terminal {
+            eprintln!(
+                "lines {first} to {last} sent ({} of {} rows done): {}",
+                bar.position(),
+                summary.read,
+                summary.progress()
+            );
+        }
+    }
+    bar.finish_and_clear();
+    print!("{}", summary.render(args.show_rejected));
+    let rejected_file = rejected_path(&args.file);
+    if summary.rejected.is_empty() {
+        if rejected_file.exists() {
+            std::fs::remove_file(&rejected_file)
+                .with_context(|| format!("cannot remove {}", rejected_file.display()))?;
+            println!("removed {} of an earlier run", rejected_file.display());
+        }
+    } else {
+        write_rejected(&rejected_file, &parsed, &summary.rejected)
+            .with_context(|| format!("cannot write {}", rejected_file.display()))?;
+        println!(
+            "rejected rows written to {} with their reasons; it holds their identifiers: delete it once dealt with",
+            rejected_file.display()
+        );
+    }
+    std::io::stdout().flush()?;
+    Ok(summary)
+}
+
+/// One item's answer.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Created,
+    Replayed,
+    Refused(String),
+}
+
+fn batch_results(answer: &Value, expected: usize) -> anyhow::Result<Vec<Outcome>> {
+    let results = answer.get("results").and_then(Value::as_array).context("the answer has no results")?;
+    if results.len() != expected {
+        bail!("the answer has {} results for {expected} requests", results.len());
+    }
+    results
+        .iter()
+        .map(|r| {
+            if let Some(error) = r.get("error").and_then(Value::as_str) {
+                Ok(Outcome::Refused(error.to_owned()))
+            } else if r.get("id").is_none_or(Value::is_null) {
+                bail!("an item of the answer has neither an id nor an error")
+            } else if r.get("replayed").and_then(Value::as_bool) == Some(true) {
+                Ok(Outcome::Replayed)
+            } else {
+                Ok(Outcome::Created)
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(p: &Parsed) -> Vec<(u64, Submission)> {
+        p.rows.iter().filter_map(|r| r.submission.clone().ok().map(|s| (r.line, s))).collect()
+    }
+
+    fn refused(p: &Parsed) -> Vec<(u64, String)> {
+        p.rows.iter().filter_map(|r| r.submission.clone().err().map(|e| (r.line, e))).collect()
+    }
+
+    #[test]
+    fn import_rows_with_overrides_skipped_cells_and_line_numbers() {
+        let csv = "Email,phone,regulation,external_ref,loyalty_number\n\
+                   a@example.com,,,T-1,\n\
+                   ,+44 20 7946 0958,ccpa,,\n\
+                   \n\
+                   b@example.com,,,\"two\nlines\",L-9\n\
+                   c@example.com,,gdpr\n\
+                   ,,gdpr,T-5,\n\
+                   d@example.com,,,,,extra\n";
+        let p = parse(csv.as_bytes(), "uk-gdpr").expect("parse");
+        assert_eq!(p.rows.len(), 6, "the blank line is not a row");
+        let ok = sent(&p);
+        assert_eq!(ok.len(), 3);
+        assert_eq!(ok[0].0, 2);
+        assert_eq!(ok[0].1.subject, BTreeMap::from([("email".to_owned(), "a@example.com".to_owned())]));
+        assert_eq!(ok[0].1.regulation, "uk-gdpr");
+        assert_eq!(ok[0].1.external_ref.as_deref(), Some("T-1"));
+        assert_eq!(ok[1].0, 3);
+        assert_eq!(ok[1].1.subject.keys().collect::<Vec<_>>(), ["phone"]);
+        assert_eq!(ok[1].1.regulation, "ccpa");
+        assert_eq!(ok[1].1.external_ref, None);
+        assert_eq!(ok[2].0, 5, "a row starts where its first cell does");
+        assert_eq!(ok[2].1.subject.keys().collect::<Vec<_>>(), ["email", "loyalty_number"]);
+        assert_eq!(ok[2].1.external_ref.as_deref(), Some("two\nlines"));
+        let bad = refused(&p);
+        assert_eq!(bad[0], (7, "3 cells where the header has 5".to_owned()));
+        assert_eq!(bad[1], (8, "no identifier".to_owned()));
+        assert_eq!(bad[2], (9, "6 cells where the header has 5".to_owned()));
+    }
+
+    #[test]
+    fn import_line_numbers_survive_blank_lines_and_crlf() {
+        let lines = |csv: &str| -> Vec<u64> {
+            parse(csv.as_bytes(), "gdpr").expect("parse").rows.iter().map(|r| r.line).collect()
+        };
+        assert_eq!(lines("email\r\na@x.org\r\n\r\nb@x.org\r\n"), [2, 4]);
+        assert_eq!(lines("email\n\n\na@x.org\n\"q\n@x.org\"\n\n\nc@x.org"), [4, 5, 9]);
+        assert_eq!(lines("email\ra@x.org\r\rb@x.org\r"), [2, 4]);
+    }
+
+    #[test]
+    fn import_header_without_identifier_column_is_refused() {
+        let err = parse(b"regulation,external_ref\ngdpr,T-1\n", "gdpr").unwrap_err().to_string();
+        assert!(err.contains("no identifier column"), "{err}");
+        let err = parse(b"", "gdpr").unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+        let err = parse(b"email,email\na@example.com,b@example.com\n", "gdpr").unwrap_err().to_string();
+        assert!(err.contains("column 2 of the header row repeats column 1"), "{err}");
+    }
+
+    #[test]
+    fn import_header_errors_never_quote_the_header() {
+        // A file without a header row: its first row is taken as the header.
+        let err = parse(b"Ada.Lovelace@Example.com,gdpr\nb@example.com,gdpr\n", "gdpr").unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains("column 1 of the header row"), "{err}");
+        assert!(!err.to_ascii_lowercase().contains("lovelace"), "{err}");
+    }
+
+    #[test]
+    fn import_ignores_a_bom_and_the_rejected_files_columns() {
+        let p = parse("\u{feff}line,reason,email\n7,no identifier,a@example.com\n".as_bytes(), "gdpr")
+            .expect("parse");
+        let ok = sent(&p);
+        assert_eq!(ok.len(), 1);
+        assert_eq!(ok[0].1.subject, BTreeMap::from([("email".to_owned(), "a@example.com".to_owned())]));
+    }
+
+    #[test]
+    fn import_keys_derive_from_the_content_and_the_line() {
+        let a = b"email\na@example.com\n";
+        let b = b"email\nb@example.com\n";
+        assert_eq!(key_prefix(a), key_prefix(a));
+        assert_ne!(key_prefix(a), key_prefix(b));
+        let key = row_key(&key_prefix(a), 2);
+        let digest = hex::encode(Sha256::digest(a));
+        assert_eq!(key, format!("import:{}:2", &digest[..32]));
+        assert_ne!(key, row_key(&key_prefix(a), 3));
+        assert!(key.len() <= 255 && key.bytes().all(|c| c.is_ascii_graphic()), "{key}");
+    }
+
+    #[test]
+    fn import_batch_size_is_bounded() {
+        assert_eq!(batch_size("500"), Ok(500));
+        assert_eq!(batch_size("1000"), Ok(1000));
+        assert!(batch_size("0").is_err());
+        assert!(batch_size("1001").is_err());
+    }
+
+    #[test]
+    fn import_batch_answers_are_read_in_order() {
+        let answer = json!({"results": [
+            {"id": "x", "status": "received", "due_at": "2026-01-01T00:00:00Z", "replayed": false, "error": null},
+            {"id": "y", "status": "received", "due_at": "2026-01-01T00:00:00Z", "replayed": true, "error": null},
+            {"id": null, "status": null, "due_at": null, "replayed": false, "error": "subject: email is not valid"},
+        ]});
+        let results = batch_results(&answer, 3).expect("results");
+        assert_eq!(
+            results,
+            [Outcome::Created, Outcome::Replayed, Outcome::Refused("subject: email is not valid".into())]
+        );
+        assert!(batch_results(&answer, 2).is_err());
+    }
+
+    #[test]
+    fn import_summary_lists_lines_and_writes_the_rejected_file() {
+        let csv = "email,reason,regulation\n,x,gdpr\nb@example.com,,gdpr,extra\nc@example.com,,gdpr\n";
+        let p = parse(csv.as_bytes(), "gdpr").expect("parse");
+        let mut summary = Summary { read: 3, ..Summary::default() };
+        for r in &p.rows {
+            if let Err(e) = &r.submission {
+                summary.rejected.insert(r.line, e.clone());
+            }
+        }
+        summary.rejected.insert(4, "regulation: unknown".to_owned());
+        let text = summary.render(2);
+        assert!(text.contains("rejected:          3"), "{text}");
+        assert!(text.contains("  line 2: no identifier\n"), "{text}");
+        assert!(text.contains("  line 3: 4 cells where the header has 3\n"), "{text}");
+        assert!(text.contains("…and 1 more"), "{text}");
+        assert!(!text.contains("example.com"), "{text}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = rejected_path(&dir.path().join("people.csv"));
+        assert!(path.ends_with("people.csv.rejected.csv"));
+        write_rejected(&path, &p, &summary.rejected).expect("write");
+        let written = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(
+            written,
+            "line,reason,email,regulation\n2,no identifier,,gdpr\n\
+             3,4 cells where the header has 3,b@example.com,gdpr,extra\n\
+             4,regulation: unknown,c@example.com,gdpr\n"
+        );
+        let again = parse(written.as_bytes(), "gdpr").expect("the rejected file parses");
+        assert_eq!(again.rows.len(), 3);
+    }
+}
