@@ -11,6 +11,7 @@ pub mod envelope;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod memory;
+pub mod trace;
 
 use async_trait::async_trait;
 

@@ -13,6 +13,7 @@ mod policy;
 mod proof;
 mod registry;
 mod serve;
+mod telemetry;
 mod tokens;
 
 use std::net::SocketAddr;
@@ -289,20 +290,6 @@ enum ConfigCommand {
     },
 }
 
-fn init_tracing(format: LogFormat, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LETHE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -311,7 +298,11 @@ async fn main() -> std::process::ExitCode {
         Command::Demo { .. } | Command::Bench { .. } => "warn",
         _ => "info,sqlx=warn",
     };
-    init_tracing(cli.log_format, default_filter);
+    let service = match &cli.command {
+        Command::Connector { .. } => "lethe-connector",
+        _ => "lethe",
+    };
+    let _telemetry = telemetry::init(cli.log_format, default_filter, service);
     match run(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -135,6 +135,7 @@ impl Worker {
             system = %task.system,
             attempt = task.attempt,
         );
+        lethe_bus::trace::link(&span, task.request_id);
         let started = Instant::now();
         let outcome = self.outcome(&task).instrument(span.clone()).await;
         let label = outcome_label(&outcome);

@@ -70,6 +70,15 @@ impl Dispatcher {
         self.store.mark_published(&self.owner, &items, self.clock.now()).await.map_err(|e| e.to_string())?;
         for item in &items {
             metrics::counter!(TASKS_DISPATCHED_TOTAL, "system" => item.system.clone()).increment(1);
+            let span = tracing::info_span!(
+                "task.published",
+                request = %item.request_id,
+                task = %item.task_id,
+                system = %item.system,
+                attempt = item.attempt,
+            );
+            lethe_bus::trace::link(&span, item.request_id);
+            span.in_scope(|| tracing::debug!("task published"));
         }
         Ok(items.len())
     }

@@ -80,7 +80,10 @@ impl Ingest {
                         metrics::histogram!(DISPATCH_TO_OUTCOME_SECONDS, "system" => msg.system.clone())
                             .record(seconds);
                     }
-                    tracing::info!(%request, task = %msg.task_id, system = %msg.system, state = %task, "task updated");
+                    let span = tracing::info_span!("task.outcome", %request, task = %msg.task_id,
+                        system = %msg.system, attempt = msg.attempt);
+                    lethe_bus::trace::link(&span, request);
+                    span.in_scope(|| tracing::info!(state = %task, "task updated"));
                     if let Some(status) = request_status.filter(|s| s.is_final()) {
                         metrics::counter!(REQUESTS_FINISHED_TOTAL, "status" => status.as_str()).increment(1);
                         tracing::info!(%request, %status, "request finished");

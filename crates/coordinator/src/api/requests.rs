@@ -353,7 +353,9 @@ pub(crate) fn prepare(
 /// Records an accepted request in logs and metrics.
 pub(crate) fn received(id: RequestId, regulation: Regulation) {
     metrics::counter!(REQUESTS_RECEIVED_TOTAL, "regulation" => regulation.as_str()).increment(1);
-    tracing::info!(request = %id, %regulation, "request received");
+    let span = tracing::info_span!("request.received", request = %id, %regulation);
+    lethe_bus::trace::link(&span, id);
+    span.in_scope(|| tracing::info!("request received"));
 }
 
 /// A request with each system's action, state, attempts and outcome.
