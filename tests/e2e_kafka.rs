@@ -95,6 +95,29 @@ async fn requests_complete_through_kafka_with_worker_processes() {
     );
     assert!(a + b >= REQUESTS, "archive tasks finished: {a} + {b} < {REQUESTS}");
     assert!(shop.finished() >= REQUESTS, "the one shop worker ran every shop task");
+
+    // Each worker serves its own metrics: its tasks, and (from librdkafka's
+    // statistics, every 10 s) its consumer group's lag.
+    let waiting = Instant::now();
+    loop {
+        let text =
+            server.http.get(&shop.metrics_url).send().await.expect("worker metrics").text().await.unwrap();
+        let tasks: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("lethe_connector_tasks_total{") && l.contains("system=\"shop\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(tasks >= REQUESTS as f64, "shop worker counted {tasks} tasks:\n{text}");
+        assert!(!text.contains("@example.com"), "no identifier in metrics");
+        if text
+            .lines()
+            .any(|l| l.starts_with("lethe_kafka_consumer_lag{") && l.contains(&k.connector_group("shop")))
+        {
+            break;
+        }
+        assert!(waiting.elapsed() < Duration::from_secs(25), "no consumer lag gauge:\n{text}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     eprintln!("done in {:?}", started.elapsed());
 }
 

@@ -233,6 +233,8 @@ pub struct ConnectorWorker {
     pub system: String,
     pub label: String,
     pub log: PathBuf,
+    /// The worker's Prometheus endpoint (`--metrics-listen`).
+    pub metrics_url: String,
 }
 
 impl ConnectorWorker {
@@ -243,10 +245,12 @@ impl ConnectorWorker {
         let mut log =
             std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("open worker log");
         writeln!(log, "===== lethe connector run --system {system} ({label}) =====").expect("write log");
+        let metrics = super::free_port();
         let mut cmd = Command::new(LETHE);
         cmd.args(["connector", "run", "--config"])
             .arg(&lab.config)
             .args(["--system", system, "--coordinator", coordinator])
+            .args(["--metrics-listen", &metrics.to_string()])
             .current_dir(lab.root())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
@@ -255,7 +259,13 @@ impl ConnectorWorker {
         clean_env(&mut cmd);
         cmd.env("LETHE_LOG", "info").env("NO_COLOR", "1").envs(lab.child_env());
         let child = cmd.spawn().expect("spawn lethe connector run");
-        let mut worker = Self { child, system: system.to_owned(), label: label.to_owned(), log: log_path };
+        let mut worker = Self {
+            child,
+            system: system.to_owned(),
+            label: label.to_owned(),
+            log: log_path,
+            metrics_url: format!("http://{metrics}/metrics"),
+        };
         let started = Instant::now();
         while !worker.log_text().contains("worker started") {
             if let Some(status) = worker.child.try_wait().expect("poll worker") {

@@ -278,6 +278,9 @@ enum ConnectorCommand {
         /// The coordinator's API (for task keys); default http://<server.listen>.
         #[arg(long, env = "LETHE_COORDINATOR")]
         coordinator: Option<String>,
+        /// Serve this worker's Prometheus metrics at http://<address>/metrics.
+        #[arg(long, env = "LETHE_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
     },
 }
 
@@ -352,9 +355,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
-        Command::Connector { command: ConnectorCommand::Run { config, system, coordinator } } => {
+        Command::Connector {
+            command: ConnectorCommand::Run { config, system, coordinator, metrics_listen },
+        } => {
             let config = config.load(&Overrides::default())?;
-            serve::run_connector(config, &system, coordinator).await
+            serve::run_connector(config, &system, coordinator, metrics_listen).await
         }
         Command::Retry { server, id, system } => {
             let answer = server.client().retry(&id, &system).await?;

@@ -126,7 +126,24 @@ pub async fn build_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
 
 /// `lethe connector run`: one worker for one system, consuming its Kafka
 /// topic in the system's consumer group, with keys from the coordinator.
-pub async fn run_connector(config: Config, system: &str, coordinator: Option<String>) -> anyhow::Result<()> {
+pub async fn run_connector(
+    config: Config,
+    system: &str,
+    coordinator: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    if let Some(addr) = metrics_listen {
+        // Installed before the worker records anything.
+        lethe_coordinator::metrics::prometheus();
+        let listener =
+            TcpListener::bind(addr).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
+        let router = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(|| async { lethe_coordinator::metrics::prometheus().render() }),
+        );
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        tracing::info!(%addr, "worker metrics at /metrics");
+    }
     let system = config.system(system)?;
     if !matches!(config.bus, BusConfig::Kafka(_)) {
         anyhow::bail!("`lethe connector run` needs the Kafka bus; with the in-process bus `lethe serve` runs the connectors");
