@@ -442,10 +442,4 @@ impl KafkaBus {
         }
         Ok(letters)
     }
-
-    /// Publishes a dead-lettered result to the results topic again, for the
-    /// coordinator's ingest to apply (idempotently) or dead-letter anew.
-    pub async fn replay_result(&self, result: &ResultMessage) -> Result<(), BusError> {
-        self.publish_result(result).await
-    }
 }

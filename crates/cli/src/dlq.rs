@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use lethe_bus::{KafkaBus, ResultMessage};
+use lethe_bus::{Bus as _, KafkaBus, ResultMessage};
 
 use crate::config::{resolve_placeholders, BusConfig, Config};
 
@@ -64,7 +64,7 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
                 match ResultMessage::decode(&l.payload) {
                     Ok(result) => {
                         if !dry_run {
-                            bus.replay_result(&result).await?;
+                            bus.publish_result(&result).await?;
                         }
                         replayed += 1;
                     }

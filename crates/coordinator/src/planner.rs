@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use lethe_core::{
-    Action, ActiveHold, Deadlines, PlanItem, Policy, PolicyError, Regulation, SystemCategories, TaskId,
+    ActiveHold, Deadlines, PlanItem, Policy, PolicyError, Regulation, SystemCategories, TaskId,
 };
 use lethe_store::NewTask;
 use serde::Serialize;
@@ -96,7 +96,7 @@ impl Planner {
                 id: TaskId::new(),
                 system: p.system.clone(),
                 action: p.action,
-                held: !p.categories.is_empty() && p.categories.iter().all(|c| c.action == Action::Hold),
+                held: p.is_held(),
             })
             .collect();
         (plan, tasks)

@@ -178,3 +178,11 @@ pub struct PlanItem {
     #[serde(default)]
     pub categories: Vec<CategoryPlan>,
 }
+
+impl PlanItem {
+    /// A legal hold covers every category: the system's task waits
+    /// undispatched until the hold ends.
+    pub fn is_held(&self) -> bool {
+        !self.categories.is_empty() && self.categories.iter().all(|c| c.action == Action::Hold)
+    }
+}

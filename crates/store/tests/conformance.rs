@@ -163,7 +163,7 @@ impl Fixture {
                 id: TaskId::new(),
                 system: p.system.clone(),
                 action: p.action,
-                held: !p.categories.is_empty() && p.categories.iter().all(|c| c.action == Action::Hold),
+                held: p.is_held(),
             })
             .collect();
         NewRequest {

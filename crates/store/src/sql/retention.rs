@@ -283,8 +283,7 @@ impl SqlStore {
                 for task in &mut req.tasks {
                     if let Some(item) = req.plan.iter().find(|p| p.system == task.system) {
                         task.action = item.action;
-                        task.held = !item.categories.is_empty()
-                            && item.categories.iter().all(|c| c.action == Action::Hold);
+                        task.held = item.is_held();
                     }
                 }
             }
