@@ -26,6 +26,7 @@ mod config;
 mod connector;
 mod dialect;
 mod error;
+mod kind;
 mod query;
 mod retention;
 
@@ -34,3 +35,4 @@ pub use config::{
 };
 pub use connector::SqlConnector;
 pub use dialect::Dialect;
+pub use kind::SqlKind;

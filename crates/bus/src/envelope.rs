@@ -2,7 +2,7 @@
 //! a consumer rejects a version it does not know.
 
 use chrono::{DateTime, Utc};
-use lethe_core::{Action, Directive, Outcome, Regulation, RequestId, SealedIdentifier, TaskId};
+use lethe_core::{Action, Directive, Job, Outcome, Regulation, RequestId, SealedIdentifier, TaskId};
 use serde::{Deserialize, Serialize};
 
 use crate::Undecodable;
@@ -41,6 +41,10 @@ pub struct TaskMessage {
     /// When the coordinator published this attempt; retention is decided
     /// as of this instant (`cutoff` and `until` of the directives).
     pub issued_at: DateTime<Utc>,
+    /// Set when the connector answered an earlier attempt with `accepted`:
+    /// check this external job instead of starting another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<Job>,
 }
 
 /// A connector's report on one task attempt.

@@ -269,7 +269,8 @@ impl Default for SchedulerConfig {
 pub struct SystemConfig {
     /// Unique name: lower-case letters, digits, `-` and `_`.
     pub name: String,
-    /// Connector type (`sql`).
+    /// Connector type (`sql`, `redis`, `kafka`, `http`), or `external` for
+    /// a system served by a worker of its own (another language).
     pub connector: String,
     /// Team or person responsible for the system.
     #[serde(default)]
@@ -511,7 +512,14 @@ impl Config {
             if !seen.insert(&s.name) {
                 bail!("system {:?} is declared twice", s.name);
             }
-            crate::registry::validate(s).with_context(|| format!("system {:?}", s.name))?;
+            crate::registry::categories(s).with_context(|| format!("system {:?}", s.name))?;
+            if s.connector == crate::registry::EXTERNAL && !matches!(self.bus, BusConfig::Kafka(_)) {
+                bail!(
+                    "system {:?} is served by an external worker, which needs the Kafka bus \
+                     ([bus] type = \"kafka\")",
+                    s.name
+                );
+            }
             if matches!(self.bus, BusConfig::Kafka(_)) && s.token.is_none() {
                 bail!("system {:?} needs a `token` for its connector workers with the Kafka bus", s.name);
             }

@@ -2,6 +2,7 @@
 //! together; every other crate works against traits.
 
 mod bench;
+mod check;
 mod client;
 mod config;
 mod demo;
@@ -282,6 +283,19 @@ enum ConnectorCommand {
         #[arg(long, env = "LETHE_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
     },
+    /// Run the conformance checks against one configured system: health,
+    /// erase and verify of a subject, idempotence, no identifier in logs or
+    /// errors. Give a test subject that exists in the system (it is erased)
+    /// to check erasure of real data; without one, a made-up subject is used.
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The system to check.
+        #[arg(long)]
+        system: String,
+        #[command(flatten)]
+        subject: Box<ops::SubjectArgs>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -360,6 +374,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let config = config.load(&Overrides::default())?;
             serve::run_connector(config, &system, coordinator, metrics_listen).await
+        }
+        Command::Connector { command: ConnectorCommand::Check { config, system, subject } } => {
+            let config = config.load(&Overrides::default())?;
+            check::run(config, &system, &subject).await
         }
         Command::Retry { server, id, system } => {
             let answer = server.client().retry(&id, &system).await?;

@@ -1,52 +1,58 @@
-//! The one list of connector types. Adding a connector means one arm in
-//! [`validate`], [`categories`] and [`build`].
+//! The one list of connector types this binary knows. Adding a connector is
+//! one line in [`KINDS`] and its dependency in this crate's `Cargo.toml`.
+//!
+//! `connector = "external"` is a system served by a worker outside this
+//! binary (a connector in another language speaking `docs/protocol.md`): it
+//! lists its `categories` itself and needs the Kafka bus.
 
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use lethe_connector::Connector;
-use lethe_connector_sql::{SqlConfig, SqlConnector};
+use lethe_connector::{Connector, ConnectorKind};
 
 use crate::config::{resolve_table, SystemConfig};
 
-/// Connector types this build knows.
-pub const KNOWN: &[&str] = &["sql"];
+/// Every connector type of this build.
+const KINDS: &[&dyn ConnectorKind] = &[
+    &lethe_connector_sql::SqlKind,
+    &lethe_connector_files::FilesKind,
+    &lethe_connector_redis::RedisKind,
+];
 
-/// Parses and checks a system's connector settings without connecting
-/// (placeholders stay unresolved).
-pub fn validate(system: &SystemConfig) -> anyhow::Result<()> {
-    match system.connector.as_str() {
-        "sql" => {
-            let config: SqlConfig = parse(&system.config)?;
-            config.validate().map_err(anyhow::Error::msg)
+/// The type of a system served by a worker of its own.
+pub const EXTERNAL: &str = "external";
+
+fn kind(system: &SystemConfig) -> anyhow::Result<&'static dyn ConnectorKind> {
+    match KINDS.iter().find(|k| k.name() == system.connector) {
+        Some(k) => Ok(*k),
+        None => {
+            let known: Vec<&str> = KINDS.iter().map(|k| k.name()).chain([EXTERNAL]).collect();
+            bail!("unknown connector type {:?}; this build knows: {}", system.connector, known.join(", "))
         }
-        other => bail!("unknown connector type {other:?}; this build knows: {}", KNOWN.join(", ")),
     }
 }
 
-/// The data categories a system's datasets declare, in order.
+/// The data categories a system's datasets declare, in order; parsing and
+/// checking its settings without connecting (placeholders stay unresolved).
 pub fn categories(system: &SystemConfig) -> anyhow::Result<Vec<String>> {
-    match system.connector.as_str() {
-        "sql" => Ok(parse::<SqlConfig>(&system.config)?.categories()),
-        other => bail!("unknown connector type {other:?}; this build knows: {}", KNOWN.join(", ")),
+    if system.connector == EXTERNAL {
+        if system.categories.is_empty() {
+            bail!("an external system lists its data `categories`");
+        }
+        if !system.config.is_empty() {
+            bail!("an external system has no `config`: its worker reads its own settings");
+        }
+        return Ok(system.categories.clone());
     }
+    kind(system)?.categories(&system.config).map_err(|e| anyhow::anyhow!("invalid connector settings: {e}"))
 }
 
 /// Builds a system's connector, resolving `${ENV}` placeholders.
 pub async fn build(system: &SystemConfig) -> anyhow::Result<Arc<dyn Connector>> {
-    let table = resolve_table(&system.config).with_context(|| format!("system {:?}", system.name))?;
-    match system.connector.as_str() {
-        "sql" => {
-            let config: SqlConfig = parse(&table)?;
-            let connector = SqlConnector::connect(config)
-                .await
-                .with_context(|| format!("system {:?}: cannot connect", system.name))?;
-            Ok(Arc::new(connector))
-        }
-        other => bail!("unknown connector type {other:?}; this build knows: {}", KNOWN.join(", ")),
+    if system.connector == EXTERNAL {
+        bail!("system {:?} is served by an external worker, not by this binary", system.name);
     }
-}
-
-fn parse<T: serde::de::DeserializeOwned>(table: &toml::Table) -> anyhow::Result<T> {
-    toml::Value::Table(table.clone()).try_into().context("invalid connector settings")
+    let kind = kind(system)?;
+    let table = resolve_table(&system.config).with_context(|| format!("system {:?}", system.name))?;
+    kind.build(&table).await.with_context(|| format!("system {:?}: cannot build its connector", system.name))
 }

@@ -1,8 +1,10 @@
 //! The trait a connector author implements.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use lethe_core::{Action, DatasetReport, Directive, Identifier, RequestId, RetainedReport, TaskId};
+use lethe_core::{Action, DatasetReport, Directive, Identifier, Job, RequestId, RetainedReport, TaskId};
 
 /// One subject's erasure in one system, with identifiers already decrypted.
 #[derive(Debug, Clone)]
@@ -22,12 +24,49 @@ pub struct ErasureTask {
     /// Normalised identifiers. They print as `[redacted]`; use
     /// [`Identifier::expose`] only to bind them as query parameters.
     pub identifiers: Vec<Identifier>,
+    /// The external job this connector started for the task on an earlier
+    /// call of [`Connector::advance`], when the coordinator asks how it is
+    /// going.
+    pub job: Option<Job>,
+}
+
+/// What a connector without per-record dates does with one data category.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Treatment {
+    /// Delete it: the directive is `erase`, or a retention has ended as of
+    /// the task's `issued_at`.
+    Erase,
+    /// The policy asks for anonymisation; a store that cannot anonymise
+    /// deletes instead.
+    Anonymize,
+    /// Keep it and report a [`RetainedReport`] with this basis and end
+    /// (`until` is `None` under a legal hold).
+    Keep { basis: String, until: Option<DateTime<Utc>> },
+    /// No directive for the category: leave it untouched, report nothing.
+    Skip,
 }
 
 impl ErasureTask {
     /// The directive for `category`, if the task has one.
     pub fn directive(&self, category: &str) -> Option<&Directive> {
         self.directives.iter().find(|d| d.category == category)
+    }
+
+    /// What to do with a category whose records carry no date of their own.
+    /// A retention counted from the record's date keeps such records until
+    /// the directive's `until`, as one counted from the request does.
+    pub fn treatment(&self, category: &str) -> Treatment {
+        let Some(d) = self.directive(category) else { return Treatment::Skip };
+        let basis = || d.basis.clone().unwrap_or_else(|| "legal obligation".into());
+        match d.action {
+            Action::Erase => Treatment::Erase,
+            Action::Anonymize => Treatment::Anonymize,
+            Action::Hold => Treatment::Keep { basis: basis(), until: None },
+            Action::Retain => match d.until {
+                Some(until) if until <= self.issued_at => Treatment::Erase,
+                until => Treatment::Keep { basis: basis(), until },
+            },
+        }
     }
 
     /// The identifiers of one type.
@@ -48,6 +87,31 @@ pub struct Erasure {
 impl Erasure {
     pub fn total(&self) -> u64 {
         self.datasets.iter().map(|d| d.deleted + d.anonymized).sum()
+    }
+}
+
+/// Where a task stands after one call of [`Connector::advance`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// Finished: what was erased and what was kept.
+    Done(Erasure),
+    /// An external job runs; the coordinator asks again after `poll_after`,
+    /// with [`ErasureTask::job`] set.
+    Running(Pending),
+}
+
+/// An external job that has not finished yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// The external system's job id. Never derived from an identifier.
+    pub job_id: String,
+    /// How long to wait before asking again.
+    pub poll_after: Duration,
+}
+
+impl Progress {
+    pub fn running(job_id: impl Into<String>, poll_after: Duration) -> Self {
+        Self::Running(Pending { job_id: job_id.into(), poll_after })
     }
 }
 
@@ -80,11 +144,56 @@ impl ConnectorError {
 #[async_trait]
 pub trait Connector: Send + Sync + 'static {
     /// Erases or anonymises the subject's data; reports counts per dataset.
+    /// A connector for a system that erases asynchronously implements
+    /// [`advance`](Connector::advance) and answers here with
+    /// [`wait_for`](crate::wait_for) (submit, then poll until done).
     async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError>;
+
+    /// Moves the task one step on; what the worker runtime calls. The default
+    /// erases synchronously. A connector for an asynchronous deletion API
+    /// submits the job when `task.job` is `None` and returns
+    /// [`Progress::Running`]; the task is then `accepted` and the
+    /// coordinator's scheduler asks again later (durably, across restarts)
+    /// with `task.job` set, when the connector checks the job instead of
+    /// submitting again: still running, done (the runtime then verifies), or
+    /// an error if it failed or ran past its maximum wait.
+    async fn advance(&self, task: &ErasureTask) -> Result<Progress, ConnectorError> {
+        self.erase(task).await.map(Progress::Done)
+    }
 
     /// Counts what is still there for the subject (0 after a complete erase).
     async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError>;
 
     /// Checks that the system is reachable and configured as declared.
     async fn health(&self) -> Result<(), ConnectorError>;
+}
+
+/// Runs `task` to its end in one call: advances, and while an external job
+/// runs, sleeps as asked (at most `max_poll`) and checks again, for at most
+/// `max_wait`. For [`Connector::erase`] of asynchronous connectors, the
+/// conformance kit and `lethe connector check`.
+pub async fn wait_for(
+    connector: &(impl Connector + ?Sized),
+    task: &ErasureTask,
+    max_wait: Duration,
+    max_poll: Duration,
+) -> Result<Erasure, ConnectorError> {
+    let started = tokio::time::Instant::now();
+    let mut task = task.clone();
+    loop {
+        match connector.advance(&task).await? {
+            Progress::Done(erasure) => return Ok(erasure),
+            Progress::Running(pending) => {
+                if started.elapsed() >= max_wait {
+                    return Err(ConnectorError::retryable(format!(
+                        "the external job did not finish within {}s",
+                        max_wait.as_secs()
+                    )));
+                }
+                let job = task.job.get_or_insert_with(|| Job { id: String::new(), accepted_at: Utc::now() });
+                job.id = pending.job_id;
+                tokio::time::sleep(pending.poll_after.min(max_poll)).await;
+            }
+        }
+    }
 }

@@ -6,13 +6,20 @@
 //! tracing spans, metrics, publishing results) belongs to the [`worker`]
 //! runtime, so that every connector behaves the same way.
 
+pub mod conformance;
 pub mod connector;
 pub mod keys;
+pub mod kind;
 pub mod metrics;
 pub mod retry;
 pub mod worker;
 
-pub use connector::{Connector, ConnectorError, Erasure, ErasureTask};
+pub use connector::{
+    wait_for, Connector, ConnectorError, Erasure, ErasureTask, Pending, Progress, Treatment,
+};
 pub use keys::HttpKeys;
+pub use kind::ConnectorKind;
+pub use lethe_core;
+pub use lethe_core::{Action, DatasetReport, Directive, Identifier, Job, RetainedReport};
 pub use retry::RetryPolicy;
 pub use worker::{KeyResolver, Worker};

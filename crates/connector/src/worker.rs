@@ -14,7 +14,7 @@ use lethe_core::{DataKey, Outcome, RequestId, TaskId};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::connector::{Connector, ConnectorError, Erasure, ErasureTask};
+use crate::connector::{Connector, ConnectorError, Erasure, ErasureTask, Progress};
 use crate::metrics::{RETRIES_TOTAL, TASKS_TOTAL, TASK_DURATION_SECONDS};
 use crate::retry::RetryPolicy;
 
@@ -161,8 +161,14 @@ impl Worker {
             Ok(task) => task,
             Err(e) => return failed(e),
         };
-        let erasure = match self.call("erase", || self.connector.erase(&task)).await {
-            Ok(erasure) => erasure,
+        let erasure = match self.call("erase", || self.connector.advance(&task)).await {
+            Ok(Progress::Done(erasure)) => erasure,
+            Ok(Progress::Running(pending)) => {
+                return Outcome::Accepted {
+                    job_id: pending.job_id,
+                    poll_after_seconds: Some(pending.poll_after.as_secs().max(1)),
+                }
+            }
             Err(e) => return failed(e),
         };
         match self.call("verify", || self.connector.verify(&task)).await {
@@ -197,6 +203,7 @@ impl Worker {
             issued_at: msg.issued_at,
             attempt: msg.attempt,
             identifiers,
+            job: msg.job.clone(),
         })
     }
 

@@ -97,6 +97,7 @@ fn message(item: &OutboxItem, now: chrono::DateTime<chrono::Utc>) -> TaskMessage
         identifiers: item.identifiers.clone(),
         categories: item.categories.iter().map(|c| c.directive(now)).collect(),
         issued_at: now,
+        job: item.job.clone(),
     }
 }
 

@@ -13,7 +13,7 @@ use axum::Router;
 use chrono::{TimeZone, Utc};
 use http_body_util::BodyExt;
 use lethe_bus::{Bus, InProcessBus};
-use lethe_connector::{Connector, ConnectorError, Erasure, ErasureTask, RetryPolicy, Worker};
+use lethe_connector::{Connector, ConnectorError, Erasure, ErasureTask, Progress, RetryPolicy, Worker};
 use lethe_coordinator::{
     app, AppState, ConnectorTokens, Coordinator, ManualClock, Planner, Settings, StoreKeys, SystemInfo,
 };
@@ -110,7 +110,7 @@ impl Harness {
         self.coordinator.state.clone()
     }
 
-    fn start_workers(&self, connector: Arc<MemoryConnector>) {
+    fn start_workers(&self, connector: Arc<dyn Connector>) {
         let keys = Arc::new(StoreKeys::new(self.state().store.clone(), self.master.clone()));
         for system in ["crm", "mail"] {
             let worker = Worker::new(
@@ -456,6 +456,85 @@ async fn silent_tasks_are_redispatched_after_their_time_out_then_failed() {
     let view = wait_final(&h.app(), &id).await;
     assert_eq!(view["status"], "failed");
     assert!(view["systems"][0]["summary"].as_str().unwrap().contains("no result within 60s"), "{view}");
+}
+
+/// Deletes through a job that finishes at its third check.
+#[derive(Default)]
+struct Asynchronous {
+    checks: Mutex<HashMap<String, u32>>,
+    submitted: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait]
+impl Connector for Asynchronous {
+    async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+        lethe_connector::wait_for(self, task, Duration::from_secs(5), Duration::from_millis(1)).await
+    }
+    async fn advance(&self, task: &ErasureTask) -> Result<Progress, ConnectorError> {
+        let Some(job) = &task.job else {
+            let n = self.submitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Ok(Progress::running(format!("job-{n}"), Duration::from_secs(120)));
+        };
+        let mut checks = self.checks.lock().unwrap();
+        let seen = checks.entry(job.id.clone()).or_default();
+        *seen += 1;
+        if *seen < 3 {
+            return Ok(Progress::running(job.id.clone(), Duration::from_secs(120)));
+        }
+        Ok(Progress::Done(Erasure {
+            datasets: vec![DatasetReport { dataset: "profiles".into(), deleted: 1, anonymized: 0 }],
+            retained: vec![],
+        }))
+    }
+    async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
+        Ok(u64::from(task.job.is_none()))
+    }
+    async fn health(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_asynchronous_job_is_polled_at_the_asked_interval_until_done() {
+    let settings = Settings {
+        poll_interval: Duration::from_millis(10),
+        scheduler_interval: Duration::from_millis(10),
+        ..Default::default()
+    };
+    let h = Harness::with(settings).await;
+    let connector = Arc::new(Asynchronous::default());
+    h.start_workers(connector.clone());
+    let body = json!({"subject": {"email": "job@example.com"}, "regulation": "gdpr"});
+    let (_, created, _) = call(&h.app(), post(body.to_string())).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let view_of = || async { call(&h.app(), get(&format!("/v1/requests/{id}"))).await.1 };
+    let states = |v: &Value| -> Vec<String> {
+        let systems = v["systems"].as_array().unwrap().iter();
+        systems.map(|s| format!("{} {}", s["state"].as_str().unwrap(), s["attempts"])).collect()
+    };
+    for round in 1..=3 {
+        // Each system waits on its job; nothing is checked before the interval.
+        let mut view = view_of().await;
+        for _ in 0..200 {
+            if states(&view) == [format!("accepted {round}"), format!("accepted {round}")] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            view = view_of().await;
+        }
+        assert_eq!(states(&view), [format!("accepted {round}"), format!("accepted {round}")], "{view}");
+        assert_eq!(view["status"], "in_progress");
+        assert_eq!(view["systems"][0]["summary"], "accepted; external job running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(view_of().await["systems"][0]["attempts"], round, "not polled before the interval");
+        h.clock.advance(chrono::Duration::seconds(121));
+    }
+    let view = wait_final(&h.app(), &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["systems"][0]["outcome"]["status"], "erased");
+    assert_eq!(view["systems"][0]["outcome"]["residual"], 0);
+    assert_eq!(view["systems"][0]["attempts"], 4, "one submission and three checks");
+    assert_eq!(connector.submitted.load(std::sync::atomic::Ordering::SeqCst), 2, "one job per system");
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ pub mod state;
 pub use crypto::{DataKey, MasterKey, SealedIdentifier};
 pub use identifier::{Identifier, IdentifierError, IdentifierKind};
 pub use ids::{RequestId, TaskId};
-pub use outcome::{DatasetReport, Outcome, OutcomeClass, RetainedReport};
+pub use outcome::{DatasetReport, Job, Outcome, OutcomeClass, RetainedReport};
 pub use plan::{Action, CategoryPlan, Directive, HoldRef, PlanItem, Reference};
 pub use policy::{ActiveHold, HoldScope, Policy, PolicyError, Rule, RuleAction, SystemCategories};
 pub use regulation::{DeadlineRule, Deadlines, ExtensionRefused, Period, Regulation};

@@ -55,8 +55,25 @@ pub enum Outcome {
     },
     /// The attempt failed. `reason` never contains an identifier.
     Failed { retryable: bool, reason: String },
-    /// An asynchronous job was started in the external system.
-    Accepted { job_id: String },
+    /// An asynchronous job runs in the external system: the coordinator
+    /// dispatches the task again after `poll_after_seconds` (its own default
+    /// if absent) so that the connector checks the job.
+    Accepted {
+        job_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        poll_after_seconds: Option<u64>,
+    },
+}
+
+/// An asynchronous job a connector started in an external system for a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    /// The external system's job id, as the connector reported it.
+    pub id: String,
+    /// When the coordinator first recorded the job; a connector's maximum
+    /// wait is measured from here.
+    pub accepted_at: DateTime<Utc>,
 }
 
 /// How an outcome moves a task, independent of its details.

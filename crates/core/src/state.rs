@@ -73,7 +73,8 @@ impl TaskState {
     pub fn apply(self, event: TaskEvent) -> Result<Step, IllegalTransition> {
         use TaskState::*;
         let next = match (self, event) {
-            (Pending | Dispatched, TaskEvent::Dispatched) => Dispatched,
+            // An accepted task is dispatched again to check its external job.
+            (Pending | Dispatched | Accepted, TaskEvent::Dispatched) => Dispatched,
             (_, TaskEvent::Dispatched) => return Ok(Step::Ignored),
             (s, TaskEvent::Outcome(_)) if s.is_terminal() => return Ok(Step::Ignored),
             (Accepted, TaskEvent::Outcome(OutcomeClass::Accepted)) => return Ok(Step::Ignored),
@@ -245,7 +246,6 @@ mod tests {
             TaskEvent::FollowUp => Some(state),
             _ if state.is_terminal() => Some(state),
             TaskEvent::Requeue => Some(TaskState::Pending),
-            TaskEvent::Dispatched if state == TaskState::Accepted => Some(state),
             TaskEvent::Dispatched => Some(TaskState::Dispatched),
             TaskEvent::Outcome(OutcomeClass::Succeeded) => Some(TaskState::Succeeded),
             TaskEvent::Outcome(OutcomeClass::Retained) => Some(TaskState::Retained),

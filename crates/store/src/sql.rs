@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use lethe_core::{
-    Action, IdentifierKind, Outcome, OutcomeClass, PlanItem, Regulation, RequestId, RequestStatus,
+    Action, IdentifierKind, Job, Outcome, OutcomeClass, PlanItem, Regulation, RequestId, RequestStatus,
     SealedIdentifier, Step, TaskEvent, TaskId, TaskState,
 };
 use serde_json::json;
@@ -20,6 +20,7 @@ use crate::rows::{insert_rows, insert_rows_with, Arg};
 use crate::types::*;
 use crate::{StateStore, StoreError};
 
+mod jobs;
 mod retention;
 mod tokens;
 mod webhooks;
@@ -729,7 +730,8 @@ impl StateStore for SqlStore {
         rows.sort();
         let task_ids: Vec<&String> = rows.iter().map(|(_, t)| t).collect();
         let sql = format!(
-            "SELECT t.id, t.request_id, t.system, t.action, t.state, t.attempts, r.regulation, r.due_at \
+            "SELECT t.id, t.request_id, t.system, t.action, t.state, t.attempts, t.job_id, t.job_accepted_at, \
+             r.regulation, r.due_at \
              FROM tasks t JOIN requests r ON r.id = t.request_id WHERE t.id IN ({})",
             placeholders(1, task_ids.len())
         );
@@ -792,6 +794,10 @@ impl StateStore for SqlStore {
                 due_at: time(col(t, "due_at")?)?,
                 identifiers: sealed.get(&request_id).cloned().unwrap_or_default(),
                 categories,
+                job: match (col::<Option<String>>(t, "job_id")?, col::<Option<i64>>(t, "job_accepted_at")?) {
+                    (Some(id), Some(at)) => Some(Job { id, accepted_at: time(at)? }),
+                    _ => None,
+                },
             });
         }
         if !obsolete.is_empty() {
@@ -861,19 +867,20 @@ impl StateStore for SqlStore {
                 }
             }
         }
-        // Pending or dispatched tasks become dispatched; any other state is
-        // left alone (an outcome may have arrived before this record).
+        // Pending, dispatched or accepted tasks become dispatched; any other
+        // state is left alone (an outcome may have arrived before this record).
         for (attempt, ids) in by_attempt {
             let sql = format!(
-                "UPDATE tasks SET state = CASE WHEN state IN ($1, $2) THEN $2 ELSE state END, \
+                "UPDATE tasks SET state = CASE WHEN state IN ($1, $2, $5) THEN $2 ELSE state END, \
                  attempts = CASE WHEN attempts < $3 THEN $3 ELSE attempts END, updated_at = $4 WHERE id IN ({})",
-                placeholders(5, ids.len())
+                placeholders(6, ids.len())
             );
             let query = sqlx::query(&sql)
                 .bind(TaskState::Pending.as_str())
                 .bind(TaskState::Dispatched.as_str())
                 .bind(i64::from(attempt))
-                .bind(ms(now));
+                .bind(ms(now))
+                .bind(TaskState::Accepted.as_str());
             ids.iter().fold(query, |q, id| q.bind(id.as_str())).execute(&mut *tx).await.map_err(db_err)?;
         }
         if !started.is_empty() {
@@ -963,7 +970,7 @@ impl StateStore for SqlStore {
             let retry_later = class == OutcomeClass::Failed
                 && matches!(report.outcome, Outcome::Failed { retryable: true, .. })
                 && task.has_attempts_left(schedule);
-            let step = if class == OutcomeClass::Failed && superseded {
+            let step = if matches!(class, OutcomeClass::Failed | OutcomeClass::Accepted) && superseded {
                 Ok(Step::Ignored) // a newer attempt is under way
             } else if retry_later {
                 task.state.apply(TaskEvent::Requeue)
@@ -1019,8 +1026,22 @@ impl StateStore for SqlStore {
             self.set_task_state(&mut tx, *task, *state, Some(body), now).await?;
         }
         for (i, report) in reports.iter().enumerate() {
-            if let Applied::Moved { task: TaskState::Retained, .. } = results[i] {
-                retention::set_follow_up(&mut tx, report.task_id, &report.outcome, now).await?;
+            match results[i] {
+                Applied::Moved { task: TaskState::Accepted, .. } => {
+                    let available = jobs::accept(&mut tx, report, now).await?;
+                    requeue_rows.push(vec![
+                        Arg::from(report.task_id.to_string()),
+                        ms(now).into(),
+                        ms(available).into(),
+                    ]);
+                }
+                Applied::Moved { task, .. } if task.is_terminal() => {
+                    if task == TaskState::Retained {
+                        retention::set_follow_up(&mut tx, report.task_id, &report.outcome, now).await?;
+                    }
+                    jobs::clear(&mut tx, report.task_id).await?;
+                }
+                _ => {}
             }
         }
         if !moved.is_empty() {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use lethe_core::{
-    Action, CategoryPlan, ExtensionRefused, HoldScope, Outcome, PlanItem, Regulation, RequestId,
+    Action, CategoryPlan, ExtensionRefused, HoldScope, Job, Outcome, PlanItem, Regulation, RequestId,
     RequestStatus, SealedIdentifier, TaskId, TaskState,
 };
 use rand::Rng;
@@ -145,6 +145,8 @@ pub struct OutboxItem {
     pub identifiers: Vec<SealedIdentifier>,
     /// The plan of the task's system, per data category.
     pub categories: Vec<CategoryPlan>,
+    /// The external job the connector started for this task, to be checked.
+    pub job: Option<Job>,
 }
 
 /// An outcome received for a task attempt.

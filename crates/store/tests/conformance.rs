@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use lethe_core::{
     Action, ActiveHold, DataKey, DatasetReport, Deadlines, ExtensionRefused, HoldRef, HoldScope, Identifier,
-    IdentifierKind, MasterKey, Outcome, Period, Policy, Reference, Regulation, RequestId, RequestStatus,
+    IdentifierKind, Job, MasterKey, Outcome, Period, Policy, Reference, Regulation, RequestId, RequestStatus,
     RetainedReport, SystemCategories, TaskId, TaskState,
 };
 use lethe_store::{
@@ -522,6 +522,92 @@ async fn silent_tasks_time_out_then_fail(b: &Backend) {
     assert!(
         matches!(&detail.tasks[0].last_outcome, Some(Outcome::Failed { reason, .. }) if reason.contains("no result within 60s"))
     );
+}
+
+fn accepted(job: &str, poll_after_seconds: u64) -> Outcome {
+    Outcome::Accepted { job_id: job.into(), poll_after_seconds: Some(poll_after_seconds) }
+}
+
+async fn external_jobs_are_polled_until_they_finish(b: &Backend) {
+    let f = Fixture::new();
+    let req = f.request("job@example.com", &["crm"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let schedule = RetrySchedule { max_attempts: 1, ..Default::default() };
+    let first = dispatch_all(&b.store).await;
+    let task = first[0].task_id;
+    assert_eq!(first[0].job, None, "the first attempt starts the job");
+
+    // Accepted: the task waits, and is dispatched again after the interval
+    // asked for, carrying the job.
+    let r = OutcomeReport { task_id: task, attempt: 1, outcome: accepted("job-1", 60) };
+    let applied = b.store.apply_outcomes(std::slice::from_ref(&r), &schedule, at(5)).await.unwrap();
+    assert_eq!(applied[0], Applied::Moved { request: id, task: TaskState::Accepted, request_status: None });
+    assert_eq!(task_of(&detail(&b.store, id).await, "crm").state, TaskState::Accepted);
+    assert!(b.store.claim_outbox("d", 10, Duration::from_secs(30), at(30)).await.unwrap().is_empty());
+    let check = dispatch_at(&b.store, at(66)).await;
+    assert_eq!(check.len(), 1);
+    assert_eq!(check[0].attempt, 2);
+    assert_eq!(check[0].job, Some(Job { id: "job-1".into(), accepted_at: at(5) }));
+    assert_eq!(task_of(&detail(&b.store, id).await, "crm").state, TaskState::Dispatched);
+
+    // A duplicate of the first answer changes nothing; the check's own
+    // answer (still running) keeps the job's first acceptance time and,
+    // although attempts exceed max_attempts, polling is not failing.
+    assert_eq!(b.store.apply_outcomes(&[r], &schedule, at(67)).await.unwrap()[0], Applied::Ignored);
+    let running = OutcomeReport { task_id: task, attempt: 2, outcome: accepted("job-1", 10) };
+    b.store.apply_outcomes(&[running], &schedule, at(70)).await.unwrap();
+    let next = dispatch_at(&b.store, at(81)).await;
+    assert_eq!(next[0].job, Some(Job { id: "job-1".into(), accepted_at: at(5) }));
+    assert_eq!(next[0].attempt, 3);
+
+    // A retryable failure while checking keeps the job for the next check.
+    let schedule2 = RetrySchedule { max_attempts: 2, ..Default::default() };
+    let flaky = Outcome::Failed { retryable: true, reason: "status endpoint unavailable".into() };
+    let r = OutcomeReport { task_id: task, attempt: 3, outcome: flaky };
+    b.store.apply_outcomes(&[r], &schedule2, at(82)).await.unwrap();
+    let retry = dispatch_at(&b.store, at(200)).await;
+    assert_eq!(retry[0].job.as_ref().map(|j| j.id.as_str()), Some("job-1"));
+
+    // Done: the request completes and the job is forgotten.
+    let r = OutcomeReport { task_id: task, attempt: 4, outcome: erased(1) };
+    let applied = b.store.apply_outcomes(&[r], &schedule, at(201)).await.unwrap();
+    assert_eq!(
+        applied[0],
+        Applied::Moved {
+            request: id,
+            task: TaskState::Succeeded,
+            request_status: Some(RequestStatus::Completed)
+        }
+    );
+    let (job,): (Option<String>,) = sqlx::query_as("SELECT job_id FROM tasks WHERE id = $1")
+        .bind(task.to_string())
+        .fetch_one(b.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(job, None);
+}
+
+async fn a_failed_job_is_started_anew_by_an_operator_retry(b: &Backend) {
+    let f = Fixture::new();
+    let req = f.request("job2@example.com", &["crm"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let schedule = RetrySchedule { max_attempts: 3, ..Default::default() };
+    let task = dispatch_all(&b.store).await[0].task_id;
+    let r = OutcomeReport { task_id: task, attempt: 1, outcome: accepted("job-9", 1) };
+    b.store.apply_outcomes(&[r], &schedule, at(1)).await.unwrap();
+    assert!(dispatch_at(&b.store, at(3)).await[0].job.is_some());
+    let failed = Outcome::Failed { retryable: false, reason: "the deletion job failed".into() };
+    let r = OutcomeReport { task_id: task, attempt: 2, outcome: failed };
+    let applied = b.store.apply_outcomes(&[r], &schedule, at(4)).await.unwrap();
+    assert_eq!(
+        applied[0],
+        Applied::Moved { request: id, task: TaskState::Failed, request_status: Some(RequestStatus::Failed) }
+    );
+    b.store.retry_task(id, "crm", at(5)).await.unwrap();
+    let again = dispatch_at(&b.store, at(6)).await;
+    assert_eq!(again[0].job, None, "a retry submits a new job");
 }
 
 async fn operators_retry_failed_tasks_and_reopen_the_request(b: &Backend) {
@@ -1381,6 +1467,8 @@ suite!(
     retryable_failures_requeue_with_backoff_until_attempts_run_out,
     silent_tasks_time_out_then_fail,
     operators_retry_failed_tasks_and_reopen_the_request,
+    external_jobs_are_polled_until_they_finish,
+    a_failed_job_is_started_anew_by_an_operator_retry,
     per_category_plans_are_stored_and_sent_with_each_task,
     retained_outcomes_follow_up_when_their_retention_ends,
     legal_holds_keep_a_system_until_released,

@@ -328,6 +328,7 @@ pub fn task_with(
         issued_at,
         attempt: 1,
         identifiers,
+        job: None,
     }
 }
 

@@ -1,0 +1,419 @@
+//! [`RedisConnector`]: erase, verify and health over one multiplexed
+//! connection.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lethe_connector::{Connector, ConnectorError, Erasure, ErasureTask, Treatment};
+use lethe_core::{DatasetReport, RetainedReport};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, RedisError};
+
+use crate::config::{redact_url, Collection, Dataset, RedisConfig, Target};
+use crate::error::{classify, Context};
+use crate::template::{bindings, Binding};
+
+/// Identifier type → the task's normalised values of it. Never printed.
+type Values = BTreeMap<String, Vec<String>>;
+
+/// A connector for a Redis server whose datasets are declared by template.
+pub struct RedisConnector {
+    datasets: Vec<Dataset>,
+    /// `SCAN` `COUNT` and the size of one removal command.
+    batch: usize,
+    timeout: Duration,
+    client: Client,
+    /// Kept between calls; dropped after a connection-level failure so that
+    /// the next call connects anew.
+    connection: Mutex<Option<MultiplexedConnection>>,
+    /// The URL without credentials, for `Debug`.
+    url: String,
+}
+
+impl std::fmt::Debug for RedisConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.datasets.iter().map(|d| d.name.as_str()).collect();
+        f.debug_struct("RedisConnector").field("url", &self.url).field("datasets", &names).finish()
+    }
+}
+
+/// The keys, patterns or members of one dataset for one subject.
+enum Work {
+    /// Exact keys, each once.
+    Keys(Vec<String>),
+    /// `SCAN MATCH` patterns with the values escaped, each once.
+    Patterns(Vec<String>),
+    /// Collection key → members (hash fields), each once.
+    Members { collection: Collection, members: BTreeMap<String, Vec<String>> },
+}
+
+impl Work {
+    /// What `target` names for a subject with `values`; empty when the
+    /// subject lacks an identifier type the target needs.
+    fn of(target: &Target, values: &Values) -> Self {
+        let all = bindings(&target.kinds(), values);
+        match target {
+            Target::Key(t) => Self::Keys(unique(all.iter().filter_map(|b| t.render(b)))),
+            Target::Pattern(t) => Self::Patterns(unique(all.iter().filter_map(|b| t.render(b)))),
+            Target::Member { collection, key, member } => {
+                let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for b in &all {
+                    if let (Some(k), Some(m)) = (key.render(b), member.render(b)) {
+                        let ms = members.entry(k).or_default();
+                        if !ms.contains(&m) {
+                            ms.push(m);
+                        }
+                    }
+                }
+                Self::Members { collection: *collection, members }
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Self::Keys(v) | Self::Patterns(v) => v.is_empty(),
+            Self::Members { members, .. } => members.is_empty(),
+        }
+    }
+}
+
+fn unique(items: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for i in items {
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+    out
+}
+
+fn values(task: &ErasureTask) -> Values {
+    let mut values = Values::new();
+    for id in &task.identifiers {
+        let vs = values.entry(id.kind().as_str().to_owned()).or_default();
+        let v = id.expose().to_owned();
+        if !vs.contains(&v) {
+            vs.push(v);
+        }
+    }
+    values
+}
+
+/// One `SCAN` iteration over the keys matching a pattern.
+struct Scan<'a> {
+    pattern: &'a str,
+    count: usize,
+    cursor: u64,
+    done: bool,
+}
+
+impl<'a> Scan<'a> {
+    fn new(pattern: &'a str, count: usize) -> Self {
+        Self { pattern, count, cursor: 0, done: false }
+    }
+
+    /// The next batch of keys (possibly empty), or `None` once the
+    /// iteration is complete. A key may come more than once.
+    async fn next(&mut self, conn: &mut MultiplexedConnection) -> Result<Option<Vec<Vec<u8>>>, RedisError> {
+        if self.done {
+            return Ok(None);
+        }
+        let (cursor, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(self.cursor)
+            .arg("MATCH")
+            .arg(self.pattern)
+            .arg("COUNT")
+            .arg(self.count)
+            .query_async(conn)
+            .await?;
+        self.cursor = cursor;
+        self.done = cursor == 0;
+        Ok(Some(keys))
+    }
+}
+
+impl RedisConnector {
+    /// Validates `config` and prepares the client; nothing is connected
+    /// until the first call, so a server that is down is a retryable failure
+    /// of that call, not of start-up.
+    pub fn new(config: RedisConfig) -> Result<Self, ConnectorError> {
+        let datasets = config
+            .datasets()
+            .map_err(|e| ConnectorError::permanent(format!("invalid Redis connector configuration: {e}")))?;
+        let client = Client::open(config.url.as_str())
+            .map_err(|e| classify(Context { op: "reading the url", dataset: None }, &e))?;
+        Ok(Self {
+            datasets,
+            batch: config.batch_size as usize,
+            timeout: Duration::from_secs(config.timeout_secs),
+            client,
+            connection: Mutex::new(None),
+            url: redact_url(&config.url),
+        })
+    }
+
+    /// The validated datasets, in configured order.
+    pub fn datasets(&self) -> &[Dataset] {
+        &self.datasets
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, ConnectorError> {
+        if let Some(c) = self.connection.lock().ok().and_then(|c| c.clone()) {
+            return Ok(c);
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| classify(Context { op: "connecting", dataset: None }, &e))?;
+        if let Ok(mut slot) = self.connection.lock() {
+            *slot = Some(conn.clone());
+        }
+        Ok(conn)
+    }
+
+    /// Passes `result` through; after a transient failure the connection
+    /// may be broken, so the next call connects anew.
+    fn settle<T>(&self, result: Result<T, ConnectorError>) -> Result<T, ConnectorError> {
+        if result.as_ref().is_err_and(|e| e.retryable) {
+            if let Ok(mut slot) = self.connection.lock() {
+                *slot = None;
+            }
+        }
+        result
+    }
+
+    /// Deletes what `work` names; returns how many keys, fields or members
+    /// were removed.
+    async fn delete(
+        &self,
+        conn: &mut MultiplexedConnection,
+        dataset: &Dataset,
+        work: &Work,
+    ) -> Result<u64, ConnectorError> {
+        let err = |e: RedisError| classify(Context { op: "delete", dataset: Some(&dataset.name) }, &e);
+        let mut removed = 0u64;
+        match work {
+            Work::Keys(keys) => {
+                for chunk in keys.chunks(self.batch) {
+                    removed += unlink(conn, chunk).await.map_err(err)?;
+                }
+            }
+            Work::Patterns(patterns) => {
+                for pattern in patterns {
+                    let mut scan = Scan::new(pattern, self.batch);
+                    let mut found: Vec<Vec<u8>> = Vec::new();
+                    while let Some(keys) = scan.next(conn).await.map_err(err)? {
+                        found.extend(keys);
+                        if found.len() >= self.batch {
+                            removed += unlink(conn, &found).await.map_err(err)?;
+                            found.clear();
+                        }
+                    }
+                    if !found.is_empty() {
+                        removed += unlink(conn, &found).await.map_err(err)?;
+                    }
+                }
+            }
+            Work::Members { collection, members } => {
+                let command = match collection {
+                    Collection::Hash => "HDEL",
+                    Collection::Set => "SREM",
+                    Collection::Zset => "ZREM",
+                };
+                for (key, ms) in members {
+                    for chunk in ms.chunks(self.batch) {
+                        let n: u64 =
+                            redis::cmd(command).arg(key).arg(chunk).query_async(conn).await.map_err(err)?;
+                        removed += n;
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Counts what `work` names that is still there.
+    async fn count(
+        &self,
+        conn: &mut MultiplexedConnection,
+        dataset: &Dataset,
+        work: &Work,
+    ) -> Result<u64, ConnectorError> {
+        let err = |e: RedisError| classify(Context { op: "count", dataset: Some(&dataset.name) }, &e);
+        let mut found = 0u64;
+        match work {
+            Work::Keys(keys) => {
+                for chunk in keys.chunks(self.batch) {
+                    let n: u64 = redis::cmd("EXISTS").arg(chunk).query_async(conn).await.map_err(err)?;
+                    found += n;
+                }
+            }
+            Work::Patterns(patterns) => {
+                // SCAN may return a key twice; count each once.
+                let mut seen: HashSet<Vec<u8>> = HashSet::new();
+                for pattern in patterns {
+                    let mut scan = Scan::new(pattern, self.batch);
+                    while let Some(keys) = scan.next(conn).await.map_err(err)? {
+                        seen.extend(keys);
+                    }
+                }
+                found = seen.len() as u64;
+            }
+            Work::Members { collection, members } => {
+                let pairs: Vec<(&String, &String)> =
+                    members.iter().flat_map(|(k, ms)| ms.iter().map(move |m| (k, m))).collect();
+                for chunk in pairs.chunks(self.batch) {
+                    let mut pipe = redis::pipe();
+                    for (key, member) in chunk {
+                        let command = match collection {
+                            Collection::Hash => "HEXISTS",
+                            Collection::Set => "SISMEMBER",
+                            Collection::Zset => "ZSCORE",
+                        };
+                        pipe.cmd(command).arg(*key).arg(*member);
+                    }
+                    found += if *collection == Collection::Zset {
+                        let scores: Vec<Option<f64>> = pipe.query_async(conn).await.map_err(err)?;
+                        scores.iter().filter(|s| s.is_some()).count() as u64
+                    } else {
+                        let hits: Vec<u64> = pipe.query_async(conn).await.map_err(err)?;
+                        hits.iter().sum()
+                    };
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn erase_all(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+        let values = values(task);
+        let plan: Vec<(&Dataset, Treatment, Work)> = self
+            .datasets
+            .iter()
+            .map(|d| (d, task.treatment(&d.category)))
+            .filter(|(_, t)| *t != Treatment::Skip)
+            .map(|(d, t)| (d, t, Work::of(&d.target, &values)))
+            .collect();
+        // Connect only if some dataset names something for this subject.
+        let mut conn =
+            if plan.iter().any(|(_, _, w)| !w.is_empty()) { Some(self.connection().await?) } else { None };
+        let mut erasure = Erasure::default();
+        for (d, treatment, work) in &plan {
+            let conn = conn.as_mut().filter(|_| !work.is_empty());
+            match treatment {
+                Treatment::Erase | Treatment::Anonymize => {
+                    let deleted = match conn {
+                        Some(conn) => self.delete(conn, d, work).await?,
+                        None => 0,
+                    };
+                    tracing::debug!(dataset = %d.name, deleted, "dataset erased");
+                    erasure.datasets.push(DatasetReport { dataset: d.name.clone(), deleted, anonymized: 0 });
+                }
+                Treatment::Keep { basis, until } => {
+                    let count = match conn {
+                        Some(conn) => self.count(conn, d, work).await?,
+                        None => 0,
+                    };
+                    tracing::debug!(dataset = %d.name, kept = count, "dataset kept");
+                    if count > 0 {
+                        erasure.retained.push(RetainedReport {
+                            dataset: d.name.clone(),
+                            category: Some(d.category.clone()),
+                            count,
+                            basis: basis.clone(),
+                            until: *until,
+                        });
+                    }
+                }
+                Treatment::Skip => {}
+            }
+        }
+        Ok(erasure)
+    }
+
+    async fn verify_all(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
+        let values = values(task);
+        let work: Vec<(&Dataset, Work)> = self
+            .datasets
+            .iter()
+            .filter(|d| matches!(task.treatment(&d.category), Treatment::Erase | Treatment::Anonymize))
+            .map(|d| (d, Work::of(&d.target, &values)))
+            .filter(|(_, w)| !w.is_empty())
+            .collect();
+        if work.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.connection().await?;
+        let mut residual = 0;
+        for (d, w) in &work {
+            let n = self.count(&mut conn, d, w).await?;
+            if n > 0 {
+                tracing::debug!(dataset = %d.name, residual = n, "data left for the subject");
+            }
+            residual += n;
+        }
+        Ok(residual)
+    }
+
+    async fn check(&self) -> Result<(), ConnectorError> {
+        let mut conn = self.connection().await?;
+        let ctx = Context { op: "health check", dataset: None };
+        let pong: String = redis::cmd("PING").query_async(&mut conn).await.map_err(|e| classify(ctx, &e))?;
+        if pong != "PONG" {
+            return Err(ConnectorError::permanent("health check failed: PING was not answered with PONG"));
+        }
+        // A fixed collection key must hold the declared type, or nothing yet.
+        for d in &self.datasets {
+            let Target::Member { collection, key, .. } = &d.target else { continue };
+            let Some(key) = key.render(&Binding::new()).filter(|_| key.is_fixed()) else { continue };
+            let ctx = Context { op: "health check", dataset: Some(&d.name) };
+            let found: String =
+                redis::cmd("TYPE").arg(&key).query_async(&mut conn).await.map_err(|e| classify(ctx, &e))?;
+            if found != "none" && found != collection.type_name() {
+                let found = if found.bytes().all(|b| b.is_ascii_lowercase()) { found.as_str() } else { "?" };
+                return Err(ConnectorError::permanent(format!(
+                    "health check on dataset {} failed: its key holds a {found}, not a {}",
+                    d.name,
+                    collection.type_name()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn unlink<K: redis::ToRedisArgs + Sync>(
+    conn: &mut MultiplexedConnection,
+    keys: &[K],
+) -> Result<u64, RedisError> {
+    redis::cmd("UNLINK").arg(keys).query_async(conn).await
+}
+
+#[async_trait]
+impl Connector for RedisConnector {
+    /// Deletes the subject's keys, fields and members of every dataset whose
+    /// category the task erases or anonymises (Redis values cannot be
+    /// anonymised in place, so both delete); counts and reports what a
+    /// retention keeps; leaves the rest untouched.
+    async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+        let result = self.erase_all(task).await;
+        self.settle(result)
+    }
+
+    async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
+        let result = self.verify_all(task).await;
+        self.settle(result)
+    }
+
+    async fn health(&self) -> Result<(), ConnectorError> {
+        let result = self.check().await;
+        self.settle(result)
+    }
+}

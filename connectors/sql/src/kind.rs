@@ -1,0 +1,29 @@
+//! The `sql` connector type of the `lethe` binary.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use lethe_connector::{kind::parse, Connector, ConnectorError, ConnectorKind};
+
+use crate::{SqlConfig, SqlConnector};
+
+/// `connector = "sql"`.
+pub struct SqlKind;
+
+#[async_trait]
+impl ConnectorKind for SqlKind {
+    fn name(&self) -> &'static str {
+        "sql"
+    }
+
+    fn categories(&self, config: &toml::Table) -> Result<Vec<String>, String> {
+        let config: SqlConfig = parse(config)?;
+        config.validate()?;
+        Ok(config.categories())
+    }
+
+    async fn build(&self, config: &toml::Table) -> Result<Arc<dyn Connector>, ConnectorError> {
+        let config: SqlConfig = parse(config).map_err(ConnectorError::permanent)?;
+        Ok(Arc::new(SqlConnector::connect(config).await?))
+    }
+}

@@ -1,0 +1,40 @@
+//! How a connector type plugs into the `lethe` binary: one value of
+//! [`ConnectorKind`] per type, listed once in the binary's registry.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::connector::{Connector, ConnectorError};
+
+/// A connector type: parses a system's settings, names the data categories
+/// they declare, and builds the connector.
+#[async_trait]
+pub trait ConnectorKind: Send + Sync + 'static {
+    /// The value of `connector = "…"` in a system's configuration.
+    fn name(&self) -> &'static str;
+
+    /// Parses and checks the settings without connecting (placeholders such
+    /// as `${PASSWORD}` are still unresolved); returns the data categories
+    /// the system's datasets hold, in order.
+    fn categories(&self, config: &toml::Table) -> Result<Vec<String>, String>;
+
+    /// Builds the connector from settings whose placeholders are resolved.
+    async fn build(&self, config: &toml::Table) -> Result<Arc<dyn Connector>, ConnectorError>;
+}
+
+/// Deserialises a system's settings into `T`, naming the offending field.
+pub fn parse<T: serde::de::DeserializeOwned>(config: &toml::Table) -> Result<T, String> {
+    toml::Value::Table(config.clone()).try_into().map_err(|e: toml::de::Error| e.message().to_owned())
+}
+
+/// The categories of `datasets`, in order, each once.
+pub fn distinct<'a>(categories: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in categories {
+        if !out.iter().any(|o| o == c) {
+            out.push(c.to_owned());
+        }
+    }
+    out
+}
