@@ -17,6 +17,7 @@ const KINDS: &[&dyn ConnectorKind] = &[
     &lethe_connector_sql::SqlKind,
     &lethe_connector_files::FilesKind,
     &lethe_connector_redis::RedisKind,
+    &lethe_connector_kafka::KafkaKind,
 ];
 
 /// The type of a system served by a worker of its own.

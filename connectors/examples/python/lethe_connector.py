@@ -1,0 +1,929 @@
+"""A small runtime for Lethe connector workers written in Python.
+
+It implements the bus protocol of ``docs/protocol.md`` (version 1) so that a
+connector author writes only the store-specific part: a :class:`Connector`
+with ``erase(identifiers, directives)`` and ``verify(identifiers, directives)``.
+
+What the runtime does for each message of ``<namespace>.tasks.<system>``
+(consumer group ``<namespace>.connector.<system>``):
+
+1. decodes and checks the envelope; a message it cannot decode (invalid
+   JSON, unknown ``version``, unknown or missing fields) goes to
+   ``<namespace>.dlq`` with the headers ``lethe-dlq-reason`` and
+   ``lethe-dlq-source``;
+2. fetches the request's data key from the coordinator
+   (``POST /v1/connector/keys`` with a token scoped ``connector:<system>``)
+   and opens the identifiers (AES-256-GCM, see :func:`open_identifier`);
+3. calls the connector's ``erase`` and then ``verify``, retrying retryable
+   errors a few times in process (a connector of an asynchronous store may
+   answer ``Erasure.pending(job_id)`` instead: the task is ``accepted`` and
+   comes back later with ``directives.job`` set);
+4. publishes one result to ``<namespace>.results`` (key: the request id)
+   and waits for the broker's acknowledgement;
+5. only then stores the task's offset for commit (at least once: a crash
+   before that means the task is delivered again, so connectors must be
+   idempotent).
+
+Messages are handled one at a time, in partition order. Identifier values
+never appear in a log line, an error reason or a ``repr``; the data key and
+the plaintext identifiers live only in memory for the duration of a task.
+
+Needs Python 3.11+, ``confluent-kafka`` and ``cryptography`` (see
+``requirements.txt``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import calendar
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+ENVELOPE_VERSION = 1
+"""The envelope version this module reads and writes."""
+
+ACTIONS = ("erase", "anonymize", "retain", "hold")
+"""Category actions, from the least to the most protective."""
+
+NONCE_LEN = 12
+TAG_LEN = 16
+
+log = logging.getLogger("lethe.connector")
+
+
+# --------------------------------------------------------------------- errors
+
+
+class ConnectorError(Exception):
+    """A failed attempt. ``reason`` is reported to the coordinator and must
+    never contain an identifier value; ``retryable`` says whether trying
+    again later may succeed (network, time-outs, locks, 5xx, 429) or not
+    (authentication, configuration, missing objects, 4xx)."""
+
+    def __init__(self, reason: str, retryable: bool):
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+
+
+class RetryableError(ConnectorError):
+    """A failure that may go away by itself: the task is tried again."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason, retryable=True)
+
+
+class PermanentError(ConnectorError):
+    """A failure that needs an operator: the task fails until retried."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason, retryable=False)
+
+
+class Undecodable(Exception):
+    """A task message that does not follow the protocol; it is dead-lettered."""
+
+
+# ---------------------------------------------------------------- identifiers
+
+
+@dataclasses.dataclass(frozen=True)
+class Identifier:
+    """One decrypted identifier of the subject, e.g. ``email``. Its value is
+    already normalised by the coordinator (e-mail trimmed and lower-cased,
+    phone in E.164) and is never shown by ``repr``."""
+
+    type: str
+    value: str = dataclasses.field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Identifier(type={self.type!r}, value=<redacted>)"
+
+    __str__ = __repr__
+
+
+class Identifiers(tuple):
+    """The subject's identifiers (a tuple of :class:`Identifier`)."""
+
+    def values(self, kind: str) -> list[str]:
+        """The values of every identifier of type ``kind``."""
+        return [i.value for i in self if i.type == kind]
+
+    def __repr__(self) -> str:
+        return f"Identifiers({', '.join(i.type for i in self)})"
+
+    __str__ = __repr__
+
+
+def _aad(request_id: uuid.UUID, kind: str) -> bytes:
+    return request_id.bytes + kind.encode("utf-8")
+
+
+def open_identifier(key: bytes, request_id: uuid.UUID, kind: str, ciphertext: str) -> Identifier:
+    """Opens one sealed identifier.
+
+    ``ciphertext`` is standard, padded base64 of ``nonce (12 bytes) ||
+    AES-256-GCM ciphertext || tag (16 bytes)``; the associated data is the
+    request id's 16 bytes (RFC 4122 byte order, ``uuid.UUID.bytes``)
+    followed by the UTF-8 type. Raises :class:`PermanentError` if the value
+    was sealed under another key, request or type.
+    """
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    failed = PermanentError("identifiers could not be decrypted with the request's key")
+    try:
+        sealed = base64.b64decode(ciphertext, validate=True)
+    except (binascii.Error, ValueError):
+        raise failed from None
+    if len(sealed) < NONCE_LEN + TAG_LEN:
+        raise failed
+    try:
+        plain = AESGCM(key).decrypt(sealed[:NONCE_LEN], sealed[NONCE_LEN:], _aad(request_id, kind))
+        return Identifier(kind, plain.decode("utf-8"))
+    except (InvalidTag, UnicodeDecodeError, ValueError):
+        raise failed from None
+
+
+def seal_identifier(key: bytes, request_id: uuid.UUID, kind: str, value: str) -> str:
+    """Seals ``value`` the way the coordinator does (the inverse of
+    :func:`open_identifier`); useful in tests and tools."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = secrets.token_bytes(NONCE_LEN)
+    sealed = nonce + AESGCM(key).encrypt(nonce, value.encode("utf-8"), _aad(request_id, kind))
+    return base64.b64encode(sealed).decode("ascii")
+
+
+# ----------------------------------------------------------------- time, periods
+
+
+def parse_time(value: str) -> dt.datetime:
+    """An RFC 3339 timestamp as an aware UTC datetime (nanoseconds are cut
+    to microseconds)."""
+    # Python 3.11 accepts "Z" but at most 6 fractional digits; cut the rest.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", value)
+    parsed = dt.datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        raise ValueError("timestamp without a time zone")
+    return parsed.astimezone(dt.timezone.utc)
+
+
+def format_time(value: dt.datetime) -> str:
+    """``value`` in RFC 3339 UTC with milliseconds, e.g. ``2026-11-29T09:09:06.456Z``."""
+    return value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_PERIOD = re.compile(r"^P(\d+)([YMWD])$", re.IGNORECASE)
+
+
+def add_period(start: dt.datetime, period: str) -> dt.datetime:
+    """``start`` plus an ISO 8601 period (``P10Y``, ``P6M``, ``P30D``).
+
+    Month arithmetic keeps the time of day and clamps the day to the end of
+    a shorter month (29 February + 1 year = 28 February), like the
+    coordinator.
+    """
+    m = _PERIOD.match(period.strip())
+    if not m:
+        raise ValueError(f"unsupported period {period!r}")
+    n, unit = int(m.group(1)), m.group(2).upper()
+    if unit in "WD":
+        return start + dt.timedelta(days=n * (7 if unit == "W" else 1))
+    months = n * 12 if unit == "Y" else n
+    index = start.month - 1 + months
+    year, month = start.year + index // 12, index % 12 + 1
+    if year > dt.MAXYEAR:
+        return dt.datetime.max.replace(tzinfo=start.tzinfo)
+    day = min(start.day, calendar.monthrange(year, month)[1])
+    return start.replace(year=year, month=month, day=day)
+
+
+# ----------------------------------------------------------------- directives
+
+
+@dataclasses.dataclass(frozen=True)
+class Directive:
+    """The instruction for one data category (see "Category directives" in
+    docs/protocol.md), with the task's ``issued_at``: retention is decided as
+    of that instant, never by the worker's own clock."""
+
+    category: str
+    action: str
+    issued_at: dt.datetime
+    basis: str | None = None
+    period: str | None = None
+    cutoff: dt.datetime | None = None
+    until: dt.datetime | None = None
+
+    def keeps(self, record_date: dt.datetime | None = None) -> bool:
+        """Whether a record of this category, dated ``record_date`` (``None``
+        for a record without a date of its own), must be kept now.
+
+        ``erase`` and ``anonymize`` keep nothing; ``hold`` keeps everything;
+        ``retain`` keeps a dated record after ``cutoff`` and an undated one
+        while ``issued_at`` is before ``until``.
+        """
+        if self.action in ("erase", "anonymize"):
+            return False
+        if self.action == "hold":
+            return True
+        if record_date is not None and self.cutoff is not None:
+            return record_date > self.cutoff
+        if self.until is not None:
+            return self.issued_at < self.until
+        return True  # a retention without an end: keep rather than guess
+
+    def kept_until(self, record_date: dt.datetime | None = None) -> dt.datetime | None:
+        """Until when a kept record stays: its date plus the period (dated,
+        retention counted from the record), ``until`` (undated, or counted
+        from the request), ``None`` under a legal hold."""
+        if self.action != "retain":
+            return None
+        if record_date is not None and self.cutoff is not None and self.period:
+            return add_period(record_date, self.period)
+        return self.until
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """An asynchronous job the connector reported (``Erasure.pending``) on an
+    earlier attempt of the task."""
+
+    id: str
+    #: When the coordinator first recorded the job; a maximum wait counts from here.
+    accepted_at: dt.datetime
+
+
+class Directives(Mapping[str, Directive]):
+    """The directives of one task, by category, with the attempt's context:
+    ``issued_at`` (retention is decided as of it) and ``job`` (the external
+    job of an earlier attempt to check instead of starting another, or
+    ``None``). A dataset whose category has no directive must be left
+    untouched and not reported."""
+
+    def __init__(self, directives: Iterable[Directive], issued_at: dt.datetime, job: Job | None = None):
+        self._by_category = {d.category: d for d in directives}
+        self.issued_at = issued_at
+        self.job = job
+
+    def __getitem__(self, category: str) -> Directive:
+        return self._by_category[category]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_category)
+
+    def __len__(self) -> int:
+        return len(self._by_category)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{c}={d.action}" for c, d in self._by_category.items())
+        return f"Directives({inner})"
+
+
+# -------------------------------------------------------------------- reports
+
+
+@dataclasses.dataclass
+class DatasetReport:
+    """Records deleted or anonymised in one dataset (table, list, key space)."""
+
+    dataset: str
+    deleted: int = 0
+    anonymized: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "deleted": self.deleted, "anonymized": self.anonymized}
+
+
+@dataclasses.dataclass
+class RetainedReport:
+    """Records of one dataset kept on a legal basis; ``until`` is ``None``
+    under a legal hold."""
+
+    dataset: str
+    category: str | None
+    count: int
+    basis: str
+    until: dt.datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dataset": self.dataset, "count": self.count, "basis": self.basis}
+        if self.category is not None:
+            out["category"] = self.category
+        if self.until is not None:
+            out["until"] = format_time(self.until)
+        return out
+
+
+@dataclasses.dataclass
+class Erasure:
+    """What ``erase`` did: per dataset, and what it kept. For a store that
+    erases asynchronously, :meth:`Erasure.pending` instead."""
+
+    datasets: list[DatasetReport] = dataclasses.field(default_factory=list)
+    retained: list[RetainedReport] = dataclasses.field(default_factory=list)
+    #: ``(job id, seconds before the coordinator asks again)`` of a job still running.
+    pending_job: tuple[str, int | None] | None = None
+
+    @classmethod
+    def pending(cls, job_id: str, poll_after_seconds: int | None = None) -> "Erasure":
+        """An external job was started (or, when ``directives.job`` is set,
+        is still running): the task is ``accepted`` and sent again later
+        with ``directives.job`` set. ``verify`` is not called."""
+        return cls(pending_job=(job_id, poll_after_seconds))
+
+    def total(self) -> int:
+        return sum(d.deleted + d.anonymized for d in self.datasets)
+
+
+class Connector:
+    """The store-specific part of a worker. Both calls must be idempotent
+    (a task may be delivered more than once) and raise :class:`ConnectorError`
+    with a reason free of identifiers when they fail."""
+
+    def erase(self, identifiers: Identifiers, directives: Directives) -> Erasure:
+        """Erases the subject's data as ``directives`` say."""
+        raise NotImplementedError
+
+    def verify(self, identifiers: Identifiers, directives: Directives) -> int:
+        """Counts what is still there that ``directives`` say must be gone
+        (0 after a complete erase; kept records are not counted)."""
+        raise NotImplementedError
+
+    def health(self) -> None:
+        """Raises :class:`ConnectorError` if the store cannot be reached."""
+
+
+def outcome_of(erasure: Erasure, residual: int) -> dict[str, Any]:
+    """The result's ``outcome`` for a finished erase and its verification."""
+    if erasure.pending_job is not None:
+        job_id, poll_after = erasure.pending_job
+        accepted: dict[str, Any] = {"status": "accepted", "job_id": job_id}
+        if poll_after is not None:
+            accepted["poll_after_seconds"] = poll_after
+        return accepted
+    datasets = [d.to_json() for d in erasure.datasets]
+    if erasure.retained:
+        retained = [r.to_json() for r in erasure.retained]
+        return {
+            "status": "retained_in_part",
+            "datasets": datasets,
+            "retained": retained,
+            "residual": residual,
+        }
+    if erasure.total() == 0:
+        return {"status": "not_found", "residual": residual}
+    return {"status": "erased", "datasets": datasets, "residual": residual}
+
+
+def failed(error: ConnectorError) -> dict[str, Any]:
+    return {"status": "failed", "retryable": error.retryable, "reason": error.reason}
+
+
+# ---------------------------------------------------------------- task envelope
+
+
+@dataclasses.dataclass(frozen=True)
+class SealedIdentifier:
+    type: str
+    ciphertext: str = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskMessage:
+    """A decoded task message (``docs/schemas/task.v1.json``)."""
+
+    task_id: uuid.UUID
+    request_id: uuid.UUID
+    system: str
+    action: str
+    attempt: int
+    regulation: str
+    due_at: dt.datetime
+    issued_at: dt.datetime
+    identifiers: tuple[SealedIdentifier, ...]
+    directives: Directives
+
+
+_TASK_FIELDS = {
+    "version", "task_id", "request_id", "system", "action", "categories", "attempt",
+    "regulation", "due_at", "identifiers", "issued_at",
+}
+_TASK_OPTIONAL = {"job"}
+_DIRECTIVE_REQUIRED = {"category", "action"}
+_DIRECTIVE_OPTIONAL = {"basis", "period", "cutoff", "until"}
+
+
+def _fields(obj: Any, what: str, required: set[str], optional: set[str] = frozenset()) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise Undecodable(f"{what} is not a JSON object")
+    missing = sorted(required - obj.keys())
+    if missing:
+        raise Undecodable(f"{what} lacks {', '.join(missing)}")
+    unknown = sorted(obj.keys() - required - optional)
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise Undecodable(f"{what} has unknown fields: {shown}")
+    return obj
+
+
+def _string(obj: dict[str, Any], name: str, what: str) -> str:
+    value = obj[name]
+    if not isinstance(value, str):
+        raise Undecodable(f"{what}.{name} is not a string")
+    return value
+
+
+def _optional(obj: dict[str, Any], name: str, what: str) -> str | None:
+    if obj.get(name) is None:
+        return None
+    return _string(obj, name, what)
+
+
+def _uuid(obj: dict[str, Any], name: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(_string(obj, name, "task"))
+    except ValueError:
+        raise Undecodable(f"task.{name} is not a UUID") from None
+
+
+def _time(value: str | None, what: str) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise Undecodable(f"{what} is not an RFC 3339 timestamp") from None
+
+
+def _action(value: str, what: str) -> str:
+    if value not in ACTIONS:
+        raise Undecodable(f"{what} is not one of {', '.join(ACTIONS)}")
+    return value
+
+
+def decode_task(raw: bytes | None) -> TaskMessage:
+    """Decodes and checks a task message; raises :class:`Undecodable` (whose
+    message names fields, never values) for anything that is not a version 1
+    task."""
+    try:
+        doc = json.loads(raw or b"")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = getattr(e, "pos", "?")
+        raise Undecodable(f"invalid envelope: not JSON ({e.__class__.__name__} at byte {where})") from None
+    if not isinstance(doc, dict):
+        raise Undecodable("invalid envelope: not a JSON object")
+    version = doc.get("version")
+    if type(version) is not int:
+        raise Undecodable("invalid envelope: version is missing or not an integer")
+    if version != ENVELOPE_VERSION:
+        raise Undecodable(f"unsupported envelope version {version}")
+    _fields(doc, "task", _TASK_FIELDS, _TASK_OPTIONAL)
+    attempt = doc["attempt"]
+    if type(attempt) is not int or attempt < 0:
+        raise Undecodable("task.attempt is not a non-negative integer")
+    issued_at = _time(_string(doc, "issued_at", "task"), "task.issued_at")
+    assert issued_at is not None
+    due_at = _time(_string(doc, "due_at", "task"), "task.due_at")
+    assert due_at is not None
+    if not isinstance(doc["identifiers"], list):
+        raise Undecodable("task.identifiers is not an array")
+    sealed = []
+    for i, item in enumerate(doc["identifiers"]):
+        what = f"task.identifiers[{i}]"
+        _fields(item, what, {"type", "ciphertext"})
+        sealed.append(SealedIdentifier(_string(item, "type", what), _string(item, "ciphertext", what)))
+    if not isinstance(doc["categories"], list):
+        raise Undecodable("task.categories is not an array")
+    directives = []
+    for i, item in enumerate(doc["categories"]):
+        what = f"task.categories[{i}]"
+        _fields(item, what, _DIRECTIVE_REQUIRED, _DIRECTIVE_OPTIONAL)
+        period = _optional(item, "period", what)
+        if period is not None and not _PERIOD.match(period):
+            raise Undecodable(f"{what}.period is not an ISO 8601 period")
+        directives.append(
+            Directive(
+                category=_string(item, "category", what),
+                action=_action(_string(item, "action", what), f"{what}.action"),
+                issued_at=issued_at,
+                basis=_optional(item, "basis", what),
+                period=period,
+                cutoff=_time(_optional(item, "cutoff", what), f"{what}.cutoff"),
+                until=_time(_optional(item, "until", what), f"{what}.until"),
+            )
+        )
+    job = None
+    if doc.get("job") is not None:
+        _fields(doc["job"], "task.job", {"id", "accepted_at"})
+        accepted_at = _time(_string(doc["job"], "accepted_at", "task.job"), "task.job.accepted_at")
+        assert accepted_at is not None
+        job = Job(_string(doc["job"], "id", "task.job"), accepted_at)
+    return TaskMessage(
+        task_id=_uuid(doc, "task_id"),
+        request_id=_uuid(doc, "request_id"),
+        system=_string(doc, "system", "task"),
+        action=_action(_string(doc, "action", "task"), "task.action"),
+        attempt=attempt,
+        regulation=_string(doc, "regulation", "task"),
+        due_at=due_at,
+        issued_at=issued_at,
+        identifiers=tuple(sealed),
+        directives=Directives(directives, issued_at, job),
+    )
+
+
+# ------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass
+class Settings:
+    """Where the worker connects and how it retries."""
+
+    brokers: str
+    system: str
+    coordinator: str
+    token: str = dataclasses.field(repr=False)
+    namespace: str = "lethe"
+    worker: str = ""
+    #: More librdkafka properties for the consumer and the producer.
+    client: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Calls (key, erase, verify) per task before a retryable error is reported.
+    attempts: int = 4
+    first_backoff: float = 0.5
+    max_backoff: float = 5.0
+    http_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.worker:
+            self.worker = f"{self.system}-py-{os.getpid()}"
+
+    @classmethod
+    def from_env(cls, system: str | None = None, env: Mapping[str, str] = os.environ) -> "Settings":
+        """Reads ``LETHE_BROKERS``, ``LETHE_COORDINATOR_URL``,
+        ``LETHE_CONNECTOR_TOKEN``, ``LETHE_SYSTEM`` (or ``system``) and the
+        optional ``LETHE_NAMESPACE`` (default ``lethe``), ``LETHE_WORKER_NAME``
+        and ``LETHE_KAFKA_<PROPERTY>`` (``LETHE_KAFKA_SECURITY_PROTOCOL`` →
+        ``security.protocol``)."""
+
+        def need(name: str) -> str:
+            value = env.get(name, "").strip()
+            if not value:
+                raise SystemExit(f"set {name} (see the README)")
+            return value
+
+        client = {
+            k[len("LETHE_KAFKA_"):].lower().replace("_", "."): v
+            for k, v in env.items()
+            if k.startswith("LETHE_KAFKA_") and k != "LETHE_KAFKA_ADDR"
+        }
+        return cls(
+            brokers=need("LETHE_BROKERS"),
+            system=env.get("LETHE_SYSTEM", "").strip() or system or need("LETHE_SYSTEM"),
+            coordinator=need("LETHE_COORDINATOR_URL"),
+            token=need("LETHE_CONNECTOR_TOKEN"),
+            namespace=env.get("LETHE_NAMESPACE", "").strip() or "lethe",
+            worker=env.get("LETHE_WORKER_NAME", "").strip(),
+            client=client,
+        )
+
+    @property
+    def tasks_topic(self) -> str:
+        return f"{self.namespace}.tasks.{self.system}"
+
+    @property
+    def results_topic(self) -> str:
+        return f"{self.namespace}.results"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.namespace}.dlq"
+
+    @property
+    def group(self) -> str:
+        return f"{self.namespace}.connector.{self.system}"
+
+
+# ------------------------------------------------------------------------ keys
+
+
+class KeyClient:
+    """Fetches a task's data key from the coordinator. Keys are returned to
+    the caller and never stored."""
+
+    def __init__(self, coordinator: str, token: str, timeout: float = 10.0):
+        self._url = coordinator.rstrip("/") + "/v1/connector/keys"
+        self._token = token
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"KeyClient({self._url!r})"
+
+    def fetch(self, task_id: uuid.UUID) -> bytes:
+        """The request's 32-byte key. Raises :class:`PermanentError` on 404
+        (the task is unknown, another system's, or its request is closed and
+        the key destroyed) and on 401/403 (a bad token), and
+        :class:`RetryableError` when the coordinator cannot answer."""
+        body = json.dumps({"task_id": str(task_id)}).encode()
+        request = urllib.request.Request(
+            self._url,
+            data=body,
+            method="POST",
+            headers={"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                answer = json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                raise PermanentError(
+                    "no key for this task: the request is closed or the task is not this system's"
+                ) from None
+            if e.code in (401, 403):
+                raise PermanentError("the coordinator rejected this worker's connector token") from None
+            if e.code == 429 or e.code >= 500:
+                raise RetryableError(f"the coordinator answered {e.code}") from None
+            raise PermanentError(f"the coordinator answered {e.code}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise RetryableError(f"coordinator unreachable: {reason.__class__.__name__}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RetryableError("malformed key response from the coordinator") from None
+        try:
+            key = bytes.fromhex(answer["key"])
+        except (KeyError, TypeError, ValueError):
+            raise PermanentError("the coordinator sent a malformed key") from None
+        if len(key) != 32:
+            raise PermanentError("the coordinator sent a malformed key")
+        return key
+
+
+# ---------------------------------------------------------------------- worker
+
+
+def traceparent(request_id: uuid.UUID) -> str:
+    """A W3C ``traceparent`` whose trace id is the request id, as the
+    coordinator's, so that one trace covers the whole request."""
+    return f"00-{request_id.hex}-{secrets.token_hex(8)}-01"
+
+
+class Runner:
+    """Runs tasks to result messages: key, identifiers, ``erase``, ``verify``.
+    Knows nothing of Kafka (the :class:`Worker` feeds it), so it can be
+    exercised on its own."""
+
+    def __init__(self, settings: Settings, connector: Connector, keys: KeyClient | None = None):
+        self.settings = settings
+        self.connector = connector
+        self.keys = keys or KeyClient(settings.coordinator, settings.token, settings.http_timeout)
+        self.finished = 0
+        #: Set to stop backing off (the worker is shutting down).
+        self.stopping = threading.Event()
+
+    def process(self, task: TaskMessage) -> dict[str, Any]:
+        """Runs one task to its result message. Never raises: every failure
+        becomes a ``failed`` outcome with a reason free of identifiers."""
+        started = time.monotonic()
+        outcome = self._outcome(task)
+        self.finished += 1
+        log.info(
+            "task finished: task %s, request %s, attempt %d, outcome %s%s in %.0f ms",
+            task.task_id,
+            task.request_id,
+            task.attempt,
+            outcome["status"],
+            _summary(outcome),
+            (time.monotonic() - started) * 1000,
+        )
+        return {
+            "version": ENVELOPE_VERSION,
+            "task_id": str(task.task_id),
+            "request_id": str(task.request_id),
+            "system": task.system,
+            "attempt": task.attempt,
+            "outcome": outcome,
+            "reported_at": format_time(dt.datetime.now(dt.timezone.utc)),
+            "worker": self.settings.worker,
+            "task_issued_at": format_time(task.issued_at),
+        }
+
+    def _outcome(self, task: TaskMessage) -> dict[str, Any]:
+        try:
+            key = self._call("key", lambda: self.keys.fetch(task.task_id))
+            identifiers = Identifiers(
+                open_identifier(key, task.request_id, s.type, s.ciphertext) for s in task.identifiers
+            )
+            erasure = self._call("erase", lambda: self.connector.erase(identifiers, task.directives))
+        except ConnectorError as e:
+            return failed(e)
+        if erasure.pending_job is not None:
+            return outcome_of(erasure, 0)
+        try:
+            residual = self._call("verify", lambda: self.connector.verify(identifiers, task.directives))
+        except ConnectorError as e:
+            return failed(ConnectorError(f"verification failed: {e.reason}", e.retryable))
+        return outcome_of(erasure, residual)
+
+    def _call(self, name: str, call: Callable[[], Any]) -> Any:
+        """``call()``, retried with exponential backoff while it raises a
+        retryable error; any other exception becomes a permanent error whose
+        reason names only its class (its message might hold a value)."""
+        s = self.settings
+        delay = s.first_backoff
+        for attempt in range(1, s.attempts + 1):
+            try:
+                return call()
+            except ConnectorError as e:
+                if not e.retryable or attempt == s.attempts or self.stopping.is_set():
+                    raise
+                log.warning("%s: retryable error (%s); retrying in %.1f s", name, e.reason, delay)
+            except Exception as e:  # a bug in the connector: report it, without its message
+                frames = "".join(traceback.format_tb(e.__traceback__))
+                log.error("%s raised %s (message withheld):\n%s", name, e.__class__.__name__, frames)
+                reason = f"unexpected {e.__class__.__name__} in {name}; see the worker's log"
+                raise PermanentError(reason) from None
+            time.sleep(delay)
+            delay = min(delay * 2, s.max_backoff)
+        raise AssertionError("unreachable")
+
+
+class Worker:
+    """Consumes one system's tasks and runs a :class:`Connector` on them."""
+
+    def __init__(self, settings: Settings, connector: Connector, keys: KeyClient | None = None):
+        from confluent_kafka import Consumer, Producer
+
+        self.settings = settings
+        self.runner = Runner(settings, connector, keys)
+        self._stop = self.runner.stopping
+        base = {"bootstrap.servers": settings.brokers, **settings.client}
+        self._consumer = Consumer(
+            {
+                **base,
+                "group.id": settings.group,
+                "client.id": settings.worker,
+                "auto.offset.reset": "earliest",
+                # Offsets are stored by hand once the result is delivered, and
+                # committed in the background from the stored ones.
+                "enable.auto.offset.store": False,
+                "enable.auto.commit": True,
+                "auto.commit.interval.ms": 1000,
+                "enable.partition.eof": False,
+            }
+        )
+        self._producer_config = {
+            **base,
+            "client.id": settings.worker,
+            "enable.idempotence": True,
+            "acks": "all",
+            "message.timeout.ms": 30000,
+            "linger.ms": 5,
+        }
+        self._new_producer = lambda: Producer(self._producer_config)
+        self._producer = self._new_producer()
+
+    def stop(self) -> None:
+        """Asks :meth:`run` to return after the message in hand."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Consumes until :meth:`stop` (or SIGTERM/SIGINT when run from the
+        main thread); then commits the stored offsets and leaves the group."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        s = self.settings
+
+        def assigned(_consumer: Any, partitions: list[Any]) -> None:
+            log.info("partitions assigned: %s", ", ".join(f"{p.topic}/{p.partition}" for p in partitions))
+
+        def revoked(_consumer: Any, partitions: list[Any]) -> None:
+            log.info("partitions revoked: %s", ", ".join(f"{p.topic}/{p.partition}" for p in partitions))
+
+        self._consumer.subscribe([s.tasks_topic], on_assign=assigned, on_revoke=revoked)
+        log.info("worker started: system %s, topic %s, group %s", s.system, s.tasks_topic, s.group)
+        try:
+            while not self._stop.is_set():
+                message = self._consumer.poll(0.5)
+                if message is None:
+                    continue
+                if message.error():
+                    self._consumer_error(message.error())
+                    continue
+                self.handle(message)
+        finally:
+            log.info("worker stopping: %d tasks finished", self.runner.finished)
+            self._producer.flush(10)
+            self._consumer.close()
+
+    def _consumer_error(self, error: Any) -> None:
+        if error.fatal():
+            raise RuntimeError(f"fatal Kafka consumer error: {error}")
+        log.warning("Kafka consumer error (librdkafka retries): %s", error)
+
+    def handle(self, message: Any) -> None:
+        """One message: a result (or a dead letter) delivered, then its offset stored."""
+        try:
+            task = decode_task(message.value())
+        except Undecodable as e:
+            reason = str(e)
+            log.warning(
+                "dead-lettering message %s/%d@%d: %s",
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                reason,
+            )
+            self._deliver(
+                self.settings.dlq_topic,
+                None,
+                message.value() or b"",
+                [("lethe-dlq-reason", reason.encode()), ("lethe-dlq-source", message.topic().encode())],
+            )
+        else:
+            result = self.runner.process(task)
+            headers = [
+                ("traceparent", traceparent(task.request_id).encode()),
+                ("content-type", b"application/json"),
+            ]
+            payload = json.dumps(result, separators=(",", ":")).encode()
+            self._deliver(self.settings.results_topic, str(task.request_id).encode(), payload, headers)
+        # Only now, with the broker's acknowledgement in hand.
+        from confluent_kafka import KafkaException
+
+        try:
+            self._consumer.store_offsets(message=message)
+        except KafkaException as e:
+            # The partition went to another worker meanwhile: it gets the
+            # message again (at least once), and answers it again.
+            where = f"{message.topic()}/{message.partition()}@{message.offset()}"
+            log.warning("cannot store the offset of %s: %s", where, e)
+
+    def _deliver(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        """Produces one message and waits for the broker's acknowledgement,
+        trying again (with backoff) until it is delivered: the offset of the
+        message being answered must not be stored before."""
+        delay = self.settings.first_backoff
+        while True:
+            report: dict[str, Any] = {}
+
+            def delivered(error: Any, _message: Any) -> None:
+                report["error"] = error
+
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=delivered)
+            except BufferError:
+                self._producer.poll(1)
+                continue
+            while "error" not in report:
+                self._producer.poll(0.5)
+            error = report["error"]
+            if error is None:
+                return
+            log.warning("publishing to %s failed (%s); retrying in %.1f s", topic, error, delay)
+            if error.fatal():
+                # An idempotent producer in a fatal state fails every later
+                # send (e.g. after a long broker outage): start a new one.
+                log.warning("the Kafka producer can no longer publish; replacing it")
+                self._producer = self._new_producer()
+            time.sleep(delay)
+            delay = min(delay * 2, self.settings.max_backoff)
+
+
+def _summary(outcome: dict[str, Any]) -> str:
+    parts = []
+    for d in outcome.get("datasets", []):
+        anonymized = f" anonymized {d['anonymized']}" if d["anonymized"] else ""
+        parts.append(f"{d['dataset']} deleted {d['deleted']}{anonymized}")
+    parts += [f"{r['dataset']} kept {r['count']}" for r in outcome.get("retained", [])]
+    if outcome["status"] == "accepted":
+        parts.append(f"job {outcome['job_id']}")
+    if outcome["status"] == "failed":
+        parts.append(("retryable: " if outcome["retryable"] else "permanent: ") + outcome["reason"])
+    if "residual" in outcome:
+        parts.append(f"residual {outcome['residual']}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def configure_logging(level: str | None = None) -> None:
+    """Logs to standard error, one line per event (``LETHE_LOG`` sets the level)."""
+    logging.basicConfig(
+        level=(level or os.environ.get("LETHE_LOG") or "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
