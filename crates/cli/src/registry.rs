@@ -18,6 +18,7 @@ const KINDS: &[&dyn ConnectorKind] = &[
     &lethe_connector_files::FilesKind,
     &lethe_connector_redis::RedisKind,
     &lethe_connector_kafka::KafkaKind,
+    &lethe_connector_http::HttpKind,
 ];
 
 /// The type of a system served by a worker of its own.
