@@ -73,7 +73,7 @@ impl Connector for FilesConnector {
                         Err(e) if e.kind() == ErrorKind::NotFound => 0,
                         Err(e) => return Err(io_error(e)),
                     };
-                    erasure.datasets.push(DatasetReport { dataset: d.name.clone(), deleted, anonymized: 0 });
+                    erasure.datasets.push(DatasetReport::new(d.name.clone(), deleted, 0));
                 }
             }
         }

@@ -156,7 +156,7 @@ impl HttpConnector {
 
     fn report(&self, deleted: u64) -> Erasure {
         Erasure {
-            datasets: vec![DatasetReport { dataset: self.spec.dataset.clone(), deleted, anonymized: 0 }],
+            datasets: vec![DatasetReport::new(self.spec.dataset.clone(), deleted, 0)],
             retained: vec![],
         }
     }

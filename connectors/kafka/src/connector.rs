@@ -241,11 +241,7 @@ impl KafkaConnector {
                     }
                 }
             }
-            datasets.push(DatasetReport {
-                dataset: work.dataset.name.clone(),
-                deleted: count,
-                anonymized: 0,
-            });
+            datasets.push(DatasetReport::new(work.dataset.name.clone(), count, 0));
             written.push((i, count));
         }
 
@@ -268,6 +264,10 @@ impl KafkaConnector {
             let purge = Self::compaction(work.dataset, &settings[topic]).purge(written_at);
             tracing::info!(dataset = %work.dataset.name, topic, tombstones, purge = %purge.describe(),
                 "dataset erased; its data disappears at compaction");
+            // The outcome says by when nothing of the subject is left.
+            if let Some(d) = datasets.iter_mut().find(|d| d.dataset == work.dataset.name) {
+                d.purge_by = purge.tombstones_by;
+            }
             purges.push(DatasetPurge {
                 dataset: work.dataset.name.clone(),
                 topic: topic.to_owned(),

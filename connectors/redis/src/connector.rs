@@ -314,7 +314,7 @@ impl RedisConnector {
                         None => 0,
                     };
                     tracing::debug!(dataset = %d.name, deleted, "dataset erased");
-                    erasure.datasets.push(DatasetReport { dataset: d.name.clone(), deleted, anonymized: 0 });
+                    erasure.datasets.push(DatasetReport::new(d.name.clone(), deleted, 0));
                 }
                 Treatment::Keep { basis, until } => {
                     let count = match conn {

@@ -12,7 +12,7 @@ use lethe_core::{Action, DatasetReport, Directive, RetainedReport};
 use sha2::{Digest, Sha256};
 
 fn report(counts: &[(&str, u64)]) -> Vec<DatasetReport> {
-    counts.iter().map(|(d, n)| DatasetReport { dataset: (*d).into(), deleted: *n, anonymized: 0 }).collect()
+    counts.iter().map(|(d, n)| DatasetReport::new(*d, *n, 0)).collect()
 }
 
 const KEYS: &str = r#"

@@ -219,11 +219,7 @@ impl SqlConnector {
 
 /// A zero report for every table, in configured order.
 fn zeros(config: &SqlConfig) -> Vec<DatasetReport> {
-    config
-        .tables
-        .iter()
-        .map(|t| DatasetReport { dataset: t.name.clone(), deleted: 0, anonymized: 0 })
-        .collect()
+    config.tables.iter().map(|t| DatasetReport::new(t.name.clone(), 0, 0)).collect()
 }
 
 /// Whether some table both has a directive and can match the subject.

@@ -18,9 +18,9 @@ use sha2::Sha256;
 
 fn report(customers: u64, orders: u64, addresses: u64) -> Vec<DatasetReport> {
     vec![
-        DatasetReport { dataset: "customers".into(), deleted: customers, anonymized: 0 },
-        DatasetReport { dataset: "orders".into(), deleted: 0, anonymized: orders },
-        DatasetReport { dataset: "addresses".into(), deleted: addresses, anonymized: 0 },
+        DatasetReport::new("customers", customers, 0),
+        DatasetReport::new("orders", 0, orders),
+        DatasetReport::new("addresses", addresses, 0),
     ]
 }
 
@@ -174,7 +174,7 @@ columns = { name = "null", body = "redact" }
     let sql = db.connector(tables).await;
     let ada = task(vec![id("email", "ada@example.com")]);
     let one = |n| Erasure {
-        datasets: vec![DatasetReport { dataset: "tickets".into(), deleted: 0, anonymized: n }],
+        datasets: vec![DatasetReport::new("tickets", 0, n)],
         retained: vec![],
     };
     assert_eq!(sql.verify(&ada).await.unwrap(), 2);
@@ -304,7 +304,7 @@ columns = { label = "redact" }
     let sql = db.connector(tables).await;
     let nothing = task(vec![id("device_id", "not-a-uuid")]);
     let one = |n| Erasure {
-        datasets: vec![DatasetReport { dataset: "devices".into(), deleted: 0, anonymized: n }],
+        datasets: vec![DatasetReport::new("devices", 0, n)],
         retained: vec![],
     };
     assert_eq!(sql.erase(&nothing).await.unwrap(), one(0));

@@ -44,7 +44,7 @@ fn ada_task(directives: Vec<Directive>, issued_at: DateTime<Utc>) -> ErasureTask
 }
 
 fn dataset(name: &str, deleted: u64, anonymized: u64) -> DatasetReport {
-    DatasetReport { dataset: name.into(), deleted, anonymized }
+    DatasetReport::new(name, deleted, anonymized)
 }
 
 fn kept(

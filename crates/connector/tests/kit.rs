@@ -44,7 +44,7 @@ impl Memory {
         if self.flaws.reports_every_time {
             deleted = deleted.max(1);
         }
-        let datasets = vec![DatasetReport { dataset: "contacts".into(), deleted, anonymized: 0 }];
+        let datasets = vec![DatasetReport::new("contacts", deleted, 0)];
         Erasure { datasets, retained: vec![] }
     }
 

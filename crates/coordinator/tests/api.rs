@@ -296,10 +296,7 @@ impl Connector for MemoryConnector {
             }
         }
         let removed = Self::key(task).and_then(|k| self.records.lock().unwrap().remove(&k)).unwrap_or(0);
-        Ok(Erasure {
-            datasets: vec![DatasetReport { dataset: "records".into(), deleted: removed, anonymized: 0 }],
-            retained: vec![],
-        })
+        Ok(Erasure { datasets: vec![DatasetReport::new("records", removed, 0)], retained: vec![] })
     }
 
     async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
@@ -481,10 +478,7 @@ impl Connector for Asynchronous {
         if *seen < 3 {
             return Ok(Progress::running(job.id.clone(), Duration::from_secs(120)));
         }
-        Ok(Progress::Done(Erasure {
-            datasets: vec![DatasetReport { dataset: "profiles".into(), deleted: 1, anonymized: 0 }],
-            retained: vec![],
-        }))
+        Ok(Progress::Done(Erasure { datasets: vec![DatasetReport::new("profiles", 1, 0)], retained: vec![] }))
     }
     async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
         Ok(u64::from(task.job.is_none()))

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Rows or records affected in one dataset (a table, a list, a key space).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetReport {
     pub dataset: String,
@@ -12,6 +12,17 @@ pub struct DatasetReport {
     pub deleted: u64,
     #[serde(default)]
     pub anonymized: u64,
+    /// For a store that removes data some time after acknowledging the
+    /// deletion (log compaction, a purge job): by when the erased records
+    /// are physically gone at the latest. Absent: at once, or no bound known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purge_by: Option<DateTime<Utc>>,
+}
+
+impl DatasetReport {
+    pub fn new(dataset: impl Into<String>, deleted: u64, anonymized: u64) -> Self {
+        Self { dataset: dataset.into(), deleted, anonymized, purge_by: None }
+    }
 }
 
 /// Data kept on purpose, with the legal basis and the end of the period.

@@ -187,10 +187,7 @@ impl Fixture {
 }
 
 fn erased(n: u64) -> Outcome {
-    Outcome::Erased {
-        datasets: vec![DatasetReport { dataset: "customers".into(), deleted: n, anonymized: 0 }],
-        residual: Some(0),
-    }
+    Outcome::Erased { datasets: vec![DatasetReport::new("customers", n, 0)], residual: Some(0) }
 }
 
 async fn dispatch_all(store: &SqlStore) -> Vec<OutboxItem> {
@@ -717,7 +714,7 @@ async fn retained_outcomes_follow_up_when_their_retention_ends(b: &Backend) {
         until: Some(until),
     };
     let outcome = Outcome::RetainedInPart {
-        datasets: vec![DatasetReport { dataset: "billing_contacts".into(), deleted: 1, anonymized: 0 }],
+        datasets: vec![DatasetReport::new("billing_contacts", 1, 0)],
         retained: vec![kept("invoices", 3, invoices_end), kept("credit_notes", 1, notes_end)],
         residual: Some(0),
     };
@@ -994,7 +991,7 @@ async fn expired_holds_release_what_they_kept(b: &Backend) {
         (Action::Hold, vec![("contact", Action::Hold), ("support", Action::Erase)])
     );
     let kept = Outcome::RetainedInPart {
-        datasets: vec![DatasetReport { dataset: "tickets".into(), deleted: 4, anonymized: 0 }],
+        datasets: vec![DatasetReport::new("tickets", 4, 0)],
         retained: vec![RetainedReport {
             dataset: "contacts".into(),
             category: Some("contact".into()),
@@ -1056,7 +1053,7 @@ async fn a_hold_released_while_its_task_runs_is_followed_up(b: &Backend) {
     assert_eq!(result, ReleaseResult::Released { resumed: 0 });
     assert!(plan_of(&detail(&b.store, id).await, "crm").categories.iter().all(|c| c.action == Action::Erase));
     let kept = Outcome::RetainedInPart {
-        datasets: vec![DatasetReport { dataset: "tickets".into(), deleted: 2, anonymized: 0 }],
+        datasets: vec![DatasetReport::new("tickets", 2, 0)],
         retained: vec![RetainedReport {
             dataset: "contacts".into(),
             category: Some("contact".into()),

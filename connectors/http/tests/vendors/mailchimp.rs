@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::common::*;
 
-const KEY: &str = "0123456789abcdef-us21";
+pub const KEY: &str = "0123456789abcdef-us21";
 const CATEGORY: &str = "marketing.profile";
 
 fn hash(email: &str) -> String {

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-const TOKEN: &str = "sgp_test";
+pub const TOKEN: &str = "sgp_test";
 const CATEGORY: &str = "analytics.events";
 
 struct Regulation {
@@ -131,6 +131,12 @@ impl Mock {
         let user = id("customer_id", &format!("user-{}", unique()));
         self.ws.users.lock().unwrap().insert(user.expose().into());
         user
+    }
+
+    /// A user of a known id (the subject of tests/e2e_connectors.rs).
+    #[allow(dead_code)]
+    pub fn seed_user(&self, user: &str) {
+        self.ws.users.lock().unwrap().insert(user.into());
     }
 
     pub fn has(&self, user: &Identifier) -> bool {
