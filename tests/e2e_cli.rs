@@ -211,3 +211,50 @@ async fn the_demo_erases_and_keeps_what_the_policy_says() {
     let printed: Vec<&str> = text.lines().filter(|l| !l.starts_with("Try:")).collect();
     assert!(!printed.join("\n").contains("@example.com"), "the demo prints no identifier:\n{text}");
 }
+
+/// `lethe connector check`: the conformance checks against the lab's live
+/// newsletter database, with a made-up subject and with a test subject
+/// (which it erases), and against a system whose database is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connector_check_runs_the_conformance_kit_against_a_live_system() {
+    let lab = Lab::new(StateKind::Sqlite, ada_and_neighbours()).await;
+    let cwd = lab.root();
+    let config = lab.config.to_str().expect("UTF-8 path");
+
+    let out = lethe(&["connector", "check", "--config", config, "--system", "newsletter"], cwd).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for check in ["pass  health", "pass  erase_is_idempotent", "pass  no_identifier_leaks"] {
+        assert!(stdout.contains(check), "{check}: {stdout}");
+    }
+    assert!(stdout.contains("skip  other_subjects_untouched"), "{stdout}");
+    lab.assert_rows_after(&BTreeSet::new(), &BTreeSet::new()).await;
+
+    // A test subject that exists: its data is seen, erased and verified gone.
+    let args =
+        ["connector", "check", "--config", config, "--system", "newsletter", "--email", "bob@example.com"];
+    let out = lethe(&args, cwd).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("pass  verify_sees_data") && stdout.contains("pass  erase_reports"), "{stdout}");
+    assert!(!stdout.contains("bob@example.com"), "the subject is not echoed: {stdout}");
+    lab.assert_rows_after(&BTreeSet::new(), &BTreeSet::from([2])).await;
+
+    // The database file is gone: the checks fail and say which.
+    let text = std::fs::read_to_string(&lab.config).expect("read config");
+    let broken = lab.root().join("broken.toml");
+    let news = lab.newsletter.display().to_string();
+    std::fs::write(&broken, text.replace(&news, &format!("{news}.missing"))).unwrap();
+    let broken = broken.to_str().unwrap();
+    let out = lethe(&["connector", "check", "--config", broken, "--system", "newsletter"], cwd).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL  health"), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("failed the conformance checks"),
+        "{}",
+        describe(&out)
+    );
+
+    let out = lethe(&["connector", "check", "--config", config, "--system", "nope"], cwd).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+}
