@@ -1,5 +1,6 @@
 //! The one list of connector types this binary knows. Adding a connector is
-//! one line in [`KINDS`] and its dependency in this crate's `Cargo.toml`.
+//! one line in [`KINDS`], plus its dependency here and in the workspace's
+//! `Cargo.toml` (docs/connector-guide.md).
 //!
 //! `connector = "external"` is a system served by a worker outside this
 //! binary (a connector in another language speaking `docs/protocol.md`): it
