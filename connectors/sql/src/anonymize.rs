@@ -3,16 +3,22 @@
 //! retention, a hold or a kept linked row.
 //!
 //! `null` and `fixed` are set-based: one `UPDATE ... WHERE <scope> AND
-//! <pending>`. `hash` and `redact` need the current value, so the matching
-//! rows are read (key and those columns) and updated one by one by primary
-//! key, in the caller's transaction. Rows already anonymised are left alone,
-//! so a second run changes and reports nothing.
+//! <pending>` (on a batched table, one such statement per batch: see
+//! [`crate::batch`]). `hash` and `redact` need the current value, so the
+//! matching rows are read (key and those columns) and updated one by one by
+//! primary key, in the caller's transaction; on a batched table they are
+//! read in pages of the batch size in primary-key order, each page updated
+//! in a transaction of its own. Rows already anonymised are left alone, so
+//! a second run changes and reports nothing.
+
+use std::time::Instant;
 
 use hmac::{Hmac, Mac};
 use lethe_connector::ConnectorError;
 use sha2::Sha256;
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, Connection, Row};
 
+use crate::batch::{Batcher, Batches, Change};
 use crate::catalog::{ColKind, TableColumns};
 use crate::config::{Strategy, TableConfig};
 use crate::dialect::Dialect;
@@ -52,6 +58,45 @@ impl Anonymizer<'_> {
         self.table.per_row_columns().next().is_some()
     }
 
+    /// Anonymises the rows in `scope` in batches of `size` rows, each
+    /// committed on its own: `conn` must not be in a transaction.
+    pub async fn run_batched(
+        &self,
+        conn: &mut AnyConnection,
+        scope: &Scope<'_>,
+        size: u32,
+    ) -> Result<Batches, ConnectorError> {
+        if !self.has_per_row() {
+            let batcher = Batcher { dialect: self.dialect, table: &self.table.name, size };
+            return batcher.run(conn, &Change::Anonymize(self), scope).await;
+        }
+        let mut done = Batches::default();
+        let mut after: Option<Param> = None;
+        loop {
+            let rows = self.select(conn, scope, Some((after.as_ref(), size))).await?;
+            let Some(last) = rows.last() else { break };
+            after = Some(last.key.clone());
+            let full = rows.len() >= size as usize;
+            let started = Instant::now();
+            let mut tx = conn.begin().await.map_err(|e| self.err("begin transaction", &e))?;
+            let changed = self.update_rows(&mut tx, rows).await?;
+            tx.commit().await.map_err(|e| self.err("commit", &e))?;
+            let elapsed = started.elapsed();
+            done.add(changed, elapsed);
+            tracing::debug!(
+                table = %self.table.name,
+                batch = done.batches,
+                rows = changed,
+                elapsed_us = elapsed.as_micros() as u64,
+                "batch committed"
+            );
+            if !full {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
     /// Anonymises the rows in `scope`; returns how many changed.
     pub async fn run(&self, conn: &mut AnyConnection, scope: &Scope<'_>) -> Result<u64, ConnectorError> {
         let t = self.table;
@@ -64,9 +109,21 @@ impl Anonymizer<'_> {
             let done = sql.query().execute(&mut *conn).await.map_err(|e| self.err("anonymize", &e))?;
             return Ok(done.rows_affected());
         }
+        let rows = self.select(conn, scope, None).await?;
+        self.update_rows(conn, rows).await
+    }
+
+    /// Updates, one by one by primary key, the rows that still hold
+    /// something to anonymise; returns how many changed.
+    async fn update_rows(
+        &self,
+        conn: &mut AnyConnection,
+        rows: Vec<PerRow<'_>>,
+    ) -> Result<u64, ConnectorError> {
+        let t = self.table;
         let pk_kind = self.columns.kind_or_other(&t.primary_key);
         let mut anonymized = 0;
-        for row in self.select(conn, scope).await? {
+        for row in rows {
             if !row.is_left() {
                 continue;
             }
@@ -101,7 +158,7 @@ impl Anonymizer<'_> {
     /// strategies would change.
     pub async fn residual(&self, conn: &mut AnyConnection, scope: &Scope<'_>) -> Result<u64, ConnectorError> {
         if self.has_per_row() {
-            let rows = self.select(conn, scope).await?;
+            let rows = self.select(conn, scope, None).await?;
             return Ok(rows.iter().filter(|r| r.is_left()).count() as u64);
         }
         let mut sql = Sql::new(self.dialect);
@@ -115,7 +172,7 @@ impl Anonymizer<'_> {
 
     /// Appends `col = NULL` / `col = fixed` for the set-based strategies;
     /// returns whether anything was written.
-    fn assignments(&self, sql: &mut Sql) -> Result<bool, ConnectorError> {
+    pub(crate) fn assignments(&self, sql: &mut Sql) -> Result<bool, ConnectorError> {
         let mut any = false;
         for (col, strategy) in self.table.set_columns() {
             if any {
@@ -139,7 +196,7 @@ impl Anonymizer<'_> {
     /// Appends a predicate true for rows whose `null`/`fixed` columns still
     /// hold something else (`1 = 0` when the table has none). A NULL in a
     /// `fixed` column holds nothing and counts as done.
-    fn pending(&self, sql: &mut Sql) -> Result<(), ConnectorError> {
+    pub(crate) fn pending(&self, sql: &mut Sql) -> Result<(), ConnectorError> {
         let mut any = false;
         sql.push("(");
         for (col, strategy) in self.table.set_columns() {
@@ -171,22 +228,25 @@ impl Anonymizer<'_> {
     }
 
     /// The rows in `scope`: key, pending flag, per-row column values as text.
+    /// With `page = (after, n)`: the first `n` rows in primary-key order
+    /// whose key comes after `after`.
     async fn select(
         &self,
         conn: &mut AnyConnection,
         scope: &Scope<'_>,
+        page: Option<(Option<&Param>, u32)>,
     ) -> Result<Vec<PerRow<'_>>, ConnectorError> {
         let t = self.table;
         let pk_integer = self.columns.kind_or_other(&t.primary_key) == ColKind::Integer;
         let per_row: Vec<(&String, &Strategy)> = t.per_row_columns().collect();
-        let mut sql = Sql::new(self.dialect);
-        sql.push("SELECT ");
-        if pk_integer {
-            sql.ident(&t.primary_key);
+        // The key as it is read, compared and ordered: an integer, or text.
+        let key = if pk_integer {
+            self.dialect.quote(&t.primary_key)
         } else {
-            let text = self.dialect.as_text(&self.dialect.quote(&t.primary_key));
-            sql.push(&text);
-        }
+            self.dialect.as_text(&self.dialect.quote(&t.primary_key))
+        };
+        let mut sql = Sql::new(self.dialect);
+        sql.push("SELECT ").push(&key);
         sql.push(", CASE WHEN ");
         self.pending(&mut sql)?;
         sql.push(" THEN 1 ELSE 0 END");
@@ -195,6 +255,12 @@ impl Anonymizer<'_> {
             sql.push(", ").push(&text);
         }
         sql.push(" FROM ").ident(&t.name).push(" WHERE ").scope(scope);
+        if let Some((after, n)) = page {
+            if let Some(after) = after {
+                sql.push(" AND ").push(&key).push(" > ").bind(after.clone());
+            }
+            sql.push(" ORDER BY ").push(&key).push(" LIMIT ").push(&n.to_string());
+        }
         let read = |e: sqlx::Error| self.err("select", &e);
         let rows = sql.query().fetch_all(&mut *conn).await.map_err(read)?;
         let mut out = Vec::with_capacity(rows.len());

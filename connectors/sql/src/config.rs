@@ -82,6 +82,12 @@ pub struct TableConfig {
     /// retained like those of a table without this column.
     #[serde(default)]
     pub date_column: Option<String>,
+    /// For large tables: the most rows one statement deletes or anonymises.
+    /// The table's rows of the subject are then treated in batches, each its
+    /// own short transaction, until a batch affects fewer rows; absent, the
+    /// table is treated by one statement in the task's transaction.
+    #[serde(default)]
+    pub batch_size: Option<u32>,
 }
 
 /// What happens to a table's matching rows.
@@ -344,6 +350,9 @@ impl TableConfig {
         if self.category.trim().is_empty() {
             problems.push(format!("table {t}: category is empty"));
         }
+        if self.batch_size == Some(0) {
+            problems.push(format!("table {t}: batch_size must be at least 1"));
+        }
     }
 
     /// Columns anonymised by a strategy computed row by row.
@@ -376,6 +385,7 @@ mod tests {
         action = "delete"
         category = "identity.contact"
         parent = { table = "customers", column = "customer_id", references = "id" }
+        batch_size = 5000
 
         [[tables]]
         name = "crm.orders"
@@ -401,6 +411,8 @@ mod tests {
         assert_eq!(customers.primary_key, "id");
         assert_eq!(customers.category, "identity.contact");
         assert_eq!(customers.date_column, None);
+        assert_eq!(customers.batch_size, None);
+        assert_eq!(c.tables[1].batch_size, Some(5000));
         let email = &customers.matches[&IdentifierKind::Email];
         assert_eq!(
             (email.column.as_str(), email.compare_for(&IdentifierKind::Email)),
@@ -536,6 +548,9 @@ mod tests {
 
         let p = problems(|c| c.tables[2].date_column = Some("ordered at".into()));
         assert!(p.contains("date_column \"ordered at\""), "{p}");
+
+        let p = problems(|c| c.tables[1].batch_size = Some(0));
+        assert!(p.contains("addresses: batch_size must be at least 1"), "{p}");
 
         let p = problems(|c| c.tables[2].date_column = Some("note".into()));
         assert!(p.contains("crm.orders: the date_column note cannot be anonymized"), "{p}");

@@ -12,6 +12,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyConnection, AnyPool, Row};
 
 use crate::anonymize::Anonymizer;
+use crate::batch::{Batcher, Change};
 use crate::catalog::{configured_columns, Catalog, ColKind};
 use crate::config::{SqlConfig, TableAction};
 use crate::dialect::Dialect;
@@ -131,55 +132,123 @@ impl SqlConnector {
         (!terms.is_empty()).then_some(Cond { terms })
     }
 
-    async fn erase_in(
+    /// Erases in segments, children before parents: the tables between two
+    /// batched tables share one transaction, committed before the next
+    /// batched table starts; a batched table commits batch by batch.
+    async fn erase_segments(
         &self,
-        conn: &mut AnyConnection,
         catalog: &Catalog,
         conds: &[Option<Cond>],
         plans: &[Option<TablePlan<'_>>],
         issued_at: DateTime<Utc>,
-    ) -> Result<Erasure, ConnectorError> {
-        let tables = &self.config.tables;
-        let mut datasets = zeros(&self.config);
-        let mut retained: Vec<Vec<RetainedReport>> = vec![Vec::new(); tables.len()];
-        // Per table: how many rows are kept, and until when.
-        let mut kept: Vec<(u64, Until)> = vec![(0, None); tables.len()];
-        for &i in &self.order {
-            let (Some(cond), Some(plan)) = (&conds[i], &plans[i]) else { continue };
-            let t = &tables[i];
-            if !plan.keeps_all() {
-                let scope = Scope { table: &t.name, cond, kept: Some(&plan.kept) };
-                match t.action {
+        done: &mut Done,
+    ) -> Result<(), ConnectorError> {
+        let mut together: Vec<Table<'_, '_>> = Vec::new();
+        for &index in &self.order {
+            let (Some(cond), Some(plan)) = (&conds[index], &plans[index]) else { continue };
+            let table = Table { index, cond, plan };
+            match self.config.tables[index].batch_size {
+                None => together.push(table),
+                Some(size) => {
+                    self.erase_together(catalog, &together, issued_at, done).await?;
+                    together.clear();
+                    let mut conn = self.acquire().await?;
+                    self.erase_table(&mut conn, catalog, table, Some(size), issued_at, done).await?;
+                }
+            }
+        }
+        self.erase_together(catalog, &together, issued_at, done).await
+    }
+
+    /// Erases `tables` in one transaction.
+    async fn erase_together(
+        &self,
+        catalog: &Catalog,
+        tables: &[Table<'_, '_>],
+        issued_at: DateTime<Utc>,
+        done: &mut Done,
+    ) -> Result<(), ConnectorError> {
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(|e| self.err("begin transaction", None, &e))?;
+        for &table in tables {
+            // On an error, dropping the transaction rolls it back.
+            self.erase_table(&mut tx, catalog, table, None, issued_at, done).await?;
+        }
+        tx.commit().await.map_err(|e| self.err("commit", None, &e))
+    }
+
+    /// Applies one table's treatment, in batches of `batch` rows each
+    /// committed on its own (`conn` outside any transaction) or as one
+    /// statement in the caller's transaction, and reports what it did and
+    /// what it keeps.
+    async fn erase_table(
+        &self,
+        conn: &mut AnyConnection,
+        catalog: &Catalog,
+        table: Table<'_, '_>,
+        batch: Option<u32>,
+        issued_at: DateTime<Utc>,
+        done: &mut Done,
+    ) -> Result<(), ConnectorError> {
+        let Table { index: i, cond, plan } = table;
+        let t = &self.config.tables[i];
+        if !plan.keeps_all() {
+            let scope = Scope { table: &t.name, cond, kept: Some(&plan.kept) };
+            let changed = match batch {
+                Some(size) => {
+                    let batches = match t.action {
+                        TableAction::Delete => {
+                            let batcher = Batcher { dialect: self.dialect, table: &t.name, size };
+                            batcher.run(conn, &Change::Delete, &scope).await?
+                        }
+                        TableAction::Anonymize => {
+                            self.anonymizer(catalog, i).run_batched(conn, &scope, size).await?
+                        }
+                    };
+                    tracing::debug!(
+                        table = %t.name,
+                        rows = batches.rows,
+                        batches = batches.batches,
+                        longest_batch_us = batches.longest.as_micros() as u64,
+                        "batched table done"
+                    );
+                    batches.rows
+                }
+                None => match t.action {
                     TableAction::Delete => {
                         let mut sql = Sql::new(self.dialect);
                         sql.push("DELETE FROM ").ident(&t.name).push(" WHERE ").scope(&scope);
-                        let done = sql
+                        let result = sql
                             .query()
                             .execute(&mut *conn)
                             .await
                             .map_err(|e| self.err("delete", Some(&t.name), &e))?;
-                        datasets[i].deleted = done.rows_affected();
+                        result.rows_affected()
                     }
-                    TableAction::Anonymize => {
-                        datasets[i].anonymized = self.anonymizer(catalog, i).run(conn, &scope).await?;
-                    }
-                }
+                    TableAction::Anonymize => self.anonymizer(catalog, i).run(conn, &scope).await?,
+                },
+            };
+            match t.action {
+                TableAction::Delete => done.datasets[i].deleted = changed,
+                TableAction::Anonymize => done.datasets[i].anonymized = changed,
             }
-            let rows = count_kept(conn, self.dialect, &t.name, cond, &plan.kept)
-                .await
-                .map_err(|e| self.err("count kept rows", Some(&t.name), &e))?;
-            let (reports, end) = report_kept(t, plan, &rows, issued_at, &kept);
-            retained[i] = reports;
-            kept[i] = (rows.own + rows.linked, end);
-            tracing::debug!(
-                table = %t.name,
-                deleted = datasets[i].deleted,
-                anonymized = datasets[i].anonymized,
-                kept = kept[i].0,
-                "table processed"
-            );
         }
-        Ok(Erasure { datasets, retained: retained.into_iter().flatten().collect() })
+        let rows = count_kept(conn, self.dialect, &t.name, cond, &plan.kept)
+            .await
+            .map_err(|e| self.err("count kept rows", Some(&t.name), &e))?;
+        let (reports, end) = report_kept(t, plan, &rows, issued_at, &done.kept);
+        done.retained[i] = reports;
+        done.kept[i] = (rows.own + rows.linked, end);
+        tracing::debug!(
+            table = %t.name,
+            deleted = done.datasets[i].deleted,
+            anonymized = done.datasets[i].anonymized,
+            kept = done.kept[i].0,
+            "table processed"
+        );
+        Ok(())
     }
 
     async fn verify_in(
@@ -217,6 +286,34 @@ impl SqlConnector {
     }
 }
 
+/// One table a task works on: its index, the subject's condition there
+/// and the table's plan.
+#[derive(Clone, Copy)]
+struct Table<'a, 'p> {
+    index: usize,
+    cond: &'a Cond,
+    plan: &'a TablePlan<'p>,
+}
+
+/// What an erase has done so far, table by table (configured order).
+struct Done {
+    datasets: Vec<DatasetReport>,
+    retained: Vec<Vec<RetainedReport>>,
+    /// How many rows each table keeps, and until when.
+    kept: Vec<(u64, Until)>,
+}
+
+impl Done {
+    fn new(config: &SqlConfig) -> Self {
+        let n = config.tables.len();
+        Self { datasets: zeros(config), retained: vec![Vec::new(); n], kept: vec![(0, None); n] }
+    }
+
+    fn into_erasure(self) -> Erasure {
+        Erasure { datasets: self.datasets, retained: self.retained.into_iter().flatten().collect() }
+    }
+}
+
 /// A zero report for every table, in configured order.
 fn zeros(config: &SqlConfig) -> Vec<DatasetReport> {
     config.tables.iter().map(|t| DatasetReport::new(t.name.clone(), 0, 0)).collect()
@@ -249,20 +346,13 @@ impl Connector for SqlConnector {
             tracing::debug!("no table both has a directive and can use the task's identifier types");
             return Ok(Erasure { datasets: zeros(&self.config), retained: vec![] });
         }
-        let mut tx = self.pool.begin().await.map_err(|e| self.err("begin transaction", None, &e))?;
-        let result = self.erase_in(&mut tx, &catalog, &conds, &plans, task.issued_at).await;
-        let erasure = match result {
-            Ok(e) => e,
-            Err(e) => {
-                // Dropping the transaction rolls it back; forget the catalog
-                // in case the schema changed under us.
-                drop(tx);
-                self.remember(None);
-                return Err(e);
-            }
-        };
-        tx.commit().await.map_err(|e| self.err("commit", None, &e))?;
-        Ok(erasure)
+        let mut done = Done::new(&self.config);
+        if let Err(e) = self.erase_segments(&catalog, &conds, &plans, task.issued_at, &mut done).await {
+            // Forget the catalog in case the schema changed under us.
+            self.remember(None);
+            return Err(e);
+        }
+        Ok(done.into_erasure())
     }
 
     async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
@@ -297,6 +387,14 @@ impl Connector for SqlConnector {
                 .fetch_all(&mut *conn)
                 .await
                 .map_err(|e| self.err("health check", Some(&t.name), &e))?;
+            if let Some(size) = t.batch_size {
+                let privilege = match t.action {
+                    TableAction::Delete => "DELETE",
+                    TableAction::Anonymize => "UPDATE",
+                };
+                let batcher = Batcher { dialect: self.dialect, table: &t.name, size };
+                batcher.check_partitions(&mut conn, privilege).await?;
+            }
         }
         self.remember(Some(Arc::new(catalog)));
         Ok(())

@@ -18,9 +18,13 @@
 //!
 //! An erase runs in one transaction, children before parents, and reports
 //! the rows deleted and anonymised per table and the rows kept; verify
-//! counts what should be gone but is left.
+//! counts what should be gone but is left. A large table can declare a
+//! `batch_size`: its rows are then treated in batches that each commit on
+//! their own (see `batch`), and the tables before and after it in the
+//! children-first order in transactions of their own.
 
 mod anonymize;
+mod batch;
 mod catalog;
 mod config;
 mod connector;

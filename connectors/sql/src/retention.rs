@@ -147,10 +147,16 @@ pub struct Scope<'a> {
 impl Sql {
     /// Appends the scope's predicate.
     pub fn scope(&mut self, scope: &Scope<'_>) -> &mut Self {
+        let qualifier = self.quoted(scope.table);
+        self.scope_as(scope, &qualifier)
+    }
+
+    /// Appends the scope's predicate for a statement in which the table's
+    /// row is called `qualifier` (an alias, or the quoted table name).
+    pub fn scope_as(&mut self, scope: &Scope<'_>, qualifier: &str) -> &mut Self {
         self.cond(scope.cond, None, 0);
         if let Some(kept) = scope.kept.filter(|k| !k.is_nothing()) {
-            let qualifier = self.quoted(scope.table);
-            self.push(" AND NOT ").kept(kept, &qualifier, 0);
+            self.push(" AND NOT ").kept(kept, qualifier, 0);
         }
         self
     }

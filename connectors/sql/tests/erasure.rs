@@ -173,10 +173,7 @@ columns = { name = "null", body = "redact" }
 "#;
     let sql = db.connector(tables).await;
     let ada = task(vec![id("email", "ada@example.com")]);
-    let one = |n| Erasure {
-        datasets: vec![DatasetReport::new("tickets", 0, n)],
-        retained: vec![],
-    };
+    let one = |n| Erasure { datasets: vec![DatasetReport::new("tickets", 0, n)], retained: vec![] };
     assert_eq!(sql.verify(&ada).await.unwrap(), 2);
     assert_eq!(sql.erase(&ada).await.unwrap(), one(2));
     assert_eq!(sql.verify(&ada).await.unwrap(), 0);
@@ -303,10 +300,7 @@ columns = { label = "redact" }
 "#;
     let sql = db.connector(tables).await;
     let nothing = task(vec![id("device_id", "not-a-uuid")]);
-    let one = |n| Erasure {
-        datasets: vec![DatasetReport::new("devices", 0, n)],
-        retained: vec![],
-    };
+    let one = |n| Erasure { datasets: vec![DatasetReport::new("devices", 0, n)], retained: vec![] };
     assert_eq!(sql.erase(&nothing).await.unwrap(), one(0));
     let ada = task(vec![id("device_id", "5f0c7a52-8d0e-4a43-9a51-3b0f6c1d2e4f")]);
     assert_eq!(sql.verify(&ada).await.unwrap(), 1);

@@ -152,13 +152,17 @@ impl Kit {
     /// Runs every check; never panics on a connector's failure.
     pub async fn run(&self) -> Report {
         let logs = LogBuffer::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(logs.clone())
-            .finish();
         let mut seen = Seen::default();
-        let (mut report, identifiers) = self.checks(&mut seen).with_subscriber(subscriber).await;
+        let (mut report, identifiers) = match capture::start(&logs) {
+            // Every line of every thread, whatever other tests do meanwhile.
+            Some(_active) => self.checks(&mut seen).await,
+            // The binary has a global subscriber of its own: capture what
+            // this run's own future logs.
+            None => {
+                let subscriber = subscriber(logs.clone());
+                self.checks(&mut seen).with_subscriber(subscriber).await
+            }
+        };
         seen.text.push(logs.contents());
         report.record("no_identifier_leaks", seen.leaks(&identifiers));
         report
@@ -404,6 +408,81 @@ impl Seen {
             Verdict::Passed
         } else {
             Verdict::Failed(format!("{} appeared in logs, errors or reports", leaked.join(", ")))
+        }
+    }
+}
+
+fn subscriber<W>(writer: W) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(writer)
+        .finish()
+}
+
+/// Log capture through one global subscriber, installed by the first run
+/// if the binary has none. A subscriber scoped to a run's future misses
+/// lines: tracing caches per call site whether anyone listens, and other
+/// tests' threads (or the connector's own spawned tasks) race with that
+/// cache. The global one writes every line to the buffer of every run in
+/// progress; a run looks only for its own subjects' identifiers.
+mod capture {
+    use std::sync::{Mutex, OnceLock, Weak};
+
+    use super::LogBuffer;
+
+    static ACTIVE: Mutex<Vec<Weak<Mutex<Vec<u8>>>>> = Mutex::new(Vec::new());
+
+    /// Captures into `logs` until the guard drops; `None` if another
+    /// global subscriber is installed.
+    pub(super) fn start(logs: &LogBuffer) -> Option<Active> {
+        static INSTALLED: OnceLock<bool> = OnceLock::new();
+        let installed = *INSTALLED
+            .get_or_init(|| tracing::subscriber::set_global_default(super::subscriber(Everyone)).is_ok());
+        if !installed {
+            return None;
+        }
+        let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+        active.retain(|w| w.strong_count() > 0);
+        active.push(std::sync::Arc::downgrade(&logs.0));
+        Some(Active(logs.clone()))
+    }
+
+    /// Stops a capture when dropped.
+    pub(super) struct Active(LogBuffer);
+
+    impl Drop for Active {
+        fn drop(&mut self) {
+            let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+            active.retain(|w| w.upgrade().is_some_and(|b| !std::sync::Arc::ptr_eq(&b, &(self.0).0)));
+        }
+    }
+
+    /// Writes to every capture in progress.
+    struct Everyone;
+
+    impl std::io::Write for Everyone {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+            for b in active.iter().filter_map(Weak::upgrade) {
+                b.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Everyone {
+        type Writer = Everyone;
+
+        fn make_writer(&'a self) -> Self::Writer {
+            Everyone
         }
     }
 }

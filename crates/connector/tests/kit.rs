@@ -14,6 +14,7 @@ use lethe_core::{DatasetReport, Identifier, IdentifierKind};
 #[derive(Clone, Copy, Default)]
 struct Flaws {
     logs_identifier: bool,
+    logs_on_another_thread: bool,
     reports_every_time: bool,
     erases_everyone: bool,
     asynchronous: bool,
@@ -35,6 +36,12 @@ impl Memory {
         for id in task.identifiers_of("email") {
             if self.flaws.logs_identifier {
                 tracing::info!(email = id.expose(), "erasing");
+            }
+            if self.flaws.logs_on_another_thread {
+                let email = id.expose().to_owned();
+                std::thread::spawn(move || tracing::debug!(%email, "erasing in the background"))
+                    .join()
+                    .unwrap();
             }
             deleted += u64::from(emails.remove(id.expose()));
         }
@@ -154,6 +161,12 @@ async fn an_identifier_in_a_log_line_fails() {
     let report = run(Flaws { logs_identifier: true, ..Flaws::default() }, false).await;
     assert!(failed(&report, "no_identifier_leaks"), "{report}");
     assert!(!report.passed());
+}
+
+#[tokio::test]
+async fn an_identifier_logged_by_another_thread_fails() {
+    let report = run(Flaws { logs_on_another_thread: true, ..Flaws::default() }, false).await;
+    assert!(failed(&report, "no_identifier_leaks"), "{report}");
 }
 
 #[tokio::test]

@@ -57,6 +57,13 @@ fn with_database(base: &str, name: &str) -> String {
     }
 }
 
+/// `url` with its user and password replaced.
+pub fn with_credentials(url: &str, user: &str, password: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL with ://");
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{user}:{password}@{host}")
+}
+
 impl TestDb {
     pub async fn create(engine: Engine) -> Self {
         sqlx::any::install_default_drivers();
