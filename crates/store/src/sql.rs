@@ -854,8 +854,11 @@ impl StateStore for SqlStore {
         let mut started = std::collections::BTreeSet::new();
         for item in &items {
             by_attempt.entry(item.attempt).or_default().push(item.task_id.to_string());
-            let state = tasks.get(&item.task_id).map_or(TaskState::Pending, |t| t.state);
-            if let Ok(Step::Moved(_)) = state.apply(TaskEvent::Dispatched) {
+            let (state, attempts) =
+                tasks.get(&item.task_id).map_or((TaskState::Pending, 0), |t| (t.state, t.attempts));
+            // An accepted task whose answer beat this record stays accepted.
+            let stale = state == TaskState::Accepted && i64::from(item.attempt) <= attempts;
+            if let (Ok(Step::Moved(_)), false) = (state.apply(TaskEvent::Dispatched), stale) {
                 events.push(PendingEvent::new(
                     item.request_id,
                     Some(item.task_id),
@@ -867,11 +870,13 @@ impl StateStore for SqlStore {
                 }
             }
         }
-        // Pending, dispatched or accepted tasks become dispatched; any other
+        // Pending or dispatched tasks become dispatched, and accepted ones
+        // when this is a newer attempt (a check of their job); any other
         // state is left alone (an outcome may have arrived before this record).
         for (attempt, ids) in by_attempt {
             let sql = format!(
-                "UPDATE tasks SET state = CASE WHEN state IN ($1, $2, $5) THEN $2 ELSE state END, \
+                "UPDATE tasks SET state = CASE WHEN state IN ($1, $2) OR (state = $5 AND attempts < $3) \
+                 THEN $2 ELSE state END, \
                  attempts = CASE WHEN attempts < $3 THEN $3 ELSE attempts END, updated_at = $4 WHERE id IN ({})",
                 placeholders(6, ids.len())
             );
@@ -972,6 +977,13 @@ impl StateStore for SqlStore {
                 && task.has_attempts_left(schedule);
             let step = if matches!(class, OutcomeClass::Failed | OutcomeClass::Accepted) && superseded {
                 Ok(Step::Ignored) // a newer attempt is under way
+            } else if class == OutcomeClass::Accepted
+                && task.state == TaskState::Accepted
+                && i64::from(report.attempt) > task.attempts
+            {
+                // A check answered before its publication was recorded:
+                // the job still runs, and the next check must be planned.
+                Ok(Step::Moved(TaskState::Accepted))
             } else if retry_later {
                 task.state.apply(TaskEvent::Requeue)
             } else {
@@ -1007,7 +1019,9 @@ impl StateStore for SqlStore {
                 json!({"system": task.system, "attempt": report.attempt, "state": next, "outcome": report.outcome}),
             ));
             if retry_later {
-                let at = now + chrono::Duration::from_std(schedule.delay(report.attempt)).unwrap_or_default();
+                let in_budget =
+                    u32::try_from(i64::from(report.attempt) - task.budget_start).unwrap_or(1).max(1);
+                let at = now + chrono::Duration::from_std(schedule.delay(in_budget)).unwrap_or_default();
                 requeue_rows.push(vec![Arg::from(report.task_id.to_string()), ms(now).into(), ms(at).into()]);
                 events.push(PendingEvent::new(
                     request,
@@ -1177,6 +1191,7 @@ impl StateStore for SqlStore {
                 };
                 self.set_task_state(&mut tx, task_id, TaskState::Failed, Some(&json_text(&outcome)), now)
                     .await?;
+                jobs::clear(&mut tx, task_id).await?;
                 expired.failed += 1;
                 events.push(PendingEvent::new(
                     request,
@@ -1220,13 +1235,17 @@ impl StateStore for SqlStore {
         if task.state.apply(TaskEvent::Retry).is_err() {
             return Ok(RetryResult::NotFailed(task.state));
         }
-        sqlx::query("UPDATE tasks SET state = $1, budget_start = attempts, updated_at = $2, finished_at = NULL WHERE id = $3")
-            .bind(TaskState::Pending.as_str())
-            .bind(ms(now))
-            .bind(task_id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        // A new budget, and a new external job: the old one failed or timed out.
+        sqlx::query(
+            "UPDATE tasks SET state = $1, budget_start = attempts, updated_at = $2, finished_at = NULL, \
+             job_id = NULL, job_accepted_at = NULL WHERE id = $3",
+        )
+        .bind(TaskState::Pending.as_str())
+        .bind(ms(now))
+        .bind(task_id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
         self.enqueue(&mut tx, task_id, ms(now), now).await?;
         let mut events = vec![PendingEvent::new(
             request,

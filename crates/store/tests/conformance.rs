@@ -607,6 +607,56 @@ async fn a_failed_job_is_started_anew_by_an_operator_retry(b: &Backend) {
     assert_eq!(again[0].job, None, "a retry submits a new job");
 }
 
+async fn crm_state(b: &Backend, id: RequestId) -> TaskState {
+    task_of(&detail(&b.store, id).await, "crm").state
+}
+
+/// Answers that arrive before their publication is recorded (the
+/// in-process bus publishes a whole batch before recording it) and a
+/// check that times out: one check is planned at a time, an accepted task
+/// stays accepted, and a retry starts a new job.
+async fn job_answers_that_beat_their_publication_record(b: &Backend) {
+    let f = Fixture::new();
+    let req = f.request("race@example.com", &["crm"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let schedule = RetrySchedule { max_attempts: 1, ..Default::default() };
+    let lease = Duration::from_secs(30);
+
+    // Attempt 1 answers before its publication is recorded.
+    let first = b.store.claim_outbox("d", 10, lease, at(0)).await.unwrap();
+    let task = first[0].task_id;
+    let r = OutcomeReport { task_id: task, attempt: 1, outcome: accepted("job-r", 60) };
+    b.store.apply_outcomes(&[r], &schedule, at(1)).await.unwrap();
+    b.store.mark_published("d", &first, at(2)).await.unwrap();
+    assert_eq!(crm_state(b, id).await, TaskState::Accepted, "the late record does not undo the answer");
+    assert_eq!(b.store.outbox_backlog().await.unwrap(), 1, "one check planned");
+    // Nothing is in flight, so nothing times out.
+    let expired = b.store.expire_dispatched(Duration::from_secs(30), &schedule, at(50)).await.unwrap();
+    assert_eq!(expired, Expired::default());
+
+    // The check (attempt 2) also answers before its record: the next check
+    // is planned and the task stays accepted.
+    let check = b.store.claim_outbox("d", 10, lease, at(61)).await.unwrap();
+    assert_eq!((check.len(), check[0].attempt), (1, 2));
+    let r = OutcomeReport { task_id: task, attempt: 2, outcome: accepted("job-r", 60) };
+    b.store.apply_outcomes(&[r], &schedule, at(62)).await.unwrap();
+    b.store.mark_published("d", &check, at(63)).await.unwrap();
+    assert_eq!(crm_state(b, id).await, TaskState::Accepted);
+    assert_eq!(b.store.outbox_backlog().await.unwrap(), 1);
+
+    // The next check goes unanswered: with no attempts left it fails, and
+    // an operator's retry submits a new job.
+    let silent = dispatch_at(&b.store, at(123)).await;
+    assert_eq!(silent[0].job.as_ref().map(|j| j.id.as_str()), Some("job-r"));
+    assert_eq!(crm_state(b, id).await, TaskState::Dispatched);
+    let expired = b.store.expire_dispatched(Duration::from_secs(30), &schedule, at(200)).await.unwrap();
+    assert_eq!(expired, Expired { requeued: 0, failed: 1 });
+    b.store.retry_task(id, "crm", at(201)).await.unwrap();
+    let again = dispatch_at(&b.store, at(202)).await;
+    assert_eq!(again[0].job, None, "a retry after a time-out starts a new job");
+}
+
 async fn operators_retry_failed_tasks_and_reopen_the_request(b: &Backend) {
     let f = Fixture::new();
     let req = f.request("o@example.com", &["crm", "mail"], None);
@@ -1466,6 +1516,7 @@ suite!(
     operators_retry_failed_tasks_and_reopen_the_request,
     external_jobs_are_polled_until_they_finish,
     a_failed_job_is_started_anew_by_an_operator_retry,
+    job_answers_that_beat_their_publication_record,
     per_category_plans_are_stored_and_sent_with_each_task,
     retained_outcomes_follow_up_when_their_retention_ends,
     legal_holds_keep_a_system_until_released,

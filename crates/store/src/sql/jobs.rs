@@ -24,16 +24,29 @@ pub(super) async fn accept(
     let Outcome::Accepted { job_id, poll_after_seconds } = &report.outcome else {
         return Ok(now);
     };
+    // The answered attempt counts as published even if its publication is
+    // not recorded yet, so that recording it later leaves the task accepted.
     sqlx::query(
         "UPDATE tasks SET job_accepted_at = CASE WHEN job_id = $1 AND job_accepted_at IS NOT NULL \
-         THEN job_accepted_at ELSE $2 END, job_id = $1, budget_start = attempts WHERE id = $3",
+         THEN job_accepted_at ELSE $2 END, job_id = $1, \
+         attempts = CASE WHEN attempts < $4 THEN $4 ELSE attempts END, \
+         budget_start = CASE WHEN attempts < $4 THEN $4 ELSE attempts END WHERE id = $3",
     )
     .bind(job_id.as_str())
     .bind(ms(now))
     .bind(report.task_id.to_string())
+    .bind(i64::from(report.attempt))
     .execute(&mut *tx)
     .await
     .map_err(db_err)?;
+    // One check planned at a time: a requeue that raced this answer is
+    // replaced by the check (a row being published right now stays).
+    sqlx::query("DELETE FROM outbox WHERE task_id = $1 AND (claimed_until IS NULL OR claimed_until < $2)")
+        .bind(report.task_id.to_string())
+        .bind(ms(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
     let poll = poll_after_seconds.map_or(DEFAULT_POLL, Duration::from_secs).clamp(MIN_POLL, MAX_POLL);
     Ok(now + chrono::Duration::from_std(poll).unwrap_or_default())
 }
