@@ -3,7 +3,7 @@
 //! The worked example of `docs/connector-guide.md`.
 
 use std::io::ErrorKind;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -31,23 +31,27 @@ pub struct Dataset {
     pub path: String,
 }
 
-/// The files of one subject, or `None` if an identifier the path needs is
-/// missing or could name something outside its directory (`/`, `..`).
-fn path_of(root: &std::path::Path, d: &Dataset, task: &ErasureTask) -> Option<PathBuf> {
-    let mut path = d.path.clone();
-    let safe = |v: &str| !v.contains(['/', '\\', '\0']) && !v.starts_with('.');
-    for id in task.identifiers.iter().filter(|i| safe(i.expose())) {
-        path = path.replace(&format!("{{{}}}", id.kind()), id.expose());
+/// Every file of one subject: each placeholder takes each value of its
+/// type. A value that could leave the directory (a separator, a leading
+/// dot) is refused: skipping it would pass for "nothing found".
+fn paths_of(root: &Path, d: &Dataset, task: &ErasureTask) -> Result<Vec<PathBuf>, ConnectorError> {
+    let mut paths = vec![d.path.clone()];
+    let kinds = distinct(task.identifiers.iter().map(|i| i.kind().as_str()));
+    for kind in kinds.into_iter().filter(|k| d.path.contains(&format!("{{{k}}}"))) {
+        let values: Vec<&str> = task.identifiers_of(&kind).map(|i| i.expose()).collect();
+        if values.iter().any(|v| v.contains(['/', '\\', '\0']) || v.starts_with('.')) {
+            return Err(ConnectorError::permanent("an identifier cannot name a file"));
+        }
+        let slot = format!("{{{kind}}}");
+        paths = paths.iter().flat_map(|p| values.iter().map(|v| p.replace(&slot, v))).collect();
     }
-    (!path.contains('{')).then(|| root.join(path))
+    Ok(paths.into_iter().filter(|p| !p.contains('{')).map(|p| root.join(p)).collect())
 }
 
 /// Never says which file: its name holds an identifier.
 fn io_error(e: std::io::Error) -> ConnectorError {
-    match e.kind() {
-        ErrorKind::PermissionDenied => ConnectorError::permanent("permission denied on a dataset file"),
-        kind => ConnectorError::retryable(format!("file system error: {kind}")),
-    }
+    let retryable = e.kind() != ErrorKind::PermissionDenied;
+    ConnectorError { retryable, message: format!("file system error on a dataset file: {}", e.kind()) }
 }
 
 pub struct FilesConnector(FilesConfig);
@@ -57,24 +61,26 @@ impl Connector for FilesConnector {
     async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
         self.health().await?; // a vanished root must not pass for "nothing found"
         let mut erasure = Erasure::default();
-        for d in &self.0.datasets {
-            let Some(path) = path_of(&self.0.root, d, task) else { continue };
+        for d in self.0.datasets.iter().filter(|d| task.treatment(&d.category) != Treatment::Skip) {
+            let (mut kept, mut deleted) = (0, 0);
+            for path in paths_of(&self.0.root, d, task)? {
+                if let Treatment::Keep { .. } = task.treatment(&d.category) {
+                    kept += u64::from(tokio::fs::try_exists(&path).await.map_err(io_error)?);
+                    continue;
+                }
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => deleted += 1,
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_error(e)),
+                }
+            }
             match task.treatment(&d.category) {
-                Treatment::Keep { basis, until }
-                    if tokio::fs::try_exists(&path).await.map_err(io_error)? =>
-                {
+                Treatment::Keep { basis, until } if kept > 0 => {
                     let (dataset, category) = (d.name.clone(), Some(d.category.clone()));
-                    erasure.retained.push(RetainedReport { dataset, category, count: 1, basis, until });
+                    erasure.retained.push(RetainedReport { dataset, category, count: kept, basis, until });
                 }
-                Treatment::Keep { .. } | Treatment::Skip => {}
-                Treatment::Erase | Treatment::Anonymize => {
-                    let deleted = match tokio::fs::remove_file(&path).await {
-                        Ok(()) => 1,
-                        Err(e) if e.kind() == ErrorKind::NotFound => 0,
-                        Err(e) => return Err(io_error(e)),
-                    };
-                    erasure.datasets.push(DatasetReport::new(d.name.clone(), deleted, 0));
-                }
+                Treatment::Keep { .. } => {}
+                _ => erasure.datasets.push(DatasetReport::new(d.name.clone(), deleted, 0)),
             }
         }
         Ok(erasure)
@@ -83,9 +89,8 @@ impl Connector for FilesConnector {
     async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
         self.health().await?;
         let mut left = 0;
-        for d in &self.0.datasets {
-            let erased = matches!(task.treatment(&d.category), Treatment::Erase | Treatment::Anonymize);
-            if let Some(path) = path_of(&self.0.root, d, task).filter(|_| erased) {
+        for d in self.0.datasets.iter().filter(|d| task.treatment(&d.category).removes()) {
+            for path in paths_of(&self.0.root, d, task)? {
                 left += u64::from(tokio::fs::try_exists(&path).await.map_err(io_error)?);
             }
         }
@@ -93,17 +98,10 @@ impl Connector for FilesConnector {
     }
 
     async fn health(&self) -> Result<(), ConnectorError> {
-        match tokio::fs::metadata(&self.0.root).await {
-            Ok(m) if m.is_dir() => Ok(()),
-            Ok(_) => Err(ConnectorError::permanent("root is not a directory")),
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                Err(ConnectorError::permanent("root does not exist"))
-            }
-            Err(e) => Err(io_error(e)),
-        }
+        let dir = tokio::fs::metadata(&self.0.root).await.is_ok_and(|m| m.is_dir());
+        dir.then_some(()).ok_or_else(|| ConnectorError::permanent("root is missing or not a directory"))
     }
 }
-
 /// `connector = "files"`.
 pub struct FilesKind;
 

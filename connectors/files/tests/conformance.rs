@@ -60,14 +60,33 @@ async fn files_connector_passes_the_conformance_kit() {
 }
 
 #[tokio::test]
-async fn identifiers_cannot_reach_outside_the_root() {
+async fn an_identifier_that_could_leave_the_root_is_refused_not_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     std::fs::create_dir(&root).unwrap();
     std::fs::write(dir.path().join("exports-x.json"), "{}").unwrap();
     let kit = Kit::new(connector(&root).await, vec!["exports".into()]);
     let task = kit.task(vec![Identifier::parse(IdentifierKind::CustomerId, "../exports-x").unwrap()]);
-    let erasure = connector(&root).await.erase(&task).await.unwrap();
-    assert_eq!(erasure.total(), 0);
+    let error = connector(&root).await.erase(&task).await.unwrap_err();
+    assert!(!error.retryable, "{error}");
+    assert!(!error.message.contains("exports-x"), "{error}");
+    assert!(connector(&root).await.verify(&task).await.is_err(), "no false 'nothing left'");
     assert!(dir.path().join("exports-x.json").exists());
+}
+
+#[tokio::test]
+async fn every_value_of_an_identifier_type_is_erased() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["avatar-a@example.com.png", "avatar-b@example.com.png", "avatar-c@example.com.png"] {
+        std::fs::write(dir.path().join(name), "png").unwrap();
+    }
+    let kit = Kit::new(connector(dir.path()).await, vec!["profile".into()]);
+    let emails =
+        ["a@example.com", "b@example.com"].map(|e| Identifier::parse(IdentifierKind::Email, e).unwrap());
+    let task = kit.task(emails.to_vec());
+    let files = connector(dir.path()).await;
+    assert_eq!(files.verify(&task).await.unwrap(), 2);
+    assert_eq!(files.erase(&task).await.unwrap().total(), 2);
+    assert_eq!(files.verify(&task).await.unwrap(), 0);
+    assert!(dir.path().join("avatar-c@example.com.png").exists());
 }

@@ -404,7 +404,9 @@ impl Spec {
         }
         let extracts = check_steps("erase", &self.erase.steps, subject, &mut problems);
         if let Some(job) = &self.erase.job {
-            let after = Scope { subject: true, extracts, ..base_scope(&base) };
+            // The job id is stored with the task and in the audit trail:
+            // never built from the subject's identifiers.
+            let after = Scope { subject: false, extracts, ..base_scope(&base) };
             check_template(&after, "erase.job.id", &job.id, &mut problems);
             if job.steps.is_empty() {
                 problems.push("erase.job has no steps".to_owned());
@@ -602,6 +604,36 @@ mod tests {
         ] {
             assert!(e.contains(part), "{part:?} missing from {e}");
         }
+    }
+
+    #[test]
+    fn a_job_id_is_never_built_from_an_identifier() {
+        let s = spec(
+            r#"
+            [[erase.steps]]
+            name = "submit"
+            method = "POST"
+            path = "/jobs"
+            success = [202]
+            [erase.job]
+            id = "{email|md5}"
+            poll_interval = "1m"
+            max_wait = "1h"
+            [erase.job.state]
+            pointer = "/status"
+            running = ["running"]
+            done = ["done"]
+            [[erase.job.steps]]
+            name = "status"
+            method = "GET"
+            path = "/jobs/{job.id}"
+            [verify]
+            evidence = "job"
+            "#,
+        )
+        .unwrap();
+        let e = s.check().unwrap_err();
+        assert!(e.contains("erase.job.id: {email} is not available"), "{e}");
     }
 
     #[test]

@@ -103,6 +103,11 @@ impl Batcher<'_> {
         let targets = self.targets(conn).await.map_err(|e| self.err("listing partitions", &e))?;
         let mut done = Batches::default();
         for target in &targets {
+            // A short batch usually means the end, but rows a concurrent
+            // writer changed meanwhile may have been skipped (PostgreSQL
+            // rechecks a row it finds changed): one more statement picks
+            // them up, and a second short batch in a row ends the target.
+            let mut short = 0;
             loop {
                 let sql = self.statement(change, target, scope)?;
                 let started = Instant::now();
@@ -117,8 +122,12 @@ impl Batcher<'_> {
                     elapsed_us = elapsed.as_micros() as u64,
                     "batch committed"
                 );
-                if rows < u64::from(self.size) {
+                if rows >= u64::from(self.size) {
+                    short = 0;
+                } else if rows == 0 || short == 1 {
                     break;
+                } else {
+                    short += 1;
                 }
             }
         }

@@ -84,7 +84,8 @@ pub struct TableConfig {
     pub date_column: Option<String>,
     /// For large tables: the most rows one statement deletes or anonymises.
     /// The table's rows of the subject are then treated in batches, each its
-    /// own short transaction, until a batch affects fewer rows; absent, the
+    /// own short transaction, until a batch affects none (or two in a row
+    /// affect fewer than the limit); absent, the
     /// table is treated by one statement in the task's transaction.
     #[serde(default)]
     pub batch_size: Option<u32>,

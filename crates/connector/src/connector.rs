@@ -90,6 +90,14 @@ impl Erasure {
     }
 }
 
+impl Treatment {
+    /// `Erase` or `Anonymize`: what is there now should be gone afterwards
+    /// (what verify counts).
+    pub fn removes(&self) -> bool {
+        matches!(self, Self::Erase | Self::Anonymize)
+    }
+}
+
 /// Where a task stands after one call of [`Connector::advance`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
