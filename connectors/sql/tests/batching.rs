@@ -526,7 +526,7 @@ async fn per_partition(db: &TestDb) -> Vec<(String, i64, i64)> {
 /// partition: full batches, then a short one and one that finds nothing
 /// (or, for a multiple of `size`, the one that finds nothing).
 fn runs(n: usize, size: usize) -> usize {
-    n / size + 1 + usize::from(n % size != 0)
+    n / size + 1 + usize::from(!n.is_multiple_of(size))
 }
 
 /// Statements a batched delete of `events` runs: per partition, as [`runs`].
