@@ -167,11 +167,6 @@ pub struct DispatcherConfig {
     /// Milliseconds between looks at an idle outbox.
     #[serde(default = "DispatcherConfig::default_poll_ms")]
     pub poll_interval_ms: u64,
-    /// Tasks of one system dispatched and not yet answered, at most: the
-    /// rest wait in the outbox, so that a task's time-out starts when the
-    /// system's workers can take it, not behind a backlog in the bus.
-    #[serde(default = "DispatcherConfig::default_max_in_flight")]
-    pub max_in_flight: u32,
 }
 
 impl DispatcherConfig {
@@ -184,9 +179,6 @@ impl DispatcherConfig {
     const fn default_poll_ms() -> u64 {
         500
     }
-    const fn default_max_in_flight() -> u32 {
-        1024
-    }
 }
 
 impl Default for DispatcherConfig {
@@ -195,7 +187,6 @@ impl Default for DispatcherConfig {
             batch: Self::default_batch(),
             lease_secs: Self::default_lease_secs(),
             poll_interval_ms: Self::default_poll_ms(),
-            max_in_flight: Self::default_max_in_flight(),
         }
     }
 }
@@ -536,9 +527,6 @@ impl Config {
         if self.dispatcher.batch == 0 {
             bail!("dispatcher.batch must be at least 1");
         }
-        if self.dispatcher.max_in_flight == 0 {
-            bail!("dispatcher.max_in_flight must be at least 1");
-        }
         if self.scheduler.max_attempts == 0 {
             bail!("scheduler.max_attempts must be at least 1");
         }
@@ -576,7 +564,6 @@ impl Config {
             dispatch_batch: d.batch,
             lease: Duration::from_secs(d.lease_secs),
             poll_interval: Duration::from_millis(d.poll_interval_ms),
-            max_in_flight: Some(d.max_in_flight),
             retry: lethe_store::RetrySchedule {
                 max_attempts: s.max_attempts,
                 initial_delay: Duration::from_secs(s.retry_initial_delay_secs),

@@ -40,9 +40,6 @@ pub struct Settings {
     pub lease: Duration,
     /// How often an idle dispatcher looks at the outbox.
     pub poll_interval: Duration,
-    /// Tasks of one system dispatched and not answered at most; `None`:
-    /// unbounded.
-    pub max_in_flight: Option<u32>,
     /// Results applied per store transaction.
     pub ingest_batch: usize,
     /// Redispatch of tasks that failed in a retryable way or timed out.
@@ -59,7 +56,6 @@ impl Default for Settings {
             dispatch_batch: 256,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(500),
-            max_in_flight: Some(1024),
             ingest_batch: 256,
             retry: RetrySchedule::default(),
             task_timeout: Duration::from_secs(300),

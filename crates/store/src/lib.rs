@@ -91,21 +91,6 @@ pub trait StateStore: Send + Sync + 'static {
         limit: u32,
         lease: Duration,
         now: DateTime<Utc>,
-    ) -> Result<Vec<OutboxItem>, StoreError> {
-        self.claim_outbox_within(owner, limit, lease, None, now).await
-    }
-
-    /// [`claim_outbox`](Self::claim_outbox), skipping the rows of systems
-    /// that already have `max_in_flight` tasks dispatched and unanswered:
-    /// backpressure, so that a task's time-out starts when its workers can
-    /// take it rather than while it waits behind a backlog in the bus.
-    async fn claim_outbox_within(
-        &self,
-        owner: &str,
-        limit: u32,
-        lease: Duration,
-        max_in_flight: Option<u32>,
-        now: DateTime<Utc>,
     ) -> Result<Vec<OutboxItem>, StoreError>;
 
     /// After the bus confirmed delivery: removes the rows (if still ours) and

@@ -697,36 +697,25 @@ impl StateStore for SqlStore {
             .collect()
     }
 
-    async fn claim_outbox_within(
+    async fn claim_outbox(
         &self,
         owner: &str,
         limit: u32,
         lease: Duration,
-        max_in_flight: Option<u32>,
         now: DateTime<Utc>,
     ) -> Result<Vec<OutboxItem>, StoreError> {
         let mut tx = self.begin().await?;
         let until = ms(now) + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
-        // Systems at their in-flight bound wait; the count may overshoot by
-        // one batch when replicas claim at once.
-        let busy = match max_in_flight {
-            Some(_) => {
-                " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = outbox.task_id AND t.system IN (\
-                   SELECT system FROM tasks WHERE state = $6 GROUP BY system HAVING COUNT(*) >= $5))"
-            }
-            None => "",
-        };
-        let sql = format!(
+        let claimed = sqlx::query(&format!(
             "UPDATE outbox SET claimed_by = $1, claimed_until = $2 WHERE id IN (\
-               SELECT id FROM outbox WHERE available_at <= $3 AND (claimed_until IS NULL OR claimed_until < $3){busy} \
+               SELECT id FROM outbox WHERE available_at <= $3 AND (claimed_until IS NULL OR claimed_until < $3) \
                ORDER BY id LIMIT $4{}) RETURNING id, task_id",
             self.dialect.skip_locked()
-        );
-        let claimed = sqlx::query(&sql).bind(owner).bind(until).bind(ms(now)).bind(i64::from(limit));
-        let claimed = match max_in_flight {
-            Some(max) => claimed.bind(i64::from(max)).bind(TaskState::Dispatched.as_str()),
-            None => claimed,
-        }
+        ))
+        .bind(owner)
+        .bind(until)
+        .bind(ms(now))
+        .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await
         .map_err(db_err)?;

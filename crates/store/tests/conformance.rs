@@ -657,43 +657,6 @@ async fn job_answers_that_beat_their_publication_record(b: &Backend) {
     assert_eq!(again[0].job, None, "a retry after a time-out starts a new job");
 }
 
-/// Backpressure: a system with `max_in_flight` tasks dispatched and
-/// unanswered gets no more until one is answered; other systems go on.
-async fn dispatch_stops_at_the_in_flight_bound_per_system(b: &Backend) {
-    let f = Fixture::new();
-    for n in 0..3 {
-        b.store.create_request(f.request(&format!("bp{n}@example.com"), &["crm"], None)).await.unwrap();
-    }
-    b.store.create_request(f.request("bp-mail@example.com", &["mail"], None)).await.unwrap();
-    let lease = Duration::from_secs(30);
-    let claim = |now| b.store.claim_outbox_within("d", 10, lease, Some(2), now);
-    let first = claim(at(0)).await.unwrap();
-    assert_eq!(first.len(), 4, "nothing is in flight yet: one batch may overshoot");
-    b.store.release_outbox("d", &first.iter().map(|i| i.outbox_id).collect::<Vec<_>>()).await.unwrap();
-    let two: Vec<OutboxItem> = first.into_iter().filter(|i| i.system == "crm").take(2).collect();
-    let claimed = b.store.claim_outbox_within("d", 2, lease, Some(2), at(1)).await.unwrap();
-    b.store.mark_published("d", &claimed, at(1)).await.unwrap();
-    assert_eq!(
-        claimed.iter().map(|i| i.task_id).collect::<Vec<_>>(),
-        two.iter().map(|i| i.task_id).collect::<Vec<_>>()
-    );
-
-    // crm has 2 in flight: only mail's task is claimed.
-    let next = claim(at(2)).await.unwrap();
-    assert_eq!(next.iter().map(|i| i.system.as_str()).collect::<Vec<_>>(), ["mail"]);
-    b.store.mark_published("d", &next, at(2)).await.unwrap();
-    assert!(claim(at(3)).await.unwrap().is_empty(), "crm waits at its bound");
-    // Without a bound the waiting task is claimed at once.
-    let unbounded = b.store.claim_outbox("e", 10, lease, at(3)).await.unwrap();
-    assert_eq!(unbounded.len(), 1);
-    b.store.release_outbox("e", &[unbounded[0].outbox_id]).await.unwrap();
-
-    // An answer frees a place.
-    report_at(&b.store, claimed[0].task_id, 1, erased(1), at(4)).await;
-    let last = claim(at(5)).await.unwrap();
-    assert_eq!((last.len(), last[0].system.as_str()), (1, "crm"));
-}
-
 async fn operators_retry_failed_tasks_and_reopen_the_request(b: &Backend) {
     let f = Fixture::new();
     let req = f.request("o@example.com", &["crm", "mail"], None);
@@ -1554,7 +1517,6 @@ suite!(
     external_jobs_are_polled_until_they_finish,
     a_failed_job_is_started_anew_by_an_operator_retry,
     job_answers_that_beat_their_publication_record,
-    dispatch_stops_at_the_in_flight_bound_per_system,
     per_category_plans_are_stored_and_sent_with_each_task,
     retained_outcomes_follow_up_when_their_retention_ends,
     legal_holds_keep_a_system_until_released,
