@@ -11,8 +11,7 @@ use lethe_connector::{Connector, ConnectorError, Erasure, ErasureTask, Treatment
 use lethe_core::{DatasetReport, RetainedReport};
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::compaction::{BrokerSettings, Compaction, Figure, Purge};
 use crate::config::{DatasetConfig, KafkaConfig};
@@ -307,18 +306,7 @@ impl KafkaConnector {
             }
         }
         let Some((topic, error)) = first else { return Ok(()) };
-        let fenced = matches!(
-            error.rdkafka_error_code(),
-            Some(
-                RDKafkaErrorCode::ProducerFenced
-                    | RDKafkaErrorCode::InvalidProducerEpoch
-                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
-                    | RDKafkaErrorCode::UnknownProducerId
-                    | RDKafkaErrorCode::InvalidProducerIdMapping
-                    | RDKafkaErrorCode::Fatal
-            )
-        );
-        if fenced || producer.client().fatal_error().is_some() {
+        if lethe_bus::kafka::producer_is_spent(&error, &producer) {
             tracing::warn!(error = %error, "the Kafka producer can no longer publish; replacing it");
             match new_producer(&self.config) {
                 Ok(fresh) => *self.producer.write().unwrap_or_else(|e| e.into_inner()) = fresh,

@@ -122,6 +122,26 @@ pub struct KafkaBus {
     producer: Arc<RwLock<FutureProducer>>,
 }
 
+/// Whether an idempotent producer can no longer publish after `error`
+/// (fenced, or in a fatal state after a long outage) and must be replaced.
+pub fn producer_is_spent<C: ClientContext + 'static>(
+    error: &KafkaError,
+    producer: &FutureProducer<C>,
+) -> bool {
+    let fenced = matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                | RDKafkaErrorCode::UnknownProducerId
+                | RDKafkaErrorCode::InvalidProducerIdMapping
+                | RDKafkaErrorCode::Fatal
+        )
+    );
+    fenced || producer.client().fatal_error().is_some()
+}
+
 fn new_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
     config
         .client()
@@ -194,18 +214,7 @@ impl KafkaBus {
         let producer = self.producer.read().unwrap_or_else(|e| e.into_inner()).clone();
         let result = producer.send(record, Duration::from_secs(30)).await;
         let Err((error, _)) = result else { return Ok(()) };
-        let fenced = matches!(
-            error.rdkafka_error_code(),
-            Some(
-                RDKafkaErrorCode::ProducerFenced
-                    | RDKafkaErrorCode::InvalidProducerEpoch
-                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
-                    | RDKafkaErrorCode::UnknownProducerId
-                    | RDKafkaErrorCode::InvalidProducerIdMapping
-                    | RDKafkaErrorCode::Fatal
-            )
-        );
-        if fenced || producer.client().fatal_error().is_some() {
+        if producer_is_spent(&error, &producer) {
             tracing::warn!(error = %error, "the Kafka producer can no longer publish; replacing it");
             match new_producer(&self.config) {
                 Ok(fresh) => *self.producer.write().unwrap_or_else(|e| e.into_inner()) = fresh,
