@@ -167,6 +167,11 @@ pub struct DispatcherConfig {
     /// Milliseconds between looks at an idle outbox.
     #[serde(default = "DispatcherConfig::default_poll_ms")]
     pub poll_interval_ms: u64,
+    /// Tasks of one system dispatched and not yet answered, at most (0: no
+    /// bound). Keeps the queue in a system's topic short, so that a task's
+    /// time-out measures its connector rather than the backlog ahead of it.
+    #[serde(default = "DispatcherConfig::default_max_in_flight")]
+    pub max_in_flight: u32,
 }
 
 impl DispatcherConfig {
@@ -179,6 +184,9 @@ impl DispatcherConfig {
     const fn default_poll_ms() -> u64 {
         500
     }
+    const fn default_max_in_flight() -> u32 {
+        1000
+    }
 }
 
 impl Default for DispatcherConfig {
@@ -187,6 +195,7 @@ impl Default for DispatcherConfig {
             batch: Self::default_batch(),
             lease_secs: Self::default_lease_secs(),
             poll_interval_ms: Self::default_poll_ms(),
+            max_in_flight: Self::default_max_in_flight(),
         }
     }
 }
@@ -562,6 +571,7 @@ impl Config {
         let (d, s) = (&self.dispatcher, &self.scheduler);
         lethe_coordinator::Settings {
             dispatch_batch: d.batch,
+            max_in_flight: (d.max_in_flight > 0).then_some(d.max_in_flight),
             lease: Duration::from_secs(d.lease_secs),
             poll_interval: Duration::from_millis(d.poll_interval_ms),
             retry: lethe_store::RetrySchedule {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use lethe_bus::{Bus, Consumer, Delivery, Position, ResultMessage};
 use lethe_store::{Applied, OutcomeReport, RetrySchedule, StateStore};
+use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::dispatcher::delays;
@@ -20,6 +21,8 @@ pub struct Ingest {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) batch: usize,
     pub(crate) schedule: RetrySchedule,
+    /// Tells the dispatcher that answered tasks made room under its bound.
+    pub(crate) wake: Arc<Notify>,
 }
 
 impl Ingest {
@@ -35,6 +38,7 @@ impl Ingest {
             }
             let positions: Vec<Position> = batch.iter().map(|d| d.position).collect();
             self.apply(batch, &source).await;
+            self.wake.notify_one();
             for p in positions {
                 if let Err(e) = consumer.ack(p).await {
                     tracing::warn!(error = %e, "could not acknowledge a result");

@@ -36,6 +36,9 @@ pub use planner::{Planner, SystemInfo};
 pub struct Settings {
     /// Outbox rows claimed per batch.
     pub dispatch_batch: u32,
+    /// Bound on the tasks of one system dispatched and not yet answered;
+    /// `None` publishes whatever is pending.
+    pub max_in_flight: Option<u32>,
     /// How long a claim protects rows from other replicas.
     pub lease: Duration,
     /// How often an idle dispatcher looks at the outbox.
@@ -54,6 +57,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             dispatch_batch: 256,
+            max_in_flight: None,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(500),
             ingest_batch: 256,
@@ -107,6 +111,7 @@ impl Coordinator {
             clock: clock.clone(),
             batch: settings.ingest_batch,
             schedule: settings.retry,
+            wake: wake.clone(),
         };
         tasks.spawn(ingest.run(results));
         let dispatcher = dispatcher::Dispatcher {

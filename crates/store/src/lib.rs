@@ -84,11 +84,14 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Claims up to `limit` outbox rows for `lease`; rows claimed by another
     /// owner whose lease has not expired are skipped, so replicas never
-    /// publish the same row at once.
+    /// publish the same row at once. With `max_in_flight`, a system gets no
+    /// more rows than keep its dispatched tasks (and rows claimed but not yet
+    /// published) at that bound, and the batch is shared between systems.
     async fn claim_outbox(
         &self,
         owner: &str,
         limit: u32,
+        max_in_flight: Option<u32>,
         lease: Duration,
         now: DateTime<Utc>,
     ) -> Result<Vec<OutboxItem>, StoreError>;

@@ -336,6 +336,54 @@ impl SqlStore {
             .collect()
     }
 
+    /// For each system with rows in the outbox, how many more tasks it may
+    /// have in flight under `bound`: dispatched tasks and rows claimed but not
+    /// yet published count. Systems come from the outbox by a loose index
+    /// scan (one index probe per system), so a large backlog costs nothing.
+    async fn room_per_system(
+        &self,
+        tx: &mut AnyConnection,
+        bound: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, u32)>, StoreError> {
+        let systems = sqlx::query(
+            "WITH RECURSIVE s (system) AS (\
+               SELECT MIN(system) FROM outbox \
+               UNION ALL SELECT (SELECT MIN(o.system) FROM outbox o WHERE o.system > s.system) \
+               FROM s WHERE s.system IS NOT NULL) \
+             SELECT system FROM s WHERE system IS NOT NULL",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let mut busy: HashMap<String, i64> = HashMap::new();
+        let dispatched = sqlx::query("SELECT system, COUNT(*) AS n FROM tasks WHERE state = $1 GROUP BY system")
+            .bind(TaskState::Dispatched.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let claimed = sqlx::query(
+            "SELECT system, COUNT(*) AS n FROM outbox \
+             WHERE claimed_by IS NOT NULL AND claimed_until >= $1 GROUP BY system",
+        )
+        .bind(ms(now))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        for r in dispatched.iter().chain(&claimed) {
+            *busy.entry(col(r, "system")?).or_default() += col::<i64>(r, "n")?;
+        }
+        systems
+            .iter()
+            .map(|r| {
+                let system: String = col(r, "system")?;
+                let busy = busy.get(&system).copied().unwrap_or(0);
+                let room = (i64::from(bound) - busy).max(0);
+                Ok((system, u32::try_from(room).unwrap_or(0)))
+            })
+            .collect()
+    }
+
     /// Queues a task for publication at `available_at`.
     async fn enqueue(
         &self,
@@ -344,8 +392,11 @@ impl SqlStore {
         available_at: i64,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO outbox (task_id, created_at, available_at) VALUES ($1, $2, $3)")
-            .bind(task.to_string())
+        sqlx::query(
+            "INSERT INTO outbox (task_id, system, created_at, available_at) \
+             SELECT id, system, $2, $3 FROM tasks WHERE id = $1",
+        )
+        .bind(task.to_string())
             .bind(ms(now))
             .bind(available_at)
             .execute(&mut *tx)
@@ -496,7 +547,7 @@ impl SqlStore {
                     now.into(),
                 ]);
                 if !task.held {
-                    outbox.push(vec![Arg::from(task_id), now.into(), now.into()]);
+                    outbox.push(vec![Arg::from(task_id), task.system.clone().into(), now.into(), now.into()]);
                 }
             }
             let subjects: Vec<&str> = req.identifiers.iter().map(|i| i.subject_hash.as_str()).collect();
@@ -540,7 +591,7 @@ impl SqlStore {
         insert_rows(&mut tx, "plan_categories", &retention::CATEGORY_COLUMNS, categories).await?;
         let task_columns = ["id", "request_id", "system", "action", "state", "created_at", "updated_at"];
         insert_rows(&mut tx, "tasks", &task_columns, tasks).await?;
-        insert_rows(&mut tx, "outbox", &["task_id", "created_at", "available_at"], outbox).await?;
+        insert_rows(&mut tx, "outbox", &["task_id", "system", "created_at", "available_at"], outbox).await?;
         // A request with nothing to dispatch (no system, or all held) is
         // settled at once.
         for req in reqs.iter().filter(|r| r.tasks.iter().all(|t| t.held)) {
@@ -701,24 +752,51 @@ impl StateStore for SqlStore {
         &self,
         owner: &str,
         limit: u32,
+        max_in_flight: Option<u32>,
         lease: Duration,
         now: DateTime<Utc>,
     ) -> Result<Vec<OutboxItem>, StoreError> {
         let mut tx = self.begin().await?;
         let until = ms(now) + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
-        let claimed = sqlx::query(&format!(
-            "UPDATE outbox SET claimed_by = $1, claimed_until = $2 WHERE id IN (\
-               SELECT id FROM outbox WHERE available_at <= $3 AND (claimed_until IS NULL OR claimed_until < $3) \
-               ORDER BY id LIMIT $4{}) RETURNING id, task_id",
-            self.dialect.skip_locked()
-        ))
-        .bind(owner)
-        .bind(until)
-        .bind(ms(now))
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        let claim = |system: Option<&str>, take: u32| {
+            let filter = if system.is_some() { "system = $5 AND " } else { "" };
+            let sql = format!(
+                "UPDATE outbox SET claimed_by = $1, claimed_until = $2 WHERE id IN (\
+                   SELECT id FROM outbox WHERE {filter}available_at <= $3 \
+                   AND (claimed_until IS NULL OR claimed_until < $3) \
+                   ORDER BY id LIMIT $4{}) RETURNING id, task_id",
+                self.dialect.skip_locked()
+            );
+            (sql, take, system.map(str::to_owned))
+        };
+        let mut claims = Vec::new();
+        match max_in_flight {
+            None => claims.push(claim(None, limit)),
+            Some(bound) => {
+                let room = self.room_per_system(&mut tx, bound, now).await?;
+                // The batch is shared evenly; a system with less room leaves
+                // its share to the ones after it.
+                let mut left = limit;
+                let n = room.len();
+                for (i, (system, free)) in room.into_iter().enumerate() {
+                    let share = left.div_ceil(u32::try_from(n - i).unwrap_or(1));
+                    let take = share.min(free);
+                    if take > 0 {
+                        claims.push(claim(Some(&system), take));
+                        left -= take;
+                    }
+                }
+            }
+        }
+        let mut claimed = Vec::new();
+        for (sql, take, system) in &claims {
+            let query = sqlx::query(sql).bind(owner).bind(until).bind(ms(now)).bind(i64::from(*take));
+            let query = match system {
+                Some(s) => query.bind(s.as_str()),
+                None => query,
+            };
+            claimed.extend(query.fetch_all(&mut *tx).await.map_err(db_err)?);
+        }
         if claimed.is_empty() {
             tx.commit().await.map_err(db_err)?;
             return Ok(Vec::new());
@@ -1022,7 +1100,12 @@ impl StateStore for SqlStore {
                 let in_budget =
                     u32::try_from(i64::from(report.attempt) - task.budget_start).unwrap_or(1).max(1);
                 let at = now + chrono::Duration::from_std(schedule.delay(in_budget)).unwrap_or_default();
-                requeue_rows.push(vec![Arg::from(report.task_id.to_string()), ms(now).into(), ms(at).into()]);
+                requeue_rows.push(vec![
+                    Arg::from(report.task_id.to_string()),
+                    task.system.clone().into(),
+                    ms(now).into(),
+                    ms(at).into(),
+                ]);
                 events.push(PendingEvent::new(
                     request,
                     Some(report.task_id),
@@ -1043,8 +1126,10 @@ impl StateStore for SqlStore {
             match results[i] {
                 Applied::Moved { task: TaskState::Accepted, .. } => {
                     let available = jobs::accept(&mut tx, report, now).await?;
+                    let system = tasks.get(&report.task_id).map(|t| t.system.clone()).unwrap_or_default();
                     requeue_rows.push(vec![
                         Arg::from(report.task_id.to_string()),
+                        system.into(),
                         ms(now).into(),
                         ms(available).into(),
                     ]);
@@ -1071,7 +1156,8 @@ impl StateStore for SqlStore {
                 .await
                 .map_err(db_err)?;
         }
-        insert_rows(&mut tx, "outbox", &["task_id", "created_at", "available_at"], requeue_rows).await?;
+        let columns = ["task_id", "system", "created_at", "available_at"];
+        insert_rows(&mut tx, "outbox", &columns, requeue_rows).await?;
 
         // Requests whose tasks moved: recompute their status once each.
         if !last_move_of.is_empty() {
@@ -1293,7 +1379,7 @@ impl StateStore for SqlStore {
             .await
             .map_err(db_err)?;
         let done = sqlx::query(
-            "INSERT INTO outbox (task_id, created_at) SELECT id, $1 FROM tasks \
+            "INSERT INTO outbox (task_id, system, created_at) SELECT id, system, $1 FROM tasks \
              WHERE state = $2 AND id NOT IN (SELECT task_id FROM outbox)",
         )
         .bind(ms(now))

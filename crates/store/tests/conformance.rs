@@ -195,7 +195,7 @@ async fn dispatch_all(store: &SqlStore) -> Vec<OutboxItem> {
 }
 
 async fn dispatch_at(store: &SqlStore, now: DateTime<Utc>) -> Vec<OutboxItem> {
-    let items = store.claim_outbox("test", 100, Duration::from_secs(30), now).await.unwrap();
+    let items = store.claim_outbox("test", 100, None, Duration::from_secs(30), now).await.unwrap();
     store.mark_published("test", &items, now).await.unwrap();
     items
 }
@@ -366,7 +366,7 @@ async fn outcome_before_dispatch_record_is_not_undone(b: &Backend) {
     let req = f.request("g@example.com", &["crm"], None);
     let id = req.id;
     b.store.create_request(req).await.unwrap();
-    let items = b.store.claim_outbox("test", 10, Duration::from_secs(30), t0()).await.unwrap();
+    let items = b.store.claim_outbox("test", 10, None, Duration::from_secs(30), t0()).await.unwrap();
     // The connector answered before the dispatcher recorded the publication.
     report(&b.store, items[0].task_id, 1, erased(1)).await;
     b.store.mark_published("test", &items, t0()).await.unwrap();
@@ -382,19 +382,54 @@ async fn leases_keep_dispatchers_apart_and_expire(b: &Backend) {
         b.store.create_request(f.request(&format!("h{i}@example.com"), &["crm"], None)).await.unwrap();
     }
     let lease = Duration::from_secs(30);
-    let a = b.store.claim_outbox("a", 3, lease, t0()).await.unwrap();
-    let c = b.store.claim_outbox("c", 10, lease, t0()).await.unwrap();
+    let a = b.store.claim_outbox("a", 3, None, lease, t0()).await.unwrap();
+    let c = b.store.claim_outbox("c", 10, None, lease, t0()).await.unwrap();
     assert_eq!((a.len(), c.len()), (3, 2));
     assert!(a.iter().all(|x| c.iter().all(|y| x.outbox_id != y.outbox_id)));
     // "c" crashed: after its lease expires, "a" takes its rows.
     let later = t0() + chrono::Duration::seconds(31);
-    let retaken = b.store.claim_outbox("a", 10, lease, later).await.unwrap();
+    let retaken = b.store.claim_outbox("a", 10, None, lease, later).await.unwrap();
     assert_eq!(retaken.len(), 5);
     // The late "c" cannot mark rows it no longer holds.
     b.store.mark_published("c", &c, later).await.unwrap();
     assert_eq!(b.store.outbox_backlog().await.unwrap(), 5);
     b.store.release_outbox("a", &retaken.iter().map(|i| i.outbox_id).collect::<Vec<_>>()).await.unwrap();
-    assert_eq!(b.store.claim_outbox("d", 10, lease, later).await.unwrap().len(), 5);
+    assert_eq!(b.store.claim_outbox("d", 10, None, lease, later).await.unwrap().len(), 5);
+}
+
+async fn dispatch_is_bounded_per_system(b: &Backend) {
+    let f = Fixture::new();
+    for i in 0..5 {
+        b.store.create_request(f.request(&format!("q{i}@example.com"), &["crm", "mail"], None)).await.unwrap();
+    }
+    let lease = Duration::from_secs(30);
+    let count = |items: &[OutboxItem], system: &str| items.iter().filter(|i| i.system == system).count();
+    // Two in flight per system: the batch is shared, not taken by the first.
+    let first = b.store.claim_outbox("a", 10, Some(2), lease, t0()).await.unwrap();
+    assert_eq!((count(&first, "crm"), count(&first, "mail")), (2, 2));
+    // Rows claimed and not yet published count, for another replica too.
+    assert!(b.store.claim_outbox("b", 10, Some(2), lease, t0()).await.unwrap().is_empty());
+    b.store.mark_published("a", &first, t0()).await.unwrap();
+    assert!(b.store.claim_outbox("b", 10, Some(2), lease, t0()).await.unwrap().is_empty());
+    // An answer makes room for one more of its system only.
+    report(&b.store, item_of(&first, "crm").task_id, 1, erased(1)).await;
+    let next = b.store.claim_outbox("b", 10, Some(2), lease, t0()).await.unwrap();
+    assert_eq!((count(&next, "crm"), count(&next, "mail")), (1, 0));
+    b.store.mark_published("b", &next, t0()).await.unwrap();
+    // A retry requeued by an outcome carries its system and queues behind
+    // the rows already waiting.
+    let schedule = RetrySchedule { max_attempts: 3, ..Default::default() };
+    let flaky = Outcome::Failed { retryable: true, reason: "connection reset".into() };
+    let mail = item_of(&first, "mail").task_id;
+    let r = OutcomeReport { task_id: mail, attempt: 1, outcome: flaky };
+    b.store.apply_outcomes(&[r], &schedule, t0()).await.unwrap();
+    let later = b.store.claim_outbox("b", 10, Some(2), lease, at(3600)).await.unwrap();
+    assert_eq!((count(&later, "crm"), count(&later, "mail")), (0, 1));
+    // Without a bound, whatever is waiting goes out.
+    b.store.release_outbox("b", &later.iter().map(|i| i.outbox_id).collect::<Vec<_>>()).await.unwrap();
+    let rest = b.store.claim_outbox("c", 100, None, lease, at(3600)).await.unwrap();
+    assert_eq!((count(&rest, "crm"), count(&rest, "mail")), (2, 4));
+    assert!(rest.iter().any(|i| i.task_id == mail && i.attempt == 2));
 }
 
 async fn requeue_republishes_in_flight_tasks(b: &Backend) {
@@ -404,7 +439,7 @@ async fn requeue_republishes_in_flight_tasks(b: &Backend) {
     let items = dispatch_all(&b.store).await;
     report(&b.store, items[0].task_id, 1, erased(1)).await;
     assert_eq!(b.store.requeue_in_flight(t0()).await.unwrap(), 1);
-    let again = b.store.claim_outbox("test", 10, Duration::from_secs(30), t0()).await.unwrap();
+    let again = b.store.claim_outbox("test", 10, None, Duration::from_secs(30), t0()).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!((again[0].task_id, again[0].attempt), (items[1].task_id, 2));
 }
@@ -482,8 +517,8 @@ async fn retryable_failures_requeue_with_backoff_until_attempts_run_out(b: &Back
     assert_eq!(detail.request.status, RequestStatus::InProgress);
     assert_eq!(detail.tasks[0].last_outcome, Some(flaky.clone()), "the last error stays visible");
     // Not before the backoff delay (10 s ± 20 %).
-    assert!(b.store.claim_outbox("d", 10, Duration::from_secs(30), at(7)).await.unwrap().is_empty());
-    let again = b.store.claim_outbox("d", 10, Duration::from_secs(30), at(13)).await.unwrap();
+    assert!(b.store.claim_outbox("d", 10, None, Duration::from_secs(30), at(7)).await.unwrap().is_empty());
+    let again = b.store.claim_outbox("d", 10, None, Duration::from_secs(30), at(13)).await.unwrap();
     assert_eq!((again.len(), again[0].attempt), (1, 2));
     b.store.mark_published("d", &again, at(13)).await.unwrap();
     // A late failure of attempt 1 no longer counts.
@@ -509,7 +544,7 @@ async fn silent_tasks_time_out_then_fail(b: &Backend) {
     assert_eq!(none, Expired::default());
     let first = b.store.expire_dispatched(timeout, &schedule, at(61)).await.unwrap();
     assert_eq!(first, Expired { requeued: 1, failed: 0 });
-    let items = b.store.claim_outbox("d", 10, Duration::from_secs(30), at(61)).await.unwrap();
+    let items = b.store.claim_outbox("d", 10, None, Duration::from_secs(30), at(61)).await.unwrap();
     assert_eq!(items[0].attempt, 2);
     b.store.mark_published("d", &items, at(61)).await.unwrap();
     let second = b.store.expire_dispatched(timeout, &schedule, at(122)).await.unwrap();
@@ -541,7 +576,7 @@ async fn external_jobs_are_polled_until_they_finish(b: &Backend) {
     let applied = b.store.apply_outcomes(std::slice::from_ref(&r), &schedule, at(5)).await.unwrap();
     assert_eq!(applied[0], Applied::Moved { request: id, task: TaskState::Accepted, request_status: None });
     assert_eq!(task_of(&detail(&b.store, id).await, "crm").state, TaskState::Accepted);
-    assert!(b.store.claim_outbox("d", 10, Duration::from_secs(30), at(30)).await.unwrap().is_empty());
+    assert!(b.store.claim_outbox("d", 10, None, Duration::from_secs(30), at(30)).await.unwrap().is_empty());
     let check = dispatch_at(&b.store, at(66)).await;
     assert_eq!(check.len(), 1);
     assert_eq!(check[0].attempt, 2);
@@ -624,7 +659,7 @@ async fn job_answers_that_beat_their_publication_record(b: &Backend) {
     let lease = Duration::from_secs(30);
 
     // Attempt 1 answers before its publication is recorded.
-    let first = b.store.claim_outbox("d", 10, lease, at(0)).await.unwrap();
+    let first = b.store.claim_outbox("d", 10, None, lease, at(0)).await.unwrap();
     let task = first[0].task_id;
     let r = OutcomeReport { task_id: task, attempt: 1, outcome: accepted("job-r", 60) };
     b.store.apply_outcomes(&[r], &schedule, at(1)).await.unwrap();
@@ -637,7 +672,7 @@ async fn job_answers_that_beat_their_publication_record(b: &Backend) {
 
     // The check (attempt 2) also answers before its record: the next check
     // is planned and the task stays accepted.
-    let check = b.store.claim_outbox("d", 10, lease, at(61)).await.unwrap();
+    let check = b.store.claim_outbox("d", 10, None, lease, at(61)).await.unwrap();
     assert_eq!((check.len(), check[0].attempt), (1, 2));
     let r = OutcomeReport { task_id: task, attempt: 2, outcome: accepted("job-r", 60) };
     b.store.apply_outcomes(&[r], &schedule, at(62)).await.unwrap();
@@ -1508,6 +1543,7 @@ suite!(
     failures_exemptions_and_under_deletion,
     outcome_before_dispatch_record_is_not_undone,
     leases_keep_dispatchers_apart_and_expire,
+    dispatch_is_bounded_per_system,
     requeue_republishes_in_flight_tasks,
     list_filters_and_paginates,
     audit_chain_is_intact_and_append_only,
