@@ -52,7 +52,13 @@ impl Dispatcher {
         let now = self.clock.now();
         let items = self
             .store
-            .claim_outbox(&self.owner, self.settings.dispatch_batch, self.settings.max_in_flight, self.settings.lease, now)
+            .claim_outbox(
+                &self.owner,
+                self.settings.dispatch_batch,
+                self.settings.max_in_flight,
+                self.settings.lease,
+                now,
+            )
             .await
             .map_err(|e| e.to_string())?;
         if items.is_empty() {

@@ -579,10 +579,32 @@ async fn connector_keys_need_the_systems_token_and_vanish_with_the_request() {
     assert_eq!(body["key"].as_str().unwrap().len(), 64);
     let (status, _, _) = call(&h.app(), ask(Some("crm-token"), &task_of("mail"))).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "a worker reads only its own system's keys");
+    // Many at once: only the caller's own tasks come back, with the same key.
+    let key = body["key"].as_str().unwrap().to_owned();
+    let ask_many = |token: &str, tasks: Value| {
+        Request::post("/v1/connector/keys:batch")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(json!({ "task_ids": tasks }).to_string()))
+            .unwrap()
+    };
+    let many = json!([crm, task_of("mail"), "not-a-task"]);
+    let (status, body, _) = call(&h.app(), ask_many("crm-token", many.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["keys"], json!({ crm.clone(): key }));
+    let (status, _, _) = call(&h.app(), ask_many("crm-token", json!([]))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let too_many: Vec<&str> = vec![crm.as_str(); 1001];
+    assert_eq!(
+        call(&h.app(), ask_many("crm-token", json!(too_many))).await.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
     // Once the request closes, its key is gone for everyone.
     h.start_workers(Arc::new(MemoryConnector::default()));
     wait_final(&h.app(), id).await;
     assert_eq!(call(&h.app(), ask(Some("crm-token"), &crm)).await.0, StatusCode::NOT_FOUND);
+    let (status, body, _) = call(&h.app(), ask_many("crm-token", many)).await;
+    assert_eq!((status, body["keys"].clone()), (StatusCode::OK, json!({})));
 }
 
 #[tokio::test]
@@ -849,6 +871,13 @@ async fn scope_matrix() {
         ),
         ("GET", "/v1/systems".into(), None, vec!["portal", "submit", "read", "holds"], 200),
         ("POST", "/v1/connector/keys".into(), Some(json!({"task_id": crm_task})), vec!["connector-crm"], 200),
+        (
+            "POST",
+            "/v1/connector/keys:batch".into(),
+            Some(json!({"task_ids": [crm_task]})),
+            vec!["connector-crm"],
+            200,
+        ),
         ("GET", "/v1/keys/certificate".into(), None, vec!["*"], 200),
     ];
     for (method, path, body, allowed, ok) in &endpoints {
@@ -871,6 +900,8 @@ async fn scope_matrix() {
                 401
             } else if path == "/v1/connector/keys" && name.starts_with("connector-") {
                 404 // another system's worker: the task does not exist for it
+            } else if path == "/v1/connector/keys:batch" && name.starts_with("connector-") {
+                200 // the same, as a task left out of the answer
             } else {
                 403
             };

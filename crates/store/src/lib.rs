@@ -142,7 +142,17 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// The wrapped data key of the request of `task`, if `task` belongs to
     /// `system` and the key still exists.
-    async fn task_key(&self, system: &str, task: TaskId) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn task_key(&self, system: &str, task: TaskId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.task_keys(system, &[task]).await?.remove(&task))
+    }
+
+    /// [`task_key`](Self::task_key) for many tasks in one query: the tasks
+    /// of `system` whose request still has its key, with that key.
+    async fn task_keys(
+        &self,
+        system: &str,
+        tasks: &[TaskId],
+    ) -> Result<std::collections::HashMap<TaskId, Vec<u8>>, StoreError>;
 
     /// Queues a new outbox row for every task that was dispatched but has no
     /// final outcome (used on start with a bus that does not survive

@@ -357,11 +357,12 @@ impl SqlStore {
         .await
         .map_err(db_err)?;
         let mut busy: HashMap<String, i64> = HashMap::new();
-        let dispatched = sqlx::query("SELECT system, COUNT(*) AS n FROM tasks WHERE state = $1 GROUP BY system")
-            .bind(TaskState::Dispatched.as_str())
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        let dispatched =
+            sqlx::query("SELECT system, COUNT(*) AS n FROM tasks WHERE state = $1 GROUP BY system")
+                .bind(TaskState::Dispatched.as_str())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
         let claimed = sqlx::query(
             "SELECT system, COUNT(*) AS n FROM outbox \
              WHERE claimed_by IS NOT NULL AND claimed_until >= $1 GROUP BY system",
@@ -397,12 +398,12 @@ impl SqlStore {
              SELECT id, system, $2, $3 FROM tasks WHERE id = $1",
         )
         .bind(task.to_string())
-            .bind(ms(now))
-            .bind(available_at)
-            .execute(&mut *tx)
-            .await
-            .map(|_| ())
-            .map_err(db_err)
+        .bind(ms(now))
+        .bind(available_at)
+        .execute(&mut *tx)
+        .await
+        .map(|_| ())
+        .map_err(db_err)
     }
 
     /// Moves a locked task to `state`, optionally recording an outcome.
@@ -428,6 +429,45 @@ impl SqlStore {
         .await
         .map(|_| ())
         .map_err(db_err)
+    }
+
+    /// Moves many locked tasks at once, each to its state with its outcome
+    /// recorded; a task that settles forgets its external job.
+    async fn set_task_states(
+        &self,
+        tx: &mut AnyConnection,
+        moves: &[(TaskId, TaskState, String)],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        for chunk in moves.chunks(500) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p = 2 + i * 4;
+                    format!("(${}, ${}, ${}, ${})", p, p + 1, p + 2, p + 3)
+                })
+                .collect();
+            let sql = format!(
+                "WITH v (id, state, outcome, finished) AS (VALUES {}) \
+                 UPDATE tasks SET state = v.state, last_outcome = v.outcome, updated_at = $1, \
+                 finished_at = v.finished, \
+                 job_id = CASE WHEN v.finished IS NULL THEN tasks.job_id END, \
+                 job_accepted_at = CASE WHEN v.finished IS NULL THEN tasks.job_accepted_at END \
+                 FROM v WHERE tasks.id = v.id",
+                values.join(", ")
+            );
+            chunk
+                .iter()
+                .fold(sqlx::query(&sql).bind(ms(now)), |q, (task, state, outcome)| {
+                    q.bind(task.to_string())
+                        .bind(state.as_str())
+                        .bind(outcome.as_str())
+                        .bind(state.is_terminal().then(|| ms(now)))
+                })
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        Ok(())
     }
 
     /// Recomputes a locked request's status from its tasks; on a change,
@@ -1119,9 +1159,7 @@ impl StateStore for SqlStore {
 
         let columns = ["task_id", "attempt", "received_at", "status", "body", "applied"];
         insert_rows(&mut tx, "outcomes", &columns, outcome_rows).await?;
-        for (task, state, body) in &moved {
-            self.set_task_state(&mut tx, *task, *state, Some(body), now).await?;
-        }
+        self.set_task_states(&mut tx, &moved, now).await?;
         for (i, report) in reports.iter().enumerate() {
             match results[i] {
                 Applied::Moved { task: TaskState::Accepted, .. } => {
@@ -1134,11 +1172,8 @@ impl StateStore for SqlStore {
                         ms(available).into(),
                     ]);
                 }
-                Applied::Moved { task, .. } if task.is_terminal() => {
-                    if task == TaskState::Retained {
-                        retention::set_follow_up(&mut tx, report.task_id, &report.outcome, now).await?;
-                    }
-                    jobs::clear(&mut tx, report.task_id).await?;
+                Applied::Moved { task: TaskState::Retained, .. } => {
+                    retention::set_follow_up(&mut tx, report.task_id, &report.outcome, now).await?;
                 }
                 _ => {}
             }
@@ -1360,16 +1395,29 @@ impl StateStore for SqlStore {
         Ok(RetryResult::Queued)
     }
 
-    async fn task_key(&self, system: &str, task: TaskId) -> Result<Option<Vec<u8>>, StoreError> {
-        let row = sqlx::query(
-            "SELECT r.wrapped_key FROM tasks t JOIN requests r ON r.id = t.request_id WHERE t.id = $1 AND t.system = $2",
-        )
-        .bind(task.to_string())
-        .bind(system)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(row.map(|r| col::<Option<Vec<u8>>>(&r, "wrapped_key")).transpose()?.flatten())
+    async fn task_keys(
+        &self,
+        system: &str,
+        tasks: &[TaskId],
+    ) -> Result<HashMap<TaskId, Vec<u8>>, StoreError> {
+        let mut keys = HashMap::with_capacity(tasks.len());
+        for chunk in tasks.chunks(1000) {
+            let sql = format!(
+                "SELECT t.id, r.wrapped_key FROM tasks t JOIN requests r ON r.id = t.request_id \
+                 WHERE t.system = $1 AND r.wrapped_key IS NOT NULL AND t.id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let rows = chunk
+                .iter()
+                .fold(sqlx::query(&sql).bind(system), |q, t| q.bind(t.to_string()))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+            for r in &rows {
+                keys.insert(parse(&col::<String>(r, "id")?, "task id")?, col(r, "wrapped_key")?);
+            }
+        }
+        Ok(keys)
     }
 
     async fn requeue_in_flight(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {

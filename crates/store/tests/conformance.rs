@@ -283,6 +283,10 @@ async fn dispatch_then_outcomes_complete_the_request_and_destroy_its_key(b: &Bac
     let key = f.master.unwrap(&wrapped).unwrap();
     assert_eq!(key.open(id, &crm.identifiers[0]).unwrap().expose(), "b@example.com");
     assert_eq!(b.store.task_key("mail", crm.task_id).await.unwrap(), None);
+    let mail_task = items.iter().find(|i| i.system == "mail").unwrap().task_id;
+    let keys = b.store.task_keys("crm", &[crm.task_id, mail_task, TaskId::new()]).await.unwrap();
+    assert_eq!(keys.len(), 1, "only the system's own tasks");
+    assert_eq!(keys.get(&crm.task_id), Some(&wrapped));
 
     let first = report(&b.store, crm.task_id, 1, erased(3)).await;
     assert_eq!(first, Applied::Moved { request: id, task: TaskState::Succeeded, request_status: None });
@@ -400,7 +404,10 @@ async fn leases_keep_dispatchers_apart_and_expire(b: &Backend) {
 async fn dispatch_is_bounded_per_system(b: &Backend) {
     let f = Fixture::new();
     for i in 0..5 {
-        b.store.create_request(f.request(&format!("q{i}@example.com"), &["crm", "mail"], None)).await.unwrap();
+        b.store
+            .create_request(f.request(&format!("q{i}@example.com"), &["crm", "mail"], None))
+            .await
+            .unwrap();
     }
     let lease = Duration::from_secs(30);
     let count = |items: &[OutboxItem], system: &str| items.iter().filter(|i| i.system == system).count();

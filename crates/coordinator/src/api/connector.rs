@@ -1,6 +1,8 @@
 //! `/v1/connector/*`: what connector workers in other processes ask of the
 //! coordinator.
 
+use std::collections::BTreeMap;
+
 use axum::extract::State;
 use axum::Json;
 use lethe_core::TaskId;
@@ -45,7 +47,59 @@ pub async fn task_key(
     let gone = || Problem::not_found("no key for this task: unknown, another system's, or destroyed");
     let task: TaskId = body.task_id.parse().map_err(|_| gone())?;
     let wrapped = state.store.task_key(system, task).await?.ok_or_else(gone)?;
-    let key = state.master.unwrap(&wrapped).map_err(|_| {
+    Ok(Json(KeyResponse { key: unwrap(&state, task, &wrapped)? }))
+}
+
+/// Most tasks asked for in one call of `/v1/connector/keys:batch`.
+pub const MAX_KEYS: usize = 1000;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeysRequest {
+    /// The tasks the worker holds (1 to 1,000).
+    pub task_ids: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeysResponse {
+    /// Task id → its request's data key, hex-encoded. A task that is
+    /// unknown, another system's, or whose key was destroyed is left out.
+    pub keys: BTreeMap<String, String>,
+}
+
+/// The data keys of many tasks of the caller's system in one call: what a
+/// worker with many tasks in flight asks instead of one call per task.
+#[utoipa::path(
+    post, path = "/v1/connector/keys:batch", tag = "connectors", security(("bearer" = ["connector:<system>"])),
+    request_body = KeysRequest,
+    responses(
+        (status = 200, body = KeysResponse),
+        (status = 422, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, body = ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+pub async fn task_keys(
+    State(state): State<AppState>,
+    caller: Caller,
+    StrictJson(body): StrictJson<KeysRequest>,
+) -> Result<Json<KeysResponse>, Problem> {
+    let system = caller.connector_system().ok_or_else(crate::auth::forbidden)?;
+    if body.task_ids.is_empty() || body.task_ids.len() > MAX_KEYS {
+        return Err(Problem::invalid(format!("ask for 1 to {MAX_KEYS} tasks at once")));
+    }
+    // An id that does not parse names no task: left out like an unknown one.
+    let tasks: Vec<TaskId> = body.task_ids.iter().filter_map(|t| t.parse().ok()).collect();
+    let wrapped = state.store.task_keys(system, &tasks).await?;
+    let mut keys = BTreeMap::new();
+    for (task, wrapped) in wrapped {
+        keys.insert(task.to_string(), unwrap(&state, task, &wrapped)?);
+    }
+    Ok(Json(KeysResponse { keys }))
+}
+
+fn unwrap(state: &AppState, task: TaskId, wrapped: &[u8]) -> Result<String, Problem> {
+    let key = state.master.unwrap(wrapped).map_err(|_| {
         tracing::error!(%task, "a request key cannot be unwrapped with the configured master key");
         Problem::new(
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -53,5 +107,5 @@ pub async fn task_key(
             "the key cannot be provided",
         )
     })?;
-    Ok(Json(KeyResponse { key: key.to_hex().to_string() }))
+    Ok(key.to_hex().to_string())
 }

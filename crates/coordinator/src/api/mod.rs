@@ -68,6 +68,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/suppressions:check", post(proof::check_suppressions))
         .route("/v1/systems", get(list_systems))
         .route("/v1/connector/keys", post(connector::task_key))
+        .route("/v1/connector/keys:batch", post(connector::task_keys))
         .route("/v1/webhooks/deliveries", get(webhooks::deliveries))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
@@ -156,6 +157,7 @@ impl utoipa::Modify for BearerAuth {
         proof::check_suppressions,
         ui::events,
         connector::task_key,
+        connector::task_keys,
         webhooks::deliveries,
         list_systems,
         healthz,
