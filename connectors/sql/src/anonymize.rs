@@ -54,7 +54,9 @@ impl Anonymizer<'_> {
         classify(self.dialect, ctx, e)
     }
 
-    fn has_per_row(&self) -> bool {
+    /// Whether some column's new value depends on the row, which takes a
+    /// read and an update per row instead of one UPDATE.
+    pub fn has_per_row(&self) -> bool {
         self.table.per_row_columns().next().is_some()
     }
 
