@@ -281,7 +281,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let (last,): (i64,) = sqlx::query_as("SELECT MAX(finished_at) FROM requests").fetch_one(&state_pool).await?;
+    let (last,): (i64,) =
+        sqlx::query_as("SELECT MAX(finished_at) FROM requests").fetch_one(&state_pool).await?;
     let done = Duration::from_millis(u64::try_from(last - started_ms).unwrap_or(0));
     let rss_coordinator = peak_rss_mib(coordinator.id());
     let rss_workers: Vec<f64> = workers.iter().map(|w| peak_rss_mib(w.id())).collect();
