@@ -599,9 +599,15 @@ async fn connector_keys_need_the_systems_token_and_vanish_with_the_request() {
         call(&h.app(), ask_many("crm-token", json!(too_many))).await.0,
         StatusCode::UNPROCESSABLE_ENTITY
     );
+    // No certificate for a request not answered yet; one once it is.
+    let certificate = format!("/v1/requests/{id}/certificate");
+    let (status, body, _) = call(&h.app(), get(&certificate)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("once the request is answered"), "{body}");
     // Once the request closes, its key is gone for everyone.
     h.start_workers(Arc::new(MemoryConnector::default()));
     wait_final(&h.app(), id).await;
+    assert_eq!(call(&h.app(), get(&certificate)).await.0, StatusCode::OK);
     assert_eq!(call(&h.app(), ask(Some("crm-token"), &crm)).await.0, StatusCode::NOT_FOUND);
     let (status, body, _) = call(&h.app(), ask_many("crm-token", many)).await;
     assert_eq!((status, body["keys"].clone()), (StatusCode::OK, json!({})));
