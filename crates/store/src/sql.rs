@@ -798,43 +798,41 @@ impl StateStore for SqlStore {
     ) -> Result<Vec<OutboxItem>, StoreError> {
         let mut tx = self.begin().await?;
         let until = ms(now) + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
-        let claim = |system: Option<&str>, take: u32| {
-            let filter = if system.is_some() { "system = $5 AND " } else { "" };
-            let sql = format!(
-                "UPDATE outbox SET claimed_by = $1, claimed_until = $2 WHERE id IN (\
-                   SELECT id FROM outbox WHERE {filter}available_at <= $3 \
-                   AND (claimed_until IS NULL OR claimed_until < $3) \
-                   ORDER BY id LIMIT $4{}) RETURNING id, task_id",
-                self.dialect.skip_locked()
-            );
-            (sql, take, system.map(str::to_owned))
-        };
-        let mut claims = Vec::new();
-        match max_in_flight {
-            None => claims.push(claim(None, limit)),
+        // What to claim: rows per system under the bound, or (`None`) the
+        // oldest rows of any system.
+        let plan: Vec<(Option<String>, u32)> = match max_in_flight {
+            None => vec![(None, limit)],
             Some(bound) => {
                 let room = self.room_per_system(&mut tx, bound, now).await?;
                 // The batch is shared evenly; a system with less room leaves
                 // its share to the ones after it.
                 let mut left = limit;
                 let n = room.len();
+                let mut plan = Vec::with_capacity(n);
                 for (i, (system, free)) in room.into_iter().enumerate() {
-                    let share = left.div_ceil(u32::try_from(n - i).unwrap_or(1));
-                    let take = share.min(free);
+                    let take = left.div_ceil(u32::try_from(n - i).unwrap_or(1)).min(free);
                     if take > 0 {
-                        claims.push(claim(Some(&system), take));
+                        plan.push((Some(system), take));
                         left -= take;
                     }
                 }
+                plan
             }
-        }
+        };
         let mut claimed = Vec::new();
-        for (sql, take, system) in &claims {
-            let query = sqlx::query(sql).bind(owner).bind(until).bind(ms(now)).bind(i64::from(*take));
-            let query = match system {
-                Some(s) => query.bind(s.as_str()),
-                None => query,
-            };
+        for (system, take) in &plan {
+            let sql = format!(
+                "UPDATE outbox SET claimed_by = $1, claimed_until = $2 WHERE id IN (\
+                   SELECT id FROM outbox WHERE {}available_at <= $3 \
+                   AND (claimed_until IS NULL OR claimed_until < $3) \
+                   ORDER BY id LIMIT $4{}) RETURNING id, task_id",
+                if system.is_some() { "system = $5 AND " } else { "" },
+                self.dialect.skip_locked()
+            );
+            let mut query = sqlx::query(&sql).bind(owner).bind(until).bind(ms(now)).bind(i64::from(*take));
+            if let Some(system) = system {
+                query = query.bind(system.as_str());
+            }
             claimed.extend(query.fetch_all(&mut *tx).await.map_err(db_err)?);
         }
         if claimed.is_empty() {
