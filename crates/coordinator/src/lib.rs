@@ -57,7 +57,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             dispatch_batch: 256,
-            max_in_flight: None,
+            max_in_flight: Some(1000),
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(500),
             ingest_batch: 256,
