@@ -8,14 +8,14 @@
 //! one call per round of tasks and an idle one still gets its key at once.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use lethe_core::{DataKey, RequestId, TaskId};
 use reqwest::StatusCode;
 use serde::Deserialize;
-use tokio::sync::oneshot;
 
+use crate::coalesce::Coalescer;
 use crate::connector::ConnectorError;
 use crate::worker::KeyResolver;
 
@@ -28,26 +28,19 @@ type Answer = Result<Option<DataKey>, ConnectorError>;
 /// gathering the tasks that wait at the same time into one call.
 #[derive(Clone)]
 pub struct HttpKeys {
-    inner: Arc<Inner>,
+    client: Arc<Client>,
+    calls: Arc<Coalescer<(), TaskId, Answer>>,
 }
 
-struct Inner {
+struct Client {
     url: String,
     token: String,
     http: reqwest::Client,
-    queue: Mutex<Queue>,
-}
-
-#[derive(Default)]
-struct Queue {
-    waiting: Vec<(TaskId, oneshot::Sender<Answer>)>,
-    /// Whether a call is under way; it takes what waits when it returns.
-    calling: bool,
 }
 
 impl std::fmt::Debug for HttpKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpKeys").field("url", &self.inner.url).finish_non_exhaustive()
+        f.debug_struct("HttpKeys").field("url", &self.client.url).finish_non_exhaustive()
     }
 }
 
@@ -64,43 +57,14 @@ impl HttpKeys {
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         let url = format!("{}/v1/connector/keys:batch", coordinator.trim_end_matches('/'));
-        Self { inner: Arc::new(Inner { url, token, http, queue: Mutex::default() }) }
+        Self { client: Arc::new(Client { url, token, http }), calls: Arc::new(Coalescer::new(MAX_PER_CALL)) }
     }
 }
 
-impl Inner {
-    /// Calls until nothing waits. Runs as its own task, so a caller that
-    /// gives up does not strand the others.
-    async fn drain(self: Arc<Self>) {
-        loop {
-            let batch: Vec<_> = {
-                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                if queue.waiting.is_empty() {
-                    queue.calling = false;
-                    return;
-                }
-                let n = queue.waiting.len().min(MAX_PER_CALL);
-                queue.waiting.drain(..n).collect()
-            };
-            let tasks: Vec<TaskId> = batch.iter().map(|(t, _)| *t).collect();
-            match self.fetch(&tasks).await {
-                Ok(keys) => {
-                    for (task, reply) in batch {
-                        let _ = reply.send(keys.get(&task).cloned().unwrap_or(Ok(None)));
-                    }
-                }
-                Err(e) => {
-                    for (_, reply) in batch {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
-            }
-        }
-    }
-
+impl Client {
     /// One call: each task's key, `Ok(None)` where the coordinator has none,
     /// `Err` for a key it sent malformed.
-    async fn fetch(&self, tasks: &[TaskId]) -> Result<HashMap<TaskId, Answer>, ConnectorError> {
+    async fn fetch(&self, tasks: Vec<TaskId>) -> Result<Vec<Answer>, ConnectorError> {
         let ids: Vec<String> = tasks.iter().map(TaskId::to_string).collect();
         let response = self
             .http
@@ -125,31 +89,32 @@ impl Inner {
             .json()
             .await
             .map_err(|_| ConnectorError::retryable("malformed key response from the coordinator"))?;
-        let mut answers: HashMap<TaskId, Answer> = tasks.iter().map(|t| (*t, Ok(None))).collect();
-        for (task, key) in body.keys {
-            let Some(answer) = task.parse().ok().and_then(|t: TaskId| answers.get_mut(&t)) else {
-                continue;
-            };
-            *answer = DataKey::from_hex(&key)
-                .map(Some)
-                .map_err(|_| ConnectorError::permanent("the coordinator sent a malformed key"));
+        let mut keys: HashMap<TaskId, &str> = HashMap::with_capacity(body.keys.len());
+        for (task, key) in &body.keys {
+            if let Ok(task) = task.parse() {
+                keys.insert(task, key);
+            }
         }
-        Ok(answers)
+        Ok(tasks
+            .iter()
+            .map(|task| match keys.get(task) {
+                None => Ok(None),
+                Some(key) => DataKey::from_hex(key)
+                    .map(Some)
+                    .map_err(|_| ConnectorError::permanent("the coordinator sent a malformed key")),
+            })
+            .collect())
     }
 }
 
 #[async_trait]
 impl KeyResolver for HttpKeys {
     async fn data_key(&self, _system: &str, _request: RequestId, task: TaskId) -> Answer {
-        let (reply, answer) = oneshot::channel();
-        let start = {
-            let mut queue = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
-            queue.waiting.push((task, reply));
-            !std::mem::replace(&mut queue.calling, true)
+        let client = self.client.clone();
+        let run = move |(), tasks| {
+            let client = client.clone();
+            async move { client.fetch(tasks).await }
         };
-        if start {
-            tokio::spawn(self.inner.clone().drain());
-        }
-        answer.await.unwrap_or_else(|_| Err(ConnectorError::retryable("the key lookup was interrupted")))
+        self.calls.call((), task, run).await?
     }
 }

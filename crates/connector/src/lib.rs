@@ -6,6 +6,7 @@
 //! tracing spans, metrics, publishing results) belongs to the [`worker`]
 //! runtime, so that every connector behaves the same way.
 
+pub mod coalesce;
 pub mod conformance;
 pub mod connector;
 pub mod keys;
@@ -14,6 +15,7 @@ pub mod metrics;
 pub mod retry;
 pub mod worker;
 
+pub use coalesce::Coalescer;
 pub use connector::{
     wait_for, Connector, ConnectorError, Erasure, ErasureTask, Pending, Progress, Treatment,
 };
