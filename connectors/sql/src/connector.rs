@@ -19,6 +19,7 @@ use crate::dialect::Dialect;
 use crate::error::{classify, Context};
 use crate::query::{usable_values, Cond, Sql, Term};
 use crate::retention::{count_kept, plan, report_kept, Scope, TablePlan, Until};
+use crate::shared::{Group, Op, Shared, Subject};
 
 /// How long to wait for a pooled connection before a retryable failure.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,13 +29,15 @@ type Ids = BTreeMap<String, Vec<String>>;
 
 /// A connector for a SQL store declared table by table.
 pub struct SqlConnector {
-    config: SqlConfig,
+    config: Arc<SqlConfig>,
     dialect: Dialect,
     pool: AnyPool,
     /// Table indexes, children before parents.
     order: Vec<usize>,
     /// Column kinds, read on first use (or by `health`) and kept.
     catalog: RwLock<Option<Arc<Catalog>>>,
+    /// Statements shared between concurrent tasks (PostgreSQL only).
+    shared: Option<Shared>,
 }
 
 impl std::fmt::Debug for SqlConnector {
@@ -59,7 +62,9 @@ impl SqlConnector {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy(&dialect.driver_url(&config.url))
             .map_err(|e| classify(dialect, Context { op: "opening the pool", table: None }, &e))?;
-        Ok(Self { config, dialect, pool, order, catalog: RwLock::new(None) })
+        let config = Arc::new(config);
+        let shared = (dialect == Dialect::Postgres).then(|| Shared::new(pool.clone(), config.clone()));
+        Ok(Self { config, dialect, pool, order, catalog: RwLock::new(None), shared })
     }
 
     pub fn config(&self) -> &SqlConfig {
@@ -130,6 +135,57 @@ impl SqlConnector {
             }
         }
         (!terms.is_empty()).then_some(Cond { terms })
+    }
+
+    /// The statement `op` is for the task, when it can share it with other
+    /// tasks (see [`crate::shared`]): one table with work, a set-based
+    /// treatment, nothing kept, not batched, one identifier value matched
+    /// on one column.
+    fn shareable(
+        &self,
+        conds: &[Option<Cond>],
+        plans: &[Option<TablePlan<'_>>],
+        ids: &Ids,
+        op: Op,
+    ) -> Option<(usize, Group, String)> {
+        self.shared.as_ref()?;
+        let mut work = conds.iter().zip(plans).enumerate().filter(|(_, (c, p))| c.is_some() && p.is_some());
+        let (i, (Some(cond), Some(plan))) = work.next()? else { return None };
+        if work.next().is_some() || plan.keeps_all() || !plan.kept.is_nothing() {
+            return None;
+        }
+        let t = &self.config.tables[i];
+        let set_based = match t.action {
+            TableAction::Delete => true,
+            TableAction::Anonymize => t.per_row_columns().next().is_none(),
+        };
+        if !set_based || (op == Op::Erase && t.batch_size.is_some()) {
+            return None;
+        }
+        let [Term::Match { column, values, .. }] = cond.terms.as_slice() else { return None };
+        let [value] = values.as_slice() else { return None };
+        let (kind, _) = t.matches.iter().find(|(kind, m)| {
+            m.column == *column && ids.get(kind.as_str()).is_some_and(|v| v.contains(value))
+        })?;
+        Some((i, Group { op, table: i, kind: kind.clone() }, value.clone()))
+    }
+
+    /// Runs the task's part of a shared statement.
+    async fn run_shared(
+        &self,
+        group: Group,
+        value: String,
+        catalog: Arc<Catalog>,
+    ) -> Result<u64, ConnectorError> {
+        let Some(shared) = &self.shared else {
+            return Err(ConnectorError::permanent("shared statements need PostgreSQL"));
+        };
+        let result = shared.run(group, Subject { value, catalog }).await;
+        if result.is_err() {
+            // Forget the catalog in case the schema changed under us.
+            self.remember(None);
+        }
+        result
     }
 
     /// Erases in segments, children before parents: the tables between two
@@ -358,12 +414,21 @@ impl Connector for SqlConnector {
     async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
         let plans = plan(&self.config, &self.order, task)?;
         let catalog = self.catalog().await?;
-        let conds = self.conditions(&catalog, &identifiers(task));
+        let ids = identifiers(task);
+        let conds = self.conditions(&catalog, &ids);
         if !any_work(&conds, &plans) {
             tracing::debug!("no table both has a directive and can use the task's identifier types");
             return Ok(Erasure { datasets: zeros(&self.config), retained: vec![] });
         }
         let mut done = Done::new(&self.config);
+        if let Some((i, group, value)) = self.shareable(&conds, &plans, &ids, Op::Erase) {
+            let rows = self.run_shared(group, value, catalog).await?;
+            match self.config.tables[i].action {
+                TableAction::Delete => done.datasets[i].deleted = rows,
+                TableAction::Anonymize => done.datasets[i].anonymized = rows,
+            }
+            return Ok(done.into_erasure());
+        }
         if let Err(e) = self.erase_segments(&catalog, &conds, &plans, task.issued_at, &mut done).await {
             // Forget the catalog in case the schema changed under us.
             self.remember(None);
@@ -375,9 +440,13 @@ impl Connector for SqlConnector {
     async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
         let plans = plan(&self.config, &self.order, task)?;
         let catalog = self.catalog().await?;
-        let conds = self.conditions(&catalog, &identifiers(task));
+        let ids = identifiers(task);
+        let conds = self.conditions(&catalog, &ids);
         if !any_work(&conds, &plans) {
             return Ok(0);
+        }
+        if let Some((_, group, value)) = self.shareable(&conds, &plans, &ids, Op::Verify) {
+            return self.run_shared(group, value, catalog).await;
         }
         let mut conn = self.acquire().await?;
         let result = self.verify_in(&mut conn, &catalog, &conds, &plans).await;

@@ -33,6 +33,7 @@ mod error;
 mod kind;
 mod query;
 mod retention;
+mod shared;
 
 pub use config::{
     Compare, MatchColumn, ParentConfig, SqlConfig, Strategy, TableAction, TableConfig, MIN_HASH_KEY_LEN,

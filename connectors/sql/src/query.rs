@@ -160,38 +160,53 @@ impl Sql {
         compare: Compare,
         values: &[String],
     ) -> &mut Self {
-        let mut target = Sql::new(self.dialect);
-        target.column(qualifier, column);
-        let target = target.text;
-        match compare {
-            Compare::Normalized => {
-                let text = if kind == ColKind::Text { target } else { self.dialect.as_text(&target) };
-                self.push("LOWER(TRIM(").push(&text).push(")) IN (");
-                for (i, v) in values.iter().enumerate() {
-                    if i > 0 {
-                        self.push(", ");
-                    }
-                    self.bind(Param::Text(v.trim().to_lowercase()));
-                }
+        let target = match_target(self.dialect, qualifier, column, kind, compare);
+        self.push(&target).push(" IN (");
+        for (i, p) in values.iter().filter_map(|v| match_param(kind, compare, v)).enumerate() {
+            if i > 0 {
+                self.push(", ");
             }
-            Compare::Exact => {
-                let params: Vec<Param> = values.iter().filter_map(|v| param_for(kind, v)).collect();
-                if kind == ColKind::Other {
-                    let text = self.dialect.as_text(&target);
-                    self.push(&text);
-                } else {
-                    self.push(&target);
-                }
-                self.push(" IN (");
-                for (i, p) in params.into_iter().enumerate() {
-                    if i > 0 {
-                        self.push(", ");
-                    }
-                    self.bind_for(kind, p);
-                }
-            }
+            self.bind_match(kind, compare, p);
         }
         self.push(")")
+    }
+
+    /// Appends the placeholder of a parameter made by [`match_param`].
+    pub fn bind_match(&mut self, kind: ColKind, compare: Compare, param: Param) -> &mut Self {
+        match compare {
+            Compare::Normalized => self.bind(param),
+            Compare::Exact => self.bind_for(kind, param),
+        }
+    }
+}
+
+/// The expression a match compares with the subject's values: the column,
+/// read as text (and normalised) where the comparison needs it.
+pub fn match_target(
+    dialect: Dialect,
+    qualifier: Option<&str>,
+    column: &str,
+    kind: ColKind,
+    compare: Compare,
+) -> String {
+    let mut column_sql = Sql::new(dialect);
+    column_sql.column(qualifier, column);
+    let column_sql = column_sql.text;
+    match compare {
+        Compare::Normalized => {
+            let text = if kind == ColKind::Text { column_sql } else { dialect.as_text(&column_sql) };
+            format!("LOWER(TRIM({text}))")
+        }
+        Compare::Exact if kind == ColKind::Other => dialect.as_text(&column_sql),
+        Compare::Exact => column_sql,
+    }
+}
+
+/// The parameter `value` is compared as, or `None` if no row could hold it.
+pub fn match_param(kind: ColKind, compare: Compare, value: &str) -> Option<Param> {
+    match compare {
+        Compare::Normalized => Some(Param::Text(value.trim().to_lowercase())),
+        Compare::Exact => param_for(kind, value),
     }
 }
 

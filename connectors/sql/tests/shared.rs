@@ -1,0 +1,221 @@
+//! On PostgreSQL, concurrent tasks whose erase is one set-based statement
+//! share it: one `DELETE ... USING (VALUES ...)` or `UPDATE ... FROM
+//! (VALUES ...)` per round instead of one statement per subject, with each
+//! task still credited with its own rows. Against a real server.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{id, task, Engine, TestDb};
+use lethe_connector::{Connector, Erasure, ErasureTask};
+use lethe_core::DatasetReport;
+use sqlx::{Connection, Executor, Row};
+
+const SUBJECTS: usize = 60;
+
+fn email(k: usize) -> String {
+    format!("subject{k}@example.com")
+}
+
+/// Rows subject `k` has: 1 to 3.
+fn rows_of(k: usize) -> u64 {
+    (k % 3) as u64 + 1
+}
+
+fn deleted(table: &str, n: u64) -> Erasure {
+    Erasure { datasets: vec![DatasetReport::new(table, n, 0)], retained: vec![] }
+}
+
+/// Backends of this database waiting for a lock in a shared statement.
+async fn waiting_shared(db: &TestDb) -> i64 {
+    let pool = db.pool().await;
+    let n: i64 = sqlx::query(
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND wait_event_type = 'Lock' AND query LIKE '%lethe_batch%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+    .get(0);
+    pool.close().await;
+    n
+}
+
+/// Runs `tasks` concurrently against `sql` while another session holds an
+/// exclusive lock on `table`: the first shared statement waits for it, the
+/// others gather behind it. Returns the erase reports in task order and the
+/// number of shared statements seen waiting at once.
+async fn erase_behind_a_lock(
+    db: &Arc<TestDb>,
+    sql: Arc<lethe_connector_sql::SqlConnector>,
+    table: &str,
+    tasks: &[ErasureTask],
+) -> (Vec<Erasure>, i64) {
+    let mut holder = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+    holder.execute("BEGIN").await.unwrap();
+    holder.execute(format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE").as_str()).await.unwrap();
+    let calls: Vec<_> = tasks
+        .iter()
+        .cloned()
+        .map(|t| {
+            let sql = sql.clone();
+            tokio::spawn(async move { sql.erase(&t).await })
+        })
+        .collect();
+    let mut seen = 0;
+    for _ in 0..100 {
+        seen = waiting_shared(db).await;
+        if seen > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen > 0, "the first shared statement never reached the lock");
+    // Let the other tasks arrive; they must queue behind the first round,
+    // not run statements of their own (the pool would allow 4).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = waiting_shared(db).await;
+    holder.execute("COMMIT").await.unwrap();
+    let mut reports = Vec::new();
+    for call in calls {
+        reports.push(call.await.unwrap().expect("erase"));
+    }
+    (reports, waiting)
+}
+
+async fn concurrent_deletes_share_one_statement_and_keep_their_own_counts(db: Arc<TestDb>) {
+    let mut rows = Vec::new();
+    for k in 0..SUBJECTS {
+        for r in 0..rows_of(k) {
+            // Stored with other case and spaces: the default comparison of
+            // e-mails normalises both sides.
+            rows.push(format!("(' {}', 'row {r}')", email(k).to_uppercase()));
+        }
+    }
+    db.exec(&[
+        "CREATE TABLE people (id BIGSERIAL PRIMARY KEY, email TEXT, note TEXT)",
+        &format!(
+            "INSERT INTO people (email, note) VALUES {}, ('bystander@example.com', 'keep')",
+            rows.join(", ")
+        ),
+    ])
+    .await;
+    let sql = Arc::new(
+        db.connector(
+            r#"
+[[tables]]
+name = "people"
+action = "delete"
+category = "identity.contact"
+match = { email = "email" }
+"#,
+        )
+        .await,
+    );
+    let mut tasks: Vec<ErasureTask> = (0..SUBJECTS).map(|k| task(vec![id("email", &email(k))])).collect();
+    // Two more requests for subject 1, and one for nobody.
+    tasks.push(task(vec![id("email", &email(1))]));
+    tasks.push(task(vec![id("email", &email(1))]));
+    tasks.push(task(vec![id("email", "nobody@example.com")]));
+
+    let (reports, waiting) = erase_behind_a_lock(&db, sql.clone(), "people", &tasks).await;
+    assert_eq!(waiting, 1, "one shared statement at a time, however many tasks wait");
+    for (k, report) in reports.iter().enumerate().take(SUBJECTS).filter(|(k, _)| *k != 1) {
+        assert_eq!(report, &deleted("people", rows_of(k)), "subject {k} is credited with its own rows");
+    }
+    let ones: Vec<u64> = [1, SUBJECTS, SUBJECTS + 1].iter().map(|&i| reports[i].total()).collect();
+    assert_eq!(ones.iter().sum::<u64>(), rows_of(1), "subject 1's rows are counted once: {ones:?}");
+    assert_eq!(reports[SUBJECTS + 2], deleted("people", 0));
+
+    assert_eq!(db.count("people").await, 1, "only the bystander is left");
+    for t in &tasks {
+        assert_eq!(sql.verify(t).await.unwrap(), 0);
+    }
+    let again = sql.erase(&tasks[5]).await.unwrap();
+    assert_eq!(again, deleted("people", 0), "a second erase finds nothing");
+}
+
+async fn concurrent_anonymisations_share_one_statement(db: Arc<TestDb>) {
+    db.exec(&[
+        "CREATE TABLE orders (id BIGSERIAL PRIMARY KEY, customer INTEGER, email TEXT, ship_to TEXT, amount BIGINT)",
+        "INSERT INTO orders (customer, email, ship_to, amount) \
+         SELECT g % 20, 'c' || (g % 20) || '@example.com', 'Street ' || g, 100 * g FROM generate_series(0, 59) g",
+    ])
+    .await;
+    let sql = Arc::new(
+        db.connector(
+            r#"
+[[tables]]
+name = "orders"
+action = "anonymize"
+category = "billing.order"
+match = { customer_id = "customer" }
+columns = { email = "null", ship_to = { fixed = "[erased]" } }
+"#,
+        )
+        .await,
+    );
+    let mut tasks: Vec<ErasureTask> =
+        (0..10).map(|c| task(vec![id("customer_id", &c.to_string())])).collect();
+    // Not an integer: cannot match an integer column, and must not fail the round.
+    tasks.push(task(vec![id("customer_id", "abc")]));
+
+    let before: Vec<u64> = {
+        let verifies = tasks.iter().cloned().map(|t| {
+            let sql = sql.clone();
+            tokio::spawn(async move { sql.verify(&t).await.unwrap() })
+        });
+        let mut counts = Vec::new();
+        for v in verifies.collect::<Vec<_>>() {
+            counts.push(v.await.unwrap());
+        }
+        counts
+    };
+    assert_eq!(before[..10], [3; 10], "three orders per customer are pending");
+    assert_eq!(before[10], 0);
+
+    let (reports, waiting) = erase_behind_a_lock(&db, sql.clone(), "orders", &tasks).await;
+    assert_eq!(waiting, 1);
+    let anonymized = |n| Erasure { datasets: vec![DatasetReport::new("orders", 0, n)], retained: vec![] };
+    for report in &reports[..10] {
+        assert_eq!(report, &anonymized(3));
+    }
+    assert_eq!(reports[10], anonymized(0));
+
+    let pool = db.pool().await;
+    let rows = sqlx::query("SELECT customer, email, ship_to, amount FROM orders ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let mut total = 0i64;
+    for (g, row) in rows.iter().enumerate() {
+        let customer: i32 = row.get(0);
+        let (email, ship_to): (Option<String>, Option<String>) = (row.get(1), row.get(2));
+        let amount: i64 = row.get(3);
+        assert_eq!(amount, 100 * g as i64, "amounts are kept");
+        total += amount;
+        if customer < 10 {
+            assert_eq!((email, ship_to.as_deref()), (None, Some("[erased]")));
+        } else {
+            assert_eq!(email, Some(format!("c{customer}@example.com")), "other customers are untouched");
+        }
+    }
+    assert_eq!(total, 100 * (0..60).sum::<i64>());
+    for t in &tasks {
+        assert_eq!(sql.verify(t).await.unwrap(), 0);
+        assert_eq!(sql.erase(t).await.unwrap(), anonymized(0), "nothing is pending any more");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_deletes_share_one_statement_and_keep_their_own_counts() {
+    common::run(Engine::Postgres, concurrent_deletes_share_one_statement_and_keep_their_own_counts).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_anonymisations_share_one_statement() {
+    common::run(Engine::Postgres, concurrent_anonymisations_share_one_statement).await;
+}
