@@ -15,7 +15,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Executor, Row};
 
 use crate::audit::{self, AuditCheck, AuditEvent, PendingEvent};
-use crate::dialect::{placeholders, Dialect};
+use crate::dialect::{key_list, Dialect, Keys};
 use crate::rows::{insert_rows, insert_rows_with, Arg};
 use crate::types::*;
 use crate::{StateStore, StoreError};
@@ -292,11 +292,11 @@ impl SqlStore {
     ) -> Result<HashMap<RequestId, RequestStatus>, StoreError> {
         let ids: std::collections::BTreeSet<String> = ids.map(|i| i.to_string()).collect();
         let sql = format!(
-            "SELECT id, status FROM requests WHERE id IN ({}) ORDER BY id{}",
-            placeholders(1, ids.len()),
+            "SELECT id, status FROM requests WHERE {} ORDER BY id{}",
+            self.dialect.in_keys("id", 1, Keys::Text),
             self.dialect.for_update()
         );
-        let rows = ids.iter().fold(sqlx::query(&sql), |q, id| q.bind(id.as_str())).fetch_all(&mut *tx).await;
+        let rows = sqlx::query(&sql).bind(key_list(&ids)).fetch_all(&mut *tx).await;
         rows.map_err(db_err)?
             .iter()
             .map(|r| {
@@ -316,11 +316,11 @@ impl SqlStore {
     ) -> Result<HashMap<TaskId, TaskLock>, StoreError> {
         let ids: std::collections::BTreeSet<String> = ids.map(|i| i.to_string()).collect();
         let sql = format!(
-            "SELECT id, state, system, attempts, budget_start, updated_at FROM tasks WHERE id IN ({}) ORDER BY id{}",
-            placeholders(1, ids.len()),
+            "SELECT id, state, system, attempts, budget_start, updated_at FROM tasks WHERE {} ORDER BY id{}",
+            self.dialect.in_keys("id", 1, Keys::Text),
             self.dialect.for_update()
         );
-        let rows = ids.iter().fold(sqlx::query(&sql), |q, id| q.bind(id.as_str())).fetch_all(&mut *tx).await;
+        let rows = sqlx::query(&sql).bind(key_list(&ids)).fetch_all(&mut *tx).await;
         rows.map_err(db_err)?
             .iter()
             .map(|r| {
@@ -848,15 +848,10 @@ impl StateStore for SqlStore {
         let sql = format!(
             "SELECT t.id, t.request_id, t.system, t.action, t.state, t.attempts, t.job_id, t.job_accepted_at, \
              r.regulation, r.due_at \
-             FROM tasks t JOIN requests r ON r.id = t.request_id WHERE t.id IN ({})",
-            placeholders(1, task_ids.len())
+             FROM tasks t JOIN requests r ON r.id = t.request_id WHERE {}",
+            self.dialect.in_keys("t.id", 1, Keys::Text)
         );
-        let tasks = task_ids
-            .iter()
-            .fold(sqlx::query(&sql), |q, id| q.bind(id.as_str()))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        let tasks = sqlx::query(&sql).bind(key_list(&task_ids)).fetch_all(&mut *tx).await.map_err(db_err)?;
         let mut by_task = HashMap::new();
         for r in &tasks {
             by_task.insert(col::<String>(r, "id")?, r);
@@ -866,15 +861,11 @@ impl StateStore for SqlStore {
         request_ids.sort();
         request_ids.dedup();
         let sql = format!(
-            "SELECT request_id, kind, sealed FROM identifiers WHERE request_id IN ({}) ORDER BY request_id, position",
-            placeholders(1, request_ids.len())
+            "SELECT request_id, kind, sealed FROM identifiers WHERE {} ORDER BY request_id, position",
+            self.dialect.in_keys("request_id", 1, Keys::Text)
         );
-        let idents = request_ids
-            .iter()
-            .fold(sqlx::query(&sql), |q, id| q.bind(id.as_str()))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        let idents =
+            sqlx::query(&sql).bind(key_list(&request_ids)).fetch_all(&mut *tx).await.map_err(db_err)?;
         let mut sealed: HashMap<String, Vec<SealedIdentifier>> = HashMap::new();
         for r in &idents {
             sealed.entry(col(r, "request_id")?).or_default().push(SealedIdentifier {
@@ -917,13 +908,8 @@ impl StateStore for SqlStore {
             });
         }
         if !obsolete.is_empty() {
-            let q = format!("DELETE FROM outbox WHERE id IN ({})", placeholders(1, obsolete.len()));
-            obsolete
-                .iter()
-                .fold(sqlx::query(&q), |q, id| q.bind(*id))
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
+            let q = format!("DELETE FROM outbox WHERE {}", self.dialect.in_keys("id", 1, Keys::Int));
+            sqlx::query(&q).bind(key_list(&obsolete)).execute(&mut *tx).await.map_err(db_err)?;
         }
         tx.commit().await.map_err(db_err)?;
         Ok(items)
@@ -941,12 +927,12 @@ impl StateStore for SqlStore {
         let mut tx = self.begin().await?;
         // Only rows still ours: a dispatcher whose lease expired lost them.
         let sql = format!(
-            "DELETE FROM outbox WHERE claimed_by = $1 AND id IN ({}) RETURNING id",
-            placeholders(2, items.len())
+            "DELETE FROM outbox WHERE claimed_by = $1 AND {} RETURNING id",
+            self.dialect.in_keys("id", 2, Keys::Int)
         );
-        let owned: std::collections::HashSet<i64> = items
-            .iter()
-            .fold(sqlx::query(&sql).bind(owner), |q, i| q.bind(i.outbox_id))
+        let owned: std::collections::HashSet<i64> = sqlx::query(&sql)
+            .bind(owner)
+            .bind(key_list(items.iter().map(|i| i.outbox_id)))
             .fetch_all(&mut *tx)
             .await
             .map_err(db_err)?
@@ -993,29 +979,30 @@ impl StateStore for SqlStore {
             let sql = format!(
                 "UPDATE tasks SET state = CASE WHEN state IN ($1, $2) OR (state = $5 AND attempts < $3) \
                  THEN $2 ELSE state END, \
-                 attempts = CASE WHEN attempts < $3 THEN $3 ELSE attempts END, updated_at = $4 WHERE id IN ({})",
-                placeholders(6, ids.len())
+                 attempts = CASE WHEN attempts < $3 THEN $3 ELSE attempts END, updated_at = $4 WHERE {}",
+                self.dialect.in_keys("id", 6, Keys::Text)
             );
-            let query = sqlx::query(&sql)
+            sqlx::query(&sql)
                 .bind(TaskState::Pending.as_str())
                 .bind(TaskState::Dispatched.as_str())
                 .bind(i64::from(attempt))
                 .bind(ms(now))
-                .bind(TaskState::Accepted.as_str());
-            ids.iter().fold(query, |q, id| q.bind(id.as_str())).execute(&mut *tx).await.map_err(db_err)?;
+                .bind(TaskState::Accepted.as_str())
+                .bind(key_list(&ids))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
         }
         if !started.is_empty() {
             let sql = format!(
-                "UPDATE requests SET status = $1, updated_at = $2 WHERE status = $3 AND id IN ({})",
-                placeholders(4, started.len())
+                "UPDATE requests SET status = $1, updated_at = $2 WHERE status = $3 AND {}",
+                self.dialect.in_keys("id", 4, Keys::Text)
             );
-            let query = sqlx::query(&sql)
+            sqlx::query(&sql)
                 .bind(RequestStatus::InProgress.as_str())
                 .bind(ms(now))
-                .bind(RequestStatus::Received.as_str());
-            started
-                .iter()
-                .fold(query, |q, id| q.bind(id.to_string()))
+                .bind(RequestStatus::Received.as_str())
+                .bind(key_list(started.iter().map(ToString::to_string)))
                 .execute(&mut *tx)
                 .await
                 .map_err(db_err)?;
@@ -1033,15 +1020,10 @@ impl StateStore for SqlStore {
             return Ok(());
         }
         let q = format!(
-            "UPDATE outbox SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = $1 AND id IN ({})",
-            placeholders(2, ids.len())
+            "UPDATE outbox SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = $1 AND {}",
+            self.dialect.in_keys("id", 2, Keys::Int)
         );
-        ids.iter()
-            .fold(sqlx::query(&q).bind(owner), |q, id| q.bind(*id))
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
-            .map_err(db_err)
+        sqlx::query(&q).bind(owner).bind(key_list(ids)).execute(&self.pool).await.map(|_| ()).map_err(db_err)
     }
 
     async fn apply_outcomes(
@@ -1054,10 +1036,10 @@ impl StateStore for SqlStore {
             return Ok(Vec::new());
         }
         let mut tx = self.begin().await?;
-        let q = format!("SELECT id, request_id FROM tasks WHERE id IN ({})", placeholders(1, reports.len()));
-        let owners = reports
-            .iter()
-            .fold(sqlx::query(&q), |q, r| q.bind(r.task_id.to_string()))
+        let q =
+            format!("SELECT id, request_id FROM tasks WHERE {}", self.dialect.in_keys("id", 1, Keys::Text));
+        let owners = sqlx::query(&q)
+            .bind(key_list(reports.iter().map(|r| r.task_id.to_string())))
             .fetch_all(&mut *tx)
             .await
             .map_err(db_err)?;
@@ -1178,13 +1160,12 @@ impl StateStore for SqlStore {
         }
         if !moved.is_empty() {
             let sql = format!(
-                "UPDATE attempts SET finished_at = $1 WHERE finished_at IS NULL AND task_id IN ({})",
-                placeholders(2, moved.len())
+                "UPDATE attempts SET finished_at = $1 WHERE finished_at IS NULL AND {}",
+                self.dialect.in_keys("task_id", 2, Keys::Text)
             );
-            let query = sqlx::query(&sql).bind(ms(now));
-            moved
-                .iter()
-                .fold(query, |q, (t, _, _)| q.bind(t.to_string()))
+            sqlx::query(&sql)
+                .bind(ms(now))
+                .bind(key_list(moved.iter().map(|(t, _, _)| t.to_string())))
                 .execute(&mut *tx)
                 .await
                 .map_err(db_err)?;
@@ -1195,12 +1176,11 @@ impl StateStore for SqlStore {
         // Requests whose tasks moved: recompute their status once each.
         if !last_move_of.is_empty() {
             let sql = format!(
-                "SELECT request_id, state FROM tasks WHERE request_id IN ({})",
-                placeholders(1, last_move_of.len())
+                "SELECT request_id, state FROM tasks WHERE {}",
+                self.dialect.in_keys("request_id", 1, Keys::Text)
             );
-            let rows = last_move_of
-                .keys()
-                .fold(sqlx::query(&sql), |q, r| q.bind(r.to_string()))
+            let rows = sqlx::query(&sql)
+                .bind(key_list(last_move_of.keys().map(ToString::to_string)))
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(db_err)?;
@@ -1240,16 +1220,15 @@ impl StateStore for SqlStore {
                     "UPDATE requests SET status = $1, updated_at = $2, finished_at = $3, \
                      wrapped_key = CASE WHEN $4 = 1 THEN NULL ELSE wrapped_key END, \
                      key_destroyed_at = CASE WHEN $4 = 1 THEN $2 ELSE key_destroyed_at END \
-                     WHERE id IN ({})",
-                    placeholders(5, ids.len())
+                     WHERE {}",
+                    self.dialect.in_keys("id", 5, Keys::Text)
                 );
-                let query = sqlx::query(&sql)
+                sqlx::query(&sql)
                     .bind(status)
                     .bind(ms(now))
                     .bind(next.is_final().then(|| ms(now)))
-                    .bind(i64::from(closed));
-                ids.iter()
-                    .fold(query, |q, id| q.bind(id.to_string()))
+                    .bind(i64::from(closed))
+                    .bind(key_list(ids.iter().map(ToString::to_string)))
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err)?;
@@ -1402,12 +1381,12 @@ impl StateStore for SqlStore {
         for chunk in tasks.chunks(1000) {
             let sql = format!(
                 "SELECT t.id, r.wrapped_key FROM tasks t JOIN requests r ON r.id = t.request_id \
-                 WHERE t.system = $1 AND r.wrapped_key IS NOT NULL AND t.id IN ({})",
-                placeholders(2, chunk.len())
+                 WHERE t.system = $1 AND r.wrapped_key IS NOT NULL AND {}",
+                self.dialect.in_keys("t.id", 2, Keys::Text)
             );
-            let rows = chunk
-                .iter()
-                .fold(sqlx::query(&sql).bind(system), |q, t| q.bind(t.to_string()))
+            let rows = sqlx::query(&sql)
+                .bind(system)
+                .bind(key_list(chunk.iter().map(ToString::to_string)))
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db_err)?;

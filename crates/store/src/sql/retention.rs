@@ -135,6 +135,7 @@ fn scope_of(r: &AnyRow) -> Result<HoldScope, StoreError> {
 
 /// Holds in force at `now` on any of `hashes`, with the hash each matched.
 async fn holds_in_force(
+    dialect: Dialect,
     conn: &mut AnyConnection,
     hashes: &[String],
     now: DateTime<Utc>,
@@ -149,12 +150,12 @@ async fn holds_in_force(
         let sql = format!(
             "SELECT s.subject_hash, {HOLD_COLUMNS} FROM hold_subjects s JOIN holds h ON h.id = s.hold_id \
              WHERE h.released_at IS NULL AND (h.expires_at IS NULL OR h.expires_at > $1) \
-             AND s.subject_hash IN ({}) ORDER BY h.placed_at, h.id",
-            placeholders(2, chunk.len())
+             AND {} ORDER BY h.placed_at, h.id",
+            dialect.in_keys("s.subject_hash", 2, Keys::Text)
         );
-        let rows = chunk
-            .iter()
-            .fold(sqlx::query(&sql).bind(ms(now)), |q, h| q.bind(*h))
+        let rows = sqlx::query(&sql)
+            .bind(ms(now))
+            .bind(key_list(chunk))
             .fetch_all(&mut *conn)
             .await
             .map_err(db_err)?;
@@ -216,15 +217,10 @@ impl SqlStore {
             "SELECT p.request_id, p.system, p.category, p.action, p.rule, p.rule_action, p.basis, p.period, \
              p.reference, p.until_at, p.hold_id, h.reason AS hold_reason, h.case_reference AS hold_case \
              FROM plan_categories p LEFT JOIN holds h ON h.id = p.hold_id \
-             WHERE p.request_id IN ({}) ORDER BY p.request_id, p.system, p.category",
-            placeholders(1, requests.len())
+             WHERE {} ORDER BY p.request_id, p.system, p.category",
+            self.dialect.in_keys("p.request_id", 1, Keys::Text)
         );
-        let rows = requests
-            .iter()
-            .fold(sqlx::query(&sql), |q, r| q.bind(r.as_str()))
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db_err)?;
+        let rows = sqlx::query(&sql).bind(key_list(requests)).fetch_all(&mut *conn).await.map_err(db_err)?;
         for r in &rows {
             out.entry((col(r, "request_id")?, col(r, "system")?)).or_default().push(category_plan(r)?);
         }
@@ -250,11 +246,11 @@ impl SqlStore {
             return Ok(None);
         }
         let sql = format!(
-            "SELECT id, released_at FROM holds WHERE id IN ({}) ORDER BY id{}",
-            placeholders(1, named.len()),
+            "SELECT id, released_at FROM holds WHERE {} ORDER BY id{}",
+            self.dialect.in_keys("id", 1, Keys::Text),
             self.dialect.for_update()
         );
-        let rows = named.iter().fold(sqlx::query(&sql), |q, id| q.bind(*id)).fetch_all(&mut *tx).await;
+        let rows = sqlx::query(&sql).bind(key_list(&named)).fetch_all(&mut *tx).await;
         let mut released = BTreeSet::new();
         for r in &rows.map_err(db_err)? {
             if col::<Option<i64>>(r, "released_at")?.is_some() {
@@ -270,7 +266,7 @@ impl SqlStore {
             let stale = |c: &CategoryPlan| c.hold.as_ref().is_some_and(|h| released.contains(&h.id));
             if req.plan.iter().flat_map(|p| &p.categories).any(stale) {
                 let hashes: Vec<String> = req.identifiers.iter().map(|i| i.subject_hash.clone()).collect();
-                let others = holds_in_force(tx, &hashes, req.received_at).await?;
+                let others = holds_in_force(self.dialect, tx, &hashes, req.received_at).await?;
                 for item in &mut req.plan {
                     let mut categories = std::mem::take(&mut item.categories);
                     for c in categories.iter_mut().filter(|c| stale(c)) {
@@ -301,7 +297,7 @@ impl SqlStore {
             return Ok(Vec::new());
         }
         let mut conn = self.pool.acquire().await.map_err(db_err)?;
-        holds_in_force(&mut conn, hashes, now).await
+        holds_in_force(self.dialect, &mut conn, hashes, now).await
     }
 
     pub(super) async fn insert_hold(&self, hold: NewHold) -> Result<(), StoreError> {
@@ -374,33 +370,28 @@ impl SqlStore {
         let mut hashes_of: HashMap<String, Vec<String>> = HashMap::new();
         if !held_by.is_empty() {
             let sql = format!(
-                "SELECT request_id, subject_hash FROM identifiers WHERE request_id IN ({})",
-                placeholders(1, held_by.len())
+                "SELECT request_id, subject_hash FROM identifiers WHERE {}",
+                self.dialect.in_keys("request_id", 1, Keys::Text)
             );
-            let rows = held_by
-                .keys()
-                .fold(sqlx::query(&sql), |q, r| q.bind(r.as_str()))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db_err)?;
+            let rows =
+                sqlx::query(&sql).bind(key_list(held_by.keys())).fetch_all(&mut *tx).await.map_err(db_err)?;
             for r in &rows {
                 hashes_of.entry(col(r, "request_id")?).or_default().push(col(r, "subject_hash")?);
             }
         }
         let all_hashes: Vec<String> = hashes_of.values().flatten().cloned().collect();
-        let mut others = holds_in_force(&mut tx, &all_hashes, now).await?;
+        let mut others = holds_in_force(self.dialect, &mut tx, &all_hashes, now).await?;
         if !others.is_empty() {
             // Lock the holds that may take over, and drop those released
             // meanwhile: a concurrent release must not leave a category
             // kept by a hold that no longer exists.
             let ids: BTreeSet<String> = others.iter().map(|(_, a)| a.hold.id.clone()).collect();
             let sql = format!(
-                "SELECT id FROM holds WHERE id IN ({}) AND released_at IS NULL ORDER BY id{}",
-                placeholders(1, ids.len()),
+                "SELECT id FROM holds WHERE {} AND released_at IS NULL ORDER BY id{}",
+                self.dialect.in_keys("id", 1, Keys::Text),
                 self.dialect.for_update()
             );
-            let rows =
-                ids.iter().fold(sqlx::query(&sql), |q, id| q.bind(id.as_str())).fetch_all(&mut *tx).await;
+            let rows = sqlx::query(&sql).bind(key_list(&ids)).fetch_all(&mut *tx).await;
             let live: BTreeSet<String> =
                 rows.map_err(db_err)?.iter().map(|r| col::<String>(r, "id")).collect::<Result<_, _>>()?;
             others.retain(|(_, a)| live.contains(&a.hold.id));

@@ -85,15 +85,10 @@ impl SqlStore {
         for chunk in unique.chunks(1000) {
             let sql = format!(
                 "SELECT DISTINCT i.subject_hash FROM identifiers i JOIN requests r ON r.id = i.request_id \
-                 WHERE r.status IN ('completed', 'completed_with_exemptions') AND i.subject_hash IN ({})",
-                placeholders(1, chunk.len())
+                 WHERE r.status IN ('completed', 'completed_with_exemptions') AND {}",
+                self.dialect.in_keys("i.subject_hash", 1, Keys::Text)
             );
-            let rows = chunk
-                .iter()
-                .fold(sqlx::query(&sql), |q, h| q.bind(*h))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_err)?;
+            let rows = sqlx::query(&sql).bind(key_list(chunk)).fetch_all(&self.pool).await.map_err(db_err)?;
             for r in &rows {
                 found.push(col(r, "subject_hash")?);
             }

@@ -131,13 +131,14 @@ impl SqlStore {
         }
         let sql = format!(
             "SELECT seq, at, request_id, task_id, kind, detail, prev_hash, hash FROM audit_events \
-             WHERE seq > $1 AND seq <= $2 AND kind IN ({}) ORDER BY seq LIMIT {}",
-            placeholders(3, kinds.len()),
+             WHERE seq > $1 AND seq <= $2 AND {} ORDER BY seq LIMIT {}",
+            self.dialect.in_keys("kind", 3, Keys::Text),
             limit.max(1)
         );
-        let rows = kinds
-            .iter()
-            .fold(sqlx::query(&sql).bind(after).bind(head), |q, k| q.bind(*k))
+        let rows = sqlx::query(&sql)
+            .bind(after)
+            .bind(head)
+            .bind(key_list(kinds))
             .fetch_all(&self.pool)
             .await
             .map_err(db_err)?;
