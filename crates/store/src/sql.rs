@@ -87,6 +87,30 @@ impl SqlStore {
 }
 
 /// Adds `mode=rwc` and creates the parent directory of a SQLite file.
+/// How a claim must read the outbox on PostgreSQL: down the `(system, id)`
+/// index in id order, stopping after the rows it takes. The outbox is a
+/// queue, so its statistics are never right for long (taken empty, they
+/// make a backlog of 100,000 rows look like a few dozen): left to them,
+/// the planner fetches every row of the system, sorts them and keeps the
+/// first few hundred, a cost that grows with the backlog. Set for the claim
+/// statements only (`SET LOCAL`, undone by [`DEFAULT_PLANS`]).
+const QUEUE_PLANS: &str = "SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off";
+
+const DEFAULT_PLANS: &str = "RESET enable_sort; RESET enable_bitmapscan";
+
+/// Claims the oldest publishable rows (of system `$5` when `by_system`):
+/// `$1` owner, `$2` lease end, `$3` now, `$4` how many.
+fn claim_statement(dialect: Dialect, by_system: bool) -> String {
+    format!(
+        "UPDATE outbox SET claimed_by = $1, claimed_until = $2 WHERE id IN (\
+           SELECT id FROM outbox WHERE {}available_at <= $3 \
+           AND (claimed_until IS NULL OR claimed_until < $3) \
+           ORDER BY id LIMIT $4{}) RETURNING id, task_id",
+        if by_system { "system = $5 AND " } else { "" },
+        dialect.skip_locked()
+    )
+}
+
 fn sqlite_url(url: &str) -> Result<String, StoreError> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     let path = rest.split('?').next().unwrap_or_default();
@@ -820,20 +844,19 @@ impl StateStore for SqlStore {
             }
         };
         let mut claimed = Vec::new();
+        if self.dialect == Dialect::Postgres && !plan.is_empty() {
+            tx.execute(QUEUE_PLANS).await.map_err(db_err)?;
+        }
         for (system, take) in &plan {
-            let sql = format!(
-                "UPDATE outbox SET claimed_by = $1, claimed_until = $2 WHERE id IN (\
-                   SELECT id FROM outbox WHERE {}available_at <= $3 \
-                   AND (claimed_until IS NULL OR claimed_until < $3) \
-                   ORDER BY id LIMIT $4{}) RETURNING id, task_id",
-                if system.is_some() { "system = $5 AND " } else { "" },
-                self.dialect.skip_locked()
-            );
+            let sql = claim_statement(self.dialect, system.is_some());
             let mut query = sqlx::query(&sql).bind(owner).bind(until).bind(ms(now)).bind(i64::from(*take));
             if let Some(system) = system {
                 query = query.bind(system.as_str());
             }
             claimed.extend(query.fetch_all(&mut *tx).await.map_err(db_err)?);
+        }
+        if self.dialect == Dialect::Postgres && !plan.is_empty() {
+            tx.execute(DEFAULT_PLANS).await.map_err(db_err)?;
         }
         if claimed.is_empty() {
             tx.commit().await.map_err(db_err)?;
@@ -1619,5 +1642,56 @@ impl StateStore for SqlStore {
 
     async fn sealed_subject(&self, request: RequestId) -> Result<Option<crate::SealedSubject>, StoreError> {
         self.sealed_subject_of(request).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, Executor, Row};
+
+    use super::*;
+
+    async fn plan(conn: &mut sqlx::AnyConnection, explain: &str) -> String {
+        let rows = sqlx::query(explain)
+            .bind("me")
+            .bind(100i64)
+            .bind(1i64)
+            .bind(300i64)
+            .bind("b")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get::<String, _>(0)).collect::<Vec<_>>().join("\n")
+    }
+
+    /// A backlog the statistics do not know about is still claimed by
+    /// walking the index, not by sorting the whole system's rows.
+    #[tokio::test]
+    async fn postgres_claims_walk_the_outbox_index_whatever_the_statistics() {
+        sqlx::any::install_default_drivers();
+        let base = std::env::var("LETHE_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let mut conn = sqlx::AnyConnection::connect(&base).await.expect("PostgreSQL reachable");
+        conn.execute(
+            "CREATE TEMP TABLE outbox (id BIGSERIAL PRIMARY KEY, task_id TEXT NOT NULL, system TEXT NOT NULL, \
+               created_at BIGINT NOT NULL, available_at BIGINT NOT NULL, claimed_by TEXT, claimed_until BIGINT); \
+             CREATE INDEX ON outbox (system, id); \
+             ANALYZE outbox; \
+             INSERT INTO outbox (task_id, system, created_at, available_at) \
+               SELECT 't' || g, (ARRAY['a', 'b', 'c'])[1 + g % 3], 0, 0 FROM generate_series(1, 60000) g",
+        )
+        .await
+        .unwrap();
+        let explain = format!("EXPLAIN {}", claim_statement(Dialect::Postgres, true));
+        conn.execute("BEGIN").await.unwrap();
+        let unguided = plan(&mut conn, &explain).await;
+        assert!(unguided.contains("Sort"), "the statistics mislead the planner: {unguided}");
+        conn.execute(QUEUE_PLANS).await.unwrap();
+        let guided = plan(&mut conn, &explain).await;
+        assert!(!guided.contains("Sort") && guided.contains("Index Scan"), "{guided}");
+        conn.execute(DEFAULT_PLANS).await.unwrap();
+        assert_eq!(plan(&mut conn, &explain).await, unguided, "the settings end with the claim");
+        conn.execute("COMMIT").await.unwrap();
+        let _ = conn.close().await;
     }
 }
