@@ -59,6 +59,17 @@ async fn recreate(admin: &mut PgConnection, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The server's version and the settings that move the figures most.
+async fn server_settings(admin: &mut PgConnection) -> anyhow::Result<String> {
+    let (version, buffers, autovacuum, sync): (String, String, String, String) = sqlx::query_as(
+        "SELECT current_setting('server_version'), current_setting('shared_buffers'), \
+         current_setting('autovacuum'), current_setting('synchronous_commit')",
+    )
+    .fetch_one(&mut *admin)
+    .await?;
+    Ok(format!("{version}, shared_buffers {buffers}, autovacuum {autovacuum}, synchronous_commit {sync}"))
+}
+
 async fn seed(pool: &PgPool, subjects: usize) -> anyhow::Result<()> {
     pool.execute(SCHEMA).await?;
     let n = subjects as i64;
@@ -188,6 +199,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let work = PathBuf::from(format!("lethe-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let mut admin = PgConnection::connect(&args.pg_url).await.context("cannot reach PostgreSQL")?;
+    let server = server_settings(&mut admin).await?;
+    if server.contains("autovacuum off") {
+        println!(
+            "note: autovacuum is off on this PostgreSQL server; dead rows then pile up and the planner \
+             works without statistics, which slows the state store as the run grows"
+        );
+    }
     let (ops, floor_db, state) = ("lethe_bench_ops", "lethe_bench_floor", "lethe_bench_state");
     for db in [ops, floor_db, state] {
         recreate(&mut admin, db).await?;
@@ -309,6 +327,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!("\n| figure | value |\n| --- | --- |");
     println!("| requests (N) | {} |", args.requests);
     println!("| subjects in the database | {} |", args.subjects);
+    println!("| PostgreSQL | {server} |");
     println!("| completed | {completed} |");
     println!("| customers left in the database | {left} (expected {}) |", args.subjects - args.requests);
     println!(

@@ -76,7 +76,11 @@ pub(crate) async fn insert_rows_with(
             .collect();
         let sql =
             format!("INSERT INTO {table} ({}) VALUES {} {suffix}", columns.join(", "), values.join(", "));
-        let mut query = sqlx::query(&sql);
+        // Not kept prepared: the text changes with the number of rows, so a
+        // cached statement would rarely be reused, and a connection's cache
+        // of a hundred statements of thousands of parameters each costs
+        // megabytes on both sides.
+        let mut query = sqlx::query(&sql).persistent(false);
         for arg in chunk.into_iter().flatten() {
             query = match arg {
                 Arg::Text(v) => query.bind(v),

@@ -479,9 +479,10 @@ impl SqlStore {
                  FROM v WHERE tasks.id = v.id",
                 values.join(", ")
             );
+            // One text per batch size: not worth keeping prepared (see `insert_rows`).
             chunk
                 .iter()
-                .fold(sqlx::query(&sql).bind(ms(now)), |q, (task, state, outcome)| {
+                .fold(sqlx::query(&sql).persistent(false).bind(ms(now)), |q, (task, state, outcome)| {
                     q.bind(task.to_string())
                         .bind(state.as_str())
                         .bind(outcome.as_str())
