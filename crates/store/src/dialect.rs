@@ -82,7 +82,7 @@ pub fn key_list<T: serde::Serialize>(keys: impl IntoIterator<Item = T>) -> Strin
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use sqlx::{Connection, Executor, Row};
 
     use super::*;
@@ -105,12 +105,18 @@ mod tests {
         rows.iter().map(|r| r.get::<String, _>(0)).collect::<Vec<_>>().join("\n")
     }
 
-    #[tokio::test]
-    async fn postgres_looks_keys_up_by_index_however_many() {
+    /// A connection to the test server (`LETHE_TEST_PG_URL`), for tests that
+    /// look at PostgreSQL's plans; they work on temporary tables.
+    pub(crate) async fn postgres() -> sqlx::AnyConnection {
         sqlx::any::install_default_drivers();
         let base = std::env::var("LETHE_TEST_PG_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let mut conn = sqlx::AnyConnection::connect(&base).await.expect("PostgreSQL reachable");
+        sqlx::AnyConnection::connect(&base).await.expect("PostgreSQL reachable")
+    }
+
+    #[tokio::test]
+    async fn postgres_looks_keys_up_by_index_however_many() {
+        let mut conn = postgres().await;
         conn.execute(
             "CREATE TEMP TABLE lethe_keys (id TEXT PRIMARY KEY, n BIGINT UNIQUE); \
              INSERT INTO lethe_keys SELECT 'key-' || g, g FROM generate_series(1, 100000) g; \

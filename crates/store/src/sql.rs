@@ -86,7 +86,6 @@ impl SqlStore {
     }
 }
 
-/// Adds `mode=rwc` and creates the parent directory of a SQLite file.
 /// How a claim must read the outbox on PostgreSQL: down the `(system, id)`
 /// index in id order, stopping after the rows it takes. The outbox is a
 /// queue, so its statistics are never right for long (taken empty, they
@@ -111,6 +110,7 @@ fn claim_statement(dialect: Dialect, by_system: bool) -> String {
     )
 }
 
+/// Adds `mode=rwc` and creates the parent directory of a SQLite file.
 fn sqlite_url(url: &str) -> Result<String, StoreError> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     let path = rest.split('?').next().unwrap_or_default();
@@ -1669,10 +1669,7 @@ mod tests {
     /// walking the index, not by sorting the whole system's rows.
     #[tokio::test]
     async fn postgres_claims_walk_the_outbox_index_whatever_the_statistics() {
-        sqlx::any::install_default_drivers();
-        let base = std::env::var("LETHE_TEST_PG_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let mut conn = sqlx::AnyConnection::connect(&base).await.expect("PostgreSQL reachable");
+        let mut conn = crate::dialect::tests::postgres().await;
         conn.execute(
             "CREATE TEMP TABLE outbox (id BIGSERIAL PRIMARY KEY, task_id TEXT NOT NULL, system TEXT NOT NULL, \
                created_at BIGINT NOT NULL, available_at BIGINT NOT NULL, claimed_by TEXT, claimed_until BIGINT); \
