@@ -28,6 +28,8 @@ pub struct BenchArgs {
     pub batch: usize,
     pub concurrency: usize,
     pub partitions: i32,
+    /// Keep the databases and the log directory after a successful run.
+    pub keep: bool,
 }
 
 const SCHEMA: &str = "
@@ -198,8 +200,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let work = PathBuf::from(format!("lethe-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
-    let mut admin = PgConnection::connect(&args.pg_url).await.context("cannot reach PostgreSQL")?;
-    let server = server_settings(&mut admin).await?;
+    let mut server_conn = PgConnection::connect(&args.pg_url).await.context("cannot reach PostgreSQL")?;
+    let server = server_settings(&mut server_conn).await?;
     if server.contains("autovacuum off") {
         println!(
             "note: autovacuum is off on this PostgreSQL server; dead rows then pile up and the planner \
@@ -208,7 +210,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let (ops, floor_db, state) = ("lethe_bench_ops", "lethe_bench_floor", "lethe_bench_state");
     for db in [ops, floor_db, state] {
-        recreate(&mut admin, db).await?;
+        recreate(&mut server_conn, db).await?;
     }
     let ops_url = db_url(&args.pg_url, ops)?;
     let state_url = db_url(&args.pg_url, state)?;
@@ -353,6 +355,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     println!("| floor (direct batched SQL) | {:.2} s |", floor_time.as_secs_f64());
     println!("| end to end / floor | {:.1}x |", secs / floor_time.as_secs_f64());
-    println!("\nlogs and config: {}", work.display());
+    ops_pool.close().await;
+    floor_pool.close().await;
+    if args.keep {
+        println!("\nkept: databases {ops}, {floor_db}, {state}; logs and config in {}", work.display());
+    } else {
+        for db in [ops, floor_db, state] {
+            server_conn.execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str()).await?;
+        }
+        std::fs::remove_dir_all(&work)?;
+    }
     Ok(())
 }

@@ -228,6 +228,10 @@ enum Command {
         /// Partitions per topic.
         #[arg(long, default_value_t = 6)]
         partitions: i32,
+        /// Keep the benchmark's databases and its directory of logs after a
+        /// successful run (a failed run always keeps them).
+        #[arg(long)]
+        keep: bool,
     },
     /// Seed two local demo stores, erase people from them through the
     /// embedded coordinator, and report what was erased and what was kept.
@@ -438,10 +442,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { subjects, requests } => demo::run(subjects, requests).await,
-        Command::Bench { requests, subjects, pg_url, brokers, batch, concurrency, partitions } => {
+        Command::Bench { requests, subjects, pg_url, brokers, batch, concurrency, partitions, keep } => {
             let subjects = subjects.unwrap_or(100_000).max(requests);
-            let args =
-                bench::BenchArgs { requests, subjects, pg_url, brokers, batch, concurrency, partitions };
+            let args = bench::BenchArgs {
+                requests,
+                subjects,
+                pg_url,
+                brokers,
+                batch,
+                concurrency,
+                partitions,
+                keep,
+            };
             bench::run(args).await
         }
     }
