@@ -54,9 +54,7 @@ impl Anonymizer<'_> {
         classify(self.dialect, ctx, e)
     }
 
-    /// Whether some column's new value depends on the row, which takes a
-    /// read and an update per row instead of one UPDATE.
-    pub fn has_per_row(&self) -> bool {
+    fn has_per_row(&self) -> bool {
         self.table.per_row_columns().next().is_some()
     }
 

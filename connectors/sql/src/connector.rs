@@ -147,19 +147,15 @@ impl SqlConnector {
         plans: &[Option<TablePlan<'_>>],
         ids: &Ids,
         op: Op,
-    ) -> Option<(usize, Group, String)> {
-        self.shared.as_ref()?;
+    ) -> Option<(usize, &Shared, Group, String)> {
+        let shared = self.shared.as_ref()?;
         let mut work = conds.iter().zip(plans).enumerate().filter(|(_, (c, p))| c.is_some() && p.is_some());
         let (i, (Some(cond), Some(plan))) = work.next()? else { return None };
-        if work.next().is_some() || plan.keeps_all() || !plan.kept.is_nothing() {
-            return None;
-        }
         let t = &self.config.tables[i];
-        let set_based = match t.action {
-            TableAction::Delete => true,
-            TableAction::Anonymize => t.per_row_columns().next().is_none(),
-        };
-        if !set_based || (op == Op::Erase && t.batch_size.is_some()) {
+        if work.next().is_some()
+            || !self.one_statement(i, plan)
+            || (op == Op::Erase && t.batch_size.is_some())
+        {
             return None;
         }
         let [Term::Match { column, values, .. }] = cond.terms.as_slice() else { return None };
@@ -167,19 +163,17 @@ impl SqlConnector {
         let (kind, _) = t.matches.iter().find(|(kind, m)| {
             m.column == *column && ids.get(kind.as_str()).is_some_and(|v| v.contains(value))
         })?;
-        Some((i, Group { op, table: i, kind: kind.clone() }, value.clone()))
+        Some((i, shared, Group { op, table: i, kind: kind.clone() }, value.clone()))
     }
 
     /// Runs the task's part of a shared statement.
     async fn run_shared(
         &self,
+        shared: &Shared,
         group: Group,
         value: String,
         catalog: Arc<Catalog>,
     ) -> Result<u64, ConnectorError> {
-        let Some(shared) = &self.shared else {
-            return Err(ConnectorError::permanent("shared statements need PostgreSQL"));
-        };
         let result = shared.run(group, Subject { value, catalog }).await;
         if result.is_err() {
             // Forget the catalog in case the schema changed under us.
@@ -227,7 +221,7 @@ impl SqlConnector {
         if tables.is_empty() {
             return Ok(());
         }
-        if self.single_statement(catalog, tables) {
+        if matches!(tables, [t] if self.one_statement(t.index, t.plan)) {
             // Atomic by itself: BEGIN and COMMIT would only add round trips.
             let mut conn = self.acquire().await?;
             return self.erase_table(&mut conn, catalog, tables[0], None, issued_at, done).await;
@@ -240,15 +234,15 @@ impl SqlConnector {
         tx.commit().await.map_err(|e| self.err("commit", None, &e))
     }
 
-    /// Whether erasing `tables` is one statement: one table, nothing kept
-    /// (so no rows to count) and a treatment that is a single DELETE or
-    /// UPDATE.
-    fn single_statement(&self, catalog: &Catalog, tables: &[Table<'_, '_>]) -> bool {
-        let [table] = tables else { return false };
-        table.plan.kept.is_nothing()
-            && match self.config.tables[table.index].action {
+    /// Whether erasing table `index` under `plan` is one statement: nothing
+    /// kept (so no rows to count) and a treatment that is a single DELETE or
+    /// an UPDATE whose new values do not depend on the row.
+    fn one_statement(&self, index: usize, plan: &TablePlan<'_>) -> bool {
+        let t = &self.config.tables[index];
+        plan.kept.is_nothing()
+            && match t.action {
                 TableAction::Delete => true,
-                TableAction::Anonymize => !self.anonymizer(catalog, table.index).has_per_row(),
+                TableAction::Anonymize => t.per_row_columns().next().is_none(),
             }
     }
 
@@ -421,8 +415,8 @@ impl Connector for SqlConnector {
             return Ok(Erasure { datasets: zeros(&self.config), retained: vec![] });
         }
         let mut done = Done::new(&self.config);
-        if let Some((i, group, value)) = self.shareable(&conds, &plans, &ids, Op::Erase) {
-            let rows = self.run_shared(group, value, catalog).await?;
+        if let Some((i, shared, group, value)) = self.shareable(&conds, &plans, &ids, Op::Erase) {
+            let rows = self.run_shared(shared, group, value, catalog).await?;
             match self.config.tables[i].action {
                 TableAction::Delete => done.datasets[i].deleted = rows,
                 TableAction::Anonymize => done.datasets[i].anonymized = rows,
@@ -445,8 +439,8 @@ impl Connector for SqlConnector {
         if !any_work(&conds, &plans) {
             return Ok(0);
         }
-        if let Some((_, group, value)) = self.shareable(&conds, &plans, &ids, Op::Verify) {
-            return self.run_shared(group, value, catalog).await;
+        if let Some((_, shared, group, value)) = self.shareable(&conds, &plans, &ids, Op::Verify) {
+            return self.run_shared(shared, group, value, catalog).await;
         }
         let mut conn = self.acquire().await?;
         let result = self.verify_in(&mut conn, &catalog, &conds, &plans).await;

@@ -9,7 +9,7 @@ use crate::config::Compare;
 use crate::dialect::Dialect;
 
 /// A bound value.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub enum Param {
     Text(String),
     Int(i64),

@@ -110,7 +110,7 @@ impl Store {
         let (column, compare) = (m.column.as_str(), m.compare_for(&group.kind));
         let kind = columns.kind_or_other(column);
         // Each distinct value once; `slots[i]` is subject i's value's position.
-        let mut positions: HashMap<String, usize> = HashMap::new();
+        let mut positions: HashMap<Param, usize> = HashMap::new();
         let mut params = Vec::new();
         let mut slots = Vec::with_capacity(subjects.len());
         for s in &subjects {
@@ -118,12 +118,8 @@ impl Store {
                 slots.push(None);
                 continue;
             };
-            let key = match &param {
-                Param::Text(t) => t.clone(),
-                Param::Int(i) => i.to_string(),
-            };
             let next = params.len();
-            let at = *positions.entry(key).or_insert_with(|| {
+            let at = *positions.entry(param.clone()).or_insert_with(|| {
                 params.push(param);
                 next
             });

@@ -845,7 +845,8 @@ impl StateStore for SqlStore {
             }
         };
         let mut claimed = Vec::new();
-        if self.dialect == Dialect::Postgres && !plan.is_empty() {
+        let steer = self.dialect == Dialect::Postgres && !plan.is_empty();
+        if steer {
             tx.execute(QUEUE_PLANS).await.map_err(db_err)?;
         }
         for (system, take) in &plan {
@@ -856,7 +857,7 @@ impl StateStore for SqlStore {
             }
             claimed.extend(query.fetch_all(&mut *tx).await.map_err(db_err)?);
         }
-        if self.dialect == Dialect::Postgres && !plan.is_empty() {
+        if steer {
             tx.execute(DEFAULT_PLANS).await.map_err(db_err)?;
         }
         if claimed.is_empty() {
