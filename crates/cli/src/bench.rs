@@ -61,15 +61,18 @@ async fn recreate(admin: &mut PgConnection, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The server's version and the settings that move the figures most.
-async fn server_settings(admin: &mut PgConnection) -> anyhow::Result<String> {
+/// The server's version and the settings that move the figures most, and
+/// whether autovacuum is on.
+async fn server_settings(admin: &mut PgConnection) -> anyhow::Result<(String, bool)> {
     let (version, buffers, autovacuum, sync): (String, String, String, String) = sqlx::query_as(
         "SELECT current_setting('server_version'), current_setting('shared_buffers'), \
          current_setting('autovacuum'), current_setting('synchronous_commit')",
     )
     .fetch_one(&mut *admin)
     .await?;
-    Ok(format!("{version}, shared_buffers {buffers}, autovacuum {autovacuum}, synchronous_commit {sync}"))
+    let summary =
+        format!("{version}, shared_buffers {buffers}, autovacuum {autovacuum}, synchronous_commit {sync}");
+    Ok((summary, autovacuum == "on"))
 }
 
 async fn seed(pool: &PgPool, subjects: usize) -> anyhow::Result<()> {
@@ -201,8 +204,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let work = PathBuf::from(format!("lethe-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let mut server_conn = PgConnection::connect(&args.pg_url).await.context("cannot reach PostgreSQL")?;
-    let server = server_settings(&mut server_conn).await?;
-    if server.contains("autovacuum off") {
+    let (server, autovacuum) = server_settings(&mut server_conn).await?;
+    if !autovacuum {
         println!(
             "note: autovacuum is off on this PostgreSQL server; dead rows then pile up and the planner \
              works without statistics, which slows the state store as the run grows"
