@@ -188,7 +188,7 @@ pub async fn run(subjects: usize, requests: usize) -> anyhow::Result<()> {
     println!("Lethe demo: seeding {subjects} people into two local stores ({SHOP_DB}, {NEWSLETTER_DB})");
     seed(subjects).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let running = serve::start(&config, listener).await?;
+    let running = serve::start(&config, listener, serve::AdminToken::Leave).await?;
     let token = crate::tokens::create(
         running.store.as_ref(),
         "demo",

@@ -44,10 +44,27 @@ enum Stopped {
     Worker(String),
 }
 
+/// What `start` does about the administrator's token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminToken {
+    /// Store the configured token, or make the first one
+    /// ([`crate::tokens::bootstrap_admin`]), before the API answers.
+    Bootstrap,
+    /// Leave the tokens as they are (the demo makes its own).
+    Leave,
+}
+
 /// Starts everything `config` describes, serving HTTP on `listener`.
-pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Running> {
+///
+/// With [`AdminToken::Bootstrap`] the administrator's token is in the store
+/// before the first request is accepted: a client that sees `/readyz`
+/// answer can use it at once.
+pub async fn start(config: &Config, listener: TcpListener, admin: AdminToken) -> anyhow::Result<Running> {
     let url = resolve_placeholders(&config.store.url).context("store.url")?;
     let store = lethe_store::connect(&url).await.context("cannot open the state store")?;
+    if admin == AdminToken::Bootstrap {
+        crate::tokens::bootstrap_admin(config, store.as_ref()).await?;
+    }
     let master = load_master_key(config)?;
     let bus = build_bus(config).await?;
     let tokens = config
@@ -171,8 +188,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-    let mut running = start(&config, listener).await?;
-    crate::tokens::bootstrap_admin(&config, running.store.as_ref()).await?;
+    let mut running = start(&config, listener, AdminToken::Bootstrap).await?;
     running.wait().await
 }
 
@@ -193,4 +209,36 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+
+    /// A client that sees the API answer may use the configured
+    /// administrator's token at once: it is stored before serving starts.
+    #[tokio::test]
+    async fn the_configured_admin_token_is_stored_before_the_api_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = "lethe_configured-administrator-token-0123";
+        let path = dir.path().join("lethe.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nadmin_token = \"{token}\"\n[store]\nurl = \"sqlite://{db}\"\n\
+                 [keys]\nmaster_key_file = \"{key}\"\n",
+                db = dir.path().join("state.db").display(),
+                key = dir.path().join("master.key").display(),
+            ),
+        )
+        .unwrap();
+        let config = Config::load_with_env(Some(&path), &Overrides::default(), &[]).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = start(&config, listener, AdminToken::Bootstrap).await.unwrap();
+        let stored = running.store.token_by_digest(&lethe_coordinator::auth::digest(token)).await.unwrap();
+        let stored = stored.expect("the administrator's token is stored when start returns");
+        assert!(stored.revoked_at.is_none());
+        assert!(stored.scopes.iter().any(|s| s == "requests:submit"), "{:?}", stored.scopes);
+    }
 }
