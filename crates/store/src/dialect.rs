@@ -43,11 +43,6 @@ impl Dialect {
     }
 }
 
-/// `$start, $start+1, …` for `n` values.
-pub fn placeholders(start: usize, n: usize) -> String {
-    (start..start + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
-}
-
 /// What a key list of [`Dialect::in_keys`] holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keys {

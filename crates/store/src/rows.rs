@@ -1,14 +1,19 @@
 //! Multi-row `INSERT`s: one statement for many rows, so that bulk intake
 //! and the audit chain cost a round trip per table, not per row.
+//!
+//! The rows travel as one JSON array bound to one parameter and are
+//! unpacked by the database (`json_populate_recordset` on PostgreSQL,
+//! `json_each` on SQLite). The statement's text depends only on the table
+//! and its columns, never on how many rows there are, so each connection
+//! prepares it once and keeps it: no parsing per batch, and no cache of
+//! statements with thousands of placeholders (which cost the coordinator
+//! over 100 MiB when such `VALUES` lists were kept prepared).
 
+use serde_json::{Map, Value};
 use sqlx::AnyConnection;
 
-use crate::dialect::placeholders;
+use crate::dialect::Dialect;
 use crate::StoreError;
-
-/// Bound parameters per statement, below SQLite's 32,766 and PostgreSQL's
-/// 65,535.
-const MAX_PARAMS: usize = 30_000;
 
 /// A value to bind.
 #[derive(Debug, Clone)]
@@ -49,46 +54,146 @@ impl From<Vec<u8>> for Arg {
     }
 }
 
-/// Inserts `rows` (each with one value per column) into `table`.
-pub(crate) async fn insert_rows(
-    tx: &mut AnyConnection,
-    table: &str,
-    columns: &[&str],
-    rows: Vec<Vec<Arg>>,
-) -> Result<(), StoreError> {
-    insert_rows_with(tx, table, columns, rows, "").await
+impl Arg {
+    /// The value as JSON: bytes as hex text (`\x…` for PostgreSQL's
+    /// `bytea` input, bare for SQLite's `unhex`).
+    fn into_json(self, dialect: Dialect) -> Value {
+        match self {
+            Self::Text(v) => v.map_or(Value::Null, Value::String),
+            Self::Int(v) => v.map_or(Value::Null, Value::from),
+            Self::Bytes(v) => v.map_or(Value::Null, |b| match dialect {
+                Dialect::Postgres => Value::String(format!("\\x{}", hex::encode(b))),
+                Dialect::Sqlite => Value::String(hex::encode(b)),
+            }),
+        }
+    }
 }
 
-/// [`insert_rows`] with a clause after the values, e.g. `ON CONFLICT DO NOTHING`.
-pub(crate) async fn insert_rows_with(
+/// The statement inserting rows of `columns` into `table` from a JSON
+/// array of objects bound as `$1`. `bytes` marks the columns that hold
+/// bytes (SQLite has no table row type to convert them by).
+fn insert_statement(dialect: Dialect, table: &str, columns: &[&str], bytes: &[bool]) -> String {
+    let list = columns.join(", ");
+    match dialect {
+        Dialect::Postgres => format!(
+            "INSERT INTO {table} ({list}) SELECT {list} FROM json_populate_recordset(NULL::{table}, CAST($1 AS json))"
+        ),
+        Dialect::Sqlite => {
+            let values: Vec<String> = columns
+                .iter()
+                .zip(bytes)
+                .map(|(c, is_bytes)| {
+                    if *is_bytes {
+                        format!("unhex(value ->> '{c}')")
+                    } else {
+                        format!("value ->> '{c}'")
+                    }
+                })
+                .collect();
+            format!("INSERT INTO {table} ({list}) SELECT {} FROM json_each($1)", values.join(", "))
+        }
+    }
+}
+
+/// Inserts `rows` (each with one value per column, of the same kinds in
+/// every row) into `table`, in order, with one statement.
+pub(crate) async fn insert_rows(
     tx: &mut AnyConnection,
+    dialect: Dialect,
     table: &str,
     columns: &[&str],
     rows: Vec<Vec<Arg>>,
-    suffix: &str,
 ) -> Result<(), StoreError> {
-    let per_chunk = (MAX_PARAMS / columns.len()).max(1);
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<Vec<Arg>> = rows.by_ref().take(per_chunk).collect();
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| format!("({})", placeholders(1 + i * columns.len(), columns.len())))
-            .collect();
-        let sql =
-            format!("INSERT INTO {table} ({}) VALUES {} {suffix}", columns.join(", "), values.join(", "));
-        // Not kept prepared: the text changes with the number of rows, so a
-        // cached statement would rarely be reused, and a connection's cache
-        // of a hundred statements of thousands of parameters each costs
-        // megabytes on both sides.
-        let mut query = sqlx::query(&sql).persistent(false);
-        for arg in chunk.into_iter().flatten() {
-            query = match arg {
-                Arg::Text(v) => query.bind(v),
-                Arg::Int(v) => query.bind(v),
-                Arg::Bytes(v) => query.bind(v),
-            };
-        }
-        query.execute(&mut *tx).await.map_err(crate::sql::db_err)?;
-    }
+    let Some(first) = rows.first() else {
+        return Ok(());
+    };
+    let bytes: Vec<bool> = first.iter().map(|a| matches!(a, Arg::Bytes(_))).collect();
+    let sql = insert_statement(dialect, table, columns, &bytes);
+    sqlx::query(&sql)
+        .bind(rows_param(dialect, columns, rows))
+        .execute(&mut *tx)
+        .await
+        .map_err(crate::sql::db_err)?;
     Ok(())
+}
+
+/// `rows` as the JSON array of objects that [`insert_rows`] and
+/// [`json_table`] read.
+pub(crate) fn rows_param(dialect: Dialect, columns: &[&str], rows: Vec<Vec<Arg>>) -> String {
+    let array: Vec<Value> = rows
+        .into_iter()
+        .map(|row| {
+            debug_assert_eq!(row.len(), columns.len(), "one value per column");
+            let object: Map<String, Value> = columns
+                .iter()
+                .map(|c| (*c).to_owned())
+                .zip(row.into_iter().map(|a| a.into_json(dialect)))
+                .collect();
+            Value::Object(object)
+        })
+        .collect();
+    Value::Array(array).to_string()
+}
+
+/// The rows of parameter `$n` ([`rows_param`]) as a table named `alias`
+/// with `columns` (name and SQL type, TEXT or BIGINT), to join against
+/// in an `UPDATE … FROM`. Text only (no bytes).
+pub(crate) fn json_table(dialect: Dialect, n: usize, alias: &str, columns: &[(&str, &str)]) -> String {
+    match dialect {
+        Dialect::Postgres => {
+            let typed: Vec<String> = columns.iter().map(|(c, t)| format!("{c} {t}")).collect();
+            format!("json_to_recordset(CAST(${n} AS json)) AS {alias}({})", typed.join(", "))
+        }
+        Dialect::Sqlite => {
+            let values: Vec<String> =
+                columns.iter().map(|(c, _)| format!("value ->> '{c}' AS {c}")).collect();
+            format!("(SELECT {} FROM json_each(${n})) AS {alias}", values.join(", "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_statement_does_not_depend_on_the_number_of_rows() {
+        assert_eq!(
+            insert_statement(Dialect::Postgres, "outbox", &["task_id", "system"], &[false, false]),
+            "INSERT INTO outbox (task_id, system) SELECT task_id, system \
+             FROM json_populate_recordset(NULL::outbox, CAST($1 AS json))"
+        );
+        assert_eq!(
+            insert_statement(Dialect::Sqlite, "requests", &["id", "wrapped_key"], &[false, true]),
+            "INSERT INTO requests (id, wrapped_key) SELECT value ->> 'id', unhex(value ->> 'wrapped_key') \
+             FROM json_each($1)"
+        );
+    }
+
+    #[test]
+    fn json_tables_name_their_columns() {
+        let columns = [("id", "TEXT"), ("finished", "BIGINT")];
+        assert_eq!(
+            json_table(Dialect::Postgres, 2, "v", &columns),
+            "json_to_recordset(CAST($2 AS json)) AS v(id TEXT, finished BIGINT)"
+        );
+        assert_eq!(
+            json_table(Dialect::Sqlite, 2, "v", &columns),
+            "(SELECT value ->> 'id' AS id, value ->> 'finished' AS finished FROM json_each($2)) AS v"
+        );
+        assert_eq!(
+            rows_param(Dialect::Sqlite, &["id", "finished"], vec![vec!["t".into(), Arg::Int(None)]]),
+            r#"[{"finished":null,"id":"t"}]"#
+        );
+    }
+
+    #[test]
+    fn values_become_json_of_their_kind() {
+        assert_eq!(Arg::from("a\"b").into_json(Dialect::Sqlite), Value::String("a\"b".into()));
+        assert_eq!(Arg::from(7i64).into_json(Dialect::Postgres), Value::from(7));
+        assert_eq!(Arg::Int(None).into_json(Dialect::Postgres), Value::Null);
+        assert_eq!(Arg::from(vec![0u8, 255]).into_json(Dialect::Postgres), Value::String("\\x00ff".into()));
+        assert_eq!(Arg::from(vec![0u8, 255]).into_json(Dialect::Sqlite), Value::String("00ff".into()));
+        assert_eq!(Arg::Bytes(None).into_json(Dialect::Sqlite), Value::Null);
+    }
 }

@@ -16,7 +16,7 @@ use sqlx::{AnyConnection, AnyPool, Executor, Row};
 
 use crate::audit::{self, AuditCheck, AuditEvent, PendingEvent};
 use crate::dialect::{key_list, Dialect, Keys};
-use crate::rows::{insert_rows, insert_rows_with, Arg};
+use crate::rows::{insert_rows, json_table, rows_param, Arg};
 use crate::types::*;
 use crate::{StateStore, StoreError};
 
@@ -283,6 +283,7 @@ impl SqlStore {
         }
         insert_rows(
             tx,
+            self.dialect,
             "audit_events",
             &["seq", "at", "request_id", "task_id", "kind", "detail", "prev_hash", "hash"],
             rows,
@@ -463,35 +464,39 @@ impl SqlStore {
         moves: &[(TaskId, TaskState, String)],
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        for chunk in moves.chunks(500) {
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let p = 2 + i * 4;
-                    format!("(${}, ${}, ${}, ${})", p, p + 1, p + 2, p + 3)
-                })
-                .collect();
-            let sql = format!(
-                "WITH v (id, state, outcome, finished) AS (VALUES {}) \
-                 UPDATE tasks SET state = v.state, last_outcome = v.outcome, updated_at = $1, \
-                 finished_at = v.finished, \
-                 job_id = CASE WHEN v.finished IS NULL THEN tasks.job_id END, \
-                 job_accepted_at = CASE WHEN v.finished IS NULL THEN tasks.job_accepted_at END \
-                 FROM v WHERE tasks.id = v.id",
-                values.join(", ")
-            );
-            // One text per batch size: not worth keeping prepared (see `insert_rows`).
-            chunk
-                .iter()
-                .fold(sqlx::query(&sql).persistent(false).bind(ms(now)), |q, (task, state, outcome)| {
-                    q.bind(task.to_string())
-                        .bind(state.as_str())
-                        .bind(outcome.as_str())
-                        .bind(state.is_terminal().then(|| ms(now)))
-                })
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
+        if moves.is_empty() {
+            return Ok(());
         }
+        let v = json_table(
+            self.dialect,
+            2,
+            "v",
+            &[("id", "TEXT"), ("state", "TEXT"), ("outcome", "TEXT"), ("finished", "BIGINT")],
+        );
+        let sql = format!(
+            "UPDATE tasks SET state = v.state, last_outcome = v.outcome, updated_at = $1, \
+             finished_at = v.finished, \
+             job_id = CASE WHEN v.finished IS NULL THEN tasks.job_id END, \
+             job_accepted_at = CASE WHEN v.finished IS NULL THEN tasks.job_accepted_at END \
+             FROM {v} WHERE tasks.id = v.id"
+        );
+        let rows = moves
+            .iter()
+            .map(|(task, state, outcome)| {
+                vec![
+                    Arg::from(task.to_string()),
+                    state.as_str().into(),
+                    outcome.as_str().into(),
+                    state.is_terminal().then(|| ms(now)).into(),
+                ]
+            })
+            .collect();
+        sqlx::query(&sql)
+            .bind(ms(now))
+            .bind(rows_param(self.dialect, &["id", "state", "outcome", "finished"], rows))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
         Ok(())
     }
 
@@ -648,15 +653,23 @@ impl SqlStore {
             "wrapped_key",
             "submitted_by",
         ];
-        insert_rows(&mut tx, "requests", &request_columns, requests).await?;
+        insert_rows(&mut tx, self.dialect, "requests", &request_columns, requests).await?;
         let identifier_columns = ["request_id", "position", "kind", "sealed", "subject_hash"];
-        insert_rows(&mut tx, "identifiers", &identifier_columns, identifiers).await?;
+        insert_rows(&mut tx, self.dialect, "identifiers", &identifier_columns, identifiers).await?;
         let plan_columns = ["request_id", "system", "action", "reason", "basis", "until_at"];
-        insert_rows(&mut tx, "plan_items", &plan_columns, plans).await?;
-        insert_rows(&mut tx, "plan_categories", &retention::CATEGORY_COLUMNS, categories).await?;
+        insert_rows(&mut tx, self.dialect, "plan_items", &plan_columns, plans).await?;
+        insert_rows(&mut tx, self.dialect, "plan_categories", &retention::CATEGORY_COLUMNS, categories)
+            .await?;
         let task_columns = ["id", "request_id", "system", "action", "state", "created_at", "updated_at"];
-        insert_rows(&mut tx, "tasks", &task_columns, tasks).await?;
-        insert_rows(&mut tx, "outbox", &["task_id", "system", "created_at", "available_at"], outbox).await?;
+        insert_rows(&mut tx, self.dialect, "tasks", &task_columns, tasks).await?;
+        insert_rows(
+            &mut tx,
+            self.dialect,
+            "outbox",
+            &["task_id", "system", "created_at", "available_at"],
+            outbox,
+        )
+        .await?;
         // A request with nothing to dispatch (no system, or all held) is
         // settled at once.
         for req in reqs.iter().filter(|r| r.tasks.iter().all(|t| t.held)) {
@@ -970,12 +983,6 @@ impl StateStore for SqlStore {
         }
         let requests = self.lock_requests(&mut tx, items.iter().map(|i| i.request_id)).await?;
         let tasks = self.lock_tasks(&mut tx, items.iter().map(|i| i.task_id)).await?;
-        let attempts = items
-            .iter()
-            .map(|i| vec![Arg::from(i.task_id.to_string()), i64::from(i.attempt).into(), ms(now).into()])
-            .collect();
-        let columns = ["task_id", "attempt", "dispatched_at"];
-        insert_rows_with(&mut tx, "attempts", &columns, attempts, "ON CONFLICT DO NOTHING").await?;
         let mut by_attempt: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
         let mut events = Vec::new();
         let mut started = std::collections::BTreeSet::new();
@@ -1163,7 +1170,7 @@ impl StateStore for SqlStore {
         }
 
         let columns = ["task_id", "attempt", "received_at", "status", "body", "applied"];
-        insert_rows(&mut tx, "outcomes", &columns, outcome_rows).await?;
+        insert_rows(&mut tx, self.dialect, "outcomes", &columns, outcome_rows).await?;
         self.set_task_states(&mut tx, &moved, now).await?;
         for (i, report) in reports.iter().enumerate() {
             match results[i] {
@@ -1183,20 +1190,8 @@ impl StateStore for SqlStore {
                 _ => {}
             }
         }
-        if !moved.is_empty() {
-            let sql = format!(
-                "UPDATE attempts SET finished_at = $1 WHERE finished_at IS NULL AND {}",
-                self.dialect.in_keys("task_id", 2, Keys::Text)
-            );
-            sqlx::query(&sql)
-                .bind(ms(now))
-                .bind(key_list(moved.iter().map(|(t, _, _)| t.to_string())))
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
         let columns = ["task_id", "system", "created_at", "available_at"];
-        insert_rows(&mut tx, "outbox", &columns, requeue_rows).await?;
+        insert_rows(&mut tx, self.dialect, "outbox", &columns, requeue_rows).await?;
 
         // Requests whose tasks moved: recompute their status once each.
         if !last_move_of.is_empty() {

@@ -317,7 +317,7 @@ impl SqlStore {
         .map_err(db_err)?;
         let hashes: BTreeSet<&str> = hold.subject_hashes.iter().map(String::as_str).collect();
         let rows = hashes.iter().map(|h| vec![Arg::from(hold.id.as_str()), (*h).into()]).collect();
-        insert_rows(&mut tx, "hold_subjects", &["hold_id", "subject_hash"], rows).await?;
+        insert_rows(&mut tx, self.dialect, "hold_subjects", &["hold_id", "subject_hash"], rows).await?;
         let event = PendingEvent::global(
             "hold.placed",
             json!({
