@@ -9,7 +9,10 @@
 //! statements with thousands of placeholders (which cost the coordinator
 //! over 100 MiB when such `VALUES` lists were kept prepared).
 
-use serde_json::{Map, Value};
+use std::io::Write as _;
+
+#[cfg(test)]
+use serde_json::Value;
 use sqlx::AnyConnection;
 
 use crate::dialect::Dialect;
@@ -55,18 +58,31 @@ impl From<Vec<u8>> for Arg {
 }
 
 impl Arg {
-    /// The value as JSON: bytes as hex text (`\x…` for PostgreSQL's
-    /// `bytea` input, bare for SQLite's `unhex`).
-    fn into_json(self, dialect: Dialect) -> Value {
+    /// Appends the value as JSON: bytes as hex text (`\x…` for
+    /// PostgreSQL's `bytea` input, bare for SQLite's `unhex`).
+    fn write_json(&self, dialect: Dialect, out: &mut Vec<u8>) {
         match self {
-            Self::Text(v) => v.map_or(Value::Null, Value::String),
-            Self::Int(v) => v.map_or(Value::Null, Value::from),
-            Self::Bytes(v) => v.map_or(Value::Null, |b| match dialect {
-                Dialect::Postgres => Value::String(format!("\\x{}", hex::encode(b))),
-                Dialect::Sqlite => Value::String(hex::encode(b)),
-            }),
+            Self::Text(Some(v)) => write_str(out, v),
+            Self::Int(Some(v)) => {
+                let _ = write!(out, "{v}");
+            }
+            Self::Bytes(Some(b)) => {
+                out.push(b'"');
+                if dialect == Dialect::Postgres {
+                    out.extend_from_slice(b"\\\\x");
+                }
+                out.extend_from_slice(hex::encode(b).as_bytes());
+                out.push(b'"');
+            }
+            Self::Text(None) | Self::Int(None) | Self::Bytes(None) => out.extend_from_slice(b"null"),
         }
     }
+}
+
+/// Appends `s` as a JSON string.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a `str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// The statement inserting rows of `columns` into `table` from a JSON
@@ -118,21 +134,39 @@ pub(crate) async fn insert_rows(
 }
 
 /// `rows` as the JSON array of objects that [`insert_rows`] and
-/// [`json_table`] read.
+/// [`json_table`] read. Written directly, not through `serde_json::Value`:
+/// intake builds one of these per table for every batch, and a map per row
+/// made it the coordinator's largest cost.
 pub(crate) fn rows_param(dialect: Dialect, columns: &[&str], rows: Vec<Vec<Arg>>) -> String {
-    let array: Vec<Value> = rows
-        .into_iter()
-        .map(|row| {
-            debug_assert_eq!(row.len(), columns.len(), "one value per column");
-            let object: Map<String, Value> = columns
-                .iter()
-                .map(|c| (*c).to_owned())
-                .zip(row.into_iter().map(|a| a.into_json(dialect)))
-                .collect();
-            Value::Object(object)
+    let keys: Vec<Vec<u8>> = columns
+        .iter()
+        .map(|c| {
+            let mut key = Vec::new();
+            write_str(&mut key, c);
+            key.push(b':');
+            key
         })
         .collect();
-    Value::Array(array).to_string()
+    let mut out = Vec::with_capacity(rows.len() * columns.len() * 32 + 2);
+    out.push(b'[');
+    for (i, row) in rows.iter().enumerate() {
+        debug_assert_eq!(row.len(), columns.len(), "one value per column");
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'{');
+        for (j, (key, arg)) in keys.iter().zip(row).enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(key);
+            arg.write_json(dialect, &mut out);
+        }
+        out.push(b'}');
+    }
+    out.push(b']');
+    // Only JSON text and hex digits were written.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// The rows of parameter `$n` ([`rows_param`]) as a table named `alias`
@@ -183,17 +217,25 @@ mod tests {
         );
         assert_eq!(
             rows_param(Dialect::Sqlite, &["id", "finished"], vec![vec!["t".into(), Arg::Int(None)]]),
-            r#"[{"finished":null,"id":"t"}]"#
+            r#"[{"id":"t","finished":null}]"#
         );
     }
 
     #[test]
     fn values_become_json_of_their_kind() {
-        assert_eq!(Arg::from("a\"b").into_json(Dialect::Sqlite), Value::String("a\"b".into()));
-        assert_eq!(Arg::from(7i64).into_json(Dialect::Postgres), Value::from(7));
-        assert_eq!(Arg::Int(None).into_json(Dialect::Postgres), Value::Null);
-        assert_eq!(Arg::from(vec![0u8, 255]).into_json(Dialect::Postgres), Value::String("\\x00ff".into()));
-        assert_eq!(Arg::from(vec![0u8, 255]).into_json(Dialect::Sqlite), Value::String("00ff".into()));
-        assert_eq!(Arg::Bytes(None).into_json(Dialect::Sqlite), Value::Null);
+        let json = |arg: Arg, dialect| {
+            let mut out = Vec::new();
+            arg.write_json(dialect, &mut out);
+            serde_json::from_slice::<Value>(&out).expect("valid JSON")
+        };
+        assert_eq!(json(Arg::from("a\"b\n\u{1}é"), Dialect::Sqlite), Value::String("a\"b\n\u{1}é".into()));
+        assert_eq!(json(Arg::from(-7i64), Dialect::Postgres), Value::from(-7));
+        assert_eq!(json(Arg::Int(None), Dialect::Postgres), Value::Null);
+        assert_eq!(json(Arg::from(vec![0u8, 255]), Dialect::Postgres), Value::String("\\x00ff".into()));
+        assert_eq!(json(Arg::from(vec![0u8, 255]), Dialect::Sqlite), Value::String("00ff".into()));
+        assert_eq!(json(Arg::Bytes(None), Dialect::Sqlite), Value::Null);
+        let rows = vec![vec![Arg::from("x"), Arg::from(1i64)], vec![Arg::Text(None), Arg::Int(None)]];
+        let param: Value = serde_json::from_str(&rows_param(Dialect::Postgres, &["a", "b"], rows)).unwrap();
+        assert_eq!(param, serde_json::json!([{"a": "x", "b": 1}, {"a": null, "b": null}]));
     }
 }
