@@ -48,7 +48,7 @@ impl Backend {
         self.store.pool().close().await;
         if let Some((base, name)) = self.cleanup {
             if let Ok(mut admin) = sqlx::AnyConnection::connect(&base).await {
-                let _ = admin.execute(format!("DROP DATABASE IF EXISTS {name}").as_str()).await;
+                let _ = admin.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
             }
         }
     }
