@@ -57,7 +57,15 @@ start() {
 
 stop() {
     if [ -f "$PID_FILE" ]; then
-        kill "$(cat "$PID_FILE")" 2>/dev/null || true
+        pid="$(cat "$PID_FILE")"
+        kill "$pid" 2>/dev/null || true
+        # A broker holding gigabytes takes a while to exit; a start must not
+        # find the old one still listening and take it for the new one.
+        for _ in $(seq 1 60); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.5
+        done
+        kill -9 "$pid" 2>/dev/null || true
         rm -f "$PID_FILE"
     fi
     for _ in $(seq 1 20); do
