@@ -27,6 +27,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::client::Client;
 use crate::config::{resolve_placeholders, Config, Overrides};
 
+/// mimalloc instead of the system allocator: under load glibc's malloc
+/// (chunk consolidation and unlinking) was over a third of the
+/// coordinator's CPU time; see docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "lethe", version, about = "Right-to-be-forgotten erasure orchestrator")]
 struct Cli {
