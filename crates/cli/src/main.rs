@@ -317,8 +317,7 @@ enum ConfigCommand {
     },
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The demo talks to a person on stdout; keep the coordinator's log quiet.
     let default_filter = match cli.command {
@@ -329,14 +328,33 @@ async fn main() -> std::process::ExitCode {
         Command::Connector { .. } => "lethe-connector",
         _ => "lethe",
     };
-    let _telemetry = telemetry::init(cli.log_format, default_filter, service);
-    match run(cli.command).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+    let runtime = match &cli.command {
+        // A connector worker waits on its system and the broker, and its
+        // tasks hand messages to each other: on one thread they do so
+        // without waking another (see docs/benchmarks.md). Run more
+        // workers for more cores.
+        Command::Connector { command: ConnectorCommand::Run { .. } } => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
         }
-    }
+        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let _telemetry = telemetry::init(cli.log_format, default_filter, service);
+        match run(cli.command).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
