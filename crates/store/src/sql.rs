@@ -99,6 +99,24 @@ const DEFAULT_PLANS: &str = "RESET enable_sort; RESET enable_bitmapscan";
 
 /// Claims the oldest publishable rows (of system `$5` when `by_system`):
 /// `$1` owner, `$2` lease end, `$3` now, `$4` how many.
+/// Moves tasks to their states: `$1` the time, `$2` the moves as
+/// [`rows_param`] rows of id, state, outcome and finish time.
+fn task_moves_statement(dialect: Dialect) -> String {
+    let v = json_table(
+        dialect,
+        2,
+        "v",
+        &[("id", "TEXT"), ("state", "TEXT"), ("outcome", "TEXT"), ("finished", "BIGINT")],
+    );
+    format!(
+        "UPDATE tasks SET state = v.state, last_outcome = v.outcome, updated_at = $1, \
+         finished_at = v.finished, \
+         job_id = CASE WHEN v.finished IS NULL THEN tasks.job_id END, \
+         job_accepted_at = CASE WHEN v.finished IS NULL THEN tasks.job_accepted_at END \
+         FROM {v} WHERE tasks.id = v.id"
+    )
+}
+
 fn claim_statement(dialect: Dialect, by_system: bool) -> String {
     format!(
         "UPDATE outbox SET claimed_by = $1, claimed_until = $2 WHERE id IN (\
@@ -467,19 +485,7 @@ impl SqlStore {
         if moves.is_empty() {
             return Ok(());
         }
-        let v = json_table(
-            self.dialect,
-            2,
-            "v",
-            &[("id", "TEXT"), ("state", "TEXT"), ("outcome", "TEXT"), ("finished", "BIGINT")],
-        );
-        let sql = format!(
-            "UPDATE tasks SET state = v.state, last_outcome = v.outcome, updated_at = $1, \
-             finished_at = v.finished, \
-             job_id = CASE WHEN v.finished IS NULL THEN tasks.job_id END, \
-             job_accepted_at = CASE WHEN v.finished IS NULL THEN tasks.job_accepted_at END \
-             FROM {v} WHERE tasks.id = v.id"
-        );
+        let sql = task_moves_statement(self.dialect);
         let rows = moves
             .iter()
             .map(|(task, state, outcome)| {
@@ -1686,6 +1692,37 @@ mod tests {
         conn.execute(DEFAULT_PLANS).await.unwrap();
         assert_eq!(plan(&mut conn, &explain).await, unguided, "the settings end with the claim");
         conn.execute("COMMIT").await.unwrap();
+        let _ = conn.close().await;
+    }
+
+    /// The moves of an outcome batch find their tasks through the primary
+    /// key, however large the table.
+    #[tokio::test]
+    async fn postgres_task_moves_look_tasks_up_by_key() {
+        let mut conn = crate::dialect::tests::postgres().await;
+        conn.execute(
+            "CREATE TEMP TABLE tasks (id TEXT PRIMARY KEY, state TEXT, last_outcome TEXT, updated_at BIGINT, \
+               finished_at BIGINT, job_id TEXT, job_accepted_at BIGINT); \
+             INSERT INTO tasks SELECT 't' || g, 'dispatched', NULL, 0, NULL, NULL, NULL \
+               FROM generate_series(1, 100000) g; \
+             ANALYZE tasks",
+        )
+        .await
+        .unwrap();
+        let moves: Vec<Vec<Arg>> = (1..=1000i64)
+            .map(|i| vec![Arg::from(format!("t{i}")), "succeeded".into(), "{}".into(), Some(1i64).into()])
+            .collect();
+        let rows = sqlx::query(&format!("EXPLAIN {}", task_moves_statement(Dialect::Postgres)))
+            .bind(1i64)
+            .bind(rows_param(Dialect::Postgres, &["id", "state", "outcome", "finished"], moves))
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        let plan = rows.iter().map(|r| r.get::<String, _>(0)).collect::<Vec<_>>().join("\n");
+        assert!(
+            plan.contains("Index Scan using tasks_pkey") && !plan.contains("Seq Scan on tasks"),
+            "{plan}"
+        );
         let _ = conn.close().await;
     }
 }
