@@ -65,8 +65,10 @@ async fn statuses(lab: &Lab) -> BTreeMap<String, i64> {
 /// broker's group log; tansu-broker 0.6.0 coordinator/group/administrator.rs,
 /// the missed-heartbeat removal during sync). Apache Kafka rebalances
 /// instead. When nothing completes for longer than the session time-out,
-/// the coordinator is restarted once more — what an operator would do —
-/// and must then finish everything.
+/// the coordinator is restarted once more — what an operator would do,
+/// with SIGTERM, so that it leaves the group instead of leaving another
+/// dead member behind to expire during the next join — and must then
+/// finish everything.
 async fn final_after_restart(
     lab: &Lab,
     server: &mut Server,
@@ -92,7 +94,8 @@ async fn final_after_restart(
         } else if progress.1.elapsed() > STALL {
             assert!(!restarted, "{left} requests still open {STALL:?} after a second restart");
             eprintln!("no progress for {STALL:?} with {left} open: the broker left the group unassigned; restarting");
-            server.kill9().await;
+            let status = server.terminate().await;
+            assert!(status.success(), "lethe serve should stop cleanly on SIGTERM: {status}");
             *server = Server::start(lab).await;
             restarted = true;
             progress = (left, Instant::now());
