@@ -99,24 +99,6 @@ const DEFAULT_PLANS: &str = "RESET enable_sort; RESET enable_bitmapscan";
 
 /// Claims the oldest publishable rows (of system `$5` when `by_system`):
 /// `$1` owner, `$2` lease end, `$3` now, `$4` how many.
-/// Moves tasks to their states: `$1` the time, `$2` the moves as
-/// [`rows_param`] rows of id, state, outcome and finish time.
-fn task_moves_statement(dialect: Dialect) -> String {
-    let v = json_table(
-        dialect,
-        2,
-        "v",
-        &[("id", "TEXT"), ("state", "TEXT"), ("outcome", "TEXT"), ("finished", "BIGINT")],
-    );
-    format!(
-        "UPDATE tasks SET state = v.state, last_outcome = v.outcome, updated_at = $1, \
-         finished_at = v.finished, \
-         job_id = CASE WHEN v.finished IS NULL THEN tasks.job_id END, \
-         job_accepted_at = CASE WHEN v.finished IS NULL THEN tasks.job_accepted_at END \
-         FROM {v} WHERE tasks.id = v.id"
-    )
-}
-
 fn claim_statement(dialect: Dialect, by_system: bool) -> String {
     format!(
         "UPDATE outbox SET claimed_by = $1, claimed_until = $2 WHERE id IN (\
@@ -125,6 +107,23 @@ fn claim_statement(dialect: Dialect, by_system: bool) -> String {
            ORDER BY id LIMIT $4{}) RETURNING id, task_id",
         if by_system { "system = $5 AND " } else { "" },
         dialect.skip_locked()
+    )
+}
+
+/// The columns of the rows [`task_moves_statement`] reads, with their types.
+const TASK_MOVE_COLUMNS: [(&str, &str); 4] =
+    [("id", "TEXT"), ("state", "TEXT"), ("outcome", "TEXT"), ("finished", "BIGINT")];
+
+/// Moves tasks to their states: `$1` the time, `$2` the moves as
+/// [`rows_param`] rows of [`TASK_MOVE_COLUMNS`].
+fn task_moves_statement(dialect: Dialect) -> String {
+    let v = json_table(dialect, 2, "v", &TASK_MOVE_COLUMNS);
+    format!(
+        "UPDATE tasks SET state = v.state, last_outcome = v.outcome, updated_at = $1, \
+         finished_at = v.finished, \
+         job_id = CASE WHEN v.finished IS NULL THEN tasks.job_id END, \
+         job_accepted_at = CASE WHEN v.finished IS NULL THEN tasks.job_accepted_at END \
+         FROM {v} WHERE tasks.id = v.id"
     )
 }
 
@@ -499,7 +498,7 @@ impl SqlStore {
             .collect();
         sqlx::query(&sql)
             .bind(ms(now))
-            .bind(rows_param(self.dialect, &["id", "state", "outcome", "finished"], rows))
+            .bind(rows_param(self.dialect, &TASK_MOVE_COLUMNS.map(|(c, _)| c), rows))
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
@@ -1714,7 +1713,7 @@ mod tests {
             .collect();
         let rows = sqlx::query(&format!("EXPLAIN {}", task_moves_statement(Dialect::Postgres)))
             .bind(1i64)
-            .bind(rows_param(Dialect::Postgres, &["id", "state", "outcome", "finished"], moves))
+            .bind(rows_param(Dialect::Postgres, &TASK_MOVE_COLUMNS.map(|(c, _)| c), moves))
             .fetch_all(&mut conn)
             .await
             .unwrap();
