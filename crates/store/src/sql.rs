@@ -986,11 +986,30 @@ impl StateStore for SqlStore {
         if items.is_empty() {
             return tx.commit().await.map_err(db_err);
         }
-        let requests = self.lock_requests(&mut tx, items.iter().map(|i| i.request_id)).await?;
+        // A request still `received` starts with its first dispatch: every
+        // task of such a request is pending, so each item's task moves below.
+        // Only those requests are locked (requests before tasks, in id order,
+        // as every writer locks them); the others need no lock here.
+        let sql = format!(
+            "UPDATE requests SET status = $1, updated_at = $2 WHERE status = $3 AND {} RETURNING id",
+            self.dialect.in_keys("id", 4, Keys::Text)
+        );
+        let ids: std::collections::BTreeSet<String> =
+            items.iter().map(|i| i.request_id.to_string()).collect();
+        let started = sqlx::query(&sql)
+            .bind(RequestStatus::InProgress.as_str())
+            .bind(ms(now))
+            .bind(RequestStatus::Received.as_str())
+            .bind(key_list(&ids))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| parse::<RequestId>(&col::<String>(r, "id")?, "request id"))
+            .collect::<Result<std::collections::BTreeSet<_>, _>>()?;
         let tasks = self.lock_tasks(&mut tx, items.iter().map(|i| i.task_id)).await?;
         let mut by_attempt: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
         let mut events = Vec::new();
-        let mut started = std::collections::BTreeSet::new();
         for item in &items {
             by_attempt.entry(item.attempt).or_default().push(item.task_id.to_string());
             let (state, attempts) =
@@ -1004,9 +1023,6 @@ impl StateStore for SqlStore {
                     "task.dispatched",
                     json!({"system": item.system, "attempt": item.attempt}),
                 ));
-                if requests.get(&item.request_id) == Some(&RequestStatus::Received) {
-                    started.insert(item.request_id);
-                }
             }
         }
         // Pending or dispatched tasks become dispatched, and accepted ones
@@ -1030,23 +1046,9 @@ impl StateStore for SqlStore {
                 .await
                 .map_err(db_err)?;
         }
-        if !started.is_empty() {
-            let sql = format!(
-                "UPDATE requests SET status = $1, updated_at = $2 WHERE status = $3 AND {}",
-                self.dialect.in_keys("id", 4, Keys::Text)
-            );
-            sqlx::query(&sql)
-                .bind(RequestStatus::InProgress.as_str())
-                .bind(ms(now))
-                .bind(RequestStatus::Received.as_str())
-                .bind(key_list(started.iter().map(ToString::to_string)))
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-            for id in started {
-                let change = json!({"from": RequestStatus::Received, "to": RequestStatus::InProgress});
-                events.push(PendingEvent::new(id, None, "request.status", change));
-            }
+        for id in started {
+            let change = json!({"from": RequestStatus::Received, "to": RequestStatus::InProgress});
+            events.push(PendingEvent::new(id, None, "request.status", change));
         }
         self.append_audit(&mut tx, events, now).await?;
         tx.commit().await.map_err(db_err)
