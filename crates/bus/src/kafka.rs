@@ -90,15 +90,35 @@ impl KafkaConfig {
         1
     }
 
-    fn client(&self) -> ClientConfig {
+    /// A client's properties: Lethe's `defaults` for its kind of client,
+    /// then the operator's [`KafkaConfig::client`] properties, which
+    /// override them. The caller then sets what correctness depends on
+    /// (idempotence, offset storage), which nothing overrides.
+    fn client(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in defaults {
+            c.set(*k, *v);
+        }
         for (k, v) in &self.client {
             c.set(k, v);
         }
         c
     }
 }
+
+/// Defaults of Lethe's producers.
+const PRODUCER_DEFAULTS: &[(&str, &str)] = &[("linger.ms", "5"), ("queue.buffering.max.kbytes", "65536")];
+
+/// Defaults of Lethe's consumers. `fetch.wait.max.ms` is how long a broker
+/// may hold a fetch that finds no data. Apache Kafka answers as soon as data
+/// arrives, so there it only paces an idle consumer's polling; some
+/// Kafka-compatible brokers (Tansu 0.6) hold every fetch for that long, data
+/// or not, which adds the whole wait to each hop of a task (librdkafka's
+/// default of 500 ms measured as 500 ms from publish to receipt).
+/// A bounded prefetch: librdkafka's default queues up to 64 MiB.
+const CONSUMER_DEFAULTS: &[(&str, &str)] =
+    &[("fetch.wait.max.ms", "100"), ("queued.max.messages.kbytes", "8192")];
 
 fn unavailable(e: KafkaError) -> BusError {
     BusError::Unavailable(e.to_string())
@@ -142,16 +162,28 @@ pub fn producer_is_spent<C: ClientContext + 'static>(
     fenced || producer.client().fatal_error().is_some()
 }
 
+fn producer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = config.client(PRODUCER_DEFAULTS);
+    c.set("enable.idempotence", "true").set("acks", "all").set("message.timeout.ms", "30000");
+    c
+}
+
 fn new_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
-    config
-        .client()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("message.timeout.ms", "30000")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.kbytes", "65536")
-        .create()
-        .map_err(|e| BusError::Config(e.to_string()))
+    producer_config(config).create().map_err(|e| BusError::Config(e.to_string()))
+}
+
+/// A consumer of group `group` that stores offsets only when told to.
+fn consumer_config(config: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut c = config.client(CONSUMER_DEFAULTS);
+    c.set("group.id", group)
+        // librdkafka's statistics carry each partition's consumer lag.
+        .set("statistics.interval.ms", "10000")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false");
+    c
 }
 
 impl std::fmt::Debug for KafkaBus {
@@ -176,7 +208,7 @@ impl KafkaBus {
 
     async fn ensure_topics(&self, names: &[String]) -> Result<(), BusError> {
         let admin: AdminClient<DefaultClientContext> =
-            self.config.client().create().map_err(|e| BusError::Config(e.to_string()))?;
+            self.config.client(&[]).create().map_err(|e| BusError::Config(e.to_string()))?;
         let replication = self.config.replication_factor;
         let topics: Vec<NewTopic> = names
             .iter()
@@ -225,19 +257,7 @@ impl KafkaBus {
     }
 
     fn consumer(&self, group: &str, topic: &str) -> Result<KafkaConsumer, BusError> {
-        let consumer: StreamConsumer<LagContext> = self
-            .config
-            .client()
-            .set("group.id", group)
-            // librdkafka's statistics carry each partition's consumer lag.
-            .set("statistics.interval.ms", "10000")
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            // Bounded prefetch: librdkafka's default queues up to 64 MiB.
-            .set("queued.max.messages.kbytes", "8192")
+        let consumer: StreamConsumer<LagContext> = consumer_config(&self.config, group)
             .create_with_context(LagContext { group: group.to_owned() })
             .map_err(|e| BusError::Config(e.to_string()))?;
         consumer.subscribe(&[topic]).map_err(unavailable)?;
@@ -415,7 +435,7 @@ impl KafkaBus {
         let topic = self.names.dlq();
         let consumer: StreamConsumer = self
             .config
-            .client()
+            .client(CONSUMER_DEFAULTS)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
@@ -450,5 +470,51 @@ impl KafkaBus {
             consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync).map_err(unavailable)?;
         }
         Ok(letters)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(client: &[(&str, &str)]) -> KafkaConfig {
+        KafkaConfig {
+            brokers: "broker:9092".into(),
+            namespace: KafkaConfig::default_namespace(),
+            partitions: KafkaConfig::default_partitions(),
+            replication_factor: KafkaConfig::default_replication(),
+            client: client.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        }
+    }
+
+    #[test]
+    fn lethe_sets_its_client_defaults() {
+        let producer = producer_config(&config(&[]));
+        assert_eq!(producer.get("linger.ms"), Some("5"));
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        let consumer = consumer_config(&config(&[]), "lethe.coordinator");
+        assert_eq!(consumer.get("fetch.wait.max.ms"), Some("100"));
+        assert_eq!(consumer.get("group.id"), Some("lethe.coordinator"));
+    }
+
+    #[test]
+    fn the_operators_properties_override_defaults_but_not_what_delivery_depends_on() {
+        let c = config(&[
+            ("linger.ms", "50"),
+            ("fetch.wait.max.ms", "500"),
+            ("security.protocol", "sasl_ssl"),
+            ("enable.idempotence", "false"),
+            ("acks", "1"),
+            ("enable.auto.offset.store", "true"),
+        ]);
+        let producer = producer_config(&c);
+        assert_eq!(producer.get("linger.ms"), Some("50"));
+        assert_eq!(producer.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        assert_eq!(producer.get("acks"), Some("all"));
+        let consumer = consumer_config(&c, "lethe.connector.crm");
+        assert_eq!(consumer.get("fetch.wait.max.ms"), Some("500"));
+        assert_eq!(consumer.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
     }
 }
