@@ -772,10 +772,15 @@ class Worker:
         self.settings = settings
         self.runner = Runner(settings, connector, keys)
         self._stop = self.runner.stopping
-        base = {"bootstrap.servers": settings.brokers, **settings.client}
+        # Defaults as in Lethe's own clients, then the operator's properties,
+        # then what at-least-once delivery depends on. fetch.wait.max.ms: some
+        # Kafka-compatible brokers (Tansu 0.6) hold every fetch that long.
+        base = {"bootstrap.servers": settings.brokers}
         self._consumer = Consumer(
             {
                 **base,
+                "fetch.wait.max.ms": 100,
+                **settings.client,
                 "group.id": settings.group,
                 "client.id": settings.worker,
                 "auto.offset.reset": "earliest",
@@ -789,11 +794,12 @@ class Worker:
         )
         self._producer_config = {
             **base,
+            "linger.ms": 5,
+            **settings.client,
             "client.id": settings.worker,
             "enable.idempotence": True,
             "acks": "all",
             "message.timeout.ms": 30000,
-            "linger.ms": 5,
         }
         self._new_producer = lambda: Producer(self._producer_config)
         self._producer = self._new_producer()
