@@ -116,7 +116,8 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[("linger.ms", "5"), ("queue.bufferi
 /// Kafka-compatible brokers (Tansu 0.6) hold every fetch for that long, data
 /// or not, which adds the whole wait to each hop of a task (librdkafka's
 /// default of 500 ms measured as 500 ms from publish to receipt).
-/// A bounded prefetch: librdkafka's default queues up to 64 MiB.
+/// `queued.max.messages.kbytes` bounds the prefetch (librdkafka's default
+/// queues up to 64 MiB).
 const CONSUMER_DEFAULTS: &[(&str, &str)] =
     &[("fetch.wait.max.ms", "100"), ("queued.max.messages.kbytes", "8192")];
 

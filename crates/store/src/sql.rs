@@ -986,10 +986,10 @@ impl StateStore for SqlStore {
         if items.is_empty() {
             return tx.commit().await.map_err(db_err);
         }
-        // A request still `received` starts with its first dispatch: every
-        // task of such a request is pending, so each item's task moves below.
-        // Only those requests are locked (requests before tasks, in id order,
-        // as every writer locks them); the others need no lock here.
+        // A request still `received` has had no task dispatched, so its
+        // item's task moves below and the request starts. Only those requests
+        // are locked (requests before tasks, in id order, as every writer
+        // locks them); the others need no lock here.
         let sql = format!(
             "UPDATE requests SET status = $1, updated_at = $2 WHERE status = $3 AND {} RETURNING id",
             self.dialect.in_keys("id", 4, Keys::Text)
