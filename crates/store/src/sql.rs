@@ -95,6 +95,7 @@ impl SqlStore {
 /// statements only (`SET LOCAL`, undone by [`DEFAULT_PLANS`]).
 const QUEUE_PLANS: &str = "SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off";
 
+/// Undoes [`QUEUE_PLANS`] for the rest of the claim's transaction.
 const DEFAULT_PLANS: &str = "RESET enable_sort; RESET enable_bitmapscan";
 
 /// Claims the oldest publishable rows (of system `$5` when `by_system`):
