@@ -384,3 +384,56 @@ async fn an_expiring_category_hold_resumes_by_itself() {
     let (_, holds) = h.call(reqwest::Method::GET, "/v1/holds?all=true", None).await;
     assert_eq!(holds[0]["release_reason"], "expired", "{holds}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_placed_during_a_retention_keeps_the_records_past_it() {
+    let h = Harness::start(day(2026, 11, 29)).await;
+    let id = h.submit("ada@example.com").await;
+    h.until(&id, "completed_with_exemptions", status_is("completed_with_exemptions")).await;
+    assert_eq!(h.invoices_of("ada@example.com").await, vec![11, 12]);
+
+    // Years later, before the invoices' retention ends, a dispute freezes them.
+    h.clock.advance(day(2033, 3, 1) - h_now(&h));
+    let hold = json!({
+        "subject": {"email": "ada@example.com"},
+        "scope": {"categories": ["billing.invoice"]},
+        "reason": "tax audit",
+        "case_reference": "TAX-2033-9",
+    });
+    let (status, placed) = h.call(reqwest::Method::POST, "/v1/holds", Some(hold)).await;
+    assert_eq!(status, 201, "{placed}");
+    assert_eq!(placed["under_way"], json!({"requests": 1, "tasks": 1, "too_late": 0}), "{placed}");
+    let view = h.request(&id).await;
+    let invoice = Harness::system(&view, "billing")["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["category"] == "billing.invoice")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (invoice["action"].as_str(), invoice["hold"]["case_reference"].as_str()),
+        (Some("hold"), Some("TAX-2033-9"))
+    );
+
+    // The retention ends: the follow-up runs under the hold and keeps them.
+    h.clock.advance(day(2035, 2, 1) - h_now(&h));
+    let view = h
+        .until(&id, "the follow-up under the hold", |v| {
+            Harness::system(v, "billing")["outcome"]["retained"].as_array().is_some_and(|r| {
+                r.iter().any(|k| k["basis"].as_str().is_some_and(|b| b.contains("TAX-2033-9")))
+            })
+        })
+        .await;
+    assert_eq!(h.invoices_of("ada@example.com").await, vec![11, 12], "kept past their retention");
+    assert_eq!(view["status"], "completed_with_exemptions");
+    assert!(view["key_destroyed_at"].is_null());
+
+    // Released: they go.
+    let hold_id = placed["id"].as_str().unwrap();
+    let (status, _) = h.call(reqwest::Method::DELETE, &format!("/v1/holds/{hold_id}"), None).await;
+    assert_eq!(status, 200);
+    h.until(&id, "completed", status_is("completed")).await;
+    assert!(h.invoices_of("ada@example.com").await.is_empty());
+    assert_eq!(h.invoices_of("bob@example.com").await, vec![20]);
+}

@@ -635,12 +635,16 @@ class KeyClient:
     def __repr__(self) -> str:
         return f"KeyClient({self._url!r})"
 
-    def fetch(self, task_id: uuid.UUID) -> bytes:
-        """The request's 32-byte key. Raises :class:`PermanentError` on 404
-        (the task is unknown, another system's, or its request is closed and
-        the key destroyed) and on 401/403 (a bad token), and
+    def fetch(self, task_id: uuid.UUID, attempt: int | None = None) -> bytes:
+        """The request's 32-byte key for ``attempt`` of the task. Raises
+        :class:`PermanentError` on 404 (the task is unknown, another
+        system's, no longer asks for this attempt, or its request is closed
+        and the key destroyed) and on 401/403 (a bad token), and
         :class:`RetryableError` when the coordinator cannot answer."""
-        body = json.dumps({"task_id": str(task_id)}).encode()
+        ask: dict[str, Any] = {"task_id": str(task_id)}
+        if attempt is not None:
+            ask["attempt"] = attempt
+        body = json.dumps(ask).encode()
         request = urllib.request.Request(
             self._url,
             data=body,
@@ -653,7 +657,8 @@ class KeyClient:
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 raise PermanentError(
-                    "no key for this task: the request is closed or the task is not this system's"
+                    "no key for this task: the request is closed, the task is not this system's, "
+                    "or this attempt is no longer asked for"
                 ) from None
             if e.code in (401, 403):
                 raise PermanentError("the coordinator rejected this worker's connector token") from None
@@ -725,7 +730,7 @@ class Runner:
 
     def _outcome(self, task: TaskMessage) -> dict[str, Any]:
         try:
-            key = self._call("key", lambda: self.keys.fetch(task.task_id))
+            key = self._call("key", lambda: self.keys.fetch(task.task_id, task.attempt))
             identifiers = Identifiers(
                 open_identifier(key, task.request_id, s.type, s.ciphertext) for s in task.identifiers
             )

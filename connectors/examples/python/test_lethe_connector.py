@@ -35,8 +35,9 @@ class FakeKeys:
     def __init__(self, key: bytes | None, task_id: uuid.UUID | None = None):
         self.key, self.task_id, self.calls = key, task_id, 0
 
-    def fetch(self, task_id: uuid.UUID) -> bytes:
+    def fetch(self, task_id: uuid.UUID, attempt: int | None = None) -> bytes:
         self.calls += 1
+        self.attempt = attempt
         if self.key is None or task_id != self.task_id:
             raise lc.PermanentError("no key for this task")
         return self.key
@@ -213,6 +214,7 @@ class Tasks(unittest.TestCase):
             result = self.runner.process(self.task("ada@example.com"))
         self.assertEqual(result["task_id"], str(self.task_id))
         self.assertEqual(result["task_issued_at"], "2026-11-29T09:09:06.456Z")
+        self.assertEqual(self.runner.keys.attempt, 1, "the key is asked for the attempt held")
         outcome = result["outcome"]
         self.assertEqual(outcome["status"], "retained_in_part", outcome)
         self.assertEqual(outcome["residual"], 0)

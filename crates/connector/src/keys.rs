@@ -29,7 +29,7 @@ type Answer = Result<Option<DataKey>, ConnectorError>;
 #[derive(Clone)]
 pub struct HttpKeys {
     client: Arc<Client>,
-    calls: Arc<Coalescer<(), TaskId, Answer>>,
+    calls: Arc<Coalescer<(), (TaskId, u32), Answer>>,
 }
 
 struct Client {
@@ -62,15 +62,16 @@ impl HttpKeys {
 }
 
 impl Client {
-    /// One call: each task's key, `Ok(None)` where the coordinator has none,
-    /// `Err` for a key it sent malformed.
-    async fn fetch(&self, tasks: Vec<TaskId>) -> Result<Vec<Answer>, ConnectorError> {
-        let ids: Vec<String> = tasks.iter().map(TaskId::to_string).collect();
+    /// One call: each task's key for the attempt held, `Ok(None)` where
+    /// the coordinator has none, `Err` for a key it sent malformed.
+    async fn fetch(&self, tasks: Vec<(TaskId, u32)>) -> Result<Vec<Answer>, ConnectorError> {
+        let ids: Vec<String> = tasks.iter().map(|(t, _)| t.to_string()).collect();
+        let attempts: BTreeMap<String, u32> = tasks.iter().map(|(t, a)| (t.to_string(), *a)).collect();
         let response = self
             .http
             .post(&self.url)
             .bearer_auth(&self.token)
-            .json(&serde_json::json!({ "task_ids": ids }))
+            .json(&serde_json::json!({ "task_ids": ids, "attempts": attempts }))
             .send()
             .await
             .map_err(|e| {
@@ -97,7 +98,7 @@ impl Client {
         }
         Ok(tasks
             .iter()
-            .map(|task| match keys.get(task) {
+            .map(|(task, _)| match keys.get(task) {
                 None => Ok(None),
                 Some(key) => DataKey::from_hex(key)
                     .map(Some)
@@ -109,12 +110,12 @@ impl Client {
 
 #[async_trait]
 impl KeyResolver for HttpKeys {
-    async fn data_key(&self, _system: &str, _request: RequestId, task: TaskId) -> Answer {
+    async fn data_key(&self, _system: &str, _request: RequestId, task: TaskId, attempt: u32) -> Answer {
         let client = self.client.clone();
         let run = move |(), tasks| {
             let client = client.clone();
             async move { client.fetch(tasks).await }
         };
-        self.calls.call((), task, run).await?
+        self.calls.call((), (task, attempt), run).await?
     }
 }

@@ -21,12 +21,15 @@ use crate::retry::RetryPolicy;
 /// Gives a worker the data key of a request whose task it holds.
 #[async_trait]
 pub trait KeyResolver: Send + Sync + 'static {
-    /// The request's data key, or `None` once it has been destroyed.
+    /// The request's data key for `attempt` of `task`, or `None` once it
+    /// has been destroyed or the task no longer asks for that attempt (it
+    /// settled, or the attempt was withdrawn or superseded).
     async fn data_key(
         &self,
         system: &str,
         request: RequestId,
         task: TaskId,
+        attempt: u32,
     ) -> Result<Option<DataKey>, ConnectorError>;
 }
 
@@ -179,11 +182,12 @@ impl Worker {
 
     async fn open(&self, msg: &TaskMessage) -> Result<ErasureTask, ConnectorError> {
         let key = self
-            .call("key", || self.keys.data_key(&msg.system, msg.request_id, msg.task_id))
+            .call("key", || self.keys.data_key(&msg.system, msg.request_id, msg.task_id, msg.attempt))
             .await?
             .ok_or_else(|| {
                 ConnectorError::permanent(
-                    "no key for this task: the request is closed or the task is not this system's",
+                    "no key for this task: the request is closed, the task is not this system's, \
+                     or this attempt is no longer asked for",
                 )
             })?;
         let identifiers = msg

@@ -34,8 +34,14 @@ async fn keys(
     c.largest.fetch_max(asked.len(), Ordering::SeqCst);
     // A little latency, as over a network, so that tasks pile up.
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let found: BTreeMap<&str, &String> =
-        asked.iter().filter_map(|t| t.as_str()).filter_map(|t| c.keys.get(t).map(|k| (t, k))).collect();
+    // Every task is at its first attempt here: a worker asking for
+    // another attempt holds a message that is no longer asked for.
+    let found: BTreeMap<&str, &String> = asked
+        .iter()
+        .filter_map(|t| t.as_str())
+        .filter(|t| body["attempts"][t] == json!(1))
+        .filter_map(|t| c.keys.get(t).map(|k| (t, k)))
+        .collect();
     Ok(Json(json!({ "keys": found })))
 }
 
@@ -60,7 +66,7 @@ async fn tasks_waiting_together_share_one_call_and_each_gets_its_key() {
     for (task, key) in tasks.iter().cloned() {
         let resolver = resolver.clone();
         asks.spawn(async move {
-            let got = resolver.data_key("crm", RequestId::new(), task).await.unwrap().expect("a key");
+            let got = resolver.data_key("crm", RequestId::new(), task, 1).await.unwrap().expect("a key");
             assert_eq!(got.to_hex(), key.to_hex(), "each task gets its own key");
         });
     }
@@ -69,7 +75,7 @@ async fn tasks_waiting_together_share_one_call_and_each_gets_its_key() {
     for _ in 0..2 {
         let resolver = resolver.clone();
         asks.spawn(async move {
-            assert!(resolver.data_key("crm", RequestId::new(), again).await.unwrap().is_some());
+            assert!(resolver.data_key("crm", RequestId::new(), again, 1).await.unwrap().is_some());
         });
     }
     while let Some(done) = asks.join_next().await {
@@ -80,22 +86,24 @@ async fn tasks_waiting_together_share_one_call_and_each_gets_its_key() {
     assert!(coordinator.largest.load(Ordering::SeqCst) > 1, "no call carried more than one task");
 
     // A task the coordinator has no key for: `None`, for that task only.
-    let unknown = resolver.data_key("crm", RequestId::new(), TaskId::new()).await.unwrap();
+    let unknown = resolver.data_key("crm", RequestId::new(), TaskId::new(), 1).await.unwrap();
     assert!(unknown.is_none());
-    assert!(resolver.data_key("crm", RequestId::new(), tasks[1].0).await.unwrap().is_some());
+    assert!(resolver.data_key("crm", RequestId::new(), tasks[1].0, 1).await.unwrap().is_some());
+    // The attempt held travels with the task: another one gets no key.
+    assert!(resolver.data_key("crm", RequestId::new(), tasks[1].0, 2).await.unwrap().is_none());
 }
 
 #[tokio::test]
 async fn a_rejected_token_is_permanent_and_an_absent_coordinator_retryable() {
     let url = serve(Coordinator::default()).await;
     let wrong = HttpKeys::new(&url, "other".into());
-    let e = wrong.data_key("crm", RequestId::new(), TaskId::new()).await.unwrap_err();
+    let e = wrong.data_key("crm", RequestId::new(), TaskId::new(), 1).await.unwrap_err();
     assert!(!e.retryable, "{e}");
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
     let absent = HttpKeys::new(&closed, "crm-token".into());
-    let e = absent.data_key("crm", RequestId::new(), TaskId::new()).await.unwrap_err();
+    let e = absent.data_key("crm", RequestId::new(), TaskId::new(), 1).await.unwrap_err();
     assert!(e.retryable, "{e}");
 }

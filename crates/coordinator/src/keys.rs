@@ -26,8 +26,9 @@ impl KeyResolver for StoreKeys {
         system: &str,
         _request: RequestId,
         task: TaskId,
+        attempt: u32,
     ) -> Result<Option<DataKey>, ConnectorError> {
-        let wrapped = self.store.task_key(system, task).await.map_err(|e| {
+        let wrapped = self.store.task_key(system, task, Some(attempt)).await.map_err(|e| {
             if e.is_transient() {
                 ConnectorError::retryable(e.to_string())
             } else {

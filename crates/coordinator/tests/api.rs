@@ -308,6 +308,28 @@ impl Connector for MemoryConnector {
     }
 }
 
+/// Answers every task but those of `stall@example.com`, which it works on
+/// forever: a task that stays in flight, so its key stays available.
+struct StallsOne(MemoryConnector);
+
+#[async_trait]
+impl Connector for StallsOne {
+    async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+        if task.identifiers.iter().any(|i| i.expose() == "stall@example.com") {
+            std::future::pending::<()>().await;
+        }
+        self.0.erase(task).await
+    }
+
+    async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
+        self.0.verify(task).await
+    }
+
+    async fn health(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+}
+
 async fn wait_final(app: &Router, id: &str) -> Value {
     for _ in 0..200 {
         let (_, view, _) = call(app, get(&format!("/v1/requests/{id}"))).await;
@@ -788,9 +810,8 @@ async fn scope_matrix() {
     h.clock.advance(chrono::Duration::seconds(120));
     let failed = wait_final(&h.app(), &r1).await;
     assert_eq!(failed["status"], "failed", "{failed}");
-    let crm_task = failed["systems"][0]["task_id"].as_str().unwrap().to_owned();
     // R2: submitted by a portal, completed.
-    h.start_workers(Arc::new(MemoryConnector::default()));
+    h.start_workers(Arc::new(StallsOne(MemoryConnector::default())));
     let portal = h.token("portal", &[Scope::RequestsSubmit, Scope::RequestsReadOwn]).await;
     let as_portal = |mut r: Request<Body>| {
         r.headers_mut().insert(header::AUTHORIZATION, format!("Bearer {portal}").parse().unwrap());
@@ -812,6 +833,24 @@ async fn scope_matrix() {
     )
     .await;
     let hold = hold["id"].as_str().unwrap().to_owned();
+    // R3: its crm task stays in flight (a key to fetch).
+    let (_, r3, _) = call(
+        &h.app(),
+        post(json!({"subject": {"email": "stall@example.com"}, "regulation": "gdpr"}).to_string()),
+    )
+    .await;
+    let r3 = r3["id"].as_str().unwrap().to_owned();
+    let mut crm_task = String::new();
+    for _ in 0..200 {
+        let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{r3}"))).await;
+        let crm = view["systems"].as_array().and_then(|s| s.iter().find(|s| s["system"] == "crm").cloned());
+        if let Some(crm) = crm.filter(|c| c["state"] == "dispatched") {
+            crm_task = crm["task_id"].as_str().unwrap().to_owned();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!crm_task.is_empty(), "R3's crm task was not dispatched");
 
     let mut tokens: Vec<(&str, Option<String>)> = vec![
         ("none", None),
@@ -920,6 +959,20 @@ async fn scope_matrix() {
                 );
             }
         }
+    }
+    // A worker that says which attempt it holds gets the key for the
+    // attempt in flight, not for one never published.
+    for (attempt, expected) in [(1, StatusCode::OK), (7, StatusCode::NOT_FOUND)] {
+        let mut ask = post_json("/v1/connector/keys", json!({"task_id": crm_task, "attempt": attempt}));
+        ask.headers_mut().insert(header::AUTHORIZATION, "Bearer crm-token".parse().unwrap());
+        assert_eq!(call(&h.raw(), ask).await.0, expected, "attempt {attempt}");
+        let mut batch = post_json(
+            "/v1/connector/keys:batch",
+            json!({"task_ids": [crm_task], "attempts": {crm_task.clone(): attempt}}),
+        );
+        batch.headers_mut().insert(header::AUTHORIZATION, "Bearer crm-token".parse().unwrap());
+        let (_, answer, _) = call(&h.raw(), batch).await;
+        assert_eq!(answer["keys"].get(&crm_task).is_some(), expected == StatusCode::OK, "{answer}");
     }
     // The suppression list: the erased subject is on it (in any spelling),
     // the failed one and a stranger are not.

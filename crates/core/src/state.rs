@@ -68,6 +68,24 @@ impl TaskState {
         }
     }
 
+    /// Whether a worker holding attempt `attempt` of a task in this state
+    /// may have the task's key, where `attempts` is the last attempt
+    /// recorded as published. Only work still asked for is served: a
+    /// pending task's next attempt (a fast worker may read it before its
+    /// publication is recorded), and an in-flight task's current attempt
+    /// or the next one (a republication). A settled task, or an attempt
+    /// that was withdrawn (a legal hold changed the plan after it was
+    /// published) or superseded, gets none. `None` (a worker that does not
+    /// say which attempt it holds) is served whenever the task is unsettled.
+    pub fn serves_key(self, attempts: i64, attempt: Option<u32>) -> bool {
+        let current = |ok: &[i64]| attempt.is_none_or(|a| ok.contains(&i64::from(a)));
+        match self {
+            Self::Pending => current(&[attempts + 1]),
+            Self::Dispatched | Self::Accepted => current(&[attempts, attempts + 1]),
+            Self::Succeeded | Self::Retained | Self::Held | Self::Failed => false,
+        }
+    }
+
     /// Applies `event`. `Ok(Step::Ignored)` is a harmless duplicate or late
     /// message; `Err` is a command that makes no sense in this state.
     pub fn apply(self, event: TaskEvent) -> Result<Step, IllegalTransition> {
@@ -327,6 +345,22 @@ mod tests {
         assert_eq!(RequestStatus::InProgress.next(&[Pending]), RequestStatus::InProgress);
         assert_eq!(RequestStatus::Failed.reopen(), Ok(RequestStatus::InProgress));
         assert!(RequestStatus::Completed.reopen().is_err());
+    }
+
+    #[test]
+    fn keys_are_served_for_work_still_asked_for() {
+        use TaskState::*;
+        // Attempt 2 was published last.
+        assert!(Dispatched.serves_key(2, Some(2)));
+        assert!(Dispatched.serves_key(2, Some(3)), "a republication read before it is recorded");
+        assert!(!Dispatched.serves_key(2, Some(1)), "superseded");
+        assert!(Accepted.serves_key(2, Some(2)) && Accepted.serves_key(2, Some(3)));
+        assert!(Pending.serves_key(2, Some(3)), "the next attempt, read before it is recorded");
+        assert!(!Pending.serves_key(2, Some(2)), "withdrawn: queued again");
+        for settled in [Succeeded, Retained, Held, Failed] {
+            assert!(!settled.serves_key(2, Some(2)) && !settled.serves_key(2, None), "{settled:?}");
+        }
+        assert!(Pending.serves_key(2, None) && Dispatched.serves_key(2, None));
     }
 
     #[test]

@@ -140,18 +140,25 @@ pub trait StateStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<RetryResult, StoreError>;
 
-    /// The wrapped data key of the request of `task`, if `task` belongs to
-    /// `system` and the key still exists.
-    async fn task_key(&self, system: &str, task: TaskId) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.task_keys(system, &[task]).await?.remove(&task))
+    /// The wrapped data key of the request of `task` for a worker holding
+    /// `attempt` of it (`None`: it does not say), if `task` belongs to
+    /// `system`, the key still exists and the task still asks for that
+    /// work ([`TaskState::serves_key`](lethe_core::TaskState::serves_key)).
+    async fn task_key(
+        &self,
+        system: &str,
+        task: TaskId,
+        attempt: Option<u32>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.task_keys(system, &[(task, attempt)]).await?.remove(&task))
     }
 
-    /// [`task_key`](Self::task_key) for many tasks in one query: the tasks
-    /// of `system` whose request still has its key, with that key.
+    /// [`task_key`](Self::task_key) for many (task, attempt) pairs in one
+    /// query.
     async fn task_keys(
         &self,
         system: &str,
-        tasks: &[TaskId],
+        tasks: &[(TaskId, Option<u32>)],
     ) -> Result<std::collections::HashMap<TaskId, Vec<u8>>, StoreError>;
 
     /// Queues a new outbox row for every task that was dispatched but has no
@@ -174,8 +181,10 @@ pub trait StateStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Vec<(String, ActiveHold)>, StoreError>;
 
-    /// Records a legal hold. It applies to requests planned from now on.
-    async fn place_hold(&self, hold: NewHold) -> Result<(), StoreError>;
+    /// Records a legal hold. It applies to requests planned from now on and
+    /// to those of its subject still under way (their key not destroyed):
+    /// what they have not yet erased is kept (see [`HoldReach`]).
+    async fn place_hold(&self, hold: NewHold) -> Result<HoldReach, StoreError>;
 
     /// Releases a hold: every category it held falls back to its rule (or
     /// to another hold still in force), and each task that kept data only

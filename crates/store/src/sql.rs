@@ -1109,12 +1109,15 @@ impl StateStore for SqlStore {
                 continue;
             };
             let class = report.outcome.class();
-            let superseded = i64::from(report.attempt) < task.attempts;
+            // A newer attempt is under way, or this one was withdrawn and
+            // the task queued again (its key is refused from then on).
+            let superseded = i64::from(report.attempt) < task.attempts
+                || (task.state == TaskState::Pending && i64::from(report.attempt) <= task.attempts);
             let retry_later = class == OutcomeClass::Failed
                 && matches!(report.outcome, Outcome::Failed { retryable: true, .. })
                 && task.has_attempts_left(schedule);
             let step = if matches!(class, OutcomeClass::Failed | OutcomeClass::Accepted) && superseded {
-                Ok(Step::Ignored) // a newer attempt is under way
+                Ok(Step::Ignored)
             } else if class == OutcomeClass::Accepted
                 && task.state == TaskState::Accepted
                 && i64::from(report.attempt) > task.attempts
@@ -1403,23 +1406,29 @@ impl StateStore for SqlStore {
     async fn task_keys(
         &self,
         system: &str,
-        tasks: &[TaskId],
+        tasks: &[(TaskId, Option<u32>)],
     ) -> Result<HashMap<TaskId, Vec<u8>>, StoreError> {
         let mut keys = HashMap::with_capacity(tasks.len());
         for chunk in tasks.chunks(1000) {
             let sql = format!(
-                "SELECT t.id, r.wrapped_key FROM tasks t JOIN requests r ON r.id = t.request_id \
+                "SELECT t.id, t.state, t.attempts, r.wrapped_key FROM tasks t JOIN requests r ON r.id = t.request_id \
                  WHERE t.system = $1 AND r.wrapped_key IS NOT NULL AND {}",
                 self.dialect.in_keys("t.id", 2, Keys::Text)
             );
             let rows = sqlx::query(&sql)
                 .bind(system)
-                .bind(key_list(chunk.iter().map(ToString::to_string)))
+                .bind(key_list(chunk.iter().map(|(t, _)| t.to_string())))
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db_err)?;
+            let asked: HashMap<TaskId, Option<u32>> = chunk.iter().copied().collect();
             for r in &rows {
-                keys.insert(parse(&col::<String>(r, "id")?, "task id")?, col(r, "wrapped_key")?);
+                let task: TaskId = parse(&col::<String>(r, "id")?, "task id")?;
+                let state: TaskState = parse(&col::<String>(r, "state")?, "task state")?;
+                let attempt = asked.get(&task).copied().flatten();
+                if state.serves_key(col(r, "attempts")?, attempt) {
+                    keys.insert(task, col(r, "wrapped_key")?);
+                }
             }
         }
         Ok(keys)
@@ -1496,7 +1505,7 @@ impl StateStore for SqlStore {
         self.holds_on(subject_hashes, now).await
     }
 
-    async fn place_hold(&self, hold: NewHold) -> Result<(), StoreError> {
+    async fn place_hold(&self, hold: NewHold) -> Result<HoldReach, StoreError> {
         self.insert_hold(hold).await
     }
 

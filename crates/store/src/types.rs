@@ -229,6 +229,25 @@ pub struct NewHold {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// What a hold reached when it was placed, among the requests of its
+/// subject still under way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HoldReach {
+    /// Requests whose plan the hold changed.
+    pub requests: u64,
+    /// Their tasks the hold changed: a task not yet published is sent with
+    /// the hold's directives (or held, when the hold covers all its
+    /// system's categories); one published and unanswered is withdrawn
+    /// (its key is refused from then on) and sent again, or held; a task
+    /// that kept data is held when the hold covers all its system's
+    /// categories; otherwise it, like a held or failed task, keeps its
+    /// state under the new plan, which its follow-up or retry carries.
+    pub tasks: u64,
+    /// Tasks the scope covers that had already finished erasing, or had
+    /// handed their erasure to an external job: too late to keep.
+    pub too_late: u64,
+}
+
 /// A legal hold as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HoldRecord {

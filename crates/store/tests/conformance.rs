@@ -279,12 +279,15 @@ async fn dispatch_then_outcomes_complete_the_request_and_destroy_its_key(b: &Bac
 
     // The worker can fetch the key only for its own system's task.
     let crm = items.iter().find(|i| i.system == "crm").unwrap();
-    let wrapped = b.store.task_key("crm", crm.task_id).await.unwrap().unwrap();
+    let wrapped = b.store.task_key("crm", crm.task_id, Some(1)).await.unwrap().unwrap();
     let key = f.master.unwrap(&wrapped).unwrap();
     assert_eq!(key.open(id, &crm.identifiers[0]).unwrap().expose(), "b@example.com");
-    assert_eq!(b.store.task_key("mail", crm.task_id).await.unwrap(), None);
+    assert_eq!(b.store.task_key("mail", crm.task_id, Some(1)).await.unwrap(), None);
+    assert_eq!(b.store.task_key("crm", crm.task_id, None).await.unwrap(), Some(wrapped.clone()));
+    assert_eq!(b.store.task_key("crm", crm.task_id, Some(0)).await.unwrap(), None, "not an attempt made");
     let mail_task = items.iter().find(|i| i.system == "mail").unwrap().task_id;
-    let keys = b.store.task_keys("crm", &[crm.task_id, mail_task, TaskId::new()]).await.unwrap();
+    let asked = [(crm.task_id, Some(1)), (mail_task, Some(1)), (TaskId::new(), None)];
+    let keys = b.store.task_keys("crm", &asked).await.unwrap();
     assert_eq!(keys.len(), 1, "only the system's own tasks");
     assert_eq!(keys.get(&crm.task_id), Some(&wrapped));
 
@@ -305,7 +308,7 @@ async fn dispatch_then_outcomes_complete_the_request_and_destroy_its_key(b: &Bac
     assert_eq!(detail.request.status, RequestStatus::Completed);
     assert!(detail.request.finished_at.is_some() && detail.request.key_destroyed_at.is_some());
     assert_eq!(detail.tasks.iter().find(|t| t.system == "crm").unwrap().last_outcome, Some(erased(3)));
-    assert_eq!(b.store.task_key("crm", crm.task_id).await.unwrap(), None, "key destroyed");
+    assert_eq!(b.store.task_key("crm", crm.task_id, None).await.unwrap(), None, "key destroyed");
 }
 
 async fn duplicates_late_and_unknown_outcomes_change_nothing(b: &Backend) {
@@ -823,7 +826,8 @@ async fn retained_outcomes_follow_up_when_their_retention_ends(b: &Backend) {
     assert_eq!((task.state, task.follow_up_at), (TaskState::Retained, Some(notes_end)), "the earliest end");
     assert_eq!(d.request.status, RequestStatus::CompletedWithExemptions);
     assert!(d.request.key_destroyed_at.is_none());
-    assert!(b.store.task_key("billing", billing).await.unwrap().is_some(), "the key stays for the follow-up");
+    // The key stays for the follow-up, but a settled task asks for no work.
+    assert_eq!(b.store.task_key("billing", billing, Some(1)).await.unwrap(), None);
 
     // Nothing before the follow-up date.
     assert_eq!(b.store.run_follow_ups(notes_end - chrono::Duration::seconds(1), 10).await.unwrap(), 0);
@@ -838,6 +842,7 @@ async fn retained_outcomes_follow_up_when_their_retention_ends(b: &Backend) {
     let task = task_of(&d, "billing");
     assert_eq!((task.state, task.follow_up_at, task.attempts), (TaskState::Pending, None, 1));
     assert_eq!(d.request.status, RequestStatus::CompletedWithExemptions);
+    assert!(b.store.task_key("billing", billing, Some(2)).await.unwrap().is_some(), "the follow-up's key");
     let (budget_start,): (i64,) = sqlx::query_as("SELECT budget_start FROM tasks WHERE id = $1")
         .bind(billing.to_string())
         .fetch_one(b.store.pool())
@@ -875,7 +880,7 @@ async fn retained_outcomes_follow_up_when_their_retention_ends(b: &Backend) {
     let d = detail(&b.store, id).await;
     assert_eq!(d.request.status, RequestStatus::Completed);
     assert_eq!((d.request.key_destroyed_at, d.request.finished_at), (Some(later), Some(later)));
-    assert_eq!(b.store.task_key("billing", billing).await.unwrap(), None, "key destroyed");
+    assert_eq!(b.store.task_key("billing", billing, None).await.unwrap(), None, "key destroyed");
 
     let events = b.store.audit_events(Some(id)).await.unwrap();
     let follow_up = events.iter().find(|e| e.kind == "task.follow_up").expect("a task.follow_up event");
@@ -1209,6 +1214,142 @@ async fn a_hold_released_before_its_plan_is_stored_keeps_nothing(b: &Backend) {
     assert_eq!(b.store.outbox_backlog().await.unwrap(), 2, "the crm task is queued, not held");
     let items = dispatch_all(&b.store).await;
     assert_eq!(item_of(&items, "crm").categories, crm.categories);
+}
+
+/// A hold placed while the subject's requests are under way keeps what
+/// they have not yet erased: queued work carries the hold, work on the bus
+/// is withdrawn (its key refused) and sent again, kept data is held.
+async fn a_hold_reaches_requests_already_under_way(b: &Backend) {
+    let f = Fixture::new();
+    let email = "w@example.com";
+    let subject = f.subject(email);
+
+    // A request already closed: its key is gone, nothing to reach.
+    let done = f.request(email, &["analytics"], None);
+    b.store.create_request(done).await.unwrap();
+    let first = dispatch_all(&b.store).await;
+    report(&b.store, first[0].task_id, 1, erased(1)).await;
+
+    // R1 on the bus: analytics and mail done, billing kept invoices,
+    // crm and ledger in flight.
+    let r1 = f.request(email, &["analytics", "billing", "crm", "ledger", "mail"], None);
+    let r1_id = r1.id;
+    b.store.create_request(r1).await.unwrap();
+    let items = dispatch_all(&b.store).await;
+    let task = |system: &str| item_of(&items, system).task_id;
+    report(&b.store, task("analytics"), 1, erased(1)).await;
+    report(&b.store, task("mail"), 1, erased(1)).await;
+    let kept = Outcome::RetainedInPart {
+        datasets: vec![DatasetReport::new("billing_contacts", 1, 0)],
+        retained: vec![RetainedReport {
+            dataset: "invoices".into(),
+            category: Some("invoices".into()),
+            count: 2,
+            basis: "HGB §257(4)".into(),
+            until: Some(utc(2036, 1, 31, 9)),
+        }],
+        residual: Some(0),
+    };
+    report(&b.store, task("billing"), 1, kept).await;
+    // R2 claimed by a dispatcher that has not published it yet; R3 queued.
+    let r2 = f.request(email, &["mail"], None);
+    let r2_id = r2.id;
+    b.store.create_request(r2).await.unwrap();
+    let claim = b.store.claim_outbox("slow", 1, None, Duration::from_secs(30), t0()).await.unwrap();
+    let [r2_mail] = &claim[..] else { panic!("{claim:?}") };
+    assert_eq!((r2_mail.request_id, r2_mail.attempt), (r2_id, 1));
+    let r3 = f.request(email, &["crm"], None);
+    let r3_id = r3.id;
+    b.store.create_request(r3).await.unwrap();
+    // Another subject's request is not touched.
+    let other = f.request("other@example.com", &["crm"], None);
+    let other_id = other.id;
+    b.store.create_request(other).await.unwrap();
+
+    let scope = HoldScope {
+        systems: vec![],
+        categories: vec!["contact".into(), "invoices".into(), "payments".into()],
+    };
+    let placed = t0() + chrono::Duration::minutes(1);
+    let reach = b.store.place_hold(hold("hold-9", vec![subject.clone()], scope, placed)).await.unwrap();
+    assert_eq!(reach, lethe_store::HoldReach { requests: 3, tasks: 5, too_late: 1 });
+
+    let d = detail(&b.store, r1_id).await;
+    let states: Vec<(&str, TaskState)> = d.tasks.iter().map(|t| (t.system.as_str(), t.state)).collect();
+    assert_eq!(
+        states,
+        [
+            ("analytics", TaskState::Succeeded),
+            ("billing", TaskState::Held),
+            ("crm", TaskState::Pending),
+            ("ledger", TaskState::Held),
+            ("mail", TaskState::Succeeded),
+        ]
+    );
+    assert_eq!(task_of(&d, "billing").follow_up_at, None, "held until the hold ends, not the retention");
+    assert_eq!(d.request.status, RequestStatus::InProgress);
+    let contact = |d: &lethe_store::RequestDetail, system: &str| {
+        let c = plan_of(d, system).categories.iter().find(|c| c.category == "contact").cloned().unwrap();
+        (c.action, c.hold.map(|h| h.id))
+    };
+    assert_eq!(contact(&d, "crm"), (Action::Hold, Some("hold-9".into())));
+    assert_eq!(
+        contact(&d, "mail"),
+        (Action::Erase, None),
+        "erased before the hold: the plan says what happened"
+    );
+    // Work withdrawn from the bus gets no key; its late failure changes nothing.
+    assert_eq!(b.store.task_key("crm", task("crm"), Some(1)).await.unwrap(), None);
+    assert_eq!(b.store.task_key("ledger", task("ledger"), Some(1)).await.unwrap(), None);
+    assert!(b.store.task_key("crm", task("crm"), Some(2)).await.unwrap().is_some());
+    let gave_up = Outcome::Failed { retryable: false, reason: "no key for this task".into() };
+    assert_eq!(report_at(&b.store, task("crm"), 1, gave_up, placed).await, Applied::Ignored);
+
+    // The claimed message may reach the bus with the old directives: its
+    // attempt is spent, and its publication record changes nothing.
+    assert_eq!(b.store.task_key("mail", r2_mail.task_id, Some(1)).await.unwrap(), None);
+    b.store.mark_published("slow", &claim, placed).await.unwrap();
+    let r2_task = task_of(&detail(&b.store, r2_id).await, "mail").clone();
+    assert_eq!((r2_task.state, r2_task.attempts), (TaskState::Pending, 1));
+
+    // What goes out now carries the hold; the other subject's request as planned.
+    let again = dispatch_at(&b.store, placed).await;
+    type Sent<'a> = (RequestId, &'a str, u32, Vec<(&'a str, Action)>);
+    let sent: Vec<Sent> = again
+        .iter()
+        .map(|i| {
+            let c = i.categories.iter().map(|c| (c.category.as_str(), c.action)).collect();
+            (i.request_id, i.system.as_str(), i.attempt, c)
+        })
+        .collect();
+    let crm_held = vec![("contact", Action::Hold), ("support", Action::Erase)];
+    let mail_held = vec![("contact", Action::Hold), ("newsletter", Action::Erase)];
+    let crm_erase = vec![("contact", Action::Erase), ("support", Action::Erase)];
+    for expected in [
+        (r1_id, "crm", 2, crm_held.clone()),
+        (r2_id, "mail", 2, mail_held),
+        (r3_id, "crm", 1, crm_held),
+        (other_id, "crm", 1, crm_erase),
+    ] {
+        assert!(sent.contains(&expected), "{expected:?} not in {sent:?}");
+    }
+    assert_eq!(sent.len(), 4);
+
+    let events = b.store.audit_events(Some(r1_id)).await.unwrap();
+    let applied: Vec<&str> =
+        events.iter().filter(|e| e.kind == "task.hold_applied").map(|e| e.detail.as_str()).collect();
+    assert_eq!(applied.len(), 3, "{applied:?}");
+    assert!(applied.iter().all(|d| d.contains("hold-9") && !d.contains(email)));
+    assert!(matches!(b.store.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
+
+    // Released: what it held runs again under its rules.
+    let released = b.store.release_hold("hold-9", "case closed", day(1)).await.unwrap();
+    assert_eq!(released, ReleaseResult::Released { resumed: 2 });
+    let d = detail(&b.store, r1_id).await;
+    assert_eq!(
+        (task_of(&d, "billing").state, task_of(&d, "ledger").state),
+        (TaskState::Pending, TaskState::Pending)
+    );
 }
 
 async fn deadlines_extend_once_before_the_original_due_date(b: &Backend) {
@@ -1567,6 +1708,7 @@ suite!(
     expired_holds_release_what_they_kept,
     a_hold_released_while_its_task_runs_is_followed_up,
     a_hold_released_before_its_plan_is_stored_keeps_nothing,
+    a_hold_reaches_requests_already_under_way,
     deadlines_extend_once_before_the_original_due_date,
     list_filters_by_due_date_and_overdue,
     tokens_suppressions_and_signing_keys,

@@ -18,6 +18,10 @@ use crate::auth::Caller;
 pub struct KeyRequest {
     /// The task the worker holds.
     pub task_id: String,
+    /// The attempt it holds (the task message's `attempt`). With it, the
+    /// key is refused for an attempt that was withdrawn or superseded.
+    #[serde(default)]
+    pub attempt: Option<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -27,7 +31,9 @@ pub struct KeyResponse {
 }
 
 /// The data key for a task of the caller's system. 404 when the task is
-/// unknown, belongs to another system, or its request's key was destroyed.
+/// unknown, belongs to another system, no longer asks for this work (it
+/// settled, or the attempt was withdrawn or superseded), or its request's
+/// key was destroyed.
 #[utoipa::path(
     post, path = "/v1/connector/keys", tag = "connectors", security(("bearer" = ["connector:<system>"])),
     request_body = KeyRequest,
@@ -44,9 +50,13 @@ pub async fn task_key(
     StrictJson(body): StrictJson<KeyRequest>,
 ) -> Result<Json<KeyResponse>, Problem> {
     let system = caller.connector_system().ok_or_else(crate::auth::forbidden)?;
-    let gone = || Problem::not_found("no key for this task: unknown, another system's, or destroyed");
+    let gone = || {
+        Problem::not_found(
+            "no key for this task: unknown, another system's, no longer asked for, or destroyed",
+        )
+    };
     let task: TaskId = body.task_id.parse().map_err(|_| gone())?;
-    let wrapped = state.store.task_key(system, task).await?.ok_or_else(gone)?;
+    let wrapped = state.store.task_key(system, task, body.attempt).await?.ok_or_else(gone)?;
     Ok(Json(KeyResponse { key: unwrap(&state, task, &wrapped)? }))
 }
 
@@ -58,12 +68,17 @@ pub const MAX_KEYS: usize = 1000;
 pub struct KeysRequest {
     /// The tasks the worker holds (1 to 1,000).
     pub task_ids: Vec<String>,
+    /// Task id → the attempt the worker holds, for any of `task_ids` (see
+    /// [`KeyRequest::attempt`]).
+    #[serde(default)]
+    pub attempts: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct KeysResponse {
     /// Task id → its request's data key, hex-encoded. A task that is
-    /// unknown, another system's, or whose key was destroyed is left out.
+    /// unknown, another system's, no longer asks for this work, or whose
+    /// key was destroyed is left out.
     pub keys: BTreeMap<String, String>,
 }
 
@@ -89,7 +104,8 @@ pub async fn task_keys(
         return Err(Problem::invalid(format!("ask for 1 to {MAX_KEYS} tasks at once")));
     }
     // An id that does not parse names no task: left out like an unknown one.
-    let tasks: Vec<TaskId> = body.task_ids.iter().filter_map(|t| t.parse().ok()).collect();
+    let tasks: Vec<(TaskId, Option<u32>)> =
+        body.task_ids.iter().filter_map(|t| Some((t.parse().ok()?, body.attempts.get(t).copied()))).collect();
     let wrapped = state.store.task_keys(system, &tasks).await?;
     let mut keys = BTreeMap::new();
     for (task, wrapped) in wrapped {

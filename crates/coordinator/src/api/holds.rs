@@ -1,7 +1,8 @@
 //! `/v1/holds`: legal holds. A hold freezes a subject's data (in all
 //! systems, some systems or some categories) for a case; requests for the
-//! subject plan `hold` for that scope and erase the rest. Releasing the hold,
-//! or its expiry, resumes the held work.
+//! subject, those to come and those under way, plan `hold` for that scope
+//! and erase the rest. Releasing the hold, or its expiry, resumes the held
+//! work.
 
 use std::collections::BTreeMap;
 
@@ -53,6 +54,27 @@ pub struct HoldView {
     pub release_reason: Option<String>,
     /// How many identifiers the hold names.
     pub identifiers: u64,
+    /// Only in the answer to placing it: what the hold changed among the
+    /// requests of its subject already under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub under_way: Option<UnderWay>,
+}
+
+/// What a hold changed, when it was placed, among the requests of its
+/// subject still under way. Their data it covers and not yet erased is
+/// kept: a task not yet sent is sent with the hold's directives (or held,
+/// when the hold covers all its system's categories); one sent and not yet
+/// answered is withdrawn (its key is refused from then on) and sent again;
+/// kept, held or failed work keeps the hold through its follow-up or retry.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UnderWay {
+    /// Requests whose plan the hold changed.
+    pub requests: u64,
+    /// Their tasks the hold changed.
+    pub tasks: u64,
+    /// Tasks the scope covers that had already finished erasing, or handed
+    /// their erasure to an external job: too late to keep.
+    pub too_late: u64,
 }
 
 impl From<HoldRecord> for HoldView {
@@ -67,6 +89,7 @@ impl From<HoldRecord> for HoldView {
             released_at: h.released_at,
             release_reason: h.release_reason,
             identifiers: h.identifiers,
+            under_way: None,
         }
     }
 }
@@ -136,7 +159,7 @@ pub async fn place(
         placed_at: now,
         expires_at: body.expires_at.map(|e| e.trunc_subsecs(3)),
     };
-    let view = HoldView {
+    let mut view = HoldView {
         id: hold.id.clone(),
         scope: hold.scope.clone(),
         reason: hold.reason.clone(),
@@ -146,9 +169,19 @@ pub async fn place(
         released_at: None,
         release_reason: None,
         identifiers: identifiers.len() as u64,
+        under_way: None,
     };
-    state.store.place_hold(hold).await?;
-    tracing::info!(hold = %view.id, scope = %view.scope, "legal hold placed");
+    let reach = state.store.place_hold(hold).await?;
+    view.under_way =
+        Some(UnderWay { requests: reach.requests, tasks: reach.tasks, too_late: reach.too_late });
+    tracing::info!(
+        hold = %view.id,
+        scope = %view.scope,
+        requests = reach.requests,
+        tasks = reach.tasks,
+        too_late = reach.too_late,
+        "legal hold placed"
+    );
     Ok((StatusCode::CREATED, Json(view)))
 }
 

@@ -300,7 +300,7 @@ impl SqlStore {
         holds_in_force(self.dialect, &mut conn, hashes, now).await
     }
 
-    pub(super) async fn insert_hold(&self, hold: NewHold) -> Result<(), StoreError> {
+    pub(super) async fn insert_hold(&self, hold: NewHold) -> Result<HoldReach, StoreError> {
         let mut tx = self.begin().await?;
         let scope = json_text(&hold.scope);
         sqlx::query(
@@ -318,19 +318,211 @@ impl SqlStore {
         let hashes: BTreeSet<&str> = hold.subject_hashes.iter().map(String::as_str).collect();
         let rows = hashes.iter().map(|h| vec![Arg::from(hold.id.as_str()), (*h).into()]).collect();
         insert_rows(&mut tx, self.dialect, "hold_subjects", &["hold_id", "subject_hash"], rows).await?;
-        let event = PendingEvent::global(
-            "hold.placed",
-            json!({
-                "hold_id": hold.id,
-                "scope": hold.scope,
-                "reason": hold.reason,
-                "case_reference": hold.case_reference,
-                "expires_at": hold.expires_at,
-                "subjects": hashes,
-            }),
+        let mut events = Vec::new();
+        let hashes: Vec<&str> = hashes.into_iter().collect();
+        let reach = self.hold_under_way(&mut tx, &hold, &hashes, &mut events).await?;
+        events.insert(
+            0,
+            PendingEvent::global(
+                "hold.placed",
+                json!({
+                    "hold_id": hold.id,
+                    "scope": hold.scope,
+                    "reason": hold.reason,
+                    "case_reference": hold.case_reference,
+                    "expires_at": hold.expires_at,
+                    "subjects": hashes,
+                    "requests": reach.requests,
+                    "tasks": reach.tasks,
+                    "too_late": reach.too_late,
+                }),
+            ),
         );
-        self.append_audit(&mut tx, vec![event], hold.placed_at).await?;
-        tx.commit().await.map_err(db_err)
+        self.append_audit(&mut tx, events, hold.placed_at).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(reach)
+    }
+
+    /// Applies a hold being placed to the requests of its subject still
+    /// under way (their key not destroyed), as [`HoldReach`] describes.
+    /// Requests and tasks are locked in id order, as every writer locks
+    /// them. A queue row a dispatcher has claimed may be on its way to the
+    /// bus with the old directives: the attempt it carries is counted as
+    /// spent, so its key is refused and its publication record finds no
+    /// row.
+    async fn hold_under_way(
+        &self,
+        tx: &mut AnyConnection,
+        hold: &NewHold,
+        hashes: &[&str],
+        events: &mut Vec<PendingEvent>,
+    ) -> Result<HoldReach, StoreError> {
+        let mut reach = HoldReach::default();
+        let sql = format!(
+            "SELECT DISTINCT i.request_id FROM identifiers i JOIN requests r ON r.id = i.request_id \
+             WHERE r.wrapped_key IS NOT NULL AND {}",
+            self.dialect.in_keys("i.subject_hash", 1, Keys::Text)
+        );
+        let rows = sqlx::query(&sql).bind(key_list(hashes)).fetch_all(&mut *tx).await.map_err(db_err)?;
+        let requests = rows
+            .iter()
+            .map(|r| parse::<RequestId>(&col::<String>(r, "request_id")?, "request id"))
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        if requests.is_empty() {
+            return Ok(reach);
+        }
+        let statuses = self.lock_requests(tx, requests.iter().copied()).await?;
+        let keys: Vec<String> = requests.iter().map(ToString::to_string).collect();
+
+        // The categories each (request, system) has, and those the hold
+        // newly covers.
+        let sql = format!(
+            "SELECT request_id, system, category, action FROM plan_categories WHERE {} \
+             ORDER BY request_id, system, category",
+            self.dialect.in_keys("request_id", 1, Keys::Text)
+        );
+        let rows = sqlx::query(&sql).bind(key_list(&keys)).fetch_all(&mut *tx).await.map_err(db_err)?;
+        let mut covered: BTreeMap<(String, String), (Vec<String>, bool)> = BTreeMap::new();
+        for r in &rows {
+            let (system, category): (String, String) = (col(r, "system")?, col(r, "category")?);
+            let held = parse::<Action>(&col::<String>(r, "action")?, "action")? == Action::Hold;
+            let newly = !held && hold.scope.covers(&system, &category);
+            let entry = covered.entry((col(r, "request_id")?, system)).or_default();
+            if newly {
+                entry.0.push(category);
+            } else if !held {
+                entry.1 = true; // a category the hold leaves to its rule
+            }
+        }
+        covered.retain(|_, (newly, _)| !newly.is_empty());
+        if covered.is_empty() {
+            return Ok(reach);
+        }
+        let sql = format!(
+            "SELECT id, request_id, system FROM tasks WHERE {}",
+            self.dialect.in_keys("request_id", 1, Keys::Text)
+        );
+        let rows = sqlx::query(&sql).bind(key_list(&keys)).fetch_all(&mut *tx).await.map_err(db_err)?;
+        let mut task_of: HashMap<(String, String), TaskId> = HashMap::new();
+        for r in &rows {
+            task_of.insert(
+                (col(r, "request_id")?, col(r, "system")?),
+                parse(&col::<String>(r, "id")?, "task id")?,
+            );
+        }
+        let mut tasks = self.lock_tasks(tx, covered.keys().filter_map(|k| task_of.get(k)).copied()).await?;
+        let ids: Vec<String> = tasks.keys().map(ToString::to_string).collect();
+        // Claimed, even with its lease run out: a slow dispatcher may still
+        // publish it.
+        let sql = format!(
+            "SELECT task_id FROM outbox WHERE claimed_by IS NOT NULL AND {}",
+            self.dialect.in_keys("task_id", 1, Keys::Text)
+        );
+        let now = ms(hold.placed_at);
+        let claimed: BTreeSet<String> = sqlx::query(&sql)
+            .bind(key_list(&ids))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| col::<String>(r, "task_id"))
+            .collect::<Result<_, _>>()?;
+
+        let mut changed: BTreeSet<RequestId> = BTreeSet::new();
+        for ((request, system), (newly, others_erased)) in &covered {
+            let request_id: RequestId = parse(request, "request id")?;
+            let task_id = task_of.get(&(request.clone(), system.clone())).copied();
+            let state = match task_id.and_then(|t| tasks.get(&t)) {
+                Some(task) => task.state,
+                None => continue,
+            };
+            if matches!(state, TaskState::Succeeded | TaskState::Accepted) {
+                reach.too_late += 1;
+                continue;
+            }
+            let Some(task_id) = task_id else { continue };
+            let sql = format!(
+                "UPDATE plan_categories SET action = $1, hold_id = $2 \
+                 WHERE request_id = $3 AND system = $4 AND {}",
+                self.dialect.in_keys("category", 5, Keys::Text)
+            );
+            sqlx::query(&sql)
+                .bind(Action::Hold.as_str())
+                .bind(hold.id.as_str())
+                .bind(request.as_str())
+                .bind(system.as_str())
+                .bind(key_list(newly))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            // Every category held: nothing of the system may go now.
+            let all_held = !others_erased;
+            let next = match state {
+                TaskState::Pending | TaskState::Dispatched if all_held => TaskState::Held,
+                TaskState::Pending | TaskState::Dispatched => TaskState::Pending,
+                // A failed task stays failed for an operator to retry; the
+                // retry carries the new plan.
+                TaskState::Retained if all_held => TaskState::Held,
+                other => other,
+            };
+            if matches!(state, TaskState::Pending | TaskState::Dispatched) {
+                let spent = i64::from(claimed.contains(&task_id.to_string()));
+                sqlx::query("DELETE FROM outbox WHERE task_id = $1")
+                    .bind(task_id.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                sqlx::query(
+                    "UPDATE tasks SET state = $1, action = $2, attempts = attempts + $3, \
+                     budget_start = budget_start + $3, updated_at = $4, \
+                     finished_at = CASE WHEN $1 = $5 THEN $4 ELSE NULL END WHERE id = $6",
+                )
+                .bind(next.as_str())
+                .bind(Action::Hold.as_str())
+                .bind(spent)
+                .bind(now)
+                .bind(TaskState::Held.as_str())
+                .bind(task_id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                if next == TaskState::Pending {
+                    self.enqueue(tx, task_id, now, hold.placed_at).await?;
+                }
+            } else {
+                sqlx::query(
+                    "UPDATE tasks SET state = $1, action = $2, updated_at = $3, \
+                     follow_up_at = CASE WHEN $1 = $4 THEN NULL ELSE follow_up_at END, \
+                     finished_at = CASE WHEN $1 = $4 THEN $3 ELSE finished_at END WHERE id = $5",
+                )
+                .bind(next.as_str())
+                .bind(Action::Hold.as_str())
+                .bind(now)
+                .bind(TaskState::Held.as_str())
+                .bind(task_id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            }
+            if let Some(task) = tasks.get_mut(&task_id) {
+                task.state = next;
+            }
+            events.push(PendingEvent::new(
+                request_id,
+                Some(task_id),
+                "task.hold_applied",
+                json!({"system": system, "hold_id": hold.id, "categories": newly, "from": state, "to": next}),
+            ));
+            reach.tasks += 1;
+            changed.insert(request_id);
+        }
+        reach.requests = changed.len() as u64;
+        for id in changed {
+            if let Some(status) = statuses.get(&id) {
+                self.refresh_request(tx, id, *status, hold.placed_at, events).await?;
+            }
+        }
+        Ok(reach)
     }
 
     pub(super) async fn release(
