@@ -565,6 +565,7 @@ impl SqlStore {
     async fn insert_requests(&self, reqs: &[&NewRequest]) -> Result<(), StoreError> {
         let Some(last) = reqs.last() else { return Ok(()) };
         let mut tx = self.begin().await?;
+        self.hold_barrier(&mut tx, false).await?;
         // A hold released since the plan was made no longer keeps anything.
         let replanned = self.drop_released_holds(&mut tx, reqs).await?;
         let reqs: Vec<&NewRequest> = match &replanned {
@@ -682,6 +683,7 @@ impl SqlStore {
             self.refresh_request(&mut tx, req.id, RequestStatus::Received, req.received_at, &mut events)
                 .await?;
         }
+        self.late_holds(&mut tx, &reqs, last.received_at, &mut events).await?;
         self.append_audit(&mut tx, events, last.received_at).await?;
         tx.commit().await.map_err(db_err)
     }

@@ -1352,6 +1352,31 @@ async fn a_hold_reaches_requests_already_under_way(b: &Backend) {
     );
 }
 
+async fn a_hold_placed_while_a_request_is_planned_reaches_it(b: &Backend) {
+    let f = Fixture::new();
+    let subject = f.subject("p@example.com");
+    // The planner looked before the hold existed; the hold is placed
+    // before the request is stored, so it finds nothing under way.
+    let req = f.request("p@example.com", &["crm", "mail"], None);
+    let id = req.id;
+    let reach =
+        b.store.place_hold(hold("hold-7", vec![subject], systems_scope(&["crm"]), t0())).await.unwrap();
+    assert_eq!(reach, lethe_store::HoldReach::default());
+    b.store.create_request(req).await.unwrap();
+
+    // Storing the request applies the hold its plan missed.
+    let d = detail(&b.store, id).await;
+    assert_eq!(task_of(&d, "crm").state, TaskState::Held);
+    assert!(plan_of(&d, "crm").categories.iter().all(|c| c.action == Action::Hold));
+    assert_eq!(task_of(&d, "mail").state, TaskState::Pending);
+    let items = dispatch_all(&b.store).await;
+    let systems: Vec<&str> = items.iter().map(|i| i.system.as_str()).collect();
+    assert_eq!(systems, ["mail"]);
+    let events = b.store.audit_events(Some(id)).await.unwrap();
+    assert!(events.iter().any(|e| e.kind == "task.hold_applied" && e.detail.contains("hold-7")));
+    assert!(matches!(b.store.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
+}
+
 async fn deadlines_extend_once_before_the_original_due_date(b: &Backend) {
     let f = Fixture::new();
     let deadlines = Deadlines::default();
@@ -1709,6 +1734,7 @@ suite!(
     a_hold_released_while_its_task_runs_is_followed_up,
     a_hold_released_before_its_plan_is_stored_keeps_nothing,
     a_hold_reaches_requests_already_under_way,
+    a_hold_placed_while_a_request_is_planned_reaches_it,
     deadlines_extend_once_before_the_original_due_date,
     list_filters_by_due_date_and_overdue,
     tokens_suppressions_and_signing_keys,

@@ -125,6 +125,9 @@ pub(super) async fn set_follow_up(
         .map_err(db_err)
 }
 
+/// The PostgreSQL advisory lock of [`SqlStore::hold_barrier`] ("lethehol").
+const HOLD_LOCK: i64 = 0x6c65_7468_6568_6f6c;
+
 const HOLD_COLUMNS: &str =
     "h.id, h.reason, h.case_reference, h.scope, h.placed_at, h.expires_at, h.released_at, h.release_reason";
 
@@ -302,6 +305,7 @@ impl SqlStore {
 
     pub(super) async fn insert_hold(&self, hold: NewHold) -> Result<HoldReach, StoreError> {
         let mut tx = self.begin().await?;
+        self.hold_barrier(&mut tx, true).await?;
         let scope = json_text(&hold.scope);
         sqlx::query(
             "INSERT INTO holds (id, reason, case_reference, scope, placed_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -320,7 +324,15 @@ impl SqlStore {
         insert_rows(&mut tx, self.dialect, "hold_subjects", &["hold_id", "subject_hash"], rows).await?;
         let mut events = Vec::new();
         let hashes: Vec<&str> = hashes.into_iter().collect();
-        let reach = self.hold_under_way(&mut tx, &hold, &hashes, &mut events).await?;
+        let active = ActiveHold {
+            hold: HoldRef {
+                id: hold.id.clone(),
+                reason: hold.reason.clone(),
+                case_reference: hold.case_reference.clone(),
+            },
+            scope: hold.scope.clone(),
+        };
+        let reach = self.hold_under_way(&mut tx, &active, hold.placed_at, &hashes, None, &mut events).await?;
         events.insert(
             0,
             PendingEvent::global(
@@ -343,6 +355,56 @@ impl SqlStore {
         Ok(reach)
     }
 
+    /// Orders placing a hold with intake. Intake checks, after inserting,
+    /// for holds its plans missed ([`late_holds`](Self::late_holds)); a
+    /// hold, once placed, looks for the requests it reaches. Without an
+    /// order, a hold placed while a batch is being written could miss it
+    /// both ways. On PostgreSQL placing takes an exclusive transaction
+    /// lock and intake a shared one: a hold waits for the batches under way
+    /// and then sees them, a batch that starts later sees the hold. SQLite
+    /// runs one transaction at a time.
+    pub(super) async fn hold_barrier(&self, tx: &mut AnyConnection, placing: bool) -> Result<(), StoreError> {
+        if self.dialect != Dialect::Postgres {
+            return Ok(());
+        }
+        let sql = if placing {
+            "SELECT pg_advisory_xact_lock($1)"
+        } else {
+            "SELECT pg_advisory_xact_lock_shared($1)"
+        };
+        sqlx::query(sql).bind(HOLD_LOCK).execute(&mut *tx).await.map(|_| ()).map_err(db_err)
+    }
+
+    /// Applies to requests just inserted (not yet committed) the holds in
+    /// force on their subjects that their plans missed: placed after the
+    /// planner looked.
+    pub(super) async fn late_holds(
+        &self,
+        tx: &mut AnyConnection,
+        reqs: &[&NewRequest],
+        at: DateTime<Utc>,
+        events: &mut Vec<PendingEvent>,
+    ) -> Result<(), StoreError> {
+        let hashes: Vec<String> =
+            reqs.iter().flat_map(|r| r.identifiers.iter().map(|i| i.subject_hash.clone())).collect();
+        let found = holds_in_force(self.dialect, tx, &hashes, at).await?;
+        let mut by_hold: BTreeMap<String, (ActiveHold, BTreeSet<String>)> = BTreeMap::new();
+        for (hash, active) in found {
+            by_hold.entry(active.hold.id.clone()).or_insert_with(|| (active, BTreeSet::new())).1.insert(hash);
+        }
+        for (active, held) in by_hold.values() {
+            let only: BTreeSet<RequestId> = reqs
+                .iter()
+                .filter(|r| r.identifiers.iter().any(|i| held.contains(&i.subject_hash)))
+                .map(|r| r.id)
+                .collect();
+            let hashes: Vec<&str> = held.iter().map(String::as_str).collect();
+            // Categories the plan already holds are left as they are.
+            self.hold_under_way(tx, active, at, &hashes, Some(&only), events).await?;
+        }
+        Ok(())
+    }
+
     /// Applies a hold being placed to the requests of its subject still
     /// under way (their key not destroyed), as [`HoldReach`] describes.
     /// Requests and tasks are locked in id order, as every writer locks
@@ -353,8 +415,10 @@ impl SqlStore {
     async fn hold_under_way(
         &self,
         tx: &mut AnyConnection,
-        hold: &NewHold,
+        hold: &ActiveHold,
+        at: DateTime<Utc>,
         hashes: &[&str],
+        only: Option<&BTreeSet<RequestId>>,
         events: &mut Vec<PendingEvent>,
     ) -> Result<HoldReach, StoreError> {
         let mut reach = HoldReach::default();
@@ -367,7 +431,10 @@ impl SqlStore {
         let requests = rows
             .iter()
             .map(|r| parse::<RequestId>(&col::<String>(r, "request_id")?, "request id"))
-            .collect::<Result<BTreeSet<_>, _>>()?;
+            .collect::<Result<BTreeSet<_>, _>>()?
+            .into_iter()
+            .filter(|r| only.is_none_or(|only| only.contains(r)))
+            .collect::<BTreeSet<_>>();
         if requests.is_empty() {
             return Ok(reach);
         }
@@ -418,7 +485,7 @@ impl SqlStore {
             "SELECT task_id FROM outbox WHERE claimed_by IS NOT NULL AND {}",
             self.dialect.in_keys("task_id", 1, Keys::Text)
         );
-        let now = ms(hold.placed_at);
+        let now = ms(at);
         let claimed: BTreeSet<String> = sqlx::query(&sql)
             .bind(key_list(&ids))
             .fetch_all(&mut *tx)
@@ -448,7 +515,7 @@ impl SqlStore {
             );
             sqlx::query(&sql)
                 .bind(Action::Hold.as_str())
-                .bind(hold.id.as_str())
+                .bind(hold.hold.id.as_str())
                 .bind(request.as_str())
                 .bind(system.as_str())
                 .bind(key_list(newly))
@@ -487,7 +554,7 @@ impl SqlStore {
                 .await
                 .map_err(db_err)?;
                 if next == TaskState::Pending {
-                    self.enqueue(tx, task_id, now, hold.placed_at).await?;
+                    self.enqueue(tx, task_id, now, at).await?;
                 }
             } else {
                 sqlx::query(
@@ -511,7 +578,7 @@ impl SqlStore {
                 request_id,
                 Some(task_id),
                 "task.hold_applied",
-                json!({"system": system, "hold_id": hold.id, "categories": newly, "from": state, "to": next}),
+                json!({"system": system, "hold_id": hold.hold.id, "categories": newly, "from": state, "to": next}),
             ));
             reach.tasks += 1;
             changed.insert(request_id);
@@ -519,7 +586,7 @@ impl SqlStore {
         reach.requests = changed.len() as u64;
         for id in changed {
             if let Some(status) = statuses.get(&id) {
-                self.refresh_request(tx, id, *status, hold.placed_at, events).await?;
+                self.refresh_request(tx, id, *status, at, events).await?;
             }
         }
         Ok(reach)
