@@ -477,7 +477,7 @@ impl SqlStore {
                 parse(&col::<String>(r, "id")?, "task id")?,
             );
         }
-        let mut tasks = self.lock_tasks(tx, covered.keys().filter_map(|k| task_of.get(k)).copied()).await?;
+        let tasks = self.lock_tasks(tx, covered.keys().filter_map(|k| task_of.get(k)).copied()).await?;
         let ids: Vec<String> = tasks.keys().map(ToString::to_string).collect();
         // Claimed, even with its lease run out: a slow dispatcher may still
         // publish it.
@@ -498,16 +498,12 @@ impl SqlStore {
         let mut changed: BTreeSet<RequestId> = BTreeSet::new();
         for ((request, system), (newly, others_erased)) in &covered {
             let request_id: RequestId = parse(request, "request id")?;
-            let task_id = task_of.get(&(request.clone(), system.clone())).copied();
-            let state = match task_id.and_then(|t| tasks.get(&t)) {
-                Some(task) => task.state,
-                None => continue,
-            };
+            let Some(task_id) = task_of.get(&(request.clone(), system.clone())).copied() else { continue };
+            let Some(state) = tasks.get(&task_id).map(|t| t.state) else { continue };
             if matches!(state, TaskState::Succeeded | TaskState::Accepted) {
                 reach.too_late += 1;
                 continue;
             }
-            let Some(task_id) = task_id else { continue };
             let sql = format!(
                 "UPDATE plan_categories SET action = $1, hold_id = $2 \
                  WHERE request_id = $3 AND system = $4 AND {}",
@@ -570,9 +566,6 @@ impl SqlStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(db_err)?;
-            }
-            if let Some(task) = tasks.get_mut(&task_id) {
-                task.state = next;
             }
             events.push(PendingEvent::new(
                 request_id,
