@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, Executor, PgConnection};
 use tokio::process::{Child, Command};
 
 /// What to run.
@@ -73,6 +73,14 @@ async fn server_settings(admin: &mut PgConnection) -> anyhow::Result<(String, bo
     let summary =
         format!("{version}, shared_buffers {buffers}, autovacuum {autovacuum}, synchronous_commit {sync}");
     Ok((summary, autovacuum == "on"))
+}
+
+/// A pool for the harness's own statements (seeding, the floor, polling):
+/// slow by design, so not reported as slow statements.
+async fn quiet_pool(url: &str, connections: u32) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = url.parse()?;
+    let options = options.log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1));
+    Ok(PgPoolOptions::new().max_connections(connections).connect_with(options).await?)
 }
 
 async fn seed(pool: &PgPool, subjects: usize) -> anyhow::Result<()> {
@@ -222,9 +230,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.subjects
     );
     let t = Instant::now();
-    let ops_pool = PgPoolOptions::new().max_connections(4).connect(&ops_url).await?;
-    let floor_pool =
-        PgPoolOptions::new().max_connections(4).connect(&db_url(&args.pg_url, floor_db)?).await?;
+    let ops_pool = quiet_pool(&ops_url, 4).await?;
+    let floor_pool = quiet_pool(&db_url(&args.pg_url, floor_db)?, 4).await?;
     seed(&ops_pool, args.subjects).await?;
     seed(&floor_pool, args.subjects).await?;
     println!("  seeded in {:.1}s", t.elapsed().as_secs_f64());
@@ -282,7 +289,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let intake = started.elapsed();
     println!("  intake done in {:.1}s", intake.as_secs_f64());
 
-    let state_pool = PgPoolOptions::new().max_connections(2).connect(&state_url).await?;
+    let state_pool = quiet_pool(&state_url, 2).await?;
     let mut last_report = Instant::now();
     // Polled once a second: the count scans the requests table, and polling
     // it often takes CPU from the pipeline being measured. The end is read
