@@ -528,44 +528,33 @@ impl SqlStore {
                 TaskState::Retained if all_held => TaskState::Held,
                 other => other,
             };
-            if matches!(state, TaskState::Pending | TaskState::Dispatched) {
-                let spent = i64::from(claimed.contains(&task_id.to_string()));
+            // Queued or on the bus: withdrawn, to be sent again (or held).
+            let withdrawn = matches!(state, TaskState::Pending | TaskState::Dispatched);
+            if withdrawn {
                 sqlx::query("DELETE FROM outbox WHERE task_id = $1")
                     .bind(task_id.to_string())
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err)?;
-                sqlx::query(
-                    "UPDATE tasks SET state = $1, action = $2, attempts = attempts + $3, \
-                     budget_start = budget_start + $3, updated_at = $4, \
-                     finished_at = CASE WHEN $1 = $5 THEN $4 ELSE NULL END WHERE id = $6",
-                )
-                .bind(next.as_str())
-                .bind(Action::Hold.as_str())
-                .bind(spent)
-                .bind(now)
-                .bind(TaskState::Held.as_str())
-                .bind(task_id.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-                if next == TaskState::Pending {
-                    self.enqueue(tx, task_id, now, at).await?;
-                }
-            } else {
-                sqlx::query(
-                    "UPDATE tasks SET state = $1, action = $2, updated_at = $3, \
-                     follow_up_at = CASE WHEN $1 = $4 THEN NULL ELSE follow_up_at END, \
-                     finished_at = CASE WHEN $1 = $4 THEN $3 ELSE finished_at END WHERE id = $5",
-                )
-                .bind(next.as_str())
-                .bind(Action::Hold.as_str())
-                .bind(now)
-                .bind(TaskState::Held.as_str())
-                .bind(task_id.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
+            }
+            let spent = i64::from(withdrawn && claimed.contains(&task_id.to_string()));
+            sqlx::query(
+                "UPDATE tasks SET state = $1, action = $2, attempts = attempts + $3, \
+                 budget_start = budget_start + $3, updated_at = $4, \
+                 follow_up_at = CASE WHEN $1 = $5 THEN NULL ELSE follow_up_at END, \
+                 finished_at = CASE WHEN $1 = $5 THEN $4 ELSE finished_at END WHERE id = $6",
+            )
+            .bind(next.as_str())
+            .bind(Action::Hold.as_str())
+            .bind(spent)
+            .bind(now)
+            .bind(TaskState::Held.as_str())
+            .bind(task_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            if withdrawn && next == TaskState::Pending {
+                self.enqueue(tx, task_id, now, at).await?;
             }
             events.push(PendingEvent::new(
                 request_id,
