@@ -415,6 +415,10 @@ async fn a_hold_placed_during_a_retention_keeps_the_records_past_it() {
         (invoice["action"].as_str(), invoice["hold"]["case_reference"].as_str()),
         (Some("hold"), Some("TAX-2033-9"))
     );
+    let (_, events) = h.call(reqwest::Method::GET, &format!("/v1/requests/{id}/events"), None).await;
+    let applied = events.as_array().unwrap().iter().find(|e| e["kind"] == "task.hold_applied").cloned();
+    let summary = applied.map(|e| e["summary"].clone());
+    assert_eq!(summary, Some(json!("legal hold placed: retained → retained")), "{events}");
 
     // The retention ends: the follow-up runs under the hold and keeps them.
     h.clock.advance(day(2035, 2, 1) - h_now(&h));

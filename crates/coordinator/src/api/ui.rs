@@ -77,6 +77,11 @@ pub async fn events(
                     }
                     "task.follow_up" => detail["why"].as_str().map(str::to_owned),
                     "task.timed_out" => Some(format!("no result within {}s", detail["timeout_secs"])),
+                    "task.hold_applied" => Some(format!(
+                        "legal hold placed: {} → {}",
+                        detail["from"].as_str().unwrap_or("?"),
+                        detail["to"].as_str().unwrap_or("?")
+                    )),
                     "request.status" => Some(format!(
                         "{} → {}",
                         detail["from"].as_str().unwrap_or("?"),
