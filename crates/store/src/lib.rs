@@ -196,8 +196,10 @@ pub trait StateStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<ReleaseResult, StoreError>;
 
-    /// Holds, newest first; released and expired ones too if `all`.
-    async fn list_holds(&self, all: bool) -> Result<Vec<HoldRecord>, StoreError>;
+    /// Holds, newest first: those in force at `now`, or all of them
+    /// (released and expired too) if `all`. A hold whose expiry has passed
+    /// is not in force even before the scheduler records its release.
+    async fn list_holds(&self, all: bool, now: DateTime<Utc>) -> Result<Vec<HoldRecord>, StoreError>;
 
     /// Releases holds whose expiry has passed. Returns how many.
     async fn expire_holds(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;

@@ -1520,8 +1520,8 @@ impl StateStore for SqlStore {
         self.release(id, reason, now).await
     }
 
-    async fn list_holds(&self, all: bool) -> Result<Vec<HoldRecord>, StoreError> {
-        self.holds(all).await
+    async fn list_holds(&self, all: bool, now: DateTime<Utc>) -> Result<Vec<HoldRecord>, StoreError> {
+        self.holds(all, now).await
     }
 
     async fn expire_holds(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {

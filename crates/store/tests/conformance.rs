@@ -992,8 +992,8 @@ async fn legal_holds_keep_a_system_until_released(b: &Backend) {
     );
     assert!(detail(&b.store, id).await.request.key_destroyed_at.is_some());
 
-    assert!(b.store.list_holds(false).await.unwrap().is_empty());
-    let all = b.store.list_holds(true).await.unwrap();
+    assert!(b.store.list_holds(false, released).await.unwrap().is_empty());
+    let all = b.store.list_holds(true, released).await.unwrap();
     let [listed] = &all[..] else { panic!("{all:?}") };
     assert_eq!(
         listed,
@@ -1031,7 +1031,8 @@ async fn overlapping_holds_keep_data_until_the_last_is_released(b: &Backend) {
         .place_hold(hold("hold-b", vec![subject.clone()], systems_scope(&["crm"]), day(-1)))
         .await
         .unwrap();
-    let listed: Vec<String> = b.store.list_holds(false).await.unwrap().into_iter().map(|h| h.id).collect();
+    let listed: Vec<String> =
+        b.store.list_holds(false, t0()).await.unwrap().into_iter().map(|h| h.id).collect();
     assert_eq!(listed, ["hold-b", "hold-a"], "newest first");
     let holds = holds_in_force(b, &subject, t0()).await;
     assert_eq!(holds.len(), 2);
@@ -1106,11 +1107,13 @@ async fn expired_holds_release_what_they_kept(b: &Backend) {
     assert_eq!(b.store.run_follow_ups(day(100_000), 10).await.unwrap(), 0);
 
     assert_eq!(b.store.expire_holds(day(9)).await.unwrap(), 0);
-    assert_eq!(b.store.list_holds(false).await.unwrap().len(), 1);
+    assert_eq!(b.store.list_holds(false, day(9)).await.unwrap().len(), 1);
+    assert!(b.store.list_holds(false, day(10)).await.unwrap().is_empty(), "expired, though not yet swept");
+    assert_eq!(b.store.list_holds(true, day(10)).await.unwrap().len(), 1);
     assert_eq!(b.store.expire_holds(day(10)).await.unwrap(), 1);
     assert_eq!(b.store.expire_holds(day(11)).await.unwrap(), 0);
-    assert!(b.store.list_holds(false).await.unwrap().is_empty());
-    let all = b.store.list_holds(true).await.unwrap();
+    assert!(b.store.list_holds(false, day(11)).await.unwrap().is_empty());
+    let all = b.store.list_holds(true, day(11)).await.unwrap();
     assert_eq!((all[0].released_at, all[0].release_reason.as_deref()), (Some(day(10)), Some("expired")));
 
     let d = detail(&b.store, id).await;

@@ -232,6 +232,6 @@ pub async fn list(
 ) -> Result<Json<Vec<HoldView>>, Problem> {
     caller.require(Scope::HoldsWrite)?;
     let Query(params) = params.map_err(|_| Problem::invalid("unknown or malformed query parameter"))?;
-    let holds = state.store.list_holds(params.all.unwrap_or(false)).await?;
+    let holds = state.store.list_holds(params.all.unwrap_or(false), state.clock.now()).await?;
     Ok(Json(holds.into_iter().map(HoldView::from).collect()))
 }

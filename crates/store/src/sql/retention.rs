@@ -745,13 +745,19 @@ impl SqlStore {
         Ok(true)
     }
 
-    pub(super) async fn holds(&self, all: bool) -> Result<Vec<HoldRecord>, StoreError> {
-        let filter = if all { "" } else { " WHERE h.released_at IS NULL" };
+    pub(super) async fn holds(&self, all: bool, now: DateTime<Utc>) -> Result<Vec<HoldRecord>, StoreError> {
+        let filter = if all {
+            ""
+        } else {
+            " WHERE h.released_at IS NULL AND (h.expires_at IS NULL OR h.expires_at > $1)"
+        };
         let sql = format!(
             "SELECT {HOLD_COLUMNS}, (SELECT COUNT(*) FROM hold_subjects s WHERE s.hold_id = h.id) AS subjects \
              FROM holds h{filter} ORDER BY h.placed_at DESC, h.id DESC"
         );
-        sqlx::query(&sql)
+        let query = sqlx::query(&sql);
+        let query = if all { query } else { query.bind(ms(now)) };
+        query
             .fetch_all(&self.pool)
             .await
             .map_err(db_err)?
