@@ -332,7 +332,17 @@ impl SqlStore {
             },
             scope: hold.scope.clone(),
         };
-        let reach = self.hold_under_way(&mut tx, &active, hold.placed_at, &hashes, None, &mut events).await?;
+        let sql = format!(
+            "SELECT DISTINCT i.request_id FROM identifiers i JOIN requests r ON r.id = i.request_id \
+             WHERE r.wrapped_key IS NOT NULL AND {}",
+            self.dialect.in_keys("i.subject_hash", 1, Keys::Text)
+        );
+        let rows = sqlx::query(&sql).bind(key_list(&hashes)).fetch_all(&mut *tx).await.map_err(db_err)?;
+        let under_way = rows
+            .iter()
+            .map(|r| parse::<RequestId>(&col::<String>(r, "request_id")?, "request id"))
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        let reach = self.hold_under_way(&mut tx, &active, hold.placed_at, &under_way, &mut events).await?;
         events.insert(
             0,
             PendingEvent::global(
@@ -393,19 +403,18 @@ impl SqlStore {
             by_hold.entry(active.hold.id.clone()).or_insert_with(|| (active, BTreeSet::new())).1.insert(hash);
         }
         for (active, held) in by_hold.values() {
-            let only: BTreeSet<RequestId> = reqs
+            let reached: BTreeSet<RequestId> = reqs
                 .iter()
                 .filter(|r| r.identifiers.iter().any(|i| held.contains(&i.subject_hash)))
                 .map(|r| r.id)
                 .collect();
-            let hashes: Vec<&str> = held.iter().map(String::as_str).collect();
             // Categories the plan already holds are left as they are.
-            self.hold_under_way(tx, active, at, &hashes, Some(&only), events).await?;
+            self.hold_under_way(tx, active, at, &reached, events).await?;
         }
         Ok(())
     }
 
-    /// Applies a hold being placed to the requests of its subject still
+    /// Applies a hold being placed to `requests` of its subject still
     /// under way (their key not destroyed), as [`HoldReach`] describes.
     /// Requests and tasks are locked in id order, as every writer locks
     /// them. A queue row a dispatcher has claimed may be on its way to the
@@ -417,24 +426,10 @@ impl SqlStore {
         tx: &mut AnyConnection,
         hold: &ActiveHold,
         at: DateTime<Utc>,
-        hashes: &[&str],
-        only: Option<&BTreeSet<RequestId>>,
+        requests: &BTreeSet<RequestId>,
         events: &mut Vec<PendingEvent>,
     ) -> Result<HoldReach, StoreError> {
         let mut reach = HoldReach::default();
-        let sql = format!(
-            "SELECT DISTINCT i.request_id FROM identifiers i JOIN requests r ON r.id = i.request_id \
-             WHERE r.wrapped_key IS NOT NULL AND {}",
-            self.dialect.in_keys("i.subject_hash", 1, Keys::Text)
-        );
-        let rows = sqlx::query(&sql).bind(key_list(hashes)).fetch_all(&mut *tx).await.map_err(db_err)?;
-        let requests = rows
-            .iter()
-            .map(|r| parse::<RequestId>(&col::<String>(r, "request_id")?, "request id"))
-            .collect::<Result<BTreeSet<_>, _>>()?
-            .into_iter()
-            .filter(|r| only.is_none_or(|only| only.contains(r)))
-            .collect::<BTreeSet<_>>();
         if requests.is_empty() {
             return Ok(reach);
         }
@@ -496,7 +491,7 @@ impl SqlStore {
             .collect::<Result<_, _>>()?;
 
         let mut changed: BTreeSet<RequestId> = BTreeSet::new();
-        for ((request, system), (newly, others_erased)) in &covered {
+        for ((request, system), (newly, uncovered)) in &covered {
             let request_id: RequestId = parse(request, "request id")?;
             let Some(task_id) = task_of.get(&(request.clone(), system.clone())).copied() else { continue };
             let Some(state) = tasks.get(&task_id).map(|t| t.state) else { continue };
@@ -519,7 +514,7 @@ impl SqlStore {
                 .await
                 .map_err(db_err)?;
             // Every category held: nothing of the system may go now.
-            let all_held = !others_erased;
+            let all_held = !uncovered;
             let next = match state {
                 TaskState::Pending | TaskState::Dispatched if all_held => TaskState::Held,
                 TaskState::Pending | TaskState::Dispatched => TaskState::Pending,
