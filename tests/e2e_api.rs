@@ -79,6 +79,35 @@ async fn bad_input_is_refused_over_the_real_server() {
     )
     .await;
     assert!(p["detail"].as_str().unwrap().contains("colour"), "{p}");
+    // A misspelt identifier type would find nothing anywhere and pass for
+    // an erasure.
+    let p = expect_problem(
+        &server,
+        "identifier type no system uses",
+        json!({"subject": {"e_mail": "secret-value@example.com"}, "regulation": "gdpr"}).to_string(),
+        422,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("the systems use: "), "{p}");
+    assert!(!p.to_string().contains("secret-value"), "{p}");
+    // A type given twice would keep only one of the values.
+    let p = expect_problem(
+        &server,
+        "identifier type given twice",
+        r#"{"subject": {"email": "secret-value@example.com", "email": "ada@example.com"}, "regulation": "gdpr"}"#,
+        422,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("more than once"), "{p}");
+    // A zero-width space pasted with the address.
+    let p = expect_problem(
+        &server,
+        "invisible character",
+        json!({"subject": {"email": "secret-value@example.com\u{200B}"}, "regulation": "gdpr"}).to_string(),
+        422,
+    )
+    .await;
+    assert!(!p.to_string().contains("secret-value"), "{p}");
     let huge = json!({
         "subject": {"email": "ada@example.com"},
         "regulation": "gdpr",

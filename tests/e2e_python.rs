@@ -231,6 +231,7 @@ connector = "external"
 owner = "membership-team"
 description = "The members' club: newsletter and membership invoices, served by a Python worker"
 categories = ["marketing.profile", "billing.invoice"]
+identifier_types = ["email"]
 # Required with the Kafka bus; the Python worker uses an API token instead.
 token = "${{LETHE_TEST_CLUBHOUSE_TOKEN}}"
 "#,

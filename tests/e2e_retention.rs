@@ -116,6 +116,7 @@ impl Harness {
                 connector: "sql".into(),
                 owner: None,
                 categories: c.categories(),
+                identifier_types: None,
                 description: None,
             })
             .collect();

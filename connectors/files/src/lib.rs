@@ -48,6 +48,15 @@ fn paths_of(root: &Path, d: &Dataset, task: &ErasureTask) -> Result<Vec<PathBuf>
     Ok(paths.into_iter().filter(|p| !p.contains('{')).map(|p| root.join(p)).collect())
 }
 
+/// The `{identifier_type}` placeholders of a dataset's path.
+fn placeholders(path: &str) -> impl Iterator<Item = &str> {
+    path.split('{')
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}'))
+        .map(|(name, _)| name)
+        .filter(|name| name.parse::<lethe_connector::lethe_core::IdentifierKind>().is_ok())
+}
+
 /// Never says which file: its name holds an identifier.
 fn io_error(e: std::io::Error) -> ConnectorError {
     let retryable = e.kind() != ErrorKind::PermissionDenied;
@@ -114,6 +123,12 @@ impl ConnectorKind for FilesKind {
     fn categories(&self, config: &toml::Table) -> Result<Vec<String>, String> {
         let config: FilesConfig = parse(config)?;
         Ok(distinct(config.datasets.iter().map(|d| d.category.as_str())))
+    }
+
+    fn identifier_types(&self, config: &toml::Table) -> Result<Option<Vec<String>>, String> {
+        let config: FilesConfig = parse(config)?;
+        let kinds = config.datasets.iter().flat_map(|d| placeholders(&d.path));
+        Ok(Some(distinct(kinds)))
     }
 
     async fn build(&self, config: &toml::Table) -> Result<Arc<dyn Connector>, ConnectorError> {

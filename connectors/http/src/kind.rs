@@ -23,6 +23,11 @@ impl ConnectorKind for HttpKind {
         Ok(vec![config.resolve()?.category])
     }
 
+    fn identifier_types(&self, config: &toml::Table) -> Result<Option<Vec<String>>, String> {
+        let config: HttpConfig = parse(config)?;
+        Ok(Some(vec![config.resolve()?.key]))
+    }
+
     async fn build(&self, config: &toml::Table) -> Result<Arc<dyn Connector>, ConnectorError> {
         Ok(Arc::new(HttpConnector::from_table(config)?))
     }

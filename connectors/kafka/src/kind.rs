@@ -28,6 +28,12 @@ impl ConnectorKind for KafkaKind {
         Ok(KafkaConfig::from_table(config)?.categories())
     }
 
+    fn identifier_types(&self, config: &toml::Table) -> Result<Option<Vec<String>>, String> {
+        let config = KafkaConfig::from_table(config)?;
+        let kinds = config.datasets.iter().flat_map(|d| d.key.kinds().map(|k| k.as_str()));
+        Ok(Some(lethe_connector::kind::distinct(kinds)))
+    }
+
     async fn build(&self, config: &toml::Table) -> Result<Arc<dyn Connector>, ConnectorError> {
         let config = KafkaConfig::from_table(config)
             .map_err(|e| ConnectorError::permanent(format!("invalid Kafka connector configuration: {e}")))?;

@@ -26,6 +26,12 @@ impl ConnectorKind for RedisKind {
         Ok(config.categories())
     }
 
+    fn identifier_types(&self, config: &toml::Table) -> Result<Option<Vec<String>>, String> {
+        let config: RedisConfig = parse(config)?;
+        let datasets = config.datasets()?;
+        Ok(Some(lethe_connector::kind::distinct(datasets.iter().flat_map(|d| d.target.kinds()))))
+    }
+
     async fn build(&self, config: &toml::Table) -> Result<Arc<dyn Connector>, ConnectorError> {
         let config: RedisConfig = parse(config)
             .map_err(|e| ConnectorError::permanent(format!("invalid Redis connector configuration: {e}")))?;

@@ -22,6 +22,12 @@ impl ConnectorKind for SqlKind {
         Ok(config.categories())
     }
 
+    fn identifier_types(&self, config: &toml::Table) -> Result<Option<Vec<String>>, String> {
+        let config: SqlConfig = parse(config)?;
+        let kinds = config.tables.iter().flat_map(|t| t.matches.keys().map(|k| k.as_str()));
+        Ok(Some(lethe_connector::kind::distinct(kinds)))
+    }
+
     async fn build(&self, config: &toml::Table) -> Result<Arc<dyn Connector>, ConnectorError> {
         let config: SqlConfig = parse(config).map_err(ConnectorError::permanent)?;
         Ok(Arc::new(SqlConnector::connect(config).await?))

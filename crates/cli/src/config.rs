@@ -292,6 +292,11 @@ pub struct SystemConfig {
     /// exactly the categories the datasets declare.
     #[serde(default)]
     pub categories: Vec<String>,
+    /// For an `external` system: the identifier types its worker finds a
+    /// subject by (built-in connectors read them from their datasets).
+    /// Without them, intake cannot refuse a subject no system could find.
+    #[serde(default)]
+    pub identifier_types: Vec<String>,
     /// Bearer token of this system's connector workers (`lethe connector
     /// run`), written as `${ENV_VAR}`; required with the Kafka bus.
     #[serde(default)]
@@ -318,11 +323,21 @@ impl SystemConfig {
                 );
             }
         }
+        for t in &self.identifier_types {
+            if t.parse::<lethe_core::IdentifierKind>().is_err() {
+                bail!(
+                    "system {:?}: identifier type {t:?} is not email, phone, customer_id, device_id \
+                     or a lower-case word",
+                    self.name
+                );
+            }
+        }
         Ok(lethe_coordinator::SystemInfo {
             name: self.name.clone(),
             connector: self.connector.clone(),
             owner: self.owner.clone(),
             categories: declared,
+            identifier_types: crate::registry::identifier_types(self)?,
             description: self.description.clone(),
         })
     }

@@ -50,6 +50,20 @@ pub fn categories(system: &SystemConfig) -> anyhow::Result<Vec<String>> {
     kind(system)?.categories(&system.config).map_err(|e| anyhow::anyhow!("invalid connector settings: {e}"))
 }
 
+/// The identifier types a system finds subjects by: from its connector's
+/// datasets, or as an external system lists them (`None` if it does not).
+pub fn identifier_types(system: &SystemConfig) -> anyhow::Result<Option<Vec<String>>> {
+    if system.connector == EXTERNAL {
+        return Ok((!system.identifier_types.is_empty()).then(|| system.identifier_types.clone()));
+    }
+    if !system.identifier_types.is_empty() {
+        bail!("only an external system lists `identifier_types`: a connector reads them from its datasets");
+    }
+    kind(system)?
+        .identifier_types(&system.config)
+        .map_err(|e| anyhow::anyhow!("invalid connector settings: {e}"))
+}
+
 /// Builds a system's connector, resolving `${ENV}` placeholders.
 pub async fn build(system: &SystemConfig) -> anyhow::Result<Arc<dyn Connector>> {
     if system.connector == EXTERNAL {

@@ -19,6 +19,17 @@ pub trait ConnectorKind: Send + Sync + 'static {
     /// the system's datasets hold, in order.
     fn categories(&self, config: &toml::Table) -> Result<Vec<String>, String>;
 
+    /// The identifier types (`email`, `customer_id`, a custom word, …) the
+    /// system's datasets find a subject by, each once, from the same
+    /// unresolved settings. Intake refuses a subject none of the systems
+    /// could find, and a custom type no system uses (a misspelt type would
+    /// otherwise find nothing anywhere and pass for an erasure). `None`:
+    /// the connector cannot tell, and intake checks nothing.
+    fn identifier_types(&self, config: &toml::Table) -> Result<Option<Vec<String>>, String> {
+        let _ = config;
+        Ok(None)
+    }
+
     /// Builds the connector from settings whose placeholders are resolved.
     async fn build(&self, config: &toml::Table) -> Result<Arc<dyn Connector>, ConnectorError>;
 }

@@ -4,7 +4,8 @@
 
 use chrono::{DateTime, Utc};
 use lethe_core::{
-    ActiveHold, Deadlines, PlanItem, Policy, PolicyError, Regulation, SystemCategories, TaskId,
+    ActiveHold, Deadlines, IdentifierKind, PlanItem, Policy, PolicyError, Regulation, SystemCategories,
+    TaskId,
 };
 use lethe_store::NewTask;
 use serde::Serialize;
@@ -21,6 +22,10 @@ pub struct SystemInfo {
     pub owner: Option<String>,
     /// Data categories the system holds (at least one).
     pub categories: Vec<String>,
+    /// The identifier types the system finds a subject by; absent if its
+    /// connector cannot tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identifier_types: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
@@ -81,6 +86,42 @@ impl Planner {
         self.systems.iter().any(|s| s.categories.iter().any(|c| c == category))
     }
 
+    /// Whether the systems could find a subject with identifiers of these
+    /// types: at least one type must be one some system finds subjects by,
+    /// and a custom type must be one some system uses (a misspelt type, such
+    /// as `e_mail`, would find nothing anywhere and the request would pass
+    /// for an erasure). Built-in types no system uses are let through
+    /// beside a useful one. Checks nothing if some system's connector
+    /// cannot tell its types. The error names the types in use, never a
+    /// value.
+    pub fn check_identifier_types(&self, kinds: &[&IdentifierKind]) -> Result<(), String> {
+        let mut used: Vec<&str> = Vec::new();
+        for s in &self.systems {
+            let Some(types) = &s.identifier_types else { return Ok(()) };
+            for t in types {
+                if !used.contains(&t.as_str()) {
+                    used.push(t);
+                }
+            }
+        }
+        used.sort_unstable();
+        let in_use = || used.join(", ");
+        if kinds.iter().any(|k| matches!(k, IdentifierKind::Custom(_)) && !used.contains(&k.as_str())) {
+            return Err(format!(
+                "subject: no configured system finds subjects by one of the custom identifier types given; \
+                 the systems use: {}",
+                in_use()
+            ));
+        }
+        if !kinds.iter().any(|k| used.contains(&k.as_str())) {
+            return Err(format!(
+                "subject: no configured system finds subjects by these identifier types; the systems use: {}",
+                in_use()
+            ));
+        }
+        Ok(())
+    }
+
     /// The plan and one task per system for a request received at
     /// `received`, with the holds in force on its subject.
     pub fn plan(
@@ -100,5 +141,51 @@ impl Planner {
             })
             .collect();
         (plan, tasks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn system(name: &str, types: Option<&[&str]>) -> SystemInfo {
+        SystemInfo {
+            name: name.into(),
+            connector: "sql".into(),
+            owner: None,
+            categories: vec!["identity.contact".into()],
+            identifier_types: types.map(|t| t.iter().map(|s| (*s).to_owned()).collect()),
+            description: None,
+        }
+    }
+
+    fn kinds(names: &[&str]) -> Vec<IdentifierKind> {
+        names.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn subjects_no_system_could_find_are_refused() {
+        let planner = Planner::erase_all(vec![
+            system("shop", Some(&["email", "customer_id"])),
+            system("loyalty", Some(&["loyalty_number"])),
+        ])
+        .unwrap();
+        let check = |names: &[&str]| {
+            let k = kinds(names);
+            planner.check_identifier_types(&k.iter().collect::<Vec<_>>())
+        };
+        assert!(check(&["email"]).is_ok());
+        assert!(check(&["loyalty_number"]).is_ok());
+        assert!(check(&["email", "phone"]).is_ok(), "a built-in type beside a useful one");
+        let typo = check(&["e_mail"]).unwrap_err();
+        assert!(typo.contains("custom") && typo.ends_with("customer_id, email, loyalty_number"), "{typo}");
+        assert!(check(&["email", "e_mail"]).is_err(), "a misspelt type beside a good one");
+        let useless = check(&["phone", "device_id"]).unwrap_err();
+        assert!(useless.contains("no configured system"), "{useless}");
+
+        // A system that cannot tell its types: nothing is checked.
+        let open =
+            Planner::erase_all(vec![system("shop", Some(&["email"])), system("vendor", None)]).unwrap();
+        assert!(open.check_identifier_types(&kinds(&["e_mail"]).iter().collect::<Vec<_>>()).is_ok());
     }
 }

@@ -29,6 +29,7 @@ fn systems() -> Vec<SystemInfo> {
             connector: "memory".into(),
             owner: None,
             categories: vec!["identity.contact".into()],
+            identifier_types: None,
             description: None,
         })
         .collect()
@@ -213,15 +214,43 @@ async fn idempotency_key_returns_the_same_request() {
             .unwrap()
     };
     let (s1, first, h1) = call(&h.app(), keyed(&body)).await;
-    let (s2, second, h2) = call(&h.app(), keyed(&body)).await;
+    // The same subject written differently is the same submission.
+    let same = json!({"subject": {"email": " Grace@Example.COM"}, "regulation": "ccpa"}).to_string();
+    let (s2, second, h2) = call(&h.app(), keyed(&same)).await;
     assert_eq!((s1, s2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
     assert_eq!(first["id"], second["id"]);
     assert!(h1.get("idempotent-replayed").is_none());
     assert_eq!(h2["idempotent-replayed"], "true");
-    let (_, other, _) = call(&h.app(), post(body)).await;
+    let (_, other, _) = call(&h.app(), post(body.clone())).await;
     assert_ne!(other["id"], first["id"], "without the key it is a new request");
+
+    // The key reused for another subject, regulation or reference is
+    // refused: answering with the first request would leave this one
+    // unerased.
+    for different in [
+        json!({"subject": {"email": "leak-other@example.com"}, "regulation": "ccpa"}),
+        json!({"subject": {"email": "grace@example.com"}, "regulation": "gdpr"}),
+        json!({"subject": {"email": "grace@example.com", "customer_id": "leak-C-1"}, "regulation": "ccpa"}),
+        json!({"subject": {"email": "grace@example.com"}, "regulation": "ccpa", "external_ref": "leak-T-9"}),
+    ] {
+        let (status, problem, headers) = call(&h.app(), keyed(&different.to_string())).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{different}: {problem}");
+        assert!(problem["detail"].as_str().unwrap().contains("Idempotency-Key"), "{problem}");
+        assert!(problem.get("id").is_none() && headers.get("idempotent-replayed").is_none());
+        assert!(!problem.to_string().contains("leak"), "{problem} echoes input");
+    }
+
+    // Keys are the submitter's own: another portal's same key is its own.
+    let portal = h.token("portal-b", &[lethe_coordinator::Scope::RequestsSubmit]).await;
+    let mut theirs = keyed(&json!({"subject": {"email": "b@example.com"}, "regulation": "ccpa"}).to_string());
+    theirs.headers_mut().insert(header::AUTHORIZATION, format!("Bearer {portal}").parse().unwrap());
+    let (status, b, headers) = call(&h.app(), theirs).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{b}");
+    assert_ne!(b["id"], first["id"]);
+    assert!(headers.get("idempotent-replayed").is_none());
+
     let (_, page, _) = call(&h.app(), get("/v1/requests")).await;
-    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    assert_eq!(page["items"].as_array().unwrap().len(), 3);
 }
 
 #[tokio::test]
@@ -649,11 +678,12 @@ async fn batches_accept_valid_items_refuse_invalid_ones_and_replay_by_key() {
         {"request": {"subject": {"email": "leak-invalid"}, "regulation": "gdpr"}, "idempotency_key": "row-2"},
         {"request": {"subject": {"phone": "+44 20 7946 0958"}, "regulation": "ccpa"}, "idempotency_key": "row-3"},
         {"request": {"subject": {"email": "b1@example.com"}, "regulation": "gdpr"}, "idempotency_key": "row-1"},
+        {"request": {"subject": {"email": "leak-b2@example.com"}, "regulation": "gdpr"}, "idempotency_key": "row-1"},
     ]);
     let (status, first, _) = call(&h.app(), batch(items.clone())).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{first}");
     let r = first["results"].as_array().unwrap();
-    assert_eq!(r.len(), 4);
+    assert_eq!(r.len(), 5);
     assert!(r[0]["id"].is_string() && r[0]["error"].is_null());
     assert!(r[1]["id"].is_null() && r[1]["error"].as_str().unwrap().contains("email"));
     assert!(!first.to_string().contains("leak"), "errors never quote values");
@@ -663,6 +693,8 @@ async fn batches_accept_valid_items_refuse_invalid_ones_and_replay_by_key() {
         (r[0]["id"].clone(), json!(true)),
         "same key in one batch"
     );
+    assert!(r[4]["id"].is_null(), "a key reused for another subject writes nothing");
+    assert!(r[4]["error"].as_str().unwrap().contains("Idempotency-Key"), "{}", r[4]);
     let (_, again, _) = call(&h.app(), batch(items)).await;
     let r2 = again["results"].as_array().unwrap();
     assert_eq!(r2[0]["id"], r[0]["id"]);

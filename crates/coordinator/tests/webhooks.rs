@@ -171,6 +171,7 @@ async fn endpoints_receive_signed_events_with_retries_and_a_delivery_log() {
         connector: "memory".into(),
         owner: None,
         categories: vec!["identity.contact".into()],
+        identifier_types: None,
         description: None,
     };
     let settings = Settings { poll_interval: Duration::from_millis(20), ..Default::default() };

@@ -4,6 +4,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 /// Longest identifier value accepted, in bytes, after normalisation.
 pub const MAX_IDENTIFIER_LEN: usize = 320;
@@ -82,7 +84,7 @@ pub enum IdentifierError {
     Empty { kind: String },
     #[error("{kind} is longer than {MAX_IDENTIFIER_LEN} bytes")]
     TooLong { kind: String },
-    #[error("{kind} contains control characters")]
+    #[error("{kind} contains control or invisible formatting characters")]
     ControlCharacters { kind: String },
     #[error("email is not a valid address (expected local@domain)")]
     InvalidEmail,
@@ -99,25 +101,31 @@ pub struct Identifier {
 }
 
 impl Identifier {
-    /// Validates and normalises `raw` for `kind`: every value is trimmed;
-    /// emails are lower-cased; phones are reduced to E.164 (`+` and digits,
-    /// a leading `00` read as `+`).
+    /// Validates and normalises `raw` for `kind`: every value is trimmed and
+    /// put in Unicode normal form C (so a composed and a decomposed `é` are
+    /// one value); emails are lower-cased; phones are reduced to E.164 (`+`
+    /// and digits, a leading `00` read as `+`). Control characters and
+    /// invisible formatting characters (a zero-width space, a soft hyphen, a
+    /// byte-order mark pasted from a form) are refused: they would make a
+    /// value that looks like another hash differently, miss the systems'
+    /// records and slip past legal holds.
     pub fn parse(kind: IdentifierKind, raw: &str) -> Result<Self, IdentifierError> {
-        let trimmed = raw.trim();
         let name = || kind.as_str().to_owned();
-        if trimmed.is_empty() {
-            return Err(IdentifierError::Empty { kind: name() });
-        }
-        if trimmed.len() > MAX_IDENTIFIER_LEN {
-            return Err(IdentifierError::TooLong { kind: name() });
-        }
-        if trimmed.chars().any(char::is_control) {
+        let trimmed = raw.trim();
+        if trimmed.chars().any(|c| c.is_control() || c.general_category() == GeneralCategory::Format) {
             return Err(IdentifierError::ControlCharacters { kind: name() });
         }
+        let composed: String = trimmed.nfc().collect();
+        if composed.is_empty() {
+            return Err(IdentifierError::Empty { kind: name() });
+        }
+        if composed.len() > MAX_IDENTIFIER_LEN {
+            return Err(IdentifierError::TooLong { kind: name() });
+        }
         let value = match kind {
-            IdentifierKind::Email => normalise_email(trimmed)?,
-            IdentifierKind::Phone => normalise_phone(trimmed)?,
-            _ => trimmed.to_owned(),
+            IdentifierKind::Email => normalise_email(&composed)?,
+            IdentifierKind::Phone => normalise_phone(&composed)?,
+            _ => composed,
         };
         Ok(Self { kind, value })
     }
@@ -228,6 +236,22 @@ mod tests {
         assert!(parse("Bad-Kind", "x").is_err());
         assert!(parse("device_id", &"x".repeat(MAX_IDENTIFIER_LEN + 1)).is_err());
         assert!(parse("device_id", "a\u{0}b").is_err());
+        assert!(parse("device_id", "a\tb").is_err());
+    }
+
+    #[test]
+    fn invisible_characters_are_refused_and_forms_composed() {
+        for pasted in ["ada@example.com\u{200B}", "\u{FEFF}ada@example.com", "a\u{00AD}da@example.com"] {
+            let err = parse("email", pasted).unwrap_err();
+            assert!(matches!(err, IdentifierError::ControlCharacters { .. }), "{pasted:?}: {err}");
+        }
+        assert!(parse("customer_id", "C\u{2060}42").is_err());
+        // A decomposed é (e + combining acute) is the composed one.
+        assert_eq!(parse("email", "rene\u{0301}@example.fr").unwrap(), "ren\u{00E9}@example.fr");
+        assert_eq!(
+            parse("customer_id", "Jose\u{0301}").unwrap(),
+            parse("customer_id", "Jos\u{00E9}").unwrap()
+        );
     }
 
     #[test]

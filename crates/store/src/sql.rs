@@ -551,13 +551,20 @@ impl SqlStore {
         Ok(Some(next))
     }
 
-    async fn existing_by_key(&self, key: &str) -> Result<Option<RequestId>, StoreError> {
-        let row = sqlx::query("SELECT id FROM requests WHERE idempotency_key = $1")
-            .bind(key)
+    /// The request an idempotency key names, judged against `key`'s
+    /// fingerprint: the same submission again, or a different one.
+    async fn existing_by_key(&self, key: &IdempotencyKey) -> Result<Option<Created>, StoreError> {
+        let row = sqlx::query("SELECT id, idempotency_fingerprint FROM requests WHERE idempotency_key = $1")
+            .bind(&key.key)
             .fetch_optional(&self.pool)
             .await
             .map_err(db_err)?;
-        row.map(|r| parse(&col::<String>(&r, "id")?, "request id")).transpose()
+        let Some(row) = row else { return Ok(None) };
+        let fingerprint: Option<String> = col(&row, "idempotency_fingerprint")?;
+        if fingerprint.as_deref() != Some(key.fingerprint.as_str()) {
+            return Ok(Some(Created::KeyReused));
+        }
+        Ok(Some(Created::Existing(parse(&col::<String>(&row, "id")?, "request id")?)))
     }
 
     /// Writes requests in one transaction: one multi-row insert per table
@@ -586,7 +593,8 @@ impl SqlStore {
                 ms(req.due_at).into(),
                 now.into(),
                 req.external_ref.clone().into(),
-                req.idempotency_key.clone().into(),
+                req.idempotency.as_ref().map(|k| k.key.clone()).into(),
+                req.idempotency.as_ref().map(|k| k.fingerprint.clone()).into(),
                 req.wrapped_key.clone().into(),
                 req.submitted_by.clone().into(),
             ]);
@@ -657,6 +665,7 @@ impl SqlStore {
             "updated_at",
             "external_ref",
             "idempotency_key",
+            "idempotency_fingerprint",
             "wrapped_key",
             "submitted_by",
         ];
@@ -700,18 +709,16 @@ impl StateStore for SqlStore {
     }
 
     async fn create_request(&self, req: NewRequest) -> Result<Created, StoreError> {
-        if let Some(key) = &req.idempotency_key {
-            if let Some(id) = self.existing_by_key(key).await? {
-                return Ok(Created::Existing(id));
+        if let Some(key) = &req.idempotency {
+            if let Some(found) = self.existing_by_key(key).await? {
+                return Ok(found);
             }
         }
         match self.insert_requests(&[&req]).await {
             Ok(()) => Ok(Created::New(req.id)),
             // A concurrent request with the same idempotency key won the race.
-            Err(StoreError::Conflict(c)) => match &req.idempotency_key {
-                Some(key) => {
-                    self.existing_by_key(key).await?.map(Created::Existing).ok_or(StoreError::Conflict(c))
-                }
+            Err(StoreError::Conflict(c)) => match &req.idempotency {
+                Some(key) => self.existing_by_key(key).await?.ok_or(StoreError::Conflict(c)),
                 None => Err(StoreError::Conflict(c)),
             },
             Err(e) => Err(e),
@@ -721,19 +728,24 @@ impl StateStore for SqlStore {
     async fn create_requests(&self, reqs: Vec<NewRequest>) -> Result<Vec<Created>, StoreError> {
         let mut results = Vec::with_capacity(reqs.len());
         let mut fresh: Vec<&NewRequest> = Vec::new();
-        let mut seen: HashMap<&str, RequestId> = HashMap::new();
+        // Keys first used in this batch: the request and its fingerprint.
+        let mut seen: HashMap<&str, (RequestId, &str)> = HashMap::new();
         for req in &reqs {
-            let Some(key) = req.idempotency_key.as_deref() else {
+            let Some(key) = &req.idempotency else {
                 results.push(Created::New(req.id));
                 fresh.push(req);
                 continue;
             };
-            if let Some(id) = seen.get(key) {
-                results.push(Created::Existing(*id));
-            } else if let Some(id) = self.existing_by_key(key).await? {
-                results.push(Created::Existing(id));
+            if let Some((id, fingerprint)) = seen.get(key.key.as_str()) {
+                results.push(if *fingerprint == key.fingerprint {
+                    Created::Existing(*id)
+                } else {
+                    Created::KeyReused
+                });
+            } else if let Some(found) = self.existing_by_key(key).await? {
+                results.push(found);
             } else {
-                seen.insert(key, req.id);
+                seen.insert(&key.key, (req.id, &key.fingerprint));
                 results.push(Created::New(req.id));
                 fresh.push(req);
             }

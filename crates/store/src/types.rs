@@ -35,8 +35,8 @@ pub struct NewRequest {
     pub received_at: DateTime<Utc>,
     pub due_at: DateTime<Utc>,
     pub external_ref: Option<String>,
-    /// Already hashed by the caller; never the client's value as given.
-    pub idempotency_key: Option<String>,
+    /// The client's idempotency key, if it sent one.
+    pub idempotency: Option<IdempotencyKey>,
     /// The request's data key, wrapped by the master key.
     pub wrapped_key: Vec<u8>,
     pub identifiers: Vec<NewIdentifier>,
@@ -50,18 +50,34 @@ pub struct NewRequest {
     pub tasks: Vec<NewTask>,
 }
 
+/// An idempotency key as stored: both parts are keyed hashes computed by the
+/// caller, never the client's values as given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    /// The key, scoped to the submitter (the same key from two tokens is two
+    /// keys).
+    pub key: String,
+    /// What was submitted under it; a retry must match.
+    pub fingerprint: String,
+}
+
 /// Whether `create_request` wrote a new request or found one with the same
 /// idempotency key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {
     New(RequestId),
+    /// The key was used before for the same submission: the earlier request.
     Existing(RequestId),
+    /// The key was used before for a different submission; nothing written.
+    KeyReused,
 }
 
 impl Created {
-    pub fn id(self) -> RequestId {
+    /// The request written or found; `None` for [`Created::KeyReused`].
+    pub fn id(self) -> Option<RequestId> {
         match self {
-            Self::New(id) | Self::Existing(id) => id,
+            Self::New(id) | Self::Existing(id) => Some(id),
+            Self::KeyReused => None,
         }
     }
 }

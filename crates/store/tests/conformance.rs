@@ -11,8 +11,9 @@ use lethe_core::{
     RetainedReport, SystemCategories, TaskId, TaskState,
 };
 use lethe_store::{
-    Applied, AuditCheck, Created, Expired, ExtendResult, ListQuery, NewHold, NewIdentifier, NewRequest,
-    NewTask, OutboxItem, OutcomeReport, ReleaseResult, RetryResult, RetrySchedule, SqlStore, StateStore,
+    Applied, AuditCheck, Created, Expired, ExtendResult, IdempotencyKey, ListQuery, NewHold, NewIdentifier,
+    NewRequest, NewTask, OutboxItem, OutcomeReport, ReleaseResult, RetryResult, RetrySchedule, SqlStore,
+    StateStore,
 };
 use sqlx::{Connection, Executor};
 
@@ -138,7 +139,11 @@ impl Fixture {
     /// A GDPR request received at `t0`, planned without holds.
     fn request(&self, email: &str, systems: &[&str], key: Option<&str>) -> NewRequest {
         let mut req = self.planned(Regulation::Gdpr, t0(), email, systems, &[]);
-        req.idempotency_key = key.map(|k| self.master.opaque_hash("idempotency", k));
+        // The fingerprint stands for the submission; here, the subject.
+        req.idempotency = key.map(|k| IdempotencyKey {
+            key: self.master.opaque_hash("idempotency", k),
+            fingerprint: self.master.opaque_hash("fingerprint", email),
+        });
         req
     }
 
@@ -172,7 +177,7 @@ impl Fixture {
             received_at: received,
             due_at: regulation.due_at(received),
             external_ref: Some("ticket-1".into()),
-            idempotency_key: None,
+            idempotency: None,
             wrapped_key: self.master.wrap(&data_key),
             identifiers: vec![NewIdentifier {
                 subject_hash: self.master.subject_hash(&ident),
@@ -257,11 +262,32 @@ async fn idempotency_key_returns_the_same_request(b: &Backend) {
     let f = Fixture::new();
     let first = b.store.create_request(f.request("a@example.com", &["crm"], Some("k1"))).await.unwrap();
     let again = b.store.create_request(f.request("a@example.com", &["crm"], Some("k1"))).await.unwrap();
-    assert_eq!(again, Created::Existing(first.id()));
+    assert_eq!(again.id(), first.id());
+    assert!(matches!(again, Created::Existing(_)));
     let other = b.store.create_request(f.request("a@example.com", &["crm"], Some("k2"))).await.unwrap();
     assert!(matches!(other, Created::New(_)));
+    // The same key for a different submission writes nothing and says so.
+    let reused = b.store.create_request(f.request("z@example.com", &["crm"], Some("k1"))).await.unwrap();
+    assert_eq!(reused, Created::KeyReused);
+    // In a batch: against the stored requests and within the batch itself.
+    let batch = b
+        .store
+        .create_requests(vec![
+            f.request("a@example.com", &["crm"], Some("k2")),
+            f.request("y@example.com", &["crm"], Some("k2")),
+            f.request("c@example.com", &["crm"], Some("k3")),
+            f.request("c@example.com", &["crm"], Some("k3")),
+            f.request("d@example.com", &["crm"], Some("k3")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(batch[0], Created::Existing(other.id().unwrap()));
+    assert_eq!(batch[1], Created::KeyReused);
+    assert!(matches!(batch[2], Created::New(_)));
+    assert_eq!(batch[3], Created::Existing(batch[2].id().unwrap()));
+    assert_eq!(batch[4], Created::KeyReused);
     let all = b.store.list_requests(&ListQuery { limit: 10, ..Default::default() }).await.unwrap();
-    assert_eq!(all.len(), 2);
+    assert_eq!(all.len(), 3);
 }
 
 async fn dispatch_then_outcomes_complete_the_request_and_destroy_its_key(b: &Backend) {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::problem::{Problem, ProblemBody, StrictJson};
-use super::requests::{check_idempotency_key, holds_for, prepare, received, SubmitRequest};
+use super::requests::{check_idempotency_key, holds_for, key_reused, prepare, received, SubmitRequest};
 use super::AppState;
 use crate::auth::{Caller, Scope};
 
@@ -115,6 +115,15 @@ pub async fn submit_batch(
         for ((slot, created), regulation) in slots.into_iter().zip(created).zip(regulations) {
             match created {
                 Created::New(id) => received(id, regulation),
+                Created::KeyReused => {
+                    results[slot] = BatchResult {
+                        id: None,
+                        status: None,
+                        due_at: None,
+                        replayed: false,
+                        error: Some(key_reused().detail),
+                    };
+                }
                 Created::Existing(id) => {
                     let existing = state.store.request(id).await?.map(|d| d.request);
                     results[slot] = BatchResult {

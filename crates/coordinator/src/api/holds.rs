@@ -28,6 +28,7 @@ const MAX_TEXT: usize = 512;
 pub struct PlaceHold {
     /// Identifiers of the subject, as in a request.
     #[schema(example = json!({"email": "ada@example.com"}))]
+    #[serde(deserialize_with = "super::subject::subject")]
     pub subject: BTreeMap<String, String>,
     /// What is frozen; all systems if absent.
     #[serde(default)]
@@ -130,20 +131,27 @@ fn check_text(what: &str, value: &str) -> Result<(), Problem> {
 pub async fn place(
     State(state): State<AppState>,
     caller: Caller,
-    StrictJson(body): StrictJson<PlaceHold>,
+    body: Result<StrictJson<PlaceHold>, Problem>,
 ) -> Result<(StatusCode, Json<HoldView>), Problem> {
     caller.require(Scope::HoldsWrite)?;
+    // The scope first: a caller without it learns nothing from the body.
+    let StrictJson(body) = body?;
     let identifiers = parse_subject(&body.subject)?;
+    let kinds: Vec<&lethe_core::IdentifierKind> =
+        identifiers.iter().map(lethe_core::Identifier::kind).collect();
+    state.planner.check_identifier_types(&kinds).map_err(Problem::invalid)?;
     check_text("reason", &body.reason)?;
     check_text("case_reference", &body.case_reference)?;
     for s in &body.scope.systems {
         if !state.planner.systems().iter().any(|x| &x.name == s) {
-            return Err(Problem::invalid(format!("scope: unknown system {s:?}")));
+            return Err(Problem::invalid(
+                "scope: a system is not one of the configured systems (GET /v1/systems)",
+            ));
         }
     }
     for c in &body.scope.categories {
         if !state.planner.knows_category(c) {
-            return Err(Problem::invalid(format!("scope: no system declares category {c:?}")));
+            return Err(Problem::invalid("scope: a category is not declared by any configured system"));
         }
     }
     let now = state.clock.now().trunc_subsecs(3);

@@ -8,6 +8,7 @@ pub mod plans;
 pub mod problem;
 pub mod proof;
 pub mod requests;
+mod subject;
 pub mod ui;
 pub mod webhooks;
 

@@ -36,10 +36,12 @@ pub struct Explanation {
 pub async fn explain(
     State(state): State<AppState>,
     caller: Caller,
-    StrictJson(body): StrictJson<SubmitRequest>,
+    body: Result<StrictJson<SubmitRequest>, Problem>,
 ) -> Result<Json<Explanation>, Problem> {
     caller.require(Scope::RequestsRead)?;
-    let checked = check(&body)?;
+    // The scope first: a caller without it learns nothing from the body.
+    let StrictJson(body) = body?;
+    let checked = check(&state.planner, &body)?;
     let index = holds_for(&state, std::iter::once(&body.subject)).await?;
     let holds = holds_on(&state, &checked.identifiers, &index);
     let now = state.clock.now().trunc_subsecs(3);

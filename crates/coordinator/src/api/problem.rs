@@ -139,6 +139,8 @@ fn describe_json_error(e: serde_json::Error) -> Problem {
                 format!("unknown field `{f}` ({at})")
             } else if let Some(f) = field("missing field `") {
                 format!("missing field `{f}`")
+            } else if msg.starts_with(super::subject::DUPLICATE_TYPE) {
+                format!("a subject names an identifier type more than once ({at})")
             } else if msg.starts_with("unknown field") {
                 format!("unknown field ({at})")
             } else {

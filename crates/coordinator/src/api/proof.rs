@@ -56,6 +56,7 @@ pub async fn public_keys(State(state): State<AppState>) -> Result<Json<PublicKey
 pub struct SuppressionCheck {
     /// Up to 1,000 subjects, each identifiers by type as in a request.
     #[schema(example = json!([{"email": "ada@example.com"}]))]
+    #[serde(deserialize_with = "super::subject::subjects")]
     pub subjects: Vec<BTreeMap<String, String>>,
 }
 

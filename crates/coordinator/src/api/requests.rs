@@ -12,7 +12,9 @@ use lethe_core::{Action, ActiveHold, CategoryPlan, TaskId};
 use lethe_core::{
     DataKey, Identifier, IdentifierKind, Outcome, Regulation, RequestId, RequestStatus, TaskState,
 };
-use lethe_store::{Created, ExtendResult, ListQuery, NewIdentifier, NewRequest, RequestRecord, RetryResult};
+use lethe_store::{
+    Created, ExtendResult, IdempotencyKey, ListQuery, NewIdentifier, NewRequest, RequestRecord, RetryResult,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -33,6 +35,7 @@ pub struct SubmitRequest {
     /// Identifiers of the subject by type: `email`, `phone` (E.164),
     /// `customer_id`, `device_id` or a custom lower-case type.
     #[schema(example = json!({"email": "ada@example.com", "customer_id": "C-1042"}))]
+    #[serde(deserialize_with = "super::subject::subject")]
     pub subject: BTreeMap<String, String>,
     /// `gdpr`, `uk-gdpr`, `ccpa`, `vcdpa`, `lgpd` or `pipeda`.
     #[schema(example = "gdpr")]
@@ -239,6 +242,7 @@ pub async fn submit(
             state.wake.notify_one();
             Ok((StatusCode::ACCEPTED, Json(Submitted { id, status: initial, due_at })).into_response())
         }
+        Created::KeyReused => Err(key_reused()),
         Created::Existing(id) => {
             let existing =
                 state.store.request(id).await?.ok_or_else(|| Problem::not_found("no such request"))?;
@@ -247,6 +251,51 @@ pub async fn submit(
             response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
             Ok(response)
         }
+    }
+}
+
+/// The answer when an idempotency key comes back with a different
+/// submission: answering with the earlier request would leave this subject
+/// unerased while telling the caller it was accepted.
+pub(crate) fn key_reused() -> Problem {
+    Problem::invalid("Idempotency-Key was already used for a different submission")
+}
+
+/// An idempotency key as the store keeps it: scoped to the submitting token
+/// and with a fingerprint of the submission (regulation, subject as
+/// normalised, external reference), both as keyed hashes.
+fn scoped_key(
+    state: &AppState,
+    caller: &Caller,
+    key: &str,
+    regulation: Regulation,
+    identifiers: &[Identifier],
+    external_ref: Option<&str>,
+) -> IdempotencyKey {
+    // Length-prefixed fields, so that no two field lists give one text.
+    fn field(out: &mut String, value: &str) {
+        out.push_str(&value.len().to_string());
+        out.push(':');
+        out.push_str(value);
+    }
+    let mut scoped = String::new();
+    field(&mut scoped, &caller.token_id);
+    field(&mut scoped, key);
+    let mut submitted = String::new();
+    field(&mut submitted, regulation.as_str());
+    let mut subject: Vec<&Identifier> = identifiers.iter().collect();
+    subject.sort_by(|a, b| a.kind().cmp(b.kind()));
+    for i in subject {
+        field(&mut submitted, i.kind().as_str());
+        field(&mut submitted, i.expose());
+    }
+    match external_ref {
+        Some(r) => field(&mut submitted, r),
+        None => submitted.push('-'),
+    }
+    IdempotencyKey {
+        key: state.master.opaque_hash("idempotency-key", &scoped),
+        fingerprint: state.master.opaque_hash("idempotency-fingerprint", &submitted),
     }
 }
 
@@ -285,10 +334,12 @@ pub(crate) struct Checked {
     pub identifiers: Vec<Identifier>,
 }
 
-pub(crate) fn check(body: &SubmitRequest) -> Result<Checked, Problem> {
+pub(crate) fn check(planner: &crate::planner::Planner, body: &SubmitRequest) -> Result<Checked, Problem> {
     let regulation: Regulation =
         body.regulation.parse().map_err(|e| Problem::invalid(format!("regulation: {e}")))?;
     let identifiers = parse_subject(&body.subject)?;
+    let kinds: Vec<&IdentifierKind> = identifiers.iter().map(Identifier::kind).collect();
+    planner.check_identifier_types(&kinds).map_err(Problem::invalid)?;
     if let Some(r) = &body.external_ref {
         check_text("external_ref", r, MAX_REF_LEN)?;
     }
@@ -321,10 +372,12 @@ pub(crate) fn prepare(
     idempotency: Option<String>,
     holds: &HoldIndex,
 ) -> Result<Prepared, Problem> {
-    let Checked { regulation, identifiers } = check(&body)?;
+    let Checked { regulation, identifiers } = check(&state.planner, &body)?;
     let id = RequestId::new();
     // The store keeps milliseconds; answer with what every later read shows.
     let now = state.clock.now().trunc_subsecs(3);
+    let idempotency = idempotency
+        .map(|k| scoped_key(state, caller, &k, regulation, &identifiers, body.external_ref.as_deref()));
     let key = DataKey::generate();
     let (plan, tasks) = state.planner.plan(regulation, now, &holds_on(state, &identifiers, holds));
     let states: Vec<TaskState> =
@@ -336,7 +389,7 @@ pub(crate) fn prepare(
         received_at: now,
         due_at: state.planner.deadlines().due_at(regulation, now),
         external_ref: body.external_ref,
-        idempotency_key: idempotency.map(|k| state.master.opaque_hash("idempotency-key", &k)),
+        idempotency,
         wrapped_key: state.master.wrap(&key),
         identifiers: identifiers
             .iter()
