@@ -135,6 +135,21 @@ async fn bad_input_is_refused_over_the_real_server() {
     assert_eq!(status, 404, "{body}");
     let (status, body) = server.get_json("/v1/requests?limit=0").await;
     assert_eq!(status, 422, "{body}");
+    // What the router answers itself is a problem too, quoting nothing.
+    for (method, path, status) in [
+        (reqwest::Method::DELETE, "/v1/requests", 405),
+        (reqwest::Method::GET, "/v1/requests/%FFsecret-value", 400),
+        (reqwest::Method::GET, "/v1/requests?limit=secret-value", 422),
+    ] {
+        let r = server.http.request(method.clone(), server.url(path)).send().await.expect("call");
+        assert_eq!(r.status().as_u16(), status, "{method} {path}");
+        let kind = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        assert_eq!(kind, "application/problem+json", "{method} {path}");
+        let text = r.text().await.expect("body");
+        assert!(!text.contains("secret-value"), "{method} {path}: {text}");
+        let body: Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(body["status"], status, "{body}");
+    }
 
     // Nothing refused was created, and no system was touched.
     assert!(server.list().await.is_empty());

@@ -784,6 +784,29 @@ async fn deadlines_extend_once_before_the_original_due_date() {
 }
 
 #[tokio::test]
+async fn a_caller_without_the_scope_is_refused_before_its_body_is_read() {
+    let h = Harness::new().await;
+    let reader = h.token("reader", &[lethe_coordinator::Scope::RequestsRead]).await;
+    for (uri, body) in [
+        ("/v1/requests", "{not json"),
+        ("/v1/requests:batch", r#"{"requests": []}"#),
+        ("/v1/holds", r#"{"subject": {}}"#),
+        ("/v1/suppressions:check", "[]"),
+    ] {
+        let req = Request::post(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, format!("bearer {reader}"))
+            .body(Body::from(body))
+            .unwrap();
+        let (status, problem, _) = call(&h.app(), req).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{uri}: {problem}");
+    }
+    // Without a token at all: 401 whatever the body.
+    let (status, _, _) = call(&h.raw(), post("{not json")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
 async fn explain_shows_each_category_and_holds_reject_unknown_scopes() {
     let h = Harness::new().await;
     let body = json!({"subject": {"email": "ada@example.com"}, "regulation": "gdpr"});

@@ -71,9 +71,11 @@ pub struct BatchResponse {
 pub async fn submit_batch(
     State(state): State<AppState>,
     caller: Caller,
-    StrictJson(body): StrictJson<BatchRequest>,
+    body: Result<StrictJson<BatchRequest>, Problem>,
 ) -> Result<(StatusCode, Json<BatchResponse>), Problem> {
     caller.require(Scope::RequestsSubmit)?;
+    // The scope first: a caller without it learns nothing from the body.
+    let StrictJson(body) = body?;
     if body.requests.is_empty() || body.requests.len() > MAX_BATCH {
         return Err(Problem::invalid(format!("a batch holds 1 to {MAX_BATCH} requests")));
     }

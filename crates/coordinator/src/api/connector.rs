@@ -47,9 +47,11 @@ pub struct KeyResponse {
 pub async fn task_key(
     State(state): State<AppState>,
     caller: Caller,
-    StrictJson(body): StrictJson<KeyRequest>,
+    body: Result<StrictJson<KeyRequest>, Problem>,
 ) -> Result<Json<KeyResponse>, Problem> {
     let system = caller.connector_system().ok_or_else(crate::auth::forbidden)?;
+    // The scope first: a caller without it learns nothing from the body.
+    let StrictJson(body) = body?;
     let gone = || {
         Problem::not_found(
             "no key for this task: unknown, another system's, no longer asked for, or destroyed",
@@ -62,6 +64,9 @@ pub async fn task_key(
 
 /// Most tasks asked for in one call of `/v1/connector/keys:batch`.
 pub const MAX_KEYS: usize = 1000;
+/// Largest body of a batch key call: [`MAX_KEYS`] task ids with their
+/// attempts take about 80 KiB.
+pub const MAX_KEYS_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -97,9 +102,11 @@ pub struct KeysResponse {
 pub async fn task_keys(
     State(state): State<AppState>,
     caller: Caller,
-    StrictJson(body): StrictJson<KeysRequest>,
+    body: Result<StrictJson<KeysRequest>, Problem>,
 ) -> Result<Json<KeysResponse>, Problem> {
     let system = caller.connector_system().ok_or_else(crate::auth::forbidden)?;
+    // The scope first: a caller without it learns nothing from the body.
+    let StrictJson(body) = body?;
     if body.task_ids.is_empty() || body.task_ids.len() > MAX_KEYS {
         return Err(Problem::invalid(format!("ask for 1 to {MAX_KEYS} tasks at once")));
     }

@@ -209,9 +209,11 @@ pub async fn release(
     Path(id): Path<String>,
 ) -> Result<Json<Released>, Problem> {
     caller.require(Scope::HoldsWrite)?;
-    if uuid::Uuid::parse_str(&id).is_err() {
+    // Hold ids are stored in the hyphenated lower-case form; accept any
+    // spelling of the same UUID.
+    let Ok(id) = uuid::Uuid::parse_str(&id).map(|u| u.to_string()) else {
         return Err(Problem::not_found("no such hold"));
-    }
+    };
     match state.store.release_hold(&id, "released by an operator", state.clock.now()).await? {
         ReleaseResult::Released { resumed } => {
             tracing::info!(hold = %id, resumed, "legal hold released");

@@ -69,7 +69,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/suppressions:check", post(proof::check_suppressions))
         .route("/v1/systems", get(list_systems))
         .route("/v1/connector/keys", post(connector::task_key))
-        .route("/v1/connector/keys:batch", post(connector::task_keys))
+        .route(
+            "/v1/connector/keys:batch",
+            post(connector::task_keys).layer(DefaultBodyLimit::max(connector::MAX_KEYS_BYTES)),
+        )
         .route("/v1/webhooks/deliveries", get(webhooks::deliveries))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
@@ -77,6 +80,7 @@ pub fn app(state: AppState) -> Router {
         .route("/openapi.json", get(openapi))
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(problem::as_problem))
         .with_state(state)
 }
 
@@ -145,6 +149,7 @@ impl utoipa::Modify for BearerAuth {
     info(title = "Lethe", description = "Right-to-be-forgotten erasure orchestrator"),
     paths(
         requests::submit,
+        batch::submit_batch,
         requests::get_request,
         requests::list_requests,
         requests::retry_task,

@@ -75,6 +75,41 @@ impl IntoResponse for Problem {
     }
 }
 
+/// Turns an error answered by the router itself rather than by a handler
+/// (a method the route does not take, a path that is not valid UTF-8, a
+/// timeout) into `application/problem+json` like every other error, with a
+/// detail written here: the router's own texts may quote the input.
+pub async fn as_problem(response: Response) -> Response {
+    let status = response.status();
+    // A handler's own answers are JSON (a problem, or `/readyz`'s 503); the
+    // router's are plain text or empty.
+    let is_json = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes().starts_with(b"application/problem+json") || v.as_bytes().starts_with(b"application/json")
+    });
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (title, detail) = match status {
+        StatusCode::BAD_REQUEST => ("bad request", "the request could not be read (path, query or headers)"),
+        StatusCode::NOT_FOUND => ("not found", "no such resource"),
+        StatusCode::METHOD_NOT_ALLOWED => ("method not allowed", "this endpoint does not take this method"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload too large", "the request body is too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported media type", "send the body as application/json"),
+        StatusCode::REQUEST_TIMEOUT => ("request timeout", "the request took too long"),
+        s if s.is_client_error() => ("bad request", "the request could not be processed"),
+        _ => ("internal error", "the request could not be processed"),
+    };
+    let (mut parts, _) = response.into_parts();
+    let mut problem = Problem::new(status, title, detail).into_response();
+    // Keep what the router said besides the body (`Allow` on a 405, say).
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_TYPE);
+    for (name, value) in parts.headers.drain().filter_map(|(n, v)| n.map(|n| (n, v))) {
+        problem.headers_mut().entry(name).or_insert(value);
+    }
+    problem
+}
+
 /// A JSON body parsed strictly: `application/json` only, size-limited by the
 /// router, unknown fields rejected by the target type, and parse errors
 /// described by position and kind without quoting the input.

@@ -87,9 +87,11 @@ pub struct SuppressionAnswer {
 pub async fn check_suppressions(
     State(state): State<AppState>,
     caller: Caller,
-    StrictJson(body): StrictJson<SuppressionCheck>,
+    body: Result<StrictJson<SuppressionCheck>, Problem>,
 ) -> Result<Json<SuppressionAnswer>, Problem> {
     caller.require(Scope::SuppressionsCheck)?;
+    // The scope first: a caller without it learns nothing from the body.
+    let StrictJson(body) = body?;
     if body.subjects.is_empty() || body.subjects.len() > MAX_SUBJECTS {
         return Err(Problem::invalid(format!("subjects must hold 1 to {MAX_SUBJECTS} entries")));
     }

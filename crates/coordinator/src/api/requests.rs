@@ -230,9 +230,11 @@ pub async fn submit(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    StrictJson(body): StrictJson<SubmitRequest>,
+    body: Result<StrictJson<SubmitRequest>, Problem>,
 ) -> Result<Response, Problem> {
     caller.require(Scope::RequestsSubmit)?;
+    // The scope first: a caller without it learns nothing from the body.
+    let StrictJson(body) = body?;
     let holds = holds_for(&state, std::iter::once(&body.subject)).await?;
     let prepared = prepare(&state, &caller, body, idempotency_key(&headers)?, &holds)?;
     let (regulation, initial, due_at) = (prepared.new.regulation, prepared.initial, prepared.new.due_at);
@@ -505,9 +507,23 @@ pub async fn list_requests(
         .transpose()?;
     let overdue_at = params.overdue.unwrap_or(false).then(|| state.clock.now());
     let system = params.system.filter(|s| !s.is_empty());
+    if let Some(s) = &system {
+        // A system removed from the configuration may still name old tasks.
+        check_text("system", s, 128)?;
+    }
     let failed_task = params.failed_task.unwrap_or(false);
-    let query =
-        ListQuery { status, before, due_before, overdue_at, submitted_by, system, failed_task, limit };
+    let unanswered = params.unanswered.unwrap_or(false);
+    let query = ListQuery {
+        status,
+        before,
+        due_before,
+        overdue_at,
+        submitted_by,
+        system,
+        failed_task,
+        unanswered,
+        limit,
+    };
     let rows = state.store.list_requests(&query).await?;
     let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.id.to_string())).flatten();
     Ok(Json(RequestPage { items: rows.into_iter().map(RequestSummary::from).collect(), next_cursor }))
@@ -541,6 +557,10 @@ pub async fn retry_task(
     caller.require(Scope::RequestsManage)?;
     let missing = || Problem::not_found("no such request, or it has no task for that system");
     let id: RequestId = id.parse().map_err(|_| missing())?;
+    // Only a configured system has workers to run the task again.
+    if !state.planner.systems().iter().any(|s| s.name == system) {
+        return Err(missing());
+    }
     match state.store.retry_task(id, &system, state.clock.now()).await? {
         RetryResult::Queued => {
             tracing::info!(request = %id, %system, "operator retry queued");
@@ -615,9 +635,11 @@ pub async fn extend(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    StrictJson(body): StrictJson<ExtendBody>,
+    body: Result<StrictJson<ExtendBody>, Problem>,
 ) -> Result<Json<Extended>, Problem> {
     caller.require(Scope::RequestsManage)?;
+    // The scope first: a caller without it learns nothing from the body.
+    let StrictJson(body) = body?;
     let missing = || Problem::not_found("no such request");
     let id: RequestId = id.parse().map_err(|_| missing())?;
     if body.reason.trim().is_empty() {
