@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lethe_bus::{Bus, Consumer, Delivery, Position, ResultMessage};
-use lethe_store::{Applied, OutcomeReport, RetrySchedule, StateStore};
+use lethe_core::{MasterKey, Outcome, RequestId};
+use lethe_store::{Applied, OutcomeReport, RetrySchedule, StateStore, StoreError};
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
@@ -15,8 +16,18 @@ use crate::metrics::{
     DEAD_LETTERS_TOTAL, DISPATCH_TO_OUTCOME_SECONDS, OUTCOMES_TOTAL, REQUESTS_FINISHED_TOTAL,
 };
 
+/// Longest failure reason kept, in bytes; a longer one is cut.
+pub const MAX_REASON_BYTES: usize = 500;
+
+/// What a failure reason becomes when it holds one of the subject's
+/// identifiers.
+pub const WITHHELD_REASON: &str =
+    "[the connector's reason was withheld: it contained an identifier of the subject]";
+
 pub struct Ingest {
     pub(crate) store: Arc<dyn StateStore>,
+    /// Opens a request's identifiers to screen failure reasons.
+    pub(crate) master: MasterKey,
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) batch: usize,
@@ -59,6 +70,9 @@ impl Ingest {
         }
         if results.is_empty() {
             return;
+        }
+        for m in &mut results {
+            self.screen(m).await;
         }
         let reports: Vec<OutcomeReport> = results
             .iter()
@@ -103,6 +117,55 @@ impl Ingest {
                 }
             }
         }
+    }
+
+    /// A failure's reason is shown to operators and written to the audit
+    /// trail. The protocol forbids identifiers in it; this holds a connector
+    /// to that: an over-long reason is cut, and one that contains an
+    /// identifier of the request's subject (a value of four characters or
+    /// more, while the request's key exists to tell) is withheld. Failures
+    /// are few, so opening the identifiers costs little.
+    async fn screen(&self, m: &mut ResultMessage) {
+        let Outcome::Failed { reason, .. } = &mut m.outcome else { return };
+        if reason.len() > MAX_REASON_BYTES {
+            let mut end = MAX_REASON_BYTES;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+            reason.push('…');
+        }
+        let request = m.request_id;
+        let mut backoff = delays(Duration::from_millis(100));
+        let found = loop {
+            match self.reason_names_subject(request, reason).await {
+                Ok(found) => break found,
+                Err(e) => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error = %e, ?delay, "reading a subject to screen a failure failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        if found {
+            tracing::warn!(%request, task = %m.task_id, system = %m.system,
+                "a connector's failure reason contained an identifier of the subject; withheld");
+            *reason = WITHHELD_REASON.to_owned();
+        }
+    }
+
+    async fn reason_names_subject(&self, request: RequestId, reason: &str) -> Result<bool, StoreError> {
+        let Some(sealed) = self.store.sealed_subject(request).await? else { return Ok(false) };
+        let Ok(key) = self.master.unwrap(&sealed.wrapped_key) else { return Ok(false) };
+        let reason = reason.to_lowercase();
+        Ok(sealed
+            .identifiers
+            .iter()
+            .filter_map(|s| key.open(request, s).ok())
+            // A very short value (a customer number "42") would match
+            // ordinary text; it is not screened.
+            .filter(|i| i.expose().chars().count() >= 4)
+            .any(|i| reason.contains(&i.expose().to_lowercase())))
     }
 
     async fn dead_letter(&self, source: &str, raw: &[u8], reason: &str) {

@@ -107,6 +107,7 @@ impl Coordinator {
         let results = bus.result_consumer().await?;
         let ingest = ingest::Ingest {
             store: store.clone(),
+            master: master.clone(),
             bus: bus.clone(),
             clock: clock.clone(),
             batch: settings.ingest_batch,

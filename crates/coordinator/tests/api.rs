@@ -472,6 +472,48 @@ async fn a_permanent_failure_fails_the_request_keeps_its_key_and_can_be_retried(
     assert!(view["key_destroyed_at"].is_string());
 }
 
+/// Fails permanently with a reason that quotes the subject (crm) or runs
+/// on for pages (mail), as a careless connector might.
+struct Tattles;
+
+#[async_trait]
+impl Connector for Tattles {
+    async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+        if task.system == "crm" {
+            let value = task.identifiers[0].expose().to_uppercase();
+            return Err(ConnectorError::permanent(format!("no row matched {value} in customers")));
+        }
+        Err(ConnectorError::permanent("é".repeat(2_000)))
+    }
+    async fn verify(&self, _: &ErasureTask) -> Result<u64, ConnectorError> {
+        Ok(0)
+    }
+    async fn health(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_failure_reason_never_carries_the_subject_nor_runs_on() {
+    let h = Harness::new().await;
+    h.start_workers(Arc::new(Tattles));
+    let body = json!({"subject": {"email": "tattle@example.com"}, "regulation": "gdpr"});
+    let (_, created, _) = call(&h.app(), post(body.to_string())).await;
+    let id = created["id"].as_str().unwrap();
+    let view = wait_final(&h.app(), id).await;
+    assert_eq!(view["status"], "failed", "{view}");
+    let crm = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").unwrap();
+    assert_eq!(crm["outcome"]["reason"], lethe_coordinator::ingest::WITHHELD_REASON, "{crm}");
+    let mail = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == "mail").unwrap();
+    let reason = mail["outcome"]["reason"].as_str().unwrap();
+    assert!(reason.len() <= lethe_coordinator::ingest::MAX_REASON_BYTES + '…'.len_utf8(), "{}", reason.len());
+    assert!(reason.ends_with('…'));
+    let (_, events, _) = call(&h.app(), get(&format!("/v1/requests/{id}/events"))).await;
+    assert!(!events.to_string().to_lowercase().contains("tattle@example.com"), "{events}");
+    let audit = h.state().store.audit_events(None).await.unwrap();
+    assert!(audit.iter().all(|e| !e.detail.to_lowercase().contains("tattle@example.com")));
+}
+
 #[tokio::test]
 async fn silent_tasks_are_redispatched_after_their_time_out_then_failed() {
     let settings = Settings {
