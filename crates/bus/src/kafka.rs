@@ -275,7 +275,7 @@ fn headers(request: uuid::Uuid) -> OwnedHeaders {
 
 /// Gauge of the messages a consumer group has yet to read, by `group`,
 /// `topic` and `partition`, from librdkafka's statistics.
-pub const CONSUMER_LAG: &str = "lethe_kafka_consumer_lag";
+pub use lethe_core::metrics::KAFKA_CONSUMER_LAG as CONSUMER_LAG;
 
 /// Publishes each assigned partition's consumer lag; librdkafka's own log
 /// goes where the default context sends it.

@@ -1,13 +1,11 @@
-//! Metric names of the connector runtime, in one place. Labels are the
-//! system name and a small fixed set of values; never an identifier.
+//! The connector runtime's metrics (names in [`lethe_core::metrics`]).
+//! Labels are the system name and a small fixed set of values; never an
+//! identifier.
 
-/// Tasks finished by a worker, by `system` and `outcome`
-/// (`erased`, `not_found`, `retained_in_part`, `failed`, `accepted`).
-pub const TASKS_TOTAL: &str = "lethe_connector_tasks_total";
-/// Retries of a connector call after a retryable error, by `system` and `call`.
-pub const RETRIES_TOTAL: &str = "lethe_connector_retries_total";
-/// Seconds from receiving a task to publishing its result, by `system`.
-pub const TASK_DURATION_SECONDS: &str = "lethe_connector_task_duration_seconds";
+pub use lethe_core::metrics::{
+    CONNECTOR_RETRIES_TOTAL as RETRIES_TOTAL, CONNECTOR_TASKS_TOTAL as TASKS_TOTAL,
+    CONNECTOR_TASK_DURATION_SECONDS as TASK_DURATION_SECONDS,
+};
 
 /// Registers descriptions with the installed recorder, if any.
 pub fn describe() {

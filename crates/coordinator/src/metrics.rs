@@ -1,18 +1,12 @@
-//! Metric names of the coordinator, in one place. No identifier is ever a
-//! label; labels are regulations, systems, states and outcome kinds.
+//! The coordinator's metrics: their descriptions, the Prometheus recorder
+//! and the gauges read from the state store. The names live with every
+//! other Lethe metric name in [`lethe_core::metrics`].
 
-/// Requests accepted, by `regulation`.
-pub const REQUESTS_RECEIVED_TOTAL: &str = "lethe_requests_received_total";
-/// Requests reaching a final status, by `status`.
-pub const REQUESTS_FINISHED_TOTAL: &str = "lethe_requests_finished_total";
-/// Tasks published to the bus, by `system`.
-pub const TASKS_DISPATCHED_TOTAL: &str = "lethe_tasks_dispatched_total";
-/// Outcomes ingested, by `result` (`applied`, `ignored`, `unknown_task`).
-pub const OUTCOMES_TOTAL: &str = "lethe_outcomes_total";
-/// Failed publish attempts of outbox batches.
-pub const PUBLISH_FAILURES_TOTAL: &str = "lethe_publish_failures_total";
-/// Messages sent to the dead-letter destination, by `source`.
-pub const DEAD_LETTERS_TOTAL: &str = "lethe_dead_letters_total";
+pub use lethe_core::metrics::{
+    DEAD_LETTERS_TOTAL, DISPATCH_TO_OUTCOME_SECONDS, OUTBOX_BACKLOG, OUTCOMES_TOTAL,
+    PUBLISH_FAILURES_TOTAL, REQUESTS, REQUESTS_DUE_SOON, REQUESTS_FINISHED_TOTAL, REQUESTS_OVERDUE,
+    REQUESTS_RECEIVED_TOTAL, TASKS, TASKS_DISPATCHED_TOTAL, TASK_REQUEUES_TOTAL,
+};
 
 pub fn describe() {
     metrics::describe_counter!(REQUESTS_RECEIVED_TOTAL, "Erasure requests accepted, by regulation.");
@@ -28,12 +22,6 @@ pub fn describe() {
     );
     metrics::describe_counter!(TASK_REQUEUES_TOTAL, "Tasks queued again by the coordinator, by reason.");
 }
-
-/// Seconds from publishing a task to applying its outcome, by `system`.
-pub const DISPATCH_TO_OUTCOME_SECONDS: &str = "lethe_dispatch_to_outcome_seconds";
-/// Tasks queued again by the coordinator, by `reason` (`timeout`,
-/// `retryable_failure`, `follow_up`).
-pub const TASK_REQUEUES_TOTAL: &str = "lethe_task_requeues_total";
 
 /// The process-wide Prometheus recorder, installed on first use. Metrics
 /// recorded before any coordinator started are not kept.
@@ -59,20 +47,20 @@ pub fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
 /// text format.
 pub fn state_gauges(stats: &lethe_store::StoreStats) -> String {
     let mut out = String::new();
-    out.push_str(
-        "# HELP lethe_requests Erasure requests by status and regulation.\n# TYPE lethe_requests gauge\n",
-    );
+    out.push_str(&format!(
+        "# HELP {REQUESTS} Erasure requests by status and regulation.\n# TYPE {REQUESTS} gauge\n"
+    ));
     for (status, regulation, n) in &stats.requests {
-        out.push_str(&format!("lethe_requests{{status=\"{status}\",regulation=\"{regulation}\"}} {n}\n"));
+        out.push_str(&format!("{REQUESTS}{{status=\"{status}\",regulation=\"{regulation}\"}} {n}\n"));
     }
-    out.push_str("# HELP lethe_tasks Tasks by system and state.\n# TYPE lethe_tasks gauge\n");
+    out.push_str(&format!("# HELP {TASKS} Tasks by system and state.\n# TYPE {TASKS} gauge\n"));
     for (system, state, n) in &stats.tasks {
-        out.push_str(&format!("lethe_tasks{{system=\"{system}\",state=\"{state}\"}} {n}\n"));
+        out.push_str(&format!("{TASKS}{{system=\"{system}\",state=\"{state}\"}} {n}\n"));
     }
     for (name, help, value) in [
-        ("lethe_requests_overdue", "Requests past their due date and not answered.", stats.overdue),
-        ("lethe_requests_due_soon", "Requests not answered and due within 7 days.", stats.due_soon),
-        ("lethe_outbox_backlog", "Tasks waiting in the outbox to be published.", stats.outbox_backlog),
+        (REQUESTS_OVERDUE, "Requests past their due date and not answered.", stats.overdue),
+        (REQUESTS_DUE_SOON, "Requests not answered and due within 7 days.", stats.due_soon),
+        (OUTBOX_BACKLOG, "Tasks waiting in the outbox to be published.", stats.outbox_backlog),
     ] {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"));
     }
@@ -86,24 +74,7 @@ mod tests {
     fn the_grafana_dashboard_queries_known_metrics() {
         let text = include_str!("../../../docs/grafana-dashboard.json");
         let dashboard: serde_json::Value = serde_json::from_str(text).unwrap();
-        let known = [
-            super::REQUESTS_RECEIVED_TOTAL,
-            super::REQUESTS_FINISHED_TOTAL,
-            super::TASKS_DISPATCHED_TOTAL,
-            super::OUTCOMES_TOTAL,
-            super::PUBLISH_FAILURES_TOTAL,
-            super::DEAD_LETTERS_TOTAL,
-            super::DISPATCH_TO_OUTCOME_SECONDS,
-            super::TASK_REQUEUES_TOTAL,
-            "lethe_requests",
-            "lethe_tasks",
-            "lethe_requests_overdue",
-            "lethe_requests_due_soon",
-            "lethe_outbox_backlog",
-            "lethe_kafka_consumer_lag",
-            "lethe_connector_tasks_total",
-            "lethe_connector_retries_total",
-        ];
+        let known = lethe_core::metrics::ALL;
         let panels = dashboard["panels"].as_array().unwrap();
         assert!(panels.len() >= 10);
         for p in panels {

@@ -5,6 +5,7 @@
 pub mod crypto;
 pub mod identifier;
 pub mod ids;
+pub mod metrics;
 pub mod outcome;
 pub mod plan;
 pub mod policy;
