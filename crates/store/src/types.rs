@@ -203,11 +203,21 @@ impl Default for RetrySchedule {
 }
 
 impl RetrySchedule {
-    /// The delay after `attempt` (1-based): exponential, capped, with ±20 %
-    /// jitter so that retries of many tasks spread out.
+    /// The delay after `attempt` (1-based): `backon`'s exponential schedule
+    /// (doubling from `initial_delay`, capped at `max_delay`), with ±20 %
+    /// jitter so that retries of many tasks spread out. The delay is not
+    /// slept but stored as the task's next dispatch time, so that it
+    /// survives a restart and any replica may dispatch it.
     pub fn delay(&self, attempt: u32) -> Duration {
-        let exp = 2u32.saturating_pow(attempt.saturating_sub(1).min(30));
-        let base = self.initial_delay.saturating_mul(exp).min(self.max_delay);
+        use backon::BackoffBuilder;
+        let base = backon::ExponentialBuilder::default()
+            .with_min_delay(self.initial_delay)
+            .with_max_delay(self.max_delay.max(self.initial_delay))
+            .with_factor(2.0)
+            .without_max_times()
+            .build()
+            .nth(attempt.saturating_sub(1).min(64) as usize)
+            .unwrap_or(self.max_delay);
         base.mul_f64(rand::thread_rng().gen_range(0.8..1.2))
     }
 }
@@ -347,4 +357,23 @@ pub struct StoreStats {
     /// Not answered and due within the `soon` window given.
     pub due_soon: u64,
     pub outbox_backlog: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_from_the_initial_delay_up_to_the_cap() {
+        let s = RetrySchedule {
+            max_attempts: 10,
+            initial_delay: Duration::from_secs(10),
+            max_delay: Duration::from_secs(60),
+        };
+        for (attempt, base) in [(1, 10), (2, 20), (3, 40), (4, 60), (9, 60), (u32::MAX, 60)] {
+            let d = s.delay(attempt).as_secs_f64();
+            let base = base as f64;
+            assert!((base * 0.8..=base * 1.2).contains(&d), "attempt {attempt}: {d} s");
+        }
+    }
 }
