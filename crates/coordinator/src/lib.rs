@@ -124,8 +124,13 @@ impl Coordinator {
             owner: format!("coordinator-{}", uuid::Uuid::new_v4()),
         };
         tasks.spawn(dispatcher.run());
-        let scheduler =
-            scheduler::Scheduler { store: store.clone(), clock: clock.clone(), wake: wake.clone(), settings };
+        let scheduler = scheduler::Scheduler {
+            store: store.clone(),
+            clock: clock.clone(),
+            wake: wake.clone(),
+            settings,
+            alerts_swept: std::sync::Mutex::new(None),
+        };
         tasks.spawn(scheduler.run());
         let certifier = Certifier::new(store.clone(), master.clone());
         certifier.ensure_key(clock.now()).await?;

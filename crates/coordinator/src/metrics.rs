@@ -3,7 +3,7 @@
 //! other Lethe metric name in [`lethe_core::metrics`].
 
 pub use lethe_core::metrics::{
-    DEAD_LETTERS_TOTAL, DISPATCH_TO_OUTCOME_SECONDS, OUTBOX_BACKLOG, OUTCOMES_TOTAL,
+    DEAD_LETTERS_TOTAL, DISPATCH_TO_OUTCOME_SECONDS, DUE_DATE_ALERTS_TOTAL, OUTBOX_BACKLOG, OUTCOMES_TOTAL,
     PUBLISH_FAILURES_TOTAL, REQUESTS, REQUESTS_DUE_SOON, REQUESTS_FINISHED_TOTAL, REQUESTS_OVERDUE,
     REQUESTS_RECEIVED_TOTAL, TASKS, TASKS_DISPATCHED_TOTAL, TASK_REQUEUES_TOTAL,
 };
@@ -21,6 +21,7 @@ pub fn describe() {
         "Time from publishing a task to applying its outcome, by system."
     );
     metrics::describe_counter!(TASK_REQUEUES_TOTAL, "Tasks queued again by the coordinator, by reason.");
+    metrics::describe_counter!(DUE_DATE_ALERTS_TOTAL, "Due-date alerts raised by the scheduler, by alert.");
 }
 
 /// The process-wide Prometheus recorder, installed on first use. Metrics

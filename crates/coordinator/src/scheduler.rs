@@ -1,12 +1,15 @@
 //! The scheduler: finds dispatched tasks that went silent past their
 //! time-out and queues them again (or fails them once out of attempts),
-//! starts follow-ups of tasks whose retention period ended, and releases
-//! legal holds that expired. Retryable failures are rescheduled by the
-//! ingest itself, with backoff. It reads time only from its clock, so tests
+//! starts follow-ups of tasks whose retention period ended, releases legal
+//! holds that expired, and raises due-date alerts. Retryable failures are
+//! rescheduled by the ingest itself, with backoff (the task's next dispatch
+//! time, kept in the outbox). It reads time only from its clock, so tests
 //! move time forward instead of sleeping.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use lethe_store::StateStore;
 use tokio::sync::Notify;
 
@@ -15,12 +18,21 @@ use crate::Settings;
 
 /// Follow-ups queued per sweep.
 const FOLLOW_UP_BATCH: u32 = 500;
+/// Requests announced per due-date sweep.
+const ALERT_BATCH: u32 = 500;
+/// How long before its due date an unanswered request is announced as due
+/// soon (and counted by the `lethe_requests_due_soon` gauge).
+pub const DUE_SOON: Duration = Duration::from_secs(7 * 86_400);
+/// How often the due dates are swept: alerts are about days, not seconds.
+const ALERT_INTERVAL: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
 pub struct Scheduler {
     pub(crate) store: Arc<dyn StateStore>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) wake: Arc<Notify>,
     pub(crate) settings: Settings,
+    /// When the due dates were last swept.
+    pub(crate) alerts_swept: Mutex<Option<DateTime<Utc>>>,
 }
 
 impl Scheduler {
@@ -62,6 +74,42 @@ impl Scheduler {
                 self.wake.notify_one();
             }
             Err(e) => tracing::warn!(error = %e, "follow-up sweep failed; will try again"),
+        }
+        self.due_dates(now).await;
+    }
+
+    /// Announces requests coming due or overdue: a warning per request in
+    /// the log (its id, never its subject), an audit event that the
+    /// dashboard and the trail show, and a counter.
+    async fn due_dates(&self, now: DateTime<Utc>) {
+        {
+            let mut last = self.alerts_swept.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|t| now - t < ALERT_INTERVAL) {
+                return;
+            }
+            *last = Some(now);
+        }
+        match self.store.raise_due_alerts(now, DUE_SOON, ALERT_BATCH).await {
+            Ok(alerts) => {
+                for request in &alerts.overdue {
+                    tracing::warn!(%request, "request is past its due date and not answered");
+                }
+                for request in &alerts.due_soon {
+                    tracing::warn!(%request, days = DUE_SOON.as_secs() / 86_400, "request is due soon and not answered");
+                }
+                metrics::counter!(crate::metrics::DUE_DATE_ALERTS_TOTAL, "alert" => "overdue")
+                    .increment(alerts.overdue.len() as u64);
+                metrics::counter!(crate::metrics::DUE_DATE_ALERTS_TOTAL, "alert" => "due_soon")
+                    .increment(alerts.due_soon.len() as u64);
+                // A full batch: more are owed; sweep again on the next tick.
+                if alerts.overdue.len() + alerts.due_soon.len() >= ALERT_BATCH as usize {
+                    *self.alerts_swept.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                }
+            }
+            Err(e) => {
+                *self.alerts_swept.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                tracing::warn!(error = %e, "due-date sweep failed; will try again");
+            }
         }
     }
 }

@@ -849,6 +849,50 @@ async fn a_caller_without_the_scope_is_refused_before_its_body_is_read() {
 }
 
 #[tokio::test]
+async fn the_scheduler_announces_requests_due_soon_and_overdue() {
+    let h = Harness::with(Settings {
+        poll_interval: Duration::from_millis(20),
+        scheduler_interval: Duration::from_millis(10),
+        ..Default::default()
+    })
+    .await;
+    // No worker: the request stays unanswered. LGPD: due in 15 days.
+    let body = json!({"subject": {"email": "slow@example.com"}, "regulation": "lgpd"});
+    let (_, created, _) = call(&h.app(), post(body.to_string())).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let kinds = || async {
+        let (_, events, _) = call(&h.app(), get(&format!("/v1/requests/{id}/events"))).await;
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"].as_str().is_some_and(|k| k.ends_with("due_soon") || k.ends_with("overdue")))
+            .map(|e| (e["kind"].as_str().unwrap().to_owned(), e["summary"].as_str().unwrap_or("").to_owned()))
+            .collect::<Vec<_>>()
+    };
+    let wait_for_alerts = |n: usize| async move {
+        for _ in 0..300 {
+            if kinds().await.len() >= n {
+                return kinds().await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no due-date alert came");
+    };
+    h.clock.advance(chrono::Duration::days(10));
+    let alerts = wait_for_alerts(1).await;
+    assert_eq!(alerts[0].0, "request.due_soon");
+    assert!(alerts[0].1.starts_with("due soon: answer by 2026-02-15"), "{alerts:?}");
+    h.clock.advance(chrono::Duration::days(6));
+    let alerts = wait_for_alerts(2).await;
+    assert_eq!(alerts[1].0, "request.overdue", "{alerts:?}");
+    // Once each, however often the scheduler runs.
+    h.clock.advance(chrono::Duration::minutes(5));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(kinds().await.len(), 2);
+}
+
+#[tokio::test]
 async fn explain_shows_each_category_and_holds_reject_unknown_scopes() {
     let h = Harness::new().await;
     let body = json!({"subject": {"email": "ada@example.com"}, "regulation": "gdpr"});

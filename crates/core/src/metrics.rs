@@ -22,6 +22,9 @@ pub const DISPATCH_TO_OUTCOME_SECONDS: &str = "lethe_dispatch_to_outcome_seconds
 /// Tasks queued again by the coordinator, by `reason` (`timeout`,
 /// `retryable_failure`, `follow_up`).
 pub const TASK_REQUEUES_TOTAL: &str = "lethe_task_requeues_total";
+/// Due-date alerts raised by the scheduler, by `alert` (`due_soon`,
+/// `overdue`); each request is announced once per alert and due date.
+pub const DUE_DATE_ALERTS_TOTAL: &str = "lethe_due_date_alerts_total";
 
 // The coordinator's gauges, read from the state store at scrape time.
 
@@ -53,7 +56,7 @@ pub const CONNECTOR_TASK_DURATION_SECONDS: &str = "lethe_connector_task_duration
 pub const KAFKA_CONSUMER_LAG: &str = "lethe_kafka_consumer_lag";
 
 /// Every name above.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     REQUESTS_RECEIVED_TOTAL,
     REQUESTS_FINISHED_TOTAL,
     TASKS_DISPATCHED_TOTAL,
@@ -62,6 +65,7 @@ pub const ALL: [&str; 17] = [
     DEAD_LETTERS_TOTAL,
     DISPATCH_TO_OUTCOME_SECONDS,
     TASK_REQUEUES_TOTAL,
+    DUE_DATE_ALERTS_TOTAL,
     REQUESTS,
     TASKS,
     REQUESTS_OVERDUE,

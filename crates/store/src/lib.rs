@@ -208,6 +208,17 @@ pub trait StateStore: Send + Sync + 'static {
     /// `limit`), to erase what their retention periods no longer cover.
     async fn run_follow_ups(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
 
+    /// Announces, once each, up to `limit` requests not yet answered that
+    /// came within `soon` of their due date (`request.due_soon`) or passed
+    /// it (`request.overdue`), as audit events. An extension clears the
+    /// announcement, so the new date is announced again.
+    async fn raise_due_alerts(
+        &self,
+        now: DateTime<Utc>,
+        soon: std::time::Duration,
+        limit: u32,
+    ) -> Result<DueAlerts, StoreError>;
+
     /// Extends a request's deadline once, before its original due date, by
     /// the regulation's extension period.
     async fn extend_request(

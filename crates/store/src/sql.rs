@@ -20,6 +20,7 @@ use crate::rows::{insert_rows, json_table, rows_param, Arg};
 use crate::types::*;
 use crate::{StateStore, StoreError};
 
+mod deadlines;
 mod jobs;
 mod retention;
 mod tokens;
@@ -1542,6 +1543,15 @@ impl StateStore for SqlStore {
 
     async fn run_follow_ups(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
         self.follow_ups(now, limit).await
+    }
+
+    async fn raise_due_alerts(
+        &self,
+        now: DateTime<Utc>,
+        soon: Duration,
+        limit: u32,
+    ) -> Result<DueAlerts, StoreError> {
+        self.due_alerts(now, soon, limit).await
     }
 
     async fn extend_request(

@@ -224,6 +224,37 @@ impl RetrySchedule {
 
 /// What an operator retry did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A due-date alert of the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DueAlert {
+    DueSoon,
+    Overdue,
+}
+
+impl DueAlert {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DueSoon => "due_soon",
+            Self::Overdue => "overdue",
+        }
+    }
+
+    /// The audit event that records it.
+    pub fn audit_kind(self) -> &'static str {
+        match self {
+            Self::DueSoon => "request.due_soon",
+            Self::Overdue => "request.overdue",
+        }
+    }
+}
+
+/// The requests a due-date sweep announced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DueAlerts {
+    pub due_soon: Vec<RequestId>,
+    pub overdue: Vec<RequestId>,
+}
+
 pub enum RetryResult {
     /// The task is pending again and queued for dispatch.
     Queued,

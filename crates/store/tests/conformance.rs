@@ -11,9 +11,9 @@ use lethe_core::{
     RetainedReport, SystemCategories, TaskId, TaskState,
 };
 use lethe_store::{
-    Applied, AuditCheck, Created, Expired, ExtendResult, IdempotencyKey, ListQuery, NewHold, NewIdentifier,
-    NewRequest, NewTask, OutboxItem, OutcomeReport, ReleaseResult, RetryResult, RetrySchedule, SqlStore,
-    StateStore,
+    Applied, AuditCheck, Created, DueAlerts, Expired, ExtendResult, IdempotencyKey, ListQuery, NewHold,
+    NewIdentifier, NewRequest, NewTask, OutboxItem, OutcomeReport, ReleaseResult, RetryResult, RetrySchedule,
+    SqlStore, StateStore,
 };
 use sqlx::{Connection, Executor};
 
@@ -1630,6 +1630,87 @@ async fn stats_count_requests_tasks_and_deadlines(b: &Backend) {
     assert!(s.list_requests(&failed).await.unwrap().is_empty());
 }
 
+async fn due_date_alerts_are_raised_once_each(b: &Backend) {
+    let f = Fixture::new();
+    let s = &b.store;
+    let soon = Duration::from_secs(7 * 86_400);
+    let create = |email: &str| {
+        let req = f.planned(Regulation::Gdpr, t0(), email, &["crm"], &[]);
+        let id = req.id;
+        async move {
+            s.create_request(req).await.unwrap();
+            id
+        }
+    };
+    let open = create("d1@example.com").await;
+    let extended = create("d2@example.com").await;
+    let answered = create("d3@example.com").await;
+    for item in dispatch_all(s).await {
+        if item.request_id == answered {
+            report(s, item.task_id, item.attempt, erased(1)).await;
+        }
+    }
+    let due = Regulation::Gdpr.due_at(t0());
+    let kinds = |id: RequestId| async move {
+        s.audit_events(Some(id))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .filter(|k| k == "request.due_soon" || k == "request.overdue")
+            .collect::<Vec<_>>()
+    };
+    // Nothing is due within the week yet.
+    assert_eq!(s.raise_due_alerts(t0(), soon, 100).await.unwrap(), DueAlerts::default());
+    // Six days before: both open requests, once; the answered one never.
+    let week = due - chrono::Duration::days(6);
+    let raised = s.raise_due_alerts(week, soon, 100).await.unwrap();
+    let mut expected = vec![open, extended];
+    expected.sort();
+    let mut got = raised.due_soon.clone();
+    got.sort();
+    assert_eq!((got, raised.overdue.len()), (expected, 0));
+    assert_eq!(
+        s.raise_due_alerts(week + chrono::Duration::hours(1), soon, 100).await.unwrap(),
+        DueAlerts::default()
+    );
+    // An extension moves the date and clears the alert.
+    let deadlines = lethe_core::Deadlines::default();
+    assert!(matches!(
+        s.extend_request(extended, "complex", &deadlines, week).await.unwrap(),
+        ExtendResult::Extended { .. }
+    ));
+    // Past the due date: the open request is overdue, once; the extended
+    // one is not due yet.
+    let past = due + chrono::Duration::hours(1);
+    let raised = s.raise_due_alerts(past, soon, 100).await.unwrap();
+    assert_eq!((raised.overdue, raised.due_soon), (vec![open], vec![]));
+    assert_eq!(s.raise_due_alerts(past, soon, 100).await.unwrap(), DueAlerts::default());
+    assert_eq!(kinds(open).await, ["request.due_soon", "request.overdue"]);
+    assert_eq!(kinds(answered).await, Vec::<String>::new());
+    // Found only after its date (the scheduler was down): overdue alone.
+    let late = create("d4@example.com").await;
+    let raised = s.raise_due_alerts(due + chrono::Duration::days(20), soon, 100).await.unwrap();
+    assert_eq!((raised.overdue, raised.due_soon), (vec![late], vec![]), "the extended one is due in April");
+    assert_eq!(kinds(late).await, ["request.overdue"]);
+    // The limit bounds one sweep; the next ones take the rest.
+    let mut owed = vec![extended, create("d5@example.com").await, create("d6@example.com").await];
+    let far = due + chrono::Duration::days(80);
+    let mut swept = Vec::new();
+    for _ in 0..3 {
+        let raised = s.raise_due_alerts(far, soon, 1).await.unwrap();
+        assert_eq!((raised.overdue.len(), raised.due_soon.len()), (1, 0));
+        swept.extend(raised.overdue);
+    }
+    assert_eq!(s.raise_due_alerts(far, soon, 1).await.unwrap(), DueAlerts::default());
+    swept.sort();
+    owed.sort();
+    assert_eq!(swept, owed);
+    // Announced anew for its new date: overdue (the sweep came late).
+    assert_eq!(kinds(extended).await, ["request.due_soon", "request.overdue"]);
+    assert!(matches!(s.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
+}
+
 async fn webhook_cursors_tail_request_events_and_log_deliveries(b: &Backend) {
     use lethe_store::{DeliveryQuery, WebhookDelivery};
     const KINDS: [&str; 3] = ["request.received", "request.status", "request.extended"];
@@ -1769,4 +1850,5 @@ suite!(
     tokens_suppressions_and_signing_keys,
     stats_count_requests_tasks_and_deadlines,
     webhook_cursors_tail_request_events_and_log_deliveries,
+    due_date_alerts_are_raised_once_each,
 );

@@ -103,7 +103,7 @@ async fn list_systems(
 /// read from the state store. No label is ever an identifier.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics_text(State(state): State<AppState>) -> Result<impl IntoResponse, Problem> {
-    let stats = state.store.stats(state.clock.now(), std::time::Duration::from_secs(7 * 86_400)).await?;
+    let stats = state.store.stats(state.clock.now(), crate::scheduler::DUE_SOON).await?;
     let mut text = crate::metrics::prometheus().render();
     text.push_str(&crate::metrics::state_gauges(&stats));
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))

@@ -88,6 +88,10 @@ pub async fn events(
                         detail["to"].as_str().unwrap_or("?")
                     )),
                     "request.extended" => detail["reason"].as_str().map(|r| format!("extended: {r}")),
+                    "request.due_soon" => {
+                        detail["due_at"].as_str().map(|d| format!("due soon: answer by {d}"))
+                    }
+                    "request.overdue" => detail["due_at"].as_str().map(|d| format!("overdue: was due {d}")),
                     _ => None,
                 };
                 EventView {

@@ -851,7 +851,8 @@ impl SqlStore {
             Err(refused) => return Ok(ExtendResult::Refused(refused)),
         };
         sqlx::query(
-            "UPDATE requests SET due_at = $1, original_due_at = $2, extension_reason = $3, updated_at = $4 WHERE id = $5",
+            "UPDATE requests SET due_at = $1, original_due_at = $2, extension_reason = $3, updated_at = $4, \
+             due_alert = NULL WHERE id = $5",
         )
         .bind(ms(new_due))
         .bind(ms(due))
