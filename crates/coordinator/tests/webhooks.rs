@@ -291,6 +291,23 @@ async fn endpoints_receive_signed_events_with_retries_and_a_delivery_log() {
     assert!(!given_up.is_empty());
     assert!(given_up.iter().all(|d| d["delivered"] == false && d["next_attempt_at"].is_null()));
     assert!(!log.to_string().contains(&base) && !log.to_string().contains(SECRET), "{log}");
+    // Every attempt can be read, page by page.
+    let mut seen = Vec::new();
+    let mut uri = "/v1/webhooks/deliveries?endpoint=ops&limit=1".to_owned();
+    loop {
+        let (status, page) = call(&router, request("GET", &uri, &admin, None)).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.extend(page["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_owned()));
+        let Some(cursor) = page["next_cursor"].as_str() else { break };
+        uri = format!("/v1/webhooks/deliveries?endpoint=ops&limit=1&cursor={cursor}");
+    }
+    let (_, all) = call(&router, request("GET", "/v1/webhooks/deliveries?endpoint=ops", &admin, None)).await;
+    let all: Vec<String> =
+        all["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(seen, all);
+    let (status, _) =
+        call(&router, request("GET", "/v1/webhooks/deliveries?cursor=nonsense", &admin, None)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let (status, _) = call(&router, request("GET", "/v1/webhooks/deliveries?limit=0", &admin, None)).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let (status, _) =

@@ -820,6 +820,9 @@ impl StateStore for SqlStore {
         if q.failed_task {
             sql.push_str(" AND id IN (SELECT request_id FROM tasks WHERE state = 'failed')");
         }
+        if q.unanswered {
+            sql.push_str(" AND status IN ('received', 'in_progress', 'failed')");
+        }
         sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", n + 1));
         let mut query = sqlx::query(&sql);
         if let Some(s) = q.status {

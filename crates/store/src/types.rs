@@ -143,6 +143,8 @@ pub struct ListQuery {
     pub system: Option<String>,
     /// Only requests with a failed task.
     pub failed_task: bool,
+    /// Only requests not answered yet (received, in progress or failed).
+    pub unanswered: bool,
     pub limit: u32,
 }
 
@@ -222,8 +224,6 @@ impl RetrySchedule {
     }
 }
 
-/// What an operator retry did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 /// A due-date alert of the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DueAlert {
@@ -255,6 +255,8 @@ pub struct DueAlerts {
     pub overdue: Vec<RequestId>,
 }
 
+/// What an operator retry did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryResult {
     /// The task is pending again and queued for dispatch.
     Queued,

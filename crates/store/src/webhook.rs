@@ -48,12 +48,15 @@ pub struct WebhookDelivery {
 pub struct DeliveryQuery {
     pub endpoint: Option<String>,
     pub request_id: Option<RequestId>,
+    /// Only attempts older than this one (the previous page's last):
+    /// its time (Unix milliseconds) and id.
+    pub before: Option<(i64, String)>,
     pub limit: u32,
 }
 
 impl Default for DeliveryQuery {
     fn default() -> Self {
-        Self { endpoint: None, request_id: None, limit: 100 }
+        Self { endpoint: None, request_id: None, before: None, limit: 100 }
     }
 }
 

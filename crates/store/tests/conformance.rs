@@ -1528,6 +1528,9 @@ async fn list_filters_by_due_date_and_overdue(b: &Backend) {
         ..Default::default()
     };
     assert_eq!(list(both).await, [0, 1, 4]);
+    // Due soon: due before a date and not answered.
+    let soon = ListQuery { due_before: Some(utc(2026, 3, 1, 0)), unanswered: true, ..Default::default() };
+    assert_eq!(list(soon).await, [0, 1, 4]);
     // An extension moves the due date, and so whether the request is overdue.
     b.store.extend_request(ids[0], "complex", &Deadlines::default(), day(1)).await.unwrap();
     assert_eq!(
@@ -1804,6 +1807,19 @@ async fn webhook_cursors_tail_request_events_and_log_deliveries(b: &Backend) {
     let got = s.webhook_deliveries(&by_request).await.unwrap();
     assert_eq!(got.iter().map(|d| d.attempt).collect::<Vec<_>>(), vec![3, 2]);
     assert_eq!(s.webhook_deliveries(&DeliveryQuery::default()).await.unwrap().len(), 4);
+    // Paged: older than the previous page's last attempt, same time or not.
+    let last = &got[1];
+    let older = DeliveryQuery {
+        request_id: Some(id),
+        before: Some((last.created_at.timestamp_millis(), last.id.clone())),
+        ..Default::default()
+    };
+    let got = s.webhook_deliveries(&older).await.unwrap();
+    assert_eq!(got.iter().map(|d| d.attempt).collect::<Vec<_>>(), vec![1]);
+    let tie = WebhookDelivery { id: "d-portal-0".into(), ..log[1].clone() };
+    s.record_webhook_delivery(&tie).await.unwrap();
+    let got = s.webhook_deliveries(&older).await.unwrap();
+    assert_eq!(got.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["d-portal-0", "d-portal-1"]);
     assert!(matches!(s.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
 }
 

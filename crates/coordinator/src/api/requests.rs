@@ -154,6 +154,9 @@ pub struct ListParams {
     pub system: Option<String>,
     /// `true`: only requests with a failed task.
     pub failed_task: Option<bool>,
+    /// `true`: only requests not answered yet (received, in progress or
+    /// failed); with `due_before`, those coming due.
+    pub unanswered: Option<bool>,
 }
 
 impl From<RequestRecord> for RequestSummary {
@@ -186,7 +189,7 @@ pub(crate) fn parse_subject(subject: &BTreeMap<String, String>) -> Result<Vec<Id
         .collect()
 }
 
-fn check_text(what: &str, value: &str, max: usize) -> Result<(), Problem> {
+pub(crate) fn check_text(what: &str, value: &str, max: usize) -> Result<(), Problem> {
     if value.len() > max || value.chars().any(char::is_control) {
         return Err(Problem::invalid(format!(
             "{what} must be at most {max} bytes without control characters"

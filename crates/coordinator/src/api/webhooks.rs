@@ -26,6 +26,8 @@ pub struct DeliveryParams {
     pub request_id: Option<String>,
     /// At most this many entries (1 to 1000, default 100).
     pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
 }
 
 /// One delivery attempt.
@@ -80,6 +82,8 @@ impl From<WebhookDelivery> for DeliveryView {
 pub struct DeliveryPage {
     /// Newest first.
     pub items: Vec<DeliveryView>,
+    /// Set when the page is full: pass it as `cursor` for older attempts.
+    pub next_cursor: Option<String>,
 }
 
 /// The webhook delivery log: every attempt, newest first.
@@ -106,7 +110,23 @@ pub async fn deliveries(
         .request_id
         .map(|r| r.parse::<RequestId>().map_err(|_| Problem::invalid("request_id is not a request id")))
         .transpose()?;
-    let query = DeliveryQuery { endpoint: params.endpoint, request_id, limit };
+    if let Some(endpoint) = &params.endpoint {
+        super::requests::check_text("endpoint", endpoint, 128)?;
+    }
+    let malformed = || Problem::invalid("malformed cursor");
+    let before = params
+        .cursor
+        .map(|c| {
+            let (at, id) = c.split_once('_').ok_or_else(malformed)?;
+            let at: i64 = at.parse().map_err(|_| malformed())?;
+            uuid::Uuid::parse_str(id).map_err(|_| malformed())?;
+            Ok::<_, Problem>((at, id.to_owned()))
+        })
+        .transpose()?;
+    let query = DeliveryQuery { endpoint: params.endpoint, request_id, before, limit };
     let rows = state.store.webhook_deliveries(&query).await?;
-    Ok(Json(DeliveryPage { items: rows.into_iter().map(DeliveryView::from).collect() }))
+    let next_cursor = (rows.len() == limit as usize)
+        .then(|| rows.last().map(|d| format!("{}_{}", d.created_at.timestamp_millis(), d.id)))
+        .flatten();
+    Ok(Json(DeliveryPage { items: rows.into_iter().map(DeliveryView::from).collect(), next_cursor }))
 }

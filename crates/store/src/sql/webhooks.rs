@@ -185,6 +185,11 @@ impl SqlStore {
             args.push(request.to_string());
             filters.push(format!("request_id = ${}", args.len()));
         }
+        if let Some((_, id)) = &q.before {
+            args.push(id.clone());
+            let (at, id) = (args.len() + 1, args.len());
+            filters.push(format!("(created_at < ${at} OR (created_at = ${at} AND id < ${id}))"));
+        }
         let filter =
             if filters.is_empty() { String::new() } else { format!(" WHERE {}", filters.join(" AND ")) };
         let sql = format!(
@@ -192,14 +197,12 @@ impl SqlStore {
              ORDER BY created_at DESC, id DESC LIMIT {}",
             q.limit.max(1)
         );
-        args.iter()
-            .fold(sqlx::query(&sql), |query, a| query.bind(a.as_str()))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?
-            .iter()
-            .map(delivery_record)
-            .collect()
+        let query = args.iter().fold(sqlx::query(&sql), |query, a| query.bind(a.as_str()));
+        let query = match &q.before {
+            Some((at, _)) => query.bind(*at),
+            None => query,
+        };
+        query.fetch_all(&self.pool).await.map_err(db_err)?.iter().map(delivery_record).collect()
     }
 
     pub(super) async fn sealed_subject_of(&self, id: RequestId) -> Result<Option<SealedSubject>, StoreError> {
