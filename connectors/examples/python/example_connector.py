@@ -20,7 +20,7 @@ normalises the requested ones.
 Run it (see README.md)::
 
     CLUBHOUSE_DB=/path/to/clubhouse.db LETHE_BROKERS=127.0.0.1:9092 \\
-    LETHE_COORDINATOR_URL=http://127.0.0.1:8080 LETHE_CONNECTOR_TOKEN=... \\
+    LETHE_COORDINATOR_URL=http://127.0.0.1:8700 LETHE_CONNECTOR_TOKEN=... \\
     python3 example_connector.py
 """
 

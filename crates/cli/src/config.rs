@@ -278,8 +278,9 @@ impl Default for SchedulerConfig {
 pub struct SystemConfig {
     /// Unique name: lower-case letters, digits, `-` and `_`.
     pub name: String,
-    /// Connector type (`sql`, `redis`, `kafka`, `http`), or `external` for
-    /// a system served by a worker of its own (another language).
+    /// Connector type (`sql`, `files`, `redis`, `kafka-compacted`, `http`),
+    /// or `external` for a system served by a worker of its own (another
+    /// language).
     pub connector: String,
     /// Team or person responsible for the system.
     #[serde(default)]
@@ -540,7 +541,7 @@ impl Config {
             if s.connector == crate::registry::EXTERNAL && !matches!(self.bus, BusConfig::Kafka(_)) {
                 bail!(
                     "system {:?} is served by an external worker, which needs the Kafka bus \
-                     ([bus] type = \"kafka\")",
+                     ([bus] kind = \"kafka\")",
                     s.name
                 );
             }
