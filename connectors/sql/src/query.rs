@@ -161,13 +161,32 @@ impl Sql {
         values: &[String],
     ) -> &mut Self {
         let target = match_target(self.dialect, qualifier, column, kind, compare);
-        self.push(&target).push(" IN (");
-        for (i, p) in values.iter().filter_map(|v| match_param(kind, compare, v)).enumerate() {
-            if i > 0 {
-                self.push(", ");
+        // MySQL and MariaDB compare text under the column's collation, and
+        // the usual ones (`utf8mb4_*_ci`) take `AB12` for `ab12` and `josé`
+        // for `jose`: another person's rows. The comparison is made byte
+        // for byte as well; the collated one stays so that the column's
+        // index still finds the candidates.
+        let bytes =
+            self.dialect == Dialect::MySql && (compare == Compare::Normalized || kind != ColKind::Integer);
+        let params: Vec<Param> = values.iter().filter_map(|v| match_param(kind, compare, v)).collect();
+        let list = |sql: &mut Self, target: &str| {
+            sql.push(target).push(" IN (");
+            for (i, p) in params.iter().enumerate() {
+                if i > 0 {
+                    sql.push(", ");
+                }
+                sql.bind_match(kind, compare, p.clone());
             }
-            self.bind_match(kind, compare, p);
+            sql.push(")");
+        };
+        if !bytes {
+            list(self, &target);
+            return self;
         }
+        self.push("(");
+        list(self, &target);
+        self.push(" AND ");
+        list(self, &format!("CAST({target} AS BINARY)"));
         self.push(")")
     }
 
@@ -261,7 +280,20 @@ mod tests {
 
         let mut my = Sql::new(Dialect::MySql);
         my.cond(&sample(), None, 0);
-        assert!(my.text().contains("LOWER(TRIM(p1.`email`)) IN (?) OR p1.`id` IN (?, ?)"), "{}", my.text());
+        // Text is compared under the collation (for the index) and byte for
+        // byte (for the right person); integers only once.
+        assert!(
+            my.text().contains(
+                "((LOWER(TRIM(p1.`email`)) IN (?) AND CAST(LOWER(TRIM(p1.`email`)) AS BINARY) IN (?)) \
+                 OR p1.`id` IN (?, ?))"
+            ),
+            "{}",
+            my.text()
+        );
+        assert_eq!(
+            my.params,
+            vec![Param::Text("a@x.io".into()), Param::Text("a@x.io".into()), Param::Int(7), Param::Int(8)]
+        );
     }
 
     #[test]

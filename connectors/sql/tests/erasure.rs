@@ -15,6 +15,7 @@ use lethe_connector::{Connector, Erasure};
 use lethe_connector_sql::SqlConnector;
 use lethe_core::DatasetReport;
 use sha2::Sha256;
+use sqlx::Row;
 
 fn report(customers: u64, orders: u64, addresses: u64) -> Vec<DatasetReport> {
     vec![
@@ -150,6 +151,46 @@ async fn identifier_types_no_table_uses_report_zeros(db: Arc<TestDb>) {
     }
     assert_eq!(db.customers().await, shop_customers());
     assert_eq!(db.orders().await, shop_orders());
+}
+
+async fn case_accents_and_trailing_spaces_are_other_people(db: Arc<TestDb>) {
+    // MySQL and MariaDB collations (utf8mb4_*_ci) take these values for one
+    // another; to an erasure they are different people on every engine.
+    db.exec(&[
+        "CREATE TABLE members (id INTEGER PRIMARY KEY, code VARCHAR(32), email VARCHAR(255))",
+        "INSERT INTO members (id, code, email) VALUES \
+         (1, 'ab12', 'josé@example.com'), (2, 'AB12', 'jose@example.com'), (3, 'ab12 ', 'JOSE@example.com '), \
+         (4, 'cd34', 'strasse@example.com'), (5, 'CD34', 'straße@example.com')",
+    ])
+    .await;
+    let tables = r#"
+[[tables]]
+name = "members"
+action = "delete"
+category = "identity.contact"
+match = { customer_id = "code", email = "email" }
+"#;
+    let sql = db.connector(tables).await;
+    let ids = || async {
+        let pool = db.pool().await;
+        let rows = sqlx::query("SELECT id FROM members ORDER BY id").fetch_all(&pool).await.unwrap();
+        pool.close().await;
+        rows.iter().map(|r| r.get::<i64, _>(0)).collect::<Vec<i64>>()
+    };
+    let deleted = |n| Erasure { datasets: vec![DatasetReport::new("members", n, 0)], retained: vec![] };
+    // An exact customer number: that row alone.
+    let ab = task(vec![id("customer_id", "ab12")]);
+    assert_eq!(sql.verify(&ab).await.unwrap(), 1);
+    assert_eq!(sql.erase(&ab).await.unwrap(), deleted(1));
+    assert_eq!(ids().await, [2, 3, 4, 5]);
+    // A normalised e-mail: case and surrounding spaces, but not accents.
+    let jose = task(vec![id("email", "Jose@Example.com")]);
+    assert_eq!(sql.erase(&jose).await.unwrap(), deleted(2));
+    assert_eq!(ids().await, [4, 5]);
+    let strasse = task(vec![id("email", "strasse@example.com")]);
+    assert_eq!(sql.erase(&strasse).await.unwrap(), deleted(1));
+    assert_eq!(ids().await, [5]);
+    assert_eq!(sql.verify(&ab).await.unwrap() + sql.verify(&jose).await.unwrap(), 0);
 }
 
 async fn anonymize_by_own_column_is_idempotent(db: Arc<TestDb>) {
@@ -335,6 +376,7 @@ on_every_engine!(
     matches_customer_ids_as_integers_only,
     quotes_and_injection_shaped_values_touch_only_their_rows,
     identifier_types_no_table_uses_report_zeros,
+    case_accents_and_trailing_spaces_are_other_people,
     anonymize_by_own_column_is_idempotent,
     health_checks_tables_and_columns,
     database_errors_are_classified_without_values,
