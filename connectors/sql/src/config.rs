@@ -343,6 +343,20 @@ impl TableConfig {
             }
             _ => {}
         }
+        // A row found by the subject's identifier and "anonymised" with that
+        // identifier left in place is not anonymous, and verification,
+        // which checks the configured columns, would not see it.
+        if self.action == TableAction::Anonymize {
+            for (kind, m) in &self.matches {
+                if !self.columns.contains_key(&m.column) && m.column != self.primary_key {
+                    problems.push(format!(
+                        "table {t}: action anonymize would leave the match column {} (the subject's {kind}) \
+                         as it is; give it a strategy, e.g. {} = \"null\"",
+                        m.column, m.column
+                    ));
+                }
+            }
+        }
         if let Some(d) = self.date_column.as_ref().filter(|d| self.columns.contains_key(*d)) {
             problems.push(format!(
                 "table {t}: the date_column {d} cannot be anonymized (it dates the retention)"
@@ -555,6 +569,14 @@ mod tests {
 
         let p = problems(|c| c.tables[2].date_column = Some("note".into()));
         assert!(p.contains("crm.orders: the date_column note cannot be anonymized"), "{p}");
+
+        // Anonymised rows found by an identifier must not keep it.
+        let p = problems(|c| {
+            c.tables[2]
+                .matches
+                .insert(IdentifierKind::Email, MatchColumn { column: "email".into(), compare: None });
+        });
+        assert!(p.contains("crm.orders: action anonymize would leave the match column email"), "{p}");
 
         // Several problems at once are all reported.
         let p = problems(|c| {

@@ -210,7 +210,7 @@ primary_key = "code"
 action = "anonymize"
 category = "support.ticket"
 match = { email = "email" }
-columns = { name = "null", body = "redact" }
+columns = { email = "null", name = "null", body = "redact" }
 "#;
     let sql = db.connector(tables).await;
     let ada = task(vec![id("email", "ada@example.com")]);
@@ -337,7 +337,7 @@ name = "devices"
 action = "anonymize"
 category = "device.registry"
 match = { device_id = "device_id" }
-columns = { label = "redact" }
+columns = { device_id = "null", label = "redact" }
 "#;
     let sql = db.connector(tables).await;
     let nothing = task(vec![id("device_id", "not-a-uuid")]);

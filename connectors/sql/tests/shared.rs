@@ -152,7 +152,7 @@ name = "orders"
 action = "anonymize"
 category = "billing.order"
 match = { customer_id = "customer" }
-columns = { email = "null", ship_to = { fixed = "[erased]" } }
+columns = { customer = "null", email = "null", ship_to = { fixed = "[erased]" } }
 "#,
         )
         .await,
@@ -192,14 +192,16 @@ columns = { email = "null", ship_to = { fixed = "[erased]" } }
     pool.close().await;
     let mut total = 0i64;
     for (g, row) in rows.iter().enumerate() {
-        let customer: i32 = row.get(0);
+        let (stored, original): (Option<i32>, i32) = (row.get(0), g as i32 % 20);
         let (email, ship_to): (Option<String>, Option<String>) = (row.get(1), row.get(2));
         let amount: i64 = row.get(3);
         assert_eq!(amount, 100 * g as i64, "amounts are kept");
         total += amount;
+        let customer = original;
         if customer < 10 {
-            assert_eq!((email, ship_to.as_deref()), (None, Some("[erased]")));
+            assert_eq!((stored, email, ship_to.as_deref()), (None, None, Some("[erased]")));
         } else {
+            assert_eq!(stored, Some(customer));
             assert_eq!(email, Some(format!("c{customer}@example.com")), "other customers are untouched");
         }
     }
