@@ -66,12 +66,16 @@ fn database(dialect: Dialect, db: &dyn DatabaseError) -> (bool, String) {
 }
 
 fn postgres(state: &str, kind: ErrorKind) -> (bool, String) {
-    let retryable = matches!(state, "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300")
-        || state.starts_with("08");
+    // 57014 is a statement cancelled, mostly by `statement_timeout` on a
+    // busy database: the next attempt may well finish.
+    let retryable =
+        matches!(state, "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300")
+            || state.starts_with("08");
     let what = match state {
         "40001" => "serialization failure",
         "40P01" => "deadlock detected",
         "55P03" => "lock not available",
+        "57014" => "statement cancelled (statement_timeout?)",
         "57P01" | "57P02" => "server shutting down",
         "57P03" => "server not accepting connections yet",
         "53300" => "too many connections",
@@ -95,11 +99,26 @@ fn postgres(state: &str, kind: ErrorKind) -> (bool, String) {
 fn mysql(number: u16, state: &str, kind: ErrorKind) -> (bool, String) {
     let retryable = matches!(
         number,
-        1205 | 1213 | 1040 | 1053 | 1077 | 1079 | 1080 | 1152 | 1158 | 1159 | 1160 | 1161 | 2006 | 2013
+        1205 | 1213
+            | 1040
+            | 1053
+            | 1077
+            | 1079
+            | 1080
+            | 1152
+            | 1158
+            | 1159
+            | 1160
+            | 1161
+            | 1969
+            | 2006
+            | 2013
+            | 3024
     ) || state == "40001"
         || state.starts_with("08");
     let what = match number {
         1205 => "lock wait timeout",
+        1969 | 3024 => "statement time limit exceeded",
         1213 => "deadlock found",
         1040 => "too many connections",
         1053 | 1077 | 1079 | 1080 => "server shutting down",
@@ -167,6 +186,8 @@ mod tests {
     fn codes() {
         assert!(postgres("40P01", ErrorKind::Other).0);
         assert!(postgres("08006", ErrorKind::Other).0);
+        assert!(postgres("57014", ErrorKind::Other).0, "statement_timeout: the next attempt may finish");
+        assert!(mysql(3024, "HY000", ErrorKind::Other).0 && mysql(1969, "70100", ErrorKind::Other).0);
         assert!(!postgres("42P01", ErrorKind::Other).0);
         assert_eq!(
             postgres("23503", ErrorKind::ForeignKeyViolation).1,
