@@ -339,7 +339,18 @@ impl Consumer<TaskMessage> for KafkaConsumer {
     }
 
     async fn ack(&mut self, position: Position) -> Result<(), BusError> {
-        self.consumer.store_offset(&self.topic, position.partition, position.offset).map_err(unavailable)
+        match self.consumer.store_offset(&self.topic, position.partition, position.offset) {
+            // The partition went to another member in a rebalance while the
+            // message was being handled: the new owner reads it again (at
+            // least once), and there is nothing to store here. Not a reason
+            // to stop a worker, whose every task in flight would go with it.
+            Err(KafkaError::StoreOffset(RDKafkaErrorCode::State | RDKafkaErrorCode::UnknownPartition)) => {
+                tracing::debug!(topic = %self.topic, partition = position.partition,
+                    "offset not stored: the partition is no longer assigned to this consumer");
+                Ok(())
+            }
+            stored => stored.map_err(unavailable),
+        }
     }
 
     fn source(&self) -> String {
@@ -358,7 +369,7 @@ impl Consumer<ResultMessage> for KafkaResultConsumer {
     }
 
     async fn ack(&mut self, position: Position) -> Result<(), BusError> {
-        self.0.consumer.store_offset(&self.0.topic, position.partition, position.offset).map_err(unavailable)
+        Consumer::<TaskMessage>::ack(&mut self.0, position).await
     }
 
     fn source(&self) -> String {

@@ -268,7 +268,9 @@ impl AckOrder {
     /// Marks `p` done; returns the position to acknowledge, if any moved.
     fn completed(&mut self, p: Position) -> Option<Position> {
         let queue = self.partitions.get_mut(&p.partition)?;
-        if let Some(entry) = queue.iter_mut().find(|(o, _)| *o == p.offset) {
+        // A message read again after a rebalance can be queued twice: each
+        // completion marks one of them.
+        if let Some(entry) = queue.iter_mut().find(|(o, done)| *o == p.offset && !done) {
             entry.1 = true;
         }
         let mut last = None;
@@ -297,5 +299,20 @@ mod tests {
         assert_eq!(order.completed(at(0, 0)), Some(at(0, 0)));
         assert_eq!(order.completed(at(0, 1)), Some(at(0, 2)), "1 done releases 2 as well");
         assert_eq!(order.completed(at(0, 3)), Some(at(0, 3)));
+    }
+
+    #[test]
+    fn a_message_read_twice_is_acknowledged_once_both_are_done() {
+        let at = |partition, offset| Position { partition, offset };
+        let mut order = AckOrder::default();
+        order.received(at(0, 5));
+        order.received(at(0, 6));
+        // A rebalance hands the partition back: 5 and 6 come again.
+        order.received(at(0, 5));
+        order.received(at(0, 6));
+        assert_eq!(order.completed(at(0, 5)), Some(at(0, 5)));
+        assert_eq!(order.completed(at(0, 6)), Some(at(0, 6)));
+        assert_eq!(order.completed(at(0, 5)), Some(at(0, 5)));
+        assert_eq!(order.completed(at(0, 6)), Some(at(0, 6)), "the partition does not block");
     }
 }
