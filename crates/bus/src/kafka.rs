@@ -435,14 +435,10 @@ pub struct DeadLetter {
 
 impl KafkaBus {
     /// Reads the dead letters that consumer group `group` has not yet
-    /// handled, until none arrives for `idle`. With `commit`, the group's
-    /// offsets move past what was read, so each letter is handled once.
-    pub async fn dead_letters(
-        &self,
-        group: &str,
-        idle: Duration,
-        commit: bool,
-    ) -> Result<Vec<DeadLetter>, BusError> {
+    /// handled, until none arrives for `idle`. Nothing is committed until
+    /// [`DeadLetters::commit`], which the caller runs once it has handled
+    /// them: a replay that fails part-way leaves them to the next one.
+    pub async fn dead_letters(&self, group: &str, idle: Duration) -> Result<DeadLetters, BusError> {
         use futures::StreamExt as _;
         let topic = self.names.dlq();
         let consumer: StreamConsumer = self
@@ -478,10 +474,24 @@ impl KafkaBus {
             wait = idle;
         }
         drop(stream);
-        if commit && !letters.is_empty() {
-            consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync).map_err(unavailable)?;
+        Ok(DeadLetters { letters, consumer })
+    }
+}
+
+/// Dead letters read by a consumer group, not yet marked handled.
+pub struct DeadLetters {
+    pub letters: Vec<DeadLetter>,
+    consumer: StreamConsumer,
+}
+
+impl DeadLetters {
+    /// Moves the group's offsets past the letters read, so that each is
+    /// handled once. Call it only after handling them.
+    pub fn commit(self) -> Result<(), BusError> {
+        if self.letters.is_empty() {
+            return Ok(());
         }
-        Ok(letters)
+        self.consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync).map_err(unavailable)
     }
 }
 

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 
 pub use envelope::{ResultMessage, TaskMessage, ENVELOPE_VERSION};
 #[cfg(feature = "kafka")]
-pub use kafka::{DeadLetter, KafkaBus, KafkaConfig, Names};
+pub use kafka::{DeadLetter, DeadLetters, KafkaBus, KafkaConfig, Names};
 pub use memory::InProcessBus;
 
 #[derive(Debug, thiserror::Error)]

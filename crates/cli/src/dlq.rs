@@ -41,7 +41,8 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
     match command {
         DlqCommand::List => {
             let group = format!("{namespace}.dlq-list-{}", uuid::Uuid::new_v4().simple());
-            let letters = bus.dead_letters(&group, idle, false).await?;
+            // A throwaway group that never commits: listing changes nothing.
+            let letters = bus.dead_letters(&group, idle).await?.letters;
             let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
             for l in &letters {
                 *counts.entry((l.source.clone(), l.reason.clone())).or_default() += 1;
@@ -53,14 +54,14 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
         }
         DlqCommand::Replay { dry_run } => {
             let group = format!("{namespace}.dlq-replay");
-            let letters = if dry_run {
+            let read = if dry_run {
                 let probe = format!("{namespace}.dlq-list-{}", uuid::Uuid::new_v4().simple());
-                bus.dead_letters(&probe, idle, false).await?
+                bus.dead_letters(&probe, idle).await?
             } else {
-                bus.dead_letters(&group, idle, true).await?
+                bus.dead_letters(&group, idle).await?
             };
             let (mut replayed, mut skipped) = (0, 0);
-            for l in &letters {
+            for l in &read.letters {
                 match ResultMessage::decode(&l.payload) {
                     Ok(result) => {
                         if !dry_run {
@@ -70,6 +71,12 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
                     }
                     Err(_) => skipped += 1,
                 }
+            }
+            // Only now are the letters marked handled: a replay that failed
+            // part-way (the `?` above) leaves them all for the next one, and
+            // replaying a result twice changes nothing.
+            if !dry_run {
+                read.commit()?;
             }
             let verb = if dry_run { "would replay" } else { "replayed" };
             println!("{verb} {replayed} results; skipped {skipped} letters that still cannot be decoded");
