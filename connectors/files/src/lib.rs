@@ -39,7 +39,8 @@ fn paths_of(root: &Path, d: &Dataset, task: &ErasureTask) -> Result<Vec<PathBuf>
     let kinds = distinct(task.identifiers.iter().map(|i| i.kind().as_str()));
     for kind in kinds.into_iter().filter(|k| d.path.contains(&format!("{{{k}}}"))) {
         let values: Vec<&str> = task.identifiers_of(&kind).map(|i| i.expose()).collect();
-        if values.iter().any(|v| v.contains(['/', '\\', '\0']) || v.starts_with('.')) {
+        // A brace would be read as a placeholder by the next substitution.
+        if values.iter().any(|v| v.contains(['/', '\\', '\0', '{', '}']) || v.starts_with('.')) {
             return Err(ConnectorError::permanent("an identifier cannot name a file"));
         }
         let slot = format!("{{{kind}}}");
@@ -121,17 +122,53 @@ impl ConnectorKind for FilesKind {
     }
 
     fn categories(&self, config: &toml::Table) -> Result<Vec<String>, String> {
-        let config: FilesConfig = parse(config)?;
+        let config = checked(parse(config)?)?;
         Ok(distinct(config.datasets.iter().map(|d| d.category.as_str())))
     }
 
     fn identifier_types(&self, config: &toml::Table) -> Result<Option<Vec<String>>, String> {
-        let config: FilesConfig = parse(config)?;
+        let config = checked(parse(config)?)?;
         let kinds = config.datasets.iter().flat_map(|d| placeholders(&d.path));
         Ok(Some(distinct(kinds)))
     }
 
     async fn build(&self, config: &toml::Table) -> Result<Arc<dyn Connector>, ConnectorError> {
-        Ok(Arc::new(FilesConnector(parse(config).map_err(ConnectorError::permanent)?)))
+        let config = parse(config).and_then(checked).map_err(ConnectorError::permanent)?;
+        Ok(Arc::new(FilesConnector(config)))
+    }
+}
+
+/// A dataset's path must name its subject: one without a placeholder is
+/// the same file for everyone, and every erasure would delete it.
+fn checked(config: FilesConfig) -> Result<FilesConfig, String> {
+    for d in &config.datasets {
+        if placeholders(&d.path).next().is_none() {
+            return Err(format!(
+                "dataset {:?}: path has no {{identifier_type}} placeholder, so it would be every subject's file",
+                d.name
+            ));
+        }
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(path: &str) -> toml::Table {
+        toml::from_str(&format!(
+            "root = \"/tmp\"\n[[datasets]]\nname = \"exports\"\ncategory = \"identity.contact\"\npath = \"{path}\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_path_must_name_its_subject() {
+        let refused = FilesKind.categories(&table("all-exports.json")).unwrap_err();
+        assert!(refused.contains("no {identifier_type} placeholder"), "{refused}");
+        assert!(FilesKind.categories(&table("exports/{nickname_typo.json")).is_err());
+        let types = FilesKind.identifier_types(&table("exports/{customer_id}/{email}.json")).unwrap();
+        assert_eq!(types, Some(vec!["customer_id".to_owned(), "email".to_owned()]));
     }
 }
