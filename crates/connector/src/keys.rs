@@ -62,9 +62,29 @@ impl HttpKeys {
 }
 
 impl Client {
-    /// One call: each task's key for the attempt held, `Ok(None)` where
-    /// the coordinator has none, `Err` for a key it sent malformed.
+    /// Each task's key for the attempt held, `Ok(None)` where the
+    /// coordinator has none, `Err` for a key it sent malformed. A call
+    /// names each task once, with one attempt; a task held twice (a stale
+    /// attempt read again beside the current one) is asked for in a call of
+    /// its own, so that each attempt gets its own answer.
     async fn fetch(&self, tasks: Vec<(TaskId, u32)>) -> Result<Vec<Answer>, ConnectorError> {
+        let mut answers: Vec<Option<Answer>> = tasks.iter().map(|_| None).collect();
+        let mut left: Vec<usize> = (0..tasks.len()).collect();
+        while !left.is_empty() {
+            let mut seen = std::collections::HashSet::new();
+            let (round, later): (Vec<usize>, Vec<usize>) =
+                left.into_iter().partition(|&i| seen.insert(tasks[i].0));
+            let asked: Vec<(TaskId, u32)> = round.iter().map(|&i| tasks[i]).collect();
+            for (i, answer) in round.into_iter().zip(self.fetch_once(asked).await?) {
+                answers[i] = Some(answer);
+            }
+            left = later;
+        }
+        Ok(answers.into_iter().map(|a| a.unwrap_or(Ok(None))).collect())
+    }
+
+    /// One call, each task named once.
+    async fn fetch_once(&self, tasks: Vec<(TaskId, u32)>) -> Result<Vec<Answer>, ConnectorError> {
         let ids: Vec<String> = tasks.iter().map(|(t, _)| t.to_string()).collect();
         let attempts: BTreeMap<String, u32> = tasks.iter().map(|(t, a)| (t.to_string(), *a)).collect();
         let response = self

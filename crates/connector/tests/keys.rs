@@ -91,6 +91,18 @@ async fn tasks_waiting_together_share_one_call_and_each_gets_its_key() {
     assert!(resolver.data_key("crm", RequestId::new(), tasks[1].0, 1).await.unwrap().is_some());
     // The attempt held travels with the task: another one gets no key.
     assert!(resolver.data_key("crm", RequestId::new(), tasks[1].0, 2).await.unwrap().is_none());
+
+    // A stale attempt and the current one of a task, asked for together:
+    // each gets its own answer, whichever comes first.
+    for _ in 0..5 {
+        let (task, _) = tasks[2].clone();
+        let (stale, current) = tokio::join!(
+            resolver.data_key("crm", RequestId::new(), task, 2),
+            resolver.data_key("crm", RequestId::new(), task, 1),
+        );
+        assert!(stale.unwrap().is_none(), "attempt 2 is not asked for here");
+        assert!(current.unwrap().is_some(), "attempt 1 keeps its key beside a stale one");
+    }
 }
 
 #[tokio::test]
