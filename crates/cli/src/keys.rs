@@ -5,14 +5,19 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use lethe_core::{DataKey, MasterKey};
+use lethe_store::{ListQuery, StateStore};
 
 use crate::config::{resolve_placeholders, Config};
 
 /// The master key from `keys.master_key` (usually `${LETHE_MASTER_KEY}`) or
 /// from `keys.master_key_file`. A missing file is created with mode 0600
-/// only for a SQLite state store: replicas sharing PostgreSQL must share
-/// one key, so there it has to be provided.
-pub fn load_master_key(config: &Config) -> anyhow::Result<MasterKey> {
+/// only for a SQLite state store that holds nothing sealed yet: replicas
+/// sharing PostgreSQL must share one key, so there it has to be provided;
+/// and a store with requests or signing keys needs the key they were sealed
+/// under (a file path is read from the working directory, so the same
+/// configuration started elsewhere would otherwise make a second key, and
+/// every open request, hold and suppression would stop matching).
+pub async fn load_master_key(config: &Config, store: &dyn StateStore) -> anyhow::Result<MasterKey> {
     if let Some(value) = &config.keys.master_key {
         let hex = resolve_placeholders(value).context("keys.master_key")?;
         let key = DataKey::from_hex(&hex).context("keys.master_key")?;
@@ -29,6 +34,16 @@ pub fn load_master_key(config: &Config) -> anyhow::Result<MasterKey> {
     if !config.is_sqlite() {
         bail!(
             "no master key: set keys.master_key (e.g. \"${{LETHE_MASTER_KEY}}\", 64 hex characters) or provide {}",
+            path.display()
+        );
+    }
+    let sealed = !store.signing_keys().await?.is_empty()
+        || !store.list_requests(&ListQuery { limit: 1, ..Default::default() }).await?.is_empty();
+    if sealed {
+        bail!(
+            "the master key file {} is missing, but the state store already holds requests or signing keys \
+             sealed under a master key, which a new key could not open: restore the file from its backup, or \
+             point keys.master_key_file at it (a relative path is read from the working directory)",
             path.display()
         );
     }
@@ -76,13 +91,15 @@ mod tests {
     use super::*;
     use crate::config::Overrides;
 
-    #[test]
-    fn embedded_default_creates_a_private_key_file_once() {
+    #[tokio::test]
+    async fn embedded_default_creates_a_private_key_file_once() {
         let dir = tempfile::tempdir().unwrap();
+        let store =
+            lethe_store::connect(&format!("sqlite://{}/state.db", dir.path().display())).await.unwrap();
         let mut config = Config::load_with_env(None, &Overrides::default(), &[]).unwrap();
         config.keys.master_key_file = dir.path().join("keys/master.key");
-        let first = load_master_key(&config).unwrap();
-        let second = load_master_key(&config).unwrap();
+        let first = load_master_key(&config, store.as_ref()).await.unwrap();
+        let second = load_master_key(&config, store.as_ref()).await.unwrap();
         let wrapped = first.wrap(&DataKey::generate());
         assert!(second.unwrap(&wrapped).is_ok(), "the same key is loaded again");
         #[cfg(unix)]
@@ -91,8 +108,18 @@ mod tests {
             let mode = std::fs::metadata(&config.keys.master_key_file).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+        // A store with something sealed under the key never gets a new one.
+        let certifier = lethe_coordinator::Certifier::new(store.clone(), first);
+        certifier.ensure_key(chrono::Utc::now()).await.unwrap();
+        config.keys.master_key_file = dir.path().join("elsewhere/master.key");
+        let refused = load_master_key(&config, store.as_ref()).await.unwrap_err().to_string();
+        assert!(refused.contains("restore the file"), "{refused}");
+        assert!(!config.keys.master_key_file.exists());
         config.store.url = "postgres://localhost/x".into();
         config.keys.master_key_file = dir.path().join("absent.key");
-        assert!(load_master_key(&config).is_err(), "never invent a key for a shared store");
+        assert!(
+            load_master_key(&config, store.as_ref()).await.is_err(),
+            "never invent a key for a shared store"
+        );
     }
 }

@@ -65,7 +65,7 @@ pub async fn start(config: &Config, listener: TcpListener, admin: AdminToken) ->
     if admin == AdminToken::Bootstrap {
         crate::tokens::bootstrap_admin(config, store.as_ref()).await?;
     }
-    let master = load_master_key(config)?;
+    let master = load_master_key(config, store.as_ref()).await?;
     let bus = build_bus(config).await?;
     let tokens = config
         .systems
