@@ -522,8 +522,9 @@ impl Config {
     }
 
     /// Checks what serde cannot: unique, well-formed system names and
-    /// known connector types with valid settings.
+    /// known connector types with valid settings, and values in range.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.check_ranges()?;
         let mut seen = std::collections::BTreeSet::new();
         for s in &self.systems {
             let ok = !s.name.is_empty()
@@ -574,6 +575,43 @@ impl Config {
             w.validate().with_context(|| format!("webhook {:?}", w.name))?;
         }
         crate::policy::planner(self)?;
+        Ok(())
+    }
+
+    /// Values that parse but cannot work: a zero lease lets two replicas
+    /// publish one outbox row, a zero poll interval spins, a zero time-out
+    /// or attempt budget fails every task.
+    fn check_ranges(&self) -> anyhow::Result<()> {
+        let (d, s) = (&self.dispatcher, &self.scheduler);
+        let checks: [(bool, &str); 9] = [
+            ((1..=10_000).contains(&d.batch), "dispatcher.batch must be 1 to 10000"),
+            (d.lease_secs >= 1, "dispatcher.lease_secs must be at least 1"),
+            (d.poll_interval_ms >= 1, "dispatcher.poll_interval_ms must be at least 1"),
+            (self.worker.concurrency >= 1, "worker.concurrency must be at least 1"),
+            (s.task_timeout_secs >= 1, "scheduler.task_timeout_secs must be at least 1"),
+            (s.max_attempts >= 1, "scheduler.max_attempts must be at least 1"),
+            (s.interval_secs >= 1, "scheduler.interval_secs must be at least 1"),
+            (
+                s.retry_initial_delay_secs <= s.retry_max_delay_secs,
+                "scheduler.retry_initial_delay_secs must not exceed retry_max_delay_secs",
+            ),
+            (
+                self.store.url.starts_with("${")
+                    || ["sqlite:", "postgres:", "postgresql:"].iter().any(|p| self.store.url.starts_with(p)),
+                "store.url must be sqlite://… or postgres://…",
+            ),
+        ];
+        if let Some((_, problem)) = checks.iter().find(|(ok, _)| !ok) {
+            bail!("{problem}");
+        }
+        if let BusConfig::Kafka(k) = &self.bus {
+            if k.brokers.trim().is_empty() {
+                bail!("bus.brokers is empty");
+            }
+            if k.partitions < 1 || k.replication_factor < 1 {
+                bail!("bus.partitions and bus.replication_factor must be at least 1");
+            }
+        }
         Ok(())
     }
 
@@ -739,6 +777,18 @@ mod tests {
             Config::load_with_env(Some(&unknown_kind), &Overrides::default(), &[]).unwrap_err()
         );
         assert!(err.contains("unknown connector type"), "{err}");
+        // Values that parse but cannot work.
+        for (name, value, problem) in [
+            ("LETHE__DISPATCHER__LEASE_SECS", "0", "dispatcher.lease_secs"),
+            ("LETHE__DISPATCHER__POLL_INTERVAL_MS", "0", "dispatcher.poll_interval_ms"),
+            ("LETHE__SCHEDULER__MAX_ATTEMPTS", "0", "scheduler.max_attempts"),
+            ("LETHE__WORKER__CONCURRENCY", "0", "worker.concurrency"),
+            ("LETHE__STORE__URL", "postgress://db/lethe", "store.url"),
+        ] {
+            let env = [(name.to_owned(), value.to_owned())];
+            let err = format!("{:#}", Config::load_with_env(None, &Overrides::default(), &env).unwrap_err());
+            assert!(err.contains(problem), "{name}={value}: {err}");
+        }
     }
 
     #[test]

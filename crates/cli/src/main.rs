@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::client::Client;
@@ -286,7 +286,8 @@ enum ConnectorCommand {
         /// The system to serve.
         #[arg(long)]
         system: String,
-        /// The coordinator's API (for task keys); default http://<server.listen>.
+        /// The coordinator's API (for task keys); default http://<server.listen>,
+        /// a wildcard address read as the local host.
         #[arg(long, env = "LETHE_COORDINATOR")]
         coordinator: Option<String>,
         /// Serve this worker's Prometheus metrics at http://<address>/metrics.
@@ -310,10 +311,14 @@ enum ConnectorCommand {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Validate a configuration file (and the environment overrides).
+    /// Validate a configuration file (and the environment overrides), and
+    /// print the retention policy's warnings.
     Check {
         #[command(flatten)]
         config: ConfigArgs,
+        /// Fail (exit 1) if the retention policy has warnings too.
+        #[arg(long)]
+        strict: bool,
     },
 }
 
@@ -454,15 +459,29 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("state store ({}) is up to date", store.backend());
             Ok(())
         }
-        Command::Config { command: ConfigCommand::Check { config } } => {
+        Command::Config { command: ConfigCommand::Check { config, strict } } => {
             let origin =
                 config.config.as_ref().map_or("embedded default".to_owned(), |p| p.display().to_string());
             let config = config.load(&Overrides::default())?;
+            // A warning can mean data planned for erasure that a rule meant
+            // to keep (a misspelt category, say): show every one.
+            let (_, warnings) = policy::planner(&config)?;
+            for w in &warnings {
+                println!("warning: {w}");
+            }
             println!(
-                "{origin}: ok ({} systems: {})",
+                "{origin}: ok ({} systems: {}){}",
                 config.systems.len(),
-                config.systems.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                config.systems.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
+                if warnings.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} policy warnings", warnings.len())
+                }
             );
+            if strict && !warnings.is_empty() {
+                bail!("the retention policy has warnings (--strict)");
+            }
             Ok(())
         }
         Command::Demo { subjects, requests } => demo::run(subjects, requests).await,
