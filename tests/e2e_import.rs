@@ -225,4 +225,27 @@ async fn import_killed_half_way_resumes_without_duplicates() {
     .await;
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no identifier column"), "{}", describe(&out));
+
+    // A file without a header row: its first customer number would be read
+    // as a column name and that person never submitted. Refused, and
+    // nothing is sent.
+    let headless = cwd.join("headless.csv");
+    std::fs::write(
+        &headless,
+        "c1042
+c1043
+c1044
+",
+    )
+    .expect("write");
+    let out = lethe(
+        &["import", headless.to_str().expect("path"), "--regulation", "gdpr", "--server", &server.base],
+        cwd,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no configured system uses"), "{}", describe(&out));
+    assert!(!stderr.contains("c1042"), "the first row is never quoted: {stderr}");
+    assert_eq!(server.list().await.len(), valid);
 }

@@ -324,11 +324,40 @@ fn write_rejected(path: &Path, parsed: &Parsed, rejected: &BTreeMap<u64, String>
     Ok(())
 }
 
+/// Refuses a custom identifier type no configured system uses before
+/// anything is sent: in a file without a header row the first person's
+/// value is read as a column name (`c1042`), and that person would never
+/// be submitted. Checks nothing if a system cannot tell its types.
+async fn check_columns(client: &Client, parsed: &Parsed) -> anyhow::Result<()> {
+    let systems = client.get("/v1/systems", &[]).await.context("cannot list the configured systems")?;
+    let mut used: Vec<String> = Vec::new();
+    for s in systems.as_array().into_iter().flatten() {
+        let Some(types) = s["identifier_types"].as_array() else { return Ok(()) };
+        used.extend(types.iter().filter_map(|t| t.as_str().map(str::to_owned)));
+    }
+    for (i, c) in parsed.columns.iter().enumerate() {
+        let Column::Identifier(kind) = c else { continue };
+        let custom = matches!(kind.parse::<IdentifierKind>(), Ok(IdentifierKind::Custom(_)));
+        if custom && !used.contains(kind) {
+            used.sort();
+            used.dedup();
+            bail!(
+                "column {} of the header row is a custom identifier type that no configured system uses \
+                 (they use: {}); the first row must name the columns",
+                i + 1,
+                used.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs an import; prints progress on stderr and the summary on stdout.
 pub async fn run(client: &Client, args: &ImportArgs) -> anyhow::Result<Summary> {
     let shown = args.file.display();
     let bytes = std::fs::read(&args.file).with_context(|| format!("cannot read {shown}"))?;
     let parsed = parse(&bytes, &args.regulation).with_context(|| format!("{shown}"))?;
+    check_columns(client, &parsed).await.with_context(|| format!("{shown}"))?;
     let prefix = key_prefix(&bytes);
     let mut summary = Summary { read: parsed.rows.len(), ..Summary::default() };
     let mut pending = Vec::new();
