@@ -9,7 +9,21 @@ use serde_json::{json, Value};
 
 pub struct Client {
     base: String,
+    /// `base` without credentials, for messages.
+    shown: String,
     http: reqwest::Client,
+}
+
+/// `url` with any `user:password@` taken out.
+fn without_credentials(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string().trim_end_matches('/').to_owned()
+        }
+        _ => url.to_owned(),
+    }
 }
 
 impl Client {
@@ -22,17 +36,25 @@ impl Client {
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
         let http = reqwest::Client::builder().default_headers(headers).build().unwrap_or_default();
-        Self { base: base.trim_end_matches('/').to_owned(), http }
+        let base = base.trim_end_matches('/').to_owned();
+        Self { shown: without_credentials(&base), base, http }
     }
 
     async fn check(resp: reqwest::Response) -> anyhow::Result<Value> {
         let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let text = resp.text().await.unwrap_or_default();
+        let body: Option<Value> =
+            if text.trim().is_empty() { Some(Value::Null) } else { serde_json::from_str(&text).ok() };
         if !status.is_success() {
-            let detail = body.get("detail").and_then(Value::as_str).unwrap_or("no detail");
+            let detail =
+                body.as_ref().and_then(|b| b.get("detail")).and_then(Value::as_str).unwrap_or("no detail");
             bail!("the coordinator answered {status}: {detail}");
         }
-        Ok(body)
+        // A proxy's or another server's page is not an answer: never report
+        // it as a success.
+        body.with_context(|| {
+            format!("the server answered {status} with a body that is not JSON; is it a Lethe coordinator?")
+        })
     }
 
     pub async fn submit(
@@ -49,39 +71,69 @@ impl Client {
         if let Some(k) = idempotency_key {
             req = req.header("Idempotency-Key", k);
         }
-        Self::check(req.send().await.with_context(|| format!("cannot reach {}", self.base))?).await
+        Self::check(
+            req.send()
+                .await
+                .map_err(reqwest::Error::without_url)
+                .with_context(|| format!("cannot reach {}", self.shown))?,
+        )
+        .await
     }
 
     pub async fn request(&self, id: &str) -> anyhow::Result<Value> {
         let resp = self.http.get(format!("{}/v1/requests/{id}", self.base)).send().await;
-        Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
+        Self::check(
+            resp.map_err(reqwest::Error::without_url)
+                .with_context(|| format!("cannot reach {}", self.shown))?,
+        )
+        .await
     }
 
     pub async fn retry(&self, id: &str, system: &str) -> anyhow::Result<Value> {
         let resp =
             self.http.post(format!("{}/v1/requests/{id}/systems/{system}/retry", self.base)).send().await;
-        Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
+        Self::check(
+            resp.map_err(reqwest::Error::without_url)
+                .with_context(|| format!("cannot reach {}", self.shown))?,
+        )
+        .await
     }
 
     pub async fn list(&self, query: &[(&str, String)]) -> anyhow::Result<Value> {
         let resp = self.http.get(format!("{}/v1/requests", self.base)).query(query).send().await;
-        Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
+        Self::check(
+            resp.map_err(reqwest::Error::without_url)
+                .with_context(|| format!("cannot reach {}", self.shown))?,
+        )
+        .await
     }
 
     /// POSTs `body` as JSON to `path`.
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         let resp = self.http.post(format!("{}{path}", self.base)).json(body).send().await;
-        Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
+        Self::check(
+            resp.map_err(reqwest::Error::without_url)
+                .with_context(|| format!("cannot reach {}", self.shown))?,
+        )
+        .await
     }
 
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
         let resp = self.http.get(format!("{}{path}", self.base)).query(query).send().await;
-        Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
+        Self::check(
+            resp.map_err(reqwest::Error::without_url)
+                .with_context(|| format!("cannot reach {}", self.shown))?,
+        )
+        .await
     }
 
     pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
         let resp = self.http.delete(format!("{}{path}", self.base)).send().await;
-        Self::check(resp.with_context(|| format!("cannot reach {}", self.base))?).await
+        Self::check(
+            resp.map_err(reqwest::Error::without_url)
+                .with_context(|| format!("cannot reach {}", self.shown))?,
+        )
+        .await
     }
 }
 
@@ -224,4 +276,16 @@ pub fn render_holds(v: &Value) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn messages_never_show_the_credentials_of_the_url() {
+        assert_eq!(
+            super::without_credentials("http://ops:s3cret@lethe.internal:8700"),
+            "http://lethe.internal:8700"
+        );
+        assert_eq!(super::without_credentials("http://127.0.0.1:8700"), "http://127.0.0.1:8700");
+    }
 }

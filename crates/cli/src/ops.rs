@@ -43,7 +43,11 @@ impl SubjectArgs {
         }
         for pair in &self.other {
             let (k, v) = pair.split_once('=').context("--id takes TYPE=VALUE")?;
-            subject.insert(k.to_owned(), v.to_owned());
+            // A second value of a type would replace the first, which would
+            // then not be erased.
+            if subject.insert(k.to_owned(), v.to_owned()).is_some() {
+                bail!("identifier type {k:?} is given twice; a request takes one value per type");
+            }
         }
         if subject.is_empty() {
             bail!("give at least one identifier (--email, --phone, --customer-id, --device-id or --id TYPE=VALUE)");

@@ -167,7 +167,18 @@ pub async fn run_connector(
     }
     let token = system.token.as_deref().context("the system has no `token`")?;
     let token = resolve_placeholders(token).context("system token")?;
-    let coordinator = coordinator.unwrap_or_else(|| format!("http://{}", config.server.listen));
+    let coordinator = coordinator.unwrap_or_else(|| {
+        // `0.0.0.0` is where the coordinator listens, not an address to call.
+        let mut at = config.server.listen;
+        if at.ip().is_unspecified() {
+            at.set_ip(if at.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        format!("http://{at}")
+    });
     let bus = build_bus(&config).await?;
     let connector = registry::build(system).await?;
     if let Err(e) = connector.health().await {

@@ -98,17 +98,35 @@ fn record(name: &str, token: &str, scopes: &[Scope]) -> NewToken {
     }
 }
 
+/// The name under which the configured administrator's token is stored.
+const CONFIGURED_ADMIN: &str = "admin (configured)";
+
 /// The administrator's token at start-up: the configured one is stored (as
-/// a digest) if it is not yet; without one, a store with no administrator's
-/// token in force gets a new one, printed once.
+/// a digest) if it is not yet, and one configured before it is revoked (the
+/// secret was changed, after a leak say); without one, a store with no
+/// administrator's token in force gets a new one, printed once.
 pub async fn bootstrap_admin(config: &Config, store: &dyn StateStore) -> anyhow::Result<()> {
     if let Some(configured) = &config.server.admin_token {
         let token = resolve_placeholders(configured).context("server.admin_token")?;
         if token.len() < 32 {
             bail!("server.admin_token must be at least 32 characters");
         }
-        if store.token_by_digest(&digest(&token)).await?.is_none() {
-            store.create_token(record("admin (configured)", &token, &Scope::ADMIN)).await?;
+        let current = digest(&token);
+        // A revoked one stays revoked: changing the secret back does not
+        // bring a leaked token back to life.
+        if let Some(stored) = store.token_by_digest(&current).await? {
+            if stored.revoked_at.is_some() {
+                bail!("server.admin_token is a token that was revoked; configure a new one");
+            }
+        } else {
+            store.create_token(record(CONFIGURED_ADMIN, &token, &Scope::ADMIN)).await?;
+        }
+        let now = chrono::Utc::now();
+        for old in store.list_tokens().await? {
+            if old.name == CONFIGURED_ADMIN && old.revoked_at.is_none() && old.digest != current {
+                store.revoke_token(&old.id, now).await?;
+                tracing::warn!(token = %old.id, "revoked the administrator's token configured before this one");
+            }
         }
         return Ok(());
     }
@@ -127,4 +145,38 @@ pub async fn bootstrap_admin(config: &Config, store: &dyn StateStore) -> anyhow:
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+
+    #[tokio::test]
+    async fn a_changed_admin_token_revokes_the_one_configured_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            lethe_store::connect(&format!("sqlite://{}/state.db", dir.path().display())).await.unwrap();
+        let mut config = Config::load_with_env(None, &Overrides::default(), &[]).unwrap();
+        let (first, second) = ("a".repeat(40), "b".repeat(40));
+        config.server.admin_token = Some(first.clone());
+        bootstrap_admin(&config, store.as_ref()).await.unwrap();
+        bootstrap_admin(&config, store.as_ref()).await.unwrap();
+        let live = |digest_of: &str| {
+            let d = digest(digest_of);
+            let store = store.clone();
+            async move { store.token_by_digest(&d).await.unwrap().is_some_and(|t| t.revoked_at.is_none()) }
+        };
+        assert!(live(&first).await);
+        assert_eq!(store.list_tokens().await.unwrap().len(), 1, "stored once");
+        // The secret is changed (after a leak, say): the old one stops working.
+        config.server.admin_token = Some(second.clone());
+        bootstrap_admin(&config, store.as_ref()).await.unwrap();
+        assert!(live(&second).await);
+        assert!(!live(&first).await, "the earlier configured token is revoked");
+        // Configuring the leaked one again does not revive it.
+        config.server.admin_token = Some(first);
+        let refused = bootstrap_admin(&config, store.as_ref()).await.unwrap_err().to_string();
+        assert!(refused.contains("revoked"), "{refused}");
+    }
 }
