@@ -75,6 +75,23 @@ impl fmt::Debug for Template {
     }
 }
 
+/// Whether `text`, a literal part of a pattern, starts and ends with an
+/// unescaped wildcard (`*`, `?` or a `[...]` class).
+fn glob_ends(text: &str) -> (bool, bool) {
+    let wild = |c: char| matches!(c, '*' | '?' | '[' | ']');
+    let first = text.chars().next().is_some_and(wild);
+    let mut last = false;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        last = wild(c);
+        if c == '\\' {
+            chars.next();
+            last = false;
+        }
+    }
+    (first, last)
+}
+
 impl Template {
     /// Parses `source`. Errors name the problem, never a value.
     pub fn parse(source: &str, syntax: Syntax) -> Result<Self, String> {
@@ -119,8 +136,28 @@ impl Template {
         let template = Self { source: source.to_owned(), syntax, parts };
         if syntax == Syntax::Glob {
             template.check_glob()?;
+            template.check_wildcards_apart()?;
         }
         Ok(template)
+    }
+
+    /// A wildcard right against a placeholder is refused:
+    /// `sess:{customer_id}*` for customer 12 also matches customer 123's keys.
+    fn check_wildcards_apart(&self) -> Result<(), String> {
+        for (i, part) in self.parts.iter().enumerate() {
+            let Part::Literal(text) = part else { continue };
+            let (first, last) = glob_ends(text);
+            let slot_before = i > 0 && matches!(self.parts[i - 1], Part::Slot { .. });
+            let slot_after = matches!(self.parts.get(i + 1), Some(Part::Slot { .. }));
+            if (slot_before && first) || (slot_after && last) {
+                return Err(format!(
+                    "{:?}: a wildcard right against a placeholder would match other subjects' keys too; \
+                     put a separator between them (e.g. `{{customer_id}}:*`)",
+                    self.source
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// A placeholder inside a `[...]` class would put the value's characters
@@ -306,6 +343,13 @@ mod tests {
             assert!(Template::parse(bad, Syntax::Glob).is_err(), "{bad}");
         }
         assert!(Template::parse("a:[xy]:{email}:\\*", Syntax::Glob).is_ok());
+        // A wildcard against a placeholder: customer 12's pattern would
+        // match customer 123's keys.
+        for bad in ["sess:{customer_id}*", "sess:*{customer_id}", "s:{customer_id}?:x", "s:[ab]{email}"] {
+            let e = Template::parse(bad, Syntax::Glob).unwrap_err();
+            assert!(e.contains("separator"), "{bad}: {e}");
+        }
+        assert!(Template::parse("sess:{customer_id}\\*", Syntax::Glob).is_ok(), "an escaped star is literal");
     }
 
     #[test]
