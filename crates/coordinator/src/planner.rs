@@ -37,6 +37,9 @@ pub struct Planner {
     scoped: Vec<SystemCategories>,
     policy: Policy,
     deadlines: Deadlines,
+    /// The identifier types the systems find subjects by, sorted, each
+    /// once; `None` if some system's connector cannot tell.
+    identifier_types: Option<Vec<String>>,
 }
 
 impl Planner {
@@ -60,7 +63,16 @@ impl Planner {
             .map(|s| SystemCategories { system: s.name.clone(), categories: s.categories.clone() })
             .collect();
         let warnings = policy.check(&scoped)?;
-        Ok((Self { systems, scoped, policy, deadlines }, warnings))
+        let identifier_types =
+            systems.iter().map(|s| s.identifier_types.clone()).collect::<Option<Vec<Vec<String>>>>().map(
+                |types| {
+                    let mut all: Vec<String> = types.into_iter().flatten().collect();
+                    all.sort_unstable();
+                    all.dedup();
+                    all
+                },
+            );
+        Ok((Self { systems, scoped, policy, deadlines, identifier_types }, warnings))
     }
 
     /// Every system erased, statutory deadlines: for tests and the simplest
@@ -95,25 +107,17 @@ impl Planner {
     /// cannot tell its types. The error names the types in use, never a
     /// value.
     pub fn check_identifier_types(&self, kinds: &[&IdentifierKind]) -> Result<(), String> {
-        let mut used: Vec<&str> = Vec::new();
-        for s in &self.systems {
-            let Some(types) = &s.identifier_types else { return Ok(()) };
-            for t in types {
-                if !used.contains(&t.as_str()) {
-                    used.push(t);
-                }
-            }
-        }
-        used.sort_unstable();
+        let Some(used) = &self.identifier_types else { return Ok(()) };
+        let uses = |k: &&IdentifierKind| used.iter().any(|t| t == k.as_str());
         let in_use = || used.join(", ");
-        if kinds.iter().any(|k| matches!(k, IdentifierKind::Custom(_)) && !used.contains(&k.as_str())) {
+        if kinds.iter().any(|k| matches!(k, IdentifierKind::Custom(_)) && !uses(k)) {
             return Err(format!(
                 "subject: no configured system finds subjects by one of the custom identifier types given; \
                  the systems use: {}",
                 in_use()
             ));
         }
-        if !kinds.iter().any(|k| used.contains(&k.as_str())) {
+        if !kinds.iter().any(uses) {
             return Err(format!(
                 "subject: no configured system finds subjects by these identifier types; the systems use: {}",
                 in_use()
