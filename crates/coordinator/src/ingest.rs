@@ -78,17 +78,10 @@ impl Ingest {
             .iter()
             .map(|m| OutcomeReport { task_id: m.task_id, attempt: m.attempt, outcome: m.outcome.clone() })
             .collect();
-        let mut backoff = delays(Duration::from_millis(100));
-        let applied = loop {
-            match self.store.apply_outcomes(&reports, &self.schedule, self.clock.now()).await {
-                Ok(applied) => break applied,
-                Err(e) => {
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(error = %e, ?delay, "applying outcomes failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        };
+        let applied = until_ok("applying outcomes", || {
+            self.store.apply_outcomes(&reports, &self.schedule, self.clock.now())
+        })
+        .await;
         for (msg, applied) in results.iter().zip(applied) {
             match applied {
                 Applied::Moved { request, task, request_status } => {
@@ -136,17 +129,9 @@ impl Ingest {
             reason.push('…');
         }
         let request = m.request_id;
-        let mut backoff = delays(Duration::from_millis(100));
-        let found = loop {
-            match self.reason_names_subject(request, reason).await {
-                Ok(found) => break found,
-                Err(e) => {
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(error = %e, ?delay, "reading a subject to screen a failure failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        };
+        let found =
+            until_ok("reading a subject to screen a failure", || self.reason_names_subject(request, reason))
+                .await;
         if found {
             tracing::warn!(%request, task = %m.task_id, system = %m.system,
                 "a connector's failure reason contained an identifier of the subject; withheld");
@@ -172,6 +157,27 @@ impl Ingest {
         metrics::counter!(DEAD_LETTERS_TOTAL, "source" => "results").increment(1);
         if let Err(e) = self.bus.dead_letter(source, raw, reason).await {
             tracing::error!(error = %e, reason, "could not dead-letter a result");
+        }
+    }
+}
+
+/// Runs `f` until it succeeds, backing off between failures: a result is
+/// never acknowledged before its effect is durable, so the ingest waits
+/// out a state store that is down rather than skip anything.
+async fn until_ok<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut backoff = delays(Duration::from_millis(100));
+    loop {
+        match f().await {
+            Ok(value) => return value,
+            Err(e) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(error = %e, ?delay, "{what} failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
         }
     }
 }
