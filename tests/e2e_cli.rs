@@ -57,6 +57,22 @@ async fn cli_round_trip_against_a_running_server() {
     assert!(!out.status.success(), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"), "{}", describe(&out));
 
+    // Ids and system names are checked before they become part of a URL:
+    // a path that would lead elsewhere is refused by the command line.
+    for args in [
+        vec!["status", "../../v1/keys/certificate"],
+        vec!["retry", "not-a-request", "shop"],
+        vec!["retry", &id, "../../holds"],
+        vec!["extend", "x?y", "--reason", "complex"],
+        vec!["hold", "release", "../requests"],
+        vec!["certificate", "get", "../../metrics"],
+    ] {
+        let out = at(base, cwd, &args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid value"), "{args:?}: {err}");
+    }
+
     // lethe submit with an invalid address fails without echoing it
     let out =
         lethe(&["submit", "--email", "secret-value-no-at", "--regulation", "gdpr", "--server", base], cwd)

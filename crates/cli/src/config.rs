@@ -479,6 +479,20 @@ pub struct Overrides {
     pub store_url: Option<String>,
 }
 
+/// A system name as configuration accepts it: 1-64 lower-case letters,
+/// digits, '-' or '_'. Also the parser of system names given on the
+/// command line, so that none is put into a URL unchecked.
+pub fn system_name(name: &str) -> Result<String, String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(format!("system name {name:?} must be 1-64 lower-case letters, digits, '-' or '_'"))
+    }
+}
+
 impl Config {
     /// Loads `path` (or the embedded default), applies the environment and
     /// `overrides`, and validates.
@@ -527,14 +541,7 @@ impl Config {
         self.check_ranges()?;
         let mut seen = std::collections::BTreeSet::new();
         for s in &self.systems {
-            let ok = !s.name.is_empty()
-                && s.name.len() <= 64
-                && s.name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-            if !ok {
-                bail!("system name {:?} must be 1-64 lower-case letters, digits, '-' or '_'", s.name);
-            }
+            system_name(&s.name).map_err(anyhow::Error::msg)?;
             if !seen.insert(&s.name) {
                 bail!("system {:?} is declared twice", s.name);
             }

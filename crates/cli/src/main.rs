@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use lethe_core::RequestId;
 
 use crate::client::Client;
 use crate::config::{resolve_placeholders, Config, Overrides};
@@ -121,7 +122,8 @@ enum Command {
     Status {
         #[command(flatten)]
         server: ServerArgs,
-        id: String,
+        /// Request id.
+        id: RequestId,
         /// Refresh until the request is final.
         #[arg(long)]
         watch: bool,
@@ -131,8 +133,9 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
         /// Request id.
-        id: String,
+        id: RequestId,
         /// System whose task failed.
+        #[arg(value_parser = config::system_name)]
         system: String,
     },
     /// Extend a request's deadline once, before its original due date
@@ -141,7 +144,7 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
         /// Request id.
-        id: String,
+        id: RequestId,
         /// Why (shown to the subject; no personal data).
         #[arg(long)]
         reason: String,
@@ -392,7 +395,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Status { server, id, watch } => {
             let client = server.client();
             loop {
-                let view = client.request(&id).await?;
+                let view = client.request(&id.to_string()).await?;
                 print!("{}", client::render_request(&view));
                 let status = view["status"].as_str().unwrap_or_default();
                 if !watch || !matches!(status, "received" | "in_progress") {
@@ -413,11 +416,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             check::run(config, &system, &subject).await
         }
         Command::Retry { server, id, system } => {
-            let answer = server.client().retry(&id, &system).await?;
+            let answer = server.client().retry(&id.to_string(), &system).await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(())
         }
-        Command::Extend { server, id, reason } => ops::extend(&server.client(), &id, &reason).await,
+        Command::Extend { server, id, reason } => ops::extend(&server.client(), id, &reason).await,
         Command::Hold { server, command } => ops::hold(&server.client(), command).await,
         Command::Policy { server, command } => ops::policy(&server.client(), command).await,
         Command::Token { config, command } => {

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use lethe_core::RequestId;
 use serde_json::{json, Value};
 
 use crate::client::{self, Client};
@@ -80,7 +81,10 @@ pub enum HoldCommand {
         expires_at: Option<String>,
     },
     /// Release a hold; the work it held resumes.
-    Release { id: String },
+    Release {
+        /// Hold id.
+        id: uuid::Uuid,
+    },
     /// List holds.
     List {
         /// Released and expired holds too.
@@ -172,7 +176,7 @@ fn explain_locally(config: Option<&std::path::Path>, regulation: &str) -> anyhow
     }))
 }
 
-pub async fn extend(client: &Client, id: &str, reason: &str) -> anyhow::Result<()> {
+pub async fn extend(client: &Client, id: RequestId, reason: &str) -> anyhow::Result<()> {
     print_json(&client.post(&format!("/v1/requests/{id}/extend"), &json!({"reason": reason})).await?)
 }
 

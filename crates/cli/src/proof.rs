@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use lethe_coordinator::certificate::{self, Certificate, PublicKey, PublicKeys};
+use lethe_core::RequestId;
 use lethe_store::AuditCheck;
 
 use crate::client::Client;
@@ -20,7 +21,10 @@ pub enum AuditCommand {
 #[derive(Subcommand)]
 pub enum CertificateCommand {
     /// Fetch a request's signed certificate (JSON on stdout).
-    Get { id: String },
+    Get {
+        /// Request id.
+        id: RequestId,
+    },
     /// Verify a certificate with the public key alone; no server needed.
     Verify {
         /// The certificate file (`-` for stdin).
