@@ -9,7 +9,9 @@
 //! `<file>.rejected.csv` can be imported as it is. Empty cells are skipped;
 //! blank lines are not rows. A row with the wrong number of cells or without
 //! any identifier is rejected here; the coordinator judges the rest
-//! (identifier syntax, regulation) and refuses items one by one.
+//! (identifier syntax, regulation) and refuses items one by one. A quoted
+//! cell that is never closed stops the import before anything is sent: it
+//! would swallow the rest of the file.
 //!
 //! **Resuming.** Every row is sent with the idempotency key
 //! `import:<first 32 hex digits of the file's SHA-256>:<line>`. Running the
@@ -183,13 +185,58 @@ pub fn parse(bytes: &[u8], default_regulation: &str) -> anyhow::Result<Parsed> {
     let header = raw_header.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
     let mut rows = Vec::new();
     let mut lines = Lines { text: body, at: 0, line: 1 };
+    let mut last_start = None;
     for record in reader.byte_records() {
         let record = record.context("cannot read the file")?;
-        let line = lines.line_of(record.position().map_or(0, |p| p.byte()));
+        let start = record.position().map_or(0, |p| p.byte());
+        let line = lines.line_of(start);
+        last_start = Some((start, line));
         let cells = record.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
         rows.push(Row { line, submission: row(&columns, &record, default_regulation), cells });
     }
+    // A quote never closed makes the rest of the file one cell of the last
+    // row, which the reader accepts; sending what came before would leave
+    // the rest unsent with no row to blame.
+    if let Some((start, line)) = last_start {
+        let start = usize::try_from(start).unwrap_or(body.len()).min(body.len());
+        if unclosed_quote(&body[start..]) {
+            bail!(
+                "line {line}: a quoted cell is never closed, so the rest of the file would be read \
+                 as one cell; nothing was sent (close the quote; a quote inside a quoted cell is \
+                 written twice: \"\")"
+            );
+        }
+    }
     Ok(Parsed { header, columns, rows })
+}
+
+/// Whether the record that starts `text` (and runs to the end of the file)
+/// ends inside a quoted cell, read as the csv reader reads it: a quote opens
+/// a quoted cell only at the start of a cell, `""` inside one is a quote,
+/// and after the closing quote the rest of the cell is literal.
+fn unclosed_quote(text: &[u8]) -> bool {
+    let mut in_quotes = false;
+    let mut cell_start = true;
+    let mut i = 0;
+    while i < text.len() {
+        let b = text[i];
+        if in_quotes {
+            if b == b'"' {
+                if text.get(i + 1) == Some(&b'"') {
+                    i += 1;
+                } else {
+                    in_quotes = false;
+                }
+            }
+        } else if b == b'"' && cell_start {
+            in_quotes = true;
+            cell_start = false;
+        } else {
+            cell_start = matches!(b, b',' | b'\n' | b'\r');
+        }
+        i += 1;
+    }
+    in_quotes
 }
 
 /// Line numbers of where records start. The csv crate's own
@@ -528,6 +575,28 @@ mod tests {
         assert_eq!(lines("email\r\na@x.org\r\n\r\nb@x.org\r\n"), [2, 4]);
         assert_eq!(lines("email\n\n\na@x.org\n\"q\n@x.org\"\n\n\nc@x.org"), [4, 5, 9]);
         assert_eq!(lines("email\ra@x.org\r\rb@x.org\r"), [2, 4]);
+    }
+
+    #[test]
+    fn import_refuses_a_quote_never_closed() {
+        let csv = "email,regulation\na@x.org,gdpr\n\nb@x.org,\"gdpr\nc@x.org,gdpr\nd@x.org,gdpr\n";
+        let err = parse(csv.as_bytes(), "gdpr").unwrap_err().to_string();
+        assert!(err.contains("line 4: a quoted cell is never closed"), "{err}");
+        assert!(!err.contains("x.org"), "{err}");
+        let err = parse(b"email\n\"a@x.org", "gdpr").unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        // Closed quotes, doubled quotes inside them, literal quotes after a
+        // closing one or inside an unquoted cell, and a last row without a
+        // line end are all well formed.
+        for csv in [
+            "email,external_ref\na@x.org,\"say \"\"hi\"\"\"\n",
+            "email,external_ref\na@x.org,\"two\nlines\"",
+            "email,external_ref\na@x.org,\"ab\"c\"d\nb@x.org,x\"y\n",
+            "email,external_ref\n\"a@x.org\",\"\"\r\n",
+        ] {
+            let p = parse(csv.as_bytes(), "gdpr").unwrap_or_else(|e| panic!("{csv:?}: {e}"));
+            assert_eq!(sent(&p).len(), p.rows.len(), "{csv:?}");
+        }
     }
 
     #[test]
