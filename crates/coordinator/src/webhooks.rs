@@ -9,7 +9,8 @@
 //! so nothing is lost on a crash and events reach an endpoint in order;
 //! delivery is at least once, and [`Payload::id`] lets a receiver drop
 //! duplicates. A payload carries no identifier unless the endpoint has
-//! `include_identifiers` and the request's data key still exists.
+//! `include_identifiers`, the request's data key still exists and the event
+//! does not answer the request ([`EventType::may_carry_identifiers`]).
 
 pub mod dispatcher;
 pub mod signature;
@@ -68,6 +69,15 @@ impl EventType {
             Self::CompletedWithExemptions => "request.completed_with_exemptions",
             Self::Failed => "request.failed",
         }
+    }
+
+    /// Whether a payload of this event may carry the subject's identifiers
+    /// (for an endpoint with `include_identifiers`, while the key exists).
+    /// Never once the request is answered: `request.completed` comes after
+    /// the key is destroyed, and `request.completed_with_exemptions` is the
+    /// answer too, although its key is kept for the follow-ups.
+    pub fn may_carry_identifiers(self) -> bool {
+        !matches!(self, Self::Completed | Self::CompletedWithExemptions)
     }
 
     /// The event an audit record announces, if any.
@@ -209,7 +219,8 @@ pub struct RequestPayload {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extension: Option<ExtensionPayload>,
     /// Only for an endpoint with `include_identifiers`, while the request's
-    /// data key exists.
+    /// data key exists, and never in `request.completed` or
+    /// `request.completed_with_exemptions`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identifiers: Option<Vec<IdentifierPayload>>,
 }

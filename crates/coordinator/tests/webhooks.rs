@@ -319,4 +319,42 @@ async fn endpoints_receive_signed_events_with_retries_and_a_delivery_log() {
     let (status, doc) = call(&router, request("GET", "/openapi.json", &admin, None)).await;
     assert_eq!(status, StatusCode::OK);
     assert!(doc["paths"]["/v1/webhooks/deliveries"]["get"].is_object());
+
+    // A request answered with exemptions keeps its key for the follow-ups,
+    // but the answer carries no identifier, even to "ops".
+    let hold = json!({
+        "subject": {"email": "bob@example.com"},
+        "scope": {"systems": ["crm"]},
+        "reason": "pending litigation",
+        "case_reference": "LIT-1",
+    });
+    let (status, placed) = call(&router, request("POST", "/v1/holds", &admin, Some(hold))).await;
+    assert_eq!(status, StatusCode::CREATED, "{placed}");
+    let submit = json!({"subject": {"email": "bob@example.com"}, "regulation": "gdpr"});
+    let (status, created) = call(&router, request("POST", "/v1/requests", &admin, Some(submit))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    assert_eq!(created["status"], "completed_with_exemptions", "{created}");
+    let held = created["id"].as_str().unwrap().to_owned();
+    let mut answered = None;
+    for _ in 0..500 {
+        answered = receiver.hits("ops").into_iter().find(|h| {
+            h.event_type == "request.completed_with_exemptions" && h.answered == 200 && {
+                let payload: Value = serde_json::from_slice(&h.body).unwrap();
+                payload["request"]["id"] == held.as_str()
+            }
+        });
+        if answered.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answered = answered.expect("request.completed_with_exemptions reaches ops");
+    let text = String::from_utf8_lossy(&answered.body);
+    assert!(!text.contains("bob@example.com") && !text.contains("identifiers"), "{text}");
+    let received = receiver
+        .hits("ops")
+        .into_iter()
+        .find(|h| h.event_type == "request.received" && String::from_utf8_lossy(&h.body).contains(&held))
+        .expect("request.received reaches ops");
+    assert!(String::from_utf8_lossy(&received.body).contains("bob@example.com"), "while the key exists");
 }

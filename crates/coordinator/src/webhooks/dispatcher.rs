@@ -209,12 +209,15 @@ impl WebhookDispatcher {
     }
 
     /// The payload as of now: identifiers only if the endpoint asks for
-    /// them and the request's key still exists. `None` if the request is
-    /// unknown.
+    /// them, the event may carry them and the request's key still exists.
+    /// `None` if the request is unknown.
     async fn body(&self, event: &Event) -> Result<Option<Vec<u8>>, StoreError> {
         let Some(detail) = self.store.request(event.request_id).await? else { return Ok(None) };
-        let identifiers =
-            if self.endpoint.include_identifiers { self.identifiers(event).await? } else { None };
+        let identifiers = if self.endpoint.include_identifiers && event.kind.may_carry_identifiers() {
+            self.identifiers(event).await?
+        } else {
+            None
+        };
         let payload = event.payload(&detail.request, identifiers.as_deref());
         Ok(Some(serde_json::to_vec(&payload).unwrap_or_default()))
     }
