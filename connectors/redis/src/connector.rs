@@ -50,13 +50,26 @@ enum Work {
 }
 
 impl Work {
-    /// What `target` names for a subject with `values`; empty when the
-    /// subject lacks an identifier type the target needs.
-    fn of(target: &Target, values: &Values) -> Self {
+    /// What `dataset` names for a subject with `values`; empty when the
+    /// subject lacks an identifier type the target needs. A pattern that
+    /// could not tell the subject's keys from another subject's is refused.
+    fn of(dataset: &Dataset, values: &Values) -> Result<Self, ConnectorError> {
+        let target = &dataset.target;
         let all = bindings(&target.kinds(), values);
-        match target {
+        Ok(match target {
             Target::Key(t) => Self::Keys(unique(all.iter().filter_map(|b| t.render(b)))),
-            Target::Pattern(t) => Self::Patterns(unique(all.iter().filter_map(|b| t.render(b)))),
+            Target::Pattern(t) => {
+                if let Some((kind, sep)) = all.iter().find_map(|b| t.ambiguous(b)) {
+                    return Err(ConnectorError::permanent(format!(
+                        "dataset {}: the subject's {kind} contains {sep:?}, which the pattern {:?} \
+                         expects to follow or precede it, so its keys cannot be told apart from \
+                         another subject's; nothing was deleted",
+                        dataset.name,
+                        t.source()
+                    )));
+                }
+                Self::Patterns(unique(all.iter().filter_map(|b| t.render(b))))
+            }
             Target::Member { collection, key, member } => {
                 let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
                 for b in &all {
@@ -69,7 +82,7 @@ impl Work {
                 }
                 Self::Members { collection: *collection, members }
             }
-        }
+        })
     }
 
     fn is_empty(&self) -> bool {
@@ -77,6 +90,31 @@ impl Work {
             Self::Keys(v) | Self::Patterns(v) => v.is_empty(),
             Self::Members { members, .. } => members.is_empty(),
         }
+    }
+}
+
+/// What kept datasets hold for a subject.
+#[derive(Default)]
+struct Kept {
+    /// Keys kept whole.
+    keys: HashSet<Vec<u8>>,
+    /// Keys of collections with a kept member: removing the key would
+    /// remove the member.
+    collections: HashSet<Vec<u8>>,
+    /// (collection key, member) kept.
+    members: HashSet<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Kept {
+    /// Whether `key` may be removed whole.
+    fn frees(&self, key: &[u8]) -> bool {
+        !self.keys.contains(key) && !self.collections.contains(key)
+    }
+
+    /// Whether `member` may be removed from the collection at `key`.
+    fn frees_member(&self, key: &str, member: &str) -> bool {
+        !self.keys.contains(key.as_bytes())
+            && !self.members.contains(&(key.as_bytes().to_vec(), member.as_bytes().to_vec()))
     }
 }
 
@@ -189,18 +227,20 @@ impl RedisConnector {
         result
     }
 
-    /// Deletes what `work` names; returns how many keys, fields or members
-    /// were removed.
+    /// Deletes what `work` names, except what `kept` holds; returns how
+    /// many keys, fields or members were removed.
     async fn delete(
         &self,
         conn: &mut MultiplexedConnection,
         dataset: &Dataset,
         work: &Work,
+        kept: &Kept,
     ) -> Result<u64, ConnectorError> {
         let err = |e: RedisError| classify(Context { op: "delete", dataset: Some(&dataset.name) }, &e);
         let mut removed = 0u64;
         match work {
             Work::Keys(keys) => {
+                let keys: Vec<&String> = keys.iter().filter(|k| kept.frees(k.as_bytes())).collect();
                 for chunk in keys.chunks(self.batch) {
                     removed += unlink(conn, chunk).await.map_err(err)?;
                 }
@@ -210,7 +250,7 @@ impl RedisConnector {
                     let mut scan = Scan::new(pattern, self.batch);
                     let mut found: Vec<Vec<u8>> = Vec::new();
                     while let Some(keys) = scan.next(conn).await.map_err(err)? {
-                        found.extend(keys);
+                        found.extend(keys.into_iter().filter(|k| kept.frees(k)));
                         if found.len() >= self.batch {
                             removed += unlink(conn, &found).await.map_err(err)?;
                             found.clear();
@@ -228,6 +268,7 @@ impl RedisConnector {
                     Collection::Zset => "ZREM",
                 };
                 for (key, ms) in members {
+                    let ms: Vec<&String> = ms.iter().filter(|m| kept.frees_member(key, m)).collect();
                     for chunk in ms.chunks(self.batch) {
                         let n: u64 =
                             redis::cmd(command).arg(key).arg(chunk).query_async(conn).await.map_err(err)?;
@@ -239,17 +280,20 @@ impl RedisConnector {
         Ok(removed)
     }
 
-    /// Counts what `work` names that is still there.
+    /// Counts what `work` names that is still there, except what `kept`
+    /// holds.
     async fn count(
         &self,
         conn: &mut MultiplexedConnection,
         dataset: &Dataset,
         work: &Work,
+        kept: &Kept,
     ) -> Result<u64, ConnectorError> {
         let err = |e: RedisError| classify(Context { op: "count", dataset: Some(&dataset.name) }, &e);
         let mut found = 0u64;
         match work {
             Work::Keys(keys) => {
+                let keys: Vec<&String> = keys.iter().filter(|k| kept.frees(k.as_bytes())).collect();
                 for chunk in keys.chunks(self.batch) {
                     let n: u64 = redis::cmd("EXISTS").arg(chunk).query_async(conn).await.map_err(err)?;
                     found += n;
@@ -261,14 +305,17 @@ impl RedisConnector {
                 for pattern in patterns {
                     let mut scan = Scan::new(pattern, self.batch);
                     while let Some(keys) = scan.next(conn).await.map_err(err)? {
-                        seen.extend(keys);
+                        seen.extend(keys.into_iter().filter(|k| kept.frees(k)));
                     }
                 }
                 found = seen.len() as u64;
             }
             Work::Members { collection, members } => {
-                let pairs: Vec<(&String, &String)> =
-                    members.iter().flat_map(|(k, ms)| ms.iter().map(move |m| (k, m))).collect();
+                let pairs: Vec<(&String, &String)> = members
+                    .iter()
+                    .flat_map(|(k, ms)| ms.iter().map(move |m| (k, m)))
+                    .filter(|(k, m)| kept.frees_member(k, m))
+                    .collect();
                 for chunk in pairs.chunks(self.batch) {
                     let mut pipe = redis::pipe();
                     for (key, member) in chunk {
@@ -294,23 +341,27 @@ impl RedisConnector {
 
     async fn erase_all(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
         let values = values(task);
-        let plan: Vec<(&Dataset, Treatment, Work)> = self
-            .datasets
-            .iter()
-            .map(|d| (d, task.treatment(&d.category)))
-            .filter(|(_, t)| *t != Treatment::Skip)
-            .map(|(d, t)| (d, t, Work::of(&d.target, &values)))
-            .collect();
+        let mut plan: Vec<(&Dataset, Treatment, Work)> = Vec::new();
+        for d in &self.datasets {
+            let treatment = task.treatment(&d.category);
+            if treatment != Treatment::Skip {
+                plan.push((d, treatment, Work::of(d, &values)?));
+            }
+        }
         // Connect only if some dataset names something for this subject.
         let mut conn =
             if plan.iter().any(|(_, _, w)| !w.is_empty()) { Some(self.connection().await?) } else { None };
+        let kept = match conn.as_mut() {
+            Some(conn) => self.kept(conn, plan.iter().map(|(d, t, w)| (*d, t, w))).await?,
+            None => Kept::default(),
+        };
         let mut erasure = Erasure::default();
         for (d, treatment, work) in &plan {
             let conn = conn.as_mut().filter(|_| !work.is_empty());
             match treatment {
                 Treatment::Erase | Treatment::Anonymize => {
                     let deleted = match conn {
-                        Some(conn) => self.delete(conn, d, work).await?,
+                        Some(conn) => self.delete(conn, d, work, &kept).await?,
                         None => 0,
                     };
                     tracing::debug!(dataset = %d.name, deleted, "dataset erased");
@@ -318,7 +369,7 @@ impl RedisConnector {
                 }
                 Treatment::Keep { basis, until } => {
                     let count = match conn {
-                        Some(conn) => self.count(conn, d, work).await?,
+                        Some(conn) => self.count(conn, d, work, &Kept::default()).await?,
                         None => 0,
                     };
                     tracing::debug!(dataset = %d.name, kept = count, "dataset kept");
@@ -338,22 +389,56 @@ impl RedisConnector {
         Ok(erasure)
     }
 
+    /// What the kept datasets hold for the subject, which no erased dataset
+    /// may remove: a key two datasets name is kept whole if either keeps it.
+    async fn kept<'a>(
+        &self,
+        conn: &mut MultiplexedConnection,
+        plan: impl Iterator<Item = (&'a Dataset, &'a Treatment, &'a Work)>,
+    ) -> Result<Kept, ConnectorError> {
+        let mut kept = Kept::default();
+        for (d, _, work) in plan.filter(|(_, t, _)| matches!(t, Treatment::Keep { .. })) {
+            match work {
+                Work::Keys(keys) => kept.keys.extend(keys.iter().map(|k| k.as_bytes().to_vec())),
+                Work::Patterns(patterns) => {
+                    let err = |e: RedisError| classify(Context { op: "count", dataset: Some(&d.name) }, &e);
+                    for pattern in patterns {
+                        let mut scan = Scan::new(pattern, self.batch);
+                        while let Some(keys) = scan.next(conn).await.map_err(err)? {
+                            kept.keys.extend(keys);
+                        }
+                    }
+                }
+                Work::Members { members, .. } => {
+                    for (key, ms) in members {
+                        kept.collections.insert(key.as_bytes().to_vec());
+                        kept.members
+                            .extend(ms.iter().map(|m| (key.as_bytes().to_vec(), m.as_bytes().to_vec())));
+                    }
+                }
+            }
+        }
+        Ok(kept)
+    }
+
     async fn verify_all(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
         let values = values(task);
-        let work: Vec<(&Dataset, Work)> = self
-            .datasets
-            .iter()
-            .filter(|d| matches!(task.treatment(&d.category), Treatment::Erase | Treatment::Anonymize))
-            .map(|d| (d, Work::of(&d.target, &values)))
-            .filter(|(_, w)| !w.is_empty())
-            .collect();
-        if work.is_empty() {
+        let mut plan: Vec<(&Dataset, Treatment, Work)> = Vec::new();
+        for d in &self.datasets {
+            let treatment = task.treatment(&d.category);
+            if treatment != Treatment::Skip {
+                plan.push((d, treatment, Work::of(d, &values)?));
+            }
+        }
+        let erased = |t: &Treatment| matches!(t, Treatment::Erase | Treatment::Anonymize);
+        if !plan.iter().any(|(_, t, w)| erased(t) && !w.is_empty()) {
             return Ok(0);
         }
         let mut conn = self.connection().await?;
+        let kept = self.kept(&mut conn, plan.iter().map(|(d, t, w)| (*d, t, w))).await?;
         let mut residual = 0;
-        for (d, w) in &work {
-            let n = self.count(&mut conn, d, w).await?;
+        for (d, _, w) in plan.iter().filter(|(_, t, w)| erased(t) && !w.is_empty()) {
+            let n = self.count(&mut conn, d, w, &kept).await?;
             if n > 0 {
                 tracing::debug!(dataset = %d.name, residual = n, "data left for the subject");
             }

@@ -92,6 +92,35 @@ fn glob_ends(text: &str) -> (bool, bool) {
     (first, last)
 }
 
+/// Whether `text`, a literal part of a pattern, holds an unescaped wildcard.
+fn has_wildcard(text: &str) -> bool {
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '*' | '?' | '[' => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The first character `text` matches literally (after an escape).
+fn first_char(text: &str) -> Option<char> {
+    let mut chars = text.chars();
+    match chars.next()? {
+        '\\' => chars.next(),
+        c => Some(c),
+    }
+}
+
+/// The last character of `text` (a pattern never ends in a lone escape).
+fn last_char(text: &str) -> Option<char> {
+    text.chars().next_back()
+}
+
 impl Template {
     /// Parses `source`. Errors name the problem, never a value.
     pub fn parse(source: &str, syntax: Syntax) -> Result<Self, String> {
@@ -222,6 +251,36 @@ impl Template {
         self.kinds().next().is_none()
     }
 
+    /// For a pattern: the first value of `binding` that contains the
+    /// character separating its placeholder from a wildcard further on, as
+    /// (identifier type, separator). In `cart:{customer_id}:*` the value
+    /// `acme:eu` is such a value: its keys and those of customer `acme` share
+    /// the prefix `cart:acme:`, so neither subject's keys can be told apart
+    /// from the other's. Digests (`|sha256`, `|md5`) have a fixed length and
+    /// are never ambiguous.
+    pub fn ambiguous<'b>(&self, binding: &Binding<'b>) -> Option<(&'b str, char)> {
+        if self.syntax != Syntax::Glob {
+            return None;
+        }
+        let wild = |part: &Part| matches!(part, Part::Literal(text) if has_wildcard(text));
+        for (i, part) in self.parts.iter().enumerate() {
+            let Part::Slot { kind, filter: None } = part else { continue };
+            let Some((&kind, &value)) = binding.get_key_value(kind.as_str()) else { continue };
+            let after = match self.parts.get(i + 1) {
+                Some(Part::Literal(text)) if self.parts[i + 1..].iter().any(wild) => first_char(text),
+                _ => None,
+            };
+            let before = match i.checked_sub(1).map(|j| &self.parts[j]) {
+                Some(Part::Literal(text)) if self.parts[..i].iter().any(wild) => last_char(text),
+                _ => None,
+            };
+            if let Some(sep) = [after, before].into_iter().flatten().find(|&c| value.contains(c)) {
+                return Some((kind, sep));
+            }
+        }
+        None
+    }
+
     /// The text for `binding`, or `None` if it lacks a type the template needs.
     pub fn render(&self, binding: &Binding<'_>) -> Option<String> {
         let mut out = String::new();
@@ -313,6 +372,28 @@ mod tests {
         let t = Template::parse("{ loyalty_no }", Syntax::Exact).unwrap();
         assert_eq!(t.render(&one("loyalty_no", "77")).unwrap(), "77");
         assert!(Template::parse("fixed:index", Syntax::Exact).unwrap().is_fixed());
+    }
+
+    #[test]
+    fn a_value_holding_the_separator_of_a_pattern_is_ambiguous() {
+        let glob = |s: &str| Template::parse(s, Syntax::Glob).unwrap();
+        let t = glob("cart:{customer_id}:*");
+        assert_eq!(t.ambiguous(&one("customer_id", "acme")), None);
+        assert_eq!(t.ambiguous(&one("customer_id", "acme:eu")), Some(("customer_id", ':')));
+        assert_eq!(t.ambiguous(&one("email", "a:b")), None, "not this template's type");
+        // A wildcard before the placeholder makes the separator before it count.
+        let t = glob("*/{customer_id}");
+        assert_eq!(t.ambiguous(&one("customer_id", "eu/1")), Some(("customer_id", '/')));
+        assert_eq!(t.ambiguous(&one("customer_id", "eu:1")), None);
+        // An escaped separator is the character it escapes.
+        let t = glob("k\\?{customer_id}\\?*");
+        assert_eq!(t.ambiguous(&one("customer_id", "a?b")), Some(("customer_id", '?')));
+        // No wildcard: the key is exact whatever the value holds. Digests
+        // have a fixed length. Exact templates are never ambiguous.
+        assert_eq!(glob("cart:{customer_id}:main").ambiguous(&one("customer_id", "a:b")), None);
+        assert_eq!(glob("av:{email|md5}:*").ambiguous(&one("email", "a:b@x.org")), None);
+        let t = Template::parse("cart:{customer_id}:x", Syntax::Exact).unwrap();
+        assert_eq!(t.ambiguous(&one("customer_id", "a:b")), None);
     }
 
     #[test]

@@ -282,3 +282,91 @@ async fn a_dataset_without_the_tasks_identifier_types_is_left_alone() {
     assert_eq!(down.verify(&t).await.unwrap(), 0);
     s.cleanup().await;
 }
+
+#[tokio::test]
+async fn what_a_kept_dataset_names_survives_an_erased_dataset_that_names_it_too() {
+    let mut s = Space::new().await;
+    let redis = s.connector(
+        r#"
+[[datasets]]
+name = "users"
+category = "web.profile"
+key = "P:user:{customer_id}"
+
+[[datasets]]
+name = "carts"
+category = "web.session"
+pattern = "P:cart:{customer_id}:*"
+
+[[datasets]]
+name = "loyalty"
+category = "shop.loyalty"
+hash = "P:user:{customer_id}"
+field = "loyalty"
+
+[[datasets]]
+name = "saved"
+category = "shop.loyalty"
+key = "P:cart:{customer_id}:saved"
+"#,
+    );
+    s.hset("P:user:C-1", "loyalty", "gold").await;
+    s.hset("P:user:C-1", "plan", "basic").await;
+    s.set("P:cart:C-1:open", "x").await;
+    s.set("P:cart:C-1:saved", "x").await;
+    s.hset("P:user:C-2", "loyalty", "gold").await;
+    let ada = || vec![id("customer_id", "C-1")];
+
+    // Loyalty data is under a legal hold: the user hash that holds the
+    // loyalty field is not removed whole, nor the saved cart the pattern
+    // also matches.
+    let held = task_with(
+        ada(),
+        vec![
+            directive("web.profile", Action::Erase),
+            directive("web.session", Action::Erase),
+            directive("shop.loyalty", Action::Hold),
+        ],
+    );
+    let erased = redis.erase(&held).await.unwrap();
+    assert_eq!(erased.datasets, report(&[("users", 0), ("carts", 1)]));
+    let kept: Vec<(&str, u64)> = erased.retained.iter().map(|r| (r.dataset.as_str(), r.count)).collect();
+    assert_eq!(kept, [("loyalty", 1), ("saved", 1)]);
+    assert!(s.hexists("P:user:C-1", "loyalty").await);
+    assert!(s.exists("P:cart:C-1:saved").await);
+    assert!(!s.exists("P:cart:C-1:open").await);
+    assert_eq!(redis.verify(&held).await.unwrap(), 0, "what is held is not a residual");
+
+    // Once the hold is gone, everything of the subject goes.
+    let all = erase(ada(), &["web.profile", "web.session", "shop.loyalty"]);
+    // The saved cart counts in both datasets that name it.
+    assert_eq!(redis.verify(&all).await.unwrap(), 4);
+    assert_eq!(redis.erase(&all).await.unwrap().total(), 2, "the user hash and the saved cart");
+    assert_eq!(redis.verify(&all).await.unwrap(), 0);
+    assert_eq!(s.keys().await, ["user:C-2"]);
+    s.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_value_holding_a_patterns_separator_is_refused() {
+    let mut s = Space::new().await;
+    let redis = s.connector(
+        r#"
+[[datasets]]
+name = "carts"
+category = "shop.cart"
+pattern = "P:cart:{customer_id}:*"
+"#,
+    );
+    s.set("P:cart:acme:1", "x").await;
+    s.set("P:cart:acme:eu:1", "x").await;
+    // `cart:acme:eu:*` would also match customer acme's key `cart:acme:eu:1`.
+    let t = erase(vec![id("customer_id", "acme:eu")], &["shop.cart"]);
+    for e in [redis.erase(&t).await.unwrap_err(), redis.verify(&t).await.unwrap_err()] {
+        assert!(!e.retryable, "{e:?}");
+        assert!(e.message.contains("carts") && e.message.contains("customer_id"), "{}", e.message);
+        assert!(e.message.contains("':'") && !e.message.contains("acme"), "{}", e.message);
+    }
+    assert_eq!(s.keys().await, ["cart:acme:1", "cart:acme:eu:1"], "nothing deleted");
+    s.cleanup().await;
+}
