@@ -9,7 +9,8 @@
 //! RFC 3339 timestamp). `{{` and `}}` are literal braces.
 //!
 //! Where a value goes decides how it is escaped: a path segment is
-//! percent-encoded (so a value can never add a `/` or a `?`), a query value
+//! percent-encoded (so a value can never add a `/` or a `?`, and a value
+//! that would make a segment `.` or `..` is refused), a query value
 //! is form-encoded by the HTTP client, a JSON body is serialised by
 //! `serde_json`; headers reject control characters.
 
@@ -101,12 +102,19 @@ pub enum Escape {
 pub enum RenderError {
     /// The variable has no value (its name only, never a value).
     Missing(String),
+    /// A value would make a path segment `.` or `..`, which the URL parser
+    /// removes together with the segment before it: the request would go to
+    /// another resource.
+    DotSegment,
 }
 
 impl fmt::Display for RenderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Missing(name) => write!(f, "template variable {{{name}}} has no value"),
+            Self::DotSegment => f.write_str(
+                "a value would make a path segment `.` or `..`, which would lead the request to another resource",
+            ),
         }
     }
 }
@@ -198,8 +206,21 @@ impl Template {
                 }
             }
         }
+        if escape == Escape::PathSegment && has_dot_segment(&out) {
+            return Err(RenderError::DotSegment);
+        }
         Ok(out)
     }
+}
+
+/// Whether the path of `url` has a segment that URL parsers treat as `.`
+/// or `..` (also when percent-encoded, as `%2e`).
+fn has_dot_segment(url: &str) -> bool {
+    let path = url.split(['?', '#']).next().unwrap_or_default();
+    path.split('/').any(|segment| {
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        decoded == "." || decoded == ".."
+    })
 }
 
 fn is_var_name(name: &str) -> bool {
@@ -387,6 +408,28 @@ mod tests {
         v.set("x", "../a b/?#");
         let t = Template::parse("/u/{x}").unwrap();
         assert_eq!(t.render(&v, Escape::PathSegment).unwrap(), "/u/..%2Fa%20b%2F%3F%23");
+        // A value that is a whole `.` or `..` segment would move the request
+        // up the path: refused, however it is written.
+        for dots in [".", "..", "%2e", "%2E%2e", ".%2e"] {
+            v.set("x", dots);
+            let urlencoded = Template::parse("/u/{x|urlencode}/orders").unwrap();
+            for t in [&t, &urlencoded] {
+                if let Ok(path) = t.render(&v, Escape::PathSegment) {
+                    assert!(!has_dot_segment(&path), "{dots:?} gave {path:?}");
+                } else {
+                    assert_eq!(t.render(&v, Escape::PathSegment), Err(RenderError::DotSegment), "{dots:?}");
+                }
+            }
+        }
+        v.set("x", "..");
+        assert_eq!(t.render(&v, Escape::PathSegment), Err(RenderError::DotSegment));
+        v.set("x", "...");
+        assert_eq!(t.render(&v, Escape::PathSegment).unwrap(), "/u/...");
+        v.set("x", "..a");
+        assert_eq!(
+            Template::parse("/u/{x}.json").unwrap().render(&v, Escape::PathSegment).unwrap(),
+            "/u/..a.json"
+        );
     }
 
     #[test]
