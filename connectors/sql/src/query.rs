@@ -161,13 +161,6 @@ impl Sql {
         values: &[String],
     ) -> &mut Self {
         let target = match_target(self.dialect, qualifier, column, kind, compare);
-        // MySQL and MariaDB compare text under the column's collation, and
-        // the usual ones (`utf8mb4_*_ci`) take `AB12` for `ab12` and `josé`
-        // for `jose`: another person's rows. The comparison is made byte
-        // for byte as well; the collated one stays so that the column's
-        // index still finds the candidates.
-        let bytes =
-            self.dialect == Dialect::MySql && (compare == Compare::Normalized || kind != ColKind::Integer);
         let params: Vec<Param> = values.iter().filter_map(|v| match_param(kind, compare, v)).collect();
         let list = |sql: &mut Self, target: &str| {
             sql.push(target).push(" IN (");
@@ -179,14 +172,14 @@ impl Sql {
             }
             sql.push(")");
         };
-        if !bytes {
+        let Some(bytes) = byte_wise(self.dialect, &target, kind, compare) else {
             list(self, &target);
             return self;
-        }
+        };
         self.push("(");
         list(self, &target);
         self.push(" AND ");
-        list(self, &format!("CAST({target} AS BINARY)"));
+        list(self, &bytes);
         self.push(")")
     }
 
@@ -218,6 +211,30 @@ pub fn match_target(
         }
         Compare::Exact if kind == ColKind::Other => dialect.as_text(&column_sql),
         Compare::Exact => column_sql,
+    }
+}
+
+/// `target` compared byte for byte, where the column's collation could
+/// take another person's value for the subject's: MySQL's and MariaDB's
+/// usual collations (`utf8mb4_*_ci`) take `AB12` for `ab12` and `josé` for
+/// `jose`, a SQLite column may be declared `COLLATE NOCASE`, a PostgreSQL
+/// one may have a non-deterministic collation. The collated comparison
+/// stays beside it, so that the column's index still finds the candidates.
+/// `None` where the comparison is byte-wise already (integers; on SQLite
+/// and PostgreSQL, values read through a function or a cast).
+pub fn byte_wise(dialect: Dialect, target: &str, kind: ColKind, compare: Compare) -> Option<String> {
+    match dialect {
+        Dialect::MySql if compare == Compare::Normalized || kind != ColKind::Integer => {
+            Some(format!("CAST({target} AS BINARY)"))
+        }
+        // `LOWER(TRIM(column))` is not a column: SQLite compares it with
+        // BINARY whatever the column's collation.
+        Dialect::Sqlite if compare == Compare::Exact && kind == ColKind::Text => {
+            Some(format!("{target} COLLATE BINARY"))
+        }
+        // Functions keep the column's collation on PostgreSQL.
+        Dialect::Postgres if kind == ColKind::Text => Some(format!("{target} COLLATE \"C\"")),
+        _ => None,
     }
 }
 
@@ -274,9 +291,13 @@ mod tests {
         assert_eq!(
             pg.text(),
             "DELETE FROM \"orders\" WHERE (\"customer_id\" IN (SELECT p1.\"id\" FROM \"customers\" AS p1 WHERE \
-             (LOWER(TRIM(p1.\"email\")) IN ($1) OR p1.\"id\" IN ($2, $3))))"
+             ((LOWER(TRIM(p1.\"email\")) IN ($1) AND LOWER(TRIM(p1.\"email\")) COLLATE \"C\" IN ($2)) \
+             OR p1.\"id\" IN ($3, $4))))"
         );
-        assert_eq!(pg.params, vec![Param::Text("a@x.io".into()), Param::Int(7), Param::Int(8)]);
+        assert_eq!(
+            pg.params,
+            vec![Param::Text("a@x.io".into()), Param::Text("a@x.io".into()), Param::Int(7), Param::Int(8)]
+        );
 
         let mut my = Sql::new(Dialect::MySql);
         my.cond(&sample(), None, 0);

@@ -34,7 +34,7 @@ use crate::catalog::Catalog;
 use crate::config::{SqlConfig, TableAction};
 use crate::dialect::Dialect;
 use crate::error::{classify, Context};
-use crate::query::{match_param, match_target, Param, Sql};
+use crate::query::{byte_wise, match_param, match_target, Param, Sql};
 
 /// Most subjects in one statement.
 const MAX_SUBJECTS: usize = 500;
@@ -139,7 +139,10 @@ impl Store {
             }
             sql.push(") AS ").push(VALUES).push(" (lethe_value, lethe_n)");
         };
-        let on = format!("{target} = {VALUES}.lethe_value");
+        let on = match byte_wise(dialect, &target, kind, compare) {
+            Some(bytes) => format!("{target} = {VALUES}.lethe_value AND {bytes} = {VALUES}.lethe_value"),
+            None => format!("{target} = {VALUES}.lethe_value"),
+        };
         let mut sql = Sql::new(dialect);
         let op = match (group.op, table.action) {
             (Op::Erase, TableAction::Delete) => {

@@ -193,6 +193,46 @@ match = { customer_id = "code", email = "email" }
     assert_eq!(sql.verify(&ab).await.unwrap() + sql.verify(&jose).await.unwrap(), 0);
 }
 
+async fn case_insensitive_column_collations_do_not_widen_a_match(db: Arc<TestDb>) {
+    // Columns whose own collation ignores case (and, on PostgreSQL's ICU
+    // collation, takes `ß` for `ss`): the match is still byte for byte.
+    let (code, email) = match db.engine {
+        common::Engine::Sqlite => ("TEXT COLLATE NOCASE", "TEXT COLLATE NOCASE"),
+        common::Engine::MySql => ("VARCHAR(32)", "VARCHAR(255)"),
+        common::Engine::Postgres => {
+            db.exec(&["CREATE COLLATION IF NOT EXISTS lethe_ci \
+                 (provider = icu, locale = 'und-u-ks-level2', deterministic = false)"])
+                .await;
+            ("VARCHAR(32) COLLATE lethe_ci", "VARCHAR(255) COLLATE lethe_ci")
+        }
+    };
+    db.exec(&[
+        &format!("CREATE TABLE members (id INTEGER PRIMARY KEY, code {code}, email {email})"),
+        "CREATE INDEX members_code ON members (code)",
+        "INSERT INTO members (id, code, email) VALUES \
+         (1, 'ab12', 'strasse@example.com'), (2, 'AB12', 'straße@example.com'), (3, 'Ab12', 'x@example.com')",
+    ])
+    .await;
+    let tables = r#"
+[[tables]]
+name = "members"
+action = "delete"
+category = "identity.contact"
+match = { customer_id = "code", email = "email" }
+"#;
+    let sql = db.connector(tables).await;
+    let count = || async { db.count("members").await };
+    let deleted = |n| Erasure { datasets: vec![DatasetReport::new("members", n, 0)], retained: vec![] };
+    let ab = task(vec![id("customer_id", "AB12")]);
+    assert_eq!(sql.verify(&ab).await.unwrap(), 1);
+    assert_eq!(sql.erase(&ab).await.unwrap(), deleted(1));
+    assert_eq!(count().await, 2);
+    let strasse = task(vec![id("email", "strasse@example.com")]);
+    assert_eq!(sql.verify(&strasse).await.unwrap(), 1);
+    assert_eq!(sql.erase(&strasse).await.unwrap(), deleted(1));
+    assert_eq!(count().await, 1, "Ab12 is left");
+}
+
 async fn anonymize_by_own_column_is_idempotent(db: Arc<TestDb>) {
     db.shop().await;
     db.exec(&[
@@ -377,6 +417,7 @@ on_every_engine!(
     quotes_and_injection_shaped_values_touch_only_their_rows,
     identifier_types_no_table_uses_report_zeros,
     case_accents_and_trailing_spaces_are_other_people,
+    case_insensitive_column_collations_do_not_widen_a_match,
     anonymize_by_own_column_is_idempotent,
     health_checks_tables_and_columns,
     database_errors_are_classified_without_values,
