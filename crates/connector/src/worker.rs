@@ -3,7 +3,11 @@
 //! then acknowledges the task. It owns the span, the retries and the metrics
 //! so that a connector author writes only the store-specific part.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -114,7 +118,11 @@ impl Worker {
                 self.publish(&result).await?;
             }
             Err(bad) => {
-                self.bus.dead_letter(&source, &bad.raw, &bad.reason).await?;
+                (|| self.bus.dead_letter(&source, &bad.raw, &bad.reason))
+                    .retry(self.retry.unbounded())
+                    .when(|e| !matches!(e, BusError::Closed))
+                    .notify(|e, _| tracing::warn!(error = %e, "writing a dead letter failed; retrying"))
+                    .await?;
             }
         }
         Ok(delivery.position)
@@ -140,7 +148,18 @@ impl Worker {
         );
         lethe_bus::trace::link(&span, task.request_id);
         let started = Instant::now();
-        let outcome = self.outcome(&task).instrument(span.clone()).await;
+        // A connector that panics fails its task; the worker and the other
+        // tasks in flight carry on.
+        let outcome = match CatchUnwind(Box::pin(self.outcome(&task).instrument(span.clone()))).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                span.in_scope(|| tracing::error!("the connector panicked; the task fails"));
+                Outcome::Failed {
+                    retryable: false,
+                    reason: "the connector panicked (a bug in the connector; see the worker's log)".into(),
+                }
+            }
+        };
         let label = outcome_label(&outcome);
         span.in_scope(|| tracing::info!(outcome = label, summary = %outcome.summary(), "task finished"));
         metrics::counter!(TASKS_TOTAL, "system" => self.system.clone(), "outcome" => label).increment(1);
@@ -227,6 +246,22 @@ impl Worker {
     }
 }
 
+/// Resolves to `Err` if polling the future panics.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
 fn failed(e: ConnectorError) -> Outcome {
     Outcome::Failed { retryable: e.retryable, reason: e.message }
 }
@@ -299,6 +334,78 @@ mod tests {
         assert_eq!(order.completed(at(0, 0)), Some(at(0, 0)));
         assert_eq!(order.completed(at(0, 1)), Some(at(0, 2)), "1 done releases 2 as well");
         assert_eq!(order.completed(at(0, 3)), Some(at(0, 3)));
+    }
+
+    struct Panics;
+
+    #[async_trait]
+    impl Connector for Panics {
+        async fn erase(&self, _task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+            panic!("a bug in the connector")
+        }
+        async fn verify(&self, _task: &ErasureTask) -> Result<u64, ConnectorError> {
+            Ok(0)
+        }
+        async fn health(&self) -> Result<(), ConnectorError> {
+            Ok(())
+        }
+    }
+
+    struct OneKey(DataKey);
+
+    #[async_trait]
+    impl KeyResolver for OneKey {
+        async fn data_key(
+            &self,
+            _system: &str,
+            _request: RequestId,
+            _task: TaskId,
+            _attempt: u32,
+        ) -> Result<Option<DataKey>, ConnectorError> {
+            Ok(Some(self.0.clone()))
+        }
+    }
+
+    /// A panicking connector fails its task instead of ending the worker,
+    /// and the worker goes on to the next task.
+    #[tokio::test]
+    async fn a_connector_that_panics_fails_the_task_and_the_worker_goes_on() {
+        let key = DataKey::generate();
+        let bus = Arc::new(lethe_bus::InProcessBus::new());
+        let retry = RetryPolicy { initial_delay_ms: 1, max_delay_ms: 1, max_retries: 0 };
+        let worker = Worker::new("crm", Arc::new(Panics), Arc::new(OneKey(key.clone())), bus.clone(), retry);
+        let request = RequestId::new();
+        let email =
+            lethe_core::Identifier::parse(lethe_core::IdentifierKind::Email, "ada@example.com").unwrap();
+        let task = |n: u32| TaskMessage {
+            version: ENVELOPE_VERSION,
+            task_id: TaskId::new(),
+            request_id: request,
+            system: "crm".into(),
+            action: lethe_core::Action::Erase,
+            categories: vec![],
+            attempt: n,
+            regulation: lethe_core::Regulation::Gdpr,
+            due_at: Utc::now(),
+            identifiers: vec![key.seal(request, &email)],
+            issued_at: Utc::now(),
+            job: None,
+        };
+        bus.publish_tasks(&[task(1), task(2)]).await.unwrap();
+        let mut results = bus.result_consumer().await.unwrap();
+        let running = tokio::spawn(worker.run());
+        for attempt in [1, 2] {
+            let delivery = tokio::time::timeout(std::time::Duration::from_secs(10), results.recv())
+                .await
+                .expect("a result")
+                .expect("the bus is open");
+            let result = delivery.message.expect("a well-formed result");
+            assert_eq!(result.attempt, attempt);
+            let Outcome::Failed { retryable, reason } = result.outcome else { panic!("{result:?}") };
+            assert!(!retryable && reason.contains("panicked"), "{reason}");
+        }
+        assert!(!running.is_finished(), "the worker still runs");
+        running.abort();
     }
 
     #[test]
