@@ -757,6 +757,33 @@ async fn batches_accept_valid_items_refuse_invalid_ones_and_replay_by_key() {
     let (status, body, _) = call(&h.app(), batch(Value::Array(thousand))).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(body["results"].as_array().unwrap().iter().filter(|r| r["id"].is_string()).count(), 1000);
+
+    // An item that does not match the schema is refused on its own, without
+    // quoting it; the others are created.
+    let raw = r#"{"requests": [
+        {"request": {"subject": {"email": "s1@example.com"}, "regulation": "gdpr"}},
+        {"request": {"subject": {"email": "leak-a@example.com", "email": "leak-b@example.com"}, "regulation": "gdpr"}},
+        {"request": {"subject": {"email": ["leak-c@example.com"]}, "regulation": "gdpr"}},
+        {"request": {"subject": {"email": "leak-d@example.com"}, "regulation": "gdpr", "colour": "red"}},
+        "leak-e@example.com",
+        {"request": {"subject": {"email": "s2@example.com"}, "regulation": "gdpr"}}
+    ]}"#;
+    let req = Request::post("/v1/requests:batch")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(raw))
+        .unwrap();
+    let (status, body, _) = call(&h.app(), req).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let r = body["results"].as_array().unwrap();
+    assert_eq!(r.len(), 6);
+    assert!(r[0]["id"].is_string() && r[5]["id"].is_string(), "{body}");
+    let error = |i: usize| r[i]["error"].as_str().unwrap_or_else(|| panic!("{body}")).to_owned();
+    assert!(error(1).contains("more than once"), "{body}");
+    assert!(error(2).contains("does not match the expected schema"), "{body}");
+    assert_eq!(error(3), "unknown field `colour`");
+    assert!(error(4).contains("does not match the expected schema"), "{body}");
+    assert!(r[1..5].iter().all(|r| r["id"].is_null()), "{body}");
+    assert!(!body.to_string().contains("leak"), "errors never quote values: {body}");
 }
 
 fn post_json(uri: &str, body: Value) -> Request<Body> {

@@ -10,7 +10,7 @@ use lethe_store::Created;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::problem::{Problem, ProblemBody, StrictJson};
+use super::problem::{describe_value_error, Problem, ProblemBody, StrictJson};
 use super::requests::{check_idempotency_key, holds_for, key_reused, prepare, received, SubmitRequest};
 use super::AppState;
 use crate::auth::{Caller, Scope};
@@ -33,7 +33,11 @@ pub struct BatchItem {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
-    pub requests: Vec<BatchItem>,
+    /// Read one by one, as written (a repeated key stays visible): an item
+    /// that does not match the schema is refused on its own, the others go
+    /// ahead.
+    #[schema(value_type = Vec<BatchItem>)]
+    pub requests: Vec<Box<serde_json::value::RawValue>>,
 }
 
 /// One item's answer: the request, or why it was refused.
@@ -79,17 +83,23 @@ pub async fn submit_batch(
     if body.requests.is_empty() || body.requests.len() > MAX_BATCH {
         return Err(Problem::invalid(format!("a batch holds 1 to {MAX_BATCH} requests")));
     }
-    let holds = holds_for(&state, body.requests.iter().map(|r| &r.request.subject)).await?;
-    let mut results: Vec<BatchResult> = Vec::with_capacity(body.requests.len());
+    let items: Vec<Result<BatchItem, Problem>> = body
+        .requests
+        .into_iter()
+        .map(|raw| serde_json::from_str(raw.get()).map_err(|e| Problem::invalid(describe_value_error(&e))))
+        .collect();
+    let holds = holds_for(&state, items.iter().flatten().map(|r| &r.request.subject)).await?;
+    let mut results: Vec<BatchResult> = Vec::with_capacity(items.len());
     let mut fresh = Vec::new();
     let mut slots = Vec::new();
-    for item in body.requests {
-        let prepared = item
-            .idempotency_key
-            .as_deref()
-            .map(check_idempotency_key)
-            .transpose()
-            .and_then(|key| prepare(&state, &caller, item.request, key, &holds));
+    for item in items {
+        let prepared = item.and_then(|item| {
+            item.idempotency_key
+                .as_deref()
+                .map(check_idempotency_key)
+                .transpose()
+                .and_then(|key| prepare(&state, &caller, item.request, key, &holds))
+        });
         match prepared {
             Ok(p) => {
                 slots.push(results.len());

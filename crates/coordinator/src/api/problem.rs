@@ -158,30 +158,38 @@ fn describe_json_error(e: serde_json::Error) -> Problem {
             "malformed JSON",
             format!("the body is not valid JSON ({at})"),
         ),
-        Category::Data => {
-            let msg = e.to_string();
-            let field = |prefix: &str| {
-                msg.strip_prefix(prefix)
-                    .and_then(|rest| rest.split('`').next())
-                    .filter(|f| {
-                        !f.is_empty()
-                            && f.len() <= 32
-                            && f.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-                    })
-                    .map(str::to_owned)
-            };
-            let detail = if let Some(f) = field("unknown field `") {
-                format!("unknown field `{f}` ({at})")
-            } else if let Some(f) = field("missing field `") {
-                format!("missing field `{f}`")
-            } else if msg.starts_with(super::subject::DUPLICATE_TYPE) {
-                format!("a subject names an identifier type more than once ({at})")
-            } else if msg.starts_with("unknown field") {
-                format!("unknown field ({at})")
-            } else {
-                format!("the body does not match the expected schema ({at})")
-            };
-            Problem::invalid(detail)
-        }
+        Category::Data => Problem::invalid(data_error(&e, &format!(" ({at})"))),
+    }
+}
+
+/// Why a JSON value does not fit its type, without quoting the value (for
+/// one item of a body that parsed: its position would be the body's).
+pub(super) fn describe_value_error(e: &serde_json::Error) -> String {
+    data_error(e, "")
+}
+
+/// A data error by kind; `at` is appended where a position helps.
+fn data_error(e: &serde_json::Error, at: &str) -> String {
+    let msg = e.to_string();
+    let field = |prefix: &str| {
+        msg.strip_prefix(prefix)
+            .and_then(|rest| rest.split('`').next())
+            .filter(|f| {
+                !f.is_empty() && f.len() <= 32 && f.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            })
+            .map(str::to_owned)
+    };
+    if let Some(f) = field("unknown field `") {
+        format!("unknown field `{f}`{at}")
+    } else if let Some(f) = field("missing field `") {
+        format!("missing field `{f}`")
+    } else if msg.starts_with(super::subject::DUPLICATE_TYPE) {
+        format!("a subject names an identifier type more than once{at}")
+    } else if msg.starts_with("unknown field") {
+        format!("unknown field{at}")
+    } else if at.is_empty() {
+        "the item does not match the expected schema".to_owned()
+    } else {
+        format!("the body does not match the expected schema{at}")
     }
 }
