@@ -312,6 +312,17 @@ fn h_now(h: &Harness) -> DateTime<Utc> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_keeps_its_scope_untouched_until_released() {
     let h = Harness::start(day(2026, 11, 29)).await;
+    // A scope whose systems declare none of its categories would keep
+    // nothing: refused rather than taken for protection.
+    let nothing = json!({
+        "subject": {"email": "ada@example.com"},
+        "scope": {"systems": ["marketing"], "categories": ["billing.invoice"]},
+        "reason": "pending litigation",
+        "case_reference": "LIT-2026-114",
+    });
+    let (status, refused) = h.call(reqwest::Method::POST, "/v1/holds", Some(nothing)).await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(refused["detail"].as_str().unwrap().contains("would keep nothing"), "{refused}");
     let hold = json!({
         "subject": {"email": "ada@example.com"},
         "scope": {"systems": ["marketing"]},

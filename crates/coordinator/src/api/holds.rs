@@ -154,6 +154,20 @@ pub async fn place(
             return Err(Problem::invalid("scope: a category is not declared by any configured system"));
         }
     }
+    // Systems and categories both narrow the scope: at least one of the
+    // systems must declare one of the categories, or the hold would keep
+    // nothing while the caller believes the data safe.
+    if !body.scope.systems.is_empty() && !body.scope.categories.is_empty() {
+        let covers_something = state.planner.systems().iter().any(|sys| {
+            body.scope.systems.contains(&sys.name)
+                && sys.categories.iter().any(|c| body.scope.categories.contains(c))
+        });
+        if !covers_something {
+            return Err(Problem::invalid(
+                "scope: none of the systems declares any of the categories, so the hold would keep nothing",
+            ));
+        }
+    }
     let now = state.clock.now().trunc_subsecs(3);
     if body.expires_at.is_some_and(|e| e <= now) {
         return Err(Problem::invalid("expires_at must be in the future"));
