@@ -850,6 +850,16 @@ async fn deadlines_extend_once_before_the_original_due_date() {
     assert_eq!(soon["items"].as_array().unwrap().len(), 1, "only the LGPD request: {soon}");
     let (status, _, _) = call(&h.app(), get("/v1/requests?due_before=soon")).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // Whole days are rounded down: an hour past 87 - 48 = 39 days before
+    // the extended due date leaves 38 whole days; an hour after the due
+    // date, the request is overdue, -1.
+    h.clock.advance(chrono::Duration::hours(1));
+    let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{first}"))).await;
+    assert_eq!(view["days_left"], 38, "{view}");
+    h.clock.advance(chrono::Duration::days(39));
+    let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{first}"))).await;
+    assert_eq!(view["days_left"], -1, "{view}");
 }
 
 #[tokio::test]

@@ -108,8 +108,8 @@ pub struct RequestView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extension_reason: Option<String>,
     pub finished_at: Option<DateTime<Utc>>,
-    /// Whole days until the due date (negative when overdue); absent once
-    /// answered.
+    /// Whole days until the due date, rounded down: negative from the
+    /// moment the request is overdue; absent once answered.
     pub days_left: Option<i64>,
     pub external_ref: Option<String>,
     /// When the request's data key was destroyed (its identifiers are unreadable since).
@@ -454,7 +454,9 @@ pub async fn get_request(
             }
         })
         .collect();
-    let days_left = answered(r.status).not().then(|| (r.due_at - state.clock.now()).num_days());
+    // Rounded down, so a request one hour overdue has -1 days left, not 0.
+    let days_left =
+        answered(r.status).not().then(|| (r.due_at - state.clock.now()).num_seconds().div_euclid(86_400));
     Ok(Json(RequestView {
         id: r.id,
         status: r.status,
