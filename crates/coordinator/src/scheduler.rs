@@ -51,6 +51,8 @@ impl Scheduler {
                 tracing::warn!(requeued = e.requeued, failed = e.failed, "tasks timed out without a result");
                 metrics::counter!(crate::metrics::TASK_REQUEUES_TOTAL, "reason" => "timeout")
                     .increment(e.requeued);
+                metrics::counter!(crate::metrics::REQUESTS_FINISHED_TOTAL, "status" => "failed")
+                    .increment(e.requests_failed);
                 if e.requeued > 0 {
                     self.wake.notify_one();
                 }

@@ -7,7 +7,10 @@
 
 /// Requests accepted, by `regulation`.
 pub const REQUESTS_RECEIVED_TOTAL: &str = "lethe_requests_received_total";
-/// Requests reaching a final status, by `status`.
+/// Requests reaching a final status, by `status`: at intake (every system
+/// held), with an outcome or with a task's last time-out. A request
+/// `completed_with_exemptions` counts again when its follow-ups complete it,
+/// and so does a `failed` one that an operator's retry completes.
 pub const REQUESTS_FINISHED_TOTAL: &str = "lethe_requests_finished_total";
 /// Tasks published to the bus, by `system`.
 pub const TASKS_DISPATCHED_TOTAL: &str = "lethe_tasks_dispatched_total";

@@ -1346,7 +1346,10 @@ impl StateStore for SqlStore {
                     "task.timed_out",
                     json!({"system": task.system, "attempt": task.attempts, "timeout_secs": secs, "requeued": false}),
                 ));
-                self.refresh_request(&mut tx, request, status, now, &mut events).await?;
+                let next = self.refresh_request(&mut tx, request, status, now, &mut events).await?;
+                if next.is_some_and(|s| s.is_final()) {
+                    expired.requests_failed += 1;
+                }
             }
         }
         self.append_audit(&mut tx, events, now).await?;

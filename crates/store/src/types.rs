@@ -273,6 +273,8 @@ pub struct Expired {
     pub requeued: u64,
     /// Tasks that ran out of attempts and failed.
     pub failed: u64,
+    /// Requests that became final (`failed`) with those tasks.
+    pub requests_failed: u64,
 }
 
 /// A legal hold to place.

@@ -126,7 +126,10 @@ pub async fn submit_batch(
         let created = state.store.create_requests(fresh).await?;
         for ((slot, created), regulation) in slots.into_iter().zip(created).zip(regulations) {
             match created {
-                Created::New(id) => received(id, regulation),
+                Created::New(id) => {
+                    let initial = results[slot].status.unwrap_or(RequestStatus::Received);
+                    received(id, regulation, initial);
+                }
                 Created::KeyReused => {
                     results[slot] = BatchResult {
                         id: None,

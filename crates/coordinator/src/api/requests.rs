@@ -21,7 +21,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::problem::{Problem, ProblemBody, StrictJson};
 use super::AppState;
 use crate::auth::{Caller, Scope};
-use crate::metrics::REQUESTS_RECEIVED_TOTAL;
+use crate::metrics::{REQUESTS_FINISHED_TOTAL, REQUESTS_RECEIVED_TOTAL};
 
 /// Most identifiers one request may carry.
 pub const MAX_IDENTIFIERS: usize = 16;
@@ -243,7 +243,7 @@ pub async fn submit(
     let (regulation, initial, due_at) = (prepared.new.regulation, prepared.initial, prepared.new.due_at);
     match state.store.create_request(prepared.new).await? {
         Created::New(id) => {
-            received(id, regulation);
+            received(id, regulation, initial);
             state.wake.notify_one();
             Ok((StatusCode::ACCEPTED, Json(Submitted { id, status: initial, due_at })).into_response())
         }
@@ -409,8 +409,13 @@ pub(crate) fn prepare(
 }
 
 /// Records an accepted request in logs and metrics.
-pub(crate) fn received(id: RequestId, regulation: Regulation) {
+/// Counts and logs a request written; `initial` is final when every system
+/// was held or none had anything to do.
+pub(crate) fn received(id: RequestId, regulation: Regulation, initial: RequestStatus) {
     metrics::counter!(REQUESTS_RECEIVED_TOTAL, "regulation" => regulation.as_str()).increment(1);
+    if initial.is_final() {
+        metrics::counter!(REQUESTS_FINISHED_TOTAL, "status" => initial.as_str()).increment(1);
+    }
     let span = tracing::info_span!("request.received", request = %id, %regulation);
     lethe_bus::trace::link(&span, id);
     span.in_scope(|| tracing::info!("request received"));
