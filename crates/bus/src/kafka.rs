@@ -125,6 +125,20 @@ fn unavailable(e: KafkaError) -> BusError {
     BusError::Unavailable(e.to_string())
 }
 
+/// A client that cannot be created. librdkafka's own text of a rejected
+/// setting quotes its value, which may be a password read from
+/// `[bus.client]`: the value is left out.
+fn config_error(e: KafkaError) -> BusError {
+    match e {
+        KafkaError::ClientConfig(_, description, key, value) => {
+            let description =
+                if value.is_empty() { description } else { description.replace(&value, "[redacted]") };
+            BusError::Config(format!("the Kafka client setting {key:?} was refused: {description}"))
+        }
+        other => BusError::Config(other.to_string()),
+    }
+}
+
 /// A W3C `traceparent` whose trace id is the request id, so that one trace
 /// spans coordinator → connector → coordinator without shared state.
 pub fn traceparent(request: uuid::Uuid) -> String {
@@ -170,7 +184,7 @@ fn producer_config(config: &KafkaConfig) -> ClientConfig {
 }
 
 fn new_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
-    producer_config(config).create().map_err(|e| BusError::Config(e.to_string()))
+    producer_config(config).create().map_err(config_error)
 }
 
 /// A consumer of group `group` that stores offsets only when told to.
@@ -209,7 +223,7 @@ impl KafkaBus {
 
     async fn ensure_topics(&self, names: &[String]) -> Result<(), BusError> {
         let admin: AdminClient<DefaultClientContext> =
-            self.config.client(&[]).create().map_err(|e| BusError::Config(e.to_string()))?;
+            self.config.client(&[]).create().map_err(config_error)?;
         let replication = self.config.replication_factor;
         let topics: Vec<NewTopic> = names
             .iter()
@@ -260,7 +274,7 @@ impl KafkaBus {
     fn consumer(&self, group: &str, topic: &str) -> Result<KafkaConsumer, BusError> {
         let consumer: StreamConsumer<LagContext> = consumer_config(&self.config, group)
             .create_with_context(LagContext { group: group.to_owned() })
-            .map_err(|e| BusError::Config(e.to_string()))?;
+            .map_err(config_error)?;
         consumer.subscribe(&[topic]).map_err(unavailable)?;
         Ok(KafkaConsumer { consumer, topic: topic.to_owned() })
     }
@@ -449,7 +463,7 @@ impl KafkaBus {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .create()
-            .map_err(|e| BusError::Config(e.to_string()))?;
+            .map_err(config_error)?;
         consumer.subscribe(&[topic.as_str()]).map_err(unavailable)?;
         let mut letters = Vec::new();
         let mut stream = consumer.stream();
@@ -506,6 +520,16 @@ mod tests {
             partitions: KafkaConfig::default_partitions(),
             replication_factor: KafkaConfig::default_replication(),
             client: client.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        }
+    }
+
+    #[test]
+    fn a_refused_client_setting_is_named_without_its_value() {
+        for (key, value) in [("sasl.pasword", "s3cret-pw"), ("security.protocol", "s3cret-pw")] {
+            let Err(e) = new_producer(&config(&[(key, value)])) else { panic!("{key} accepted") };
+            let BusError::Config(text) = e else { panic!("{e:?}") };
+            assert!(text.contains(key), "{text}");
+            assert!(!text.contains("s3cret"), "{text}");
         }
     }
 
