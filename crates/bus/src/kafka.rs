@@ -231,15 +231,47 @@ impl KafkaBus {
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let results = admin.create_topics(&topics, &options).await.map_err(unavailable)?;
+        let mut refused = Vec::new();
         for r in results {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                // Apache Kafka checks the right to create before it looks
+                // for the topic: an account without it is refused even for
+                // topics that an administrator created beforehand.
+                Err((
+                    topic,
+                    RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed,
+                )) => refused.push(topic),
                 Err((topic, code)) => {
                     return Err(BusError::Unavailable(format!("cannot create topic {topic}: {code}")))
                 }
             }
         }
-        Ok(())
+        if refused.is_empty() {
+            return Ok(());
+        }
+        let admin = Arc::new(admin);
+        let missing = tokio::task::spawn_blocking(move || {
+            let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(30))?;
+            let exists = |name: &str| {
+                metadata
+                    .topics()
+                    .iter()
+                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
+            };
+            Ok::<_, KafkaError>(refused.into_iter().filter(|t| !exists(t)).collect::<Vec<_>>())
+        })
+        .await
+        .map_err(|e| BusError::Unavailable(format!("reading the topics' metadata stopped: {e}")))?
+        .map_err(unavailable)?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(BusError::Unavailable(format!(
+            "the topics {} do not exist and this account may not create them: create them (see \
+             docs/operations.md) or grant it Create on them",
+            missing.join(", ")
+        )))
     }
 
     async fn send(
