@@ -13,7 +13,7 @@ use rand::RngCore;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer as _, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
@@ -344,7 +344,20 @@ impl ClientContext for LagContext {
     }
 }
 
-impl ConsumerContext for LagContext {}
+impl ConsumerContext for LagContext {
+    /// A partition taken away is no longer this member's to report: its
+    /// gauge drops to 0 here (the new owner reports the lag), rather than
+    /// keep its last value for ever.
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            for p in partitions.elements() {
+                metrics::gauge!(CONSUMER_LAG, "group" => self.group.clone(), "topic" => p.topic().to_owned(),
+                    "partition" => p.partition().to_string())
+                .set(0.0);
+            }
+        }
+    }
+}
 
 /// One subscription of a consumer group.
 pub struct KafkaConsumer {
