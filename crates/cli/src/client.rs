@@ -15,7 +15,7 @@ pub struct Client {
 }
 
 /// `url` with any `user:password@` taken out.
-fn without_credentials(url: &str) -> String {
+pub fn without_credentials(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
             let _ = u.set_username("");

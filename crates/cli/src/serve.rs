@@ -187,7 +187,8 @@ pub async fn run_connector(
     let keys = Arc::new(HttpKeys::new(&coordinator, token));
     let worker = Worker::new(system.name.clone(), connector, keys, bus, config.retry)
         .with_concurrency(config.worker.concurrency);
-    tracing::info!(system = %system.name, %coordinator, "connector worker consuming");
+    let shown = crate::client::without_credentials(&coordinator);
+    tracing::info!(system = %system.name, coordinator = %shown, "connector worker consuming");
     tokio::select! {
         r = worker.run() => r.map_err(anyhow::Error::from),
         _ = shutdown_signal() => Ok(()),
