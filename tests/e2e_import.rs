@@ -171,7 +171,7 @@ async fn import_killed_half_way_resumes_without_duplicates() {
 
     // Second run, other batch size: resumes, creating only what is missing.
     let out = import(csv_arg, "100", &server.base, cwd).await;
-    assert_eq!(out.status.code(), Some(2), "rejected rows exit with 2: {}", describe(&out));
+    assert_eq!(out.status.code(), Some(3), "rejected rows exit with 3: {}", describe(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_no_identifier("the second import's stdout", &stdout, &file.identifiers);
     assert_no_identifier(
@@ -209,7 +209,7 @@ async fn import_killed_half_way_resumes_without_duplicates() {
 
     // A third run changes nothing: every valid row is replayed.
     let out = import(csv_arg, "500", &server.base, cwd).await;
-    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(number(&stdout, "already created:"), valid, "{stdout}");
     assert_eq!(number(&stdout, "requests created:"), 0, "{stdout}");

@@ -31,10 +31,11 @@
 //! the same file that rejects nothing.
 //!
 //! **Exit status.** 0 when every row was created or had been created by an
-//! earlier run (replayed); 2 when some rows were rejected (every other row
+//! earlier run (replayed); 3 when some rows were rejected (every other row
 //! was sent); 1 when the import could not run or stopped (unreadable file,
 //! header without an identifier column, coordinator unreachable or refusing
-//! the token): what was sent before stays, and the same command resumes.
+//! the token): what was sent before stays, and the same command resumes; 2
+//! for a usage error (a missing `--regulation`, say), before anything ran.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write as _};

@@ -111,7 +111,7 @@ enum Command {
     },
     /// Submit erasure requests in bulk from a CSV file (resumable: run it
     /// again after an interruption; rows sent before are not duplicated).
-    /// Exit status 2 when some rows were rejected.
+    /// Exit status 3 when some rows were rejected (2 is a usage error).
     Import {
         #[command(flatten)]
         server: ServerArgs,
@@ -387,8 +387,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Import { server, args } => {
             let summary = import::run(&server.client(), &args).await?;
             if !summary.rejected.is_empty() {
-                // 2: some rows were rejected, every other row was sent (see import.rs).
-                std::process::exit(2);
+                // 3: some rows were rejected, every other row was sent (see
+                // import.rs); 2 is what the argument parser exits with.
+                std::process::exit(3);
             }
             Ok(())
         }
