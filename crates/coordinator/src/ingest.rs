@@ -53,7 +53,12 @@ impl Ingest {
                 }
             }
             let positions: Vec<Position> = batch.iter().map(|d| d.position).collect();
-            self.apply(batch, &source).await;
+            if !self.apply(batch, &source).await {
+                // The bus closed before a dead letter was written: nothing
+                // of the batch is acknowledged, so all of it comes again.
+                tracing::warn!("the bus closed while results were being dead-lettered; left unacknowledged");
+                return;
+            }
             self.wake.notify_one();
             for p in positions {
                 if let Err(e) = consumer.ack(p).await {
@@ -63,18 +68,20 @@ impl Ingest {
         }
     }
 
-    /// Applies a batch, retrying store failures until they succeed: a
-    /// result is never acknowledged before its effect is durable.
-    async fn apply(&self, batch: Vec<Delivery<ResultMessage>>, source: &str) {
+    /// Applies a batch, retrying store failures and dead letters until
+    /// they succeed: a result is never acknowledged before its effect is
+    /// durable. `false` if the bus closed first.
+    async fn apply(&self, batch: Vec<Delivery<ResultMessage>>, source: &str) -> bool {
         let mut results = Vec::with_capacity(batch.len());
+        let mut durable = true;
         for d in batch {
             match d.message {
                 Ok(m) => results.push(m),
-                Err(bad) => self.dead_letter(source, &bad.raw, &bad.reason).await,
+                Err(bad) => durable &= self.dead_letter(source, &bad.raw, &bad.reason).await,
             }
         }
         if results.is_empty() {
-            return;
+            return durable;
         }
         for m in &mut results {
             self.screen(m).await;
@@ -111,10 +118,12 @@ impl Ingest {
                 }
                 Applied::UnknownTask => {
                     metrics::counter!(OUTCOMES_TOTAL, "result" => "unknown_task").increment(1);
-                    self.dead_letter(source, &msg.encode(), "result refers to an unknown task").await;
+                    durable &=
+                        self.dead_letter(source, &msg.encode(), "result refers to an unknown task").await;
                 }
             }
         }
+        durable
     }
 
     /// A failure's reason is shown to operators and written to the audit
@@ -165,10 +174,24 @@ impl Ingest {
         Ok(if named { Screened::Named } else { Screened::Clean })
     }
 
-    async fn dead_letter(&self, source: &str, raw: &[u8], reason: &str) {
-        metrics::counter!(DEAD_LETTERS_TOTAL, "source" => "results").increment(1);
-        if let Err(e) = self.bus.dead_letter(source, raw, reason).await {
-            tracing::error!(error = %e, reason, "could not dead-letter a result");
+    /// Writes a dead letter, retrying with backoff while the bus refuses
+    /// it: a message is acknowledged only once it is there. `false` if the
+    /// bus closed.
+    async fn dead_letter(&self, source: &str, raw: &[u8], reason: &str) -> bool {
+        let mut backoff = delays(Duration::from_millis(100));
+        loop {
+            match self.bus.dead_letter(source, raw, reason).await {
+                Ok(()) => {
+                    metrics::counter!(DEAD_LETTERS_TOTAL, "source" => "results").increment(1);
+                    return true;
+                }
+                Err(lethe_bus::BusError::Closed) => return false,
+                Err(e) => {
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error = %e, reason, retry_in = ?wait, "could not dead-letter a result; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
         }
     }
 }
