@@ -409,6 +409,43 @@ async fn outcome_before_dispatch_record_is_not_undone(b: &Backend) {
     assert_eq!(detail.request.status, RequestStatus::Completed);
 }
 
+/// A hold placed while an external job runs is too late for the job, but
+/// every later attempt (the operator's retry after the job failed) is
+/// built from the plan, which holds.
+async fn a_hold_placed_while_a_job_runs_reaches_every_later_attempt(b: &Backend) {
+    let f = Fixture::new();
+    let email = "job-hold@example.com";
+    let req = f.request(email, &["crm"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let schedule = RetrySchedule { max_attempts: 3, ..Default::default() };
+    let task = dispatch_all(&b.store).await[0].task_id;
+    let r = OutcomeReport { task_id: task, attempt: 1, outcome: accepted("job-h", 1) };
+    b.store.apply_outcomes(&[r], &schedule, at(1)).await.unwrap();
+    let scope = systems_scope(&["crm"]);
+    let reach = b.store.place_hold(hold("hold-j", vec![f.subject(email)], scope, at(2))).await.unwrap();
+    assert_eq!((reach.tasks, reach.too_late), (0, 1), "{reach:?}");
+    let d = detail(&b.store, id).await;
+    assert!(
+        plan_of(&d, "crm")
+            .categories
+            .iter()
+            .all(|c| c.action == Action::Hold && c.hold.as_ref().is_some_and(|h| h.id == "hold-j")),
+        "{:?}",
+        plan_of(&d, "crm")
+    );
+    // The job's check goes out as before; the job failed.
+    let check = dispatch_at(&b.store, at(3)).await;
+    assert!(check[0].job.is_some());
+    let failed = Outcome::Failed { retryable: false, reason: "the deletion job failed".into() };
+    let r = OutcomeReport { task_id: task, attempt: 2, outcome: failed };
+    b.store.apply_outcomes(&[r], &schedule, at(4)).await.unwrap();
+    // The operator's retry erases nothing the hold covers.
+    b.store.retry_task(id, "crm", at(5)).await.unwrap();
+    let again = dispatch_at(&b.store, at(6)).await;
+    assert!(again.iter().all(|i| i.categories.iter().all(|c| c.action == Action::Hold)), "{again:?}");
+}
+
 async fn leases_keep_dispatchers_apart_and_expire(b: &Backend) {
     let f = Fixture::new();
     for i in 0..5 {
@@ -1841,6 +1878,7 @@ suite!(
     duplicates_late_and_unknown_outcomes_change_nothing,
     failures_exemptions_and_under_deletion,
     outcome_before_dispatch_record_is_not_undone,
+    a_hold_placed_while_a_job_runs_reaches_every_later_attempt,
     leases_keep_dispatchers_apart_and_expire,
     dispatch_is_bounded_per_system,
     requeue_republishes_in_flight_tasks,

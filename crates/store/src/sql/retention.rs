@@ -495,9 +495,16 @@ impl SqlStore {
             let request_id: RequestId = parse(request, "request id")?;
             let Some(task_id) = task_of.get(&(request.clone(), system.clone())).copied() else { continue };
             let Some(state) = tasks.get(&task_id).map(|t| t.state) else { continue };
-            if matches!(state, TaskState::Succeeded | TaskState::Accepted) {
+            if state == TaskState::Succeeded {
                 reach.too_late += 1;
                 continue;
+            }
+            // A job already runs in the external system: too late for what
+            // it does, but a later attempt (a retry after the job fails, a
+            // follow-up) is built from the plan, which now holds.
+            let job_running = state == TaskState::Accepted;
+            if job_running {
+                reach.too_late += 1;
             }
             let sql = format!(
                 "UPDATE plan_categories SET action = $1, hold_id = $2 \
@@ -557,7 +564,9 @@ impl SqlStore {
                 "task.hold_applied",
                 json!({"system": system, "hold_id": hold.hold.id, "categories": newly, "from": state, "to": next}),
             ));
-            reach.tasks += 1;
+            if !job_running {
+                reach.tasks += 1;
+            }
             changed.insert(request_id);
         }
         reach.requests = changed.len() as u64;
