@@ -476,9 +476,14 @@ impl SqlStore {
         let ids: Vec<String> = tasks.keys().map(ToString::to_string).collect();
         // Claimed, even with its lease run out: a slow dispatcher may still
         // publish it.
+        // Locked, not just read: a claim not yet committed holds the row,
+        // and this waits for it and then sees it (read committed re-reads a
+        // locked row), instead of missing it and letting the claimed
+        // attempt keep its key.
         let sql = format!(
-            "SELECT task_id FROM outbox WHERE claimed_by IS NOT NULL AND {}",
-            self.dialect.in_keys("task_id", 1, Keys::Text)
+            "SELECT task_id, claimed_by FROM outbox WHERE {}{}",
+            self.dialect.in_keys("task_id", 1, Keys::Text),
+            self.dialect.for_update()
         );
         let now = ms(at);
         let claimed: BTreeSet<String> = sqlx::query(&sql)
@@ -487,7 +492,11 @@ impl SqlStore {
             .await
             .map_err(db_err)?
             .iter()
-            .map(|r| col::<String>(r, "task_id"))
+            .filter_map(|r| match col::<Option<String>>(r, "claimed_by") {
+                Ok(Some(_)) => Some(col::<String>(r, "task_id")),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            })
             .collect::<Result<_, _>>()?;
 
         let mut changed: BTreeSet<RequestId> = BTreeSet::new();
