@@ -369,10 +369,10 @@ impl SqlStore {
     /// for holds its plans missed ([`late_holds`](Self::late_holds)); a
     /// hold, once placed, looks for the requests it reaches. Without an
     /// order, a hold placed while a batch is being written could miss it
-    /// both ways. On PostgreSQL placing takes an exclusive transaction
-    /// lock and intake a shared one: a hold waits for the batches under way
-    /// and then sees them, a batch that starts later sees the hold. SQLite
-    /// runs one transaction at a time.
+    /// both ways. On PostgreSQL placing (and releasing) takes an exclusive
+    /// transaction lock and intake a shared one: a hold waits for the
+    /// batches under way and then sees them, a batch that starts later sees
+    /// the hold. SQLite runs one transaction at a time.
     pub(super) async fn hold_barrier(&self, tx: &mut AnyConnection, placing: bool) -> Result<(), StoreError> {
         if self.dialect != Dialect::Postgres {
             return Ok(());
@@ -594,6 +594,10 @@ impl SqlStore {
         now: DateTime<Utc>,
     ) -> Result<ReleaseResult, StoreError> {
         let mut tx = self.begin().await?;
+        // One hold changes plans at a time: a release that read the holds in
+        // force before a new hold on the same data committed would resume
+        // what the new hold keeps.
+        self.hold_barrier(&mut tx, true).await?;
         let row =
             sqlx::query(&format!("SELECT released_at FROM holds WHERE id = $1{}", self.dialect.for_update()))
                 .bind(id)
