@@ -241,6 +241,26 @@ const REQUEST_COLUMNS: &str =
     "id, regulation, status, received_at, due_at, updated_at, finished_at, external_ref, \
      key_destroyed_at, original_due_at, extension_reason, submitted_by";
 
+/// Audit events from their rows.
+fn audit_rows(rows: &[AnyRow]) -> Result<Vec<AuditEvent>, StoreError> {
+    rows.iter()
+        .map(|r| {
+            Ok(AuditEvent {
+                seq: col(r, "seq")?,
+                at: time(col(r, "at")?)?,
+                request_id: col::<Option<String>>(r, "request_id")?
+                    .map(|s| parse(&s, "request id"))
+                    .transpose()?,
+                task_id: col::<Option<String>>(r, "task_id")?.map(|s| parse(&s, "task id")).transpose()?,
+                kind: col(r, "kind")?,
+                detail: col(r, "detail")?,
+                prev_hash: col(r, "prev_hash")?,
+                hash: col(r, "hash")?,
+            })
+        })
+        .collect()
+}
+
 fn task_record(row: &AnyRow) -> Result<TaskRecord, StoreError> {
     let last: Option<String> = col(row, "last_outcome")?;
     Ok(TaskRecord {
@@ -1610,34 +1630,32 @@ impl StateStore for SqlStore {
             None => sqlx::query(&format!("{base} ORDER BY seq")).fetch_all(&self.pool).await,
         }
         .map_err(db_err)?;
-        rows.iter()
-            .map(|r| {
-                Ok(AuditEvent {
-                    seq: col(r, "seq")?,
-                    at: time(col(r, "at")?)?,
-                    request_id: col::<Option<String>>(r, "request_id")?
-                        .map(|s| parse(&s, "request id"))
-                        .transpose()?,
-                    task_id: col::<Option<String>>(r, "task_id")?
-                        .map(|s| parse(&s, "task id"))
-                        .transpose()?,
-                    kind: col(r, "kind")?,
-                    detail: col(r, "detail")?,
-                    prev_hash: col(r, "prev_hash")?,
-                    hash: col(r, "hash")?,
-                })
-            })
-            .collect()
+        audit_rows(&rows)
     }
 
     async fn verify_audit(&self) -> Result<AuditCheck, StoreError> {
-        let events = self.audit_events(None).await?;
+        // The head and the events from one snapshot: an append committed
+        // between two separate reads would look like a broken chain.
+        let mut tx = self.begin().await?;
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
         let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await
             .map_err(db_err)?;
         let (seq, hash): (i64, String) = (col(&head, "seq")?, col(&head, "hash")?);
-        Ok(audit::verify_chain(&events, (seq, &hash)))
+        let rows = sqlx::query(
+            "SELECT seq, at, request_id, task_id, kind, detail, prev_hash, hash FROM audit_events ORDER BY seq",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(audit::verify_chain(&audit_rows(&rows)?, (seq, &hash)))
     }
 
     async fn init_webhook_cursor(&self, endpoint: &str, now: DateTime<Utc>) -> Result<i64, StoreError> {
