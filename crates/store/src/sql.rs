@@ -1047,12 +1047,31 @@ impl StateStore for SqlStore {
             .map(|r| parse::<RequestId>(&col::<String>(r, "id")?, "request id"))
             .collect::<Result<std::collections::BTreeSet<_>, _>>()?;
         let tasks = self.lock_tasks(&mut tx, items.iter().map(|i| i.task_id)).await?;
+        // A task queued again meanwhile (its answer, a retryable failure,
+        // beat this record and planned the next attempt after a backoff)
+        // waits for that attempt: it is not the one on the bus.
+        let sql =
+            format!("SELECT task_id FROM outbox WHERE {}", self.dialect.in_keys("task_id", 1, Keys::Text));
+        let queued: std::collections::HashSet<String> = sqlx::query(&sql)
+            .bind(key_list(items.iter().map(|i| i.task_id.to_string())))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| col::<String>(r, "task_id"))
+            .collect::<Result<_, _>>()?;
         let mut by_attempt: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+        let mut waiting: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
         let mut events = Vec::new();
         for item in &items {
-            by_attempt.entry(item.attempt).or_default().push(item.task_id.to_string());
             let (state, attempts) =
                 tasks.get(&item.task_id).map_or((TaskState::Pending, 0), |t| (t.state, t.attempts));
+            if state == TaskState::Pending && queued.contains(&item.task_id.to_string()) {
+                // Its attempt was spent all the same.
+                waiting.entry(item.attempt).or_default().push(item.task_id.to_string());
+                continue;
+            }
+            by_attempt.entry(item.attempt).or_default().push(item.task_id.to_string());
             // An accepted task whose answer beat this record stays accepted.
             let stale = state == TaskState::Accepted && i64::from(item.attempt) <= attempts;
             if let (Ok(Step::Moved(_)), false) = (state.apply(TaskEvent::Dispatched), stale) {
@@ -1080,6 +1099,18 @@ impl StateStore for SqlStore {
                 .bind(i64::from(attempt))
                 .bind(ms(now))
                 .bind(TaskState::Accepted.as_str())
+                .bind(key_list(&ids))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        for (attempt, ids) in waiting {
+            let sql = format!(
+                "UPDATE tasks SET attempts = CASE WHEN attempts < $1 THEN $1 ELSE attempts END WHERE {}",
+                self.dialect.in_keys("id", 2, Keys::Text)
+            );
+            sqlx::query(&sql)
+                .bind(i64::from(attempt))
                 .bind(key_list(&ids))
                 .execute(&mut *tx)
                 .await

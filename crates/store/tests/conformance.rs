@@ -409,6 +409,33 @@ async fn outcome_before_dispatch_record_is_not_undone(b: &Backend) {
     assert_eq!(detail.request.status, RequestStatus::Completed);
 }
 
+/// A retryable failure that beats its publication record plans the next
+/// attempt after a backoff; the record must not mark the task dispatched,
+/// or a backoff longer than the time-out would queue it twice.
+async fn a_fast_retryable_failure_leaves_the_task_waiting_for_its_next_attempt(b: &Backend) {
+    let f = Fixture::new();
+    let req = f.request("fast@example.com", &["crm"], None);
+    b.store.create_request(req).await.unwrap();
+    let schedule = RetrySchedule {
+        max_attempts: 3,
+        initial_delay: Duration::from_secs(100),
+        max_delay: Duration::from_secs(100),
+    };
+    let items = b.store.claim_outbox("d", 10, None, Duration::from_secs(30), t0()).await.unwrap();
+    let task = items[0].task_id;
+    let flaky = Outcome::Failed { retryable: true, reason: "connection reset".into() };
+    let r = OutcomeReport { task_id: task, attempt: 1, outcome: flaky };
+    b.store.apply_outcomes(&[r], &schedule, at(1)).await.unwrap();
+    b.store.mark_published("d", &items, at(2)).await.unwrap();
+    let d = b.store.request(items[0].request_id).await.unwrap().unwrap();
+    assert_eq!(d.tasks[0].state, TaskState::Pending, "waiting for attempt 2");
+    let expired = b.store.expire_dispatched(Duration::from_secs(30), &schedule, at(60)).await.unwrap();
+    assert_eq!(expired, Expired::default(), "nothing on the bus to time out");
+    assert_eq!(b.store.outbox_backlog().await.unwrap(), 1, "one attempt queued");
+    let next = b.store.claim_outbox("d", 10, None, Duration::from_secs(30), at(200)).await.unwrap();
+    assert_eq!((next.len(), next[0].attempt), (1, 2));
+}
+
 /// A hold placed while an external job runs is too late for the job, but
 /// every later attempt (the operator's retry after the job failed) is
 /// built from the plan, which holds.
@@ -1878,6 +1905,7 @@ suite!(
     duplicates_late_and_unknown_outcomes_change_nothing,
     failures_exemptions_and_under_deletion,
     outcome_before_dispatch_record_is_not_undone,
+    a_fast_retryable_failure_leaves_the_task_waiting_for_its_next_attempt,
     a_hold_placed_while_a_job_runs_reaches_every_later_attempt,
     leases_keep_dispatchers_apart_and_expire,
     dispatch_is_bounded_per_system,
