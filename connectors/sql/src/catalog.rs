@@ -26,15 +26,27 @@ pub enum ColKind {
     Uuid,
     /// Character types: bound as text.
     Text,
+    /// Character types under a collation that takes some different texts
+    /// for equal (PostgreSQL's non-deterministic collations). Bound as
+    /// text, and compared byte for byte as well.
+    CollatedText,
     /// Anything else: compared as `CAST(column AS TEXT)`.
     Other,
 }
 
 impl ColKind {
-    fn postgres(type_name: &str) -> Self {
+    /// `deterministic` is `pg_collation.collisdeterministic` of the
+    /// column's collation (absent before PostgreSQL 12, which has only
+    /// deterministic ones).
+    fn postgres(type_name: &str, deterministic: Option<&str>) -> Self {
         match type_name {
             "int2" | "int4" | "int8" => Self::Integer,
             "uuid" => Self::Uuid,
+            // `citext` compares without case only with another `citext`:
+            // against a value bound as `text` it is read as `text`.
+            "text" | "varchar" | "bpchar" | "citext" | "name" if deterministic == Some("false") => {
+                Self::CollatedText
+            }
             "text" | "varchar" | "bpchar" | "citext" | "name" => Self::Text,
             _ => Self::Other,
         }
@@ -98,9 +110,12 @@ impl TableColumns {
         };
         let rows = match dialect {
             Dialect::Postgres => {
+                // `to_jsonb(c) ->> 'collisdeterministic'`: NULL rather than an
+                // error on a server whose catalog lacks the column.
                 sqlx::query(
-                    "SELECT a.attname::text, t.typname::text \
+                    "SELECT a.attname::text, t.typname::text, to_jsonb(c) ->> 'collisdeterministic' \
                      FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+                     LEFT JOIN pg_catalog.pg_collation c ON c.oid = a.attcollation \
                      WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
                 )
                 .bind(dialect.quote(table))
@@ -125,7 +140,10 @@ impl TableColumns {
             let type_name: Option<String> = row.try_get(1)?;
             let type_name = type_name.unwrap_or_default();
             let kind = match dialect {
-                Dialect::Postgres => ColKind::postgres(&type_name),
+                Dialect::Postgres => {
+                    let deterministic: Option<String> = row.try_get(2)?;
+                    ColKind::postgres(&type_name, deterministic.as_deref())
+                }
                 Dialect::MySql => ColKind::mysql(&type_name),
                 Dialect::Sqlite => ColKind::sqlite(&type_name),
             };
@@ -209,10 +227,12 @@ mod tests {
 
     #[test]
     fn kinds() {
-        assert_eq!(ColKind::postgres("int4"), ColKind::Integer);
-        assert_eq!(ColKind::postgres("uuid"), ColKind::Uuid);
-        assert_eq!(ColKind::postgres("varchar"), ColKind::Text);
-        assert_eq!(ColKind::postgres("numeric"), ColKind::Other);
+        assert_eq!(ColKind::postgres("int4", None), ColKind::Integer);
+        assert_eq!(ColKind::postgres("uuid", None), ColKind::Uuid);
+        assert_eq!(ColKind::postgres("varchar", Some("true")), ColKind::Text);
+        assert_eq!(ColKind::postgres("varchar", Some("false")), ColKind::CollatedText);
+        assert_eq!(ColKind::postgres("citext", Some("true")), ColKind::Text);
+        assert_eq!(ColKind::postgres("numeric", None), ColKind::Other);
         assert_eq!(ColKind::mysql("BIGINT"), ColKind::Integer);
         assert_eq!(ColKind::mysql("varchar"), ColKind::Text);
         assert_eq!(ColKind::mysql("decimal"), ColKind::Other);

@@ -464,9 +464,9 @@ mod tests {
         assert_eq!(
             sql.text(),
             format!(
-                "DELETE FROM \"accounts\" WHERE ((\"email\" IN ($1) AND \"email\" COLLATE \"C\" IN ($2))) \
-                 AND NOT ((EXISTS (SELECT 1 FROM \"invoices\" AS k1 WHERE k1.\"account_id\" = \"accounts\".\"id\" \
-                 AND (({epoch} IS NOT NULL AND {epoch} > $3)))))"
+                "DELETE FROM \"accounts\" WHERE (\"email\" IN ($1)) AND NOT ((EXISTS (SELECT 1 FROM \
+                 \"invoices\" AS k1 WHERE k1.\"account_id\" = \"accounts\".\"id\" AND (({epoch} IS NOT NULL \
+                 AND {epoch} > $2)))))"
             )
         );
     }
