@@ -450,6 +450,12 @@ impl Connector for HttpConnector {
     }
 
     async fn advance(&self, task: &ErasureTask) -> Result<Progress, ConnectorError> {
+        // A job already started is checked whatever the directives say now:
+        // a hold placed since cannot stop it, and what it did is the outcome.
+        if let (Some(spec), Some(job)) = (&self.spec.erase.job, &task.job) {
+            let subjects = self.subjects(task);
+            return self.check(spec, task, job, &subjects).await;
+        }
         match task.treatment(&self.category) {
             Treatment::Skip => return Ok(Progress::Done(Erasure::default())),
             Treatment::Keep { basis, until } => {
@@ -463,10 +469,9 @@ impl Connector for HttpConnector {
             tracing::debug!(key = %self.key, "the task has no identifier of the spec's key type");
             return Ok(Progress::Done(self.report(0)));
         }
-        match (&self.spec.erase.job, &task.job) {
-            (Some(spec), Some(job)) => self.check(spec, task, job, &subjects).await,
-            (Some(spec), None) => self.submit(spec, task, &subjects).await,
-            (None, _) => self.erase_now(task, &subjects).await.map(Progress::Done),
+        match &self.spec.erase.job {
+            Some(spec) => self.submit(spec, task, &subjects).await,
+            None => self.erase_now(task, &subjects).await.map(Progress::Done),
         }
     }
 

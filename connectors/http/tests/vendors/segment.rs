@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use lethe_connector::conformance::{Fault, Fixture, Kit};
 use lethe_connector::{Connector, Progress};
-use lethe_core::Identifier;
+use lethe_core::{Action, Identifier};
 use serde_json::{json, Value};
 
 use crate::common::*;
@@ -212,6 +212,28 @@ async fn the_regulation_is_followed_to_finished_and_only_then_verified() {
     // A repeated task follows what this process saw instead of submitting again.
     assert_eq!(c.erase(&t).await.unwrap().total(), 0);
     assert_eq!(mock.ws.created.lock().unwrap().len(), 1);
+}
+
+/// A legal hold placed after the regulation was submitted cannot stop it:
+/// the check still asks how it went, and reports what it did, rather than
+/// counting the data as kept.
+#[tokio::test]
+async fn a_hold_placed_after_submission_still_checks_the_job() {
+    let mock = Mock::start().await;
+    let ada = mock.seed();
+    let c = connector(&Mock::settings(&mock.base, TOKEN));
+    let t = task(CATEGORY, vec![ada.clone()]);
+    let Progress::Running(pending) = c.advance(&t).await.unwrap() else { panic!("submitted") };
+    let mut held = polling(&task_for(CATEGORY, Action::Hold, vec![ada.clone()]), &pending.job_id);
+    held.request_id = t.request_id;
+    let mut progress = c.advance(&held).await.unwrap();
+    if matches!(progress, Progress::Running(_)) {
+        progress = c.advance(&held).await.unwrap(); // RUNNING, then FINISHED
+    }
+    let Progress::Done(done) = progress else { panic!("{progress:?}") };
+    assert_eq!(done.total(), 1, "{done:?}");
+    assert!(done.retained.is_empty(), "the job ran: nothing was kept, {done:?}");
+    assert!(!mock.has(&ada));
 }
 
 #[tokio::test]
