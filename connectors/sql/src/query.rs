@@ -226,15 +226,17 @@ pub fn match_target(
 /// [`ColKind::CollatedText`]). The collated comparison stays beside
 /// it, so that the column's index still finds the candidates. `None` where
 /// the comparison is byte-wise already (integers; on SQLite, values read
-/// through a function or a cast; on PostgreSQL, deterministic collations).
+/// through a function, `LOWER(TRIM(…))`; on PostgreSQL, deterministic
+/// collations).
 pub fn byte_wise(dialect: Dialect, target: &str, kind: ColKind, compare: Compare) -> Option<String> {
     match dialect {
         Dialect::MySql if compare == Compare::Normalized || kind != ColKind::Integer => {
             Some(format!("CAST({target} AS BINARY)"))
         }
         // `LOWER(TRIM(column))` is not a column: SQLite compares it with
-        // BINARY whatever the column's collation.
-        Dialect::Sqlite if compare == Compare::Exact && kind == ColKind::Text => {
+        // BINARY whatever the column's collation. `CAST(column AS TEXT)`
+        // still is, and keeps the column's collation.
+        Dialect::Sqlite if compare == Compare::Exact && matches!(kind, ColKind::Text | ColKind::Other) => {
             Some(format!("{target} COLLATE BINARY"))
         }
         // Functions keep the column's collation on PostgreSQL.
