@@ -24,4 +24,4 @@ pub use kind::ConnectorKind;
 pub use lethe_core;
 pub use lethe_core::{Action, DatasetReport, Directive, Identifier, Job, RetainedReport};
 pub use retry::RetryPolicy;
-pub use worker::{KeyResolver, Worker};
+pub use worker::{KeyResolver, Worker, DEAD_LETTER_ATTEMPTS};

@@ -22,6 +22,9 @@ use crate::connector::{Connector, ConnectorError, Erasure, ErasureTask, Progress
 use crate::metrics::{RETRIES_TOTAL, TASKS_TOTAL, TASK_DURATION_SECONDS};
 use crate::retry::RetryPolicy;
 
+/// Attempts to write one dead letter before the message is given up.
+pub const DEAD_LETTER_ATTEMPTS: usize = 20;
+
 /// Gives a worker the data key of a request whose task it holds.
 #[async_trait]
 pub trait KeyResolver: Send + Sync + 'static {
@@ -118,11 +121,20 @@ impl Worker {
                 self.publish(&result).await?;
             }
             Err(bad) => {
-                (|| self.bus.dead_letter(&source, &bad.raw, &bad.reason))
-                    .retry(self.retry.unbounded())
+                let written = (|| self.bus.dead_letter(&source, &bad.raw, &bad.reason))
+                    .retry(self.retry.unbounded().with_max_times(DEAD_LETTER_ATTEMPTS))
                     .when(|e| !matches!(e, BusError::Closed))
                     .notify(|e, _| tracing::warn!(error = %e, "writing a dead letter failed; retrying"))
-                    .await?;
+                    .await;
+                match written {
+                    Ok(()) => {}
+                    Err(BusError::Closed) => return Err(BusError::Closed),
+                    // A dead letter the bus keeps refusing (no right to the
+                    // topic, a message over its size limit) must not stop
+                    // every task behind it.
+                    Err(e) => tracing::error!(error = %e, reason = %bad.reason,
+                        "a dead letter could not be written; the undecodable message is dropped"),
+                }
             }
         }
         Ok(delivery.position)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lethe_bus::{Bus, Consumer, Delivery, Position, ResultMessage};
+use lethe_connector::DEAD_LETTER_ATTEMPTS;
 use lethe_core::{MasterKey, Outcome, RequestId};
 use lethe_store::{Applied, OutcomeReport, RetrySchedule, StateStore, StoreError};
 use tokio::sync::Notify;
@@ -174,18 +175,24 @@ impl Ingest {
         Ok(if named { Screened::Named } else { Screened::Clean })
     }
 
-    /// Writes a dead letter, retrying with backoff while the bus refuses
-    /// it: a message is acknowledged only once it is there. `false` if the
-    /// bus closed.
+    /// Writes a dead letter, retrying with backoff (up to
+    /// [`DEAD_LETTER_ATTEMPTS`], a few minutes) while the bus refuses it:
+    /// a message is acknowledged only once it is there, or given up with an
+    /// error once the bus has refused it that long (no right to the topic,
+    /// a message over its size limit), rather than stop every result behind
+    /// it. `false` if the bus closed.
     async fn dead_letter(&self, source: &str, raw: &[u8], reason: &str) -> bool {
         let mut backoff = delays(Duration::from_millis(100));
-        loop {
+        for attempt in 1..=DEAD_LETTER_ATTEMPTS {
             match self.bus.dead_letter(source, raw, reason).await {
                 Ok(()) => {
                     metrics::counter!(DEAD_LETTERS_TOTAL, "source" => "results").increment(1);
                     return true;
                 }
                 Err(lethe_bus::BusError::Closed) => return false,
+                Err(e) if attempt == DEAD_LETTER_ATTEMPTS => {
+                    tracing::error!(error = %e, reason, "a result could not be dead-lettered; it is dropped");
+                }
                 Err(e) => {
                     let wait = backoff.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(error = %e, reason, retry_in = ?wait, "could not dead-letter a result; retrying");
@@ -193,6 +200,7 @@ impl Ingest {
                 }
             }
         }
+        true
     }
 }
 
