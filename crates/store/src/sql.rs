@@ -1008,11 +1008,15 @@ impl StateStore for SqlStore {
         }
         let mut tx = self.begin().await?;
         // Only rows still ours: a dispatcher whose lease expired lost them.
+        // They are read here and deleted only once the requests and tasks
+        // are locked, in the order every writer takes them (requests,
+        // tasks, outbox rows): placing a hold does, and the other order
+        // could deadlock with it.
         let sql = format!(
-            "DELETE FROM outbox WHERE claimed_by = $1 AND {} RETURNING id",
+            "SELECT id FROM outbox WHERE claimed_by = $1 AND {}",
             self.dialect.in_keys("id", 2, Keys::Int)
         );
-        let owned: std::collections::HashSet<i64> = sqlx::query(&sql)
+        let ours: std::collections::HashSet<i64> = sqlx::query(&sql)
             .bind(owner)
             .bind(key_list(items.iter().map(|i| i.outbox_id)))
             .fetch_all(&mut *tx)
@@ -1021,7 +1025,7 @@ impl StateStore for SqlStore {
             .iter()
             .map(|r| col::<i64>(r, "id"))
             .collect::<Result<_, _>>()?;
-        let items: Vec<&OutboxItem> = items.iter().filter(|i| owned.contains(&i.outbox_id)).collect();
+        let items: Vec<&OutboxItem> = items.iter().filter(|i| ours.contains(&i.outbox_id)).collect();
         if items.is_empty() {
             return tx.commit().await.map_err(db_err);
         }
@@ -1047,6 +1051,21 @@ impl StateStore for SqlStore {
             .map(|r| parse::<RequestId>(&col::<String>(r, "id")?, "request id"))
             .collect::<Result<std::collections::BTreeSet<_>, _>>()?;
         let tasks = self.lock_tasks(&mut tx, items.iter().map(|i| i.task_id)).await?;
+        let sql = format!(
+            "DELETE FROM outbox WHERE claimed_by = $1 AND {} RETURNING id",
+            self.dialect.in_keys("id", 2, Keys::Int)
+        );
+        let owned: std::collections::HashSet<i64> = sqlx::query(&sql)
+            .bind(owner)
+            .bind(key_list(items.iter().map(|i| i.outbox_id)))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| col::<i64>(r, "id"))
+            .collect::<Result<_, _>>()?;
+        // A lease lost meanwhile: another dispatcher publishes that row.
+        let items: Vec<&OutboxItem> = items.into_iter().filter(|i| owned.contains(&i.outbox_id)).collect();
         // A task queued again meanwhile (its answer, a retryable failure,
         // beat this record and planned the next attempt after a backoff)
         // waits for that attempt: it is not the one on the bus.
