@@ -337,6 +337,31 @@ impl SqlStore {
         Ok(())
     }
 
+    /// Of `items`, those whose outbox row `owner` still holds, read or
+    /// (with `delete`) deleted.
+    async fn still_ours<'a>(
+        &self,
+        tx: &mut AnyConnection,
+        owner: &str,
+        items: Vec<&'a OutboxItem>,
+        delete: bool,
+    ) -> Result<Vec<&'a OutboxItem>, StoreError> {
+        let (head, tail) =
+            if delete { ("DELETE FROM outbox", " RETURNING id") } else { ("SELECT id FROM outbox", "") };
+        let sql =
+            format!("{head} WHERE claimed_by = $1 AND {}{tail}", self.dialect.in_keys("id", 2, Keys::Int));
+        let ids: std::collections::HashSet<i64> = sqlx::query(&sql)
+            .bind(owner)
+            .bind(key_list(items.iter().map(|i| i.outbox_id)))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| col::<i64>(r, "id"))
+            .collect::<Result<_, _>>()?;
+        Ok(items.into_iter().filter(|i| ids.contains(&i.outbox_id)).collect())
+    }
+
     async fn lock_request(&self, tx: &mut AnyConnection, id: RequestId) -> Result<RequestStatus, StoreError> {
         let mut locked = self.lock_requests(tx, std::iter::once(id)).await?;
         locked.remove(&id).ok_or_else(|| StoreError::Corrupt(format!("request {id} vanished")))
@@ -1012,20 +1037,7 @@ impl StateStore for SqlStore {
         // are locked, in the order every writer takes them (requests,
         // tasks, outbox rows): placing a hold does, and the other order
         // could deadlock with it.
-        let sql = format!(
-            "SELECT id FROM outbox WHERE claimed_by = $1 AND {}",
-            self.dialect.in_keys("id", 2, Keys::Int)
-        );
-        let ours: std::collections::HashSet<i64> = sqlx::query(&sql)
-            .bind(owner)
-            .bind(key_list(items.iter().map(|i| i.outbox_id)))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?
-            .iter()
-            .map(|r| col::<i64>(r, "id"))
-            .collect::<Result<_, _>>()?;
-        let items: Vec<&OutboxItem> = items.iter().filter(|i| ours.contains(&i.outbox_id)).collect();
+        let items = self.still_ours(&mut tx, owner, items.iter().collect(), false).await?;
         if items.is_empty() {
             return tx.commit().await.map_err(db_err);
         }
@@ -1051,21 +1063,8 @@ impl StateStore for SqlStore {
             .map(|r| parse::<RequestId>(&col::<String>(r, "id")?, "request id"))
             .collect::<Result<std::collections::BTreeSet<_>, _>>()?;
         let tasks = self.lock_tasks(&mut tx, items.iter().map(|i| i.task_id)).await?;
-        let sql = format!(
-            "DELETE FROM outbox WHERE claimed_by = $1 AND {} RETURNING id",
-            self.dialect.in_keys("id", 2, Keys::Int)
-        );
-        let owned: std::collections::HashSet<i64> = sqlx::query(&sql)
-            .bind(owner)
-            .bind(key_list(items.iter().map(|i| i.outbox_id)))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?
-            .iter()
-            .map(|r| col::<i64>(r, "id"))
-            .collect::<Result<_, _>>()?;
         // A lease lost meanwhile: another dispatcher publishes that row.
-        let items: Vec<&OutboxItem> = items.into_iter().filter(|i| owned.contains(&i.outbox_id)).collect();
+        let items = self.still_ours(&mut tx, owner, items, true).await?;
         // A task queued again meanwhile (its answer, a retryable failure,
         // beat this record and planned the next attempt after a backoff)
         // waits for that attempt: it is not the one on the bus.
