@@ -144,8 +144,14 @@ impl TestDb {
     }
 
     pub async fn address_ids(&self) -> Vec<i64> {
+        self.ids("addresses").await
+    }
+
+    /// The `id` column of `table`, in order.
+    pub async fn ids(&self, table: &str) -> Vec<i64> {
         let pool = self.pool().await;
-        let rows = sqlx::query("SELECT id FROM addresses ORDER BY id").fetch_all(&pool).await.unwrap();
+        let rows =
+            sqlx::query(&format!("SELECT id FROM {table} ORDER BY id")).fetch_all(&pool).await.unwrap();
         pool.close().await;
         rows.iter().map(|r| r.get(0)).collect()
     }
