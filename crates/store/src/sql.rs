@@ -190,6 +190,14 @@ fn opt_time(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
     ms.map(time).transpose()
 }
 
+/// The committed status of a request [`SqlStore::insert_requests`] wrote.
+fn written_status(
+    statuses: &HashMap<RequestId, RequestStatus>,
+    id: RequestId,
+) -> Result<RequestStatus, StoreError> {
+    statuses.get(&id).copied().ok_or_else(|| StoreError::Corrupt(format!("request {id} was not written")))
+}
+
 fn parse<T: FromStr>(s: &str, what: &str) -> Result<T, StoreError> {
     s.parse().map_err(|_| StoreError::Corrupt(format!("bad {what} {s:?}")))
 }
@@ -614,9 +622,14 @@ impl SqlStore {
     }
 
     /// Writes requests in one transaction: one multi-row insert per table
-    /// and one audit append for all of them.
-    async fn insert_requests(&self, reqs: &[&NewRequest]) -> Result<(), StoreError> {
-        let Some(last) = reqs.last() else { return Ok(()) };
+    /// and one audit append for all of them. Returns each request's status
+    /// as committed, which holds placed or released since the plan was made
+    /// may have changed from the plan's.
+    async fn insert_requests(
+        &self,
+        reqs: &[&NewRequest],
+    ) -> Result<HashMap<RequestId, RequestStatus>, StoreError> {
+        let Some(last) = reqs.last() else { return Ok(HashMap::new()) };
         let mut tx = self.begin().await?;
         self.hold_barrier(&mut tx, false).await?;
         // A hold released since the plan was made no longer keeps anything.
@@ -740,7 +753,23 @@ impl SqlStore {
         }
         self.late_holds(&mut tx, &reqs, last.received_at, &mut events).await?;
         self.append_audit(&mut tx, events, last.received_at).await?;
-        tx.commit().await.map_err(db_err)
+        let sql =
+            format!("SELECT id, status FROM requests WHERE {}", self.dialect.in_keys("id", 1, Keys::Text));
+        let rows =
+            sqlx::query(&sql).bind(key_list(reqs.iter().map(|r| r.id.to_string()))).fetch_all(&mut *tx);
+        let statuses = rows
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| {
+                Ok((
+                    parse(&col::<String>(r, "id")?, "request id")?,
+                    parse(&col::<String>(r, "status")?, "status")?,
+                ))
+            })
+            .collect::<Result<HashMap<_, _>, StoreError>>()?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(statuses)
     }
 }
 
@@ -761,7 +790,7 @@ impl StateStore for SqlStore {
             }
         }
         match self.insert_requests(&[&req]).await {
-            Ok(()) => Ok(Created::New(req.id)),
+            Ok(statuses) => Ok(Created::New(req.id, written_status(&statuses, req.id)?)),
             // A concurrent request with the same idempotency key won the race.
             Err(StoreError::Conflict(c)) => match &req.idempotency {
                 Some(key) => self.existing_by_key(key).await?.ok_or(StoreError::Conflict(c)),
@@ -778,7 +807,7 @@ impl StateStore for SqlStore {
         let mut seen: HashMap<&str, (RequestId, &str)> = HashMap::new();
         for req in &reqs {
             let Some(key) = &req.idempotency else {
-                results.push(Created::New(req.id));
+                results.push(Created::New(req.id, RequestStatus::Received));
                 fresh.push(req);
                 continue;
             };
@@ -792,12 +821,19 @@ impl StateStore for SqlStore {
                 results.push(found);
             } else {
                 seen.insert(&key.key, (req.id, &key.fingerprint));
-                results.push(Created::New(req.id));
+                results.push(Created::New(req.id, RequestStatus::Received));
                 fresh.push(req);
             }
         }
         match self.insert_requests(&fresh).await {
-            Ok(()) => Ok(results),
+            Ok(statuses) => {
+                for result in &mut results {
+                    if let Created::New(id, status) = result {
+                        *status = written_status(&statuses, *id)?;
+                    }
+                }
+                Ok(results)
+            }
             // A concurrent submission used one of the keys: go one by one.
             Err(StoreError::Conflict(_)) => {
                 let mut one_by_one = Vec::with_capacity(reqs.len());

@@ -65,7 +65,9 @@ pub struct IdempotencyKey {
 /// idempotency key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {
-    New(RequestId),
+    /// Written, with the status the request has once committed: `received`
+    /// unless holds in force (or released) settled it at once.
+    New(RequestId, RequestStatus),
     /// The key was used before for the same submission: the earlier request.
     Existing(RequestId),
     /// The key was used before for a different submission; nothing written.
@@ -76,7 +78,7 @@ impl Created {
     /// The request written or found; `None` for [`Created::KeyReused`].
     pub fn id(self) -> Option<RequestId> {
         match self {
-            Self::New(id) | Self::Existing(id) => Some(id),
+            Self::New(id, _) | Self::Existing(id) => Some(id),
             Self::KeyReused => None,
         }
     }

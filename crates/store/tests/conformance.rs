@@ -241,7 +241,7 @@ async fn create_writes_request_plan_tasks_and_outbox(b: &Backend) {
     let f = Fixture::new();
     let req = f.request("Ada@Example.com", &["crm", "mail"], None);
     let id = req.id;
-    assert_eq!(b.store.create_request(req).await.unwrap(), Created::New(id));
+    assert_eq!(b.store.create_request(req).await.unwrap(), Created::New(id, RequestStatus::Received));
     let detail = b.store.request(id).await.unwrap().unwrap();
     assert_eq!(detail.request.status, RequestStatus::Received);
     assert_eq!(detail.request.due_at, Utc.with_ymd_and_hms(2026, 2, 28, 9, 0, 0).unwrap());
@@ -265,7 +265,7 @@ async fn idempotency_key_returns_the_same_request(b: &Backend) {
     assert_eq!(again.id(), first.id());
     assert!(matches!(again, Created::Existing(_)));
     let other = b.store.create_request(f.request("a@example.com", &["crm"], Some("k2"))).await.unwrap();
-    assert!(matches!(other, Created::New(_)));
+    assert!(matches!(other, Created::New(..)));
     // The same key for a different submission writes nothing and says so.
     let reused = b.store.create_request(f.request("z@example.com", &["crm"], Some("k1"))).await.unwrap();
     assert_eq!(reused, Created::KeyReused);
@@ -283,7 +283,7 @@ async fn idempotency_key_returns_the_same_request(b: &Backend) {
         .unwrap();
     assert_eq!(batch[0], Created::Existing(other.id().unwrap()));
     assert_eq!(batch[1], Created::KeyReused);
-    assert!(matches!(batch[2], Created::New(_)));
+    assert!(matches!(batch[2], Created::New(..)));
     assert_eq!(batch[3], Created::Existing(batch[2].id().unwrap()));
     assert_eq!(batch[4], Created::KeyReused);
     let all = b.store.list_requests(&ListQuery { limit: 10, ..Default::default() }).await.unwrap();
@@ -1470,6 +1470,35 @@ async fn a_hold_placed_while_a_request_is_planned_reaches_it(b: &Backend) {
     assert!(matches!(b.store.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
 }
 
+/// Intake answers with the status the store committed, not the one its
+/// plan implied: holds released or placed between the plan and the insert
+/// change it.
+async fn a_new_request_comes_back_with_its_committed_status(b: &Backend) {
+    let f = Fixture::new();
+    let subject = f.subject("s@example.com");
+    b.store
+        .place_hold(hold("hold-6", vec![subject.clone()], systems_scope(&["crm"]), day(-1)))
+        .await
+        .unwrap();
+    let holds = holds_in_force(b, &subject, t0()).await;
+    let req = f.planned(Regulation::Gdpr, t0(), "s@example.com", &["crm"], &holds);
+    let planned: Vec<TaskState> = req.tasks.iter().map(|_| TaskState::Held).collect();
+    assert_eq!(RequestStatus::Received.next(&planned), RequestStatus::CompletedWithExemptions);
+    b.store.release_hold("hold-6", "withdrawn", t0()).await.unwrap();
+    let id = req.id;
+    assert_eq!(b.store.create_request(req).await.unwrap(), Created::New(id, RequestStatus::Received));
+
+    // The other way round, through a batch: planned with nothing held, held
+    // by the time it is written.
+    let req = f.planned(Regulation::Gdpr, t0(), "s@example.com", &["crm"], &[]);
+    let id = req.id;
+    b.store.place_hold(hold("hold-7", vec![subject], systems_scope(&["crm"]), t0())).await.unwrap();
+    let created = b.store.create_requests(vec![req]).await.unwrap();
+    let status = detail(&b.store, id).await.request.status;
+    assert_eq!(status, RequestStatus::CompletedWithExemptions);
+    assert_eq!(created, [Created::New(id, status)]);
+}
+
 async fn deadlines_extend_once_before_the_original_due_date(b: &Backend) {
     let f = Fixture::new();
     let deadlines = Deadlines::default();
@@ -1924,6 +1953,7 @@ suite!(
     overlapping_holds_keep_data_until_the_last_is_released,
     expired_holds_release_what_they_kept,
     a_hold_released_while_its_task_runs_is_followed_up,
+    a_new_request_comes_back_with_its_committed_status,
     a_hold_released_before_its_plan_is_stored_keeps_nothing,
     a_hold_reaches_requests_already_under_way,
     a_hold_placed_while_a_request_is_planned_reaches_it,

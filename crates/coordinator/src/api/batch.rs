@@ -104,13 +104,14 @@ pub async fn submit_batch(
             Ok(p) => {
                 slots.push(results.len());
                 results.push(BatchResult {
-                    id: Some(p.new.id),
-                    status: Some(p.initial),
-                    due_at: Some(p.new.due_at),
+                    id: Some(p.id),
+                    // The store says, once the request is written.
+                    status: None,
+                    due_at: Some(p.due_at),
                     replayed: false,
                     error: None,
                 });
-                fresh.push(p.new);
+                fresh.push(p);
             }
             Err(problem) => results.push(BatchResult {
                 id: None,
@@ -126,9 +127,9 @@ pub async fn submit_batch(
         let created = state.store.create_requests(fresh).await?;
         for ((slot, created), regulation) in slots.into_iter().zip(created).zip(regulations) {
             match created {
-                Created::New(id) => {
-                    let initial = results[slot].status.unwrap_or(RequestStatus::Received);
-                    received(id, regulation, initial);
+                Created::New(id, status) => {
+                    results[slot].status = Some(status);
+                    received(id, regulation, status);
                 }
                 Created::KeyReused => {
                     results[slot] = BatchResult {

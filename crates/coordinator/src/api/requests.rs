@@ -239,13 +239,13 @@ pub async fn submit(
     // The scope first: a caller without it learns nothing from the body.
     let StrictJson(body) = body?;
     let holds = holds_for(&state, std::iter::once(&body.subject)).await?;
-    let prepared = prepare(&state, &caller, body, idempotency_key(&headers)?, &holds)?;
-    let (regulation, initial, due_at) = (prepared.new.regulation, prepared.initial, prepared.new.due_at);
-    match state.store.create_request(prepared.new).await? {
-        Created::New(id) => {
-            received(id, regulation, initial);
+    let new = prepare(&state, &caller, body, idempotency_key(&headers)?, &holds)?;
+    let (regulation, due_at) = (new.regulation, new.due_at);
+    match state.store.create_request(new).await? {
+        Created::New(id, status) => {
+            received(id, regulation, status);
             state.wake.notify_one();
-            Ok((StatusCode::ACCEPTED, Json(Submitted { id, status: initial, due_at })).into_response())
+            Ok((StatusCode::ACCEPTED, Json(Submitted { id, status, due_at })).into_response())
         }
         Created::KeyReused => Err(key_reused()),
         Created::Existing(id) => {
@@ -302,13 +302,6 @@ fn scoped_key(
         key: state.master.opaque_hash("idempotency-key", &scoped),
         fingerprint: state.master.opaque_hash("idempotency-fingerprint", &submitted),
     }
-}
-
-/// A validated submission, ready for the store.
-pub(crate) struct Prepared {
-    pub new: NewRequest,
-    /// The status the request starts in.
-    pub initial: RequestStatus,
 }
 
 /// Legal holds in force on the subjects, by keyed subject hash. One store
@@ -376,7 +369,7 @@ pub(crate) fn prepare(
     body: SubmitRequest,
     idempotency: Option<String>,
     holds: &HoldIndex,
-) -> Result<Prepared, Problem> {
+) -> Result<NewRequest, Problem> {
     let Checked { regulation, identifiers } = check(&state.planner, &body)?;
     let id = RequestId::new();
     // The store keeps milliseconds; answer with what every later read shows.
@@ -385,9 +378,6 @@ pub(crate) fn prepare(
         .map(|k| scoped_key(state, caller, &k, regulation, &identifiers, body.external_ref.as_deref()));
     let key = DataKey::generate();
     let (plan, tasks) = state.planner.plan(regulation, now, &holds_on(state, &identifiers, holds));
-    let states: Vec<TaskState> =
-        tasks.iter().map(|t| if t.held { TaskState::Held } else { TaskState::Pending }).collect();
-    let initial = RequestStatus::Received.next(&states);
     let new = NewRequest {
         id,
         regulation,
@@ -405,16 +395,15 @@ pub(crate) fn prepare(
         plan,
         tasks,
     };
-    Ok(Prepared { new, initial })
+    Ok(new)
 }
 
-/// Records an accepted request in logs and metrics.
-/// Counts and logs a request written; `initial` is final when every system
-/// was held or none had anything to do.
-pub(crate) fn received(id: RequestId, regulation: Regulation, initial: RequestStatus) {
+/// Counts and logs a request written; `status`, as committed, is final
+/// when every system was held or none had anything to do.
+pub(crate) fn received(id: RequestId, regulation: Regulation, status: RequestStatus) {
     metrics::counter!(REQUESTS_RECEIVED_TOTAL, "regulation" => regulation.as_str()).increment(1);
-    if initial.is_final() {
-        metrics::counter!(REQUESTS_FINISHED_TOTAL, "status" => initial.as_str()).increment(1);
+    if status.is_final() {
+        metrics::counter!(REQUESTS_FINISHED_TOTAL, "status" => status.as_str()).increment(1);
     }
     let span = tracing::info_span!("request.received", request = %id, %regulation);
     lethe_bus::trace::link(&span, id);
