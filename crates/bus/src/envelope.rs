@@ -112,7 +112,9 @@ pub fn json_schema(name: &str) -> Option<serde_json::Value> {
     struct Envelopes;
     let doc = serde_json::to_value(Envelopes::openapi()).ok()?;
     let text = doc["components"]["schemas"].to_string().replace("#/components/schemas/", "#/$defs/");
-    let mut defs: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).ok()?;
+    let mut defs: serde_json::Value = serde_json::from_str(&text).ok()?;
+    close_objects(&mut defs);
+    let serde_json::Value::Object(mut defs) = defs else { return None };
     let root = defs.remove(name)?;
     let mut schema = serde_json::json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -123,6 +125,23 @@ pub fn json_schema(name: &str) -> Option<serde_json::Value> {
     obj.extend(root.as_object()?.clone());
     obj.insert("$defs".into(), serde_json::Value::Object(defs));
     Some(schema)
+}
+
+/// Every type of the contract rejects unknown fields, but utoipa writes
+/// `additionalProperties: false` only for structs, not for the variants of
+/// an internally tagged enum (the outcome): a schema that left them open
+/// would accept messages the coordinator dead-letters.
+fn close_objects(schema: &mut serde_json::Value) {
+    match schema {
+        serde_json::Value::Object(map) => {
+            if map.contains_key("properties") && !map.contains_key("additionalProperties") {
+                map.insert("additionalProperties".into(), false.into());
+            }
+            map.values_mut().for_each(close_objects);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(close_objects),
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -149,6 +168,44 @@ mod tests {
         v["version"] = 2.into();
         let err = ResultMessage::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert_eq!(err.reason, "unsupported envelope version 2");
+    }
+
+    /// An extra field in any variant of an outcome is refused, as the
+    /// published schema says.
+    #[test]
+    fn outcomes_with_unknown_fields_are_undecodable_and_the_schema_says_so() {
+        let outcomes = [
+            Outcome::Erased { datasets: vec![], residual: Some(0) },
+            Outcome::NotFound { residual: None },
+            Outcome::RetainedInPart { datasets: vec![], retained: vec![], residual: None },
+            Outcome::Failed { retryable: false, reason: "down".into() },
+            Outcome::Accepted { job_id: "j".into(), poll_after_seconds: None },
+        ];
+        for outcome in outcomes {
+            let msg = ResultMessage {
+                version: ENVELOPE_VERSION,
+                task_id: TaskId::new(),
+                request_id: RequestId::new(),
+                system: "crm".into(),
+                attempt: 1,
+                outcome,
+                reported_at: Utc::now(),
+                worker: None,
+                task_issued_at: None,
+            };
+            let mut v = serde_json::to_value(&msg).unwrap();
+            v["outcome"]["extra"] = 1.into();
+            let err = ResultMessage::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+            assert!(err.reason.contains("unknown field"), "{}", err.reason);
+        }
+        for name in ["TaskMessage", "ResultMessage"] {
+            let schema = json_schema(name).unwrap();
+            let variants = schema["$defs"]["Outcome"]["oneOf"].as_array().unwrap();
+            assert_eq!(variants.len(), 5);
+            for v in variants {
+                assert_eq!(v["additionalProperties"], false, "{name}: {v}");
+            }
+        }
     }
 
     /// `docs/schemas/*.json` are the published contract; regenerate them
