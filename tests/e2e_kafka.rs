@@ -439,7 +439,7 @@ async fn no_identifier_readable_in_topics_state_or_logs_after_completion() {
             .http
             .post(server.url("/v1/connector/keys"))
             .bearer_auth(lab.token(&system))
-            .json(&json!({ "task_id": task }))
+            .json(&json!({ "task_id": task, "attempt": 1 }))
             .send()
             .await
             .expect("POST /v1/connector/keys");

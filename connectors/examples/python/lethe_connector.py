@@ -635,16 +635,13 @@ class KeyClient:
     def __repr__(self) -> str:
         return f"KeyClient({self._url!r})"
 
-    def fetch(self, task_id: uuid.UUID, attempt: int | None = None) -> bytes:
+    def fetch(self, task_id: uuid.UUID, attempt: int) -> bytes:
         """The request's 32-byte key for ``attempt`` of the task. Raises
         :class:`PermanentError` on 404 (the task is unknown, another
         system's, no longer asks for this attempt, or its request is closed
         and the key destroyed) and on 401/403 (a bad token), and
         :class:`RetryableError` when the coordinator cannot answer."""
-        ask: dict[str, Any] = {"task_id": str(task_id)}
-        if attempt is not None:
-            ask["attempt"] = attempt
-        body = json.dumps(ask).encode()
+        body = json.dumps({"task_id": str(task_id), "attempt": attempt}).encode()
         request = urllib.request.Request(
             self._url,
             data=body,

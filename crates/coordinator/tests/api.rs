@@ -661,7 +661,7 @@ async fn connector_keys_need_the_systems_token_and_vanish_with_the_request() {
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        req.body(Body::from(json!({"task_id": task}).to_string())).unwrap()
+        req.body(Body::from(json!({"task_id": task, "attempt": 1}).to_string())).unwrap()
     };
     let crm = task_of("crm");
     assert_eq!(call(&h.raw(), ask(None, &crm)).await.0, StatusCode::UNAUTHORIZED);
@@ -674,17 +674,39 @@ async fn connector_keys_need_the_systems_token_and_vanish_with_the_request() {
     assert_eq!(status, StatusCode::NOT_FOUND, "a worker reads only its own system's keys");
     // Many at once: only the caller's own tasks come back, with the same key.
     let key = body["key"].as_str().unwrap().to_owned();
-    let ask_many = |token: &str, tasks: Value| {
+    let ask_with = |token: &str, tasks: Value, attempts: Value| {
         Request::post("/v1/connector/keys:batch")
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::AUTHORIZATION, format!("Bearer {token}"))
-            .body(Body::from(json!({ "task_ids": tasks }).to_string()))
+            .body(Body::from(json!({ "task_ids": tasks, "attempts": attempts }).to_string()))
             .unwrap()
+    };
+    let ask_many = |token: &str, tasks: Value| {
+        let attempts: serde_json::Map<String, Value> =
+            tasks.as_array().unwrap().iter().map(|t| (t.as_str().unwrap().to_owned(), json!(1))).collect();
+        ask_with(token, tasks, Value::Object(attempts))
     };
     let many = json!([crm, task_of("mail"), "not-a-task"]);
     let (status, body, _) = call(&h.app(), ask_many("crm-token", many.clone())).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["keys"], json!({ crm.clone(): key }));
+    // An id in another spelling is the same task, answered as spelled.
+    let shouting = crm.to_uppercase();
+    let (status, body, _) =
+        call(&h.app(), ask_with("crm-token", json!([shouting]), json!({ crm.clone(): 1 }))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["keys"], json!({ shouting: key }));
+    // The attempt held is required: without it a hold's withdrawal of an
+    // attempt could not be enforced.
+    let (status, _, _) = call(&h.app(), ask_with("crm-token", json!([crm]), json!({}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let bare = Request::post("/v1/connector/keys")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::AUTHORIZATION, "Bearer crm-token")
+        .body(Body::from(json!({ "task_id": crm }).to_string()))
+        .unwrap();
+    let (status, _, _) = call(&h.app(), bare).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let (status, _, _) = call(&h.app(), ask_many("crm-token", json!([]))).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let too_many: Vec<&str> = vec![crm.as_str(); 1001];
@@ -1093,11 +1115,17 @@ async fn scope_matrix() {
             200,
         ),
         ("GET", "/v1/systems".into(), None, vec!["portal", "submit", "read", "holds"], 200),
-        ("POST", "/v1/connector/keys".into(), Some(json!({"task_id": crm_task})), vec!["connector-crm"], 200),
+        (
+            "POST",
+            "/v1/connector/keys".into(),
+            Some(json!({"task_id": crm_task, "attempt": 1})),
+            vec!["connector-crm"],
+            200,
+        ),
         (
             "POST",
             "/v1/connector/keys:batch".into(),
-            Some(json!({"task_ids": [crm_task]})),
+            Some(json!({"task_ids": [crm_task], "attempts": {crm_task.clone(): 1}})),
             vec!["connector-crm"],
             200,
         ),

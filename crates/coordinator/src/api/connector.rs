@@ -1,7 +1,7 @@
 //! `/v1/connector/*`: what connector workers in other processes ask of the
 //! coordinator.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::State;
 use axum::Json;
@@ -18,10 +18,10 @@ use crate::auth::Caller;
 pub struct KeyRequest {
     /// The task the worker holds.
     pub task_id: String,
-    /// The attempt it holds (the task message's `attempt`). With it, the
-    /// key is refused for an attempt that was withdrawn or superseded.
-    #[serde(default)]
-    pub attempt: Option<u32>,
+    /// The attempt it holds (the task message's `attempt`): the key is
+    /// refused for an attempt that was withdrawn or superseded, as by a
+    /// legal hold placed while the message waited in the topic.
+    pub attempt: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -58,7 +58,7 @@ pub async fn task_key(
         )
     };
     let task: TaskId = body.task_id.parse().map_err(|_| gone())?;
-    let wrapped = state.store.task_key(system, task, body.attempt).await?.ok_or_else(gone)?;
+    let wrapped = state.store.task_key(system, task, Some(body.attempt)).await?.ok_or_else(gone)?;
     Ok(Json(KeyResponse { key: unwrap(&state, task, &wrapped)? }))
 }
 
@@ -73,17 +73,16 @@ pub const MAX_KEYS_BYTES: usize = 256 * 1024;
 pub struct KeysRequest {
     /// The tasks the worker holds (1 to 1,000).
     pub task_ids: Vec<String>,
-    /// Task id → the attempt the worker holds, for any of `task_ids` (see
+    /// Task id → the attempt the worker holds, for each of `task_ids` (see
     /// [`KeyRequest::attempt`]).
-    #[serde(default)]
     pub attempts: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct KeysResponse {
-    /// Task id → its request's data key, hex-encoded. A task that is
-    /// unknown, another system's, no longer asks for this work, or whose
-    /// key was destroyed is left out.
+    /// Task id, as the caller spelled it → its request's data key,
+    /// hex-encoded. A task that is unknown, another system's, no longer
+    /// asks for this work, or whose key was destroyed is left out.
     pub keys: BTreeMap<String, String>,
 }
 
@@ -110,13 +109,26 @@ pub async fn task_keys(
     if body.task_ids.is_empty() || body.task_ids.len() > MAX_KEYS {
         return Err(Problem::invalid(format!("ask for 1 to {MAX_KEYS} tasks at once")));
     }
+    // Ids compare as ids, whatever their spelling (case, hyphens); the
+    // answer uses the caller's.
+    let attempts: HashMap<TaskId, u32> =
+        body.attempts.iter().filter_map(|(t, a)| Some((t.parse().ok()?, *a))).collect();
+    let mut spelled: HashMap<TaskId, &str> = HashMap::new();
+    let mut tasks: Vec<(TaskId, Option<u32>)> = Vec::new();
     // An id that does not parse names no task: left out like an unknown one.
-    let tasks: Vec<(TaskId, Option<u32>)> =
-        body.task_ids.iter().filter_map(|t| Some((t.parse().ok()?, body.attempts.get(t).copied()))).collect();
+    for (t, task) in body.task_ids.iter().filter_map(|t| Some((t, t.parse::<TaskId>().ok()?))) {
+        let attempt = attempts.get(&task).copied().ok_or_else(|| {
+            Problem::invalid("`attempts` must give the attempt held for every task in `task_ids`")
+        })?;
+        if spelled.insert(task, t).is_none() {
+            tasks.push((task, Some(attempt)));
+        }
+    }
     let wrapped = state.store.task_keys(system, &tasks).await?;
     let mut keys = BTreeMap::new();
     for (task, wrapped) in wrapped {
-        keys.insert(task.to_string(), unwrap(&state, task, &wrapped)?);
+        let name = spelled.get(&task).map_or_else(|| task.to_string(), |s| (*s).to_owned());
+        keys.insert(name, unwrap(&state, task, &wrapped)?);
     }
     Ok(Json(KeysResponse { keys }))
 }
