@@ -14,7 +14,8 @@ use async_trait::async_trait;
 use backon::Retryable;
 use chrono::Utc;
 use lethe_bus::{Bus, BusError, Consumer, Delivery, Position, ResultMessage, TaskMessage, ENVELOPE_VERSION};
-use lethe_core::{DataKey, Outcome, RequestId, TaskId};
+use lethe_core::identifier::WITHHELD_REASON;
+use lethe_core::{DataKey, Identifier, Outcome, RequestId, TaskId};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -195,7 +196,11 @@ impl Worker {
             Ok(task) => task,
             Err(e) => return failed(e),
         };
-        let erasure = match self.call("erase", || self.connector.advance(&task)).await {
+        // A connector's error text leaves the process (in the worker's log
+        // and the result) only if it names none of the subject's
+        // identifiers, however a store quoted the value back.
+        let subject = task.identifiers.as_slice();
+        let erasure = match self.call("erase", subject, || self.connector.advance(&task)).await {
             Ok(Progress::Done(erasure)) => erasure,
             Ok(Progress::Running(pending)) => {
                 return Outcome::Accepted {
@@ -203,17 +208,20 @@ impl Worker {
                     poll_after_seconds: Some(pending.poll_after.as_secs().max(1)),
                 }
             }
-            Err(e) => return failed(e),
+            Err(e) => return failed(screened(e, subject)),
         };
-        match self.call("verify", || self.connector.verify(&task)).await {
+        match self.call("verify", subject, || self.connector.verify(&task)).await {
             Ok(residual) => erased(erasure, residual),
-            Err(e) => failed(ConnectorError { message: format!("verification failed: {}", e.message), ..e }),
+            Err(e) => {
+                let e = screened(e, subject);
+                failed(ConnectorError { message: format!("verification failed: {}", e.message), ..e })
+            }
         }
     }
 
     async fn open(&self, msg: &TaskMessage) -> Result<ErasureTask, ConnectorError> {
         let key = self
-            .call("key", || self.keys.data_key(&msg.system, msg.request_id, msg.task_id, msg.attempt))
+            .call("key", &[], || self.keys.data_key(&msg.system, msg.request_id, msg.task_id, msg.attempt))
             .await?
             .ok_or_else(|| {
                 ConnectorError::permanent(
@@ -242,7 +250,12 @@ impl Worker {
         })
     }
 
-    async fn call<T, F, Fut>(&self, call: &'static str, f: F) -> Result<T, ConnectorError>
+    async fn call<T, F, Fut>(
+        &self,
+        call: &'static str,
+        subject: &[Identifier],
+        f: F,
+    ) -> Result<T, ConnectorError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, ConnectorError>>,
@@ -250,7 +263,8 @@ impl Worker {
         f.retry(self.retry.backoff())
             .when(|e: &ConnectorError| e.retryable)
             .notify(|e, delay| {
-                tracing::warn!(call, error = %e, ?delay, "retryable connector error; backing off");
+                let error = screened(e.clone(), subject).message;
+                tracing::warn!(call, %error, ?delay, "retryable connector error; backing off");
                 metrics::counter!(RETRIES_TOTAL, "system" => self.system.clone(), "call" => call)
                     .increment(1);
             })
@@ -271,6 +285,15 @@ impl<F: Future> Future for CatchUnwind<F> {
             Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
             Err(panic) => Poll::Ready(Err(panic)),
         }
+    }
+}
+
+/// `e`, its message withheld if it names one of `subject`'s identifiers.
+fn screened(e: ConnectorError, subject: &[Identifier]) -> ConnectorError {
+    if subject.iter().any(|i| i.appears_in(&e.message)) {
+        ConnectorError { message: WITHHELD_REASON.to_owned(), ..e }
+    } else {
+        e
     }
 }
 
@@ -386,24 +409,7 @@ mod tests {
         let bus = Arc::new(lethe_bus::InProcessBus::new());
         let retry = RetryPolicy { initial_delay_ms: 1, max_delay_ms: 1, max_retries: 0 };
         let worker = Worker::new("crm", Arc::new(Panics), Arc::new(OneKey(key.clone())), bus.clone(), retry);
-        let request = RequestId::new();
-        let email =
-            lethe_core::Identifier::parse(lethe_core::IdentifierKind::Email, "ada@example.com").unwrap();
-        let task = |n: u32| TaskMessage {
-            version: ENVELOPE_VERSION,
-            task_id: TaskId::new(),
-            request_id: request,
-            system: "crm".into(),
-            action: lethe_core::Action::Erase,
-            categories: vec![],
-            attempt: n,
-            regulation: lethe_core::Regulation::Gdpr,
-            due_at: Utc::now(),
-            identifiers: vec![key.seal(request, &email)],
-            issued_at: Utc::now(),
-            job: None,
-        };
-        bus.publish_tasks(&[task(1), task(2)]).await.unwrap();
+        bus.publish_tasks(&[task_for(&key, 1), task_for(&key, 2)]).await.unwrap();
         let mut results = bus.result_consumer().await.unwrap();
         let running = tokio::spawn(worker.run());
         for attempt in [1, 2] {
@@ -418,6 +424,86 @@ mod tests {
         }
         assert!(!running.is_finished(), "the worker still runs");
         running.abort();
+    }
+
+    /// A task of request `ada@example.com`'s, sealed under `key`.
+    fn task_for(key: &DataKey, attempt: u32) -> TaskMessage {
+        let request = RequestId::new();
+        let email = Identifier::parse(lethe_core::IdentifierKind::Email, "ada@example.com").unwrap();
+        TaskMessage {
+            version: ENVELOPE_VERSION,
+            task_id: TaskId::new(),
+            request_id: request,
+            system: "crm".into(),
+            action: lethe_core::Action::Erase,
+            categories: vec![],
+            attempt,
+            regulation: lethe_core::Regulation::Gdpr,
+            due_at: Utc::now(),
+            identifiers: vec![key.seal(request, &email)],
+            issued_at: Utc::now(),
+            job: None,
+        }
+    }
+
+    /// Fails as stores do: quoting the value back, first retryably.
+    struct Quotes(std::sync::atomic::AtomicU32);
+
+    #[async_trait]
+    impl Connector for Quotes {
+        async fn erase(&self, _task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+            if self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return Err(ConnectorError::retryable("lock timeout on row (email)=(ADA@example.com)"));
+            }
+            Err(ConnectorError::permanent(
+                "duplicate key value violates unique constraint: (email)=(ada%40example.com)",
+            ))
+        }
+        async fn verify(&self, _task: &ErasureTask) -> Result<u64, ConnectorError> {
+            Ok(0)
+        }
+        async fn health(&self) -> Result<(), ConnectorError> {
+            Ok(())
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// An error that quotes the subject reaches neither the result nor the
+    /// worker's log: its text is withheld in both.
+    #[tokio::test]
+    async fn an_error_naming_the_subject_is_withheld_from_the_result_and_the_log() {
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let key = DataKey::generate();
+        let retry = RetryPolicy { initial_delay_ms: 1, max_delay_ms: 1, max_retries: 3 };
+        let bus = Arc::new(lethe_bus::InProcessBus::new());
+        let connector = Arc::new(Quotes(Default::default()));
+        let worker = Worker::new("crm", connector, Arc::new(OneKey(key.clone())), bus, retry);
+        let result = worker.process(task_for(&key, 1)).await;
+        let Outcome::Failed { retryable, reason } = result.outcome else { panic!("{result:?}") };
+        assert!(!retryable);
+        assert_eq!(reason, WITHHELD_REASON);
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("retryable connector error") && text.contains("task finished"), "{text}");
+        assert!(!text.to_lowercase().contains("ada@example") && !text.contains("ada%40"), "{text}");
     }
 
     #[test]

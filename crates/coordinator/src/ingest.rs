@@ -22,8 +22,7 @@ pub const MAX_REASON_BYTES: usize = 500;
 
 /// What a failure reason becomes when it holds one of the subject's
 /// identifiers.
-pub const WITHHELD_REASON: &str =
-    "[the connector's reason was withheld: it contained an identifier of the subject]";
+pub use lethe_core::identifier::WITHHELD_REASON;
 
 /// What a failure reason becomes when it cannot be screened: the request's
 /// key is destroyed, so its identifiers cannot be compared with it.
@@ -130,7 +129,7 @@ impl Ingest {
     /// A failure's reason is shown to operators and written to the audit
     /// trail. The protocol forbids identifiers in it; this holds a connector
     /// to that: an over-long reason is cut, and one that mentions an
-    /// identifier of the request's subject ([`mentions`]) is withheld, as is
+    /// identifier of the request's subject ([`Identifier::appears_in`]) is withheld, as is
     /// every reason that arrives once the request's key is destroyed (it
     /// can no longer be screened; the request is final and the outcome
     /// late). Failures are few, so opening the identifiers costs little.
@@ -171,7 +170,7 @@ impl Ingest {
                 Err(_) => return Ok(Screened::Unscreenable),
             }
         }
-        let named = identifiers.iter().any(|i| mentions(reason, i));
+        let named = identifiers.iter().any(|i| i.appears_in(reason));
         Ok(if named { Screened::Named } else { Screened::Clean })
     }
 
@@ -214,41 +213,6 @@ enum Screened {
     Unscreenable,
 }
 
-/// Whether `reason` mentions `identifier`, also as connectors commonly
-/// write one: in any case, percent-encoded (`ada%40example.com`), as the
-/// lower-case hex MD5 or SHA-256 of its normalised value (Mailchimp's
-/// subscriber hash, say), and, for a phone number, as its last eight
-/// digits, whatever the separators or prefix around them (`020 7946 0958`
-/// for `+442079460958`). A value under four characters (a customer number
-/// `42`) would match ordinary text and is not looked for as text.
-pub fn mentions(reason: &str, identifier: &lethe_core::Identifier) -> bool {
-    use md5::Md5;
-    use sha2::{Digest, Sha256};
-    let value = identifier.expose();
-    let lower = reason.to_lowercase();
-    let decoded = percent_encoding::percent_decode_str(reason).decode_utf8_lossy().to_lowercase();
-    let needle = value.to_lowercase();
-    if needle.chars().count() >= 4 && (lower.contains(&needle) || decoded.contains(&needle)) {
-        return true;
-    }
-    let digests = [hex::encode(Md5::digest(value.as_bytes())), hex::encode(Sha256::digest(value.as_bytes()))];
-    if digests.iter().any(|d| lower.contains(d.as_str())) {
-        return true;
-    }
-    if *identifier.kind() == lethe_core::IdentifierKind::Phone {
-        let digits: String = value.chars().filter(char::is_ascii_digit).collect();
-        if digits.len() >= 8 {
-            let tail = &digits[digits.len() - 8..];
-            let squashed: String = decoded
-                .chars()
-                .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')' | '/' | '\u{a0}'))
-                .collect();
-            return squashed.contains(tail);
-        }
-    }
-    false
-}
-
 /// Runs `f` until it succeeds, backing off between failures: a result is
 /// never acknowledged before its effect is durable, so the ingest waits
 /// out a state store that is down rather than skip anything.
@@ -267,46 +231,5 @@ where
                 tokio::time::sleep(delay).await;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use lethe_core::{Identifier, IdentifierKind};
-
-    use super::mentions;
-
-    fn id(kind: IdentifierKind, value: &str) -> Identifier {
-        Identifier::parse(kind, value).unwrap()
-    }
-
-    #[test]
-    fn failure_reasons_are_screened_for_the_usual_spellings_of_an_identifier() {
-        let email = id(IdentifierKind::Email, "Ada@Example.com");
-        for reason in [
-            "no such member ada@example.com",
-            "no such member ADA@EXAMPLE.COM",
-            "GET /members/ada%40example.com answered 404",
-        ] {
-            assert!(mentions(reason, &email), "{reason}");
-        }
-        let md5 = hex::encode(<md5::Md5 as sha2::Digest>::digest(b"ada@example.com"));
-        assert!(mentions(&format!("list member {md5} is archived"), &email));
-        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"ada@example.com"));
-        assert!(mentions(&format!("profile {} gone", sha.to_uppercase()), &email));
-        assert!(!mentions("connection refused by mail.example.com", &email));
-
-        let phone = id(IdentifierKind::Phone, "+44 20 7946 0958");
-        for reason in ["number +442079460958 blocked", "number 020 7946 0958 blocked", "tel. (0)20-7946-0958"]
-        {
-            assert!(mentions(reason, &phone), "{reason}");
-        }
-        assert!(!mentions("timed out after 30000 ms (attempt 3 of 5)", &phone));
-
-        // A short customer number is not looked for as text.
-        let short = id(IdentifierKind::CustomerId, "42");
-        assert!(!mentions("HTTP 429 after 42 requests", &short));
-        let long = id(IdentifierKind::CustomerId, "C-1042");
-        assert!(mentions("customer c-1042 is locked", &long));
     }
 }

@@ -147,7 +147,48 @@ impl Identifier {
     pub fn expose(&self) -> &str {
         &self.value
     }
+
+    /// Whether `text` mentions this identifier, also as connectors commonly
+    /// write one: in any case, percent-encoded (`ada%40example.com`), as the
+    /// lower-case hex MD5 or SHA-256 of its normalised value (Mailchimp's
+    /// subscriber hash, say), and, for a phone number, as its last eight
+    /// digits, whatever the separators or prefix around them (`020 7946 0958`
+    /// for `+442079460958`). A value under four characters (a customer number
+    /// `42`) would match ordinary text and is not looked for as text.
+    pub fn appears_in(&self, text: &str) -> bool {
+        use md5::Md5;
+        use sha2::{Digest, Sha256};
+        let value = self.expose();
+        let lower = text.to_lowercase();
+        let decoded = percent_encoding::percent_decode_str(text).decode_utf8_lossy().to_lowercase();
+        let needle = value.to_lowercase();
+        if needle.chars().count() >= 4 && (lower.contains(&needle) || decoded.contains(&needle)) {
+            return true;
+        }
+        let digests =
+            [hex::encode(Md5::digest(value.as_bytes())), hex::encode(Sha256::digest(value.as_bytes()))];
+        if digests.iter().any(|d| lower.contains(d.as_str())) {
+            return true;
+        }
+        if self.kind == IdentifierKind::Phone {
+            let digits: String = value.chars().filter(char::is_ascii_digit).collect();
+            if digits.len() >= 8 {
+                let tail = &digits[digits.len() - 8..];
+                let squashed: String = decoded
+                    .chars()
+                    .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')' | '/' | '\u{a0}'))
+                    .collect();
+                return squashed.contains(tail);
+            }
+        }
+        false
+    }
 }
+
+/// What a connector's failure reason becomes when it holds one of the
+/// subject's identifiers ([`Identifier::appears_in`]).
+pub const WITHHELD_REASON: &str =
+    "[the connector's reason was withheld: it contained an identifier of the subject]";
 
 impl fmt::Debug for Identifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -268,5 +309,39 @@ mod tests {
         assert!(!format!("{id:?}").contains("secret"));
         let err = Identifier::parse(IdentifierKind::Email, "secret-no-at").unwrap_err();
         assert!(!err.to_string().contains("secret"));
+    }
+
+    fn id(kind: IdentifierKind, value: &str) -> Identifier {
+        Identifier::parse(kind, value).unwrap()
+    }
+
+    #[test]
+    fn failure_reasons_are_screened_for_the_usual_spellings_of_an_identifier() {
+        let email = id(IdentifierKind::Email, "Ada@Example.com");
+        for reason in [
+            "no such member ada@example.com",
+            "no such member ADA@EXAMPLE.COM",
+            "GET /members/ada%40example.com answered 404",
+        ] {
+            assert!(email.appears_in(reason), "{reason}");
+        }
+        let md5 = hex::encode(<md5::Md5 as sha2::Digest>::digest(b"ada@example.com"));
+        assert!(email.appears_in(&format!("list member {md5} is archived")));
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"ada@example.com"));
+        assert!(email.appears_in(&format!("profile {} gone", sha.to_uppercase())));
+        assert!(!email.appears_in("connection refused by mail.example.com"));
+
+        let phone = id(IdentifierKind::Phone, "+44 20 7946 0958");
+        for reason in ["number +442079460958 blocked", "number 020 7946 0958 blocked", "tel. (0)20-7946-0958"]
+        {
+            assert!(phone.appears_in(reason), "{reason}");
+        }
+        assert!(!phone.appears_in("timed out after 30000 ms (attempt 3 of 5)"));
+
+        // A short customer number is not looked for as text.
+        let short = id(IdentifierKind::CustomerId, "42");
+        assert!(!short.appears_in("HTTP 429 after 42 requests"));
+        let long = id(IdentifierKind::CustomerId, "C-1042");
+        assert!(long.appears_in("customer c-1042 is locked"));
     }
 }
