@@ -76,11 +76,42 @@ pub struct ResultMessage {
 
 fn decode<T: serde::de::DeserializeOwned>(raw: &[u8], version: impl Fn(&T) -> u32) -> Result<T, Undecodable> {
     let fail = |reason: String| Undecodable { reason, raw: raw.to_vec() };
-    let msg: T = serde_json::from_slice(raw).map_err(|e| fail(format!("invalid envelope: {e}")))?;
+    let msg: T =
+        serde_json::from_slice(raw).map_err(|e| fail(format!("invalid envelope: {}", describe(&e))))?;
     match version(&msg) {
         ENVELOPE_VERSION => Ok(msg),
         v => Err(fail(format!("unsupported envelope version {v}"))),
     }
+}
+
+/// What is wrong with a message, without quoting a value from it: serde's
+/// own text quotes the offending value (`invalid type: string "…"`), and a
+/// dead letter's reason is logged and kept where identifiers must not be.
+/// Field and variant names are quoted only if they look like the
+/// contract's own words.
+fn describe(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let at = format!("at line {} column {}", e.line(), e.column());
+    for (prefix, what) in [
+        ("unknown field `", "unknown field"),
+        ("missing field `", "missing field"),
+        ("unknown variant `", "unknown variant"),
+    ] {
+        if let Some(rest) = msg.strip_prefix(prefix) {
+            let name = rest.split('`').next().unwrap_or_default();
+            let word = !name.is_empty()
+                && name.len() <= 32
+                && name.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+            return if word { format!("{what} `{name}` {at}") } else { format!("{what} {at}") };
+        }
+    }
+    let kind = match e.classify() {
+        serde_json::error::Category::Syntax => "not valid JSON",
+        serde_json::error::Category::Eof => "truncated JSON",
+        serde_json::error::Category::Data => "a value of the wrong type or format",
+        serde_json::error::Category::Io => "unreadable",
+    };
+    format!("{kind} {at}")
 }
 
 impl TaskMessage {
@@ -163,7 +194,17 @@ mod tests {
         };
         assert_eq!(ResultMessage::decode(&msg.encode()).unwrap(), msg);
         let err = ResultMessage::decode(b"{not json").unwrap_err();
-        assert!(err.reason.starts_with("invalid envelope"));
+        assert_eq!(err.reason, "invalid envelope: not valid JSON at line 1 column 2");
+        // The value at fault is never quoted, only where it is.
+        let mut v = serde_json::to_value(&msg).unwrap();
+        v["attempt"] = "ada@example.com".into();
+        let err = ResultMessage::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(err.reason.starts_with("invalid envelope: a value of the wrong type"), "{}", err.reason);
+        assert!(!err.reason.contains("ada"), "{}", err.reason);
+        v["attempt"] = 1.into();
+        v["outcome"]["status"] = "ada@example.com".into();
+        let err = ResultMessage::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(!err.reason.contains("ada"), "{}", err.reason);
         let mut v = serde_json::to_value(&msg).unwrap();
         v["version"] = 2.into();
         let err = ResultMessage::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
