@@ -50,11 +50,27 @@ pub fn init(format: LogFormat, default: &str, service: &str) -> Telemetry {
     let provider = if otlp_configured() { exporter(service) } else { None };
     let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("lethe")));
     tracing_subscriber::registry().with(filter).with(text_layer).with(json_layer).with(otel).init();
+    std::panic::set_hook(Box::new(log_panic));
     if provider.is_some() {
         lethe_bus::trace::set_request_span_hook(join_request_trace);
         tracing::info!("exporting traces over OTLP");
     }
     Telemetry(provider)
+}
+
+/// Reports a panic without its message: the message may quote whatever
+/// value the code choked on (a slice of an e-mail address, a `Debug` of a
+/// row), and logs must not hold identifiers. Where it happened, and the
+/// backtrace when `RUST_BACKTRACE` asks for one, point to the bug.
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+    let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+    let backtrace = std::backtrace::Backtrace::capture();
+    let backtrace = match backtrace.status() {
+        std::backtrace::BacktraceStatus::Captured => format!("\n{backtrace}"),
+        _ => String::new(),
+    };
+    tracing::error!(%location, %thread, "panicked (the message is not logged: it may quote data){backtrace}");
 }
 
 fn exporter(service: &str) -> Option<SdkTracerProvider> {
@@ -89,4 +105,40 @@ fn join_request_trace(span: &tracing::Span, request: uuid::Uuid) {
         TraceState::default(),
     );
     let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_panic_is_logged_with_its_place_and_without_its_message() {
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(super::log_panic));
+        let email = String::from("ada@example.com");
+        let caught = std::panic::catch_unwind(|| panic!("byte index 2 is inside `{email}`"));
+        std::panic::set_hook(previous);
+        assert!(caught.is_err());
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("panicked") && text.contains("telemetry.rs:"), "{text}");
+        assert!(!text.contains("ada@"), "{text}");
+    }
 }
