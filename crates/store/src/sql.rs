@@ -48,13 +48,16 @@ impl SqlStore {
                 let url = sqlite_url(url)?;
                 // One connection: SQLite has one writer anyway, and this keeps
                 // read-modify-write transactions free of lock upgrades.
+                // `secure_delete` overwrites what a write frees, so that a
+                // destroyed key does not linger in the file's free space.
                 options
                     .max_connections(1)
                     .after_connect(|conn, _| {
                         Box::pin(async move {
                             conn.execute(
                                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                                 PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+                                 PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; \
+                                 PRAGMA secure_delete = ON;",
                             )
                             .await?;
                             Ok(())

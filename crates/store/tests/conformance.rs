@@ -1964,3 +1964,32 @@ suite!(
     webhook_cursors_tail_request_events_and_log_deliveries,
     due_date_alerts_are_raised_once_each,
 );
+
+/// The embedded store overwrites what a write frees: once a request's key
+/// is destroyed and the write-ahead log checkpointed, the wrapped key is
+/// nowhere in the database file.
+#[tokio::test]
+async fn a_destroyed_key_leaves_no_bytes_in_the_sqlite_file() {
+    let b = Backend::sqlite().await;
+    let f = Fixture::new();
+    let req = f.request("shred@example.com", &["crm"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let item = dispatch_all(&b.store).await.remove(0);
+    let wrapped = b.store.task_key("crm", item.task_id, Some(1)).await.unwrap().expect("the key");
+    let dir = b._dir.as_ref().expect("a SQLite backend").path().to_owned();
+    let holders = || {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| std::fs::read(p).unwrap().windows(wrapped.len()).any(|w| w == wrapped.as_slice()))
+            .collect::<Vec<_>>()
+    };
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(b.store.pool()).await.unwrap();
+    assert!(!holders().is_empty(), "the key is in the file while the request is open");
+    report(&b.store, item.task_id, 1, erased(1)).await;
+    assert!(detail(&b.store, id).await.request.key_destroyed_at.is_some());
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(b.store.pool()).await.unwrap();
+    assert_eq!(holders(), Vec::<std::path::PathBuf>::new(), "files still holding the destroyed key");
+    b.finish().await;
+}
