@@ -1427,14 +1427,19 @@ impl StateStore for SqlStore {
             }
             let secs = timeout.as_secs();
             if task.has_attempts_left(schedule) {
+                // Sent again after the schedule's backoff, as a retryable
+                // failure is: a system whose workers are down is not sent
+                // the task every time-out until its attempts run out.
+                let in_budget = u32::try_from(task.attempts - task.budget_start).unwrap_or(1).max(1);
+                let at = now + chrono::Duration::from_std(schedule.delay(in_budget)).unwrap_or_default();
                 self.set_task_state(&mut tx, task_id, TaskState::Pending, None, now).await?;
-                self.enqueue(&mut tx, task_id, ms(now), now).await?;
+                self.enqueue(&mut tx, task_id, ms(at), now).await?;
                 expired.requeued += 1;
                 events.push(PendingEvent::new(
                     request,
                     Some(task_id),
                     "task.timed_out",
-                    json!({"system": task.system, "attempt": task.attempts, "timeout_secs": secs, "requeued": true}),
+                    json!({"system": task.system, "attempt": task.attempts, "timeout_secs": secs, "requeued": true, "retry_at": at}),
                 ));
             } else {
                 let outcome = Outcome::Failed {
