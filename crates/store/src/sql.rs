@@ -223,6 +223,9 @@ struct TaskLock {
     attempts: i64,
     budget_start: i64,
     updated_at: i64,
+    /// An external job was started for the task and has not finished: it
+    /// runs in the external system whatever the task's state.
+    has_job: bool,
 }
 
 impl TaskLock {
@@ -416,7 +419,7 @@ impl SqlStore {
     ) -> Result<HashMap<TaskId, TaskLock>, StoreError> {
         let ids: std::collections::BTreeSet<String> = ids.map(|i| i.to_string()).collect();
         let sql = format!(
-            "SELECT id, state, system, attempts, budget_start, updated_at FROM tasks WHERE {} ORDER BY id{}",
+            "SELECT id, state, system, attempts, budget_start, updated_at, job_id FROM tasks WHERE {} ORDER BY id{}",
             self.dialect.in_keys("id", 1, Keys::Text),
             self.dialect.for_update()
         );
@@ -430,6 +433,7 @@ impl SqlStore {
                     attempts: col(r, "attempts")?,
                     budget_start: col(r, "budget_start")?,
                     updated_at: col(r, "updated_at")?,
+                    has_job: col::<Option<String>>(r, "job_id")?.is_some(),
                 };
                 Ok((parse(&col::<String>(r, "id")?, "task id")?, lock))
             })

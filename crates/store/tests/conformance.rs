@@ -473,6 +473,32 @@ async fn a_hold_placed_while_a_job_runs_reaches_every_later_attempt(b: &Backend)
     assert!(again.iter().all(|i| i.categories.iter().all(|c| c.action == Action::Hold)), "{again:?}");
 }
 
+/// A hold placed while a check of a running job is on the bus is too late
+/// for the job: the task is not held (the job runs on in the external
+/// system whatever Lethe records), and the check goes on to collect what
+/// the job did.
+async fn a_hold_placed_while_a_jobs_check_is_on_the_bus_lets_the_check_run(b: &Backend) {
+    let f = Fixture::new();
+    let email = "job-check@example.com";
+    let req = f.request(email, &["crm"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let schedule = RetrySchedule { max_attempts: 3, ..Default::default() };
+    let task = dispatch_all(&b.store).await[0].task_id;
+    let r = OutcomeReport { task_id: task, attempt: 1, outcome: accepted("job-c", 1) };
+    b.store.apply_outcomes(&[r], &schedule, at(1)).await.unwrap();
+    let check = dispatch_at(&b.store, at(3)).await;
+    assert_eq!(check[0].job.as_ref().map(|j| j.id.as_str()), Some("job-c"));
+    let scope = systems_scope(&["crm"]);
+    let reach = b.store.place_hold(hold("hold-c", vec![f.subject(email)], scope, at(4))).await.unwrap();
+    assert_eq!((reach.tasks, reach.too_late), (0, 1), "{reach:?}");
+    assert_eq!(task_of(&detail(&b.store, id).await, "crm").state, TaskState::Dispatched);
+    assert!(b.store.task_key("crm", task, Some(2)).await.unwrap().is_some(), "the check keeps its key");
+    let r = OutcomeReport { task_id: task, attempt: 2, outcome: erased(1) };
+    let applied = b.store.apply_outcomes(&[r], &schedule, at(5)).await.unwrap();
+    assert!(matches!(applied[0], Applied::Moved { task: TaskState::Succeeded, .. }), "{applied:?}");
+}
+
 async fn leases_keep_dispatchers_apart_and_expire(b: &Backend) {
     let f = Fixture::new();
     for i in 0..5 {
@@ -1939,6 +1965,7 @@ suite!(
     outcome_before_dispatch_record_is_not_undone,
     a_fast_retryable_failure_leaves_the_task_waiting_for_its_next_attempt,
     a_hold_placed_while_a_job_runs_reaches_every_later_attempt,
+    a_hold_placed_while_a_jobs_check_is_on_the_bus_lets_the_check_run,
     leases_keep_dispatchers_apart_and_expire,
     dispatch_is_bounded_per_system,
     requeue_republishes_in_flight_tasks,

@@ -503,15 +503,19 @@ impl SqlStore {
         for ((request, system), (newly, uncovered)) in &covered {
             let request_id: RequestId = parse(request, "request id")?;
             let Some(task_id) = task_of.get(&(request.clone(), system.clone())).copied() else { continue };
-            let Some(state) = tasks.get(&task_id).map(|t| t.state) else { continue };
+            let Some((state, has_job)) = tasks.get(&task_id).map(|t| (t.state, t.has_job)) else { continue };
             if state == TaskState::Succeeded {
                 reach.too_late += 1;
                 continue;
             }
             // A job already runs in the external system: too late for what
             // it does, but a later attempt (a retry after the job fails, a
-            // follow-up) is built from the plan, which now holds.
-            let job_running = state == TaskState::Accepted;
+            // follow-up) is built from the plan, which now holds. The job
+            // runs while its task waits (`accepted`) and while a check of it
+            // is queued or on the bus (`pending`, `dispatched`); the checks
+            // go on, to collect what it did, and are not held.
+            let job_running = state == TaskState::Accepted
+                || (has_job && matches!(state, TaskState::Pending | TaskState::Dispatched));
             if job_running {
                 reach.too_late += 1;
             }
@@ -532,6 +536,7 @@ impl SqlStore {
             // Every category held: nothing of the system may go now.
             let all_held = !uncovered;
             let next = match state {
+                _ if job_running => state,
                 TaskState::Pending | TaskState::Dispatched if all_held => TaskState::Held,
                 TaskState::Pending | TaskState::Dispatched => TaskState::Pending,
                 // A failed task stays failed for an operator to retry; the
@@ -540,7 +545,8 @@ impl SqlStore {
                 other => other,
             };
             // Queued or on the bus: withdrawn, to be sent again (or held).
-            let withdrawn = matches!(state, TaskState::Pending | TaskState::Dispatched);
+            // A check of a running job is left to go on.
+            let withdrawn = !job_running && matches!(state, TaskState::Pending | TaskState::Dispatched);
             if withdrawn {
                 sqlx::query("DELETE FROM outbox WHERE task_id = $1")
                     .bind(task_id.to_string())
