@@ -115,7 +115,7 @@ impl CategoryPlan {
             (_, Action::Retain) => (
                 self.basis.clone(),
                 match (self.reference, self.period) {
-                    (Some(Reference::Record), Some(p)) => Some(p.subtract_from(as_of)),
+                    (Some(Reference::Record), Some(p)) => Some(p.cutoff(as_of)),
                     _ => None,
                 },
             ),

@@ -54,6 +54,36 @@ impl Period {
         }
     }
 
+    /// The latest record date whose retention has ended by `as_of`: a
+    /// record dated after it is kept, one dated at or before it may go.
+    /// With months this is not always `as_of` minus the period, because
+    /// adding clamps the day: 29 February 2016 + 10 years is 28 February
+    /// 2026, so on 28 February 2026 that record's retention has ended though
+    /// it is dated after 28 February 2016; and on 31 March every record of
+    /// 28 February has ended its month. The cutoff is the latest instant
+    /// that [`add_to`](Self::add_to) takes to `as_of` or before, so that
+    /// every record kept ends after `as_of`.
+    pub fn cutoff(self, as_of: DateTime<Utc>) -> DateTime<Utc> {
+        let Self::Months(_) = self else { return self.subtract_from(as_of) };
+        let start = self.subtract_from(as_of).date_naive();
+        let time_of_day = as_of - as_of.date_naive().and_time(chrono::NaiveTime::MIN).and_utc();
+        let mut cutoff = self.subtract_from(as_of);
+        // Adding is monotonic and folds at most three days onto a month's
+        // last, so the cutoff lies within a few days of `start`.
+        for offset in -1..=3 {
+            let day = start + Duration::days(offset);
+            let midnight = day.and_time(chrono::NaiveTime::MIN).and_utc();
+            match self.add_to(midnight).date_naive().cmp(&as_of.date_naive()) {
+                // The whole day has ended by `as_of`.
+                std::cmp::Ordering::Less => cutoff = midnight + Duration::days(1) - Duration::milliseconds(1),
+                // The day ends on `as_of`'s own day: up to its time of day.
+                std::cmp::Ordering::Equal => cutoff = midnight + time_of_day,
+                std::cmp::Ordering::Greater => break,
+            }
+        }
+        cutoff
+    }
+
     /// A rough length in days, to compare periods of different units.
     pub fn approx_days(self) -> u64 {
         match self {
@@ -348,6 +378,39 @@ mod tests {
         assert_eq!(Period::Months(120).add_to(leap), at(2026, 2, 28));
         assert_eq!(Period::Months(120).subtract_from(at(2026, 2, 28)), at(2016, 2, 28));
         assert!(Period::Months(120).approx_days() > Period::Days(3650).approx_days() - 1);
+    }
+
+    #[test]
+    fn the_cutoff_keeps_exactly_the_records_whose_retention_runs_past_it() {
+        let ten_years = Period::Months(120);
+        // On 28 February 2026 a record of 29 February 2016 has ended (+10y
+        // clamps to 28 February), one of 1 March 2016 has not.
+        let as_of = at(2026, 2, 28);
+        assert_eq!(ten_years.cutoff(as_of), at(2016, 2, 29));
+        // On 31 March all of 28 February (+1 month: 28 March) has ended.
+        let end_of_feb = Utc.with_ymd_and_hms(2026, 2, 28, 23, 59, 59).unwrap() + Duration::milliseconds(999);
+        assert_eq!(Period::Months(1).cutoff(at(2026, 3, 31)), end_of_feb);
+        assert_eq!(Period::Days(45).cutoff(as_of), as_of - Duration::days(45));
+    }
+
+    proptest::proptest! {
+        /// A record dated after the cutoff is kept and its retention ends
+        /// after `as_of`; one at or before it has ended: the follow-up the
+        /// kept records ask for is never in the past.
+        #[test]
+        fn a_record_is_kept_exactly_while_its_period_runs(
+            months in 1u32..240,
+            as_of_secs in 0i64..(40_000 * 86_400),
+            // Near the boundary, where clamping matters: within four days.
+            offset_secs in -345_600i64..345_600,
+        ) {
+            let origin = Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).unwrap();
+            let period = Period::Months(months);
+            let as_of = origin + Duration::seconds(as_of_secs);
+            let record = period.subtract_from(as_of) + Duration::seconds(offset_secs);
+            let kept = record > period.cutoff(as_of);
+            proptest::prop_assert_eq!(kept, period.add_to(record) > as_of, "{} {} {}", months, as_of, record);
+        }
     }
 
     #[test]
