@@ -1252,6 +1252,32 @@ async fn expired_holds_release_what_they_kept(b: &Backend) {
     );
 }
 
+/// A connector that reports an end already past (its clock or its date
+/// arithmetic differs) is followed up an hour later, not on every sweep.
+async fn an_end_already_past_is_followed_up_an_hour_later(b: &Backend) {
+    let f = Fixture::new();
+    let req = f.request("past@example.com", &["billing"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let billing = dispatch_all(&b.store).await[0].task_id;
+    let outcome = Outcome::RetainedInPart {
+        datasets: vec![],
+        retained: vec![RetainedReport {
+            dataset: "invoices".into(),
+            category: Some("invoices".into()),
+            count: 1,
+            basis: "HGB §257(4)".into(),
+            until: Some(t0() - chrono::Duration::days(1)),
+        }],
+        residual: Some(0),
+    };
+    report(&b.store, billing, 1, outcome).await;
+    let hour = chrono::Duration::hours(1);
+    assert_eq!(task_of(&detail(&b.store, id).await, "billing").follow_up_at, Some(t0() + hour));
+    assert_eq!(b.store.run_follow_ups(t0() + hour / 2, 10).await.unwrap(), 0);
+    assert_eq!(b.store.run_follow_ups(t0() + hour, 10).await.unwrap(), 1);
+}
+
 async fn a_hold_released_while_its_task_runs_is_followed_up(b: &Backend) {
     let f = Fixture::new();
     let subject = f.subject("y@example.com");
@@ -1983,6 +2009,7 @@ suite!(
     overlapping_holds_keep_data_until_the_last_is_released,
     expired_holds_release_what_they_kept,
     a_hold_released_while_its_task_runs_is_followed_up,
+    an_end_already_past_is_followed_up_an_hour_later,
     a_new_request_comes_back_with_its_committed_status,
     a_hold_released_before_its_plan_is_stored_keeps_nothing,
     a_hold_reaches_requests_already_under_way,

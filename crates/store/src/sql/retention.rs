@@ -75,10 +75,17 @@ fn category_plan(r: &AnyRow) -> Result<CategoryPlan, StoreError> {
     })
 }
 
+/// How long after it reported an end already past a retained task runs
+/// again.
+pub(super) const PAST_END_RETRY: chrono::Duration = chrono::Duration::hours(1);
+
 /// Records when a task that kept data runs again: the earliest end among
 /// what it kept. Data kept without an end date waits for a legal hold's
 /// release, unless the hold behind it was released while the attempt ran
 /// (the release could not resume a task in flight): then it runs again now.
+/// An end already past (a connector whose clock or date arithmetic differs
+/// from the coordinator's kept what the coordinator thinks may go) runs it
+/// again after [`PAST_END_RETRY`], not on every sweep.
 pub(super) async fn set_follow_up(
     tx: &mut AnyConnection,
     task: TaskId,
@@ -106,6 +113,7 @@ pub(super) async fn set_follow_up(
     let at = retained
         .iter()
         .filter_map(|r| match r.until {
+            Some(until) if until <= now => Some(now + PAST_END_RETRY),
             Some(until) => Some(until),
             None => {
                 let still_held = match &r.category {
@@ -841,6 +849,17 @@ impl SqlStore {
             let request: RequestId = parse(&col::<String>(r, "request_id")?, "request id")?;
             let task: TaskId = parse(&col::<String>(r, "id")?, "task id")?;
             self.lock_request(&mut tx, request).await?;
+            // Read again under the lock: since the sweep read it, a hold may
+            // have held the task, or another replica followed it up and it
+            // was retained again with a later date.
+            let sql =
+                format!("SELECT state, follow_up_at FROM tasks WHERE id = $1{}", self.dialect.for_update());
+            let row = sqlx::query(&sql).bind(task.to_string()).fetch_one(&mut *tx).await.map_err(db_err)?;
+            let state: TaskState = parse(&col::<String>(&row, "state")?, "task state")?;
+            let due = col::<Option<i64>>(&row, "follow_up_at")?.is_some_and(|at| at <= ms(now));
+            if state != TaskState::Retained || !due {
+                continue;
+            }
             if self.follow_up(&mut tx, request, task, "retention period ended", now, &mut events).await? {
                 queued += 1;
             }
