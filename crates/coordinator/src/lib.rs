@@ -142,6 +142,7 @@ impl Coordinator {
             clock,
             wake,
             connector_tokens: Arc::new(connector_tokens),
+            scrapes: Arc::default(),
         };
         Ok(Self { state, tasks })
     }

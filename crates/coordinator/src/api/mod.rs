@@ -46,7 +46,17 @@ pub struct AppState {
     pub connector_tokens: Arc<ConnectorTokens>,
     /// Signs erasure certificates.
     pub certifier: crate::certificate::Certifier,
+    /// Lets concurrent `/metrics` scrapes share the state store's counts.
+    pub scrapes: Arc<Scrapes>,
 }
+
+/// The state store's gauges as last rendered, and when. `/metrics` needs
+/// no token and counts over the request and task tables, so scrapes take
+/// turns: one computes at a time, and a scrape that waited for one takes
+/// its answer (finished after the scrape arrived) instead of computing
+/// again. However many clients scrape, the store runs one count at a time.
+#[derive(Default)]
+pub struct Scrapes(tokio::sync::Mutex<Option<(std::time::Instant, Arc<String>)>>);
 
 /// The coordinator's router.
 pub fn app(state: AppState) -> Router {
@@ -103,9 +113,21 @@ async fn list_systems(
 /// read from the state store. No label is ever an identifier.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics_text(State(state): State<AppState>) -> Result<impl IntoResponse, Problem> {
-    let stats = state.store.stats(state.clock.now(), crate::scheduler::DUE_SOON).await?;
+    let asked = std::time::Instant::now();
+    let gauges = {
+        let mut last = state.scrapes.0.lock().await;
+        match &*last {
+            Some((at, gauges)) if *at >= asked => gauges.clone(),
+            _ => {
+                let stats = state.store.stats(state.clock.now(), crate::scheduler::DUE_SOON).await?;
+                let gauges = Arc::new(crate::metrics::state_gauges(&stats));
+                *last = Some((std::time::Instant::now(), gauges.clone()));
+                gauges
+            }
+        }
+    };
     let mut text = crate::metrics::prometheus().render();
-    text.push_str(&crate::metrics::state_gauges(&stats));
+    text.push_str(&gauges);
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }
 
