@@ -243,9 +243,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let config_path = work.join("bench.toml");
     std::fs::write(&config_path, config(&args, &state_url, &ops_url, &namespace, &listen))?;
     let env = vec![
-        ("LETHE_BENCH_TOKEN_ADDRESSES", "bench-token-a".to_owned()),
-        ("LETHE_BENCH_TOKEN_CUSTOMERS", "bench-token-c".to_owned()),
-        ("LETHE_BENCH_TOKEN_ORDERS", "bench-token-o".to_owned()),
+        ("LETHE_BENCH_TOKEN_ADDRESSES", lethe_coordinator::auth::new_token()),
+        ("LETHE_BENCH_TOKEN_CUSTOMERS", lethe_coordinator::auth::new_token()),
+        ("LETHE_BENCH_TOKEN_ORDERS", lethe_coordinator::auth::new_token()),
         ("LETHE_BENCH_MASTER_KEY", lethe_core::DataKey::generate().to_hex().to_string()),
         ("LETHE_BENCH_ADMIN_TOKEN", lethe_coordinator::auth::new_token()),
     ];

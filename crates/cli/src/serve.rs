@@ -60,13 +60,7 @@ pub enum AdminToken {
 /// before the first request is accepted: a client that sees `/readyz`
 /// answer can use it at once.
 pub async fn start(config: &Config, listener: TcpListener, admin: AdminToken) -> anyhow::Result<Running> {
-    let url = resolve_placeholders(&config.store.url).context("store.url")?;
-    let store = lethe_store::connect(&url).await.context("cannot open the state store")?;
-    if admin == AdminToken::Bootstrap {
-        crate::tokens::bootstrap_admin(config, store.as_ref()).await?;
-    }
-    let master = load_master_key(config, store.as_ref()).await?;
-    let bus = build_bus(config).await?;
+    // Checked before anything is opened or connected.
     let tokens = config
         .systems
         .iter()
@@ -75,12 +69,24 @@ pub async fn start(config: &Config, listener: TcpListener, admin: AdminToken) ->
         .context("system token")?;
     let mut seen = std::collections::HashMap::new();
     for (system, token) in &tokens {
+        // A connector token opens the data key of every open task of its
+        // system: as hard to guess as an administrator's.
+        if token.len() < 32 {
+            anyhow::bail!("system {system:?}: its connector token must be at least 32 characters");
+        }
         if let Some(other) = seen.insert(token.as_str(), system.as_str()) {
             anyhow::bail!(
                 "systems {other:?} and {system:?} share a connector token; give each system its own"
             );
         }
     }
+    let url = resolve_placeholders(&config.store.url).context("store.url")?;
+    let store = lethe_store::connect(&url).await.context("cannot open the state store")?;
+    if admin == AdminToken::Bootstrap {
+        crate::tokens::bootstrap_admin(config, store.as_ref()).await?;
+    }
+    let master = load_master_key(config, store.as_ref()).await?;
+    let bus = build_bus(config).await?;
     let (planner, warnings) = crate::policy::planner(config)?;
     for w in warnings {
         tracing::warn!(warning = %w, "retention policy");
@@ -252,5 +258,28 @@ mod tests {
         let stored = stored.expect("the administrator's token is stored when start returns");
         assert!(stored.revoked_at.is_none());
         assert!(stored.scopes.iter().any(|s| s == "requests:submit"), "{:?}", stored.scopes);
+    }
+
+    /// A connector token opens its system's data keys: a guessable one is
+    /// refused at start.
+    #[tokio::test]
+    async fn a_short_connector_token_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lethe.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[store]\nurl = \"sqlite://{db}\"\n[keys]\nmaster_key_file = \"{key}\"\n\
+                 [bus]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:1\"\n[[systems]]\nname = \"crm\"\nconnector = \"external\"\n\
+                 categories = [\"identity.contact\"]\ntoken = \"shop\"\n",
+                db = dir.path().join("state.db").display(),
+                key = dir.path().join("master.key").display(),
+            ),
+        )
+        .unwrap();
+        let config = Config::load_with_env(Some(&path), &Overrides::default(), &[]).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let Err(e) = start(&config, listener, AdminToken::Bootstrap).await else { panic!("started") };
+        assert!(format!("{e:#}").contains("at least 32 characters"), "{e:#}");
     }
 }
