@@ -6,7 +6,7 @@ mod support;
 use std::collections::BTreeSet;
 
 use serde_json::Value;
-use support::{ada_and_neighbours, describe, lethe, Lab, Server, StateKind};
+use support::{ada_and_neighbours, describe, lethe, lethe_with_env, Lab, Server, StateKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_round_trip_against_a_running_server() {
@@ -273,4 +273,39 @@ async fn connector_check_runs_the_conformance_kit_against_a_live_system() {
 
     let out = lethe(&["connector", "check", "--config", config, "--system", "nope"], cwd).await;
     assert!(!out.status.success(), "{}", describe(&out));
+}
+
+/// A value for every `${VAR}` a configuration text names: 64 hex
+/// characters do for a master key, a token and a password alike.
+fn placeholders(text: &str) -> Vec<(String, String)> {
+    let names: BTreeSet<&str> = text.split("${").skip(1).filter_map(|s| s.split('}').next()).collect();
+    names.into_iter().map(|n| (n.to_owned(), "0123456789abcdef".repeat(4))).collect()
+}
+
+/// The shipped production example passes `config check --strict` with the
+/// bundled policy, as the README says to run it; the README's own
+/// configuration example passes `config check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_configuration_examples_pass_config_check() {
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
+    let example = root.join("config/examples/production.toml");
+    let text = std::fs::read_to_string(&example).expect("read the production example");
+    let path = example.to_str().expect("UTF-8 path");
+    let out =
+        lethe_with_env(&["config", "check", "--config", path, "--strict"], root, &placeholders(&text)).await;
+    assert!(out.status.success(), "{}", describe(&out));
+
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("read the README");
+    let block = readme
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .find(|b| b.contains("[[systems]]"))
+        .expect("the README's configuration example");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("readme.toml");
+    std::fs::write(&file, block).unwrap();
+    let path = file.to_str().expect("UTF-8 path");
+    let out = lethe_with_env(&["config", "check", "--config", path], dir.path(), &placeholders(block)).await;
+    assert!(out.status.success(), "{}", describe(&out));
 }

@@ -1178,10 +1178,16 @@ pub fn dataset_counts(system: &Value) -> BTreeMap<String, (u64, u64)> {
 
 /// Runs `lethe <args>` to completion (30 s at most) in `cwd`.
 pub async fn lethe(args: &[&str], cwd: &Path) -> Output {
+    lethe_with_env(args, cwd, &[]).await
+}
+
+/// [`lethe`], with `env` set for the command as well.
+pub async fn lethe_with_env(args: &[&str], cwd: &Path, env: &[(String, String)]) -> Output {
     let mut cmd = Command::new(LETHE);
     cmd.args(args).current_dir(cwd).stdin(Stdio::null()).kill_on_drop(true);
     clean_env(&mut cmd);
     cmd.env("LETHE_LOG", "warn").env("NO_COLOR", "1").env("LETHE_TOKEN", ADMIN_TOKEN);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     tokio::time::timeout(Duration::from_secs(30), cmd.output())
         .await
         .unwrap_or_else(|_| panic!("lethe {args:?} did not finish within 30 s"))
