@@ -282,16 +282,26 @@ async fn invoices_are_kept_with_their_basis_and_erased_by_follow_ups() {
     assert_eq!((kept["dataset"].as_str(), kept["count"].as_u64()), (Some("invoices"), Some(2)), "{kept}");
     assert!(kept["basis"].as_str().unwrap().contains("HGB §257"), "{kept}");
     assert_eq!(kept["until"], "2035-01-15T00:00:00Z", "the later invoice's date + 10 years");
-    assert_eq!(billing["follow_up_at"], "2035-01-15T00:00:00Z", "when the dataset's last retention ends");
+    assert_eq!(kept["first_until"], "2034-05-10T00:00:00Z", "the earlier invoice's date + 10 years");
+    assert_eq!(billing["follow_up_at"], "2034-05-10T00:00:00Z", "when the first retention ends");
     assert_eq!(Harness::system(&view, "marketing")["state"], "succeeded");
     assert!(view["key_destroyed_at"].is_null(), "the key survives until the follow-ups are done");
 
-    // Nothing happens before the retention ends, not even once the 2024
-    // invoice alone could go: the dataset is followed up as a whole.
-    h.clock.advance(day(2034, 6, 1) - h_now(&h));
+    // Nothing happens before the first retention ends.
+    h.clock.advance(day(2034, 5, 1) - h_now(&h));
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(h.invoices_of("ada@example.com").await, vec![11, 12]);
-    assert_eq!(h.request(&id).await["status"], "completed_with_exemptions");
+    // Once it has, the 2024 invoice goes without waiting for the 2025 one,
+    // which is kept to its own end.
+    h.clock.advance(day(2034, 6, 1) - h_now(&h));
+    let view = h
+        .until(&id, "the first follow-up", |v| {
+            Harness::system(v, "billing")["follow_up_at"] == "2035-01-15T00:00:00Z"
+        })
+        .await;
+    assert_eq!(h.invoices_of("ada@example.com").await, vec![12]);
+    assert_eq!(view["status"], "completed_with_exemptions");
+    assert_eq!(Harness::system(&view, "billing")["state"], "retained", "{view:#}");
 
     // Past the last end: everything is gone and the key is destroyed.
     h.clock.advance(day(2035, 2, 1) - h_now(&h));
@@ -301,7 +311,7 @@ async fn invoices_are_kept_with_their_basis_and_erased_by_follow_ups() {
     assert!(view["key_destroyed_at"].is_string(), "{view:#}");
     let billing = Harness::system(&view, "billing");
     assert_eq!(billing["state"], "succeeded");
-    assert_eq!(billing["outcome"]["datasets"][1]["deleted"], 2, "{billing:#}");
+    assert_eq!(billing["outcome"]["datasets"][1]["deleted"], 1, "the 2025 invoice: {billing:#}");
 }
 
 fn h_now(h: &Harness) -> DateTime<Utc> {

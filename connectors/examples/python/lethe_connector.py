@@ -314,13 +314,15 @@ class DatasetReport:
 @dataclasses.dataclass
 class RetainedReport:
     """Records of one dataset kept on a legal basis; ``until`` is ``None``
-    under a legal hold."""
+    under a legal hold. ``first_until``, when some records end before the
+    last, is the earliest end: the coordinator runs the task again then."""
 
     dataset: str
     category: str | None
     count: int
     basis: str
     until: dt.datetime | None = None
+    first_until: dt.datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dataset": self.dataset, "count": self.count, "basis": self.basis}
@@ -328,6 +330,8 @@ class RetainedReport:
             out["category"] = self.category
         if self.until is not None:
             out["until"] = format_time(self.until)
+        if self.first_until is not None:
+            out["first_until"] = format_time(self.first_until)
         return out
 
 

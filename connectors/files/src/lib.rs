@@ -87,7 +87,14 @@ impl Connector for FilesConnector {
             match task.treatment(&d.category) {
                 Treatment::Keep { basis, until } if kept > 0 => {
                     let (dataset, category) = (d.name.clone(), Some(d.category.clone()));
-                    erasure.retained.push(RetainedReport { dataset, category, count: kept, basis, until });
+                    erasure.retained.push(RetainedReport {
+                        dataset,
+                        category,
+                        count: kept,
+                        basis,
+                        until,
+                        first_until: None,
+                    });
                 }
                 Treatment::Keep { .. } => {}
                 _ => erasure.datasets.push(DatasetReport::new(d.name.clone(), deleted, 0)),

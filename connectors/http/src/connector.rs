@@ -263,6 +263,7 @@ impl HttpConnector {
                 count,
                 basis,
                 until,
+                first_until: None,
             });
         }
         Ok(erasure)

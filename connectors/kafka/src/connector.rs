@@ -227,6 +227,7 @@ impl KafkaConnector {
                         count: count as u64,
                         basis: basis.clone(),
                         until: *until,
+                        first_until: None,
                     });
                 }
                 continue;

@@ -232,6 +232,7 @@ async fn follows_the_treatment_of_each_category() {
                 count: 2,
                 basis: "tax law".into(),
                 until: Some(until),
+                first_until: None,
             }],
         }
     );
@@ -279,6 +280,7 @@ async fn a_key_that_a_kept_dataset_shares_is_kept() {
             count: 1,
             basis: "case 7".into(),
             until: None,
+            first_until: None,
         }]
     );
     assert_eq!(latest(&topic)[&(key, 0)].as_deref(), Some("profile and kyc"));

@@ -380,6 +380,7 @@ impl RedisConnector {
                             count,
                             basis: basis.clone(),
                             until: *until,
+                            first_until: None,
                         });
                     }
                 }

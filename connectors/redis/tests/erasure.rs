@@ -225,6 +225,7 @@ async fn treatments_follow_the_directive_of_each_category() {
         count,
         basis: basis.into(),
         until,
+        first_until: None,
     };
     assert_eq!(
         erased.retained,

@@ -229,8 +229,10 @@ impl Sql {
 pub struct KeptRows {
     /// Rows kept by the table's own directive.
     pub own: u64,
-    /// Of those, rows with a date; `max_epoch` is the latest date.
+    /// Of those, rows with a date; `min_epoch` and `max_epoch` are the
+    /// earliest and the latest date.
     pub dated: u64,
+    pub min_epoch: Option<i64>,
     pub max_epoch: Option<i64>,
     /// Further rows kept because kept child rows reference them.
     pub linked: u64,
@@ -251,7 +253,13 @@ pub async fn count_kept(
         sql.push("SELECT COUNT(*)");
         if let Keep::Dated { column, .. } = &kept.own {
             let epoch = sql.epoch_of(&qualifier, column);
-            sql.push(", COUNT(").push(&epoch).push("), MAX(").push(&epoch).push(")");
+            sql.push(", COUNT(")
+                .push(&epoch)
+                .push("), MAX(")
+                .push(&epoch)
+                .push("), MIN(")
+                .push(&epoch)
+                .push(")");
         }
         sql.push(" FROM ").ident(table).push(" WHERE ").cond(cond, None, 0);
         sql.push(" AND ").keep(&kept.own, &qualifier);
@@ -260,6 +268,7 @@ pub async fn count_kept(
         if matches!(kept.own, Keep::Dated { .. }) {
             rows.dated = count(row.try_get(1)?);
             rows.max_epoch = row.try_get(2)?;
+            rows.min_epoch = row.try_get(3)?;
         }
     }
     if !kept.links.is_empty() && kept.own != Keep::All {
@@ -290,24 +299,40 @@ fn later(a: Until, b: Until) -> Until {
     }
 }
 
+/// The end of a row dated `epoch` kept under `directive`.
+fn end_of(directive: &Directive, issued_at: DateTime<Utc>, epoch: i64) -> DateTime<Utc> {
+    let date = DateTime::from_timestamp(epoch, 0).unwrap_or(DateTime::<Utc>::MAX_UTC);
+    match directive.period {
+        Some(period) => period.add_to(date),
+        // No period given: the span between the cutoff and the task.
+        None => date + (issued_at - directive.cutoff.unwrap_or(issued_at)),
+    }
+}
+
 /// The end of the rows a table keeps by its own directive.
 fn own_until(directive: &Directive, issued_at: DateTime<Utc>, rows: &KeptRows) -> Until {
     if directive.action != Action::Retain {
         return None;
     }
-    let dated = rows.max_epoch.filter(|_| rows.dated > 0).map(|max| {
-        let date = DateTime::from_timestamp(max, 0).unwrap_or(DateTime::<Utc>::MAX_UTC);
-        match directive.period {
-            Some(period) => period.add_to(date),
-            // No period given: the span between the cutoff and the task.
-            None => date + (issued_at - directive.cutoff.unwrap_or(issued_at)),
-        }
-    });
+    let dated = rows.max_epoch.filter(|_| rows.dated > 0).map(|max| end_of(directive, issued_at, max));
     match (dated, rows.own > rows.dated) {
         (Some(d), true) => later(Some(d), directive.until),
         (Some(d), false) => Some(d),
         (None, _) => directive.until,
     }
+}
+
+/// When the first of the rows a table keeps by its own directive may go,
+/// if that is before `until` (the last's end): rows of different dates end
+/// at different times, and none should wait for the last.
+fn own_first_until(directive: &Directive, issued_at: DateTime<Utc>, rows: &KeptRows, until: Until) -> Until {
+    if directive.action != Action::Retain {
+        return None;
+    }
+    let dated = rows.min_epoch.filter(|_| rows.dated > 0).map(|min| end_of(directive, issued_at, min));
+    let undated = directive.until.filter(|_| rows.own > rows.dated);
+    let first = dated.into_iter().chain(undated).min();
+    first.filter(|f| until.is_some_and(|u| *f < u))
 }
 
 /// The reports of the rows `table` keeps (`rows`), and the end of the
@@ -325,7 +350,8 @@ pub fn report_kept(
     let mut end: Option<Until> = None;
     if rows.own > 0 {
         let until = own_until(plan.directive, issued_at, rows);
-        reports.push(own_report(&table.name, &table.category, plan.directive, rows.own, until));
+        let first = own_first_until(plan.directive, issued_at, rows, until);
+        reports.push(own_report(&table.name, &table.category, plan.directive, rows.own, (until, first)));
         end = Some(until);
     }
     if rows.linked > 0 {
@@ -347,7 +373,7 @@ fn own_report(
     category: &str,
     directive: &Directive,
     count: u64,
-    until: Until,
+    (until, first_until): (Until, Until),
 ) -> RetainedReport {
     let fallback = if directive.action == Action::Hold { "legal hold" } else { "retention policy" };
     RetainedReport {
@@ -356,6 +382,7 @@ fn own_report(
         count,
         basis: directive.basis.clone().unwrap_or_else(|| fallback.to_owned()),
         until,
+        first_until,
     }
 }
 
@@ -368,6 +395,7 @@ fn linked_report(table: &str, category: &str, children: &[&str], count: u64, unt
         count,
         basis: format!("kept while linked records in {} are kept", children.join(", ")),
         until,
+        first_until: None,
     }
 }
 
@@ -417,17 +445,28 @@ mod tests {
     }
 
     #[test]
-    fn until_is_the_later_of_dated_and_undated() {
+    fn until_is_the_later_of_dated_and_undated_and_the_first_end_is_kept_too() {
         let mut retain = directive(Action::Retain);
         retain.period = Some(Period::Months(120));
         retain.cutoff = Some(at(2020));
         retain.until = Some(at(2035));
-        let rows = KeptRows { own: 2, dated: 2, max_epoch: Some(at(2024).timestamp()), linked: 0 };
+        let rows = KeptRows {
+            own: 2,
+            dated: 2,
+            min_epoch: Some(at(2021).timestamp()),
+            max_epoch: Some(at(2024).timestamp()),
+            linked: 0,
+        };
         assert_eq!(own_until(&retain, at(2030), &rows), Some(at(2034)));
+        // The row of 2021 goes in 2031, before the last: the first end.
+        let until = own_until(&retain, at(2030), &rows);
+        assert_eq!(own_first_until(&retain, at(2030), &rows, until), Some(at(2031)));
         let mixed = KeptRows { own: 3, ..rows };
         assert_eq!(own_until(&retain, at(2030), &mixed), Some(at(2035)));
-        let undated = KeptRows { own: 1, dated: 0, max_epoch: None, linked: 0 };
-        assert_eq!(own_until(&retain, at(2030), &undated), Some(at(2035)));
+        let undated = KeptRows { own: 1, dated: 0, min_epoch: None, max_epoch: None, linked: 0 };
+        let until = own_until(&retain, at(2030), &undated);
+        assert_eq!(until, Some(at(2035)));
+        assert_eq!(own_first_until(&retain, at(2030), &undated, until), None, "one end: no first");
         assert_eq!(own_until(&directive(Action::Hold), at(2030), &undated), None);
         assert_eq!(later(Some(at(2030)), Some(at(2031))), Some(at(2031)));
         assert_eq!(later(Some(at(2030)), None), None);

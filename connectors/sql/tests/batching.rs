@@ -337,8 +337,12 @@ async fn a_retention_cutoff_applies_to_every_batch(db: Arc<TestDb>) {
     let task = task_with(vec![id("customer_id", "7")], vec![retain], issued_at);
     let cutoff = NaiveDate::from_ymd_opt(2025, 7, 1).unwrap();
     let (gone, kept): (Vec<Event>, Vec<Event>) = of_user(7).into_iter().partition(|e| e.date <= cutoff);
-    let latest = kept.iter().map(|e| e.date).max().unwrap();
-    let until: DateTime<Utc> = year.add_to(Utc.from_utc_datetime(&latest.and_hms_opt(0, 0, 0).unwrap()));
+    let end = |date: NaiveDate| year.add_to(Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0).unwrap()));
+    let until: DateTime<Utc> = end(kept.iter().map(|e| e.date).max().unwrap());
+    // The earliest kept event ends months before the last: the task is run
+    // again then, not when the last one ends.
+    let first_until: DateTime<Utc> = end(kept.iter().map(|e| e.date).min().unwrap());
+    assert!(first_until < until);
     assert!(gone.len() > 64 * 3 && kept.len() > 64, "the fixture spans the cutoff");
 
     assert_eq!(sql.verify(&task).await.unwrap(), gone.len() as u64);
@@ -351,6 +355,7 @@ async fn a_retention_cutoff_applies_to_every_batch(db: Arc<TestDb>) {
             count: kept.len() as u64,
             basis: BASIS.into(),
             until: Some(until),
+            first_until: Some(first_until),
         }],
     };
     assert_eq!(logs.capture(sql.erase(&task)).await.unwrap(), expected);

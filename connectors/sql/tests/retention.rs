@@ -34,7 +34,7 @@ fn retain(category: &str, period: Period, issued_at: DateTime<Utc>, received: Da
         action: Action::Retain,
         basis: Some(INVOICE_BASIS.into()),
         period: Some(period),
-        cutoff: Some(period.subtract_from(issued_at)),
+        cutoff: Some(period.cutoff(issued_at)),
         until: Some(period.add_to(received)),
     }
 }
@@ -60,6 +60,7 @@ fn kept(
         count,
         basis: basis.into(),
         until,
+        first_until: None,
     }
 }
 
@@ -156,12 +157,17 @@ async fn retains_dated_records_for_their_period(db: Arc<TestDb>, kind: DateKind)
     let task = ada_task(vec![retain("billing.invoice", TEN_YEARS, first_run(), received)], first_run());
 
     // Of Ada's four invoices, those dated at or before 15 June 2020 go now;
-    // the others are kept until the latest one's date plus ten years.
+    // the others are kept, each for ten years from its date: the last until
+    // 2038, the first (16 June 2020) until 2030.
     assert_eq!(sql.verify(&task).await.unwrap(), 2);
     let until = TEN_YEARS.add_to(kind.instant((2028, 4, 1), (10, 30, 0)));
+    let first_end = TEN_YEARS.add_to(kind.instant((2020, 6, 16), (0, 0, 0)));
     let first = Erasure {
         datasets: vec![dataset("invoices", 2, 0)],
-        retained: vec![kept("invoices", "billing.invoice", 2, INVOICE_BASIS, Some(until))],
+        retained: vec![RetainedReport {
+            first_until: Some(first_end),
+            ..kept("invoices", "billing.invoice", 2, INVOICE_BASIS, Some(until))
+        }],
     };
     assert_eq!(sql.erase(&task).await.unwrap(), first);
     assert_eq!(ids(&db, "invoices").await, vec![2, 3, 5]);
@@ -170,10 +176,19 @@ async fn retains_dated_records_for_their_period(db: Arc<TestDb>, kind: DateKind)
     let again = Erasure { datasets: vec![dataset("invoices", 0, 0)], retained: first.retained.clone() };
     assert_eq!(sql.erase(&task).await.unwrap(), again);
 
-    // The follow-up when that period ends erases the rest; Bob's stays.
+    // The follow-up when the first ends erases that invoice and keeps the
+    // last; the one when the last ends erases it. Bob's stays.
+    let follow_up = ada_task(vec![retain("billing.invoice", TEN_YEARS, first_end, received)], first_end);
+    assert_eq!(sql.verify(&follow_up).await.unwrap(), 1);
+    let second = Erasure {
+        datasets: vec![dataset("invoices", 1, 0)],
+        retained: vec![kept("invoices", "billing.invoice", 1, INVOICE_BASIS, Some(until))],
+    };
+    assert_eq!(sql.erase(&follow_up).await.unwrap(), second);
+    assert_eq!(ids(&db, "invoices").await, vec![2, 3]);
     let follow_up = ada_task(vec![retain("billing.invoice", TEN_YEARS, until, received)], until);
-    assert_eq!(sql.verify(&follow_up).await.unwrap(), 2);
-    let done = Erasure { datasets: vec![dataset("invoices", 2, 0)], retained: vec![] };
+    assert_eq!(sql.verify(&follow_up).await.unwrap(), 1);
+    let done = Erasure { datasets: vec![dataset("invoices", 1, 0)], retained: vec![] };
     assert_eq!(sql.erase(&follow_up).await.unwrap(), done);
     assert_eq!(sql.verify(&follow_up).await.unwrap(), 0);
     assert_eq!(ids(&db, "invoices").await, vec![3]);
@@ -325,12 +340,16 @@ async fn undated_records_are_retained_from_the_request(db: Arc<TestDb>) {
     };
 
     // Before the end: every contract and the undated invoice are kept; the
-    // invoices' end is the later of the dated (2038) and undated (2031) ends.
+    // invoices' end is the later of the dated (2038) and undated (2031) ends,
+    // and the first of them ends in 2030 (invoice 5).
     let task = ada_task(directives(first_run()), first_run());
     let first = Erasure {
         datasets: vec![dataset("invoices", 2, 0), dataset("contracts", 0, 0)],
         retained: vec![
-            kept("invoices", "billing.invoice", 3, INVOICE_BASIS, Some(utc(2038, 4, 1, 0, 0, 0))),
+            RetainedReport {
+                first_until: Some(utc(2030, 6, 16, 0, 0, 0)),
+                ..kept("invoices", "billing.invoice", 3, INVOICE_BASIS, Some(utc(2038, 4, 1, 0, 0, 0)))
+            },
             kept("contracts", "legal.contract", 2, "BGB §195", Some(request_end)),
         ],
     };

@@ -39,6 +39,12 @@ pub struct RetainedReport {
     /// keeps them (no end date until it is released).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<DateTime<Utc>>,
+    /// When the first of these records may go, where that is before
+    /// `until` (records of different dates, each kept for its period from
+    /// its own date): the coordinator runs the task again then, so that no
+    /// record waits for the last one's end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_until: Option<DateTime<Utc>>,
 }
 
 /// A connector's report on one attempt of one task.

@@ -379,6 +379,7 @@ async fn failures_exemptions_and_under_deletion(b: &Backend) {
             count: 2,
             basis: "HGB §257".into(),
             until: Some(Utc.with_ymd_and_hms(2036, 1, 31, 0, 0, 0).unwrap()),
+            first_until: None,
         }],
         residual: Some(0),
     };
@@ -926,6 +927,7 @@ async fn retained_outcomes_follow_up_when_their_retention_ends(b: &Backend) {
         count,
         basis: "HGB §257(4)".into(),
         until: Some(until),
+        first_until: None,
     };
     let outcome = Outcome::RetainedInPart {
         datasets: vec![DatasetReport::new("billing_contacts", 1, 0)],
@@ -1215,6 +1217,7 @@ async fn expired_holds_release_what_they_kept(b: &Backend) {
             count: 1,
             basis: "legal hold case hold-2: pending litigation".into(),
             until: None,
+            first_until: None,
         }],
         residual: Some(0),
     };
@@ -1268,6 +1271,7 @@ async fn an_end_already_past_is_followed_up_an_hour_later(b: &Backend) {
             count: 1,
             basis: "HGB §257(4)".into(),
             until: Some(t0() - chrono::Duration::days(1)),
+            first_until: None,
         }],
         residual: Some(0),
     };
@@ -1305,6 +1309,7 @@ async fn a_hold_released_while_its_task_runs_is_followed_up(b: &Backend) {
             count: 1,
             basis: "legal hold case hold-3: pending litigation".into(),
             until: None,
+            first_until: None,
         }],
         residual: Some(0),
     };
@@ -1395,6 +1400,7 @@ async fn a_hold_reaches_requests_already_under_way(b: &Backend) {
             count: 2,
             basis: "HGB §257(4)".into(),
             until: Some(utc(2036, 1, 31, 9)),
+            first_until: None,
         }],
         residual: Some(0),
     };

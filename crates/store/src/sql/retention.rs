@@ -112,7 +112,7 @@ pub(super) async fn set_follow_up(
     }
     let at = retained
         .iter()
-        .filter_map(|r| match r.until {
+        .filter_map(|r| match r.first_until.or(r.until) {
             Some(until) if until <= now => Some(now + PAST_END_RETRY),
             Some(until) => Some(until),
             None => {
