@@ -159,8 +159,12 @@ class ClubhouseConnector(Connector):
                     if kept:
                         ends = [directive.kept_until(day) for _, day in kept]
                         until = None if any(e is None for e in ends) else max(ends)
+                        # Followed up when the first ends, not the last.
+                        first = min(ends) if until is not None and min(ends) < until else None
                         basis = directive.basis or f"{directive.action} ({d.category})"
-                        erasure.retained.append(RetainedReport(d.table, d.category, len(kept), basis, until))
+                        erasure.retained.append(
+                            RetainedReport(d.table, d.category, len(kept), basis, until, first)
+                        )
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
