@@ -200,7 +200,21 @@ impl Worker {
         // and the result) only if it names none of the subject's
         // identifiers, however a store quoted the value back.
         let subject = task.identifiers.as_slice();
-        let erasure = match self.call("erase", subject, || self.connector.advance(&task)).await {
+        // A retry first asks whether the attempt is still wanted: a legal
+        // hold placed while the connector backs off withdraws the attempt
+        // (its key is refused from then on), and nothing more may go.
+        let mut retrying = false;
+        let erase = || {
+            let check = std::mem::replace(&mut retrying, true);
+            let task = &task;
+            async move {
+                if check {
+                    self.still_wanted(msg).await?;
+                }
+                self.connector.advance(task).await
+            }
+        };
+        let erasure = match self.call("erase", subject, erase).await {
             Ok(Progress::Done(erasure)) => erasure,
             Ok(Progress::Running(pending)) => {
                 return Outcome::Accepted {
@@ -216,6 +230,18 @@ impl Worker {
                 let e = screened(e, subject);
                 failed(ConnectorError { message: format!("verification failed: {}", e.message), ..e })
             }
+        }
+    }
+
+    /// Fails (permanently) if the coordinator no longer asks for this
+    /// attempt: it refuses the attempt's key once it is withdrawn.
+    async fn still_wanted(&self, msg: &TaskMessage) -> Result<(), ConnectorError> {
+        match self.keys.data_key(&msg.system, msg.request_id, msg.task_id, msg.attempt).await? {
+            Some(_) => Ok(()),
+            None => Err(ConnectorError::permanent(
+                "this attempt was withdrawn while it was retried (a legal hold, or a newer attempt): \
+                 nothing more was done",
+            )),
         }
     }
 
@@ -465,6 +491,63 @@ mod tests {
         async fn health(&self) -> Result<(), ConnectorError> {
             Ok(())
         }
+    }
+
+    /// Busy at first, then erases whatever it is asked to.
+    #[derive(Default)]
+    struct BusyOnce(std::sync::atomic::AtomicU32);
+
+    #[async_trait]
+    impl Connector for BusyOnce {
+        async fn erase(&self, _task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+            if self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return Err(ConnectorError::retryable("database is locked"));
+            }
+            Ok(Erasure {
+                datasets: vec![lethe_core::DatasetReport::new("customers", 1, 0)],
+                retained: vec![],
+            })
+        }
+        async fn verify(&self, _task: &ErasureTask) -> Result<u64, ConnectorError> {
+            Ok(0)
+        }
+        async fn health(&self) -> Result<(), ConnectorError> {
+            Ok(())
+        }
+    }
+
+    /// Serves the key once: the attempt is withdrawn (by a legal hold,
+    /// say) once the worker has it.
+    struct WithdrawnAfterFirst(DataKey, std::sync::atomic::AtomicBool);
+
+    #[async_trait]
+    impl KeyResolver for WithdrawnAfterFirst {
+        async fn data_key(
+            &self,
+            _system: &str,
+            _request: RequestId,
+            _task: TaskId,
+            _attempt: u32,
+        ) -> Result<Option<DataKey>, ConnectorError> {
+            let served = self.1.swap(true, std::sync::atomic::Ordering::SeqCst);
+            Ok((!served).then(|| self.0.clone()))
+        }
+    }
+
+    /// An attempt withdrawn while its connector backs off is not retried:
+    /// the retry asks first, and nothing more is erased.
+    #[tokio::test]
+    async fn an_attempt_withdrawn_during_its_retries_erases_nothing_more() {
+        let key = DataKey::generate();
+        let retry = RetryPolicy { initial_delay_ms: 1, max_delay_ms: 1, max_retries: 3 };
+        let bus = Arc::new(lethe_bus::InProcessBus::new());
+        let connector = Arc::new(BusyOnce::default());
+        let keys = Arc::new(WithdrawnAfterFirst(key.clone(), Default::default()));
+        let worker = Worker::new("crm", connector.clone(), keys, bus, retry);
+        let result = worker.process(task_for(&key, 1)).await;
+        let Outcome::Failed { retryable, reason } = result.outcome else { panic!("{result:?}") };
+        assert!(!retryable && reason.contains("withdrawn"), "{reason}");
+        assert_eq!(connector.0.load(std::sync::atomic::Ordering::SeqCst), 1, "erase was not called again");
     }
 
     #[derive(Clone, Default)]
