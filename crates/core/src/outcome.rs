@@ -121,6 +121,16 @@ impl Outcome {
         }
     }
 
+    /// Whether the attempt reports records it erased or anonymised.
+    pub fn changed_data(&self) -> bool {
+        match self {
+            Self::Erased { datasets, .. } | Self::RetainedInPart { datasets, .. } => {
+                datasets.iter().any(|d| d.deleted > 0 || d.anonymized > 0)
+            }
+            _ => false,
+        }
+    }
+
     pub fn residual(&self) -> Option<u64> {
         match self {
             Self::Erased { residual, .. }

@@ -1279,6 +1279,17 @@ impl StateStore for SqlStore {
             ]);
             let Some(next) = next else {
                 results[i] = Applied::Ignored;
+                // An attempt that was withdrawn (a legal hold placed while it
+                // ran, say) or superseded may still have changed data: the
+                // trail says so, whatever state the task is in.
+                if report.outcome.changed_data() {
+                    events.push(PendingEvent::new(
+                        request,
+                        Some(report.task_id),
+                        "task.outcome_ignored",
+                        json!({"system": task.system, "attempt": report.attempt, "state": task.state, "outcome": report.outcome}),
+                    ));
+                }
                 continue;
             };
             task.state = next;

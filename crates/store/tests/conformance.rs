@@ -500,6 +500,32 @@ async fn a_hold_placed_while_a_jobs_check_is_on_the_bus_lets_the_check_run(b: &B
     assert!(matches!(applied[0], Applied::Moved { task: TaskState::Succeeded, .. }), "{applied:?}");
 }
 
+/// An attempt a hold withdrew may already have erased data by the time it
+/// answers: the answer is not applied (the task stays held), and the trail
+/// records what it did.
+async fn a_withdrawn_attempt_that_erased_is_recorded_not_applied(b: &Backend) {
+    let f = Fixture::new();
+    let email = "late@example.com";
+    let req = f.request(email, &["crm"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let task = dispatch_all(&b.store).await[0].task_id;
+    let scope = systems_scope(&["crm"]);
+    b.store.place_hold(hold("hold-l", vec![f.subject(email)], scope, at(1))).await.unwrap();
+    assert_eq!(task_of(&detail(&b.store, id).await, "crm").state, TaskState::Held);
+    assert_eq!(report_at(&b.store, task, 1, erased(2), at(2)).await, Applied::Ignored);
+    assert_eq!(task_of(&detail(&b.store, id).await, "crm").state, TaskState::Held);
+    let events = b.store.audit_events(Some(id)).await.unwrap();
+    let late =
+        events.iter().find(|e| e.kind == "task.outcome_ignored").expect("a task.outcome_ignored event");
+    assert!(late.detail.contains("\"held\"") && late.detail.contains("\"deleted\":2"), "{}", late.detail);
+    // A late failure changed nothing and is not in the trail.
+    let failed = Outcome::Failed { retryable: false, reason: "late".into() };
+    report_at(&b.store, task, 1, failed, at(3)).await;
+    let events = b.store.audit_events(Some(id)).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "task.outcome_ignored").count(), 1);
+}
+
 async fn leases_keep_dispatchers_apart_and_expire(b: &Backend) {
     let f = Fixture::new();
     for i in 0..5 {
@@ -1998,6 +2024,7 @@ suite!(
     a_fast_retryable_failure_leaves_the_task_waiting_for_its_next_attempt,
     a_hold_placed_while_a_job_runs_reaches_every_later_attempt,
     a_hold_placed_while_a_jobs_check_is_on_the_bus_lets_the_check_run,
+    a_withdrawn_attempt_that_erased_is_recorded_not_applied,
     leases_keep_dispatchers_apart_and_expire,
     dispatch_is_bounded_per_system,
     requeue_republishes_in_flight_tasks,

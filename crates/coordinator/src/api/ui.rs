@@ -75,6 +75,14 @@ pub async fn events(
                     "task.outcome" => {
                         serde_json::from_value::<Outcome>(detail["outcome"].clone()).ok().map(|o| o.summary())
                     }
+                    "task.outcome_ignored" => {
+                        serde_json::from_value::<Outcome>(detail["outcome"].clone()).ok().map(|o| {
+                            format!(
+                                "late result of a withdrawn or superseded attempt, not applied: {}",
+                                o.summary()
+                            )
+                        })
+                    }
                     "task.follow_up" => detail["why"].as_str().map(str::to_owned),
                     "task.timed_out" => Some(format!("no result within {}s", detail["timeout_secs"])),
                     "task.hold_applied" => Some(format!(
