@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use lethe_core::{DataKey, MasterKey};
@@ -17,7 +18,15 @@ use crate::config::{resolve_placeholders, Config};
 /// under (a file path is read from the working directory, so the same
 /// configuration started elsewhere would otherwise make a second key, and
 /// every open request, hold and suppression would stop matching).
-pub async fn load_master_key(config: &Config, store: &dyn StateStore) -> anyhow::Result<MasterKey> {
+pub async fn load_master_key(config: &Config, store: Arc<dyn StateStore>) -> anyhow::Result<MasterKey> {
+    let key = read_master_key(config, store.as_ref()).await?;
+    // A wrong key (another replica's, a stale secret) is refused here:
+    // nothing sealed under the right one would open.
+    lethe_coordinator::Certifier::new(store, key.clone()).master_opens_store().await?;
+    Ok(key)
+}
+
+async fn read_master_key(config: &Config, store: &dyn StateStore) -> anyhow::Result<MasterKey> {
     if let Some(value) = &config.keys.master_key {
         let hex = resolve_placeholders(value).context("keys.master_key")?;
         let key = DataKey::from_hex(&hex).context("keys.master_key")?;
@@ -98,8 +107,8 @@ mod tests {
             lethe_store::connect(&format!("sqlite://{}/state.db", dir.path().display())).await.unwrap();
         let mut config = Config::load_with_env(None, &Overrides::default(), &[]).unwrap();
         config.keys.master_key_file = dir.path().join("keys/master.key");
-        let first = load_master_key(&config, store.as_ref()).await.unwrap();
-        let second = load_master_key(&config, store.as_ref()).await.unwrap();
+        let first = load_master_key(&config, store.clone()).await.unwrap();
+        let second = load_master_key(&config, store.clone()).await.unwrap();
         let wrapped = first.wrap(&DataKey::generate());
         assert!(second.unwrap(&wrapped).is_ok(), "the same key is loaded again");
         #[cfg(unix)]
@@ -112,13 +121,18 @@ mod tests {
         let certifier = lethe_coordinator::Certifier::new(store.clone(), first);
         certifier.ensure_key(chrono::Utc::now()).await.unwrap();
         config.keys.master_key_file = dir.path().join("elsewhere/master.key");
-        let refused = load_master_key(&config, store.as_ref()).await.unwrap_err().to_string();
+        let refused = load_master_key(&config, store.clone()).await.unwrap_err().to_string();
         assert!(refused.contains("restore the file"), "{refused}");
         assert!(!config.keys.master_key_file.exists());
+        // Another key that exists is refused too: it opens nothing sealed.
+        config.keys.master_key = Some(DataKey::generate().to_hex().to_string());
+        let wrong = load_master_key(&config, store.clone()).await.unwrap_err().to_string();
+        assert!(wrong.contains("not the one this state store was created with"), "{wrong}");
+        config.keys.master_key = None;
         config.store.url = "postgres://localhost/x".into();
         config.keys.master_key_file = dir.path().join("absent.key");
         assert!(
-            load_master_key(&config, store.as_ref()).await.is_err(),
+            load_master_key(&config, store.clone()).await.is_err(),
             "never invent a key for a shared store"
         );
     }

@@ -82,7 +82,7 @@ pub async fn certificate(
             let config = config.context("rotate-key needs the configuration")?;
             let url = resolve_placeholders(&config.store.url).context("store.url")?;
             let store = lethe_store::connect(&url).await.context("cannot open the state store")?;
-            let master = crate::keys::load_master_key(config, store.as_ref()).await?;
+            let master = crate::keys::load_master_key(config, store.clone()).await?;
             let certifier = lethe_coordinator::Certifier::new(store, master);
             let id = certifier.rotate(chrono::Utc::now()).await?;
             println!("new certificate signing key {id}; earlier keys are retired and stay published");

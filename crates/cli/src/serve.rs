@@ -85,7 +85,7 @@ pub async fn start(config: &Config, listener: TcpListener, admin: AdminToken) ->
     if admin == AdminToken::Bootstrap {
         crate::tokens::bootstrap_admin(config, store.as_ref()).await?;
     }
-    let master = load_master_key(config, store.as_ref()).await?;
+    let master = load_master_key(config, store.clone()).await?;
     let bus = build_bus(config).await?;
     let (planner, warnings) = crate::policy::planner(config)?;
     for w in warnings {

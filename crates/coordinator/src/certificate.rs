@@ -133,10 +133,27 @@ impl Certifier {
 
     /// Creates the first signing key if there is none.
     pub async fn ensure_key(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
-        if self.store.signing_keys().await?.is_empty() {
+        if !self.master_opens_store().await? {
             self.rotate(now).await?;
         }
         Ok(())
+    }
+
+    /// Whether the store has signing keys (`false`: none yet), failing if
+    /// the master key cannot open the newest: it is not the key the store's
+    /// data was sealed under, and a coordinator running with it could read
+    /// no identifier, so would apply no hold and screen nothing.
+    pub async fn master_opens_store(&self) -> Result<bool, StoreError> {
+        let keys = self.store.signing_keys().await?;
+        let Some(newest) = keys.iter().max_by_key(|k| k.created_at) else { return Ok(false) };
+        match self.master.unwrap(&newest.wrapped_key) {
+            Ok(_) => Ok(true),
+            Err(_) => Err(StoreError::Conflict(
+                "the master key is not the one this state store was created with (it cannot open the \
+                 store's certificate signing key); start with the original key"
+                    .into(),
+            )),
+        }
     }
 
     /// Adds a new signing key; the previous ones are retired but stay
