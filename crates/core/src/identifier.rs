@@ -210,7 +210,14 @@ fn normalise_email(s: &str) -> Result<String, IdentifierError> {
         && !domain.starts_with('.')
         && !domain.ends_with('.')
         && !domain.contains("..");
-    if local.is_empty() || local.len() > 64 || !domain_ok || lower.chars().any(char::is_whitespace) {
+    // An `@` in the local part is legal only quoted (`"a@b"@example.com`).
+    let quoted = local.len() > 1 && local.starts_with('"') && local.ends_with('"');
+    if local.is_empty()
+        || local.len() > 64
+        || !domain_ok
+        || lower.chars().any(char::is_whitespace)
+        || (local.contains('@') && !quoted)
+    {
         return Err(IdentifierError::InvalidEmail);
     }
     Ok(lower)
@@ -227,6 +234,9 @@ fn normalise_phone(s: &str) -> Result<String, IdentifierError> {
     if !international {
         return Err(IdentifierError::InvalidPhone);
     }
+    // `+44 (0)20 …`: the national trunk prefix, written in brackets, is not
+    // dialled from abroad and not part of the number.
+    let rest = rest.replacen("(0)", "", 1);
     let mut digits = String::with_capacity(16);
     for c in rest.chars() {
         match c {
@@ -253,6 +263,7 @@ mod tests {
     fn emails_are_trimmed_and_lower_cased() {
         assert_eq!(parse("email", "  Ada.Lovelace@Example.COM \t").unwrap(), "ada.lovelace@example.com");
         assert_eq!(parse("email", "o'brien@example.ie").unwrap(), "o'brien@example.ie");
+        assert_eq!(parse("email", "\"a@b\"@example.com").unwrap(), "\"a@b\"@example.com", "quoted");
         for bad in [
             "",
             "   ",
@@ -263,6 +274,8 @@ mod tests {
             "a b@example.com",
             "a@.com",
             "a@x..com",
+            "a@@example.com",
+            "x@y@example.com",
         ] {
             assert!(parse("email", bad).is_err(), "{bad:?} accepted");
         }
@@ -272,6 +285,9 @@ mod tests {
     fn phones_become_e164() {
         assert_eq!(parse("phone", "+44 20 7946 0958").unwrap(), "+442079460958");
         assert_eq!(parse("phone", "0049 (30) 123-4567").unwrap(), "+49301234567");
+        // The trunk prefix in brackets is not part of the number.
+        assert_eq!(parse("phone", "+44 (0)20 7946 0958").unwrap(), "+442079460958");
+        assert_eq!(parse("phone", "0044 (0) 20 7946 0958").unwrap(), "+442079460958");
         for bad in ["020 7946 0958", "+12", "+1234567890123456", "+44 20 ABC", "+0123456789"] {
             assert!(parse("phone", bad).is_err(), "{bad:?} accepted");
         }
