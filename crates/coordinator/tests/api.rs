@@ -977,6 +977,17 @@ async fn explain_shows_each_category_and_holds_reject_unknown_scopes() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
     let (status, _, _) = call(&h.app(), hold(json!({"categories": ["hr.payroll"]}))).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // Free text kept in the clear may not name the subject.
+    let naming = json!({"subject": {"email": "ada@example.com"}, "scope": {}, "reason": "ADA@example.com sues",
+        "case_reference": "C"});
+    let (status, err, _) = call(&h.app(), post_json("/v1/holds", naming)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert!(err["detail"].as_str().unwrap().starts_with("reason must not contain"), "{err}");
+    assert!(!err.to_string().to_lowercase().contains("ada@"), "{err}");
+    let submit = json!({"subject": {"email": "ada@example.com"}, "regulation": "gdpr", "external_ref": "ada@example.com"});
+    let (status, err, _) = call(&h.app(), post_json("/v1/requests", submit)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert!(err["detail"].as_str().unwrap().starts_with("external_ref must not contain"), "{err}");
     let (status, placed, _) = call(&h.app(), hold(json!({"systems": ["crm"]}))).await;
     assert_eq!(status, StatusCode::CREATED, "{placed}");
     // Explain now shows the hold for crm and erase for mail.

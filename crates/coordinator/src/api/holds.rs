@@ -142,6 +142,8 @@ pub async fn place(
     state.planner.check_identifier_types(&kinds).map_err(Problem::invalid)?;
     check_text("reason", &body.reason)?;
     check_text("case_reference", &body.case_reference)?;
+    super::requests::free_of_subject("reason", &body.reason, &identifiers)?;
+    super::requests::free_of_subject("case_reference", &body.case_reference, &identifiers)?;
     for s in &body.scope.systems {
         if !state.planner.systems().iter().any(|x| &x.name == s) {
             return Err(Problem::invalid(

@@ -173,6 +173,18 @@ impl From<RequestRecord> for RequestSummary {
     }
 }
 
+/// Refuses free text that holds one of the subject's identifiers: it is
+/// kept in the clear (in the request, the audit trail) where identifiers
+/// appear only sealed or as keyed hashes.
+pub(crate) fn free_of_subject(field: &str, text: &str, identifiers: &[Identifier]) -> Result<(), Problem> {
+    if identifiers.iter().any(|i| i.appears_in(text)) {
+        return Err(Problem::invalid(format!(
+            "{field} must not contain the subject's identifiers: it is stored in the clear"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn parse_subject(subject: &BTreeMap<String, String>) -> Result<Vec<Identifier>, Problem> {
     if subject.is_empty() {
         return Err(Problem::invalid("subject must contain at least one identifier"));
@@ -340,6 +352,7 @@ pub(crate) fn check(planner: &crate::planner::Planner, body: &SubmitRequest) -> 
     planner.check_identifier_types(&kinds).map_err(Problem::invalid)?;
     if let Some(r) = &body.external_ref {
         check_text("external_ref", r, MAX_REF_LEN)?;
+        free_of_subject("external_ref", r, &identifiers)?;
     }
     if let Some(v) = &body.verification {
         check_text("verification.method", &v.method, 64)?;
