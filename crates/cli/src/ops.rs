@@ -76,9 +76,10 @@ pub enum HoldCommand {
         /// The case reference.
         #[arg(long)]
         case_ref: String,
-        /// When the hold ends by itself (RFC 3339).
-        #[arg(long)]
-        expires_at: Option<String>,
+        /// When the hold ends by itself: an RFC 3339 time
+        /// (2027-01-31T00:00:00Z) or a date (2027-01-31, midnight UTC).
+        #[arg(long, value_parser = parse_time)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// Release a hold; the work it held resumes.
     Release {
@@ -116,6 +117,16 @@ pub enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// An RFC 3339 time, or a date taken as midnight UTC.
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
+        .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+        .map_err(|_| "expected an RFC 3339 time (2027-01-31T00:00:00Z) or a date (2027-01-31)".to_owned())
 }
 
 pub async fn hold(client: &Client, command: HoldCommand) -> anyhow::Result<()> {
@@ -183,4 +194,18 @@ pub async fn extend(client: &Client, id: RequestId, reason: &str) -> anyhow::Res
 fn print_json(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    #[test]
+    fn hold_expiries_are_times_or_dates() {
+        let midnight = chrono::Utc.with_ymd_and_hms(2027, 1, 31, 0, 0, 0).unwrap();
+        assert_eq!(super::parse_time("2027-01-31"), Ok(midnight));
+        assert_eq!(super::parse_time("2027-01-31T01:00:00+01:00"), Ok(midnight));
+        let err = super::parse_time("tomorrow").unwrap_err();
+        assert!(err.contains("RFC 3339"), "{err}");
+    }
 }
