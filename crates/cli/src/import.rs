@@ -300,12 +300,49 @@ fn row(columns: &[Column], record: &ByteRecord, default_regulation: &str) -> Res
     })
 }
 
+/// The rows to send, each submission once, and the lines left out as
+/// repeating an earlier one (→ its line). Submissions compare as the
+/// coordinator would judge them: identifiers normalised (`Ada@Example.com`
+/// is `ada@example.com`), the regulation's case ignored. A row whose
+/// identifiers do not parse is kept for the coordinator to refuse.
+fn first_of_each(rows: Vec<(u64, &Submission)>) -> (Vec<(u64, &Submission)>, BTreeMap<u64, u64>) {
+    let same = |s: &Submission| -> Option<(Vec<(String, String)>, String, Option<String>)> {
+        let mut subject = Vec::with_capacity(s.subject.len());
+        for (kind, value) in &s.subject {
+            let kind: IdentifierKind = kind.parse().ok()?;
+            let value = lethe_core::Identifier::parse(kind.clone(), value).ok()?;
+            subject.push((kind.as_str().to_owned(), value.expose().to_owned()));
+        }
+        subject.sort();
+        Some((subject, s.regulation.trim().to_lowercase(), s.external_ref.clone()))
+    };
+    let mut seen = std::collections::HashMap::new();
+    let (mut first, mut repeated) = (Vec::new(), BTreeMap::new());
+    for (line, s) in rows {
+        match same(s) {
+            Some(key) => match seen.get(&key) {
+                Some(earlier) => {
+                    repeated.insert(line, *earlier);
+                }
+                None => {
+                    seen.insert(key, line);
+                    first.push((line, s));
+                }
+            },
+            None => first.push((line, s)),
+        }
+    }
+    (first, repeated)
+}
+
 /// What an import did.
 #[derive(Debug, Default)]
 pub struct Summary {
     pub read: usize,
     pub created: usize,
     pub replayed: usize,
+    /// Line → the earlier line with the same submission, sent once.
+    pub duplicates: BTreeMap<u64, u64>,
     /// Line → reason, both local and the coordinator's.
     pub rejected: BTreeMap<u64, String>,
 }
@@ -318,12 +355,16 @@ impl Summary {
     /// The report printed at the end; names rows by line only.
     pub fn render(&self, show_rejected: usize) -> String {
         let mut out = format!(
-            "rows read:         {}\nrequests created:  {}\nalready created:   {} (replayed: sent by an earlier run of this file)\nrejected:          {}\n",
-            self.read,
-            self.created,
-            self.replayed,
-            self.rejected.len()
+            "rows read:         {}\nrequests created:  {}\nalready created:   {} (replayed: sent by an earlier run of this file)\n",
+            self.read, self.created, self.replayed,
         );
+        if !self.duplicates.is_empty() {
+            out.push_str(&format!(
+                "duplicates:        {} (the same submission as an earlier line, sent once)\n",
+                self.duplicates.len()
+            ));
+        }
+        out.push_str(&format!("rejected:          {}\n", self.rejected.len()));
         for (line, reason) in self.rejected.iter().take(show_rejected) {
             out.push_str(&format!("  line {line}: {reason}\n"));
         }
@@ -417,13 +458,15 @@ pub async fn run(client: &Client, args: &ImportArgs) -> anyhow::Result<Summary> 
             }
         }
     }
+    let (pending, duplicates) = first_of_each(pending);
+    summary.duplicates = duplicates;
     let terminal = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
     let bar = if terminal { ProgressBar::new(summary.read as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} rows  {msg}  [{elapsed}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    bar.set_position(summary.rejected.len() as u64);
+    bar.set_position((summary.rejected.len() + summary.duplicates.len()) as u64);
     bar.set_message(summary.progress());
     let mut sent = 0;
     for (n, chunk) in pending.chunks(args.batch).enumerate() {
@@ -535,6 +578,25 @@ mod tests {
 
     fn refused(p: &Parsed) -> Vec<(u64, String)> {
         p.rows.iter().filter_map(|r| r.submission.clone().err().map(|e| (r.line, e))).collect()
+    }
+
+    #[test]
+    fn import_sends_a_repeated_submission_once() {
+        let csv = "email,regulation,external_ref\n\
+                   imp1@example.com,,R1\n\
+                   IMP1@Example.com ,GDPR,R1\n\
+                   imp1@example.com,,R2\n\
+                   imp1@example.com,ccpa,R1\n\
+                   not-an-email,,\n\
+                   not-an-email,,\n";
+        let p = parse(csv.as_bytes(), "gdpr").expect("parse");
+        let rows = sent(&p);
+        let (first, repeated) = first_of_each(rows.iter().map(|(l, s)| (*l, s)).collect());
+        let lines: Vec<u64> = first.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, [2, 4, 5, 6, 7], "another ref or regulation is another submission");
+        assert_eq!(repeated, BTreeMap::from([(3, 2)]));
+        let summary = Summary { read: 7, created: 5, duplicates: repeated, ..Summary::default() };
+        assert!(summary.render(10).contains("duplicates:        1"), "{}", summary.render(10));
     }
 
     #[test]
