@@ -30,8 +30,11 @@
 //! input, created readable by its owner only, and removed by a later run of
 //! the same file that rejects nothing.
 //!
-//! **Exit status.** 0 when every row was created or had been created by an
-//! earlier run (replayed); 3 when some rows were rejected (every other row
+//! **Duplicates.** A row repeating an earlier row's submission (the same
+//! identifiers once normalised, regulation and reference) is not sent.
+//!
+//! **Exit status.** 0 when every row was created, had been created by an
+//! earlier run (replayed) or repeated an earlier row; 3 when some rows were rejected (every other row
 //! was sent); 1 when the import could not run or stopped (unreadable file,
 //! header without an identifier column, coordinator unreachable or refusing
 //! the token): what was sent before stays, and the same command resumes; 2
