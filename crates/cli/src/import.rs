@@ -309,7 +309,9 @@ fn row(columns: &[Column], record: &ByteRecord, default_regulation: &str) -> Res
 /// is `ada@example.com`), the regulation's case ignored. A row whose
 /// identifiers do not parse is kept for the coordinator to refuse.
 fn first_of_each(rows: Vec<(u64, &Submission)>) -> (Vec<(u64, &Submission)>, BTreeMap<u64, u64>) {
-    let same = |s: &Submission| -> Option<(Vec<(String, String)>, String, Option<String>)> {
+    /// Normalised identifiers (type, value), regulation, reference.
+    type Same = (Vec<(String, String)>, String, Option<String>);
+    let same = |s: &Submission| -> Option<Same> {
         let mut subject = Vec::with_capacity(s.subject.len());
         for (kind, value) in &s.subject {
             let kind: IdentifierKind = kind.parse().ok()?;
