@@ -643,8 +643,9 @@ class KeyClient:
         """The request's 32-byte key for ``attempt`` of the task. Raises
         :class:`PermanentError` on 404 (the task is unknown, another
         system's, no longer asks for this attempt, or its request is closed
-        and the key destroyed) and on 401/403 (a bad token), and
-        :class:`RetryableError` when the coordinator cannot answer."""
+        and the key destroyed), and :class:`RetryableError` on 401/403 (the
+        worker's token, not the task's fault) and when the coordinator
+        cannot answer."""
         body = json.dumps({"task_id": str(task_id), "attempt": attempt}).encode()
         request = urllib.request.Request(
             self._url,
@@ -662,7 +663,8 @@ class KeyClient:
                     "or this attempt is no longer asked for"
                 ) from None
             if e.code in (401, 403):
-                raise PermanentError("the coordinator rejected this worker's connector token") from None
+                # The worker's token, not the task: retried, never failed for it.
+                raise RetryableError("the coordinator rejected this worker's connector token") from None
             if e.code == 429 or e.code >= 500:
                 raise RetryableError(f"the coordinator answered {e.code}") from None
             raise PermanentError(f"the coordinator answered {e.code}") from None

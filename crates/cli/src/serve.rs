@@ -191,9 +191,23 @@ pub async fn run_connector(
         tracing::warn!(system = %system.name, error = %e, "connector health check failed");
     }
     let keys = Arc::new(HttpKeys::new(&coordinator, token));
+    let shown = crate::client::without_credentials(&coordinator);
+    // A token the coordinator refuses would leave every task without its
+    // key: refuse to start instead of consuming tasks that cannot be done.
+    match keys.token_accepted().await {
+        Ok(true) => {}
+        Ok(false) => anyhow::bail!(
+            "the coordinator at {shown} rejects the connector token of system {:?}; fix the token \
+             (the system's `token` in the coordinator's configuration, or an API token with scope \
+             connector:{})",
+            system.name,
+            system.name
+        ),
+        Err(e) => tracing::warn!(coordinator = %shown, error = %e,
+            "cannot check the connector token now; starting, and tasks wait for their keys"),
+    }
     let worker = Worker::new(system.name.clone(), connector, keys, bus, config.retry)
         .with_concurrency(config.worker.concurrency);
-    let shown = crate::client::without_credentials(&coordinator);
     tracing::info!(system = %system.name, coordinator = %shown, "connector worker consuming");
     tokio::select! {
         r = worker.run() => r.map_err(anyhow::Error::from),

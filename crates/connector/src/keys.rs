@@ -99,10 +99,14 @@ impl Client {
             })?;
         match response.status() {
             StatusCode::OK => {}
+            // The worker's fault, not the task's (a rotated or mistyped
+            // secret): the task waits and is tried again, rather than fail
+            // for good the requests a bad deployment touches.
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Err(ConnectorError::permanent(
+                tracing::error!("the coordinator rejects this worker's connector token; fix the token");
+                return Err(ConnectorError::retryable(
                     "the coordinator rejected this worker's connector token",
-                ))
+                ));
             }
             s => return Err(ConnectorError::retryable(format!("the coordinator answered {s}"))),
         }
@@ -125,6 +129,32 @@ impl Client {
                     .map_err(|_| ConnectorError::permanent("the coordinator sent a malformed key")),
             })
             .collect())
+    }
+}
+
+impl HttpKeys {
+    /// Whether the coordinator accepts this worker's token, asked with a
+    /// call that names no task (the coordinator checks the token first):
+    /// `Ok(false)` for 401 or 403, `Err` when it cannot be asked.
+    pub async fn token_accepted(&self) -> Result<bool, ConnectorError> {
+        let response = self
+            .client
+            .http
+            .post(&self.client.url)
+            .bearer_auth(&self.client.token)
+            .json(&serde_json::json!({ "task_ids": [], "attempts": {} }))
+            .send()
+            .await
+            .map_err(|e| {
+                ConnectorError::retryable(format!("coordinator unreachable: {}", e.without_url()))
+            })?;
+        match response.status() {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(false),
+            s if s.is_server_error() => {
+                Err(ConnectorError::retryable(format!("the coordinator answered {s}")))
+            }
+            _ => Ok(true),
+        }
     }
 }
 

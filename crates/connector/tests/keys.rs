@@ -105,12 +105,16 @@ async fn tasks_waiting_together_share_one_call_and_each_gets_its_key() {
     }
 }
 
+/// A rejected token is the worker's fault, not the task's: retryable, and
+/// found before any task by `token_accepted`.
 #[tokio::test]
-async fn a_rejected_token_is_permanent_and_an_absent_coordinator_retryable() {
+async fn a_rejected_token_and_an_absent_coordinator_are_retryable() {
     let url = serve(Coordinator::default()).await;
     let wrong = HttpKeys::new(&url, "other".into());
     let e = wrong.data_key("crm", RequestId::new(), TaskId::new(), 1).await.unwrap_err();
-    assert!(!e.retryable, "{e}");
+    assert!(e.retryable, "{e}");
+    assert!(!wrong.token_accepted().await.unwrap());
+    assert!(HttpKeys::new(&url, "crm-token".into()).token_accepted().await.unwrap());
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed = format!("http://{}", listener.local_addr().unwrap());
@@ -118,4 +122,5 @@ async fn a_rejected_token_is_permanent_and_an_absent_coordinator_retryable() {
     let absent = HttpKeys::new(&closed, "crm-token".into());
     let e = absent.data_key("crm", RequestId::new(), TaskId::new(), 1).await.unwrap_err();
     assert!(e.retryable, "{e}");
+    assert!(absent.token_accepted().await.is_err());
 }
