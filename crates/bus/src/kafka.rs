@@ -357,6 +357,22 @@ impl ConsumerContext for LagContext {
             }
         }
     }
+
+    /// A member assigned nothing reads nothing, which its log should say:
+    /// the group has more members than the topic has partitions, or the
+    /// broker still counts a member that died without leaving (until its
+    /// session times out; Tansu 0.6 never times one out).
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            if partitions.count() == 0 {
+                tracing::warn!(group = %self.group,
+                    "assigned no partition: more members than partitions, or the broker still \
+                     counts a member that died; this member reads nothing until the next rebalance");
+            } else {
+                tracing::info!(group = %self.group, partitions = partitions.count(), "partitions assigned");
+            }
+        }
+    }
 }
 
 /// One subscription of a consumer group.
