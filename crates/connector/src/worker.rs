@@ -128,7 +128,9 @@ impl Worker {
                     .notify(|e, _| tracing::warn!(error = %e, "writing a dead letter failed; retrying"))
                     .await;
                 match written {
-                    Ok(()) => {}
+                    // The reason never quotes the message (see the envelope's decoder).
+                    Ok(()) => tracing::warn!(source = %source, partition = delivery.position.partition,
+                        offset = delivery.position.offset, reason = %bad.reason, "a task message was dead-lettered"),
                     Err(BusError::Closed) => return Err(BusError::Closed),
                     // A dead letter the bus keeps refusing (no right to the
                     // topic, a message over its size limit) must not stop

@@ -186,6 +186,7 @@ impl Ingest {
             match self.bus.dead_letter(source, raw, reason).await {
                 Ok(()) => {
                     metrics::counter!(DEAD_LETTERS_TOTAL, "source" => "results").increment(1);
+                    tracing::warn!(reason, "a result was dead-lettered");
                     return true;
                 }
                 Err(lethe_bus::BusError::Closed) => return false,

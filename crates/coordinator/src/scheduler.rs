@@ -48,7 +48,8 @@ impl Scheduler {
         let now = self.clock.now();
         match self.store.expire_dispatched(self.settings.task_timeout, &self.settings.retry, now).await {
             Ok(e) if e.requeued + e.failed > 0 => {
-                tracing::warn!(requeued = e.requeued, failed = e.failed, "tasks timed out without a result");
+                let systems = e.systems.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
+                tracing::warn!(requeued = e.requeued, failed = e.failed, %systems, "tasks timed out without a result");
                 metrics::counter!(crate::metrics::TASK_REQUEUES_TOTAL, "reason" => "timeout")
                     .increment(e.requeued);
                 metrics::counter!(crate::metrics::REQUESTS_FINISHED_TOTAL, "status" => "failed")

@@ -1441,6 +1441,7 @@ impl StateStore for SqlStore {
                 continue; // a result arrived meanwhile
             }
             let secs = timeout.as_secs();
+            expired.systems.insert(task.system.clone());
             if task.has_attempts_left(schedule) {
                 // Sent again after the schedule's backoff, as a retryable
                 // failure is: a system whose workers are down is not sent

@@ -269,7 +269,7 @@ pub enum RetryResult {
 }
 
 /// What a time-out sweep did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Expired {
     /// Tasks queued for another attempt.
     pub requeued: u64,
@@ -277,6 +277,8 @@ pub struct Expired {
     pub failed: u64,
     /// Requests that became final (`failed`) with those tasks.
     pub requests_failed: u64,
+    /// The systems of the tasks that timed out, each once: where to look.
+    pub systems: std::collections::BTreeSet<String>,
 }
 
 /// A legal hold to place.

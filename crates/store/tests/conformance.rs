@@ -696,7 +696,8 @@ async fn silent_tasks_time_out_then_fail(b: &Backend) {
     let none = b.store.expire_dispatched(timeout, &schedule, at(30)).await.unwrap();
     assert_eq!(none, Expired::default());
     let first = b.store.expire_dispatched(timeout, &schedule, at(61)).await.unwrap();
-    assert_eq!(first, Expired { requeued: 1, failed: 0, requests_failed: 0 });
+    let crm = std::collections::BTreeSet::from(["crm".to_owned()]);
+    assert_eq!(first, Expired { requeued: 1, failed: 0, requests_failed: 0, systems: crm.clone() });
     // Sent again after the backoff (5 s, ±20 %), not at once.
     let lease = Duration::from_secs(30);
     assert!(b.store.claim_outbox("d", 10, None, lease, at(64)).await.unwrap().is_empty());
@@ -704,7 +705,7 @@ async fn silent_tasks_time_out_then_fail(b: &Backend) {
     assert_eq!(items[0].attempt, 2);
     b.store.mark_published("d", &items, at(67)).await.unwrap();
     let second = b.store.expire_dispatched(timeout, &schedule, at(128)).await.unwrap();
-    assert_eq!(second, Expired { requeued: 0, failed: 1, requests_failed: 1 });
+    assert_eq!(second, Expired { requeued: 0, failed: 1, requests_failed: 1, systems: crm });
     let detail = b.store.request(id).await.unwrap().unwrap();
     assert_eq!(detail.request.status, RequestStatus::Failed);
     assert!(
