@@ -179,19 +179,23 @@ fn close_objects(schema: &mut serde_json::Value) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn results_round_trip_and_bad_input_is_undecodable() {
-        let msg = ResultMessage {
+    fn result_of(outcome: Outcome) -> ResultMessage {
+        ResultMessage {
             version: ENVELOPE_VERSION,
             task_id: TaskId::new(),
             request_id: RequestId::new(),
             system: "crm".into(),
             attempt: 1,
-            outcome: Outcome::NotFound { residual: Some(0) },
+            outcome,
             reported_at: Utc::now(),
             worker: None,
             task_issued_at: None,
-        };
+        }
+    }
+
+    #[test]
+    fn results_round_trip_and_bad_input_is_undecodable() {
+        let msg = result_of(Outcome::NotFound { residual: Some(0) });
         assert_eq!(ResultMessage::decode(&msg.encode()).unwrap(), msg);
         let err = ResultMessage::decode(b"{not json").unwrap_err();
         assert_eq!(err.reason, "invalid envelope: not valid JSON at line 1 column 2");
@@ -223,18 +227,7 @@ mod tests {
             Outcome::Accepted { job_id: "j".into(), poll_after_seconds: None },
         ];
         for outcome in outcomes {
-            let msg = ResultMessage {
-                version: ENVELOPE_VERSION,
-                task_id: TaskId::new(),
-                request_id: RequestId::new(),
-                system: "crm".into(),
-                attempt: 1,
-                outcome,
-                reported_at: Utc::now(),
-                worker: None,
-                task_issued_at: None,
-            };
-            let mut v = serde_json::to_value(&msg).unwrap();
+            let mut v = serde_json::to_value(result_of(outcome)).unwrap();
             v["outcome"]["extra"] = 1.into();
             let err = ResultMessage::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
             assert!(err.reason.contains("unknown field"), "{}", err.reason);

@@ -84,19 +84,25 @@ impl Client {
     }
 
     /// One call, each task named once.
-    async fn fetch_once(&self, tasks: Vec<(TaskId, u32)>) -> Result<Vec<Answer>, ConnectorError> {
-        let ids: Vec<String> = tasks.iter().map(|(t, _)| t.to_string()).collect();
-        let attempts: BTreeMap<String, u32> = tasks.iter().map(|(t, a)| (t.to_string(), *a)).collect();
-        let response = self
-            .http
+    /// One call of the batch endpoint.
+    async fn ask(
+        &self,
+        ids: &[String],
+        attempts: &BTreeMap<String, u32>,
+    ) -> Result<reqwest::Response, ConnectorError> {
+        self.http
             .post(&self.url)
             .bearer_auth(&self.token)
             .json(&serde_json::json!({ "task_ids": ids, "attempts": attempts }))
             .send()
             .await
-            .map_err(|e| {
-                ConnectorError::retryable(format!("coordinator unreachable: {}", e.without_url()))
-            })?;
+            .map_err(|e| ConnectorError::retryable(format!("coordinator unreachable: {}", e.without_url())))
+    }
+
+    async fn fetch_once(&self, tasks: Vec<(TaskId, u32)>) -> Result<Vec<Answer>, ConnectorError> {
+        let ids: Vec<String> = tasks.iter().map(|(t, _)| t.to_string()).collect();
+        let attempts: BTreeMap<String, u32> = tasks.iter().map(|(t, a)| (t.to_string(), *a)).collect();
+        let response = self.ask(&ids, &attempts).await?;
         match response.status() {
             StatusCode::OK => {}
             // The worker's fault, not the task's (a rotated or mistyped
@@ -137,18 +143,7 @@ impl HttpKeys {
     /// call that names no task (the coordinator checks the token first):
     /// `Ok(false)` for 401 or 403, `Err` when it cannot be asked.
     pub async fn token_accepted(&self) -> Result<bool, ConnectorError> {
-        let response = self
-            .client
-            .http
-            .post(&self.client.url)
-            .bearer_auth(&self.client.token)
-            .json(&serde_json::json!({ "task_ids": [], "attempts": {} }))
-            .send()
-            .await
-            .map_err(|e| {
-                ConnectorError::retryable(format!("coordinator unreachable: {}", e.without_url()))
-            })?;
-        match response.status() {
+        match self.client.ask(&[], &BTreeMap::new()).await?.status() {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(false),
             s if s.is_server_error() => {
                 Err(ConnectorError::retryable(format!("the coordinator answered {s}")))

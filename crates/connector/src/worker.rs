@@ -474,41 +474,30 @@ mod tests {
         }
     }
 
-    /// Fails as stores do: quoting the value back, first retryably.
-    struct Quotes(std::sync::atomic::AtomicU32);
+    /// Fails retryably with `first` on its first call, then answers `then`.
+    struct FailsFirst {
+        calls: std::sync::atomic::AtomicU32,
+        first: &'static str,
+        then: Result<Erasure, ConnectorError>,
+    }
 
-    #[async_trait]
-    impl Connector for Quotes {
-        async fn erase(&self, _task: &ErasureTask) -> Result<Erasure, ConnectorError> {
-            if self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                return Err(ConnectorError::retryable("lock timeout on row (email)=(ADA@example.com)"));
-            }
-            Err(ConnectorError::permanent(
-                "duplicate key value violates unique constraint: (email)=(ada%40example.com)",
-            ))
+    impl FailsFirst {
+        fn new(first: &'static str, then: Result<Erasure, ConnectorError>) -> Self {
+            Self { calls: Default::default(), first, then }
         }
-        async fn verify(&self, _task: &ErasureTask) -> Result<u64, ConnectorError> {
-            Ok(0)
-        }
-        async fn health(&self) -> Result<(), ConnectorError> {
-            Ok(())
+
+        fn calls(&self) -> u32 {
+            self.calls.load(std::sync::atomic::Ordering::SeqCst)
         }
     }
 
-    /// Busy at first, then erases whatever it is asked to.
-    #[derive(Default)]
-    struct BusyOnce(std::sync::atomic::AtomicU32);
-
     #[async_trait]
-    impl Connector for BusyOnce {
+    impl Connector for FailsFirst {
         async fn erase(&self, _task: &ErasureTask) -> Result<Erasure, ConnectorError> {
-            if self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                return Err(ConnectorError::retryable("database is locked"));
+            if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return Err(ConnectorError::retryable(self.first));
             }
-            Ok(Erasure {
-                datasets: vec![lethe_core::DatasetReport::new("customers", 1, 0)],
-                retained: vec![],
-            })
+            self.then.clone()
         }
         async fn verify(&self, _task: &ErasureTask) -> Result<u64, ConnectorError> {
             Ok(0)
@@ -543,13 +532,16 @@ mod tests {
         let key = DataKey::generate();
         let retry = RetryPolicy { initial_delay_ms: 1, max_delay_ms: 1, max_retries: 3 };
         let bus = Arc::new(lethe_bus::InProcessBus::new());
-        let connector = Arc::new(BusyOnce::default());
+        // Busy at first, then erases whatever it is asked to.
+        let erased =
+            Erasure { datasets: vec![lethe_core::DatasetReport::new("customers", 1, 0)], retained: vec![] };
+        let connector = Arc::new(FailsFirst::new("database is locked", Ok(erased)));
         let keys = Arc::new(WithdrawnAfterFirst(key.clone(), Default::default()));
         let worker = Worker::new("crm", connector.clone(), keys, bus, retry);
         let result = worker.process(task_for(&key, 1)).await;
         let Outcome::Failed { retryable, reason } = result.outcome else { panic!("{result:?}") };
         assert!(!retryable && reason.contains("withdrawn"), "{reason}");
-        assert_eq!(connector.0.load(std::sync::atomic::Ordering::SeqCst), 1, "erase was not called again");
+        assert_eq!(connector.calls(), 1, "erase was not called again");
     }
 
     #[derive(Clone, Default)]
@@ -580,7 +572,13 @@ mod tests {
         let key = DataKey::generate();
         let retry = RetryPolicy { initial_delay_ms: 1, max_delay_ms: 1, max_retries: 3 };
         let bus = Arc::new(lethe_bus::InProcessBus::new());
-        let connector = Arc::new(Quotes(Default::default()));
+        // Fails as stores do: quoting the value back, first retryably.
+        let connector = Arc::new(FailsFirst::new(
+            "lock timeout on row (email)=(ADA@example.com)",
+            Err(ConnectorError::permanent(
+                "duplicate key value violates unique constraint: (email)=(ada%40example.com)",
+            )),
+        ));
         let worker = Worker::new("crm", connector, Arc::new(OneKey(key.clone())), bus, retry);
         let result = worker.process(task_for(&key, 1)).await;
         let Outcome::Failed { retryable, reason } = result.outcome else { panic!("{result:?}") };
