@@ -754,12 +754,20 @@ impl SqlStore {
         .await?;
         // A request with nothing to dispatch (no system, or all held) is
         // settled at once.
+        let mut settled = false;
         for req in reqs.iter().filter(|r| r.tasks.iter().all(|t| t.held)) {
+            settled = true;
             self.refresh_request(&mut tx, req.id, RequestStatus::Received, req.received_at, &mut events)
                 .await?;
         }
-        self.late_holds(&mut tx, &reqs, last.received_at, &mut events).await?;
+        let late = self.late_holds(&mut tx, &reqs, last.received_at, &mut events).await?;
         self.append_audit(&mut tx, events, last.received_at).await?;
+        // Written `received`, unless settled at once, replanned or held
+        // since: then read back.
+        if !(settled || late || replanned.is_some()) {
+            tx.commit().await.map_err(db_err)?;
+            return Ok(reqs.iter().map(|r| (r.id, RequestStatus::Received)).collect());
+        }
         let sql =
             format!("SELECT id, status FROM requests WHERE {}", self.dialect.in_keys("id", 1, Keys::Text));
         let rows =

@@ -395,17 +395,19 @@ impl SqlStore {
 
     /// Applies to requests just inserted (not yet committed) the holds in
     /// force on their subjects that their plans missed: placed after the
-    /// planner looked.
+    /// planner looked. `true` if there were any (they may have changed the
+    /// requests' statuses).
     pub(super) async fn late_holds(
         &self,
         tx: &mut AnyConnection,
         reqs: &[&NewRequest],
         at: DateTime<Utc>,
         events: &mut Vec<PendingEvent>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let hashes: Vec<String> =
             reqs.iter().flat_map(|r| r.identifiers.iter().map(|i| i.subject_hash.clone())).collect();
         let found = holds_in_force(self.dialect, tx, &hashes, at).await?;
+        let any = !found.is_empty();
         let mut by_hold: BTreeMap<String, (ActiveHold, BTreeSet<String>)> = BTreeMap::new();
         for (hash, active) in found {
             by_hold.entry(active.hold.id.clone()).or_insert_with(|| (active, BTreeSet::new())).1.insert(hash);
@@ -419,7 +421,7 @@ impl SqlStore {
             // Categories the plan already holds are left as they are.
             self.hold_under_way(tx, active, at, &reached, events).await?;
         }
-        Ok(())
+        Ok(any)
     }
 
     /// Applies a hold being placed to `requests` of its subject still
