@@ -34,11 +34,12 @@
 //! identifiers once normalised, regulation and reference) is not sent.
 //!
 //! **Exit status.** 0 when every row was created, had been created by an
-//! earlier run (replayed) or repeated an earlier row; 3 when some rows were rejected (every other row
-//! was sent); 1 when the import could not run or stopped (unreadable file,
-//! header without an identifier column, coordinator unreachable or refusing
-//! the token): what was sent before stays, and the same command resumes; 2
-//! for a usage error (a missing `--regulation`, say), before anything ran.
+//! earlier run (replayed) or repeated an earlier row; 3 when some rows were
+//! rejected (every other row was sent); 1 when the import could not run or
+//! stopped (unreadable file, header without an identifier column, coordinator
+//! unreachable or refusing the token): what was sent before stays, and the
+//! same command resumes; 2 for a usage error (a missing `--regulation`, say),
+//! before anything ran.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write as _};
