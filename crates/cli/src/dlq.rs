@@ -16,8 +16,8 @@ pub enum DlqCommand {
     List,
     /// Publish dead-lettered results to the results topic again, e.g. after
     /// fixing what made them fail. Each letter is handled once (consumer
-    /// group `<namespace>.dlq-replay`); letters that still cannot be decoded
-    /// are skipped and counted.
+    /// group `<namespace>.dlq-replay`); task letters (a worker's) and
+    /// results that still cannot be decoded are skipped and counted.
     Replay {
         /// Show what would be replayed; publish nothing, move no offset.
         #[arg(long)]
@@ -60,8 +60,13 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
             } else {
                 bus.dead_letters(&group, idle).await?
             };
-            let (mut replayed, mut skipped) = (0, 0);
+            let results_topic = format!("{namespace}.results");
+            let (mut replayed, mut tasks, mut skipped) = (0, 0, 0);
             for l in &read.letters {
+                if l.source != results_topic {
+                    tasks += 1;
+                    continue;
+                }
                 match ResultMessage::decode(&l.payload) {
                     Ok(result) => {
                         if !dry_run {
@@ -79,7 +84,10 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
                 read.commit()?;
             }
             let verb = if dry_run { "would replay" } else { "replayed" };
-            println!("{verb} {replayed} results; skipped {skipped} letters that still cannot be decoded");
+            println!(
+                "{verb} {replayed} results; skipped {skipped} results that still cannot be decoded \
+                 and {tasks} task letters (a worker's: replay handles results only)"
+            );
         }
     }
     Ok(())
