@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use lethe_bus::{Bus, Consumer, Delivery, Position, ResultMessage};
 use lethe_connector::DEAD_LETTER_ATTEMPTS;
-use lethe_core::{MasterKey, Outcome, RequestId};
+use lethe_core::{MasterKey, Outcome, RequestId, TaskState};
 use lethe_store::{Applied, OutcomeReport, RetrySchedule, StateStore, StoreError};
 use tokio::sync::Notify;
 
@@ -15,6 +15,7 @@ use crate::clock::Clock;
 use crate::dispatcher::delays;
 use crate::metrics::{
     DEAD_LETTERS_TOTAL, DISPATCH_TO_OUTCOME_SECONDS, OUTCOMES_TOTAL, REQUESTS_FINISHED_TOTAL,
+    TASK_REQUEUES_TOTAL,
 };
 
 /// Longest failure reason kept, in bytes; a longer one is cut.
@@ -107,6 +108,10 @@ impl Ingest {
                         system = %msg.system, attempt = msg.attempt);
                     lethe_bus::trace::link(&span, request);
                     span.in_scope(|| tracing::info!(state = %task, "task updated"));
+                    if task == TaskState::Pending {
+                        // A retryable failure: queued for a later attempt.
+                        metrics::counter!(TASK_REQUEUES_TOTAL, "reason" => "retryable_failure").increment(1);
+                    }
                     if let Some(status) = request_status.filter(|s| s.is_final()) {
                         metrics::counter!(REQUESTS_FINISHED_TOTAL, "status" => status.as_str()).increment(1);
                         tracing::info!(%request, %status, "request finished");

@@ -22,6 +22,13 @@ pub fn describe() {
     );
     metrics::describe_counter!(TASK_REQUEUES_TOTAL, "Tasks queued again by the coordinator, by reason.");
     metrics::describe_counter!(DUE_DATE_ALERTS_TOTAL, "Due-date alerts raised by the scheduler, by alert.");
+    // The counters the documented alerts watch with rate(): present at 0
+    // from the start, so that their first increment is a change.
+    metrics::counter!(PUBLISH_FAILURES_TOTAL).increment(0);
+    metrics::counter!(DEAD_LETTERS_TOTAL, "source" => "results").increment(0);
+    for reason in ["timeout", "retryable_failure", "follow_up"] {
+        metrics::counter!(TASK_REQUEUES_TOTAL, "reason" => reason).increment(0);
+    }
 }
 
 /// The process-wide Prometheus recorder, installed on first use. Metrics

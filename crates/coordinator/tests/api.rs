@@ -1247,6 +1247,10 @@ async fn metrics_move_with_a_batch_and_never_name_a_subject() {
         String::from_utf8(bytes.to_vec()).unwrap()
     };
     let before = scrape().await;
+    // What the documented alerts watch with rate() is there from the start.
+    for series in ["lethe_publish_failures_total", "lethe_task_requeues_total{reason=\"timeout\"}"] {
+        assert!(before.lines().any(|l| l.starts_with(series)), "{series} missing: {before}");
+    }
     let connector = Arc::new(MemoryConnector::default());
     h.start_workers(connector.clone());
     let mut ids = Vec::new();
