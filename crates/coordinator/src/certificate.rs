@@ -210,7 +210,8 @@ impl Certifier {
             self.master.unwrap(&current.wrapped_key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let signing = SigningKey::from_bytes(secret.as_bytes());
         let audit = self.store.audit_events(Some(detail.request.id)).await?;
-        let payload = payload(detail, audit.last().map(|e| (e.seq, e.hash.as_str())), now);
+        let late = late_changes(&audit);
+        let payload = payload(detail, audit.last().map(|e| (e.seq, e.hash.as_str())), &late, now);
         let signature = signing.sign(canonical(&payload).as_bytes());
         Ok(Certificate {
             payload,
@@ -228,7 +229,31 @@ pub fn certifiable(status: RequestStatus) -> bool {
     matches!(status, RequestStatus::Completed | RequestStatus::CompletedWithExemptions)
 }
 
-fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, now: DateTime<Utc>) -> Value {
+/// Data changed by attempts whose results were not applied (withdrawn by a
+/// legal hold while they ran, or superseded), by system, from the trail's
+/// `task.outcome_ignored` events: the certificate must not say a system's
+/// data was all kept when a late attempt erased some of it.
+fn late_changes(audit: &[lethe_store::AuditEvent]) -> Vec<(String, Value)> {
+    audit
+        .iter()
+        .filter(|e| e.kind == "task.outcome_ignored")
+        .filter_map(|e| {
+            let detail: Value = serde_json::from_str(&e.detail).ok()?;
+            let system = detail["system"].as_str()?.to_owned();
+            Some((
+                system,
+                json!({"attempt": detail["attempt"], "at": e.at, "datasets": detail["outcome"]["datasets"]}),
+            ))
+        })
+        .collect()
+}
+
+fn payload(
+    detail: &RequestDetail,
+    audit: Option<(i64, &str)>,
+    late: &[(String, Value)],
+    now: DateTime<Utc>,
+) -> Value {
     let r = &detail.request;
     let systems: Vec<Value> = detail
         .plan
@@ -254,7 +279,8 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, now: DateTime<Utc
                     })
                 })
                 .collect();
-            json!({
+            let late: Vec<&Value> = late.iter().filter(|(s, _)| *s == p.system).map(|(_, v)| v).collect();
+            let mut entry = json!({
                 "system": p.system,
                 "action": p.action,
                 "state": task.map(|t| t.state),
@@ -269,7 +295,11 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, now: DateTime<Utc
                 "retained": retained,
                 "verification": {"verified": outcome.and_then(Outcome::residual).is_some(), "residual": outcome.and_then(Outcome::residual)},
                 "categories": categories,
-            })
+            });
+            if !late.is_empty() {
+                entry["late_changes"] = json!(late);
+            }
+            entry
         })
         .collect();
     json!({

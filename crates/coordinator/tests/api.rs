@@ -1280,3 +1280,53 @@ async fn metrics_move_with_a_batch_and_never_name_a_subject() {
     assert_eq!(metric(&after, "lethe_requests_overdue", &[]), 0.0);
     assert!(!after.contains("@example.com") && !after.contains("metric0"), "no identifier in metrics");
 }
+
+/// An attempt that erased before a legal hold withdrew it answers late: the
+/// task stays held, and the certificate says what the attempt erased
+/// rather than that everything was kept.
+#[tokio::test]
+async fn a_certificate_shows_what_a_withdrawn_attempt_erased() {
+    let h = Harness::new().await;
+    let subject = json!({"email": "late@example.com"});
+    let (_, created, _) =
+        call(&h.app(), post(json!({"subject": subject, "regulation": "gdpr"}).to_string())).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    // No worker runs: both tasks wait on the bus.
+    let mut crm_task = None;
+    for _ in 0..200 {
+        let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{id}"))).await;
+        let systems = view["systems"].as_array().unwrap();
+        if systems.iter().all(|s| s["state"] == "dispatched") {
+            crm_task = systems.iter().find(|s| s["system"] == "crm").map(|s| s["task_id"].clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let crm_task: lethe_core::TaskId =
+        crm_task.expect("both tasks dispatched").as_str().unwrap().parse().unwrap();
+    let hold =
+        json!({"subject": subject, "scope": {}, "reason": "pending litigation", "case_reference": "C-9"});
+    let (status, placed, _) = call(&h.app(), post_json("/v1/holds", hold)).await;
+    assert_eq!(status, StatusCode::CREATED, "{placed}");
+    let late = lethe_store::OutcomeReport {
+        task_id: crm_task,
+        attempt: 1,
+        outcome: lethe_core::Outcome::Erased {
+            datasets: vec![DatasetReport::new("contacts", 2, 0)],
+            residual: Some(0),
+        },
+    };
+    let now = lethe_coordinator::Clock::now(&h.clock);
+    let applied =
+        h.state().store.apply_outcomes(&[late], &lethe_store::RetrySchedule::default(), now).await.unwrap();
+    assert_eq!(applied, [lethe_store::Applied::Ignored]);
+    let view = wait_final(&h.app(), &id).await;
+    assert_eq!(view["status"], "completed_with_exemptions", "{view}");
+    let (status, cert, _) = call(&h.app(), get(&format!("/v1/requests/{id}/certificate"))).await;
+    assert_eq!(status, StatusCode::OK, "{cert}");
+    let systems = cert["payload"]["systems"].as_array().unwrap();
+    let of = |name: &str| systems.iter().find(|s| s["system"] == name).unwrap();
+    assert_eq!(of("crm")["state"], "held");
+    assert_eq!(of("crm")["late_changes"][0]["datasets"][0]["deleted"], 2, "{cert}");
+    assert!(of("mail").get("late_changes").is_none(), "{cert}");
+}
