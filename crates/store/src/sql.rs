@@ -754,35 +754,20 @@ impl SqlStore {
         .await?;
         // A request with nothing to dispatch (no system, or all held) is
         // settled at once.
-        let mut settled = false;
-        for req in reqs.iter().filter(|r| r.tasks.iter().all(|t| t.held)) {
-            settled = true;
+        let settled: Vec<&&NewRequest> = reqs.iter().filter(|r| r.tasks.iter().all(|t| t.held)).collect();
+        for req in &settled {
             self.refresh_request(&mut tx, req.id, RequestStatus::Received, req.received_at, &mut events)
                 .await?;
         }
         let late = self.late_holds(&mut tx, &reqs, last.received_at, &mut events).await?;
         self.append_audit(&mut tx, events, last.received_at).await?;
         // Written `received`, unless settled at once, replanned or held
-        // since: then read back.
-        if !(settled || late || replanned.is_some()) {
-            tx.commit().await.map_err(db_err)?;
-            return Ok(reqs.iter().map(|r| (r.id, RequestStatus::Received)).collect());
-        }
-        let sql =
-            format!("SELECT id, status FROM requests WHERE {}", self.dialect.in_keys("id", 1, Keys::Text));
-        let rows =
-            sqlx::query(&sql).bind(key_list(reqs.iter().map(|r| r.id.to_string()))).fetch_all(&mut *tx);
-        let statuses = rows
-            .await
-            .map_err(db_err)?
-            .iter()
-            .map(|r| {
-                Ok((
-                    parse(&col::<String>(r, "id")?, "request id")?,
-                    parse(&col::<String>(r, "status")?, "status")?,
-                ))
-            })
-            .collect::<Result<HashMap<_, _>, StoreError>>()?;
+        // since: then read back (the rows are this transaction's already).
+        let statuses = if settled.is_empty() && !late && replanned.is_none() {
+            reqs.iter().map(|r| (r.id, RequestStatus::Received)).collect()
+        } else {
+            self.lock_requests(&mut tx, reqs.iter().map(|r| r.id)).await?
+        };
         tx.commit().await.map_err(db_err)?;
         Ok(statuses)
     }
@@ -1309,9 +1294,7 @@ impl StateStore for SqlStore {
                 json!({"system": task.system, "attempt": report.attempt, "state": next, "outcome": report.outcome}),
             ));
             if retry_later {
-                let in_budget =
-                    u32::try_from(i64::from(report.attempt) - task.budget_start).unwrap_or(1).max(1);
-                let at = now + chrono::Duration::from_std(schedule.delay(in_budget)).unwrap_or_default();
+                let at = schedule.retry_at(i64::from(report.attempt) - task.budget_start, now);
                 requeue_rows.push(vec![
                     Arg::from(report.task_id.to_string()),
                     task.system.clone().into(),
@@ -1454,8 +1437,7 @@ impl StateStore for SqlStore {
                 // Sent again after the schedule's backoff, as a retryable
                 // failure is: a system whose workers are down is not sent
                 // the task every time-out until its attempts run out.
-                let in_budget = u32::try_from(task.attempts - task.budget_start).unwrap_or(1).max(1);
-                let at = now + chrono::Duration::from_std(schedule.delay(in_budget)).unwrap_or_default();
+                let at = schedule.retry_at(task.attempts - task.budget_start, now);
                 self.set_task_state(&mut tx, task_id, TaskState::Pending, None, now).await?;
                 self.enqueue(&mut tx, task_id, ms(at), now).await?;
                 expired.requeued += 1;

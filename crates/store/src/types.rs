@@ -207,6 +207,13 @@ impl Default for RetrySchedule {
 }
 
 impl RetrySchedule {
+    /// When to try again after `in_budget` attempts of the current budget
+    /// (at least 1), from `now`.
+    pub fn retry_at(&self, in_budget: i64, now: DateTime<Utc>) -> DateTime<Utc> {
+        let in_budget = u32::try_from(in_budget).unwrap_or(1).max(1);
+        now + chrono::Duration::from_std(self.delay(in_budget)).unwrap_or_default()
+    }
+
     /// The delay after `attempt` (1-based): `backon`'s exponential schedule
     /// (doubling from `initial_delay`, capped at `max_delay`), with ±20 %
     /// jitter so that retries of many tasks spread out. The delay is not
