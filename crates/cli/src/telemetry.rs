@@ -109,27 +109,12 @@ fn join_request_trace(span: &tracing::Span, request: uuid::Uuid) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use lethe_connector::conformance::LogBuffer;
 
     #[test]
     fn a_panic_is_logged_with_its_place_and_without_its_message() {
-        let log = Captured::default();
-        let writer = log.clone();
-        let subscriber =
-            tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        let log = LogBuffer::default();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(log.clone()).finish();
         let _guard = tracing::subscriber::set_default(subscriber);
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(super::log_panic));
@@ -137,7 +122,7 @@ mod tests {
         let caught = std::panic::catch_unwind(|| panic!("byte index 2 is inside `{email}`"));
         std::panic::set_hook(previous);
         assert!(caught.is_err());
-        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let text = log.contents();
         assert!(text.contains("panicked") && text.contains("telemetry.rs:"), "{text}");
         assert!(!text.contains("ada@"), "{text}");
     }

@@ -487,12 +487,14 @@ mod capture {
     }
 }
 
-/// Log lines captured during a run.
+/// Log lines captured during a run; also a `MakeWriter` for a test's own
+/// subscriber, to check what a piece of code logs.
 #[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+pub struct LogBuffer(Arc<Mutex<Vec<u8>>>);
 
 impl LogBuffer {
-    fn contents(&self) -> String {
+    /// What was written so far.
+    pub fn contents(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
     }
 }

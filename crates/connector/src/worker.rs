@@ -414,7 +414,23 @@ mod tests {
         }
     }
 
-    struct OneKey(DataKey);
+    /// Serves its key for every task, or only once (`once`): the attempt
+    /// is then withdrawn, by a legal hold say, after the worker has it.
+    struct OneKey {
+        key: DataKey,
+        once: bool,
+        served: std::sync::atomic::AtomicBool,
+    }
+
+    impl OneKey {
+        fn new(key: &DataKey) -> Self {
+            Self { key: key.clone(), once: false, served: Default::default() }
+        }
+
+        fn once(key: &DataKey) -> Self {
+            Self { once: true, ..Self::new(key) }
+        }
+    }
 
     #[async_trait]
     impl KeyResolver for OneKey {
@@ -425,7 +441,8 @@ mod tests {
             _task: TaskId,
             _attempt: u32,
         ) -> Result<Option<DataKey>, ConnectorError> {
-            Ok(Some(self.0.clone()))
+            let served = self.served.swap(true, std::sync::atomic::Ordering::SeqCst);
+            Ok((!(self.once && served)).then(|| self.key.clone()))
         }
     }
 
@@ -436,7 +453,7 @@ mod tests {
         let key = DataKey::generate();
         let bus = Arc::new(lethe_bus::InProcessBus::new());
         let retry = RetryPolicy { initial_delay_ms: 1, max_delay_ms: 1, max_retries: 0 };
-        let worker = Worker::new("crm", Arc::new(Panics), Arc::new(OneKey(key.clone())), bus.clone(), retry);
+        let worker = Worker::new("crm", Arc::new(Panics), Arc::new(OneKey::new(&key)), bus.clone(), retry);
         bus.publish_tasks(&[task_for(&key, 1), task_for(&key, 2)]).await.unwrap();
         let mut results = bus.result_consumer().await.unwrap();
         let running = tokio::spawn(worker.run());
@@ -507,24 +524,6 @@ mod tests {
         }
     }
 
-    /// Serves the key once: the attempt is withdrawn (by a legal hold,
-    /// say) once the worker has it.
-    struct WithdrawnAfterFirst(DataKey, std::sync::atomic::AtomicBool);
-
-    #[async_trait]
-    impl KeyResolver for WithdrawnAfterFirst {
-        async fn data_key(
-            &self,
-            _system: &str,
-            _request: RequestId,
-            _task: TaskId,
-            _attempt: u32,
-        ) -> Result<Option<DataKey>, ConnectorError> {
-            let served = self.1.swap(true, std::sync::atomic::Ordering::SeqCst);
-            Ok((!served).then(|| self.0.clone()))
-        }
-    }
-
     /// An attempt withdrawn while its connector backs off is not retried:
     /// the retry asks first, and nothing more is erased.
     #[tokio::test]
@@ -536,7 +535,7 @@ mod tests {
         let erased =
             Erasure { datasets: vec![lethe_core::DatasetReport::new("customers", 1, 0)], retained: vec![] };
         let connector = Arc::new(FailsFirst::new("database is locked", Ok(erased)));
-        let keys = Arc::new(WithdrawnAfterFirst(key.clone(), Default::default()));
+        let keys = Arc::new(OneKey::once(&key));
         let worker = Worker::new("crm", connector.clone(), keys, bus, retry);
         let result = worker.process(task_for(&key, 1)).await;
         let Outcome::Failed { retryable, reason } = result.outcome else { panic!("{result:?}") };
@@ -544,29 +543,15 @@ mod tests {
         assert_eq!(connector.calls(), 1, "erase was not called again");
     }
 
-    #[derive(Clone, Default)]
-    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// An error that quotes the subject reaches neither the result nor the
     /// worker's log: its text is withheld in both.
     #[tokio::test]
     async fn an_error_naming_the_subject_is_withheld_from_the_result_and_the_log() {
-        let log = Captured::default();
-        let writer = log.clone();
+        let log = crate::conformance::LogBuffer::default();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::DEBUG)
             .with_ansi(false)
-            .with_writer(move || writer.clone())
+            .with_writer(log.clone())
             .finish();
         let _guard = tracing::subscriber::set_default(subscriber);
         let key = DataKey::generate();
@@ -579,12 +564,12 @@ mod tests {
                 "duplicate key value violates unique constraint: (email)=(ada%40example.com)",
             )),
         ));
-        let worker = Worker::new("crm", connector, Arc::new(OneKey(key.clone())), bus, retry);
+        let worker = Worker::new("crm", connector, Arc::new(OneKey::new(&key)), bus, retry);
         let result = worker.process(task_for(&key, 1)).await;
         let Outcome::Failed { retryable, reason } = result.outcome else { panic!("{result:?}") };
         assert!(!retryable);
         assert_eq!(reason, WITHHELD_REASON);
-        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let text = log.contents();
         assert!(text.contains("retryable connector error") && text.contains("task finished"), "{text}");
         assert!(!text.to_lowercase().contains("ada@example") && !text.contains("ada%40"), "{text}");
     }
