@@ -58,9 +58,12 @@ fn placeholders(path: &str) -> impl Iterator<Item = &str> {
         .filter(|name| name.parse::<lethe_connector::lethe_core::IdentifierKind>().is_ok())
 }
 
-/// Never says which file: its name holds an identifier.
+/// Never says which file: its name holds an identifier. A file that is
+/// not allowed to be removed, or a path naming a directory, fails the same
+/// way on every attempt: permanent.
 fn io_error(e: std::io::Error) -> ConnectorError {
-    let retryable = e.kind() != ErrorKind::PermissionDenied;
+    let retryable =
+        !matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::IsADirectory | ErrorKind::NotADirectory);
     ConnectorError { retryable, message: format!("file system error on a dataset file: {}", e.kind()) }
 }
 
@@ -146,9 +149,17 @@ impl ConnectorKind for FilesKind {
 }
 
 /// A dataset's path must name its subject: one without a placeholder is
-/// the same file for everyone, and every erasure would delete it.
+/// the same file for everyone, and every erasure would delete it. It must
+/// also stay under `root`: relative, without `..`.
 fn checked(config: FilesConfig) -> Result<FilesConfig, String> {
     for d in &config.datasets {
+        let path = Path::new(&d.path);
+        if path.has_root() || path.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            return Err(format!(
+                "dataset {:?}: path must be relative to root, without `.`, `..` or a leading `/`",
+                d.name
+            ));
+        }
         if placeholders(&d.path).next().is_none() {
             return Err(format!(
                 "dataset {:?}: path has no {{identifier_type}} placeholder, so it would be every subject's file",
@@ -177,5 +188,9 @@ mod tests {
         assert!(FilesKind.categories(&table("exports/{nickname_typo.json")).is_err());
         let types = FilesKind.identifier_types(&table("exports/{customer_id}/{email}.json")).unwrap();
         assert_eq!(types, Some(vec!["customer_id".to_owned(), "email".to_owned()]));
+        for outside in ["/etc/{email}", "../{email}.json", "exports/../../{email}", "./{email}"] {
+            let refused = FilesKind.categories(&table(outside)).unwrap_err();
+            assert!(refused.contains("relative to root"), "{outside}: {refused}");
+        }
     }
 }

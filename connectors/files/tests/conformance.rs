@@ -90,3 +90,15 @@ async fn every_value_of_an_identifier_type_is_erased() {
     assert_eq!(files.verify(&task).await.unwrap(), 0);
     assert!(dir.path().join("avatar-c@example.com.png").exists());
 }
+
+/// A path that names a directory fails for good, not on every retry.
+#[tokio::test]
+async fn a_directory_in_place_of_a_file_fails_permanently() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("avatar-ada@example.com.png")).unwrap();
+    let kit = Kit::new(connector(dir.path()).await, vec!["profile".into()]);
+    let task = kit.task(vec![Identifier::parse(IdentifierKind::Email, "ada@example.com").unwrap()]);
+    let error = connector(dir.path()).await.erase(&task).await.unwrap_err();
+    assert!(!error.retryable, "{error}");
+    assert!(!error.message.contains("ada@"), "{error}");
+}
