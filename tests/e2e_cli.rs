@@ -1,5 +1,5 @@
 //! The `lethe` command line against a running `lethe serve`: submit, status,
-//! requests list, and `config check` on a good and on broken files.
+//! requests list, `migrate`, and `config check` on a good and on broken files.
 
 mod support;
 
@@ -273,6 +273,27 @@ async fn connector_check_runs_the_conformance_kit_against_a_live_system() {
 
     let out = lethe(&["connector", "check", "--config", config, "--system", "nope"], cwd).await;
     assert!(!out.status.success(), "{}", describe(&out));
+}
+
+/// `lethe migrate` names the migrations it applies to a new store, and a
+/// second run applies none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_says_what_it_applied() {
+    let lab = Lab::new(StateKind::Sqlite, ada_and_neighbours()).await;
+    let config = lab.config.to_str().expect("UTF-8 path");
+    let env = lab.child_env();
+
+    let out = lethe_with_env(&["migrate", "--config", config], lab.root(), &env).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let first = String::from_utf8_lossy(&out.stdout).into_owned();
+    let applied = first.lines().filter(|l| l.starts_with("applied ")).count();
+    assert!(applied > 0, "a new store has migrations to apply:\n{first}");
+    assert!(first.lines().any(|l| l.starts_with("applied 1 ")), "the first migration is named:\n{first}");
+    assert!(first.ends_with("state store (sqlite) is up to date\n"), "{first}");
+
+    let out = lethe_with_env(&["migrate", "--config", config], lab.root(), &env).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "state store (sqlite) is up to date\n");
 }
 
 /// A value for every `${VAR}` a configuration text names: 64 hex

@@ -459,7 +459,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate { config } => {
             let config = config.load(&Overrides::default())?;
             let url = resolve_placeholders(&config.store.url).context("store.url")?;
-            let store = lethe_store::connect(&url).await?;
+            let (store, applied) = lethe_store::connect_migrated(&url).await?;
+            for migration in &applied {
+                println!("applied {migration}");
+            }
             println!("state store ({}) is up to date", store.backend());
             Ok(())
         }

@@ -53,9 +53,15 @@ impl StoreError {
 
 /// Opens the store at `url` and brings its schema up to date.
 pub async fn connect(url: &str) -> Result<Arc<dyn StateStore>, StoreError> {
+    Ok(connect_migrated(url).await?.0)
+}
+
+/// [`connect`], also naming the migrations it applied (see
+/// [`SqlStore::migrate`]).
+pub async fn connect_migrated(url: &str) -> Result<(Arc<dyn StateStore>, Vec<String>), StoreError> {
     let store = SqlStore::connect(url).await?;
-    store.migrate().await?;
-    Ok(Arc::new(store))
+    let applied = store.migrate().await?;
+    Ok((Arc::new(store), applied))
 }
 
 /// The coordinator's view of durable state. Every method is one transaction.

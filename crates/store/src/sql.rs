@@ -76,13 +76,30 @@ impl SqlStore {
         &self.pool
     }
 
-    /// Applies pending migrations (safe to run from several replicas).
-    pub async fn migrate(&self) -> Result<(), StoreError> {
+    /// Applies pending migrations (safe to run from several replicas) and
+    /// names those that were pending when it started, oldest first
+    /// (`"<version> <description>"`). A replica migrating at the same time
+    /// may have applied some of them.
+    pub async fn migrate(&self) -> Result<Vec<String>, StoreError> {
+        use sqlx::migrate::Migrate;
         let migrator = match self.dialect {
             Dialect::Postgres => sqlx::migrate!("./migrations/postgres"),
             Dialect::Sqlite => sqlx::migrate!("./migrations/sqlite"),
         };
-        migrator.run(&self.pool).await.map_err(|e| StoreError::Migration(e.to_string()))
+        let migration_err = |e: sqlx::migrate::MigrateError| StoreError::Migration(e.to_string());
+        let applied = {
+            let mut conn = self.pool.acquire().await.map_err(db_err)?;
+            conn.ensure_migrations_table().await.map_err(migration_err)?;
+            conn.list_applied_migrations().await.map_err(migration_err)?
+        };
+        let pending = migrator
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration())
+            .filter(|m| !applied.iter().any(|a| a.version == m.version))
+            .map(|m| format!("{} {}", m.version, m.description))
+            .collect();
+        migrator.run(&self.pool).await.map_err(migration_err)?;
+        Ok(pending)
     }
 
     async fn begin(&self) -> Result<Tx<'static>, StoreError> {
