@@ -56,7 +56,7 @@ impl Names {
 }
 
 /// Kafka settings (`[bus]` with `kind = "kafka"`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, e.g. `broker-1:9092,broker-2:9092`.
@@ -76,6 +76,19 @@ pub struct KafkaConfig {
     /// `sasl.password`, `ssl.ca.location` (placeholders resolved by the caller).
     #[serde(default)]
     pub client: BTreeMap<String, String>,
+}
+
+/// Shows the client settings' names only: their values may be passwords.
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("namespace", &self.namespace)
+            .field("partitions", &self.partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("client", &self.client.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl KafkaConfig {

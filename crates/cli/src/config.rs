@@ -73,7 +73,7 @@ pub struct PolicyConfig {
     pub files: Vec<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address of the HTTP API.
@@ -99,7 +99,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `sqlite://path/to/file.db` or `postgres://user@host/db` (may be `${ENV}`).
@@ -130,7 +130,7 @@ pub enum BusConfig {
     Kafka(lethe_bus::KafkaConfig),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeysConfig {
     /// The master key as 64 hex characters, normally `${LETHE_MASTER_KEY}`.
@@ -273,7 +273,7 @@ impl Default for SchedulerConfig {
 }
 
 /// A registered data system.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SystemConfig {
     /// Unique name: lower-case letters, digits, `-` and `_`.
@@ -446,6 +446,63 @@ impl WebhookConfig {
 }
 
 /// The URL and secret may carry credentials: neither is printed.
+/// What `Debug` shows in place of a secret (tokens, keys, a URL that may
+/// carry a password, a connector's settings).
+const REDACTED: &str = "[redacted]";
+
+/// `Some("[redacted]")` or `None`: whether a secret is set, not what it is.
+fn redacted(secret: &Option<String>) -> Option<&'static str> {
+    secret.as_ref().map(|_| REDACTED)
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("listen", &self.listen)
+            .field("admin_token", &redacted(&self.admin_token))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig").field("url", &REDACTED).finish()
+    }
+}
+
+impl std::fmt::Debug for KeysConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeysConfig")
+            .field("master_key", &redacted(&self.master_key))
+            .field("master_key_file", &self.master_key_file)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SystemConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SystemConfig")
+            .field("name", &self.name)
+            .field("connector", &self.connector)
+            .field("owner", &self.owner)
+            .field("description", &self.description)
+            .field("categories", &self.categories)
+            .field("identifier_types", &self.identifier_types)
+            .field("token", &redacted(&self.token))
+            .field("config", &self.config.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overrides")
+            .field("listen", &self.listen)
+            .field("store_url", &redacted(&self.store_url))
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookConfig")
@@ -462,18 +519,25 @@ impl std::fmt::Debug for WebhookConfig {
     }
 }
 
-/// An absolute `https://` or `http://` URL with a host. The error does not
-/// quote the URL, which may hold a credential.
-fn check_webhook_url(url: &str) -> anyhow::Result<()> {
+/// An absolute `https://` or `http://` URL with a host; `https://` to send
+/// identifiers, unless the endpoint is on this machine (a loopback
+/// address). The error does not quote the URL, which may hold a credential.
+fn check_webhook_url(url: &str, identifiers: bool) -> anyhow::Result<()> {
     let parsed = reqwest::Url::parse(url).map_err(|_| anyhow::anyhow!("`url` is not a valid URL"))?;
     if !matches!(parsed.scheme(), "https" | "http") || parsed.host_str().is_none_or(str::is_empty) {
         bail!("`url` must be an https:// (or http://) URL with a host");
+    }
+    let host = parsed.host_str().unwrap_or_default();
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if identifiers && parsed.scheme() == "http" && !loopback {
+        bail!("`include_identifiers = true` needs an https:// `url`: identifiers are not sent in the clear");
     }
     Ok(())
 }
 
 /// Command-line overrides (layer 4).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub store_url: Option<String>,
@@ -744,6 +808,54 @@ mod tests {
             Config::load_with_env(Some(&f), &Overrides::default(), &[])
                 .unwrap_or_else(|e| panic!("{}: {e:#}", f.display()));
         }
+    }
+
+    /// Nothing secret reaches a `{:?}` of the configuration: tokens, the
+    /// master key, a store URL's password, a connector's or the Kafka
+    /// client's settings.
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let text = r#"
+            [server]
+            admin_token = "admin-token-value-0123456789abcdef"
+            [store]
+            url = "postgres://lethe:store-password@db.internal/lethe"
+            [keys]
+            master_key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+            [bus]
+            kind = "kafka"
+            brokers = "127.0.0.1:9092"
+            [bus.client]
+            "sasl.password" = "kafka-password-value"
+            [[systems]]
+            name = "shop"
+            connector = "redis"
+            token = "connector-token-value-0123456789abcdef"
+            [systems.config]
+            url = "redis://:redis-password@cache.internal"
+            [[systems.config.datasets]]
+            name = "sessions"
+            category = "web.session"
+            key = "session:{customer_id}"
+        "#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lethe.toml");
+        std::fs::write(&path, text).unwrap();
+        let overrides = Overrides { listen: None, store_url: Some("postgres://u:override-password@h/db".into()) };
+        let config = Config::load_with_env(Some(&path), &overrides, &[]).unwrap();
+        let shown = format!("{config:?} {overrides:?}");
+        for secret in [
+            "admin-token-value",
+            "store-password",
+            "0011223344",
+            "kafka-password-value",
+            "connector-token-value",
+            "redis-password",
+            "override-password",
+        ] {
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+        }
+        assert!(shown.contains("sasl.password") && shown.contains("\"shop\""), "{shown}");
     }
 
     #[test]
