@@ -109,6 +109,13 @@ async fn requests_complete_through_kafka_with_worker_processes() {
             .sum();
         assert!(tasks >= REQUESTS as f64, "shop worker counted {tasks} tasks:\n{text}");
         assert!(!text.contains("@example.com"), "no identifier in metrics");
+        // The alerted counters exist before their first increment.
+        assert!(
+            text.lines().any(|l| l.starts_with("lethe_connector_retries_total{")
+                && l.contains("system=\"shop\"")
+                && l.contains("call=\"erase\"")),
+            "no retries series:\n{text}"
+        );
         if text
             .lines()
             .any(|l| l.starts_with("lethe_kafka_consumer_lag{") && l.contains(&k.connector_group("shop")))

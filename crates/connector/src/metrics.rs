@@ -7,8 +7,16 @@ pub use lethe_core::metrics::{
     CONNECTOR_TASK_DURATION_SECONDS as TASK_DURATION_SECONDS,
 };
 
-/// Registers descriptions with the installed recorder, if any.
-pub fn describe() {
+/// Registers descriptions with the installed recorder, if any, and
+/// `system`'s counters at 0, so that a `rate()` over them (the documented
+/// alerts) has a series before the first retry or failure.
+pub fn describe(system: &str) {
+    for outcome in ["erased", "not_found", "retained_in_part", "failed", "accepted"] {
+        metrics::counter!(TASKS_TOTAL, "system" => system.to_owned(), "outcome" => outcome).increment(0);
+    }
+    for call in ["erase", "verify"] {
+        metrics::counter!(RETRIES_TOTAL, "system" => system.to_owned(), "call" => call).increment(0);
+    }
     metrics::describe_counter!(TASKS_TOTAL, "Tasks finished by connector workers, by system and outcome.");
     metrics::describe_counter!(RETRIES_TOTAL, "Retries of connector calls after retryable errors.");
     metrics::describe_histogram!(

@@ -82,7 +82,7 @@ impl Worker {
     /// Consumes until the bus closes. Each task is acknowledged only after
     /// its result has been delivered.
     pub async fn run(self) -> Result<(), BusError> {
-        crate::metrics::describe();
+        crate::metrics::describe(&self.system);
         let mut consumer: Box<dyn Consumer<TaskMessage>> = self.bus.task_consumer(&self.system).await?;
         tracing::info!(system = %self.system, concurrency = self.concurrency, "worker started");
         let this = Arc::new(self);
