@@ -81,6 +81,18 @@ async fn cli_round_trip_against_a_running_server() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("422"), "{}", describe(&out));
     assert!(!describe(&out).contains("secret-value-no-at"), "{}", describe(&out));
 
+    // Usage errors the argument parser cannot see exit 2 as its own do,
+    // before anything is sent.
+    for args in [
+        vec!["submit", "--regulation", "gdpr"],
+        vec!["submit", "--id", "loyalty-card", "--regulation", "gdpr"],
+        vec!["submit", "--id", "x=1", "--id", "x=2", "--regulation", "gdpr"],
+        vec!["policy", "explain", "--regulation", "gdpr"],
+    ] {
+        let out = at(base, cwd, &args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", describe(&out));
+    }
+
     // lethe requests list (table and JSON)
     let out = lethe(&["requests", "list", "--server", base], cwd).await;
     assert!(out.status.success(), "{}", describe(&out));

@@ -359,7 +359,11 @@ fn main() -> std::process::ExitCode {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
-                std::process::ExitCode::FAILURE
+                // 2 for a usage error, as the argument parser exits.
+                match e.downcast_ref::<ops::Usage>() {
+                    Some(_) => std::process::ExitCode::from(2),
+                    None => std::process::ExitCode::FAILURE,
+                }
             }
         }
     })

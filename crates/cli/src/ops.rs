@@ -3,13 +3,26 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use lethe_core::RequestId;
 use serde_json::{json, Value};
 
 use crate::client::{self, Client};
 use crate::config::{Config, Overrides};
+
+/// An error in how a command was called (a missing or malformed argument
+/// that the argument parser cannot see): `lethe` exits 2 on it, as on the
+/// parser's own errors.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
 
 /// A subject's identifiers on the command line.
 #[derive(Args, Clone, Default)]
@@ -43,15 +56,22 @@ impl SubjectArgs {
             }
         }
         for pair in &self.other {
-            let (k, v) = pair.split_once('=').context("--id takes TYPE=VALUE")?;
+            let (k, v) = pair.split_once('=').ok_or_else(|| Usage("--id takes TYPE=VALUE".into()))?;
             // A second value of a type would replace the first, which would
             // then not be erased.
             if subject.insert(k.to_owned(), v.to_owned()).is_some() {
-                bail!("identifier type {k:?} is given twice; a request takes one value per type");
+                return Err(Usage(format!(
+                    "identifier type {k:?} is given twice; a request takes one value per type"
+                ))
+                .into());
             }
         }
         if subject.is_empty() {
-            bail!("give at least one identifier (--email, --phone, --customer-id, --device-id or --id TYPE=VALUE)");
+            return Err(Usage(
+                "give at least one identifier (--email, --phone, --customer-id, --device-id or --id TYPE=VALUE)"
+                    .into(),
+            )
+            .into());
         }
         Ok(subject)
     }
