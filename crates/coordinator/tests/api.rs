@@ -996,6 +996,25 @@ async fn explain_shows_each_category_and_holds_reject_unknown_scopes() {
     let (status, err, _) = call(&h.app(), post_json("/v1/requests", submit)).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
     assert!(err["detail"].as_str().unwrap().starts_with("external_ref must not contain"), "{err}");
+    // An invisible character does not hide the identifier, and is refused.
+    let submit = json!({"subject": {"email": "ada@example.com"}, "regulation": "gdpr",
+        "external_ref": "ada\u{200b}@example.com"});
+    let (status, err, _) = call(&h.app(), post_json("/v1/requests", submit)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert!(err["detail"].as_str().unwrap().contains("invisible formatting characters"), "{err}");
+    let submit = json!({"subject": {"email": "ada@example.com"}, "regulation": "gdpr",
+        "verification": {"method": "link to ada@example.com"}});
+    let (status, err, _) = call(&h.app(), post_json("/v1/requests", submit)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert!(err["detail"].as_str().unwrap().starts_with("verification.method must not contain"), "{err}");
+    // An extension's reason is checked against the request's own subject.
+    let submit = json!({"subject": {"email": "ada@example.com"}, "regulation": "gdpr"});
+    let (_, created, _) = call(&h.app(), post_json("/v1/requests", submit)).await;
+    let id = created["id"].as_str().unwrap();
+    let extend = json!({"reason": "Ada@Example.com asked for everything"});
+    let (status, err, _) = call(&h.app(), post_json(&format!("/v1/requests/{id}/extend"), extend)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert!(err["detail"].as_str().unwrap().starts_with("reason must not contain"), "{err}");
     let (status, placed, _) = call(&h.app(), hold(json!({"systems": ["crm"]}))).await;
     assert_eq!(status, StatusCode::CREATED, "{placed}");
     // Explain now shows the hold for crm and erase for mail.

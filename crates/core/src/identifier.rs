@@ -155,10 +155,19 @@ impl Identifier {
     /// digits, whatever the separators or prefix around them (`020 7946 0958`
     /// for `+442079460958`). A value under four characters (a customer number
     /// `42`) would match ordinary text and is not looked for as text.
+    /// Invisible formatting characters ([`is_invisible`]) in `text` are
+    /// ignored: `ada\u{200b}@example.com` names Ada.
     pub fn appears_in(&self, text: &str) -> bool {
         use md5::Md5;
         use sha2::{Digest, Sha256};
         let value = self.expose();
+        let visible: String;
+        let text = if text.chars().any(is_invisible) {
+            visible = text.chars().filter(|c| !is_invisible(*c)).collect();
+            visible.as_str()
+        } else {
+            text
+        };
         let lower = text.to_lowercase();
         let decoded = percent_encoding::percent_decode_str(text).decode_utf8_lossy().to_lowercase();
         let needle = value.to_lowercase();
@@ -183,6 +192,29 @@ impl Identifier {
         }
         false
     }
+}
+
+/// An invisible formatting character (Unicode's format characters that
+/// text carries without showing: soft hyphen, zero-width spaces and
+/// joiners, direction marks and overrides, word joiner and invisible
+/// operators, byte-order mark, tags). Free text is refused with one, so
+/// that it can neither hide an identifier from a screen nor mislead a
+/// reader.
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{61c}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{e0001}'
+            | '\u{e0020}'..='\u{e007f}'
+    )
 }
 
 /// What a connector's failure reason becomes when it holds one of the
@@ -338,6 +370,8 @@ mod tests {
             "no such member ada@example.com",
             "no such member ADA@EXAMPLE.COM",
             "GET /members/ada%40example.com answered 404",
+            "ref ada\u{200b}@example.com",
+            "ref \u{202e}ada@exam\u{ad}ple.com",
         ] {
             assert!(email.appears_in(reason), "{reason}");
         }

@@ -13,7 +13,7 @@ pub mod regulation;
 pub mod state;
 
 pub use crypto::{DataKey, MasterKey, SealedIdentifier};
-pub use identifier::{Identifier, IdentifierError, IdentifierKind};
+pub use identifier::{is_invisible, Identifier, IdentifierError, IdentifierKind};
 pub use ids::{RequestId, TaskId};
 pub use outcome::{DatasetReport, Job, Outcome, OutcomeClass, RetainedReport};
 pub use plan::{Action, CategoryPlan, Directive, HoldRef, PlanItem, Reference};

@@ -136,11 +136,7 @@ pub async fn task_keys(
 fn unwrap(state: &AppState, task: TaskId, wrapped: &[u8]) -> Result<String, Problem> {
     let key = state.master.unwrap(wrapped).map_err(|_| {
         tracing::error!(%task, "a request key cannot be unwrapped with the configured master key");
-        Problem::new(
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error",
-            "the key cannot be provided",
-        )
+        Problem::internal("the key cannot be provided")
     })?;
     Ok(key.to_hex().to_string())
 }

@@ -40,6 +40,12 @@ impl Problem {
     pub fn not_found(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not found", detail)
     }
+
+    /// A fault of the coordinator's own (logged by the caller), told
+    /// without its details.
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error", detail)
+    }
 }
 
 impl From<StoreError> for Problem {

@@ -185,6 +185,22 @@ pub(crate) fn free_of_subject(field: &str, text: &str, identifiers: &[Identifier
     Ok(())
 }
 
+/// A request's identifiers, while its data key exists (`None` once it is
+/// destroyed, or for an unknown request).
+async fn subject_of(state: &AppState, id: RequestId) -> Result<Option<Vec<Identifier>>, Problem> {
+    let Some(sealed) = state.store.sealed_subject(id).await? else { return Ok(None) };
+    let opened = state.master.unwrap(&sealed.wrapped_key).ok().and_then(|key| {
+        sealed.identifiers.iter().map(|s| key.open(id, s).ok()).collect::<Option<Vec<_>>>()
+    });
+    match opened {
+        Some(identifiers) => Ok(Some(identifiers)),
+        None => {
+            tracing::error!(request = %id, "a request's identifiers cannot be opened with the configured master key");
+            Err(Problem::internal("the request could not be processed"))
+        }
+    }
+}
+
 pub(crate) fn parse_subject(subject: &BTreeMap<String, String>) -> Result<Vec<Identifier>, Problem> {
     if subject.is_empty() {
         return Err(Problem::invalid("subject must contain at least one identifier"));
@@ -202,9 +218,9 @@ pub(crate) fn parse_subject(subject: &BTreeMap<String, String>) -> Result<Vec<Id
 }
 
 pub(crate) fn check_text(what: &str, value: &str, max: usize) -> Result<(), Problem> {
-    if value.len() > max || value.chars().any(char::is_control) {
+    if value.len() > max || value.chars().any(|c| c.is_control() || lethe_core::is_invisible(c)) {
         return Err(Problem::invalid(format!(
-            "{what} must be at most {max} bytes without control characters"
+            "{what} must be at most {max} bytes without control or invisible formatting characters"
         )));
     }
     Ok(())
@@ -356,6 +372,7 @@ pub(crate) fn check(planner: &crate::planner::Planner, body: &SubmitRequest) -> 
     }
     if let Some(v) = &body.verification {
         check_text("verification.method", &v.method, 64)?;
+        free_of_subject("verification.method", &v.method, &identifiers)?;
     }
     Ok(Checked { regulation, identifiers })
 }
@@ -658,6 +675,9 @@ pub async fn extend(
         return Err(Problem::invalid("reason must not be empty"));
     }
     check_text("reason", &body.reason, 512)?;
+    if let Some(identifiers) = subject_of(&state, id).await? {
+        free_of_subject("reason", &body.reason, &identifiers)?;
+    }
     let conflict = |detail: String| Problem::new(StatusCode::CONFLICT, "conflict", detail);
     match state
         .store
