@@ -1236,6 +1236,15 @@ async fn scope_matrix() {
     assert_eq!(flags, vec![true, false, false]);
     let (status, _, _) = call(&h.app(), post_json("/v1/suppressions:check", json!({"subjects": []}))).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // A full check of 1,000 subjects with two identifiers each goes through.
+    let subjects: Vec<Value> = (0..1000)
+        .map(|i| json!({"email": format!("firstname.lastname.{i:04}@a-longer-company-domain.example.com"),
+            "customer_id": format!("CUST-{i:010}")}))
+        .collect();
+    let check = post_json("/v1/suppressions:check", json!({ "subjects": subjects }));
+    let (status, answer, _) = call(&h.app(), check).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["results"].as_array().map(Vec::len), Some(1000));
 
     // A portal reads only its own requests: another's is "not found".
     let (status, _, _) = call(&h.raw(), as_portal(get(&format!("/v1/requests/{r1}")))).await;

@@ -76,7 +76,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/keys/certificate", get(proof::public_keys))
         .route("/v1/requests/{id}/events", get(ui::events))
         .route("/ui", get(ui::page))
-        .route("/v1/suppressions:check", post(proof::check_suppressions))
+        .route(
+            "/v1/suppressions:check",
+            post(proof::check_suppressions).layer(DefaultBodyLimit::max(proof::MAX_CHECK_BYTES)),
+        )
         .route("/v1/systems", get(list_systems))
         .route("/v1/connector/keys", post(connector::task_key))
         .route(

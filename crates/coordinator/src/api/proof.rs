@@ -18,6 +18,10 @@ use crate::certificate::{certifiable, Certificate, PublicKeys};
 /// Most subjects one suppression check may carry.
 pub const MAX_SUBJECTS: usize = 1000;
 
+/// Largest body of a suppression check: room for [`MAX_SUBJECTS`] subjects
+/// of a few long identifiers each.
+pub const MAX_CHECK_BYTES: usize = 1024 * 1024;
+
 /// The signed erasure certificate of an answered request.
 #[utoipa::path(
     get, path = "/v1/requests/{id}/certificate", tag = "proof", security(("bearer" = ["requests:read"]), ("bearer" = ["requests:read:own"])),
