@@ -399,7 +399,7 @@ impl WebhookConfig {
     /// Checks what can be checked before placeholders are resolved.
     fn validate(&self) -> anyhow::Result<()> {
         if !self.url.contains("${") {
-            check_webhook_url(&self.url)?;
+            check_webhook_url(&self.url, self.include_identifiers)?;
         }
         if self.secret.trim().is_empty() {
             bail!("`secret` is required (write it as ${{ENV_VAR}})");
@@ -424,7 +424,7 @@ impl WebhookConfig {
     pub fn endpoint(&self) -> anyhow::Result<lethe_coordinator::webhooks::WebhookEndpoint> {
         use lethe_coordinator::webhooks::{EventType, Secret, WebhookEndpoint};
         let url = resolve_placeholders(&self.url).context("url")?;
-        check_webhook_url(&url)?;
+        check_webhook_url(&url, self.include_identifiers)?;
         let secret = resolve_placeholders(&self.secret).context("secret")?;
         if secret.chars().count() < 16 {
             bail!("the secret must be at least 16 characters");
@@ -945,6 +945,7 @@ mod tests {
         std::env::set_var("LETHE_TEST_WEBHOOK_SHORT", "short");
         let short =
             load("url = \"http://127.0.0.1:9/x\"\nsecret = \"${LETHE_TEST_WEBHOOK_SHORT}\"\n").unwrap();
+        assert!(load("url = \"http://localhost:9/x\"\nsecret = \"s\"\ninclude_identifiers = true\n").is_ok());
         let err = format!("{:#}", short.webhook_endpoints().unwrap_err());
         assert!(err.contains("at least 16") && !err.contains("short"), "{err}");
         for (body, expected) in [
@@ -959,6 +960,7 @@ mod tests {
             ("url = \"https://x.example/\"\nsecret = \"s\"\nevents = []\n", "lists no event"),
             ("url = \"https://x.example/\"\nsecret = \"s\"\nmax_attempts = 0\n", "max_attempts"),
             ("url = \"https://x.example/\"\nsecret = \"s\"\nretries = 3\n", "unknown field `retries`"),
+            ("url = \"http://x.example/\"\nsecret = \"s\"\ninclude_identifiers = true\n", "needs an https://"),
         ] {
             let err = load(body).unwrap_err();
             assert!(err.contains(expected), "{body}: {err}");
