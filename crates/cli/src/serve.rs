@@ -194,7 +194,7 @@ pub async fn run_connector(
     let shown = crate::client::without_credentials(&coordinator);
     // A token the coordinator refuses would leave every task without its
     // key: refuse to start instead of consuming tasks that cannot be done.
-    match keys.token_accepted().await {
+    match keys.token_accepted(&system.name).await {
         Ok(true) => {}
         Ok(false) => anyhow::bail!(
             "the coordinator at {shown} rejects the connector token of system {:?}; fix the token \

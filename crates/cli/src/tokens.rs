@@ -67,17 +67,32 @@ fn join(scopes: &[Scope]) -> String {
 fn parse_scopes(config: &Config, given: &[String]) -> anyhow::Result<Vec<Scope>> {
     let mut scopes = Vec::new();
     for s in given {
-        if s == "admin" {
-            scopes.extend(Scope::ADMIN);
-            continue;
+        let named: Vec<Scope> = if s == "admin" {
+            Scope::ADMIN.into()
+        } else {
+            let scope: Scope = s.parse().map_err(anyhow::Error::msg)?;
+            if let Scope::Connector(system) = &scope {
+                config.system(system)?;
+            }
+            vec![scope]
+        };
+        for scope in named {
+            if !scopes.contains(&scope) {
+                scopes.push(scope);
+            }
         }
-        let scope: Scope = s.parse().map_err(anyhow::Error::msg)?;
-        if let Scope::Connector(system) = &scope {
-            config.system(system)?;
-        }
-        scopes.push(scope);
     }
-    scopes.dedup();
+    // The coordinator gives a connector token the keys of one system.
+    let systems: std::collections::BTreeSet<&str> = scopes
+        .iter()
+        .filter_map(|s| match s {
+            Scope::Connector(system) => Some(system.as_str()),
+            _ => None,
+        })
+        .collect();
+    if systems.len() > 1 {
+        anyhow::bail!("a token serves one system: give one connector:<system> scope per token");
+    }
     Ok(scopes)
 }
 
@@ -178,5 +193,17 @@ mod tests {
         config.server.admin_token = Some(first);
         let refused = bootstrap_admin(&config, store.as_ref()).await.unwrap_err().to_string();
         assert!(refused.contains("revoked"), "{refused}");
+    }
+
+    /// The coordinator reads one system off a connector token: a token for
+    /// two would get the keys of the first only.
+    #[test]
+    fn a_token_serves_one_system() {
+        let config = Config::load_with_env(None, &Overrides::default(), &[]).unwrap();
+        let given = |scopes: &[&str]| parse_scopes(&config, &scopes.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        let refused = given(&["connector:shop", "connector:newsletter"]).unwrap_err().to_string();
+        assert!(refused.contains("one system"), "{refused}");
+        assert_eq!(given(&["connector:shop", "requests:read", "connector:shop"]).unwrap().len(), 2);
+        assert!(given(&["connector:nope"]).is_err(), "an unknown system");
     }
 }

@@ -85,15 +85,11 @@ impl Client {
 
     /// One call, each task named once.
     /// One call of the batch endpoint.
-    async fn ask(
-        &self,
-        ids: &[String],
-        attempts: &BTreeMap<String, u32>,
-    ) -> Result<reqwest::Response, ConnectorError> {
+    async fn ask(&self, body: &serde_json::Value) -> Result<reqwest::Response, ConnectorError> {
         self.http
             .post(&self.url)
             .bearer_auth(&self.token)
-            .json(&serde_json::json!({ "task_ids": ids, "attempts": attempts }))
+            .json(body)
             .send()
             .await
             .map_err(|e| ConnectorError::retryable(format!("coordinator unreachable: {}", e.without_url())))
@@ -102,7 +98,7 @@ impl Client {
     async fn fetch_once(&self, tasks: Vec<(TaskId, u32)>) -> Result<Vec<Answer>, ConnectorError> {
         let ids: Vec<String> = tasks.iter().map(|(t, _)| t.to_string()).collect();
         let attempts: BTreeMap<String, u32> = tasks.iter().map(|(t, a)| (t.to_string(), *a)).collect();
-        let response = self.ask(&ids, &attempts).await?;
+        let response = self.ask(&serde_json::json!({ "task_ids": ids, "attempts": attempts })).await?;
         match response.status() {
             StatusCode::OK => {}
             // The worker's fault, not the task's (a rotated or mistyped
@@ -139,11 +135,13 @@ impl Client {
 }
 
 impl HttpKeys {
-    /// Whether the coordinator accepts this worker's token, asked with a
-    /// call that names no task (the coordinator checks the token first):
-    /// `Ok(false)` for 401 or 403, `Err` when it cannot be asked.
-    pub async fn token_accepted(&self) -> Result<bool, ConnectorError> {
-        match self.client.ask(&[], &BTreeMap::new()).await?.status() {
+    /// Whether the coordinator accepts this worker's token for `system`,
+    /// asked with a call that names no task (the coordinator checks the
+    /// token, and that it is `system`'s, first): `Ok(false)` for 401 or
+    /// 403, `Err` when it cannot be asked.
+    pub async fn token_accepted(&self, system: &str) -> Result<bool, ConnectorError> {
+        let body = serde_json::json!({ "task_ids": [], "attempts": {}, "system": system });
+        match self.client.ask(&body).await?.status() {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(false),
             s if s.is_server_error() => {
                 Err(ConnectorError::retryable(format!("the coordinator answered {s}")))

@@ -29,6 +29,9 @@ async fn keys(
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer crm-token") {
         return Err(StatusCode::UNAUTHORIZED);
     }
+    if body["system"].as_str().is_some_and(|s| s != "crm") {
+        return Err(StatusCode::FORBIDDEN);
+    }
     c.calls.fetch_add(1, Ordering::SeqCst);
     let asked = body["task_ids"].as_array().unwrap();
     c.largest.fetch_max(asked.len(), Ordering::SeqCst);
@@ -113,8 +116,10 @@ async fn a_rejected_token_and_an_absent_coordinator_are_retryable() {
     let wrong = HttpKeys::new(&url, "other".into());
     let e = wrong.data_key("crm", RequestId::new(), TaskId::new(), 1).await.unwrap_err();
     assert!(e.retryable, "{e}");
-    assert!(!wrong.token_accepted().await.unwrap());
-    assert!(HttpKeys::new(&url, "crm-token".into()).token_accepted().await.unwrap());
+    assert!(!wrong.token_accepted("crm").await.unwrap());
+    let right = HttpKeys::new(&url, "crm-token".into());
+    assert!(right.token_accepted("crm").await.unwrap());
+    assert!(!right.token_accepted("shop").await.unwrap(), "another system's token");
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed = format!("http://{}", listener.local_addr().unwrap());
@@ -122,5 +127,5 @@ async fn a_rejected_token_and_an_absent_coordinator_are_retryable() {
     let absent = HttpKeys::new(&closed, "crm-token".into());
     let e = absent.data_key("crm", RequestId::new(), TaskId::new(), 1).await.unwrap_err();
     assert!(e.retryable, "{e}");
-    assert!(absent.token_accepted().await.is_err());
+    assert!(absent.token_accepted("crm").await.is_err());
 }

@@ -1223,6 +1223,14 @@ async fn scope_matrix() {
         let (_, answer, _) = call(&h.raw(), batch).await;
         assert_eq!(answer["keys"].get(&crm_task).is_some(), expected == StatusCode::OK, "{answer}");
     }
+    // A worker that names its system learns at start whether the token is
+    // that system's: empty asks are refused (422) for its own, 403 for another's.
+    for (system, expected) in [("crm", StatusCode::UNPROCESSABLE_ENTITY), ("mail", StatusCode::FORBIDDEN)] {
+        let mut ask =
+            post_json("/v1/connector/keys:batch", json!({"task_ids": [], "attempts": {}, "system": system}));
+        ask.headers_mut().insert(header::AUTHORIZATION, "Bearer crm-token".parse().unwrap());
+        assert_eq!(call(&h.raw(), ask).await.0, expected, "{system}");
+    }
     // The suppression list: the erased subject is on it (in any spelling),
     // the failed one and a stranger are not.
     let check = post_json(

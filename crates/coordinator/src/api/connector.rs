@@ -76,6 +76,10 @@ pub struct KeysRequest {
     /// Task id → the attempt the worker holds, for each of `task_ids` (see
     /// [`KeyRequest::attempt`]).
     pub attempts: BTreeMap<String, u32>,
+    /// The system the worker serves: when given, a token of another
+    /// system is refused (`403`) instead of being answered without keys.
+    #[serde(default)]
+    pub system: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -106,6 +110,13 @@ pub async fn task_keys(
     let system = caller.connector_system().ok_or_else(crate::auth::forbidden)?;
     // The scope first: a caller without it learns nothing from the body.
     let StrictJson(body) = body?;
+    if body.system.as_deref().is_some_and(|s| s != system) {
+        return Err(Problem::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            "this connector token is for another system",
+        ));
+    }
     if body.task_ids.is_empty() || body.task_ids.len() > MAX_KEYS {
         return Err(Problem::invalid(format!("ask for 1 to {MAX_KEYS} tasks at once")));
     }
