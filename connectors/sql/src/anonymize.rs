@@ -183,7 +183,16 @@ impl Anonymizer<'_> {
             match strategy {
                 Strategy::Fixed(v) => {
                     let k = self.columns.kind_or_other(col);
-                    sql.bind_for(k, self.fixed_param(col, k, v)?);
+                    let param = self.fixed_param(col, k, v)?;
+                    match self.typed(col, k) {
+                        // PostgreSQL converts text to another type only when told.
+                        Some(ty) if self.dialect == Dialect::Postgres => {
+                            sql.push("CAST(").bind(param).push(&format!(" AS {ty})"));
+                        }
+                        _ => {
+                            sql.bind_for(k, param);
+                        }
+                    }
                 }
                 _ => {
                     sql.push("NULL");
@@ -207,13 +216,31 @@ impl Anonymizer<'_> {
             match strategy {
                 Strategy::Fixed(v) => {
                     let k = self.columns.kind_or_other(col);
-                    if k == ColKind::Other {
-                        let text = self.dialect.as_text(&self.dialect.quote(col));
-                        sql.push(&text);
-                    } else {
-                        sql.ident(col);
+                    let param = self.fixed_param(col, k, v)?;
+                    // The value as the column stores it (`0` in a
+                    // `numeric(10,2)` reads back as `0.00`): compared as
+                    // the column's own type, or as the text of the value
+                    // converted to it, never as the configured text.
+                    match (self.dialect, self.typed(col, k)) {
+                        (Dialect::Postgres, Some(ty)) => {
+                            let text = self.dialect.as_text(&self.dialect.quote(col));
+                            sql.push(&text)
+                                .push(" <> CAST(CAST(")
+                                .bind(param)
+                                .push(&format!(" AS {ty}) AS TEXT)"));
+                        }
+                        (Dialect::MySql, Some(_)) => {
+                            // MySQL converts the text to the column's type.
+                            sql.ident(col).push(" <> ").bind(param);
+                        }
+                        _ if k == ColKind::Other => {
+                            let text = self.dialect.as_text(&self.dialect.quote(col));
+                            sql.push(&text).push(" <> ").bind_for(k, param);
+                        }
+                        _ => {
+                            sql.ident(col).push(" <> ").bind_for(k, param);
+                        }
                     }
-                    sql.push(" <> ").bind_for(k, self.fixed_param(col, k, v)?);
                 }
                 _ => {
                     sql.ident(col).push(" IS NOT NULL");
@@ -293,6 +320,35 @@ impl Anonymizer<'_> {
             Strategy::Redact => "*".repeat(value.chars().count()),
             Strategy::Null | Strategy::Fixed(_) => value.to_owned(),
         })
+    }
+
+    /// The type a `fixed` value must be converted to for column `col`:
+    /// on PostgreSQL any type other than text, integer and uuid (its
+    /// `format_type`); on MySQL the numbers, dates and times, which it
+    /// stores in a spelling of its own; elsewhere none.
+    fn typed(&self, col: &str, kind: ColKind) -> Option<&str> {
+        if kind != ColKind::Other {
+            return None;
+        }
+        let ty = self.columns.sql_type(col)?;
+        match self.dialect {
+            Dialect::Postgres => Some(ty),
+            Dialect::MySql => matches!(
+                ty.to_ascii_lowercase().as_str(),
+                "decimal"
+                    | "numeric"
+                    | "float"
+                    | "double"
+                    | "real"
+                    | "date"
+                    | "datetime"
+                    | "timestamp"
+                    | "time"
+                    | "year"
+            )
+            .then_some(ty),
+            Dialect::Sqlite => None,
+        }
     }
 
     fn fixed_param(&self, col: &str, kind: ColKind, value: &str) -> Result<Param, ConnectorError> {

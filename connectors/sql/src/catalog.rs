@@ -80,6 +80,10 @@ impl ColKind {
 #[derive(Debug, Clone, Default)]
 pub struct TableColumns {
     columns: HashMap<String, ColKind>,
+    /// Each column's type as the database names it: PostgreSQL's
+    /// `format_type` (`numeric(10,2)`), MySQL's `DATA_TYPE` (`decimal`),
+    /// SQLite's declared type.
+    types: HashMap<String, String>,
     case_insensitive: bool,
 }
 
@@ -95,6 +99,12 @@ impl TableColumns {
         } else {
             self.columns.get(column).copied()
         }
+    }
+
+    /// The column's type as the database names it (see `types`).
+    pub fn sql_type(&self, column: &str) -> Option<&str> {
+        let key = if self.case_insensitive { column.to_ascii_lowercase() } else { column.to_owned() };
+        self.types.get(&key).map(String::as_str)
     }
 
     /// The column's kind; an unknown column is compared as text.
@@ -113,7 +123,8 @@ impl TableColumns {
                 // `to_jsonb(c) ->> 'collisdeterministic'`: NULL rather than an
                 // error on a server whose catalog lacks the column.
                 sqlx::query(
-                    "SELECT a.attname::text, t.typname::text, to_jsonb(c) ->> 'collisdeterministic' \
+                    "SELECT a.attname::text, t.typname::text, to_jsonb(c) ->> 'collisdeterministic', \
+                     format_type(a.atttypid, a.atttypmod) \
                      FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
                      LEFT JOIN pg_catalog.pg_collation c ON c.oid = a.attcollation \
                      WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
@@ -135,22 +146,27 @@ impl TableColumns {
         };
         let case_insensitive = dialect != Dialect::Postgres;
         let mut columns = HashMap::with_capacity(rows.len());
+        let mut types = HashMap::with_capacity(rows.len());
         for row in rows {
             let column: String = row.try_get(0)?;
             let type_name: Option<String> = row.try_get(1)?;
-            let type_name = type_name.unwrap_or_default();
+            let mut type_name = type_name.unwrap_or_default();
             let kind = match dialect {
                 Dialect::Postgres => {
                     let deterministic: Option<String> = row.try_get(2)?;
-                    ColKind::postgres(&type_name, deterministic.as_deref())
+                    let kind = ColKind::postgres(&type_name, deterministic.as_deref());
+                    let formatted: Option<String> = row.try_get(3)?;
+                    type_name = formatted.unwrap_or(type_name);
+                    kind
                 }
                 Dialect::MySql => ColKind::mysql(&type_name),
                 Dialect::Sqlite => ColKind::sqlite(&type_name),
             };
             let key = if case_insensitive { column.to_ascii_lowercase() } else { column };
-            columns.insert(key, kind);
+            columns.insert(key.clone(), kind);
+            types.insert(key, type_name);
         }
-        Ok(Self { columns, case_insensitive })
+        Ok(Self { columns, types, case_insensitive })
     }
 }
 

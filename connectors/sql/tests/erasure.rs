@@ -9,10 +9,14 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{id, shop_customers, shop_orders, shop_tables, task, Order, TestDb, HASH_KEY, INJECTION_EMAIL};
+use common::{
+    directive, id, shop_customers, shop_orders, shop_tables, task, task_with, Order, TestDb, HASH_KEY,
+    INJECTION_EMAIL,
+};
 use hmac::{Hmac, Mac};
 use lethe_connector::{Connector, Erasure};
 use lethe_connector_sql::SqlConnector;
+use lethe_core::Action;
 use lethe_core::DatasetReport;
 use sha2::Sha256;
 
@@ -273,6 +277,56 @@ columns = { email = "null", name = "null", body = "redact" }
     );
 }
 
+/// `fixed` values in number and date columns, which the database stores
+/// in its own spelling (`0` as `0.00`, a time with its fraction): a row
+/// set once counts as done, so a batched run ends and a row is counted
+/// once.
+async fn fixed_values_in_number_and_date_columns(db: Arc<TestDb>) {
+    db.exec(&[
+        "CREATE TABLE members (id INT PRIMARY KEY, email VARCHAR(255))",
+        "INSERT INTO members (id, email) VALUES (1, 'ada@example.com'), (2, 'bob@example.com')",
+        "CREATE TABLE payments (id INT PRIMARY KEY, member_id INT, amount DECIMAL(10,2), paid_at TIMESTAMP NULL)",
+        "INSERT INTO payments (id, member_id, amount, paid_at) VALUES \
+         (1, 1, 12.50, '2025-03-01 10:00:00'), (2, 1, 7.25, '2025-04-01 11:30:00'), \
+         (3, 1, 3.00, '2025-05-01 09:15:00'), (4, 2, 1.00, '2025-06-01 08:00:00')",
+    ])
+    .await;
+    // The members table keeps its rows (under a legal hold), so the
+    // payments stay the subject's after they are anonymised.
+    let directives =
+        vec![directive("identity.contact", Action::Hold), directive("billing.order", Action::Erase)];
+    let ada = task_with(vec![id("customer_id", "1")], directives, chrono::Utc::now());
+    for batch in ["", "batch_size = 1"] {
+        let tables = format!(
+            r#"
+[[tables]]
+name = "members"
+action = "delete"
+category = "identity.contact"
+match = {{ customer_id = "id" }}
+
+[[tables]]
+name = "payments"
+action = "anonymize"
+category = "billing.order"
+parent = {{ table = "members", column = "member_id", references = "id" }}
+columns = {{ amount = {{ fixed = "0" }}, paid_at = {{ fixed = "1970-01-02 00:00:00" }} }}
+{batch}
+"#
+        );
+        let sql = db.connector(&tables).await;
+        let erase = tokio::time::timeout(std::time::Duration::from_secs(30), sql.erase(&ada));
+        let first = erase.await.unwrap_or_else(|_| panic!("{batch:?}: the erasure does not end")).unwrap();
+        let payments = first.datasets.iter().find(|d| d.dataset == "payments").unwrap().anonymized;
+        assert_eq!(payments, if batch.is_empty() { 3 } else { 0 }, "{batch:?}: {first:?}");
+        let again = sql.erase(&ada).await.unwrap();
+        let payments = again.datasets.iter().find(|d| d.dataset == "payments").unwrap().anonymized;
+        assert_eq!(payments, 0, "{batch:?}: done once: {again:?}");
+    }
+    assert_eq!(db.count("members").await, 2, "held");
+    assert_eq!(db.count("payments WHERE amount = 0").await, 3, "Ada's amounts are zero, the rows stay");
+}
+
 async fn health_checks_tables_and_columns(db: Arc<TestDb>) {
     db.shop().await;
     db.connector(&shop_tables("hash")).await.health().await.unwrap();
@@ -418,6 +472,7 @@ on_every_engine!(
     case_accents_and_trailing_spaces_are_other_people,
     case_insensitive_column_collations_do_not_widen_a_match,
     anonymize_by_own_column_is_idempotent,
+    fixed_values_in_number_and_date_columns,
     health_checks_tables_and_columns,
     database_errors_are_classified_without_values,
     schema_qualified_table_names,
