@@ -329,11 +329,16 @@ fn failed(e: ConnectorError) -> Outcome {
     Outcome::Failed { retryable: e.retryable, reason: e.message }
 }
 
+/// Nothing removed is `not_found`, unless a dataset still says by when
+/// what an earlier attempt removed is gone for good (`purge_by`: a
+/// compacted topic's tombstone written before): that date must reach the
+/// request, so the outcome stays `erased`.
 fn erased(erasure: Erasure, residual: u64) -> Outcome {
     let residual = Some(residual);
+    let purging = erasure.datasets.iter().any(|d| d.purge_by.is_some());
     if !erasure.retained.is_empty() {
         Outcome::RetainedInPart { datasets: erasure.datasets, retained: erasure.retained, residual }
-    } else if erasure.total() == 0 {
+    } else if erasure.total() == 0 && !purging {
         Outcome::NotFound { residual }
     } else {
         Outcome::Erased { datasets: erasure.datasets, residual }
@@ -397,6 +402,22 @@ mod tests {
         assert_eq!(order.completed(at(0, 0)), Some(at(0, 0)));
         assert_eq!(order.completed(at(0, 1)), Some(at(0, 2)), "1 done releases 2 as well");
         assert_eq!(order.completed(at(0, 3)), Some(at(0, 3)));
+    }
+
+    /// A re-run that removes nothing more is `not_found`, unless a dataset
+    /// carries the date by which an earlier removal is complete.
+    #[test]
+    fn a_rerun_keeps_the_purge_date() {
+        use lethe_core::DatasetReport;
+        let none = Erasure { datasets: vec![DatasetReport::new("profiles", 0, 0)], retained: vec![] };
+        assert!(matches!(erased(none.clone(), 0), Outcome::NotFound { .. }));
+        let by = Utc::now() + chrono::Duration::days(7);
+        let mut purging = none;
+        purging.datasets[0].purge_by = Some(by);
+        match erased(purging, 0) {
+            Outcome::Erased { datasets, .. } => assert_eq!(datasets[0].purge_by, Some(by)),
+            other => panic!("{other:?}"),
+        }
     }
 
     struct Panics;
