@@ -123,7 +123,12 @@ pub enum Body {
 #[derive(Debug)]
 pub struct Response {
     pub status: u16,
+    /// The body as JSON; `null` when empty or not JSON.
     pub body: Value,
+    /// Whether the body was JSON (or empty). An HTML page from a proxy, or
+    /// an API answering in another format, is not: read as `null`, it
+    /// would pass for "nothing found".
+    pub json: bool,
 }
 
 /// Sends requests to one API.
@@ -214,13 +219,13 @@ impl Client {
                 return Err(error::status(&req.step, status, &[]));
             }
             let bytes = resp.bytes().await.map_err(|e| error::transport(&req.step, &e))?;
-            let body = if bytes.is_empty() {
-                Value::Null
+            let (body, json) = if bytes.is_empty() {
+                (Value::Null, true)
             } else {
-                serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+                serde_json::from_slice(&bytes).map_or((Value::Null, false), |v| (v, true))
             };
-            tracing::debug!(step = %req.step, status, "answered");
-            return Ok(Response { status, body });
+            tracing::debug!(step = %req.step, status, json, "answered");
+            return Ok(Response { status, body, json });
         }
     }
 }

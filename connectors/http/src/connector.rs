@@ -341,7 +341,11 @@ impl HttpConnector {
                     Finished::Failed => State::Failed("not found".into()),
                 })
             }
-            Run::Done { last, vars, .. } => (last, vars),
+            Run::Done { last: Some(last), vars, .. } => (last, vars),
+            Run::Done { last: None, .. } => {
+                let step = job.steps.last().map_or("", |s| s.name.as_str());
+                return Err(crate::flow::not_json(step, 200));
+            }
         };
         let at = |pointer: &str| -> Result<Option<serde_json::Value>, ConnectorError> {
             let p = Template::parse(pointer).map_err(invalid)?;

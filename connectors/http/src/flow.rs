@@ -21,9 +21,16 @@ pub enum Run {
         vars: Vars,
         /// What the last step with a `count` counted.
         count: Option<u64>,
-        /// The last response's body.
-        last: Value,
+        /// The last response's body; `None` when it was not JSON.
+        last: Option<Value>,
     },
+}
+
+/// A successful answer whose body a step must read is not JSON (an HTML
+/// page from a proxy or a login wall, say): retryable, as such pages
+/// usually pass, and never "nothing found".
+pub fn not_json(step: &str, status: u16) -> ConnectorError {
+    ConnectorError::retryable(format!("step {step:?}: the response (HTTP {status}) is not JSON"))
 }
 
 fn render_error(step: &str, e: RenderError) -> ConnectorError {
@@ -83,7 +90,7 @@ pub fn header(step: &str, name: &str, value: &str) -> Result<(HeaderName, Header
 /// Runs `steps` in order from `vars`.
 pub async fn run(client: &Client, steps: &[Step], mut vars: Vars) -> Result<Run, ConnectorError> {
     let mut count = None;
-    let mut last = Value::Null;
+    let mut last = Some(Value::Null);
     for step in steps {
         let name = step.name.as_str();
         let resp = client.send(&request(step, &vars)?).await?;
@@ -93,6 +100,10 @@ pub async fn run(client: &Client, steps: &[Step], mut vars: Vars) -> Result<Run,
         }
         if !step.succeeded(resp.status) {
             return Err(crate::error::status(name, resp.status, &step.retry));
+        }
+        let reads = step.found.is_some() || step.count.is_some() || !step.extract.is_empty();
+        if reads && !resp.json {
+            return Err(not_json(name, resp.status));
         }
         let select = |pointer: &str| -> Result<Option<Value>, ConnectorError> {
             let p = render(name, pointer, &vars, Escape::None)?;
@@ -120,7 +131,7 @@ pub async fn run(client: &Client, steps: &[Step], mut vars: Vars) -> Result<Run,
         for (var, value) in extracted {
             vars.set(var, value);
         }
-        last = resp.body;
+        last = resp.json.then_some(resp.body);
     }
     Ok(Run::Done { vars, count, last })
 }

@@ -93,6 +93,8 @@ struct Crm {
     deletes: Mutex<Vec<HashMap<String, String>>>,
     search_bodies: Mutex<Vec<Value>>,
     slow: Mutex<Option<Duration>>,
+    /// Search answers with an HTML page (a proxy's, say) instead of JSON.
+    html: Mutex<bool>,
 }
 
 type St = Arc<Crm>;
@@ -143,6 +145,10 @@ async fn search(State(s): State<St>, headers: HeaderMap, Json(body): Json<Value>
     let slow = *s.slow.lock().unwrap();
     if let Some(d) = slow {
         tokio::time::sleep(d).await;
+    }
+    if *s.html.lock().unwrap() {
+        return (StatusCode::OK, [("content-type", "text/html")], "<html>Please sign in</html>")
+            .into_response();
     }
     s.search_bodies.lock().unwrap().push(body.clone());
     let Some(email) = body["filter"]["email"].as_str() else {
@@ -314,6 +320,25 @@ async fn a_rejected_client_is_a_permanent_error() {
     assert_eq!(e.message, "step \"oauth2 token\": credentials rejected (HTTP 401)");
     let e = c.erase(&task(CATEGORY, vec![email()])).await.unwrap_err();
     assert!(!e.retryable);
+}
+
+/// A search answered with a page that is not JSON is an error, never
+/// "nothing found": erase and verify fail (retryable) and the contact stays
+/// counted once the API answers again.
+#[tokio::test]
+async fn an_answer_that_is_not_json_is_not_nothing_found() {
+    let mock = Mock::start().await;
+    let subject = email();
+    mock.seed(subject.expose());
+    let c = connector(&mock.settings(""));
+    let t = task(CATEGORY, vec![subject.clone()]);
+    *mock.crm.html.lock().unwrap() = true;
+    for e in [c.erase(&t).await.unwrap_err(), c.verify(&t).await.unwrap_err()] {
+        assert!(e.retryable && e.message.contains("not JSON"), "{e}");
+    }
+    assert_eq!(mock.count(subject.expose()), 1);
+    *mock.crm.html.lock().unwrap() = false;
+    assert_eq!(c.verify(&t).await.unwrap(), 1);
 }
 
 #[tokio::test]
