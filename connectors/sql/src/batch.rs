@@ -134,26 +134,26 @@ impl Batcher<'_> {
         Ok(done)
     }
 
-    /// What one statement works on: on PostgreSQL each leaf partition of
-    /// the table (quoted, schema-qualified), or the table itself if it has
-    /// none; elsewhere the table.
+    /// What one statement works on: on PostgreSQL `ONLY` each table that
+    /// holds rows of the table's tree (the table, its leaf partitions, and
+    /// the tables that inherit from it, quoted and schema-qualified), since
+    /// a row position (`ctid`) names a row of one table only; elsewhere the
+    /// table.
     async fn targets(&self, conn: &mut AnyConnection) -> Result<Vec<String>, sqlx::Error> {
         let table = self.dialect.quote(self.table);
         if self.dialect != Dialect::Postgres {
             return Ok(vec![table]);
         }
-        let rows = sqlx::query(
-            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) \
-             FROM pg_partition_tree(to_regclass($1)) AS t \
-             JOIN pg_catalog.pg_class c ON c.oid = t.relid \
-             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE t.isleaf ORDER BY 1",
-        )
-        .bind(&table)
-        .fetch_all(&mut *conn)
-        .await?;
-        let leaves = rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<Vec<_>, _>>()?;
-        Ok(if leaves.is_empty() { vec![table] } else { leaves })
+        let rows = sqlx::query(&format!("{TREE} SELECT name FROM tree WHERE kind = 'r' ORDER BY 1"))
+            .bind(&table)
+            .fetch_all(&mut *conn)
+            .await?;
+        let tables = rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<Vec<_>, _>>()?;
+        if tables.is_empty() {
+            // Not found (dropped since the health check): let the statement say so.
+            return Ok(vec![table]);
+        }
+        Ok(tables.into_iter().map(|t| format!("ONLY {t}")).collect())
     }
 
     /// On PostgreSQL, checks that the user may read and change (`privilege`:
@@ -168,15 +168,11 @@ impl Batcher<'_> {
         if self.dialect != Dialect::Postgres {
             return Ok(());
         }
-        let row = sqlx::query(
-            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) \
-             FROM pg_partition_tree(to_regclass($1)) AS t \
-             JOIN pg_catalog.pg_class c ON c.oid = t.relid \
-             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE t.isleaf AND t.level > 0 \
-             AND NOT (has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, $2)) \
-             ORDER BY 1 LIMIT 1",
-        )
+        let row = sqlx::query(&format!(
+            "{TREE} SELECT name FROM tree WHERE kind = 'r' AND level > 0 \
+             AND NOT (has_table_privilege(oid, 'SELECT') AND has_table_privilege(oid, $2)) \
+             ORDER BY 1 LIMIT 1"
+        ))
         .bind(self.dialect.quote(self.table))
         .bind(privilege)
         .fetch_optional(&mut *conn)
@@ -223,6 +219,18 @@ impl Batcher<'_> {
         Ok(sql)
     }
 }
+
+/// PostgreSQL: `tree (oid, name, kind, level)`, the table `$1` and every
+/// table below it, partitions and inheriting tables alike (both are in
+/// `pg_inherits`), with their quoted, schema-qualified names and `relkind`
+/// (`r` for a table that holds rows, `p` for a partitioned one).
+const TREE: &str = "WITH RECURSIVE below (oid, level) AS ( \
+       SELECT to_regclass($1)::oid, 0 \
+       UNION SELECT i.inhrelid, b.level + 1 FROM pg_catalog.pg_inherits i JOIN below b ON i.inhparent = b.oid), \
+     tree AS (SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS name, \
+       CAST(c.relkind AS TEXT) AS kind, b.level FROM below b \
+       JOIN pg_catalog.pg_class c ON c.oid = b.oid \
+       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace)";
 
 /// `DELETE FROM target` or `UPDATE target SET ...`.
 fn head(sql: &mut Sql, change: &Change<'_>, target: &str) -> Result<(), ConnectorError> {

@@ -638,7 +638,34 @@ async fn partitions_need_their_own_privileges(db: Arc<TestDb>) {
     panic!("could not drop role {role}");
 }
 
+/// PostgreSQL: `events` with children by table inheritance (`INHERITS`),
+/// rows in the parent and in each child at the same physical positions:
+/// a batch deletes the subject's rows in each, and nobody else's.
+async fn inherited_children(db: Arc<TestDb>) {
+    db.exec(&[
+        "CREATE TABLE events (id BIGINT PRIMARY KEY, user_id BIGINT NOT NULL, occurred_at TIMESTAMPTZ NOT NULL)",
+        "CREATE TABLE events_old () INHERITS (events)",
+        "CREATE TABLE events_new () INHERITS (events)",
+        "INSERT INTO events_old VALUES (1, 7, '2024-01-01'), (2, 8, '2024-01-02'), (3, 9, '2024-01-03')",
+        "INSERT INTO events_new VALUES (4, 8, '2025-01-01'), (5, 7, '2025-01-02'), (6, 9, '2025-01-03')",
+        "INSERT INTO events VALUES (7, 9, '2026-01-01'), (8, 7, '2026-01-02')",
+    ])
+    .await;
+    let sql = db.connector(&events_config("delete", 16, "")).await;
+    sql.health().await.unwrap();
+    let ada = erase_user(7);
+    assert_eq!(sql.verify(&ada).await.unwrap(), 3);
+    assert_eq!(sql.erase(&ada).await.unwrap(), events_report(3, 0));
+    assert_eq!(db.ids("events").await, vec![2, 3, 4, 6, 7], "user 7's rows only");
+    assert_eq!(sql.verify(&ada).await.unwrap(), 0);
+}
+
 mod postgres_partitioned {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn inherited_children() {
+        super::run(super::Engine::Postgres, super::inherited_children).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn partitions_need_their_own_privileges() {
         super::run(super::Engine::Postgres, super::partitions_need_their_own_privileges).await;
