@@ -79,7 +79,7 @@ impl Anonymizer<'_> {
             let full = rows.len() >= size as usize;
             let started = Instant::now();
             let mut tx = conn.begin().await.map_err(|e| self.err("begin transaction", &e))?;
-            let changed = self.update_rows(&mut tx, rows).await?;
+            let changed = self.update_rows(&mut tx, rows, scope).await?;
             tx.commit().await.map_err(|e| self.err("commit", &e))?;
             let elapsed = started.elapsed();
             done.add(changed, elapsed);
@@ -110,15 +110,19 @@ impl Anonymizer<'_> {
             return Ok(done.rows_affected());
         }
         let rows = self.select(conn, scope, None).await?;
-        self.update_rows(conn, rows).await
+        self.update_rows(conn, rows, scope).await
     }
 
     /// Updates, one by one by primary key, the rows that still hold
-    /// something to anonymise; returns how many changed.
+    /// something to anonymise; returns how many changed. Each update keeps
+    /// to `scope` as well: a key is unique in one table only, and a
+    /// PostgreSQL table's inheriting tables may hold another person's row
+    /// under the same key.
     async fn update_rows(
         &self,
         conn: &mut AnyConnection,
         rows: Vec<PerRow<'_>>,
+        scope: &Scope<'_>,
     ) -> Result<u64, ConnectorError> {
         let t = self.table;
         let pk_kind = self.columns.kind_or_other(&t.primary_key);
@@ -148,6 +152,7 @@ impl Anonymizer<'_> {
             } else {
                 sql.ident(&t.primary_key).push(" = ").bind_for(pk_kind, row.key);
             }
+            sql.push(" AND ").scope(scope);
             let done = sql.query().execute(&mut *conn).await.map_err(|e| self.err("anonymize", &e))?;
             anonymized += done.rows_affected();
         }
