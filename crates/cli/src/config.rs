@@ -841,7 +841,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lethe.toml");
         std::fs::write(&path, text).unwrap();
-        let overrides = Overrides { listen: None, store_url: Some("postgres://u:override-password@h/db".into()) };
+        let overrides =
+            Overrides { listen: None, store_url: Some("postgres://u:override-password@h/db".into()) };
         let config = Config::load_with_env(Some(&path), &overrides, &[]).unwrap();
         let shown = format!("{config:?} {overrides:?}");
         for secret in [
@@ -960,7 +961,10 @@ mod tests {
             ("url = \"https://x.example/\"\nsecret = \"s\"\nevents = []\n", "lists no event"),
             ("url = \"https://x.example/\"\nsecret = \"s\"\nmax_attempts = 0\n", "max_attempts"),
             ("url = \"https://x.example/\"\nsecret = \"s\"\nretries = 3\n", "unknown field `retries`"),
-            ("url = \"http://x.example/\"\nsecret = \"s\"\ninclude_identifiers = true\n", "needs an https://"),
+            (
+                "url = \"http://x.example/\"\nsecret = \"s\"\ninclude_identifiers = true\n",
+                "needs an https://",
+            ),
         ] {
             let err = load(body).unwrap_err();
             assert!(err.contains(expected), "{body}: {err}");

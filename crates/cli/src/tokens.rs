@@ -200,7 +200,9 @@ mod tests {
     #[test]
     fn a_token_serves_one_system() {
         let config = Config::load_with_env(None, &Overrides::default(), &[]).unwrap();
-        let given = |scopes: &[&str]| parse_scopes(&config, &scopes.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        let given = |scopes: &[&str]| {
+            parse_scopes(&config, &scopes.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+        };
         let refused = given(&["connector:shop", "connector:newsletter"]).unwrap_err().to_string();
         assert!(refused.contains("one system"), "{refused}");
         assert_eq!(given(&["connector:shop", "requests:read", "connector:shop"]).unwrap().len(), 2);

@@ -1246,8 +1246,10 @@ async fn scope_matrix() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     // A full check of 1,000 subjects with two identifiers each goes through.
     let subjects: Vec<Value> = (0..1000)
-        .map(|i| json!({"email": format!("firstname.lastname.{i:04}@a-longer-company-domain.example.com"),
-            "customer_id": format!("CUST-{i:010}")}))
+        .map(|i| {
+            json!({"email": format!("firstname.lastname.{i:04}@a-longer-company-domain.example.com"),
+            "customer_id": format!("CUST-{i:010}")})
+        })
         .collect();
     let check = post_json("/v1/suppressions:check", json!({ "subjects": subjects }));
     let (status, answer, _) = call(&h.app(), check).await;

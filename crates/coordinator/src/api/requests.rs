@@ -189,9 +189,10 @@ pub(crate) fn free_of_subject(field: &str, text: &str, identifiers: &[Identifier
 /// destroyed, or for an unknown request).
 async fn subject_of(state: &AppState, id: RequestId) -> Result<Option<Vec<Identifier>>, Problem> {
     let Some(sealed) = state.store.sealed_subject(id).await? else { return Ok(None) };
-    let opened = state.master.unwrap(&sealed.wrapped_key).ok().and_then(|key| {
-        sealed.identifiers.iter().map(|s| key.open(id, s).ok()).collect::<Option<Vec<_>>>()
-    });
+    let opened =
+        state.master.unwrap(&sealed.wrapped_key).ok().and_then(|key| {
+            sealed.identifiers.iter().map(|s| key.open(id, s).ok()).collect::<Option<Vec<_>>>()
+        });
     match opened {
         Some(identifiers) => Ok(Some(identifiers)),
         None => {
