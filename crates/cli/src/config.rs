@@ -380,6 +380,11 @@ pub struct WebhookConfig {
     /// Upper bound of the delay between attempts, in milliseconds.
     #[serde(default = "WebhookConfig::default_max_delay_ms")]
     pub retry_max_delay_ms: u64,
+    /// Only requests submitted with an API token of one of these names
+    /// (`lethe token create --name …`): a portal's endpoint hears of the
+    /// portal's requests only. Every request's events when left out.
+    #[serde(default)]
+    pub submitted_by: Option<Vec<String>>,
 }
 
 impl WebhookConfig {
@@ -406,6 +411,9 @@ impl WebhookConfig {
         }
         if self.events.as_ref().is_some_and(Vec::is_empty) {
             bail!("`events` lists no event; leave it out to receive all of them");
+        }
+        if self.submitted_by.as_ref().is_some_and(|n| n.is_empty() || n.iter().any(|n| n.trim().is_empty())) {
+            bail!("`submitted_by` must name tokens; leave it out to receive every request's events");
         }
         if self.max_attempts == 0 {
             bail!("max_attempts must be at least 1");
@@ -440,6 +448,7 @@ impl WebhookConfig {
             timeout: Duration::from_secs(self.timeout_secs),
             initial_delay: Duration::from_millis(self.retry_initial_delay_ms),
             max_delay: Duration::from_millis(self.retry_max_delay_ms),
+            submitted_by: self.submitted_by.as_ref().map(|n| n.iter().cloned().collect()),
             ..WebhookEndpoint::new(self.name.clone(), url, Secret::new(secret))
         })
     }
@@ -515,6 +524,7 @@ impl std::fmt::Debug for WebhookConfig {
             .field("timeout_secs", &self.timeout_secs)
             .field("retry_initial_delay_ms", &self.retry_initial_delay_ms)
             .field("retry_max_delay_ms", &self.retry_max_delay_ms)
+            .field("submitted_by", &self.submitted_by)
             .finish()
     }
 }

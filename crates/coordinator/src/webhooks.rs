@@ -154,6 +154,9 @@ pub struct WebhookEndpoint {
     pub initial_delay: Duration,
     /// Upper bound of the delay between attempts.
     pub max_delay: Duration,
+    /// Only the events of requests submitted with an API token of one of
+    /// these names (a portal's own requests); every request's when `None`.
+    pub submitted_by: Option<BTreeSet<String>>,
 }
 
 impl WebhookEndpoint {
@@ -170,6 +173,7 @@ impl WebhookEndpoint {
             timeout: Duration::from_secs(10),
             initial_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(300),
+            submitted_by: None,
         }
     }
 }
@@ -186,6 +190,7 @@ impl fmt::Debug for WebhookEndpoint {
             .field("timeout", &self.timeout)
             .field("initial_delay", &self.initial_delay)
             .field("max_delay", &self.max_delay)
+            .field("submitted_by", &self.submitted_by)
             .finish()
     }
 }

@@ -139,10 +139,14 @@ fn request(method: &str, uri: &str, token: &str, body: Option<Value>) -> Request
 }
 
 async fn token(coordinator: &Coordinator, scopes: &[lethe_coordinator::Scope]) -> String {
+    named_token(coordinator, "test", scopes).await
+}
+
+async fn named_token(coordinator: &Coordinator, name: &str, scopes: &[lethe_coordinator::Scope]) -> String {
     let token = lethe_coordinator::auth::new_token();
     let record = lethe_store::NewToken {
         id: uuid::Uuid::now_v7().to_string(),
-        name: "test".into(),
+        name: name.into(),
         digest: lethe_coordinator::auth::digest(&token),
         scopes: scopes.iter().map(ToString::to_string).collect(),
         created_at: Utc::now(),
@@ -189,7 +193,13 @@ async fn endpoints_receive_signed_events_with_retries_and_a_delivery_log() {
     let ops = WebhookEndpoint { include_identifiers: true, ..endpoint("ops", &base) };
     let portal = WebhookEndpoint { events: [EventType::Completed].into(), ..endpoint("portal", &base) };
     let down = WebhookEndpoint { max_attempts: 2, ..endpoint("down", &base) };
-    coordinator.start_webhooks(vec![ops, portal, down], &settings).await.unwrap();
+    // "mine" hears only of the requests a token named "portal-a" submits.
+    let mine = WebhookEndpoint {
+        events: [EventType::Received].into(),
+        submitted_by: Some(["portal-a".to_owned()].into()),
+        ..endpoint("mine", &base)
+    };
+    coordinator.start_webhooks(vec![ops, portal, down, mine], &settings).await.unwrap();
     let admin = token(&coordinator, &lethe_coordinator::Scope::ADMIN).await;
     let router = app(coordinator.state.clone());
 
@@ -357,4 +367,14 @@ async fn endpoints_receive_signed_events_with_retries_and_a_delivery_log() {
         .find(|h| h.event_type == "request.received" && String::from_utf8_lossy(&h.body).contains(&held))
         .expect("request.received reaches ops");
     assert!(String::from_utf8_lossy(&received.body).contains("bob@example.com"), "while the key exists");
+
+    // The requests of a token named "portal-a" (created after the start)
+    // reach "mine"; the administrator's before it never did.
+    let portal_a = named_token(&coordinator, "portal-a", &[lethe_coordinator::Scope::RequestsSubmit]).await;
+    let submit = json!({"subject": {"email": "cleo@example.com"}, "regulation": "gdpr"});
+    let (status, created) = call(&router, request("POST", "/v1/requests", &portal_a, Some(submit))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    receiver.wait_for("mine", &["request.received"]).await;
+    let payload: Value = serde_json::from_slice(&receiver.hits("mine")[0].body).unwrap();
+    assert_eq!(payload["request"]["id"], created["id"]);
 }

@@ -3,6 +3,7 @@
 //! event until the endpoint answers 2xx or the attempts run out, records
 //! every attempt, and moves the cursor past the event.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +35,9 @@ pub struct WebhookDispatcher {
     lease: Duration,
     /// How far this replica last found the trail handled.
     seen: AtomicI64,
+    /// Token id → name, for [`WebhookEndpoint::submitted_by`]; read again
+    /// when a request names a token not in it.
+    token_names: tokio::sync::Mutex<HashMap<String, String>>,
 }
 
 impl WebhookDispatcher {
@@ -66,6 +70,7 @@ impl WebhookDispatcher {
             poll_interval,
             lease,
             seen: AtomicI64::new(0),
+            token_names: tokio::sync::Mutex::default(),
         })
     }
 
@@ -129,6 +134,12 @@ impl WebhookDispatcher {
         let mut handled = 0;
         for audit in &page.events {
             let event = Event::from_audit(audit).filter(|e| self.endpoint.events.contains(&e.kind));
+            let event = match event {
+                Some(event) if self.endpoint.submitted_by.is_some() => {
+                    self.submitted_by_wanted(&event).await?.then_some(event)
+                }
+                event => event,
+            };
             if let Some(event) = event {
                 if !self.deliver(&event).await? {
                     return Ok(handled);
@@ -144,6 +155,19 @@ impl WebhookDispatcher {
         }
         self.seen.store(page.scanned_to.max(cursor), Ordering::Relaxed);
         Ok(handled)
+    }
+
+    /// Whether `event`'s request was submitted with a token of one of the
+    /// endpoint's `submitted_by` names.
+    async fn submitted_by_wanted(&self, event: &Event) -> Result<bool, StoreError> {
+        let Some(names) = &self.endpoint.submitted_by else { return Ok(true) };
+        let Some(detail) = self.store.request(event.request_id).await? else { return Ok(false) };
+        let Some(token) = detail.request.submitted_by else { return Ok(false) };
+        let mut known = self.token_names.lock().await;
+        if !known.contains_key(&token) {
+            *known = self.store.list_tokens().await?.into_iter().map(|t| (t.id, t.name)).collect();
+        }
+        Ok(known.get(&token).is_some_and(|name| names.contains(name)))
     }
 
     /// Sends `event` until the endpoint accepts it or the attempts run out,
