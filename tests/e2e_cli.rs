@@ -88,10 +88,24 @@ async fn cli_round_trip_against_a_running_server() {
         vec!["submit", "--id", "loyalty-card", "--regulation", "gdpr"],
         vec!["submit", "--id", "x=1", "--id", "x=2", "--regulation", "gdpr"],
         vec!["policy", "explain", "--regulation", "gdpr"],
+        vec!["submit", "--email", "a@example.com", "--regulation", "hipaa"],
+        vec!["policy", "explain", "--local", "--regulation", "hipaa"],
+        vec!["requests", "list", "--status", "bogus"],
+        vec!["requests", "list", "--due-before", "soon"],
     ] {
         let out = at(base, cwd, &args).await;
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", describe(&out));
     }
+    // A mistyped regulation stops an import before it reads or sends a row
+    // (and before it writes rejected rows, identifiers and all, to a file).
+    let people = cwd.join("people.csv");
+    std::fs::write(&people, "email\nzed@example.com\n").unwrap();
+    let out = at(base, cwd, &["import", people.to_str().unwrap(), "--regulation", "hipaa"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(!cwd.join("people.csv.rejected.csv").exists());
+    let out =
+        at(base, cwd, &["requests", "list", "--due-before", "2099-01-01", "--status", "completed"]).await;
+    assert!(out.status.success(), "a date is a time: {}", describe(&out));
 
     // lethe requests list (table and JSON)
     let out = lethe(&["requests", "list", "--server", base], cwd).await;

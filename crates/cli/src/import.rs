@@ -70,7 +70,7 @@ pub struct ImportArgs {
     pub file: PathBuf,
     /// Regulation of the rows without a `regulation` cell: gdpr, uk-gdpr,
     /// ccpa, vcdpa, lgpd or pipeda.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::ops::regulation)]
     pub regulation: String,
     /// Rows per call to the coordinator (1 to 1000).
     #[arg(long, default_value_t = 500, value_parser = batch_size)]

@@ -100,7 +100,7 @@ enum Command {
         #[command(flatten)]
         subject: ops::SubjectArgs,
         /// gdpr, uk-gdpr, ccpa, vcdpa, lgpd or pipeda.
-        #[arg(long)]
+        #[arg(long, value_parser = ops::regulation)]
         regulation: String,
         /// Your reference for the request (no personal data).
         #[arg(long)]
@@ -260,14 +260,15 @@ enum RequestsCommand {
     List {
         #[command(flatten)]
         server: ServerArgs,
-        #[arg(long)]
+        /// received, in_progress, completed, completed_with_exemptions or failed.
+        #[arg(long, value_parser = ops::request_status)]
         status: Option<String>,
         /// Only requests past their due date and not answered yet.
         #[arg(long)]
         overdue: bool,
-        /// Only requests due before this time (RFC 3339).
-        #[arg(long)]
-        due_before: Option<String>,
+        /// Only requests due before this time (RFC 3339, or a date: its midnight UTC).
+        #[arg(long, value_parser = ops::parse_time)]
+        due_before: Option<chrono::DateTime<chrono::Utc>>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// Continue after this request (the `next_cursor` shown).
@@ -444,6 +445,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             command: RequestsCommand::List { server, status, overdue, due_before, limit, cursor, json },
         } => {
             let mut query = vec![("limit", limit.to_string())];
+            let due_before = due_before.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
             for (k, v) in [("status", status), ("due_before", due_before), ("cursor", cursor)] {
                 if let Some(v) = v {
                     query.push((k, v));

@@ -124,7 +124,7 @@ pub enum PolicyCommand {
         #[command(flatten)]
         subject: SubjectArgs,
         /// gdpr, uk-gdpr, ccpa, vcdpa, lgpd or pipeda.
-        #[arg(long)]
+        #[arg(long, value_parser = regulation)]
         regulation: String,
         /// Evaluate the configuration's policy here instead of asking the
         /// coordinator (legal holds are then not consulted; identifiers are
@@ -140,7 +140,21 @@ pub enum PolicyCommand {
 }
 
 /// An RFC 3339 time, or a date taken as midnight UTC.
-fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+/// A regulation on the command line, checked before anything is sent.
+pub fn regulation(s: &str) -> Result<String, String> {
+    s.parse::<lethe_core::Regulation>().map(|r| r.as_str().to_owned()).map_err(|e| e.to_string())
+}
+
+/// A request status on the command line (`requests list --status`).
+pub fn request_status(s: &str) -> Result<String, String> {
+    s.parse::<lethe_core::RequestStatus>().map(|r| r.as_str().to_owned()).map_err(|_| {
+        let all: Vec<&str> = lethe_core::RequestStatus::ALL.iter().map(|s| s.as_str()).collect();
+        format!("expected one of {}", all.join(", "))
+    })
+}
+
+/// An RFC 3339 time or a date (midnight UTC) on the command line.
+pub fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s.trim()) {
         return Ok(t.with_timezone(&chrono::Utc));
     }

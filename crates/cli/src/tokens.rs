@@ -70,7 +70,7 @@ fn parse_scopes(config: &Config, given: &[String]) -> anyhow::Result<Vec<Scope>>
         let named: Vec<Scope> = if s == "admin" {
             Scope::ADMIN.into()
         } else {
-            let scope: Scope = s.parse().map_err(anyhow::Error::msg)?;
+            let scope: Scope = s.parse().map_err(crate::ops::Usage)?;
             if let Scope::Connector(system) = &scope {
                 config.system(system)?;
             }
@@ -207,5 +207,7 @@ mod tests {
         assert!(refused.contains("one system"), "{refused}");
         assert_eq!(given(&["connector:shop", "requests:read", "connector:shop"]).unwrap().len(), 2);
         assert!(given(&["connector:nope"]).is_err(), "an unknown system");
+        let typo = given(&["requests:fly"]).unwrap_err();
+        assert!(typo.downcast_ref::<crate::ops::Usage>().is_some(), "a usage error: {typo}");
     }
 }
