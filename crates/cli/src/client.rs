@@ -241,8 +241,23 @@ pub fn render_explanation(v: &Value) -> String {
     out
 }
 
+/// A hold's state as of `now`: `released` (by an operator), `expired`
+/// (released by its expiry, or past it and not yet swept), or `active`.
+fn hold_state(h: &Value, now: chrono::DateTime<chrono::Utc>) -> &'static str {
+    let set = |k: &str| h.get(k).and_then(Value::as_str);
+    let past =
+        |k: &str| set(k).and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).is_some_and(|t| t <= now);
+    match set("released_at") {
+        Some(_) if set("release_reason") == Some("expired") => "expired",
+        Some(_) => "released",
+        None if past("expires_at") => "expired",
+        None => "active",
+    }
+}
+
 /// Renders legal holds.
 pub fn render_holds(v: &Value) -> String {
+    let now = chrono::Utc::now();
     let mut out = format!("{:<36}  {:<16} {:<24} {:<9} {}\n", "ID", "CASE", "SCOPE", "STATE", "REASON");
     for h in v.as_array().into_iter().flatten() {
         let scope = h.get("scope").cloned().unwrap_or_default();
@@ -265,7 +280,7 @@ pub fn render_holds(v: &Value) -> String {
                 .collect::<Vec<_>>()
                 .join(" / "),
         };
-        let state = if h.get("released_at").is_some_and(|r| !r.is_null()) { "released" } else { "active" };
+        let state = hold_state(h, now);
         out.push_str(&format!(
             "{:<36}  {:<16} {:<24} {:<9} {}\n",
             text(h, "id"),
@@ -280,6 +295,25 @@ pub fn render_holds(v: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn holds_say_whether_they_were_released_or_expired() {
+        let now = chrono::Utc::now();
+        let (past, future) = (
+            (now - chrono::Duration::hours(1)).to_rfc3339(),
+            (now + chrono::Duration::hours(1)).to_rfc3339(),
+        );
+        let state = |h: serde_json::Value| super::hold_state(&h, now);
+        assert_eq!(state(serde_json::json!({"released_at": null, "expires_at": null})), "active");
+        assert_eq!(state(serde_json::json!({"released_at": null, "expires_at": future})), "active");
+        assert_eq!(
+            state(serde_json::json!({"released_at": null, "expires_at": past})),
+            "expired",
+            "not yet swept"
+        );
+        assert_eq!(state(serde_json::json!({"released_at": past, "release_reason": "expired"})), "expired");
+        assert_eq!(state(serde_json::json!({"released_at": past, "release_reason": "settled"})), "released");
+    }
+
     #[test]
     fn messages_never_show_the_credentials_of_the_url() {
         assert_eq!(
