@@ -355,7 +355,13 @@ pub struct Summary {
 
 impl Summary {
     fn progress(&self) -> String {
-        format!("created {}, replayed {}, rejected {}", self.created, self.replayed, self.rejected.len())
+        format!(
+            "created {}, replayed {}, duplicates {}, rejected {}",
+            self.created,
+            self.replayed,
+            self.duplicates.len(),
+            self.rejected.len()
+        )
     }
 
     /// The report printed at the end; names rows by line only.
@@ -516,8 +522,11 @@ pub async fn run(client: &Client, args: &ImportArgs) -> anyhow::Result<Summary> 
         bar.inc(chunk.len() as u64);
         bar.set_message(summary.progress());
         if !terminal {
+            // Rows refused or repeated before sending count as handled
+            // from the start, so the count reaches the rows read.
             eprintln!(
-                "lines {first} to {last} sent ({} of {} rows done): {}",
+                "lines {first} to {last} sent ({} rows); {} of {} rows handled: {}",
+                chunk.len(),
                 bar.position(),
                 summary.read,
                 summary.progress()
