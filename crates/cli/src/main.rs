@@ -248,7 +248,8 @@ enum Command {
         /// People seeded into the demo stores.
         #[arg(long, default_value_t = 300)]
         subjects: usize,
-        /// Erasure requests submitted.
+        /// Erasure requests submitted for seeded people (one more is
+        /// submitted for someone no system knows).
         #[arg(long, default_value_t = 40)]
         requests: usize,
     },
