@@ -109,6 +109,10 @@ pub struct SystemCategories {
     pub categories: Vec<String>,
 }
 
+/// How the warning of [`Policy::check`] for a rule's category that no
+/// system declares ends.
+pub const UNDECLARED_CATEGORY: &str = "which no system declares";
+
 /// A policy that was not accepted; every problem is listed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("retention policy rejected:\n  - {}", .0.join("\n  - "))]
@@ -212,8 +216,7 @@ impl Policy {
         for r in &self.rules {
             for c in &r.categories {
                 if !held.contains(c.as_str()) {
-                    warnings
-                        .push(format!("rule `{}` names category `{c}`, which no system declares", r.name));
+                    warnings.push(format!("rule `{}` names category `{c}`, {UNDECLARED_CATEGORY}", r.name));
                 }
             }
         }
