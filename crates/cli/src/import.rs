@@ -496,11 +496,17 @@ pub async fn run(client: &Client, args: &ImportArgs) -> anyhow::Result<Summary> 
             })
             .collect();
         let answer = client.post("/v1/requests:batch", &json!({ "requests": items })).await;
-        let results = answer.and_then(|a| batch_results(&a, chunk.len())).with_context(|| {
-            format!(
+        let results = answer.and_then(|a| batch_results(&a, chunk.len())).map_err(|e| {
+            // A body over the coordinator's limit fails the same way again.
+            let again = if e.to_string().contains("answered 413") {
+                "run the same command again with a smaller --batch to resume"
+            } else {
+                "run the same command again to resume"
+            };
+            e.context(format!(
                 "the batch of lines {first} to {last} was not accepted ({sent} rows were sent before it); \
-                 run the same command again to resume: rows already sent are answered as already created"
-            )
+                 {again}: rows already sent are answered as already created"
+            ))
         });
         let results = match results {
             Ok(r) => r,
