@@ -708,7 +708,12 @@ class Runner:
         """Runs one task to its result message. Never raises: every failure
         becomes a ``failed`` outcome with a reason free of identifiers."""
         started = time.monotonic()
-        outcome = self._outcome(task)
+        try:
+            outcome = self._outcome(task)
+        except Exception as e:  # a bug outside the connector's calls (a malformed Erasure, say)
+            frames = "".join(traceback.format_tb(e.__traceback__))
+            log.error("the task raised %s (message withheld):\n%s", e.__class__.__name__, frames)
+            outcome = failed(PermanentError(f"unexpected {e.__class__.__name__}; see the worker's log"))
         self.finished += 1
         log.info(
             "task finished: task %s, request %s, attempt %d, outcome %s%s in %.0f ms",

@@ -276,6 +276,21 @@ class Tasks(unittest.TestCase):
         self.assertEqual(outcome["reason"], "unexpected ValueError in erase; see the worker's log")
         self.assertFalse(any("ada@" in line for line in logs.output), logs.output)
 
+        # A connector that returns no Erasure fails its task; the worker
+        # does not stop on it (the message would come back for ever).
+        class Careless(lc.Connector):
+            def erase(self, identifiers, directives):
+                return None
+
+            def verify(self, identifiers, directives):
+                return 0
+
+        self.runner.connector = Careless()
+        with self.assertLogs("lethe.connector", "ERROR"):
+            outcome = self.runner.process(self.task("ada@example.com"))["outcome"]
+        self.assertEqual((outcome["status"], outcome["retryable"]), ("failed", False), outcome)
+        self.assertIn("unexpected AttributeError", outcome["reason"])
+
     def test_an_asynchronous_job_is_accepted_then_checked(self) -> None:
         class Async(lc.Connector):
             verified = 0
