@@ -1236,16 +1236,29 @@ async fn expired_holds_release_what_they_kept(b: &Backend) {
         (item.action, actions),
         (Action::Hold, vec![("contact", Action::Hold), ("support", Action::Erase)])
     );
+    // The held contact is kept, and so is a support row it pins (a parent
+    // row kept for a held child): under a category that is not held, and
+    // without an end either. Both wait for the hold's release.
     let kept = Outcome::RetainedInPart {
         datasets: vec![DatasetReport::new("tickets", 4, 0)],
-        retained: vec![RetainedReport {
-            dataset: "contacts".into(),
-            category: Some("contact".into()),
-            count: 1,
-            basis: "legal hold case hold-2: pending litigation".into(),
-            until: None,
-            first_until: None,
-        }],
+        retained: vec![
+            RetainedReport {
+                dataset: "contacts".into(),
+                category: Some("contact".into()),
+                count: 1,
+                basis: "legal hold case hold-2: pending litigation".into(),
+                until: None,
+                first_until: None,
+            },
+            RetainedReport {
+                dataset: "accounts".into(),
+                category: Some("support".into()),
+                count: 1,
+                basis: "kept while linked records in contacts are kept".into(),
+                until: None,
+                first_until: None,
+            },
+        ],
         residual: Some(0),
     };
     report(&b.store, item.task_id, 1, kept).await;
@@ -1341,7 +1354,7 @@ async fn a_hold_released_while_its_task_runs_is_followed_up(b: &Backend) {
         residual: Some(0),
     };
     let reported = day(2);
-    report_at(&b.store, task, 1, kept, reported).await;
+    report_at(&b.store, task, 1, kept.clone(), reported).await;
     // The hold behind what was kept is gone: it is erased at the next sweep.
     let d = detail(&b.store, id).await;
     assert_eq!(
@@ -1352,8 +1365,17 @@ async fn a_hold_released_while_its_task_runs_is_followed_up(b: &Backend) {
     let again = dispatch_at(&b.store, reported).await;
     let [item] = &again[..] else { panic!("{again:?}") };
     assert_eq!((item.action, item.attempt), (Action::Erase, 2));
+    // A connector that keeps it again, with no hold left and no end: asked
+    // again an hour later, not on every sweep.
+    report_at(&b.store, task, 2, kept.clone(), reported).await;
+    let d = detail(&b.store, id).await;
+    let hour = chrono::Duration::hours(1);
+    assert_eq!(task_of(&d, "crm").follow_up_at, Some(reported + hour), "not on every sweep");
+    assert_eq!(b.store.run_follow_ups(reported + hour, 10).await.unwrap(), 1);
+    let again = dispatch_at(&b.store, reported + hour).await;
+    assert_eq!(again.iter().map(|i| i.attempt).collect::<Vec<_>>(), vec![3]);
     assert_eq!(
-        report_at(&b.store, task, 2, erased(1), reported).await,
+        report_at(&b.store, task, 3, erased(1), reported + hour).await,
         Applied::Moved {
             request: id,
             task: TaskState::Succeeded,

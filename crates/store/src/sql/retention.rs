@@ -80,12 +80,17 @@ fn category_plan(r: &AnyRow) -> Result<CategoryPlan, StoreError> {
 pub(super) const PAST_END_RETRY: chrono::Duration = chrono::Duration::hours(1);
 
 /// Records when a task that kept data runs again: the earliest end among
-/// what it kept. Data kept without an end date waits for a legal hold's
-/// release, unless the hold behind it was released while the attempt ran
-/// (the release could not resume a task in flight): then it runs again now.
-/// An end already past (a connector whose clock or date arithmetic differs
-/// from the coordinator's kept what the coordinator thinks may go) runs it
-/// again after [`PAST_END_RETRY`], not on every sweep.
+/// what it kept. Data kept without an end date waits for the release of
+/// the legal holds on the task's categories (a parent row kept for a held
+/// child is kept without an end, under a category of its own that is not
+/// held), unless no hold is left: then the hold behind it was released
+/// while the attempt ran (the release could not resume a task in flight),
+/// and it runs again now, or, when that run itself was such a follow-up,
+/// after [`PAST_END_RETRY`] (a connector that keeps data without an end
+/// and without a hold must not be asked again on every sweep). An end
+/// already past (a connector whose clock or date arithmetic differs from
+/// the coordinator's kept what the coordinator thinks may go) runs it
+/// again after [`PAST_END_RETRY`] too.
 pub(super) async fn set_follow_up(
     tx: &mut AnyConnection,
     task: TaskId,
@@ -110,18 +115,21 @@ pub(super) async fn set_follow_up(
         }
         planned.insert(category);
     }
+    let counts = sqlx::query("SELECT attempts, budget_start FROM tasks WHERE id = $1")
+        .bind(task.to_string())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    let (attempts, budget_start): (i64, i64) = (col(&counts, "attempts")?, col(&counts, "budget_start")?);
+    // A follow-up starts a fresh attempt budget: this attempt was one.
+    let after_follow_up = attempts > 1 && budget_start == attempts - 1;
+    let resume = if after_follow_up { now + PAST_END_RETRY } else { now };
     let at = retained
         .iter()
         .filter_map(|r| match r.first_until.or(r.until) {
             Some(until) if until <= now => Some(now + PAST_END_RETRY),
             Some(until) => Some(until),
-            None => {
-                let still_held = match &r.category {
-                    Some(c) if planned.contains(c) => held.contains(c),
-                    _ => !held.is_empty(),
-                };
-                (!planned.is_empty() && !still_held).then_some(now)
-            }
+            None => (!planned.is_empty() && held.is_empty()).then_some(resume),
         })
         .min();
     sqlx::query("UPDATE tasks SET follow_up_at = $1 WHERE id = $2")
