@@ -14,7 +14,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
-use lethe_core::{DataKey, MasterKey, Outcome, RequestStatus};
+use lethe_core::{DataKey, DatasetReport, MasterKey, Outcome, RequestStatus};
 use lethe_store::{RequestDetail, SigningKeyRecord, StateStore, StoreError};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -211,7 +211,8 @@ impl Certifier {
         let signing = SigningKey::from_bytes(secret.as_bytes());
         let audit = self.store.audit_events(Some(detail.request.id)).await?;
         let late = late_changes(&audit);
-        let payload = payload(detail, audit.last().map(|e| (e.seq, e.hash.as_str())), &late, now);
+        let totals = erased_totals(&audit);
+        let payload = payload(detail, audit.last().map(|e| (e.seq, e.hash.as_str())), &totals, &late, now);
         let signature = signing.sign(canonical(&payload).as_bytes());
         Ok(Certificate {
             payload,
@@ -248,9 +249,46 @@ fn late_changes(audit: &[lethe_store::AuditEvent]) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// What every applied outcome of each system's task removed, by system
+/// and dataset, from the trail's `task.outcome` events: a task run again
+/// (a retention period ended, a hold released) reports only what that run
+/// removed, and the certificate must count the earlier runs too. A later
+/// `purge_by` replaces an earlier one.
+fn erased_totals(audit: &[lethe_store::AuditEvent]) -> Vec<(String, Vec<DatasetReport>)> {
+    let mut totals: Vec<(String, Vec<DatasetReport>)> = Vec::new();
+    for e in audit.iter().filter(|e| e.kind == "task.outcome") {
+        let Ok(detail) = serde_json::from_str::<Value>(&e.detail) else { continue };
+        let Some(system) = detail["system"].as_str() else { continue };
+        let Ok(outcome) = serde_json::from_value::<Outcome>(detail["outcome"].clone()) else { continue };
+        let (Outcome::Erased { datasets, .. } | Outcome::RetainedInPart { datasets, .. }) = outcome else {
+            continue;
+        };
+        let at = match totals.iter().position(|(s, _)| s == system) {
+            Some(at) => at,
+            None => {
+                totals.push((system.to_owned(), Vec::new()));
+                totals.len() - 1
+            }
+        };
+        let sums = &mut totals[at].1;
+        for d in datasets {
+            match sums.iter_mut().find(|x| x.dataset == d.dataset) {
+                Some(sum) => {
+                    sum.deleted += d.deleted;
+                    sum.anonymized += d.anonymized;
+                    sum.purge_by = d.purge_by.or(sum.purge_by);
+                }
+                None => sums.push(d),
+            }
+        }
+    }
+    totals
+}
+
 fn payload(
     detail: &RequestDetail,
     audit: Option<(i64, &str)>,
+    totals: &[(String, Vec<DatasetReport>)],
     late: &[(String, Value)],
     now: DateTime<Utc>,
 ) -> Value {
@@ -265,6 +303,11 @@ fn payload(
                 Some(Outcome::Erased { datasets, .. }) => (json!(datasets), json!([])),
                 Some(Outcome::RetainedInPart { datasets, retained, .. }) => (json!(datasets), json!(retained)),
                 _ => (json!([]), json!([])),
+            };
+            // Every run's removals, where the trail has them.
+            let datasets = match totals.iter().find(|(s, _)| *s == p.system) {
+                Some((_, sums)) => json!(sums),
+                None => datasets,
             };
             let categories: Vec<Value> = p
                 .categories

@@ -1368,3 +1368,95 @@ async fn a_certificate_shows_what_a_withdrawn_attempt_erased() {
     assert_eq!(of("crm")["late_changes"][0]["datasets"][0]["deleted"], 2, "{cert}");
     assert!(of("mail").get("late_changes").is_none(), "{cert}");
 }
+
+/// A task run again when a retention period ends reports only what that
+/// run removed: the certificate counts every run. A result delivered twice
+/// is not a late change.
+#[tokio::test]
+async fn a_certificate_counts_every_run_of_a_task() {
+    let h = Harness::new().await;
+    let (_, created, _) = call(
+        &h.app(),
+        post(json!({"subject": {"email": "twice@example.com"}, "regulation": "gdpr"}).to_string()),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let dispatched = |attempt: u64| {
+        let app = h.app();
+        let id = id.clone();
+        async move {
+            for _ in 0..200 {
+                let (_, view, _) = call(&app, get(&format!("/v1/requests/{id}"))).await;
+                let systems = view["systems"].as_array().unwrap().clone();
+                let crm = systems.iter().find(|s| s["system"] == "crm").unwrap();
+                if crm["state"] == "dispatched" && crm["attempts"] == attempt {
+                    return systems;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("attempt {attempt} never dispatched");
+        }
+    };
+    let systems = dispatched(1).await;
+    let task_of = |name: &str| -> lethe_core::TaskId {
+        systems.iter().find(|s| s["system"] == name).unwrap()["task_id"].as_str().unwrap().parse().unwrap()
+    };
+    let (crm, mail) = (task_of("crm"), task_of("mail"));
+    let store = h.state().store.clone();
+    let schedule = lethe_store::RetrySchedule::default();
+    let now = lethe_coordinator::Clock::now(&h.clock);
+    let until = now + chrono::Duration::days(1);
+    let first = lethe_store::OutcomeReport {
+        task_id: crm,
+        attempt: 1,
+        outcome: lethe_core::Outcome::RetainedInPart {
+            datasets: vec![DatasetReport::new("contacts", 2, 0), DatasetReport::new("invoices", 0, 0)],
+            retained: vec![lethe_core::RetainedReport {
+                dataset: "invoices".into(),
+                category: None,
+                count: 1,
+                basis: "HGB §257".into(),
+                until: Some(until),
+                first_until: None,
+            }],
+            residual: Some(0),
+        },
+    };
+    let nothing = lethe_store::OutcomeReport {
+        task_id: mail,
+        attempt: 1,
+        outcome: lethe_core::Outcome::NotFound { residual: Some(0) },
+    };
+    store.apply_outcomes(&[first.clone(), nothing], &schedule, now).await.unwrap();
+    // At least once: the same result again changes nothing.
+    assert_eq!(
+        store.apply_outcomes(&[first], &schedule, now).await.unwrap(),
+        [lethe_store::Applied::Ignored]
+    );
+
+    // The period ends: the task runs again and removes the invoice.
+    h.clock.advance(chrono::Duration::days(2));
+    let later = lethe_coordinator::Clock::now(&h.clock);
+    assert_eq!(store.run_follow_ups(later, 10).await.unwrap(), 1);
+    dispatched(2).await;
+    let second = lethe_store::OutcomeReport {
+        task_id: crm,
+        attempt: 2,
+        outcome: lethe_core::Outcome::Erased {
+            datasets: vec![DatasetReport::new("contacts", 0, 0), DatasetReport::new("invoices", 1, 0)],
+            residual: Some(0),
+        },
+    };
+    store.apply_outcomes(&[second], &schedule, later).await.unwrap();
+    let view = wait_final(&h.app(), &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    let (status, cert, _) = call(&h.app(), get(&format!("/v1/requests/{id}/certificate"))).await;
+    assert_eq!(status, StatusCode::OK, "{cert}");
+    let crm = cert["payload"]["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").unwrap();
+    assert_eq!(
+        crm["datasets"],
+        json!([{"dataset": "contacts", "deleted": 2, "anonymized": 0}, {"dataset": "invoices", "deleted": 1, "anonymized": 0}]),
+        "{cert}"
+    );
+    assert!(crm.get("late_changes").is_none(), "a duplicate is no late change: {cert}");
+}

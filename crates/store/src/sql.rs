@@ -105,6 +105,23 @@ impl SqlStore {
     async fn begin(&self) -> Result<Tx<'static>, StoreError> {
         self.pool.begin().await.map_err(db_err)
     }
+
+    /// Whether a result of `attempt` of `task` was applied.
+    async fn outcome_applied(
+        &self,
+        tx: &mut AnyConnection,
+        task: TaskId,
+        attempt: u32,
+    ) -> Result<bool, StoreError> {
+        let row =
+            sqlx::query("SELECT 1 FROM outcomes WHERE task_id = $1 AND attempt = $2 AND applied = 1 LIMIT 1")
+                .bind(task.to_string())
+                .bind(i64::from(attempt))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        Ok(row.is_some())
+    }
 }
 
 /// How a claim must read the outbox on PostgreSQL: down the `(system, id)`
@@ -1242,6 +1259,7 @@ impl StateStore for SqlStore {
         let (mut outcome_rows, mut requeue_rows, mut events) = (Vec::new(), Vec::new(), Vec::new());
         let mut moved: Vec<(TaskId, TaskState, String)> = Vec::new();
         let mut last_move_of: HashMap<RequestId, usize> = HashMap::new();
+        let mut applied_in_batch: std::collections::HashSet<(TaskId, u32)> = std::collections::HashSet::new();
         for (i, report) in reports.iter().enumerate() {
             let (Some(&request), Some(task)) =
                 (request_of.get(&report.task_id), tasks.get_mut(&report.task_id))
@@ -1291,8 +1309,12 @@ impl StateStore for SqlStore {
                 results[i] = Applied::Ignored;
                 // An attempt that was withdrawn (a legal hold placed while it
                 // ran, say) or superseded may still have changed data: the
-                // trail says so, whatever state the task is in.
-                if report.outcome.changed_data() {
+                // trail says so, whatever state the task is in. A second
+                // delivery of a result that was applied (at least once)
+                // changed nothing more.
+                let applied_before = applied_in_batch.contains(&(report.task_id, report.attempt))
+                    || self.outcome_applied(&mut tx, report.task_id, report.attempt).await?;
+                if report.outcome.changed_data() && !applied_before {
                     events.push(PendingEvent::new(
                         request,
                         Some(report.task_id),
@@ -1303,6 +1325,7 @@ impl StateStore for SqlStore {
                 continue;
             };
             task.state = next;
+            applied_in_batch.insert((report.task_id, report.attempt));
             moved.push((report.task_id, next, body));
             events.push(PendingEvent::new(
                 request,
