@@ -69,6 +69,12 @@ pub enum Reference {
     Request,
 }
 
+/// How the basis of a `hold` directive begins (`legal hold <case>:
+/// <reason>`), which connectors repeat in what they report kept: data kept
+/// under a hold that has since been released is told apart by it from data
+/// kept for another reason.
+pub const HOLD_BASIS_PREFIX: &str = "legal hold ";
+
 /// The legal hold behind a `hold` decision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HoldRef {
@@ -111,7 +117,9 @@ impl CategoryPlan {
     /// attempt issued at `as_of`.
     pub fn directive(&self, as_of: DateTime<Utc>) -> Directive {
         let (basis, cutoff) = match (&self.hold, self.action) {
-            (Some(h), Action::Hold) => (Some(format!("legal hold {}: {}", h.case_reference, h.reason)), None),
+            (Some(h), Action::Hold) => {
+                (Some(format!("{HOLD_BASIS_PREFIX}{}: {}", h.case_reference, h.reason)), None)
+            }
             (_, Action::Retain) => (
                 self.basis.clone(),
                 match (self.reference, self.period) {

@@ -1368,7 +1368,7 @@ impl StateStore for SqlStore {
                     ]);
                 }
                 Applied::Moved { task: TaskState::Retained, .. } => {
-                    retention::set_follow_up(&mut tx, report.task_id, &report.outcome, now).await?;
+                    retention::set_follow_up(&mut tx, report, now).await?;
                 }
                 _ => {}
             }

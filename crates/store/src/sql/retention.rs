@@ -3,8 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use lethe_core::plan::HOLD_BASIS_PREFIX;
 use lethe_core::policy::summarize;
-use lethe_core::{ActiveHold, CategoryPlan, Deadlines, HoldRef, HoldScope, Period, Reference};
+use lethe_core::{
+    ActiveHold, CategoryPlan, Deadlines, HoldRef, HoldScope, Period, Reference, RetainedReport,
+};
 
 use super::*;
 
@@ -80,24 +83,30 @@ fn category_plan(r: &AnyRow) -> Result<CategoryPlan, StoreError> {
 pub(super) const PAST_END_RETRY: chrono::Duration = chrono::Duration::hours(1);
 
 /// Records when a task that kept data runs again: the earliest end among
-/// what it kept. Data kept without an end date waits for the release of
-/// the legal holds on the task's categories (a parent row kept for a held
-/// child is kept without an end, under a category of its own that is not
-/// held), unless no hold is left: then the hold behind it was released
-/// while the attempt ran (the release could not resume a task in flight),
-/// and it runs again now, or, when that run itself was such a follow-up,
-/// after [`PAST_END_RETRY`] (a connector that keeps data without an end
-/// and without a hold must not be asked again on every sweep). An end
-/// already past (a connector whose clock or date arithmetic differs from
-/// the coordinator's kept what the coordinator thinks may go) runs it
-/// again after [`PAST_END_RETRY`] too.
+/// what it kept. Data kept without an end date waits for the release of a
+/// legal hold:
+/// - kept under a hold (its basis says so) on a category still held: until
+///   that hold's release, which resumes the task;
+/// - kept under a hold on a category no longer held: the hold was released
+///   while the attempt ran (the release could not resume a task in
+///   flight), so it runs again now;
+/// - kept for another reason (a parent row pinned by a held child): while
+///   any hold is on the task's categories, until their release; with none,
+///   now.
+///
+/// Running again "now" happens once: when the attempt that reported was
+/// itself such a follow-up, after [`PAST_END_RETRY`] instead (a connector
+/// that keeps data without an end and without a hold must not be asked on
+/// every sweep). An end already past (a connector whose clock or date
+/// arithmetic differs from the coordinator's kept what the coordinator
+/// thinks may go) runs it again after [`PAST_END_RETRY`] too.
 pub(super) async fn set_follow_up(
     tx: &mut AnyConnection,
-    task: TaskId,
-    outcome: &Outcome,
+    report: &OutcomeReport,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let Outcome::RetainedInPart { retained, .. } = outcome else { return Ok(()) };
+    let Outcome::RetainedInPart { retained, .. } = &report.outcome else { return Ok(()) };
+    let task = report.task_id;
     let plan = sqlx::query(
         "SELECT p.category, p.action FROM plan_categories p \
          JOIN tasks t ON t.request_id = p.request_id AND t.system = p.system WHERE t.id = $1",
@@ -115,23 +124,17 @@ pub(super) async fn set_follow_up(
         }
         planned.insert(category);
     }
-    let counts = sqlx::query("SELECT attempts, budget_start FROM tasks WHERE id = $1")
+    let row = sqlx::query("SELECT budget_start FROM tasks WHERE id = $1")
         .bind(task.to_string())
         .fetch_one(&mut *tx)
         .await
         .map_err(db_err)?;
-    let (attempts, budget_start): (i64, i64) = (col(&counts, "attempts")?, col(&counts, "budget_start")?);
-    // A follow-up starts a fresh attempt budget: this attempt was one.
-    let after_follow_up = attempts > 1 && budget_start == attempts - 1;
+    // A follow-up starts a fresh attempt budget at the attempt it queues.
+    let budget_start: i64 = col(&row, "budget_start")?;
+    let attempt = i64::from(report.attempt);
+    let after_follow_up = attempt > 1 && budget_start == attempt - 1;
     let resume = if after_follow_up { now + PAST_END_RETRY } else { now };
-    let at = retained
-        .iter()
-        .filter_map(|r| match r.first_until.or(r.until) {
-            Some(until) if until <= now => Some(now + PAST_END_RETRY),
-            Some(until) => Some(until),
-            None => (!planned.is_empty() && held.is_empty()).then_some(resume),
-        })
-        .min();
+    let at = next_run(retained, &planned, &held, resume, now);
     sqlx::query("UPDATE tasks SET follow_up_at = $1 WHERE id = $2")
         .bind(at.map(ms))
         .bind(task.to_string())
@@ -139,6 +142,35 @@ pub(super) async fn set_follow_up(
         .await
         .map(|_| ())
         .map_err(db_err)
+}
+
+/// When a task that kept `retained` runs again (see [`set_follow_up`]):
+/// `planned` and `held` are the task's categories and those held now;
+/// `resume` is when to run again for data whose hold is gone.
+fn next_run(
+    retained: &[RetainedReport],
+    planned: &BTreeSet<String>,
+    held: &BTreeSet<String>,
+    resume: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    retained
+        .iter()
+        .filter_map(|r| match r.first_until.or(r.until) {
+            Some(until) if until <= now => Some(now + PAST_END_RETRY),
+            Some(until) => Some(until),
+            None if planned.is_empty() => None,
+            None => {
+                let category = r.category.as_ref().filter(|c| planned.contains(*c));
+                let wait = match category {
+                    Some(c) if held.contains(c) => true,
+                    Some(_) if r.basis.starts_with(HOLD_BASIS_PREFIX) => false,
+                    _ => !held.is_empty(),
+                };
+                (!wait).then_some(resume)
+            }
+        })
+        .min()
 }
 
 /// The PostgreSQL advisory lock of [`SqlStore::hold_barrier`] ("lethehol").
@@ -928,5 +960,49 @@ impl SqlStore {
         self.append_audit(&mut tx, vec![event], now).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(ExtendResult::Extended { due_at: new_due })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(category: &str, basis: &str) -> RetainedReport {
+        RetainedReport {
+            dataset: category.into(),
+            category: Some(category.into()),
+            count: 1,
+            basis: basis.into(),
+            until: None,
+            first_until: None,
+        }
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// Data kept without an end: by a hold still in force it waits; by a
+    /// hold released meanwhile it runs again, even beside another hold;
+    /// for another reason (a parent pinned by a held child) it waits while
+    /// any hold is on the task.
+    #[test]
+    fn data_kept_without_an_end_waits_only_for_holds_in_force() {
+        let now = Utc::now();
+        let planned = set(&["contact", "orders", "support"]);
+        let next =
+            |retained: &[RetainedReport], held: &[&str]| next_run(retained, &planned, &set(held), now, now);
+        let held_contact = kept("contact", "legal hold C-1: litigation");
+        let pinned = kept("contact", "kept while linked records in orders are kept");
+        assert_eq!(next(&[held_contact.clone()], &["contact"]), None, "still held");
+        assert_eq!(next(&[held_contact.clone()], &["support"]), Some(now), "its hold was released");
+        assert_eq!(next(&[held_contact], &[]), Some(now));
+        assert_eq!(next(&[pinned.clone()], &["orders"]), None, "pinned by a held child");
+        assert_eq!(next(&[pinned], &[]), Some(now), "nothing held any more");
+        let mut ends = kept("orders", "HGB §257");
+        ends.until = Some(now + chrono::Duration::days(3));
+        assert_eq!(next(&[ends.clone()], &["support"]), ends.until, "an end of its own");
+        ends.until = Some(now - chrono::Duration::days(3));
+        assert_eq!(next(&[ends], &[]), Some(now + PAST_END_RETRY), "an end already past");
     }
 }
