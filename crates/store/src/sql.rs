@@ -87,10 +87,12 @@ impl SqlStore {
             Dialect::Sqlite => sqlx::migrate!("./migrations/sqlite"),
         };
         let migration_err = |e: sqlx::migrate::MigrateError| StoreError::Migration(e.to_string());
+        // Read without creating the migrations table: `run` creates it
+        // under its lock, so that replicas starting together do not race.
+        // Absent (a new database), nothing was applied.
         let applied = {
             let mut conn = self.pool.acquire().await.map_err(db_err)?;
-            conn.ensure_migrations_table().await.map_err(migration_err)?;
-            conn.list_applied_migrations().await.map_err(migration_err)?
+            conn.list_applied_migrations().await.unwrap_or_default()
         };
         let pending = migrator
             .iter()
