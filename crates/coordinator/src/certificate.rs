@@ -252,13 +252,18 @@ fn late_changes(audit: &[lethe_store::AuditEvent]) -> Vec<(String, Value)> {
 /// What every applied outcome of each system's task removed, by system
 /// and dataset, from the trail's `task.outcome` events: a task run again
 /// (a retention period ended, a hold released) reports only what that run
-/// removed, and the certificate must count the earlier runs too. A later
-/// `purge_by` replaces an earlier one.
+/// removed, and the certificate must count the earlier runs too, each
+/// attempt once. A later `purge_by` replaces an earlier one.
 fn erased_totals(audit: &[lethe_store::AuditEvent]) -> Vec<(String, Vec<DatasetReport>)> {
     let mut totals: Vec<(String, Vec<DatasetReport>)> = Vec::new();
+    // An attempt's removals count once, however often its result arrived.
+    let mut counted = std::collections::HashSet::new();
     for e in audit.iter().filter(|e| e.kind == "task.outcome") {
         let Ok(detail) = serde_json::from_str::<Value>(&e.detail) else { continue };
         let Some(system) = detail["system"].as_str() else { continue };
+        if !counted.insert((system.to_owned(), detail["attempt"].as_u64())) {
+            continue;
+        }
         let Ok(outcome) = serde_json::from_value::<Outcome>(detail["outcome"].clone()) else { continue };
         let (Outcome::Erased { datasets, .. } | Outcome::RetainedInPart { datasets, .. }) = outcome else {
             continue;
