@@ -329,8 +329,10 @@ impl Anonymizer<'_> {
 
     /// The type a `fixed` value must be converted to for column `col`:
     /// on PostgreSQL any type other than text, integer and uuid (its
-    /// `format_type`); on MySQL the numbers, dates and times, which it
-    /// stores in a spelling of its own; elsewhere none.
+    /// `format_type`); on MySQL the exact numbers, dates and times, which
+    /// it stores in a spelling of its own (`0.00`) and compares by value
+    /// (not the binary floats, whose stored value is not the text's, nor
+    /// a two-digit `YEAR`); elsewhere none.
     fn typed(&self, col: &str, kind: ColKind) -> Option<&str> {
         if kind != ColKind::Other {
             return None;
@@ -340,16 +342,7 @@ impl Anonymizer<'_> {
             Dialect::Postgres => Some(ty),
             Dialect::MySql => matches!(
                 ty.to_ascii_lowercase().as_str(),
-                "decimal"
-                    | "numeric"
-                    | "float"
-                    | "double"
-                    | "real"
-                    | "date"
-                    | "datetime"
-                    | "timestamp"
-                    | "time"
-                    | "year"
+                "decimal" | "numeric" | "date" | "datetime" | "timestamp" | "time"
             )
             .then_some(ty),
             Dialect::Sqlite => None,

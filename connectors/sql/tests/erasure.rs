@@ -285,10 +285,11 @@ async fn fixed_values_in_number_and_date_columns(db: Arc<TestDb>) {
     db.exec(&[
         "CREATE TABLE members (id INT PRIMARY KEY, email VARCHAR(255))",
         "INSERT INTO members (id, email) VALUES (1, 'ada@example.com'), (2, 'bob@example.com')",
-        "CREATE TABLE payments (id INT PRIMARY KEY, member_id INT, amount DECIMAL(10,2), paid_at TIMESTAMP NULL)",
-        "INSERT INTO payments (id, member_id, amount, paid_at) VALUES \
-         (1, 1, 12.50, '2025-03-01 10:00:00'), (2, 1, 7.25, '2025-04-01 11:30:00'), \
-         (3, 1, 3.00, '2025-05-01 09:15:00'), (4, 2, 1.00, '2025-06-01 08:00:00')",
+        "CREATE TABLE payments (id INT PRIMARY KEY, member_id INT, amount DECIMAL(10,2), paid_at TIMESTAMP NULL, \
+         score FLOAT)",
+        "INSERT INTO payments (id, member_id, amount, paid_at, score) VALUES \
+         (1, 1, 12.50, '2025-03-01 10:00:00', 3.5), (2, 1, 7.25, '2025-04-01 11:30:00', 2.25), \
+         (3, 1, 3.00, '2025-05-01 09:15:00', 1.0), (4, 2, 1.00, '2025-06-01 08:00:00', 4.0)",
     ])
     .await;
     // The members table keeps its rows (under a legal hold), so the
@@ -310,7 +311,7 @@ name = "payments"
 action = "anonymize"
 category = "billing.order"
 parent = {{ table = "members", column = "member_id", references = "id" }}
-columns = {{ amount = {{ fixed = "0" }}, paid_at = {{ fixed = "1970-01-02 00:00:00" }} }}
+columns = {{ amount = {{ fixed = "0" }}, paid_at = {{ fixed = "1970-01-02 00:00:00" }}, score = {{ fixed = "0.1" }} }}
 {batch}
 "#
         );
