@@ -1015,6 +1015,16 @@ async fn explain_shows_each_category_and_holds_reject_unknown_scopes() {
     let (status, err, _) = call(&h.app(), post_json(&format!("/v1/requests/{id}/extend"), extend)).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
     assert!(err["detail"].as_str().unwrap().starts_with("reason must not contain"), "{err}");
+    // Once it cannot be extended, a reason is not compared with the subject:
+    // the answer tells nothing of a guess.
+    let extend = json!({"reason": "complex request"});
+    let (status, _, _) = call(&h.app(), post_json(&format!("/v1/requests/{id}/extend"), extend)).await;
+    assert_eq!(status, StatusCode::OK);
+    for guess in ["ada@example.com", "bob@example.com"] {
+        let extend = json!({"reason": format!("asked by {guess}")});
+        let (status, _, _) = call(&h.app(), post_json(&format!("/v1/requests/{id}/extend"), extend)).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{guess}");
+    }
     let (status, placed, _) = call(&h.app(), hold(json!({"systems": ["crm"]}))).await;
     assert_eq!(status, StatusCode::CREATED, "{placed}");
     // Explain now shows the hold for crm and erase for mail.

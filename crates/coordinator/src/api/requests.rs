@@ -676,10 +676,25 @@ pub async fn extend(
         return Err(Problem::invalid("reason must not be empty"));
     }
     check_text("reason", &body.reason, 512)?;
+    let conflict = |detail: String| Problem::new(StatusCode::CONFLICT, "conflict", detail);
+    // Whether it may be extended at all, first: the check of the reason
+    // against the subject must not answer guesses (422 or 409) about a
+    // request that cannot be extended anyway.
+    let detail = state.store.request(id).await?.ok_or_else(missing)?;
+    let r = &detail.request;
+    if answered(r.status) {
+        return Err(conflict(format!("the request is already {}", r.status)));
+    }
+    let original_due = r.original_due_at.unwrap_or(r.due_at);
+    let now = state.clock.now();
+    if let Err(refused) =
+        state.planner.deadlines().extend(r.regulation, original_due, r.original_due_at.is_some(), now)
+    {
+        return Err(conflict(refused.to_string()));
+    }
     if let Some(identifiers) = subject_of(&state, id).await? {
         free_of_subject("reason", &body.reason, &identifiers)?;
     }
-    let conflict = |detail: String| Problem::new(StatusCode::CONFLICT, "conflict", detail);
     match state
         .store
         .extend_request(id, body.reason.trim(), state.planner.deadlines(), state.clock.now())
