@@ -5,10 +5,11 @@
 //! waits for, or keeps old row versions from being vacuumed, for long.
 //!
 //! One batch is one statement (its own transaction), per engine:
-//! - PostgreSQL, per leaf partition (the table itself if it is not
-//!   partitioned), since a `ctid` is only unique within one partition:
-//!   `DELETE FROM leaf WHERE ctid = ANY(ARRAY(SELECT s.ctid FROM leaf AS s
-//!   WHERE <scope> LIMIT n))`. The rows are found through the subject's
+//! - PostgreSQL, per table that holds rows of the table's tree (each leaf
+//!   partition, or the table and each table inheriting from it), since a
+//!   `ctid` is only unique within one table:
+//!   `DELETE FROM ONLY leaf WHERE ctid = ANY(ARRAY(SELECT s.ctid FROM ONLY
+//!   leaf AS s WHERE <scope> LIMIT n))`. The rows are found through the subject's
 //!   index and then reached by a TID scan, so a batch costs its own rows,
 //!   whatever the size of the table or of the subject's remaining rows.
 //!   The scope is not repeated outside the sub-query on purpose: the
