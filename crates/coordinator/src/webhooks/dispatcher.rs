@@ -100,6 +100,7 @@ impl WebhookDispatcher {
     }
 
     pub async fn run(self) {
+        self.check_token_names().await;
         let mut backoff = crate::dispatcher::delays(self.poll_interval);
         loop {
             match self.run_once().await {
@@ -155,6 +156,17 @@ impl WebhookDispatcher {
         }
         self.seen.store(page.scanned_to.max(cursor), Ordering::Relaxed);
         Ok(handled)
+    }
+
+    /// Warns of `submitted_by` names that no token has (yet): a misspelt
+    /// name would drop every event in silence.
+    async fn check_token_names(&self) {
+        let Some(names) = &self.endpoint.submitted_by else { return };
+        let Ok(tokens) = self.store.list_tokens().await else { return };
+        for name in names.iter().filter(|n| !tokens.iter().any(|t| &t.name == *n)) {
+            tracing::warn!(endpoint = %self.endpoint.name, token_name = %name,
+                "webhook endpoint's submitted_by names no token; it hears of no request of that name until one is created");
+        }
     }
 
     /// Whether `event`'s request was submitted with a token of one of the
