@@ -79,6 +79,22 @@ where
     }
 }
 
+/// Forgets its group if a round panics: the calls waiting for it are
+/// answered (as interrupted) when their replies drop, and the next call
+/// starts a new round instead of waiting for one that never comes.
+struct Abandon<G: Hash + Eq, T, R> {
+    groups: Arc<Mutex<HashMap<G, Queue<T, R>>>>,
+    group: G,
+}
+
+impl<G: Hash + Eq, T, R> Drop for Abandon<G, T, R> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.groups.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.group);
+        }
+    }
+}
+
 /// Runs rounds of `group` until nothing waits.
 async fn drain<G, T, R, F, Fut>(groups: Arc<Mutex<HashMap<G, Queue<T, R>>>>, group: G, max: usize, run: F)
 where
@@ -86,6 +102,7 @@ where
     F: Fn(G, Vec<T>) -> Fut,
     Fut: Future<Output = Result<Vec<R>, ConnectorError>>,
 {
+    let _abandon = Abandon { groups: groups.clone(), group: group.clone() };
     loop {
         let round: Vec<(T, Reply<R>)> = {
             let mut groups = groups.lock().unwrap_or_else(|e| e.into_inner());
@@ -161,6 +178,21 @@ mod tests {
         assert_eq!(rounds.iter().map(Vec::len).sum::<usize>(), 9);
         assert!(rounds.iter().all(|r| r.len() <= 4), "rounds are bounded: {rounds:?}");
         assert!(rounds.len() <= 4, "the eight that waited went in full rounds: {rounds:?}");
+    }
+
+    /// A round that panics answers its callers as interrupted (retryable),
+    /// and the group's next call runs a round of its own.
+    #[tokio::test]
+    async fn a_panicking_round_does_not_strand_its_group() {
+        let coalescer = Coalescer::<u8, u32, u32>::new(10);
+        let panics = |_: u8, _: Vec<u32>| async { panic!("a bug in the store's code") };
+        let first = coalescer.call(1, 1, panics).await.unwrap_err();
+        assert!(first.retryable, "{first:?}");
+        let next = tokio::time::timeout(
+            Duration::from_secs(5),
+            coalescer.call(1, 2, |_, items| async { Ok(items) }),
+        );
+        assert_eq!(next.await.expect("the group is not stuck"), Ok(2));
     }
 
     #[tokio::test]
