@@ -994,10 +994,14 @@ mod tests {
             |retained: &[RetainedReport], held: &[&str]| next_run(retained, &planned, &set(held), now, now);
         let held_contact = kept("contact", "legal hold C-1: litigation");
         let pinned = kept("contact", "kept while linked records in orders are kept");
-        assert_eq!(next(&[held_contact.clone()], &["contact"]), None, "still held");
-        assert_eq!(next(&[held_contact.clone()], &["support"]), Some(now), "its hold was released");
+        assert_eq!(next(std::slice::from_ref(&held_contact), &["contact"]), None, "still held");
+        assert_eq!(
+            next(std::slice::from_ref(&held_contact), &["support"]),
+            Some(now),
+            "its hold was released"
+        );
         assert_eq!(next(&[held_contact], &[]), Some(now));
-        assert_eq!(next(&[pinned.clone()], &["orders"]), None, "pinned by a held child");
+        assert_eq!(next(std::slice::from_ref(&pinned), &["orders"]), None, "pinned by a held child");
         assert_eq!(next(&[pinned], &[]), Some(now), "nothing held any more");
         let mut ends = kept("orders", "HGB §257");
         ends.until = Some(now + chrono::Duration::days(3));
