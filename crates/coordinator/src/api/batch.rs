@@ -10,7 +10,7 @@ use lethe_store::Created;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::problem::{describe_value_error, Problem, ProblemBody, StrictJson};
+use super::problem::{parse_item, Problem, ProblemBody, StrictJson};
 use super::requests::{check_idempotency_key, holds_for, key_reused, prepare, received, SubmitRequest};
 use super::AppState;
 use crate::auth::{Caller, Scope};
@@ -83,11 +83,8 @@ pub async fn submit_batch(
     if body.requests.is_empty() || body.requests.len() > MAX_BATCH {
         return Err(Problem::invalid(format!("a batch holds 1 to {MAX_BATCH} requests")));
     }
-    let items: Vec<Result<BatchItem, Problem>> = body
-        .requests
-        .into_iter()
-        .map(|raw| serde_json::from_str(raw.get()).map_err(|e| Problem::invalid(describe_value_error(&e))))
-        .collect();
+    let items: Vec<Result<BatchItem, Problem>> =
+        body.requests.into_iter().map(|raw| parse_item(raw.get()).map_err(Problem::invalid)).collect();
     let holds = holds_for(&state, items.iter().flatten().map(|r| &r.request.subject)).await?;
     let mut results: Vec<BatchResult> = Vec::with_capacity(items.len());
     let mut fresh = Vec::new();

@@ -150,12 +150,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
                 Problem::new(StatusCode::BAD_REQUEST, "bad request", "the request body could not be read")
             }
         })?;
-        serde_json::from_slice(&bytes).map(StrictJson).map_err(describe_json_error)
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = shown_path(e.path());
+            describe_json_error(e.into_inner(), path.as_deref())
+        })?;
+        de.end().map_err(|e| describe_json_error(e, None))?;
+        Ok(StrictJson(value))
     }
 }
 
-/// Describes a serde_json error without the input fragment it may quote.
-fn describe_json_error(e: serde_json::Error) -> Problem {
+/// Describes a serde_json error, at `path` in the body if known, without
+/// the input fragment it may quote.
+fn describe_json_error(e: serde_json::Error, path: Option<&str>) -> Problem {
     use serde_json::error::Category;
     let at = format!("line {}, column {}", e.line(), e.column());
     match e.classify() {
@@ -164,25 +171,56 @@ fn describe_json_error(e: serde_json::Error) -> Problem {
             "malformed JSON",
             format!("the body is not valid JSON ({at})"),
         ),
-        Category::Data => Problem::invalid(data_error(&e, &format!(" ({at})"))),
+        Category::Data => Problem::invalid(data_error(&e, path, &format!(" ({at})"))),
     }
 }
 
-/// Why a JSON value does not fit its type, without quoting the value (for
-/// one item of a body that parsed: its position would be the body's).
-pub(super) fn describe_value_error(e: &serde_json::Error) -> String {
-    data_error(e, "")
+/// Parses one item of a body that parsed (a batch's request), describing
+/// a failure as [`describe_json_error`] does, without a position (it would
+/// be the body's).
+pub(super) fn parse_item<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = shown_path(e.path());
+        data_error(e.inner(), path.as_deref(), "")
+    })
 }
 
-/// A data error by kind; `at` is appended where a position helps.
-fn data_error(e: &serde_json::Error, at: &str) -> String {
+/// Where in the body a value failed, as `subject.email` or
+/// `requests[2].regulation`: field names and indexes only. A key that is
+/// not a field name (a subject's map may be keyed by anything) is shown as
+/// `…`: it may be a value.
+fn shown_path(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(if field_like(key) { key } else { "…" });
+            }
+            Segment::Unknown => {}
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// A name as Lethe's fields and identifier types are spelled.
+fn field_like(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 32 && name.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+}
+
+/// A data error by kind, at `path` if known; `at` is appended where a
+/// position helps.
+fn data_error(e: &serde_json::Error, path: Option<&str>, at: &str) -> String {
     let msg = e.to_string();
     let field = |prefix: &str| {
         msg.strip_prefix(prefix)
             .and_then(|rest| rest.split('`').next())
-            .filter(|f| {
-                !f.is_empty() && f.len() <= 32 && f.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-            })
+            .filter(|f| field_like(f))
             .map(str::to_owned)
     };
     if let Some(f) = field("unknown field `") {
@@ -193,6 +231,18 @@ fn data_error(e: &serde_json::Error, at: &str) -> String {
         format!("a subject names an identifier type more than once{at}")
     } else if msg.starts_with("unknown field") {
         format!("unknown field{at}")
+    } else if let Some(path) = path {
+        // serde's message names the kind, then quotes the value: the kind only.
+        let kind = if msg.starts_with("invalid type") {
+            "has the wrong type"
+        } else if msg.starts_with("invalid length") {
+            "has the wrong number of items"
+        } else if msg.starts_with("unknown variant") {
+            "is not one of the allowed values"
+        } else {
+            "has an invalid value"
+        };
+        format!("`{path}` {kind}{at}")
     } else if at.is_empty() {
         "the item does not match the expected schema".to_owned()
     } else {
