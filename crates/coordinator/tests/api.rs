@@ -192,6 +192,8 @@ async fn bad_input_gets_a_clear_problem_that_never_echoes_identifiers() {
         (get("/v1/requests?limit=0"), StatusCode::UNPROCESSABLE_ENTITY, "limit"),
         (get("/v1/requests?cursor=leak"), StatusCode::UNPROCESSABLE_ENTITY, "cursor"),
         (get("/v1/nothing"), StatusCode::NOT_FOUND, "no such endpoint"),
+        (get("/v1/systems?leak=1"), StatusCode::UNPROCESSABLE_ENTITY, "takes no query parameter"),
+        (get("/v1/requests/01a22690-b0c4-7692-b28e-6c3b77a9eaf8?fields=leak"), StatusCode::UNPROCESSABLE_ENTITY, "takes no query parameter"),
     ];
     for (req, expected, detail) in cases {
         let uri = req.uri().clone();

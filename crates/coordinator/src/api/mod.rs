@@ -60,8 +60,9 @@ pub struct Scrapes(tokio::sync::Mutex<Option<(std::time::Instant, Arc<String>)>>
 
 /// The coordinator's router.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/requests", get(requests::list_requests).post(requests::submit))
+    // The endpoints that take no query parameter refuse one, as those that
+    // take some refuse one they do not know.
+    let without_query = Router::new()
         .route(
             "/v1/requests:batch",
             post(batch::submit_batch).layer(DefaultBodyLimit::max(batch::MAX_BATCH_BYTES)),
@@ -70,12 +71,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/requests/{id}/systems/{system}/retry", post(requests::retry_task))
         .route("/v1/requests/{id}/extend", post(requests::extend))
         .route("/v1/plans:explain", post(plans::explain))
-        .route("/v1/holds", get(holds::list).post(holds::place))
         .route("/v1/holds/{id}", delete(holds::release))
         .route("/v1/requests/{id}/certificate", get(proof::certificate))
         .route("/v1/keys/certificate", get(proof::public_keys))
         .route("/v1/requests/{id}/events", get(ui::events))
-        .route("/ui", get(ui::page))
         .route(
             "/v1/suppressions:check",
             post(proof::check_suppressions).layer(DefaultBodyLimit::max(proof::MAX_CHECK_BYTES)),
@@ -86,7 +85,13 @@ pub fn app(state: AppState) -> Router {
             "/v1/connector/keys:batch",
             post(connector::task_keys).layer(DefaultBodyLimit::max(connector::MAX_KEYS_BYTES)),
         )
+        .route_layer(axum::middleware::from_fn(no_query));
+    Router::new()
+        .route("/v1/requests", get(requests::list_requests).post(requests::submit))
+        .route("/v1/holds", get(holds::list).post(holds::place))
+        .route("/ui", get(ui::page))
         .route("/v1/webhooks/deliveries", get(webhooks::deliveries))
+        .merge(without_query)
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/readyz", get(readyz))
@@ -95,6 +100,14 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(problem::as_problem))
         .with_state(state)
+}
+
+/// 422 for a query string on an endpoint that takes none.
+async fn no_query(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    if request.uri().query().is_some_and(|q| !q.is_empty()) {
+        return Problem::invalid("this endpoint takes no query parameter").into_response();
+    }
+    next.run(request).await
 }
 
 #[derive(Serialize, ToSchema)]
