@@ -68,7 +68,11 @@ impl Anonymizer<'_> {
     ) -> Result<Batches, ConnectorError> {
         if !self.has_per_row() {
             let batcher = Batcher { dialect: self.dialect, table: &self.table.name, size };
-            return batcher.run(conn, &Change::Anonymize(self), scope).await;
+            // What is pending now, and room for rows a concurrent writer
+            // adds meanwhile: more means the same rows were matched again.
+            let pending = self.residual(conn, scope).await?;
+            let max = pending.saturating_mul(2).saturating_add(u64::from(size));
+            return batcher.run_at_most(conn, &Change::Anonymize(self), scope, Some(max)).await;
         }
         let mut done = Batches::default();
         let mut after: Option<Param> = None;
@@ -189,9 +193,9 @@ impl Anonymizer<'_> {
                 Strategy::Fixed(v) => {
                     let k = self.columns.kind_or_other(col);
                     let param = self.fixed_param(col, k, v)?;
-                    match self.typed(col, k) {
+                    match self.typed(col, k).filter(|_| self.dialect == Dialect::Postgres) {
                         // PostgreSQL converts text to another type only when told.
-                        Some(ty) if self.dialect == Dialect::Postgres => {
+                        Some(ty) => {
                             sql.push("CAST(").bind(param).push(&format!(" AS {ty})"));
                         }
                         _ => {
@@ -234,9 +238,10 @@ impl Anonymizer<'_> {
                                 .bind(param)
                                 .push(&format!(" AS {ty}) AS TEXT)"));
                         }
-                        (Dialect::MySql, Some(_)) => {
-                            // MySQL converts the text to the column's type.
-                            sql.ident(col).push(" <> ").bind(param);
+                        (Dialect::MySql, Some(ty)) => {
+                            // Converted as the column stores it (rounded to
+                            // its scale or fractional seconds), compared by value.
+                            sql.ident(col).push(" <> CAST(").bind(param).push(&format!(" AS {ty})"));
                         }
                         _ if k == ColKind::Other => {
                             let text = self.dialect.as_text(&self.dialect.quote(col));
@@ -333,18 +338,14 @@ impl Anonymizer<'_> {
     /// it stores in a spelling of its own (`0.00`) and compares by value
     /// (not the binary floats, whose stored value is not the text's, nor
     /// a two-digit `YEAR`); elsewhere none.
-    fn typed(&self, col: &str, kind: ColKind) -> Option<&str> {
+    fn typed(&self, col: &str, kind: ColKind) -> Option<String> {
         if kind != ColKind::Other {
             return None;
         }
         let ty = self.columns.sql_type(col)?;
         match self.dialect {
-            Dialect::Postgres => Some(ty),
-            Dialect::MySql => matches!(
-                ty.to_ascii_lowercase().as_str(),
-                "decimal" | "numeric" | "date" | "datetime" | "timestamp" | "time"
-            )
-            .then_some(ty),
+            Dialect::Postgres => Some(ty.to_owned()),
+            Dialect::MySql => mysql_cast_target(ty),
             Dialect::Sqlite => None,
         }
     }
@@ -356,6 +357,27 @@ impl Anonymizer<'_> {
                 self.table.name
             ))
         })
+    }
+}
+
+/// The `CAST` target that converts text as a MySQL column of `column_type`
+/// (`decimal(10,2) unsigned`, `datetime(3)`, …) stores it: the exact
+/// numbers, dates and times; `None` for the rest.
+fn mysql_cast_target(column_type: &str) -> Option<String> {
+    let t = column_type.to_ascii_lowercase();
+    let base = t.split(['(', ' ']).next().unwrap_or_default();
+    let args = t.split_once('(').and_then(|(_, rest)| rest.split_once(')')).map(|(a, _)| a);
+    let digits = |a: &str| a.chars().all(|c| c.is_ascii_digit() || c == ',' || c == ' ');
+    let with = |name: &str| match args.filter(|a| digits(a)) {
+        Some(a) => format!("{name}({a})"),
+        None => name.to_owned(),
+    };
+    match base {
+        "decimal" | "numeric" => Some(with("DECIMAL")),
+        "date" => Some("DATE".to_owned()),
+        "datetime" | "timestamp" => Some(with("DATETIME")),
+        "time" => Some(with("TIME")),
+        _ => None,
     }
 }
 
@@ -374,6 +396,16 @@ fn is_done(strategy: &Strategy, value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mysql_columns_convert_as_stored() {
+        assert_eq!(mysql_cast_target("decimal(10,2) unsigned").as_deref(), Some("DECIMAL(10,2)"));
+        assert_eq!(mysql_cast_target("datetime(3)").as_deref(), Some("DATETIME(3)"));
+        assert_eq!(mysql_cast_target("timestamp").as_deref(), Some("DATETIME"));
+        assert_eq!(mysql_cast_target("date").as_deref(), Some("DATE"));
+        assert_eq!(mysql_cast_target("float"), None);
+        assert_eq!(mysql_cast_target("year(4)"), None);
+    }
 
     #[test]
     fn done_values() {

@@ -81,8 +81,8 @@ impl ColKind {
 pub struct TableColumns {
     columns: HashMap<String, ColKind>,
     /// Each column's type as the database names it: PostgreSQL's
-    /// `format_type` (`numeric(10,2)`), MySQL's `DATA_TYPE` (`decimal`),
-    /// SQLite's declared type.
+    /// `format_type` (`numeric(10,2)`), MySQL's `COLUMN_TYPE`
+    /// (`decimal(10,2) unsigned`), SQLite's declared type.
     types: HashMap<String, String>,
     case_insensitive: bool,
 }
@@ -134,7 +134,7 @@ impl TableColumns {
                 .await?
             }
             Dialect::MySql => {
-                let sql = "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR) \
+                let sql = "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR), CAST(COLUMN_TYPE AS CHAR(255)) \
                            FROM information_schema.COLUMNS \
                            WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?";
                 sqlx::query(sql).bind(schema).bind(name).fetch_all(&mut *conn).await?
@@ -159,7 +159,12 @@ impl TableColumns {
                     type_name = formatted.unwrap_or(type_name);
                     kind
                 }
-                Dialect::MySql => ColKind::mysql(&type_name),
+                Dialect::MySql => {
+                    let kind = ColKind::mysql(&type_name);
+                    let full: Option<String> = row.try_get(2)?;
+                    type_name = full.unwrap_or(type_name);
+                    kind
+                }
                 Dialect::Sqlite => ColKind::sqlite(&type_name),
             };
             let key = if case_insensitive { column.to_ascii_lowercase() } else { column };
