@@ -58,19 +58,27 @@ pub fn systems(config: &Config) -> anyhow::Result<Vec<SystemInfo>> {
 /// Returns the policy's warnings too.
 pub fn planner(config: &Config) -> anyhow::Result<(Planner, Vec<String>)> {
     let policy = load(config)?;
-    let deadlines = Deadlines::new(config.deadlines.clone());
-    let (planner, mut warnings) = Planner::new(systems(config)?, policy, deadlines)?;
     // The bundled policy has rules for the categories of many kinds of
     // system; a deployment declaring only some of them is expected, and
-    // `config check --strict` must be able to pass on it.
-    if config.policy.files.is_empty() {
-        warnings.retain(|w| !w.ends_with(lethe_core::policy::UNDECLARED_CATEGORY));
-    }
+    // `config check --strict` must be able to pass on it, named in `files`
+    // or not. A rule of one's own, or a bundled one edited, still warns.
+    let bundled = parse(BUNDLED_POLICY, Path::new("bundled config/policies/default.toml"))?;
+    let unchanged: Vec<&str> =
+        policy.rules.iter().filter(|r| bundled.rules.contains(r)).map(|r| r.name.as_str()).collect();
+    let unchanged: Vec<String> =
+        unchanged.into_iter().map(|n| format!("rule `{n}` names category")).collect();
+    let deadlines = Deadlines::new(config.deadlines.clone());
+    let (planner, mut warnings) = Planner::new(systems(config)?, policy, deadlines)?;
+    warnings.retain(|w| {
+        !(w.ends_with(lethe_core::policy::UNDECLARED_CATEGORY)
+            && unchanged.iter().any(|u| w.starts_with(u.as_str())))
+    });
     Ok((planner, warnings))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::BUNDLED_POLICY;
     use crate::config::{Config, Overrides};
 
     const SYSTEMS: &str = r#"
@@ -121,6 +129,10 @@ category = "identity.contact"
                 .unwrap();
         let (_, own) = super::planner(&config).unwrap();
         assert_eq!(own.len(), 1, "a rule of one's own naming no category is a warning: {own:?}");
+        // The bundled file named in `files` is the bundled policy all the same.
+        let (config, _dir) = load(BUNDLED_POLICY).unwrap();
+        let (_, named) = super::planner(&config).unwrap();
+        assert!(named.is_empty(), "{named:?}");
         for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/policies")).unwrap()
         {
             let path = entry.unwrap().path();
