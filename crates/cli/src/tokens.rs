@@ -14,8 +14,9 @@ use crate::config::{resolve_placeholders, Config};
 pub enum TokenCommand {
     /// Create a token; it is printed once and stored only as a digest.
     Create {
-        /// What the token is for, e.g. "self-service portal".
-        #[arg(long)]
+        /// What the token is for, e.g. "self-service portal" (webhooks'
+        /// `submitted_by` names tokens by it).
+        #[arg(long, value_parser = token_name)]
         name: String,
         /// A scope (repeatable): requests:submit, requests:read:own,
         /// requests:read, requests:manage, holds:write, suppressions:check,
@@ -58,6 +59,14 @@ pub async fn run(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
 async fn open(config: &Config) -> anyhow::Result<std::sync::Arc<dyn StateStore>> {
     let url = resolve_placeholders(&config.store.url).context("store.url")?;
     lethe_store::connect(&url).await.context("cannot open the state store")
+}
+
+/// A token's name: 1 to 128 visible characters, not only spaces.
+fn token_name(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() || s.len() > 128 || s.chars().any(char::is_control) {
+        return Err("a name of 1 to 128 characters, without control characters".into());
+    }
+    Ok(s.trim().to_owned())
 }
 
 fn join(scopes: &[Scope]) -> String {
@@ -193,6 +202,12 @@ mod tests {
         config.server.admin_token = Some(first);
         let refused = bootstrap_admin(&config, store.as_ref()).await.unwrap_err().to_string();
         assert!(refused.contains("revoked"), "{refused}");
+    }
+
+    #[test]
+    fn token_names_are_not_blank() {
+        assert!(token_name("").is_err() && token_name("   ").is_err() && token_name("a\nb").is_err());
+        assert_eq!(token_name(" portal-a ").unwrap(), "portal-a");
     }
 
     /// The coordinator reads one system off a connector token: a token for
