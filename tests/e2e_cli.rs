@@ -92,6 +92,7 @@ async fn cli_round_trip_against_a_running_server() {
         vec!["policy", "explain", "--local", "--regulation", "hipaa"],
         vec!["requests", "list", "--status", "bogus"],
         vec!["requests", "list", "--due-before", "soon"],
+        vec!["requests", "list", "--limit", "0"],
     ] {
         let out = at(base, cwd, &args).await;
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", describe(&out));

@@ -270,7 +270,8 @@ enum RequestsCommand {
         /// Only requests due before this time (RFC 3339, or a date: its midnight UTC).
         #[arg(long, value_parser = ops::parse_time)]
         due_before: Option<chrono::DateTime<chrono::Utc>>,
-        #[arg(long, default_value_t = 50)]
+        /// Page size, 1 to 500.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=500))]
         limit: u32,
         /// Continue after this request (the `next_cursor` shown).
         #[arg(long)]
