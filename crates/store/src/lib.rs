@@ -34,6 +34,8 @@ pub enum StoreError {
     UnsupportedUrl,
     #[error("state store unavailable ({0})")]
     Unavailable(String),
+    #[error("cannot connect to the state store: {0}")]
+    Connect(String),
     #[error("state store migration failed: {0}")]
     Migration(String),
     #[error("state store query failed ({0})")]

@@ -204,6 +204,13 @@ pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
                 c if c.starts_with("08") || c.starts_with("57") => {
                     StoreError::Unavailable(format!("SQLSTATE {code}"))
                 }
+                // Refused at connection: the URL's fault, said as such.
+                "3D000" => StoreError::Connect(format!(
+                    "the database named in the URL does not exist (SQLSTATE {code})"
+                )),
+                "28P01" | "28000" => {
+                    StoreError::Connect(format!("the server refused the user or password (SQLSTATE {code})"))
+                }
                 _ => StoreError::Query(format!("code {code}")),
             }
         }

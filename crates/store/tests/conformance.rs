@@ -2106,3 +2106,15 @@ async fn a_destroyed_key_leaves_no_bytes_in_the_sqlite_file() {
     assert_eq!(holders(), Vec::<std::path::PathBuf>::new(), "files still holding the destroyed key");
     b.finish().await;
 }
+
+/// A PostgreSQL URL naming a database that does not exist says so, without
+/// the server's text.
+#[tokio::test]
+async fn a_missing_postgres_database_is_named_as_such() {
+    let base = std::env::var("LETHE_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let (server, _) = base.rsplit_once('/').expect("a database in the URL");
+    let url = format!("{server}/lethe_no_such_{}", uuid::Uuid::new_v4().simple());
+    let e = lethe_store::connect(&url).await.err().expect("no such database");
+    assert!(e.to_string().contains("the database named in the URL does not exist"), "{e}");
+}
