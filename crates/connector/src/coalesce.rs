@@ -180,21 +180,6 @@ mod tests {
         assert!(rounds.len() <= 4, "the eight that waited went in full rounds: {rounds:?}");
     }
 
-    /// A round that panics answers its callers as interrupted (retryable),
-    /// and the group's next call runs a round of its own.
-    #[tokio::test]
-    async fn a_panicking_round_does_not_strand_its_group() {
-        let coalescer = Coalescer::<u8, u32, u32>::new(10);
-        let panics = |_: u8, _: Vec<u32>| async { panic!("a bug in the store's code") };
-        let first = coalescer.call(1, 1, panics).await.unwrap_err();
-        assert!(first.retryable, "{first:?}");
-        let next = tokio::time::timeout(
-            Duration::from_secs(5),
-            coalescer.call(1, 2, |_, items| async { Ok(items) }),
-        );
-        assert_eq!(next.await.expect("the group is not stuck"), Ok(2));
-    }
-
     #[tokio::test]
     async fn an_error_reaches_every_caller_of_the_round_and_groups_are_apart() {
         let coalescer = Arc::new(Coalescer::<u8, u32, u32>::new(100));
