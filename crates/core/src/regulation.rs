@@ -54,15 +54,19 @@ impl Period {
         }
     }
 
-    /// The latest record date whose retention has ended by `as_of`: a
-    /// record dated after it is kept, one dated at or before it may go.
-    /// With months this is not always `as_of` minus the period, because
-    /// adding clamps the day: 29 February 2016 + 10 years is 28 February
-    /// 2026, so on 28 February 2026 that record's retention has ended though
-    /// it is dated after 28 February 2016; and on 31 March every record of
-    /// 28 February has ended its month. The cutoff is the latest instant
-    /// that [`add_to`](Self::add_to) takes to `as_of` or before, so that
-    /// every record kept ends after `as_of`.
+    /// The latest record date up to which every retention has ended by
+    /// `as_of`: a record dated at or before it may go, one dated after it
+    /// is kept. With months this is not always `as_of` minus the period,
+    /// because adding clamps the day: on 31 March every record of 28
+    /// February has ended its month (28 February + 1 month is 28 March).
+    /// Clamping also folds several days onto a month's last, and then the
+    /// records that have ended are not all earlier than those that have
+    /// not: on 28 February 2026 at 14:30, a record of 28 February 2016 at
+    /// 15:00 runs until 15:00, one of 29 February 2016 at 10:00 ended at
+    /// 10:00. The cutoff stops before the first record still running
+    /// (28 February 2016, 14:30), so that nothing is erased early; a folded
+    /// record kept past its end is erased by a later follow-up (here on 1
+    /// March, when the whole fold has ended).
     pub fn cutoff(self, as_of: DateTime<Utc>) -> DateTime<Utc> {
         let Self::Months(_) = self else { return self.subtract_from(as_of) };
         let start = self.subtract_from(as_of).date_naive();
@@ -76,8 +80,13 @@ impl Period {
             match self.add_to(midnight).date_naive().cmp(&as_of.date_naive()) {
                 // The whole day has ended by `as_of`.
                 std::cmp::Ordering::Less => cutoff = midnight + Duration::days(1) - Duration::milliseconds(1),
-                // The day ends on `as_of`'s own day: up to its time of day.
-                std::cmp::Ordering::Equal => cutoff = midnight + time_of_day,
+                // The day ends on `as_of`'s own day: up to its time of day,
+                // and no further (a later day folded onto the same date has
+                // records still running before its own ended ones).
+                std::cmp::Ordering::Equal => {
+                    cutoff = midnight + time_of_day;
+                    break;
+                }
                 std::cmp::Ordering::Greater => break,
             }
         }
@@ -381,12 +390,22 @@ mod tests {
     }
 
     #[test]
-    fn the_cutoff_keeps_exactly_the_records_whose_retention_runs_past_it() {
+    fn the_cutoff_never_erases_a_record_whose_retention_runs() {
         let ten_years = Period::Months(120);
-        // On 28 February 2026 a record of 29 February 2016 has ended (+10y
-        // clamps to 28 February), one of 1 March 2016 has not.
+        // On 28 February 2026 (14:30) a record of 28 February 2016 at 15:00
+        // runs until 15:00: the cutoff stops before it, and a record of 29
+        // February 2016 (ended at 14:30, +10y clamps to 28 February) waits
+        // until 1 March, when all of the fold has ended.
         let as_of = at(2026, 2, 28);
-        assert_eq!(ten_years.cutoff(as_of), at(2016, 2, 29));
+        assert_eq!(ten_years.cutoff(as_of), at(2016, 2, 28));
+        // The case the property test found: 90 months to 28 February 2038.
+        let as_of_2038 = Utc.with_ymd_and_hms(2038, 2, 28, 0, 0, 0).unwrap();
+        let running = Utc.with_ymd_and_hms(2030, 8, 28, 0, 0, 1).unwrap();
+        assert!(Period::Months(90).add_to(running) > as_of_2038);
+        assert!(Period::Months(90).cutoff(as_of_2038) < running, "not erased while its retention runs");
+        let first_of_march = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+        assert_eq!(ten_years.cutoff(first_of_march), ten_years.subtract_from(first_of_march));
+        assert!(ten_years.cutoff(first_of_march) > Utc.with_ymd_and_hms(2016, 2, 29, 23, 59, 59).unwrap());
         // On 31 March all of 28 February (+1 month: 28 March) has ended.
         let end_of_feb = Utc.with_ymd_and_hms(2026, 2, 28, 23, 59, 59).unwrap() + Duration::milliseconds(999);
         assert_eq!(Period::Months(1).cutoff(at(2026, 3, 31)), end_of_feb);
@@ -394,9 +413,10 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// A record dated after the cutoff is kept and its retention ends
-        /// after `as_of`; one at or before it has ended: the follow-up the
-        /// kept records ask for is never in the past.
+        /// A record dated at or before the cutoff has ended: nothing is
+        /// erased early. One dated after it runs past `as_of`, or ended on
+        /// `as_of`'s own date in a fold of clamped days (kept until a later
+        /// follow-up).
         #[test]
         fn a_record_is_kept_exactly_while_its_period_runs(
             months in 1u32..240,
@@ -408,8 +428,15 @@ mod tests {
             let period = Period::Months(months);
             let as_of = origin + Duration::seconds(as_of_secs);
             let record = period.subtract_from(as_of) + Duration::seconds(offset_secs);
-            let kept = record > period.cutoff(as_of);
-            proptest::prop_assert_eq!(kept, period.add_to(record) > as_of, "{} {} {}", months, as_of, record);
+            let ends = period.add_to(record);
+            if record <= period.cutoff(as_of) {
+                proptest::prop_assert!(ends <= as_of, "erased early: {} {} {}", months, as_of, record);
+            } else {
+                proptest::prop_assert!(
+                    ends > as_of || ends.date_naive() == as_of.date_naive(),
+                    "kept though it ended before today: {} {} {}", months, as_of, record
+                );
+            }
         }
     }
 
