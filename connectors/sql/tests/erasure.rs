@@ -277,6 +277,28 @@ columns = { email = "null", name = "null", body = "redact" }
     );
 }
 
+/// `members` (deleted, by customer id) and their `payments`, anonymised
+/// with `columns` (the inside of the TOML table), with `batch` added.
+fn payments_tables(columns: &str, batch: &str) -> String {
+    format!(
+        r#"
+[[tables]]
+name = "members"
+action = "delete"
+category = "identity.contact"
+match = {{ customer_id = "id" }}
+
+[[tables]]
+name = "payments"
+action = "anonymize"
+category = "billing.order"
+parent = {{ table = "members", column = "member_id", references = "id" }}
+columns = {{ {columns} }}
+{batch}
+"#
+    )
+}
+
 /// `fixed` values in number and date columns, which the database stores
 /// in its own spelling (`0` as `0.00`, a time with its fraction): a row
 /// set once counts as done, so a batched run ends and a row is counted
@@ -298,24 +320,8 @@ async fn fixed_values_in_number_and_date_columns(db: Arc<TestDb>) {
         vec![directive("identity.contact", Action::Hold), directive("billing.order", Action::Erase)];
     let ada = task_with(vec![id("customer_id", "1")], directives, chrono::Utc::now());
     for batch in ["", "batch_size = 1"] {
-        let tables = format!(
-            r#"
-[[tables]]
-name = "members"
-action = "delete"
-category = "identity.contact"
-match = {{ customer_id = "id" }}
-
-[[tables]]
-name = "payments"
-action = "anonymize"
-category = "billing.order"
-parent = {{ table = "members", column = "member_id", references = "id" }}
-columns = {{ amount = {{ fixed = "0" }}, paid_at = {{ fixed = "1970-01-02 00:00:00" }}, score = {{ fixed = "0.1" }} }}
-{batch}
-"#
-        );
-        let sql = db.connector(&tables).await;
+        let columns = r#"amount = { fixed = "0" }, paid_at = { fixed = "1970-01-02 00:00:00" }, score = { fixed = "0.1" }"#;
+        let sql = db.connector(&payments_tables(columns, batch)).await;
         let erase = tokio::time::timeout(std::time::Duration::from_secs(30), sql.erase(&ada));
         let first = erase.await.unwrap_or_else(|_| panic!("{batch:?}: the erasure does not end")).unwrap();
         let payments = first.datasets.iter().find(|d| d.dataset == "payments").unwrap().anonymized;
@@ -335,24 +341,8 @@ columns = {{ amount = {{ fixed = "0" }}, paid_at = {{ fixed = "1970-01-02 00:00:
         [("", "1.005", true), ("batch_size = 1", "1.005", true), ("batch_size = 1", "0.1234567891", false)]
     {
         let column = if done { "amount" } else { "score" };
-        let tables = format!(
-            r#"
-[[tables]]
-name = "members"
-action = "delete"
-category = "identity.contact"
-match = {{ customer_id = "id" }}
-
-[[tables]]
-name = "payments"
-action = "anonymize"
-category = "billing.order"
-parent = {{ table = "members", column = "member_id", references = "id" }}
-columns = {{ {column} = {{ fixed = "{fixed}" }} }}
-{batch}
-"#
-        );
-        let sql = db.connector(&tables).await;
+        let sql =
+            db.connector(&payments_tables(&format!(r#"{column} = {{ fixed = "{fixed}" }}"#), batch)).await;
         let erase = tokio::time::timeout(std::time::Duration::from_secs(30), sql.erase(&ada));
         erase
             .await
