@@ -167,14 +167,7 @@ impl Ingest {
         let Some(sealed) = self.store.sealed_subject(request).await? else {
             return Ok(Screened::Unscreenable);
         };
-        let Ok(key) = self.master.unwrap(&sealed.wrapped_key) else { return Ok(Screened::Unscreenable) };
-        let mut identifiers = Vec::with_capacity(sealed.identifiers.len());
-        for s in &sealed.identifiers {
-            match key.open(request, s) {
-                Ok(i) => identifiers.push(i),
-                Err(_) => return Ok(Screened::Unscreenable),
-            }
-        }
+        let Some(identifiers) = sealed.open(&self.master, request) else { return Ok(Screened::Unscreenable) };
         let named = identifiers.iter().any(|i| i.appears_in(reason));
         Ok(if named { Screened::Named } else { Screened::Clean })
     }

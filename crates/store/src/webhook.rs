@@ -3,7 +3,7 @@
 //! allowed to receive them.
 
 use chrono::{DateTime, Utc};
-use lethe_core::{RequestId, SealedIdentifier};
+use lethe_core::{Identifier, MasterKey, RequestId, SealedIdentifier};
 
 use crate::AuditEvent;
 
@@ -65,4 +65,14 @@ impl Default for DeliveryQuery {
 pub struct SealedSubject {
     pub wrapped_key: Vec<u8>,
     pub identifiers: Vec<SealedIdentifier>,
+}
+
+impl SealedSubject {
+    /// The identifiers of `request`, opened with its data key unwrapped by
+    /// `master`; `None` if the key or an identifier does not open (another
+    /// master key, or damaged data).
+    pub fn open(&self, master: &MasterKey, request: RequestId) -> Option<Vec<Identifier>> {
+        let key = master.unwrap(&self.wrapped_key).ok()?;
+        self.identifiers.iter().map(|s| key.open(request, s).ok()).collect()
+    }
 }

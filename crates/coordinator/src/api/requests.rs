@@ -189,11 +189,7 @@ pub(crate) fn free_of_subject(field: &str, text: &str, identifiers: &[Identifier
 /// destroyed, or for an unknown request).
 async fn subject_of(state: &AppState, id: RequestId) -> Result<Option<Vec<Identifier>>, Problem> {
     let Some(sealed) = state.store.sealed_subject(id).await? else { return Ok(None) };
-    let opened =
-        state.master.unwrap(&sealed.wrapped_key).ok().and_then(|key| {
-            sealed.identifiers.iter().map(|s| key.open(id, s).ok()).collect::<Option<Vec<_>>>()
-        });
-    match opened {
+    match sealed.open(&state.master, id) {
         Some(identifiers) => Ok(Some(identifiers)),
         None => {
             tracing::error!(request = %id, "a request's identifiers cannot be opened with the configured master key");

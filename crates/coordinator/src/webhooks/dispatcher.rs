@@ -260,9 +260,7 @@ impl WebhookDispatcher {
 
     async fn identifiers(&self, event: &Event) -> Result<Option<Vec<Identifier>>, StoreError> {
         let Some(sealed) = self.store.sealed_subject(event.request_id).await? else { return Ok(None) };
-        let opened = self.master.unwrap(&sealed.wrapped_key).ok().and_then(|key| {
-            sealed.identifiers.iter().map(|s| key.open(event.request_id, s).ok()).collect::<Option<Vec<_>>>()
-        });
+        let opened = sealed.open(&self.master, event.request_id);
         if opened.is_none() {
             tracing::warn!(endpoint = %self.endpoint.name, event = %event.id, "identifiers cannot be opened; sent without them");
         }
