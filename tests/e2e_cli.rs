@@ -122,6 +122,60 @@ async fn cli_round_trip_against_a_running_server() {
     assert_eq!(page["items"].as_array().map(Vec::len), Some(1), "{page}");
     assert_eq!(page["items"][0]["id"], id.as_str());
 
+    // lethe token create / rotate: a portal's rotated token still reads
+    // the requests it submitted; the old secret stops at once.
+    let config = lab.config.to_str().expect("UTF-8 path");
+    let token_cmd = |args: &[&str]| {
+        let mut all = vec!["token"];
+        all.extend(args);
+        all.extend(["--config", config]);
+        all.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lethe(&args, cwd).await
+    };
+    let out = run(token_cmd(&[
+        "create",
+        "--name",
+        "portal",
+        "--scope",
+        "requests:submit",
+        "--scope",
+        "requests:read:own",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let old = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let as_token = |token: &str| vec![("LETHE_TOKEN".to_owned(), token.to_owned())];
+    let out = lethe_with_env(
+        &["submit", "--email", "zoe@example.com", "--regulation", "gdpr", "--server", base],
+        cwd,
+        &as_token(&old),
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let theirs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let theirs = theirs["id"].as_str().unwrap().to_owned();
+    let out = run(token_cmd(&["list"])).await;
+    let list = String::from_utf8_lossy(&out.stdout).into_owned();
+    let token_id = list.lines().find(|l| l.contains(" portal ")).and_then(|l| l.split_whitespace().next());
+    let token_id = token_id.unwrap_or_else(|| panic!("{list}")).to_owned();
+    let out = run(token_cmd(&["rotate", &token_id, "--overlap-hours", "169"])).await;
+    assert_eq!(out.status.code(), Some(2), "at most a week: {}", describe(&out));
+    let out = run(token_cmd(&["rotate", "no-such-token"])).await;
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let out = run(token_cmd(&["rotate", &token_id])).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no longer works"), "{}", describe(&out));
+    let new = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(new.starts_with("lethe_") && new != old, "{}", describe(&out));
+    let out = lethe_with_env(&["status", &theirs, "--server", base], cwd, &as_token(&old)).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"), "{}", describe(&out));
+    let out = lethe_with_env(&["status", &theirs, "--server", base], cwd, &as_token(&new)).await;
+    assert!(out.status.success(), "the rotated token reads its request: {}", describe(&out));
+    server.wait_final(&theirs).await;
+
     // The subject is erased as configured.
     let ada = BTreeSet::from([1]);
     lab.assert_rows_after(&ada, &ada).await;

@@ -1,8 +1,9 @@
-//! API tokens: `lethe token create|list|revoke` (on the state store
+//! API tokens: `lethe token create|list|revoke|rotate` (on the state store
 //! directly, so that the first token can be made before any server runs)
 //! and the administrator's token at start-up.
 
 use anyhow::{bail, Context};
+use chrono::SecondsFormat;
 use clap::Subcommand;
 use lethe_coordinator::auth::{digest, new_token};
 use lethe_coordinator::Scope;
@@ -28,6 +29,15 @@ pub enum TokenCommand {
     List,
     /// Revoke a token by id.
     Revoke { id: String },
+    /// Give a token a new secret, printed once; it keeps its id, name and
+    /// scopes, so the requests it submitted stay readable with the new one.
+    Rotate {
+        id: String,
+        /// Hours the old secret keeps working, while its holder switches
+        /// (0: it stops at once, as after a leak).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=168))]
+        overlap_hours: u32,
+    },
 }
 
 pub async fn run(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
@@ -41,9 +51,19 @@ pub async fn run(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
         }
         TokenCommand::List => {
             println!("{:<36}  {:<24} {:<8} SCOPES", "ID", "NAME", "STATE");
+            let now = chrono::Utc::now();
             for t in store.list_tokens().await? {
                 let state = if t.revoked_at.is_some() { "revoked" } else { "active" };
-                println!("{:<36}  {:<24} {:<8} {}", t.id, t.name, state, t.scopes.join(" "));
+                let overlap = match t.previous_until {
+                    Some(until) if t.revoked_at.is_none() && until > now => {
+                        format!(
+                            "  (old secret valid until {})",
+                            until.to_rfc3339_opts(SecondsFormat::Secs, true)
+                        )
+                    }
+                    _ => String::new(),
+                };
+                println!("{:<36}  {:<24} {:<8} {}{overlap}", t.id, t.name, state, t.scopes.join(" "));
             }
         }
         TokenCommand::Revoke { id } => {
@@ -51,6 +71,17 @@ pub async fn run(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
                 bail!("no active token with id {id:?}");
             }
             println!("token {id} revoked");
+        }
+        TokenCommand::Rotate { id, overlap_hours } => {
+            let token = rotate(store.as_ref(), &id, overlap_hours).await?;
+            println!("{token}");
+            eprintln!("{}", match overlap_hours {
+                0 => format!("token {id} rotated; the old secret no longer works; the new one is not shown again"),
+                h => format!(
+                    "token {id} rotated; the old secret works for {h} more hour{}; the new one is not shown again",
+                    if h == 1 { "" } else { "s" }
+                ),
+            });
         }
     }
     Ok(())
@@ -109,6 +140,28 @@ fn parse_scopes(config: &Config, given: &[String]) -> anyhow::Result<Vec<Scope>>
 pub async fn create(store: &dyn StateStore, name: &str, scopes: &[Scope]) -> anyhow::Result<String> {
     let token = new_token();
     store.create_token(record(name, &token, scopes)).await?;
+    Ok(token)
+}
+
+/// Gives the token `id` a new secret and returns its text; the old one
+/// works for `overlap_hours` more.
+pub async fn rotate(store: &dyn StateStore, id: &str, overlap_hours: u32) -> anyhow::Result<String> {
+    let current = store.list_tokens().await?.into_iter().find(|t| t.id == id && t.revoked_at.is_none());
+    match current {
+        None => bail!("no active token with id {id:?}"),
+        // Its secret is the configuration's; a rotated digest would be
+        // replaced at the next start.
+        Some(t) if t.name == CONFIGURED_ADMIN => {
+            bail!("this is the configured administrator's token: change server.admin_token instead")
+        }
+        Some(_) => {}
+    }
+    let token = new_token();
+    let now = chrono::Utc::now();
+    let until = (overlap_hours > 0).then(|| now + chrono::Duration::hours(i64::from(overlap_hours)));
+    if !store.rotate_token(id, &digest(&token), until, now).await? {
+        bail!("no active token with id {id:?}");
+    }
     Ok(token)
 }
 

@@ -198,7 +198,7 @@ impl FromRequestParts<AppState> for Caller {
             return Ok(Caller::new(format!("connector:{system}"), vec![Scope::Connector(system.to_owned())]));
         }
         let record = state.store.token_by_digest(&digest).await?.ok_or_else(unauthorized)?;
-        if !constant_time_eq(record.digest.as_bytes(), digest.as_bytes()) || record.revoked_at.is_some() {
+        if !record.accepts(&digest, state.clock.now()) {
             return Err(unauthorized());
         }
         let scopes = record.scopes.iter().filter_map(|s| s.parse().ok()).collect();

@@ -259,6 +259,60 @@ async fn idempotency_key_returns_the_same_request() {
 }
 
 #[tokio::test]
+async fn a_rotated_token_keeps_its_requests_and_idempotency_keys() {
+    use lethe_coordinator::Scope;
+    let h = Harness::new().await;
+    let old = h.token("portal", &[Scope::RequestsSubmit, Scope::RequestsReadOwn]).await;
+    let id =
+        h.state().store.list_tokens().await.unwrap().into_iter().find(|t| t.name == "portal").unwrap().id;
+    let as_portal = |secret: &str, mut r: Request<Body>| {
+        r.headers_mut().insert(header::AUTHORIZATION, format!("Bearer {secret}").parse().unwrap());
+        r
+    };
+    let keyed = |secret: &str| {
+        as_portal(
+            secret,
+            Request::post("/v1/requests")
+                .header(header::CONTENT_TYPE, "application/json")
+                .header("Idempotency-Key", "ticket-7")
+                .body(Body::from(
+                    json!({"subject": {"email": "ann@example.com"}, "regulation": "gdpr"}).to_string(),
+                ))
+                .unwrap(),
+        )
+    };
+    let (status, first, _) = call(&h.app(), keyed(&old)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let request = format!("/v1/requests/{}", first["id"].as_str().unwrap());
+
+    // Rotated with an hour's overlap: both secrets are the same token.
+    let new = lethe_coordinator::auth::new_token();
+    let digest = lethe_coordinator::auth::digest(&new);
+    use lethe_coordinator::clock::Clock as _;
+    let until = h.clock.now() + chrono::Duration::hours(1);
+    assert!(h.state().store.rotate_token(&id, &digest, Some(until), h.clock.now()).await.unwrap());
+    for secret in [&old, &new] {
+        let (status, view, _) = call(&h.app(), as_portal(secret, get(&request))).await;
+        assert_eq!(status, StatusCode::OK, "the portal still reads its request: {view}");
+        let (status, again, headers) = call(&h.app(), keyed(secret)).await;
+        assert_eq!(
+            (status, &again["id"]),
+            (StatusCode::ACCEPTED, &first["id"]),
+            "a retry is the same request"
+        );
+        assert_eq!(headers["idempotent-replayed"], "true");
+    }
+    // After the overlap only the new secret works.
+    h.clock.advance(chrono::Duration::hours(1));
+    let (status, _, _) = call(&h.app(), as_portal(&old, get(&request))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _, _) = call(&h.app(), as_portal(&new, get(&request))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, page, _) = call(&h.app(), as_portal(&new, get("/v1/requests"))).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+}
+
+#[tokio::test]
 async fn list_paginates_with_a_cursor_and_filters_by_status() {
     let h = Harness::new().await;
     let mut ids = Vec::new();

@@ -240,7 +240,8 @@ pub trait StateStore: Send + Sync + 'static {
     /// Stores an API token (its digest).
     async fn create_token(&self, token: NewToken) -> Result<(), StoreError>;
 
-    /// The token with this digest, revoked or not.
+    /// The token with this digest, revoked or not, or whose secret before
+    /// its last rotation had it (the caller checks `previous_until`).
     async fn token_by_digest(&self, digest: &str) -> Result<Option<TokenRecord>, StoreError>;
 
     /// Every token, oldest first.
@@ -248,6 +249,18 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Revokes a token; false if there is no such token in force.
     async fn revoke_token(&self, id: &str, now: DateTime<Utc>) -> Result<bool, StoreError>;
+
+    /// Gives a token in force a new secret (`digest`) under the same id;
+    /// the secret it replaces stays valid until `previous_until`, if given
+    /// and later than `now`, and not at all otherwise. False if there is no
+    /// such token in force.
+    async fn rotate_token(
+        &self,
+        id: &str,
+        digest: &str,
+        previous_until: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
 
     /// Which of `subject_hashes` belong to a subject whose erasure was
     /// answered (completed, or completed with exemptions): the suppression

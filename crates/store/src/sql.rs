@@ -1754,6 +1754,16 @@ impl StateStore for SqlStore {
         self.revoke(id, now).await
     }
 
+    async fn rotate_token(
+        &self,
+        id: &str,
+        digest: &str,
+        previous_until: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.rotate(id, digest, previous_until, now).await
+    }
+
     async fn suppressed(&self, subject_hashes: &[String]) -> Result<Vec<String>, StoreError> {
         self.suppressed_hashes(subject_hashes).await
     }

@@ -378,6 +378,34 @@ pub struct TokenRecord {
     pub scopes: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The digest of the secret before the last rotation, while it may
+    /// still be used.
+    pub previous_digest: Option<String>,
+    /// Until when that earlier secret is accepted.
+    pub previous_until: Option<DateTime<Utc>>,
+}
+
+impl TokenRecord {
+    /// Whether a secret with `digest` opens this token at `now`: the
+    /// current secret while the token is in force, the one it replaced
+    /// until its overlap ends.
+    pub fn accepts(&self, digest: &str, now: DateTime<Utc>) -> bool {
+        if self.revoked_at.is_some() {
+            return false;
+        }
+        let current = constant_time_eq(self.digest.as_bytes(), digest.as_bytes());
+        let previous = self.previous_until.is_some_and(|until| now < until)
+            && self
+                .previous_digest
+                .as_deref()
+                .is_some_and(|d| constant_time_eq(d.as_bytes(), digest.as_bytes()));
+        current | previous
+    }
+}
+
+/// Equality that takes the same time whatever the inputs share.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A certificate signing key: the public half in hex, the private half

@@ -1756,9 +1756,36 @@ async fn tokens_suppressions_and_signing_keys(b: &Backend) {
     let found = s.token_by_digest(&"ab".repeat(32)).await.unwrap().unwrap();
     assert_eq!((found.name.as_str(), found.scopes.len(), found.revoked_at), ("portal", 2, None));
     assert!(s.token_by_digest(&"cd".repeat(32)).await.unwrap().is_none());
+
+    // Rotation: a new secret under the same id; the old one for the overlap.
+    let (old, new, newer) = ("ab".repeat(32), "cd".repeat(32), "ef".repeat(32));
+    let hour = chrono::Duration::hours(1);
+    assert!(s.rotate_token("t1", &new, Some(t0() + hour), t0()).await.unwrap());
+    for digest in [&old, &new] {
+        let t = s.token_by_digest(digest).await.unwrap().expect("both secrets find the token");
+        assert_eq!((t.id.as_str(), t.digest.as_str()), ("t1", new.as_str()));
+        assert!(t.accepts(digest, t0()), "both work during the overlap");
+    }
+    let t = s.token_by_digest(&old).await.unwrap().unwrap();
+    assert!(
+        !t.accepts(&old, t0() + hour) && t.accepts(&new, t0() + hour),
+        "the old one ends with the overlap"
+    );
+    // Without an overlap (or with one already over) the old secret is gone.
+    assert!(s.rotate_token("t1", &newer, Some(t0()), t0() + hour).await.unwrap());
+    assert!(s.token_by_digest(&old).await.unwrap().is_none());
+    assert!(s.token_by_digest(&new).await.unwrap().is_none(), "the overlap was over when it was given");
+    let t = s.token_by_digest(&newer).await.unwrap().unwrap();
+    assert!(t.accepts(&newer, t0()) && t.previous_digest.is_none() && t.previous_until.is_none());
+    assert!(!s.rotate_token("nope", &old, None, t0()).await.unwrap(), "no such token");
+    let trail = s.audit_events(None).await.unwrap();
+    assert_eq!(trail.iter().filter(|e| e.kind == "token.rotated").count(), 2);
+
     assert!(s.revoke_token("t1", t0()).await.unwrap());
     assert!(!s.revoke_token("t1", t0()).await.unwrap(), "revoked once");
-    assert!(s.token_by_digest(&"ab".repeat(32)).await.unwrap().unwrap().revoked_at.is_some());
+    let revoked = s.token_by_digest(&newer).await.unwrap().unwrap();
+    assert!(revoked.revoked_at.is_some() && !revoked.accepts(&newer, t0()));
+    assert!(!s.rotate_token("t1", &old, None, t0()).await.unwrap(), "a revoked token is not rotated");
     assert_eq!(s.list_tokens().await.unwrap().len(), 1);
 
     // Requests remember their submitter; the list can filter by it.

@@ -13,10 +13,13 @@ fn token_record(r: &AnyRow) -> Result<TokenRecord, StoreError> {
         scopes: col::<String>(r, "scopes")?.split_whitespace().map(str::to_owned).collect(),
         created_at: time(col(r, "created_at")?)?,
         revoked_at: opt_time(col(r, "revoked_at")?)?,
+        previous_digest: col(r, "previous_digest")?,
+        previous_until: opt_time(col(r, "previous_until")?)?,
     })
 }
 
-const TOKEN_COLUMNS: &str = "id, name, digest, scopes, created_at, revoked_at";
+const TOKEN_COLUMNS: &str =
+    "id, name, digest, scopes, created_at, revoked_at, previous_digest, previous_until";
 
 impl SqlStore {
     pub(super) async fn insert_token(&self, token: NewToken) -> Result<(), StoreError> {
@@ -41,14 +44,19 @@ impl SqlStore {
     }
 
     pub(super) async fn token_with(&self, digest: &str) -> Result<Option<TokenRecord>, StoreError> {
-        sqlx::query(&format!("SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE digest = $1"))
-            .bind(digest)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?
-            .as_ref()
-            .map(token_record)
-            .transpose()
+        // The current secret first: a digest is never both, but a row
+        // found by its current secret must win if it ever were.
+        sqlx::query(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE digest = $1 OR previous_digest = $1 \
+             ORDER BY CASE WHEN digest = $1 THEN 0 ELSE 1 END LIMIT 1"
+        ))
+        .bind(digest)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(token_record)
+        .transpose()
     }
 
     pub(super) async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
@@ -74,6 +82,37 @@ impl SqlStore {
         }
         self.append_audit(&mut tx, vec![PendingEvent::global("token.revoked", json!({"token_id": id}))], now)
             .await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
+    }
+
+    pub(super) async fn rotate(
+        &self,
+        id: &str,
+        digest: &str,
+        previous_until: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let previous_until = previous_until.filter(|until| *until > now);
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE api_tokens SET previous_digest = CASE WHEN $1 IS NULL THEN NULL ELSE digest END, \
+             previous_until = $1, digest = $2 WHERE id = $3 AND revoked_at IS NULL",
+        )
+        .bind(previous_until.map(ms))
+        .bind(digest)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let event = PendingEvent::global(
+            "token.rotated",
+            json!({"token_id": id, "previous_valid_until": previous_until.map(|t| t.to_rfc3339())}),
+        );
+        self.append_audit(&mut tx, vec![event], now).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(true)
     }
