@@ -8,7 +8,7 @@ What the runtime does for each message of ``<namespace>.tasks.<system>``
 (consumer group ``<namespace>.connector.<system>``):
 
 1. decodes and checks the envelope; a message it cannot decode (invalid
-   JSON, unknown ``version``, unknown or missing fields) goes to
+   JSON, unknown ``version``, missing fields) goes to
    ``<namespace>.dlq`` with the headers ``lethe-dlq-reason`` and
    ``lethe-dlq-source``;
 2. fetches the request's data key from the coordinator
@@ -429,21 +429,18 @@ _TASK_FIELDS = {
     "version", "task_id", "request_id", "system", "action", "categories", "attempt",
     "regulation", "due_at", "identifiers", "issued_at",
 }
-_TASK_OPTIONAL = {"job"}
 _DIRECTIVE_REQUIRED = {"category", "action"}
-_DIRECTIVE_OPTIONAL = {"basis", "period", "cutoff", "until"}
 
 
-def _fields(obj: Any, what: str, required: set[str], optional: set[str] = frozenset()) -> dict[str, Any]:
+def _fields(obj: Any, what: str, required: set[str]) -> dict[str, Any]:
+    """``obj`` as an object with every field in ``required``; fields it does
+    not know are ignored (the protocol adds fields within a version only
+    where ignoring them is safe)."""
     if not isinstance(obj, dict):
         raise Undecodable(f"{what} is not a JSON object")
     missing = sorted(required - obj.keys())
     if missing:
         raise Undecodable(f"{what} lacks {', '.join(missing)}")
-    unknown = sorted(obj.keys() - required - optional)
-    if unknown:
-        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
-        raise Undecodable(f"{what} has unknown fields: {shown}")
     return obj
 
 
@@ -498,7 +495,7 @@ def decode_task(raw: bytes | None) -> TaskMessage:
         raise Undecodable("invalid envelope: version is missing or not an integer")
     if version != ENVELOPE_VERSION:
         raise Undecodable(f"unsupported envelope version {version}")
-    _fields(doc, "task", _TASK_FIELDS, _TASK_OPTIONAL)
+    _fields(doc, "task", _TASK_FIELDS)
     attempt = doc["attempt"]
     if type(attempt) is not int or attempt < 0:
         raise Undecodable("task.attempt is not a non-negative integer")
@@ -518,7 +515,7 @@ def decode_task(raw: bytes | None) -> TaskMessage:
     directives = []
     for i, item in enumerate(doc["categories"]):
         what = f"task.categories[{i}]"
-        _fields(item, what, _DIRECTIVE_REQUIRED, _DIRECTIVE_OPTIONAL)
+        _fields(item, what, _DIRECTIVE_REQUIRED)
         period = _optional(item, "period", what)
         if period is not None and not _PERIOD.match(period):
             raise Undecodable(f"{what}.period is not an ISO 8601 period")

@@ -121,11 +121,10 @@ fn aad(request: RequestId, kind: &IdentifierKind) -> Vec<u8> {
 /// An identifier encrypted under its request's data key: this is the only
 /// form in which identifiers are stored or put on the bus.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct SealedIdentifier {
     /// Identifier type, e.g. `email`.
     #[serde(rename = "type")]
-    #[schema(value_type = String)]
+    #[schema(value_type = String, pattern = "^[a-z][a-z0-9_]{0,63}$")]
     pub kind: IdentifierKind,
     /// Base64 of `nonce(12) || AES-256-GCM ciphertext || tag(16)`, with
     /// associated data `request_id (16 bytes) || type`.

@@ -5,7 +5,6 @@ use serde::{Deserialize, Serialize};
 
 /// Rows or records affected in one dataset (a table, a list, a key space).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct DatasetReport {
     pub dataset: String,
     #[serde(default)]
@@ -27,7 +26,6 @@ impl DatasetReport {
 
 /// Data kept on purpose, with the legal basis and the end of the period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct RetainedReport {
     pub dataset: String,
     /// The data category of the dataset.
@@ -49,7 +47,7 @@ pub struct RetainedReport {
 
 /// A connector's report on one attempt of one task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "status", rename_all = "snake_case")]
 pub enum Outcome {
     /// The subject's data was erased or anonymised; `residual` is what a
     /// verification query still found (absent if not verified).
@@ -84,7 +82,6 @@ pub enum Outcome {
 
 /// An asynchronous job a connector started in an external system for a task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Job {
     /// The external system's job id, as the connector reported it.
     pub id: String,
@@ -181,6 +178,9 @@ mod tests {
         assert_eq!(json["status"], "failed");
         let back: Outcome = serde_json::from_value(json).unwrap();
         assert_eq!(back, o);
-        assert!(serde_json::from_str::<Outcome>(r#"{"status":"not_found","extra":1}"#).is_err());
+        // A field added within the protocol's version is ignored.
+        let added: Outcome = serde_json::from_str(r#"{"status":"not_found","extra":1}"#).unwrap();
+        assert_eq!(added, Outcome::NotFound { residual: None });
+        assert!(serde_json::from_str::<Outcome>(r#"{"status":"shredded"}"#).is_err());
     }
 }

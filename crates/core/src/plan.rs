@@ -142,7 +142,6 @@ impl CategoryPlan {
 
 /// A connector's instruction for one data category (see docs/protocol.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Directive {
     /// The data category, as declared on the system's datasets.
     pub category: String,

@@ -154,6 +154,7 @@ impl utoipa::PartialSchema for Period {
         utoipa::openapi::ObjectBuilder::new()
             .schema_type(utoipa::openapi::schema::Type::String)
             .description(Some("ISO 8601 period: PnY, PnM or PnD"))
+            .pattern(Some("^P(0|[1-9][0-9]{0,9})[YMD]$"))
             .examples([serde_json::json!("P10Y")])
             .into()
     }
