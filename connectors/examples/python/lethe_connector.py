@@ -628,10 +628,13 @@ class KeyClient:
     """Fetches a task's data key from the coordinator. Keys are returned to
     the caller and never stored."""
 
-    def __init__(self, coordinator: str, token: str, timeout: float = 10.0):
+    def __init__(self, coordinator: str, token: str, timeout: float = 10.0, system: str | None = None):
         self._url = coordinator.rstrip("/") + "/v1/connector/keys"
         self._token = token
         self._timeout = timeout
+        #: Named in each call, so that a token of another system is refused
+        #: (403, retried) instead of answered 404 (which fails the task).
+        self._system = system
 
     def __repr__(self) -> str:
         return f"KeyClient({self._url!r})"
@@ -643,7 +646,10 @@ class KeyClient:
         and the key destroyed), and :class:`RetryableError` on 401/403 (the
         worker's token, not the task's fault) and when the coordinator
         cannot answer."""
-        body = json.dumps({"task_id": str(task_id), "attempt": attempt}).encode()
+        asked: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
+        if self._system is not None:
+            asked["system"] = self._system
+        body = json.dumps(asked).encode()
         request = urllib.request.Request(
             self._url,
             data=body,
@@ -696,7 +702,7 @@ class Runner:
     def __init__(self, settings: Settings, connector: Connector, keys: KeyClient | None = None):
         self.settings = settings
         self.connector = connector
-        self.keys = keys or KeyClient(settings.coordinator, settings.token, settings.http_timeout)
+        self.keys = keys or KeyClient(settings.coordinator, settings.token, settings.http_timeout, settings.system)
         self.finished = 0
         #: Set to stop backing off (the worker is shutting down).
         self.stopping = threading.Event()

@@ -29,7 +29,8 @@ type Answer = Result<Option<DataKey>, ConnectorError>;
 #[derive(Clone)]
 pub struct HttpKeys {
     client: Arc<Client>,
-    calls: Arc<Coalescer<(), (TaskId, u32), Answer>>,
+    /// Grouped by system: a call names the system it asks for.
+    calls: Arc<Coalescer<String, (TaskId, u32), Answer>>,
 }
 
 struct Client {
@@ -67,7 +68,7 @@ impl Client {
     /// names each task once, with one attempt; a task held twice (a stale
     /// attempt read again beside the current one) is asked for in a call of
     /// its own, so that each attempt gets its own answer.
-    async fn fetch(&self, tasks: Vec<(TaskId, u32)>) -> Result<Vec<Answer>, ConnectorError> {
+    async fn fetch(&self, system: &str, tasks: Vec<(TaskId, u32)>) -> Result<Vec<Answer>, ConnectorError> {
         let mut answers: Vec<Option<Answer>> = tasks.iter().map(|_| None).collect();
         let mut left: Vec<usize> = (0..tasks.len()).collect();
         while !left.is_empty() {
@@ -75,7 +76,7 @@ impl Client {
             let (round, later): (Vec<usize>, Vec<usize>) =
                 left.into_iter().partition(|&i| seen.insert(tasks[i].0));
             let asked: Vec<(TaskId, u32)> = round.iter().map(|&i| tasks[i]).collect();
-            for (i, answer) in round.into_iter().zip(self.fetch_once(asked).await?) {
+            for (i, answer) in round.into_iter().zip(self.fetch_once(system, asked).await?) {
                 answers[i] = Some(answer);
             }
             left = later;
@@ -83,7 +84,6 @@ impl Client {
         Ok(answers.into_iter().map(|a| a.unwrap_or(Ok(None))).collect())
     }
 
-    /// One call, each task named once.
     /// One call of the batch endpoint.
     async fn ask(&self, body: &serde_json::Value) -> Result<reqwest::Response, ConnectorError> {
         self.http
@@ -95,10 +95,18 @@ impl Client {
             .map_err(|e| ConnectorError::retryable(format!("coordinator unreachable: {}", e.without_url())))
     }
 
-    async fn fetch_once(&self, tasks: Vec<(TaskId, u32)>) -> Result<Vec<Answer>, ConnectorError> {
+    /// One call, each task named once. It names the system, so that a
+    /// token of another system is refused (and retried) rather than
+    /// answered without keys (which would fail the tasks for good).
+    async fn fetch_once(
+        &self,
+        system: &str,
+        tasks: Vec<(TaskId, u32)>,
+    ) -> Result<Vec<Answer>, ConnectorError> {
         let ids: Vec<String> = tasks.iter().map(|(t, _)| t.to_string()).collect();
         let attempts: BTreeMap<String, u32> = tasks.iter().map(|(t, a)| (t.to_string(), *a)).collect();
-        let response = self.ask(&serde_json::json!({ "task_ids": ids, "attempts": attempts })).await?;
+        let body = serde_json::json!({ "task_ids": ids, "attempts": attempts, "system": system });
+        let response = self.ask(&body).await?;
         match response.status() {
             StatusCode::OK => {}
             // The worker's fault, not the task's (a rotated or mistyped
@@ -153,12 +161,12 @@ impl HttpKeys {
 
 #[async_trait]
 impl KeyResolver for HttpKeys {
-    async fn data_key(&self, _system: &str, _request: RequestId, task: TaskId, attempt: u32) -> Answer {
+    async fn data_key(&self, system: &str, _request: RequestId, task: TaskId, attempt: u32) -> Answer {
         let client = self.client.clone();
-        let run = move |(), tasks| {
+        let run = move |system: String, tasks| {
             let client = client.clone();
-            async move { client.fetch(tasks).await }
+            async move { client.fetch(&system, tasks).await }
         };
-        self.calls.call((), (task, attempt), run).await?
+        self.calls.call(system.to_owned(), (task, attempt), run).await?
     }
 }

@@ -744,6 +744,29 @@ async fn connector_keys_need_the_systems_token_and_vanish_with_the_request() {
     assert_eq!(body["key"].as_str().unwrap().len(), 64);
     let (status, _, _) = call(&h.app(), ask(Some("crm-token"), &task_of("mail"))).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "a worker reads only its own system's keys");
+    // A worker that names its system learns that its token is another's.
+    for (path, body) in [
+        ("/v1/connector/keys", json!({"task_id": crm, "attempt": 1, "system": "mail"})),
+        (
+            "/v1/connector/keys:batch",
+            json!({"task_ids": [crm], "attempts": {crm.clone(): 1}, "system": "mail"}),
+        ),
+    ] {
+        let req = Request::post(path)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, "Bearer crm-token")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let (status, problem, _) = call(&h.app(), req).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {problem}");
+        assert!(problem["detail"].as_str().unwrap().contains("another system"), "{problem}");
+    }
+    let named = Request::post("/v1/connector/keys")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::AUTHORIZATION, "Bearer crm-token")
+        .body(Body::from(json!({"task_id": crm, "attempt": 1, "system": "crm"}).to_string()))
+        .unwrap();
+    assert_eq!(call(&h.app(), named).await.0, StatusCode::OK);
     // Many at once: only the caller's own tasks come back, with the same key.
     let key = body["key"].as_str().unwrap().to_owned();
     let ask_with = |token: &str, tasks: Value, attempts: Value| {

@@ -22,6 +22,10 @@ pub struct KeyRequest {
     /// refused for an attempt that was withdrawn or superseded, as by a
     /// legal hold placed while the message waited in the topic.
     pub attempt: u32,
+    /// The system the worker serves: when given, a token of another
+    /// system is refused (`403`) instead of being answered `404`.
+    #[serde(default)]
+    pub system: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -33,7 +37,7 @@ pub struct KeyResponse {
 /// The data key for a task of the caller's system. 404 when the task is
 /// unknown, belongs to another system, no longer asks for this work (it
 /// settled, or the attempt was withdrawn or superseded), or its request's
-/// key was destroyed.
+/// key was destroyed; 403 when `system` is not the token's.
 #[utoipa::path(
     post, path = "/v1/connector/keys", tag = "connectors", security(("bearer" = ["connector:<system>"])),
     request_body = KeyRequest,
@@ -52,6 +56,7 @@ pub async fn task_key(
     let system = caller.connector_system().ok_or_else(crate::auth::forbidden)?;
     // The scope first: a caller without it learns nothing from the body.
     let StrictJson(body) = body?;
+    same_system(body.system.as_deref(), system)?;
     let gone = || {
         Problem::not_found(
             "no key for this task: unknown, another system's, no longer asked for, or destroyed",
@@ -110,13 +115,7 @@ pub async fn task_keys(
     let system = caller.connector_system().ok_or_else(crate::auth::forbidden)?;
     // The scope first: a caller without it learns nothing from the body.
     let StrictJson(body) = body?;
-    if body.system.as_deref().is_some_and(|s| s != system) {
-        return Err(Problem::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "forbidden",
-            "this connector token is for another system",
-        ));
-    }
+    same_system(body.system.as_deref(), system)?;
     if body.task_ids.is_empty() || body.task_ids.len() > MAX_KEYS {
         return Err(Problem::invalid(format!("ask for 1 to {MAX_KEYS} tasks at once")));
     }
@@ -142,6 +141,18 @@ pub async fn task_keys(
         keys.insert(name, unwrap(&state, task, &wrapped)?);
     }
     Ok(Json(KeysResponse { keys }))
+}
+
+/// 403 when the worker says it serves another system than its token's.
+fn same_system(asked: Option<&str>, token: &str) -> Result<(), Problem> {
+    if asked.is_some_and(|s| s != token) {
+        return Err(Problem::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            "this connector token is for another system",
+        ));
+    }
+    Ok(())
 }
 
 fn unwrap(state: &AppState, task: TaskId, wrapped: &[u8]) -> Result<String, Problem> {
