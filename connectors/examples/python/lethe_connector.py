@@ -745,7 +745,20 @@ class Runner:
             identifiers = Identifiers(
                 open_identifier(key, task.request_id, s.type, s.ciphertext) for s in task.identifiers
             )
-            erasure = self._call("erase", lambda: self.connector.erase(identifiers, task.directives))
+            retrying = False
+
+            def erase() -> Erasure:
+                # A retry first asks whether the attempt is still wanted: a
+                # legal hold placed while the worker backs off withdraws the
+                # attempt (its key is refused from then on), and nothing more
+                # may go.
+                nonlocal retrying
+                if retrying:
+                    self._still_wanted(task)
+                retrying = True
+                return self.connector.erase(identifiers, task.directives)
+
+            erasure = self._call("erase", erase)
         except ConnectorError as e:
             return failed(e)
         if erasure.pending_job is not None:
@@ -755,6 +768,17 @@ class Runner:
         except ConnectorError as e:
             return failed(ConnectorError(f"verification failed: {e.reason}", e.retryable))
         return outcome_of(erasure, residual)
+
+    def _still_wanted(self, task: TaskMessage) -> None:
+        """Raises :class:`PermanentError` if the coordinator no longer asks
+        for this attempt (it refuses the attempt's key once withdrawn)."""
+        try:
+            self.keys.fetch(task.task_id, task.attempt)
+        except PermanentError:
+            raise PermanentError(
+                "this attempt was withdrawn while it was retried (a legal hold, or a newer attempt): "
+                "nothing more was done"
+            ) from None
 
     def _call(self, name: str, call: Callable[[], Any]) -> Any:
         """``call()``, retried with exponential backoff while it raises a

@@ -317,6 +317,34 @@ class Tasks(unittest.TestCase):
         self.assertEqual(outcome["status"], "erased")
         self.assertEqual(connector.verified, 1)
 
+    def test_a_retry_first_asks_whether_the_attempt_is_still_wanted(self) -> None:
+        class Flaky(lc.Connector):
+            calls = 0
+
+            def erase(self, identifiers, directives):
+                self.calls += 1
+                raise lc.RetryableError("store busy")
+
+        keys = self.runner.keys = FakeKeys(self.key, self.task_id)
+        connector = self.runner.connector = Flaky()
+        real_fetch = keys.fetch
+
+        def withdrawn_after_the_first(task_id, attempt=None):
+            # A legal hold lands while the worker backs off: the
+            # coordinator refuses the attempt's key from then on.
+            if keys.calls >= 1:
+                keys.calls += 1
+                raise lc.PermanentError("no key for this task")
+            return real_fetch(task_id, attempt)
+
+        keys.fetch = withdrawn_after_the_first
+        with self.assertLogs("lethe.connector", "WARNING"):
+            outcome = self.runner.process(self.task("ada@example.com"))["outcome"]
+        self.assertEqual((outcome["status"], outcome["retryable"]), ("failed", False), outcome)
+        self.assertIn("withdrawn while it was retried", outcome["reason"])
+        self.assertEqual(connector.calls, 1, "nothing more is tried once the attempt is withdrawn")
+        self.assertEqual(keys.calls, 2, "the key, then the check before the retry")
+
     def test_a_locked_database_is_retried_then_reported_retryable(self) -> None:
         self.runner.connector = ex.ClubhouseConnector(self.db)
         blocker = sqlite3.connect(self.db, isolation_level=None)
