@@ -89,7 +89,13 @@ impl Ingest {
         }
         let reports: Vec<OutcomeReport> = results
             .iter()
-            .map(|m| OutcomeReport { task_id: m.task_id, attempt: m.attempt, outcome: m.outcome.clone() })
+            .map(|m| OutcomeReport {
+                task_id: m.task_id,
+                attempt: m.attempt,
+                outcome: m.outcome.clone(),
+                request_id: Some(m.request_id),
+                system: Some(m.system.clone()),
+            })
             .collect();
         let applied = until_ok("applying outcomes", || {
             self.store.apply_outcomes(&reports, &self.schedule, self.clock.now())
@@ -125,6 +131,13 @@ impl Ingest {
                     metrics::counter!(OUTCOMES_TOTAL, "result" => "unknown_task").increment(1);
                     durable &=
                         self.dead_letter(source, &msg.encode(), "result refers to an unknown task").await;
+                }
+                Applied::Mismatch => {
+                    // A connector's bug: its reason was screened against
+                    // another subject, so it is kept out of the trail.
+                    metrics::counter!(OUTCOMES_TOTAL, "result" => "mismatch").increment(1);
+                    durable &=
+                        self.dead_letter(source, &msg.encode(), "result does not match its task").await;
                 }
             }
         }

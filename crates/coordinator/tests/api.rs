@@ -1445,6 +1445,8 @@ async fn a_certificate_shows_what_a_withdrawn_attempt_erased() {
             datasets: vec![DatasetReport::new("contacts", 2, 0)],
             residual: Some(0),
         },
+        request_id: None,
+        system: None,
     };
     let now = lethe_coordinator::Clock::now(&h.clock);
     let applied =
@@ -1513,11 +1515,15 @@ async fn a_certificate_counts_every_run_of_a_task() {
             }],
             residual: Some(0),
         },
+        request_id: None,
+        system: None,
     };
     let nothing = lethe_store::OutcomeReport {
         task_id: mail,
         attempt: 1,
         outcome: lethe_core::Outcome::NotFound { residual: Some(0) },
+        request_id: None,
+        system: None,
     };
     store.apply_outcomes(&[first.clone(), nothing], &schedule, now).await.unwrap();
     // At least once: the same result again changes nothing.
@@ -1538,6 +1544,8 @@ async fn a_certificate_counts_every_run_of_a_task() {
             datasets: vec![DatasetReport::new("contacts", 0, 0), DatasetReport::new("invoices", 1, 0)],
             residual: Some(0),
         },
+        request_id: None,
+        system: None,
     };
     store.apply_outcomes(&[second], &schedule, later).await.unwrap();
     let view = wait_final(&h.app(), &id).await;

@@ -1275,6 +1275,12 @@ impl StateStore for SqlStore {
             else {
                 continue;
             };
+            if report.request_id.is_some_and(|r| r != request)
+                || report.system.as_ref().is_some_and(|s| *s != task.system)
+            {
+                results[i] = Applied::Mismatch;
+                continue;
+            }
             let class = report.outcome.class();
             // A newer attempt is under way, or this one was withdrawn and
             // the task queued again (its key is refused from then on).

@@ -175,6 +175,18 @@ pub struct OutcomeReport {
     pub task_id: TaskId,
     pub attempt: u32,
     pub outcome: Outcome,
+    /// The request and system the result names, where it names them: a
+    /// result that names others than its task's is not applied
+    /// ([`Applied::Mismatch`]).
+    pub request_id: Option<RequestId>,
+    pub system: Option<String>,
+}
+
+impl OutcomeReport {
+    /// A report that names only its task.
+    pub fn new(task_id: TaskId, attempt: u32, outcome: Outcome) -> Self {
+        Self { task_id, attempt, outcome, request_id: None, system: None }
+    }
 }
 
 /// What applying one outcome did.
@@ -186,6 +198,8 @@ pub enum Applied {
     Ignored,
     /// No such task.
     UnknownTask,
+    /// The result names another request or system than its task's.
+    Mismatch,
 }
 
 /// When a task that failed in a retryable way, or timed out, runs again.

@@ -217,7 +217,7 @@ async fn report_at(
     now: DateTime<Utc>,
 ) -> Applied {
     let schedule = RetrySchedule { max_attempts: 1, ..Default::default() };
-    let report = OutcomeReport { task_id: task, attempt, outcome };
+    let report = OutcomeReport::new(task, attempt, outcome);
     store.apply_outcomes(&[report], &schedule, now).await.unwrap()[0]
 }
 
@@ -425,7 +425,7 @@ async fn a_fast_retryable_failure_leaves_the_task_waiting_for_its_next_attempt(b
     let items = b.store.claim_outbox("d", 10, None, Duration::from_secs(30), t0()).await.unwrap();
     let task = items[0].task_id;
     let flaky = Outcome::Failed { retryable: true, reason: "connection reset".into() };
-    let r = OutcomeReport { task_id: task, attempt: 1, outcome: flaky };
+    let r = OutcomeReport::new(task, 1, flaky);
     b.store.apply_outcomes(&[r], &schedule, at(1)).await.unwrap();
     b.store.mark_published("d", &items, at(2)).await.unwrap();
     let d = b.store.request(items[0].request_id).await.unwrap().unwrap();
@@ -448,7 +448,7 @@ async fn a_hold_placed_while_a_job_runs_reaches_every_later_attempt(b: &Backend)
     b.store.create_request(req).await.unwrap();
     let schedule = RetrySchedule { max_attempts: 3, ..Default::default() };
     let task = dispatch_all(&b.store).await[0].task_id;
-    let r = OutcomeReport { task_id: task, attempt: 1, outcome: accepted("job-h", 1) };
+    let r = OutcomeReport::new(task, 1, accepted("job-h", 1));
     b.store.apply_outcomes(&[r], &schedule, at(1)).await.unwrap();
     let scope = systems_scope(&["crm"]);
     let reach = b.store.place_hold(hold("hold-j", vec![f.subject(email)], scope, at(2))).await.unwrap();
@@ -466,7 +466,7 @@ async fn a_hold_placed_while_a_job_runs_reaches_every_later_attempt(b: &Backend)
     let check = dispatch_at(&b.store, at(3)).await;
     assert!(check[0].job.is_some());
     let failed = Outcome::Failed { retryable: false, reason: "the deletion job failed".into() };
-    let r = OutcomeReport { task_id: task, attempt: 2, outcome: failed };
+    let r = OutcomeReport::new(task, 2, failed);
     b.store.apply_outcomes(&[r], &schedule, at(4)).await.unwrap();
     // The operator's retry erases nothing the hold covers.
     b.store.retry_task(id, "crm", at(5)).await.unwrap();
@@ -486,7 +486,7 @@ async fn a_hold_placed_while_a_jobs_check_is_on_the_bus_lets_the_check_run(b: &B
     b.store.create_request(req).await.unwrap();
     let schedule = RetrySchedule { max_attempts: 3, ..Default::default() };
     let task = dispatch_all(&b.store).await[0].task_id;
-    let r = OutcomeReport { task_id: task, attempt: 1, outcome: accepted("job-c", 1) };
+    let r = OutcomeReport::new(task, 1, accepted("job-c", 1));
     b.store.apply_outcomes(&[r], &schedule, at(1)).await.unwrap();
     let check = dispatch_at(&b.store, at(3)).await;
     assert_eq!(check[0].job.as_ref().map(|j| j.id.as_str()), Some("job-c"));
@@ -495,7 +495,7 @@ async fn a_hold_placed_while_a_jobs_check_is_on_the_bus_lets_the_check_run(b: &B
     assert_eq!((reach.tasks, reach.too_late), (0, 1), "{reach:?}");
     assert_eq!(task_of(&detail(&b.store, id).await, "crm").state, TaskState::Dispatched);
     assert!(b.store.task_key("crm", task, Some(2)).await.unwrap().is_some(), "the check keeps its key");
-    let r = OutcomeReport { task_id: task, attempt: 2, outcome: erased(1) };
+    let r = OutcomeReport::new(task, 2, erased(1));
     let applied = b.store.apply_outcomes(&[r], &schedule, at(5)).await.unwrap();
     assert!(matches!(applied[0], Applied::Moved { task: TaskState::Succeeded, .. }), "{applied:?}");
 }
@@ -524,6 +524,29 @@ async fn a_withdrawn_attempt_that_erased_is_recorded_not_applied(b: &Backend) {
     report_at(&b.store, task, 1, failed, at(3)).await;
     let events = b.store.audit_events(Some(id)).await.unwrap();
     assert_eq!(events.iter().filter(|e| e.kind == "task.outcome_ignored").count(), 1);
+}
+
+/// A result names its task's request and system; one that names others
+/// (a connector's bug) is not applied.
+async fn a_result_that_names_another_request_or_system_is_not_applied(b: &Backend) {
+    let f = Fixture::new();
+    let req = f.request("named@example.com", &["crm"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let task = dispatch_all(&b.store).await[0].task_id;
+    let schedule = RetrySchedule { max_attempts: 1, ..Default::default() };
+    let named = |request: RequestId, system: &str| OutcomeReport {
+        request_id: Some(request),
+        system: Some(system.into()),
+        ..OutcomeReport::new(task, 1, erased(1))
+    };
+    for wrong in [named(RequestId::new(), "crm"), named(id, "mail")] {
+        let applied = b.store.apply_outcomes(&[wrong], &schedule, at(1)).await.unwrap();
+        assert_eq!(applied, [Applied::Mismatch]);
+    }
+    assert_eq!(task_of(&detail(&b.store, id).await, "crm").state, TaskState::Dispatched);
+    let applied = b.store.apply_outcomes(&[named(id, "crm")], &schedule, at(2)).await.unwrap();
+    assert!(matches!(applied[0], Applied::Moved { task: TaskState::Succeeded, .. }), "{applied:?}");
 }
 
 async fn leases_keep_dispatchers_apart_and_expire(b: &Backend) {
@@ -574,7 +597,7 @@ async fn dispatch_is_bounded_per_system(b: &Backend) {
     let schedule = RetrySchedule { max_attempts: 3, ..Default::default() };
     let flaky = Outcome::Failed { retryable: true, reason: "connection reset".into() };
     let mail = item_of(&first, "mail").task_id;
-    let r = OutcomeReport { task_id: mail, attempt: 1, outcome: flaky };
+    let r = OutcomeReport::new(mail, 1, flaky);
     b.store.apply_outcomes(&[r], &schedule, t0()).await.unwrap();
     let later = b.store.claim_outbox("b", 10, Some(2), lease, at(3600)).await.unwrap();
     assert_eq!((count(&later, "crm"), count(&later, "mail")), (0, 1));
@@ -663,7 +686,7 @@ async fn retryable_failures_requeue_with_backoff_until_attempts_run_out(b: &Back
     let flaky = Outcome::Failed { retryable: true, reason: "connection reset".into() };
     let items = dispatch_all(&b.store).await;
     let task = items[0].task_id;
-    let r = OutcomeReport { task_id: task, attempt: 1, outcome: flaky.clone() };
+    let r = OutcomeReport::new(task, 1, flaky.clone());
     let applied = b.store.apply_outcomes(std::slice::from_ref(&r), &schedule, t0()).await.unwrap();
     assert_eq!(applied[0], Applied::Moved { request: id, task: TaskState::Pending, request_status: None });
     let detail = b.store.request(id).await.unwrap().unwrap();
@@ -677,7 +700,7 @@ async fn retryable_failures_requeue_with_backoff_until_attempts_run_out(b: &Back
     // A late failure of attempt 1 no longer counts.
     assert_eq!(b.store.apply_outcomes(&[r], &schedule, at(14)).await.unwrap()[0], Applied::Ignored);
     // Attempt 2 fails too: out of attempts, the task fails.
-    let r2 = OutcomeReport { task_id: task, attempt: 2, outcome: flaky };
+    let r2 = OutcomeReport::new(task, 2, flaky);
     let applied = b.store.apply_outcomes(&[r2], &schedule, at(15)).await.unwrap();
     assert_eq!(
         applied[0],
@@ -729,7 +752,7 @@ async fn external_jobs_are_polled_until_they_finish(b: &Backend) {
 
     // Accepted: the task waits, and is dispatched again after the interval
     // asked for, carrying the job.
-    let r = OutcomeReport { task_id: task, attempt: 1, outcome: accepted("job-1", 60) };
+    let r = OutcomeReport::new(task, 1, accepted("job-1", 60));
     let applied = b.store.apply_outcomes(std::slice::from_ref(&r), &schedule, at(5)).await.unwrap();
     assert_eq!(applied[0], Applied::Moved { request: id, task: TaskState::Accepted, request_status: None });
     assert_eq!(task_of(&detail(&b.store, id).await, "crm").state, TaskState::Accepted);
@@ -744,7 +767,7 @@ async fn external_jobs_are_polled_until_they_finish(b: &Backend) {
     // answer (still running) keeps the job's first acceptance time and,
     // although attempts exceed max_attempts, polling is not failing.
     assert_eq!(b.store.apply_outcomes(&[r], &schedule, at(67)).await.unwrap()[0], Applied::Ignored);
-    let running = OutcomeReport { task_id: task, attempt: 2, outcome: accepted("job-1", 10) };
+    let running = OutcomeReport::new(task, 2, accepted("job-1", 10));
     b.store.apply_outcomes(&[running], &schedule, at(70)).await.unwrap();
     let next = dispatch_at(&b.store, at(81)).await;
     assert_eq!(next[0].job, Some(Job { id: "job-1".into(), accepted_at: at(5) }));
@@ -753,13 +776,13 @@ async fn external_jobs_are_polled_until_they_finish(b: &Backend) {
     // A retryable failure while checking keeps the job for the next check.
     let schedule2 = RetrySchedule { max_attempts: 2, ..Default::default() };
     let flaky = Outcome::Failed { retryable: true, reason: "status endpoint unavailable".into() };
-    let r = OutcomeReport { task_id: task, attempt: 3, outcome: flaky };
+    let r = OutcomeReport::new(task, 3, flaky);
     b.store.apply_outcomes(&[r], &schedule2, at(82)).await.unwrap();
     let retry = dispatch_at(&b.store, at(200)).await;
     assert_eq!(retry[0].job.as_ref().map(|j| j.id.as_str()), Some("job-1"));
 
     // Done: the request completes and the job is forgotten.
-    let r = OutcomeReport { task_id: task, attempt: 4, outcome: erased(1) };
+    let r = OutcomeReport::new(task, 4, erased(1));
     let applied = b.store.apply_outcomes(&[r], &schedule, at(201)).await.unwrap();
     assert_eq!(
         applied[0],
@@ -784,11 +807,11 @@ async fn a_failed_job_is_started_anew_by_an_operator_retry(b: &Backend) {
     b.store.create_request(req).await.unwrap();
     let schedule = RetrySchedule { max_attempts: 3, ..Default::default() };
     let task = dispatch_all(&b.store).await[0].task_id;
-    let r = OutcomeReport { task_id: task, attempt: 1, outcome: accepted("job-9", 1) };
+    let r = OutcomeReport::new(task, 1, accepted("job-9", 1));
     b.store.apply_outcomes(&[r], &schedule, at(1)).await.unwrap();
     assert!(dispatch_at(&b.store, at(3)).await[0].job.is_some());
     let failed = Outcome::Failed { retryable: false, reason: "the deletion job failed".into() };
-    let r = OutcomeReport { task_id: task, attempt: 2, outcome: failed };
+    let r = OutcomeReport::new(task, 2, failed);
     let applied = b.store.apply_outcomes(&[r], &schedule, at(4)).await.unwrap();
     assert_eq!(
         applied[0],
@@ -818,7 +841,7 @@ async fn job_answers_that_beat_their_publication_record(b: &Backend) {
     // Attempt 1 answers before its publication is recorded.
     let first = b.store.claim_outbox("d", 10, None, lease, at(0)).await.unwrap();
     let task = first[0].task_id;
-    let r = OutcomeReport { task_id: task, attempt: 1, outcome: accepted("job-r", 60) };
+    let r = OutcomeReport::new(task, 1, accepted("job-r", 60));
     b.store.apply_outcomes(&[r], &schedule, at(1)).await.unwrap();
     b.store.mark_published("d", &first, at(2)).await.unwrap();
     assert_eq!(crm_state(b, id).await, TaskState::Accepted, "the late record does not undo the answer");
@@ -831,7 +854,7 @@ async fn job_answers_that_beat_their_publication_record(b: &Backend) {
     // is planned and the task stays accepted.
     let check = b.store.claim_outbox("d", 10, None, lease, at(61)).await.unwrap();
     assert_eq!((check.len(), check[0].attempt), (1, 2));
-    let r = OutcomeReport { task_id: task, attempt: 2, outcome: accepted("job-r", 60) };
+    let r = OutcomeReport::new(task, 2, accepted("job-r", 60));
     b.store.apply_outcomes(&[r], &schedule, at(62)).await.unwrap();
     b.store.mark_published("d", &check, at(63)).await.unwrap();
     assert_eq!(crm_state(b, id).await, TaskState::Accepted);
@@ -1009,7 +1032,7 @@ async fn retained_outcomes_follow_up_when_their_retention_ends(b: &Backend) {
         max_delay: Duration::from_secs(60),
     };
     let flaky = Outcome::Failed { retryable: true, reason: "connection reset".into() };
-    let failure = OutcomeReport { task_id: billing, attempt: 2, outcome: flaky };
+    let failure = OutcomeReport::new(billing, 2, flaky);
     assert_eq!(
         b.store.apply_outcomes(&[failure], &schedule, due).await.unwrap()[0],
         Applied::Moved { request: id, task: TaskState::Pending, request_status: None }
@@ -2075,6 +2098,7 @@ suite!(
     a_hold_placed_while_a_job_runs_reaches_every_later_attempt,
     a_hold_placed_while_a_jobs_check_is_on_the_bus_lets_the_check_run,
     a_withdrawn_attempt_that_erased_is_recorded_not_applied,
+    a_result_that_names_another_request_or_system_is_not_applied,
     leases_keep_dispatchers_apart_and_expire,
     dispatch_is_bounded_per_system,
     requeue_republishes_in_flight_tasks,
