@@ -109,19 +109,25 @@ impl SqlStore {
     }
 
     /// Whether a result of `attempt` of `task` was applied.
-    async fn outcome_applied(
+    /// Whether a result of this attempt was applied, or this same one
+    /// (`body`) recorded before: a second delivery (at least once) adds
+    /// nothing to the trail.
+    async fn outcome_recorded(
         &self,
         tx: &mut AnyConnection,
         task: TaskId,
         attempt: u32,
+        body: &str,
     ) -> Result<bool, StoreError> {
-        let row =
-            sqlx::query("SELECT 1 FROM outcomes WHERE task_id = $1 AND attempt = $2 AND applied = 1 LIMIT 1")
-                .bind(task.to_string())
-                .bind(i64::from(attempt))
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
+        let row = sqlx::query(
+            "SELECT 1 FROM outcomes WHERE task_id = $1 AND attempt = $2 AND (applied = 1 OR body = $3) LIMIT 1",
+        )
+        .bind(task.to_string())
+        .bind(i64::from(attempt))
+        .bind(body)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
         Ok(row.is_some())
     }
 }
@@ -269,6 +275,8 @@ struct TaskLock {
     /// An external job was started for the task and has not finished: it
     /// runs in the external system whatever the task's state.
     has_job: bool,
+    /// Attempts up to this one were withdrawn by a legal hold.
+    withdrawn_through: i64,
 }
 
 impl TaskLock {
@@ -462,7 +470,8 @@ impl SqlStore {
     ) -> Result<HashMap<TaskId, TaskLock>, StoreError> {
         let ids: std::collections::BTreeSet<String> = ids.map(|i| i.to_string()).collect();
         let sql = format!(
-            "SELECT id, state, system, attempts, budget_start, updated_at, job_id FROM tasks WHERE {} ORDER BY id{}",
+            "SELECT id, state, system, attempts, budget_start, updated_at, job_id, withdrawn_through \
+             FROM tasks WHERE {} ORDER BY id{}",
             self.dialect.in_keys("id", 1, Keys::Text),
             self.dialect.for_update()
         );
@@ -477,6 +486,7 @@ impl SqlStore {
                     budget_start: col(r, "budget_start")?,
                     updated_at: col(r, "updated_at")?,
                     has_job: col::<Option<String>>(r, "job_id")?.is_some(),
+                    withdrawn_through: col(r, "withdrawn_through")?,
                 };
                 Ok((parse(&col::<String>(r, "id")?, "task id")?, lock))
             })
@@ -1268,7 +1278,8 @@ impl StateStore for SqlStore {
         let (mut outcome_rows, mut requeue_rows, mut events) = (Vec::new(), Vec::new(), Vec::new());
         let mut moved: Vec<(TaskId, TaskState, String)> = Vec::new();
         let mut last_move_of: HashMap<RequestId, usize> = HashMap::new();
-        let mut applied_in_batch: std::collections::HashSet<(TaskId, u32)> = std::collections::HashSet::new();
+        let mut recorded_in_batch: std::collections::HashSet<(TaskId, u32)> =
+            std::collections::HashSet::new();
         for (i, report) in reports.iter().enumerate() {
             let (Some(&request), Some(task)) =
                 (request_of.get(&report.task_id), tasks.get_mut(&report.task_id))
@@ -1286,10 +1297,15 @@ impl StateStore for SqlStore {
             // the task queued again (its key is refused from then on).
             let superseded = i64::from(report.attempt) < task.attempts
                 || (task.state == TaskState::Pending && i64::from(report.attempt) <= task.attempts);
+            // Asked under directives a legal hold has since changed: what
+            // it did is recorded as a late change, whatever it reports.
+            let withdrawn = i64::from(report.attempt) <= task.withdrawn_through;
             let retry_later = class == OutcomeClass::Failed
                 && matches!(report.outcome, Outcome::Failed { retryable: true, .. })
                 && task.has_attempts_left(schedule);
-            let step = if matches!(class, OutcomeClass::Failed | OutcomeClass::Accepted) && superseded {
+            let step = if withdrawn
+                || (matches!(class, OutcomeClass::Failed | OutcomeClass::Accepted) && superseded)
+            {
                 Ok(Step::Ignored)
             } else if class == OutcomeClass::Accepted
                 && task.state == TaskState::Accepted
@@ -1325,11 +1341,11 @@ impl StateStore for SqlStore {
                 // An attempt that was withdrawn (a legal hold placed while it
                 // ran, say) or superseded may still have changed data: the
                 // trail says so, whatever state the task is in. A second
-                // delivery of a result that was applied (at least once)
-                // changed nothing more.
-                let applied_before = applied_in_batch.contains(&(report.task_id, report.attempt))
-                    || self.outcome_applied(&mut tx, report.task_id, report.attempt).await?;
-                if report.outcome.changed_data() && !applied_before {
+                // delivery of a result that was applied or recorded (at
+                // least once) changed nothing more.
+                let recorded_before = !recorded_in_batch.insert((report.task_id, report.attempt))
+                    || self.outcome_recorded(&mut tx, report.task_id, report.attempt, &body).await?;
+                if report.outcome.changed_data() && !recorded_before {
                     events.push(PendingEvent::new(
                         request,
                         Some(report.task_id),
@@ -1340,7 +1356,7 @@ impl StateStore for SqlStore {
                 continue;
             };
             task.state = next;
-            applied_in_batch.insert((report.task_id, report.attempt));
+            recorded_in_batch.insert((report.task_id, report.attempt));
             moved.push((report.task_id, next, body));
             events.push(PendingEvent::new(
                 request,

@@ -526,6 +526,55 @@ async fn a_withdrawn_attempt_that_erased_is_recorded_not_applied(b: &Backend) {
     assert_eq!(events.iter().filter(|e| e.kind == "task.outcome_ignored").count(), 1);
 }
 
+/// A hold on some of a system's categories withdraws the attempt on the
+/// bus and queues another under the new directives. A late answer of the
+/// withdrawn attempt was asked under directives that no longer hold:
+/// whatever it reports, it is recorded (once, however often it comes), not
+/// applied, and the attempt that carries the hold decides.
+async fn a_partly_held_task_ignores_its_withdrawn_attempt(b: &Backend) {
+    let f = Fixture::new();
+    let email = "partly@example.com";
+    let req = f.request(email, &["crm"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let task = dispatch_all(&b.store).await[0].task_id;
+    let scope = HoldScope { systems: vec![], categories: vec!["contact".into()] };
+    let reach = b.store.place_hold(hold("hold-p", vec![f.subject(email)], scope, at(1))).await.unwrap();
+    assert_eq!(reach.tasks, 1, "{reach:?}");
+    assert_eq!(task_of(&detail(&b.store, id).await, "crm").state, TaskState::Pending);
+    for delivery in 0..2 {
+        let late = report_at(&b.store, task, 1, erased(2), at(2 + delivery)).await;
+        assert_eq!(late, Applied::Ignored, "delivery {delivery}");
+    }
+    let d = detail(&b.store, id).await;
+    assert_eq!((task_of(&d, "crm").state, d.request.status), (TaskState::Pending, RequestStatus::InProgress));
+    let events = b.store.audit_events(Some(id)).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "task.outcome_ignored").count(), 1, "recorded once");
+    assert!(!events.iter().any(|e| e.kind == "task.outcome"), "not applied");
+    // Attempt 2 carries the hold; its answer is applied, and a third
+    // delivery of attempt 1's comes too late to change anything.
+    let again = dispatch_at(&b.store, at(5)).await;
+    assert_eq!((again[0].task_id, again[0].attempt), (task, 2));
+    assert!(again[0].categories.iter().any(|c| c.action == Action::Hold), "{again:?}");
+    let kept = Outcome::RetainedInPart {
+        datasets: vec![],
+        retained: vec![RetainedReport {
+            dataset: "contacts".into(),
+            category: Some("contact".into()),
+            count: 1,
+            basis: "legal hold case hold-p: pending litigation".into(),
+            until: None,
+            first_until: None,
+        }],
+        residual: Some(0),
+    };
+    let applied = report_at(&b.store, task, 2, kept, at(6)).await;
+    assert!(matches!(applied, Applied::Moved { task: TaskState::Retained, .. }), "{applied:?}");
+    assert_eq!(report_at(&b.store, task, 1, erased(2), at(7)).await, Applied::Ignored);
+    let events = b.store.audit_events(Some(id)).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "task.outcome_ignored").count(), 1);
+}
+
 /// A result names its task's request and system; one that names others
 /// (a connector's bug) is not applied.
 async fn a_result_that_names_another_request_or_system_is_not_applied(b: &Backend) {
@@ -2098,6 +2147,7 @@ suite!(
     a_hold_placed_while_a_job_runs_reaches_every_later_attempt,
     a_hold_placed_while_a_jobs_check_is_on_the_bus_lets_the_check_run,
     a_withdrawn_attempt_that_erased_is_recorded_not_applied,
+    a_partly_held_task_ignores_its_withdrawn_attempt,
     a_result_that_names_another_request_or_system_is_not_applied,
     leases_keep_dispatchers_apart_and_expire,
     dispatch_is_bounded_per_system,

@@ -609,7 +609,9 @@ impl SqlStore {
                 "UPDATE tasks SET state = $1, action = $2, attempts = attempts + $3, \
                  budget_start = budget_start + $3, updated_at = $4, \
                  follow_up_at = CASE WHEN $1 = $5 THEN NULL ELSE follow_up_at END, \
-                 finished_at = CASE WHEN $1 = $5 THEN $4 ELSE finished_at END WHERE id = $6",
+                 finished_at = CASE WHEN $1 = $5 THEN $4 ELSE finished_at END, \
+                 withdrawn_through = CASE WHEN $7 = 1 THEN attempts + $3 ELSE withdrawn_through END \
+                 WHERE id = $6",
             )
             .bind(next.as_str())
             .bind(Action::Hold.as_str())
@@ -617,6 +619,7 @@ impl SqlStore {
             .bind(now)
             .bind(TaskState::Held.as_str())
             .bind(task_id.to_string())
+            .bind(i64::from(withdrawn))
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
