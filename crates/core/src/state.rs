@@ -183,15 +183,23 @@ impl RequestStatus {
     /// The status that `tasks` imply, given the `current` one. Never moves
     /// backwards; `completed` and `failed` are left only through
     /// [`Self::reopen`]. A request `completed_with_exemptions` stays so
-    /// while follow-ups run, and becomes `completed` once nothing is kept
-    /// (or `failed` if a follow-up fails).
+    /// while follow-ups run, and becomes `completed` once nothing is kept.
+    /// It was answered: a follow-up that fails, years later, is a failed
+    /// task for an operator to retry, not a request that goes back to
+    /// unanswered (overdue, off the suppression list, without its
+    /// certificate).
     pub fn next(self, tasks: &[TaskState]) -> RequestStatus {
         if matches!(self, Self::Completed | Self::Failed) {
             return self;
         }
         if tasks.iter().all(|t| t.is_terminal()) {
             if tasks.contains(&TaskState::Failed) {
-                RequestStatus::Failed
+                // Still answered, and its key kept for the retry.
+                if self == Self::CompletedWithExemptions {
+                    self
+                } else {
+                    RequestStatus::Failed
+                }
             } else if tasks.iter().any(|t| t.is_exempted()) {
                 RequestStatus::CompletedWithExemptions
             } else {
@@ -332,12 +340,14 @@ mod tests {
         assert_eq!(s.next(&[Succeeded, Retained]), RequestStatus::CompletedWithExemptions);
         assert_eq!(s.next(&[Failed, Retained]), RequestStatus::Failed);
         assert_eq!(s.next(&[Succeeded, Held]), RequestStatus::CompletedWithExemptions);
-        // follow-ups: exemptions stay while one runs, then completed or failed
+        // follow-ups: exemptions stay while one runs, then completed; a
+        // follow-up that fails leaves the request answered, its key kept
         let cwe = RequestStatus::CompletedWithExemptions;
         assert_eq!(cwe.next(&[Succeeded, Pending]), cwe);
         assert_eq!(cwe.next(&[Succeeded, Succeeded]), RequestStatus::Completed);
         assert_eq!(cwe.next(&[Succeeded, Retained]), cwe);
-        assert_eq!(cwe.next(&[Failed, Retained]), RequestStatus::Failed);
+        assert_eq!(cwe.next(&[Failed, Retained]), cwe);
+        assert_eq!(cwe.next(&[Succeeded, Failed]), cwe, "not completed: the failed follow-up kept data");
         assert!(!cwe.is_closed() && RequestStatus::Completed.is_closed());
         assert_eq!(TaskState::Retained.apply(TaskEvent::FollowUp), Ok(Step::Moved(Pending)));
         assert_eq!(TaskState::Held.apply(TaskEvent::FollowUp), Ok(Step::Moved(Pending)));

@@ -598,6 +598,48 @@ async fn a_result_that_names_another_request_or_system_is_not_applied(b: &Backen
     assert!(matches!(applied[0], Applied::Moved { task: TaskState::Succeeded, .. }), "{applied:?}");
 }
 
+/// A follow-up that fails leaves its request answered: still
+/// `completed_with_exemptions`, its key kept for an operator's retry.
+async fn a_failed_follow_up_leaves_the_request_answered(b: &Backend) {
+    let f = Fixture::new();
+    let req = f.request("kept@example.com", &["billing"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let billing = dispatch_all(&b.store).await[0].task_id;
+    let end = utc(2029, 6, 30, 0);
+    let outcome = Outcome::RetainedInPart {
+        datasets: vec![],
+        retained: vec![RetainedReport {
+            dataset: "invoices".into(),
+            category: Some("invoices".into()),
+            count: 3,
+            basis: "HGB §257(4)".into(),
+            until: Some(end),
+            first_until: None,
+        }],
+        residual: Some(0),
+    };
+    report(&b.store, billing, 1, outcome).await;
+    assert_eq!(b.store.run_follow_ups(end, 10).await.unwrap(), 1);
+    let follow_up = dispatch_at(&b.store, end).await;
+    assert_eq!(follow_up[0].attempt, 2);
+    let broken = Outcome::Failed { retryable: false, reason: "table renamed".into() };
+    let applied = report_at(&b.store, billing, 2, broken, end).await;
+    assert_eq!(applied, Applied::Moved { request: id, task: TaskState::Failed, request_status: None });
+    let d = detail(&b.store, id).await;
+    assert_eq!(d.request.status, RequestStatus::CompletedWithExemptions);
+    assert!(d.request.key_destroyed_at.is_none());
+    // Retried and done: then the request is completed.
+    b.store.retry_task(id, "billing", end).await.unwrap();
+    let retry = dispatch_at(&b.store, end).await;
+    let applied = report_at(&b.store, billing, retry[0].attempt, erased(3), end).await;
+    let completed = Some(RequestStatus::Completed);
+    assert_eq!(
+        applied,
+        Applied::Moved { request: id, task: TaskState::Succeeded, request_status: completed }
+    );
+}
+
 async fn leases_keep_dispatchers_apart_and_expire(b: &Backend) {
     let f = Fixture::new();
     for i in 0..5 {
@@ -2149,6 +2191,7 @@ suite!(
     a_withdrawn_attempt_that_erased_is_recorded_not_applied,
     a_partly_held_task_ignores_its_withdrawn_attempt,
     a_result_that_names_another_request_or_system_is_not_applied,
+    a_failed_follow_up_leaves_the_request_answered,
     leases_keep_dispatchers_apart_and_expire,
     dispatch_is_bounded_per_system,
     requeue_republishes_in_flight_tasks,
