@@ -14,6 +14,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use lethe_core::plan::HOLD_BASIS_PREFIX;
 use lethe_core::{DataKey, DatasetReport, MasterKey, Outcome, RequestStatus};
 use lethe_store::{RequestDetail, SigningKeyRecord, StateStore, StoreError};
 use rand::RngCore;
@@ -323,7 +324,7 @@ fn payload(
                         "action": c.action,
                         "rule": c.rule,
                         "basis": c.basis,
-                        "legal_hold": c.hold.as_ref().map(|h| &h.case_reference),
+                        "legal_hold": c.hold.as_ref().map(|h| &h.id),
                     })
                 })
                 .collect();
@@ -350,6 +351,8 @@ fn payload(
             entry
         })
         .collect();
+    let mut systems = Value::Array(systems);
+    without_hold_reasons(&mut systems);
     json!({
         "format": FORMAT,
         "request_id": r.id.to_string(),
@@ -366,9 +369,44 @@ fn payload(
     })
 }
 
+/// A certificate may be handed to the subject: a legal hold is named by its
+/// id (`GET /v1/holds` resolves it for those who may know), and a basis
+/// that quotes a hold (`legal hold <case>: <reason>`, as connectors report
+/// what a hold kept) reads only `legal hold`, so that it tips no one off.
+fn without_hold_reasons(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                match v {
+                    Value::String(basis) if key == "basis" && basis.starts_with(HOLD_BASIS_PREFIX) => {
+                        *basis = HOLD_BASIS_PREFIX.trim_end().to_owned();
+                    }
+                    _ => without_hold_reasons(v),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(without_hold_reasons),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hold_reasons_and_case_references_stay_out() {
+        let mut v = json!([{"retained": [{"basis": "legal hold LIT-7: fraud inquiry", "count": 2}],
+                            "late_changes": [{"outcome": {"retained": [{"basis": "legal hold X: y"}]}}],
+                            "categories": [{"basis": "HGB §257(4)"}]}]);
+        without_hold_reasons(&mut v);
+        assert_eq!(
+            v,
+            json!([{"retained": [{"basis": "legal hold", "count": 2}],
+                    "late_changes": [{"outcome": {"retained": [{"basis": "legal hold"}]}}],
+                    "categories": [{"basis": "HGB §257(4)"}]}])
+        );
+    }
 
     #[test]
     fn canonical_form_sorts_keys_and_drops_whitespace() {

@@ -313,6 +313,38 @@ async fn a_rotated_token_keeps_its_requests_and_idempotency_keys() {
 }
 
 #[tokio::test]
+async fn a_portal_sees_that_a_hold_applies_but_not_its_reason_or_case() {
+    use lethe_coordinator::Scope;
+    let h = Harness::new().await;
+    let hold = json!({"subject": {"email": "held@example.com"}, "scope": {"systems": ["crm"]},
+                      "reason": "fraud inquiry", "case_reference": "LIT-SECRET-9"});
+    let (status, placed, _) = call(&h.app(), post_json("/v1/holds", hold)).await;
+    assert!(status.is_success(), "{placed}");
+    let portal = h.token("portal", &[Scope::RequestsSubmit, Scope::RequestsReadOwn]).await;
+    let as_portal = |mut r: Request<Body>| {
+        r.headers_mut().insert(header::AUTHORIZATION, format!("Bearer {portal}").parse().unwrap());
+        r
+    };
+    let submit = json!({"subject": {"email": "held@example.com"}, "regulation": "gdpr"}).to_string();
+    let (_, created, _) = call(&h.app(), as_portal(post(submit))).await;
+    let path = format!("/v1/requests/{}", created["id"].as_str().unwrap());
+    let (status, mine, _) = call(&h.app(), as_portal(get(&path))).await;
+    assert_eq!(status, StatusCode::OK, "{mine}");
+    let crm = mine["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").unwrap();
+    assert_eq!(
+        (crm["action"].as_str(), crm["reason"].as_str()),
+        (Some("hold"), Some("legal hold on identity.contact"))
+    );
+    assert_eq!(crm["categories"][0]["action"], "hold");
+    let text = mine.to_string();
+    assert!(!text.contains("LIT-SECRET") && !text.contains("fraud"), "{mine}");
+    // Operators see both.
+    let (_, ops, _) = call(&h.app(), get(&path)).await;
+    let text = ops.to_string();
+    assert!(text.contains("LIT-SECRET-9") && text.contains("fraud inquiry"), "{ops}");
+}
+
+#[tokio::test]
 async fn list_paginates_with_a_cursor_and_filters_by_status() {
     let h = Harness::new().await;
     let mut ids = Vec::new();

@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, SubsecRound, Utc};
+use lethe_core::plan::HOLD_BASIS_PREFIX;
 use lethe_core::{Action, ActiveHold, CategoryPlan, TaskId};
 use lethe_core::{
     DataKey, Identifier, IdentifierKind, Outcome, Regulation, RequestId, RequestStatus, TaskState,
@@ -453,7 +454,7 @@ pub async fn get_request(
 ) -> Result<Json<RequestView>, Problem> {
     let detail = readable_request(&state, &caller, &id).await?;
     let r = detail.request;
-    let systems = detail
+    let systems: Vec<SystemView> = detail
         .plan
         .into_iter()
         .map(|p| {
@@ -475,6 +476,11 @@ pub async fn get_request(
             }
         })
         .collect();
+    let systems = if caller.can(&Scope::RequestsRead) {
+        systems
+    } else {
+        systems.into_iter().map(without_hold_details).collect()
+    };
     // Rounded down, so a request one hour overdue has -1 days left, not 0.
     let days_left =
         answered(r.status).not().then(|| (r.due_at - state.clock.now()).num_seconds().div_euclid(86_400));
@@ -492,6 +498,28 @@ pub async fn get_request(
         key_destroyed_at: r.key_destroyed_at,
         systems,
     }))
+}
+
+/// What a portal (a `requests:read:own` token, acting for the subject)
+/// sees of a legal hold: that one keeps the data, not its reason nor its
+/// case reference, which could tip the subject off about a litigation or
+/// an investigation. Operators see both.
+fn without_hold_details(mut view: SystemView) -> SystemView {
+    let mut held = None;
+    for c in &mut view.categories {
+        if c.hold.take().is_some() && c.action == Action::Hold {
+            held = Some(c.category.clone());
+        }
+    }
+    if let (Action::Hold, Some(category)) = (view.action, held) {
+        view.reason = format!("legal hold on {category}");
+    }
+    if let Some(Outcome::RetainedInPart { retained, .. }) = &mut view.outcome {
+        for r in retained.iter_mut().filter(|r| r.basis.starts_with(HOLD_BASIS_PREFIX)) {
+            r.basis = HOLD_BASIS_PREFIX.trim_end().to_owned();
+        }
+    }
+    view
 }
 
 /// Requests, newest first, with cursor pagination.
