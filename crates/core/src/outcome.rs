@@ -112,6 +112,8 @@ impl Outcome {
                 OutcomeClass::Failed
             }
             Self::Erased { .. } | Self::NotFound { .. } => OutcomeClass::Succeeded,
+            // Kept nothing after all: there is nothing to follow up.
+            Self::RetainedInPart { retained, .. } if retained.is_empty() => OutcomeClass::Succeeded,
             Self::RetainedInPart { .. } => OutcomeClass::Retained,
             Self::Failed { .. } => OutcomeClass::Failed,
             Self::Accepted { .. } => OutcomeClass::Accepted,
@@ -169,6 +171,14 @@ mod tests {
         assert_eq!(ok.class(), OutcomeClass::Succeeded);
         assert_eq!(under.class(), OutcomeClass::Failed);
         assert!(under.summary().contains("under-deletion"));
+    }
+
+    #[test]
+    fn a_report_that_kept_nothing_is_a_success() {
+        let none_kept = Outcome::RetainedInPart { datasets: vec![], retained: vec![], residual: Some(0) };
+        assert_eq!(none_kept.class(), OutcomeClass::Succeeded, "no end to wait for, no key kept for ever");
+        let under = Outcome::RetainedInPart { datasets: vec![], retained: vec![], residual: Some(1) };
+        assert_eq!(under.class(), OutcomeClass::Failed);
     }
 
     #[test]
