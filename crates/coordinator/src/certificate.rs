@@ -255,7 +255,7 @@ fn late_changes(audit: &[lethe_store::AuditEvent]) -> Vec<(String, Value)> {
 /// (a retention period ended, a hold released) reports only what that run
 /// removed, and the certificate must count the earlier runs too, each
 /// attempt once. A later `purge_by` replaces an earlier one.
-fn erased_totals(audit: &[lethe_store::AuditEvent]) -> Vec<(String, Vec<DatasetReport>)> {
+pub(crate) fn erased_totals(audit: &[lethe_store::AuditEvent]) -> Vec<(String, Vec<DatasetReport>)> {
     let mut totals: Vec<(String, Vec<DatasetReport>)> = Vec::new();
     // An attempt's removals count once, however often its result arrived.
     let mut counted = std::collections::HashSet::new();

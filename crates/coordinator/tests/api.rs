@@ -1591,4 +1591,17 @@ async fn a_certificate_counts_every_run_of_a_task() {
         "{cert}"
     );
     assert!(crm.get("late_changes").is_none(), "a duplicate is no late change: {cert}");
+    // The request view counts every run as the certificate does, beside
+    // the last run's outcome.
+    let crm = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").unwrap();
+    assert_eq!(crm["removed"], crm_datasets(&cert), "{view}");
+    assert_eq!(crm["summary"], "deleted 1, anonymized 0; all runs: deleted 3, anonymized 0", "{view}");
+    let mail = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == "mail").unwrap();
+    assert_eq!(mail["summary"], "nothing found", "{view}");
+    assert!(mail.get("removed").is_none(), "{view}");
+}
+
+fn crm_datasets(cert: &Value) -> Value {
+    let systems = cert["payload"]["systems"].as_array().unwrap();
+    systems.iter().find(|s| s["system"] == "crm").unwrap()["datasets"].clone()
 }

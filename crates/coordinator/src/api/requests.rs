@@ -86,8 +86,14 @@ pub struct SystemView {
     pub state: Option<TaskState>,
     pub attempts: u32,
     pub outcome: Option<Outcome>,
-    /// A one-line, identifier-free summary of the outcome.
+    /// A one-line, identifier-free summary of the outcome, and of every
+    /// run's removals where the task ran more than once.
     pub summary: Option<String>,
+    /// What every run of the task removed, per dataset (the first erasure
+    /// and its follow-ups), as the certificate counts it; `outcome` is the
+    /// last run's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<lethe_core::DatasetReport>,
     pub updated_at: Option<DateTime<Utc>>,
     /// For a `retained` task: when it runs again to erase what may then go.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -453,6 +459,9 @@ pub async fn get_request(
     Path(id): Path<String>,
 ) -> Result<Json<RequestView>, Problem> {
     let detail = readable_request(&state, &caller, &id).await?;
+    // A task run again (a follow-up) reports only that run: the trail
+    // has every run's removals, as the certificate counts them.
+    let totals = crate::certificate::erased_totals(&state.store.audit_events(Some(detail.request.id)).await?);
     let r = detail.request;
     let systems: Vec<SystemView> = detail
         .plan
@@ -464,7 +473,10 @@ pub async fn get_request(
                 state: task.map(|t| t.state),
                 attempts: task.map_or(0, |t| t.attempts),
                 outcome: task.and_then(|t| t.last_outcome.clone()),
-                summary: task.and_then(|t| t.last_outcome.as_ref().map(Outcome::summary)),
+                summary: task
+                    .and_then(|t| t.last_outcome.as_ref())
+                    .map(|o| summary(o, removed_by(&totals, &p.system))),
+                removed: removed_by(&totals, &p.system).to_vec(),
                 updated_at: task.map(|t| t.updated_at),
                 follow_up_at: task.and_then(|t| t.follow_up_at),
                 system: p.system,
@@ -498,6 +510,31 @@ pub async fn get_request(
         key_destroyed_at: r.key_destroyed_at,
         systems,
     }))
+}
+
+fn removed_by<'a>(
+    totals: &'a [(String, Vec<lethe_core::DatasetReport>)],
+    system: &str,
+) -> &'a [lethe_core::DatasetReport] {
+    totals.iter().find(|(s, _)| s == system).map_or(&[], |(_, d)| d.as_slice())
+}
+
+/// The last run's summary, and every run's removals where they differ.
+fn summary(last: &Outcome, removed: &[lethe_core::DatasetReport]) -> String {
+    let sums = |d: &[lethe_core::DatasetReport]| {
+        (d.iter().map(|d| d.deleted).sum::<u64>(), d.iter().map(|d| d.anonymized).sum::<u64>())
+    };
+    let last_run = match last {
+        Outcome::Erased { datasets, .. } | Outcome::RetainedInPart { datasets, .. } => sums(datasets),
+        _ => (0, 0),
+    };
+    let all = sums(removed);
+    match last.summary() {
+        text if all != last_run && all != (0, 0) => {
+            format!("{text}; all runs: deleted {}, anonymized {}", all.0, all.1)
+        }
+        text => text,
+    }
 }
 
 /// What a portal (a `requests:read:own` token, acting for the subject)
