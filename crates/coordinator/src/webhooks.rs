@@ -285,7 +285,15 @@ impl Event {
     pub fn payload(&self, request: &RequestRecord, identifiers: Option<&[Identifier]>) -> Payload {
         let (status, finished_at) = match self.kind {
             EventType::Received => (RequestStatus::Received, None),
-            EventType::Extended => (request.status, None),
+            // The status when it was extended (recorded since the event
+            // carries it; the request's own for older events).
+            EventType::Extended => (
+                self.detail
+                    .get("status")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                    .unwrap_or(request.status),
+                None,
+            ),
             EventType::Completed => (RequestStatus::Completed, Some(self.at)),
             EventType::CompletedWithExemptions => (RequestStatus::CompletedWithExemptions, Some(self.at)),
             EventType::Failed => (RequestStatus::Failed, Some(self.at)),
@@ -459,6 +467,21 @@ mod tests {
         assert_eq!(body["request"]["due_at"], "2026-04-28T09:00:00Z");
         assert_eq!(body["request"]["extension"]["original_due_at"], "2026-02-28T09:00:00Z");
         assert_eq!(body["request"]["extension"]["reason"], "complex");
+        assert_eq!(body["request"]["status"], "in_progress", "the request's own, for an event without one");
+        // Delivered after the request completed: the status it had when
+        // it was extended.
+        let extended = audit(
+            "request.extended",
+            serde_json::json!({"from": "2026-02-28T09:00:00Z", "to": "2026-04-28T09:00:00Z", "reason": "complex",
+                               "status": "received"}),
+        );
+        let event = Event::from_audit(&extended).unwrap();
+        let done = RequestRecord { status: RequestStatus::Completed, ..record(event.request_id) };
+        let body = serde_json::to_value(event.payload(&done, None)).unwrap();
+        assert_eq!(
+            (&body["request"]["status"], &body["request"]["finished_at"]),
+            (&serde_json::json!("received"), &Value::Null)
+        );
 
         let done = audit("request.status", serde_json::json!({"from": "in_progress", "to": "failed"}));
         let event = Event::from_audit(&done).unwrap();

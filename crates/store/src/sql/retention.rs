@@ -958,7 +958,7 @@ impl SqlStore {
             id,
             None,
             "request.extended",
-            json!({"from": due, "to": new_due, "reason": reason}),
+            json!({"from": due, "to": new_due, "reason": reason, "status": status}),
         );
         self.append_audit(&mut tx, vec![event], now).await?;
         tx.commit().await.map_err(db_err)?;
