@@ -389,6 +389,19 @@ async fn systems_health_readiness_and_openapi() {
     assert_eq!(doc["paths"]["/v1/requests"]["post"]["security"][0]["bearer"][0], "requests:submit");
     assert_eq!(doc["paths"]["/v1/holds/{id}"]["delete"]["security"][0]["bearer"][0], "holds:write");
     assert!(doc["paths"]["/v1/keys/certificate"]["get"].get("security").is_none(), "public");
+    // Every operation that needs a token says what else it may answer.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let secured = op.get("security").is_some();
+            for status in ["401", "403", "503"] {
+                let listed = op["responses"].get(status).is_some();
+                assert!(!secured || listed, "{method} {path} lacks {status}");
+            }
+        }
+    }
+    assert!(doc["paths"]["/healthz"]["get"]["responses"].get("401").is_none());
+    let accepted = &doc["paths"]["/v1/requests"]["post"]["responses"]["202"];
+    assert!(accepted["headers"].get("Idempotent-Replayed").is_some(), "{accepted}");
 }
 
 /// An in-memory connector: a map of subject → records, failing a given

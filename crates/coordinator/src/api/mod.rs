@@ -181,9 +181,41 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// What every operation that needs a token can also answer: 401 and 403
+/// (see [`crate::auth`]), and 503 while the state store is unavailable.
+struct CommonResponses;
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let problem = |text: &str| {
+            let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ProblemBody"))).build();
+            ResponseBuilder::new().description(text).content("application/problem+json", content).build()
+        };
+        let common = [
+            ("401", "No token, or an unknown or revoked one"),
+            ("403", "The token lacks the scope this operation needs"),
+            ("503", "The state store is unavailable; try again"),
+        ];
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.post, &mut item.put, &mut item.delete, &mut item.patch]
+                .into_iter()
+                .flatten()
+            {
+                if op.security.as_ref().is_none_or(Vec::is_empty) {
+                    continue;
+                }
+                for (status, text) in common {
+                    op.responses.responses.entry(status.to_owned()).or_insert_with(|| problem(text).into());
+                }
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonResponses),
     info(title = "Lethe", description = "Right-to-be-forgotten erasure orchestrator"),
     paths(
         requests::submit,

@@ -254,7 +254,8 @@ pub(crate) fn check_idempotency_key(key: &str) -> Result<String, Problem> {
     request_body = SubmitRequest,
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried submission return the same request")),
     responses(
-        (status = 202, description = "Accepted", body = Submitted),
+        (status = 202, description = "Accepted", body = Submitted,
+            headers(("Idempotent-Replayed" = String, description = "`true` when an Idempotency-Key replayed an earlier submission"))),
         (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = ProblemBody, content_type = "application/problem+json"),
