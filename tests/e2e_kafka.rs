@@ -151,7 +151,7 @@ async fn malformed_result_goes_to_the_dlq_and_ingest_continues() {
         "request_id": unknown_request,
         "system": "shop",
         "attempt": 1,
-        "outcome": {"status": "not_found", "residual": 0},
+        "outcome": {"status": "failed", "retryable": false, "reason": "could not delete leak@example.com"},
         "reported_at": "2026-01-01T00:00:00Z",
         "worker": "impostor-1"
     });
@@ -194,6 +194,10 @@ async fn malformed_result_goes_to_the_dlq_and_ingest_continues() {
         .expect("the result of the unknown task is a dead letter");
     let reason = orphan.header("lethe-dlq-reason").expect("a lethe-dlq-reason header");
     assert!(reason.contains("unknown task"), "{reason}");
+    // Whose identifiers its reason might hold is not known: it is withheld.
+    let kept = orphan.json().expect("a JSON dead letter");
+    assert!(kept["outcome"]["reason"].as_str().unwrap().contains("withheld"), "{kept}");
+    assert!(!String::from_utf8_lossy(&orphan.payload).contains("leak@"), "{kept}");
     for d in &dead {
         let source = d.header("lethe-dlq-source").expect("a lethe-dlq-source header");
         assert_eq!(source, k.results(), "lethe-dlq-source names the topic the message came from");

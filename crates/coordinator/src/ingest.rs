@@ -25,10 +25,17 @@ pub const MAX_REASON_BYTES: usize = 500;
 /// identifiers.
 pub use lethe_core::identifier::WITHHELD_REASON;
 
-/// What a failure reason becomes when it cannot be screened: the request's
-/// key is destroyed, so its identifiers cannot be compared with it.
+/// What a failure reason becomes when it cannot be screened: the request
+/// it names is unknown or its key destroyed, so no identifiers can be
+/// compared with it.
 pub const UNSCREENED_REASON: &str =
-    "[the connector's reason was withheld: the request's key is destroyed, so it could not be screened]";
+    "[the connector's reason was withheld: the request's identifiers could not be read to screen it]";
+
+/// What a failure reason becomes in a result that is dead-lettered because
+/// it answers no task of the request it names: whose identifiers it might
+/// hold is not known, so it is screened against none.
+pub const UNMATCHED_REASON: &str =
+    "[the connector's reason was withheld: the result answers no known task, so it could not be screened]";
 
 pub struct Ingest {
     pub(crate) store: Arc<dyn StateStore>,
@@ -129,15 +136,17 @@ impl Ingest {
                 }
                 Applied::UnknownTask => {
                     metrics::counter!(OUTCOMES_TOTAL, "result" => "unknown_task").increment(1);
+                    let kept = unmatched(msg);
                     durable &=
-                        self.dead_letter(source, &msg.encode(), "result refers to an unknown task").await;
+                        self.dead_letter(source, &kept.encode(), "result refers to an unknown task").await;
                 }
                 Applied::Mismatch => {
                     // A connector's bug: its reason was screened against
                     // another subject, so it is kept out of the trail.
                     metrics::counter!(OUTCOMES_TOTAL, "result" => "mismatch").increment(1);
+                    let kept = unmatched(msg);
                     durable &=
-                        self.dead_letter(source, &msg.encode(), "result does not match its task").await;
+                        self.dead_letter(source, &kept.encode(), "result does not match its task").await;
                 }
             }
         }
@@ -244,4 +253,14 @@ where
             }
         }
     }
+}
+
+/// A result that answers no task, as it is dead-lettered: its failure
+/// reason was screened, if at all, against a subject it may not concern.
+fn unmatched(msg: &ResultMessage) -> ResultMessage {
+    let mut kept = msg.clone();
+    if let Outcome::Failed { reason, .. } = &mut kept.outcome {
+        *reason = UNMATCHED_REASON.to_owned();
+    }
+    kept
 }

@@ -1273,6 +1273,22 @@ impl StateStore for SqlStore {
         // Requests first, then tasks, each in id order: the order every writer uses.
         let mut statuses = self.lock_requests(&mut tx, request_of.values().copied()).await?;
         let mut tasks = self.lock_tasks(&mut tx, request_of.keys().copied()).await?;
+        // The attempt after the last recorded one is on the bus only while
+        // its outbox row is (published, its record not yet written).
+        let next_of =
+            |r: &OutcomeReport| tasks.get(&r.task_id).is_some_and(|t| i64::from(r.attempt) == t.attempts + 1);
+        let asked: Vec<String> =
+            reports.iter().filter(|r| next_of(r)).map(|r| r.task_id.to_string()).collect();
+        let mut queued = std::collections::HashSet::new();
+        if !asked.is_empty() {
+            let sql = format!(
+                "SELECT task_id FROM outbox WHERE {}",
+                self.dialect.in_keys("task_id", 1, Keys::Text)
+            );
+            for r in sqlx::query(&sql).bind(key_list(&asked)).fetch_all(&mut *tx).await.map_err(db_err)? {
+                queued.insert(parse::<TaskId>(&col::<String>(&r, "task_id")?, "task id")?);
+            }
+        }
 
         let mut results = vec![Applied::UnknownTask; reports.len()];
         let (mut outcome_rows, mut requeue_rows, mut events) = (Vec::new(), Vec::new(), Vec::new());
@@ -1286,7 +1302,15 @@ impl StateStore for SqlStore {
             else {
                 continue;
             };
-            if report.request_id.is_some_and(|r| r != request)
+            // An attempt never sent is no answer to this task (a worker
+            // that numbers its own retries, say): applied, it could close a
+            // request under a legal hold.
+            let attempt = i64::from(report.attempt);
+            let never_sent = attempt == 0
+                || attempt > task.attempts + 1
+                || (attempt == task.attempts + 1 && !queued.contains(&report.task_id));
+            if never_sent
+                || report.request_id.is_some_and(|r| r != request)
                 || report.system.as_ref().is_some_and(|s| *s != task.system)
             {
                 results[i] = Applied::Mismatch;

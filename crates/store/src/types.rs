@@ -198,7 +198,8 @@ pub enum Applied {
     Ignored,
     /// No such task.
     UnknownTask,
-    /// The result names another request or system than its task's.
+    /// The result names another request or system than its task's, or an
+    /// attempt that was never sent.
     Mismatch,
 }
 

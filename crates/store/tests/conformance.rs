@@ -589,12 +589,31 @@ async fn a_result_that_names_another_request_or_system_is_not_applied(b: &Backen
         system: Some(system.into()),
         ..OutcomeReport::new(task, 1, erased(1))
     };
-    for wrong in [named(RequestId::new(), "crm"), named(id, "mail")] {
+    // An attempt never sent (0, the next one with nothing on the bus, or
+    // further on) is no answer either.
+    let attempt = |n: u32| OutcomeReport { attempt: n, ..named(id, "crm") };
+    for wrong in [named(RequestId::new(), "crm"), named(id, "mail"), attempt(0), attempt(2), attempt(6)] {
         let applied = b.store.apply_outcomes(&[wrong], &schedule, at(1)).await.unwrap();
         assert_eq!(applied, [Applied::Mismatch]);
     }
     assert_eq!(task_of(&detail(&b.store, id).await, "crm").state, TaskState::Dispatched);
     let applied = b.store.apply_outcomes(&[named(id, "crm")], &schedule, at(2)).await.unwrap();
+    assert!(matches!(applied[0], Applied::Moved { task: TaskState::Succeeded, .. }), "{applied:?}");
+
+    // The next attempt is an answer while it is on the bus but not yet
+    // recorded as published (its worker was quicker than the record).
+    let req = f.request("quick@example.com", &["crm"], None);
+    let quick = req.id;
+    b.store.create_request(req).await.unwrap();
+    let claimed = b.store.claim_outbox("d", 10, None, Duration::from_secs(30), at(3)).await.unwrap();
+    let [item] = &claimed[..] else { panic!("{claimed:?}") };
+    assert_eq!(item.attempt, 1);
+    let answer = OutcomeReport {
+        request_id: Some(quick),
+        system: Some("crm".into()),
+        ..OutcomeReport::new(item.task_id, 1, erased(1))
+    };
+    let applied = b.store.apply_outcomes(&[answer], &schedule, at(4)).await.unwrap();
     assert!(matches!(applied[0], Applied::Moved { task: TaskState::Succeeded, .. }), "{applied:?}");
 }
 
