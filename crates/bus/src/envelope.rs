@@ -33,7 +33,7 @@ pub struct TaskMessage {
     /// whose category is not listed must be left untouched.
     pub categories: Vec<Directive>,
     /// 1 for the first dispatch, incremented on every redispatch.
-    #[schema(maximum = 4294967295u64)]
+    #[schema(value_type = u64, minimum = 1, maximum = 4294967295u64)]
     pub attempt: u32,
     pub regulation: Regulation,
     /// The request's legal due date.
@@ -62,7 +62,7 @@ pub struct ResultMessage {
     pub request_id: RequestId,
     pub system: String,
     /// The `attempt` of the task message answered.
-    #[schema(maximum = 4294967295u64)]
+    #[schema(value_type = u64, minimum = 1, maximum = 4294967295u64)]
     pub attempt: u32,
     pub outcome: Outcome,
     /// When the connector finished the attempt.
