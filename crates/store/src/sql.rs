@@ -157,6 +157,12 @@ fn claim_statement(dialect: Dialect, by_system: bool) -> String {
     )
 }
 
+/// A request's `finished_at` given `$3`, the time of a move to a final
+/// status (`NULL` for any other): when it was answered. A request
+/// `completed_with_exemptions` keeps it when its follow-ups complete it,
+/// years later maybe.
+const FINISHED_AT: &str = "finished_at = CASE WHEN $3 IS NULL THEN NULL ELSE COALESCE(finished_at, $3) END";
+
 /// The columns of the rows [`task_moves_statement`] reads, with their types.
 const TASK_MOVE_COLUMNS: [(&str, &str); 4] =
     [("id", "TEXT"), ("state", "TEXT"), ("outcome", "TEXT"), ("finished", "BIGINT")];
@@ -644,7 +650,7 @@ impl SqlStore {
             return Ok(None);
         }
         let finished = next.is_final().then(|| ms(now));
-        sqlx::query("UPDATE requests SET status = $1, updated_at = $2, finished_at = $3 WHERE id = $4")
+        sqlx::query(&format!("UPDATE requests SET status = $1, updated_at = $2, {FINISHED_AT} WHERE id = $4"))
             .bind(next.as_str())
             .bind(ms(now))
             .bind(finished)
@@ -1475,7 +1481,7 @@ impl StateStore for SqlStore {
                 let next: RequestStatus = parse(status, "status")?;
                 let closed = next.is_closed();
                 let sql = format!(
-                    "UPDATE requests SET status = $1, updated_at = $2, finished_at = $3, \
+                    "UPDATE requests SET status = $1, updated_at = $2, {FINISHED_AT}, \
                      wrapped_key = CASE WHEN $4 = 1 THEN NULL ELSE wrapped_key END, \
                      key_destroyed_at = CASE WHEN $4 = 1 THEN $2 ELSE key_destroyed_at END \
                      WHERE {}",
