@@ -176,13 +176,25 @@ pub fn render_request(v: &Value) -> String {
         if let Some(at) = s.get("follow_up_at").and_then(Value::as_str) {
             out.push_str(&format!("  follow-up erasure at {at}\n"));
         }
-        for r in s.pointer("/outcome/retained").and_then(Value::as_array).into_iter().flatten() {
+        // What is kept now (a failed follow-up keeps what the run before kept).
+        for r in s.get("kept").and_then(Value::as_array).into_iter().flatten() {
             out.push_str(&format!(
                 "  kept {} in {} until {}: {}\n",
                 r.get("count").and_then(Value::as_u64).unwrap_or(0),
                 text(r, "dataset"),
                 r.get("until").and_then(Value::as_str).unwrap_or("the hold ends"),
                 text(r, "basis"),
+            ));
+        }
+        for late in s.get("late_changes").and_then(Value::as_array).into_iter().flatten() {
+            let datasets = late.get("datasets").and_then(Value::as_array).into_iter().flatten();
+            let sum =
+                |key: &str| datasets.clone().filter_map(|d| d.get(key).and_then(Value::as_u64)).sum::<u64>();
+            out.push_str(&format!(
+                "  attempt {} withdrawn by a legal hold still changed data: deleted {}, anonymized {}\n",
+                late.get("attempt").and_then(Value::as_u64).unwrap_or(0),
+                sum("deleted"),
+                sum("anonymized"),
             ));
         }
     }

@@ -15,7 +15,7 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use lethe_core::plan::HOLD_BASIS_PREFIX;
-use lethe_core::{DataKey, DatasetReport, MasterKey, Outcome, RequestStatus};
+use lethe_core::{DataKey, DatasetReport, MasterKey, Outcome, RequestStatus, RetainedReport};
 use lethe_store::{RequestDetail, SigningKeyRecord, StateStore, StoreError};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -211,9 +211,8 @@ impl Certifier {
             self.master.unwrap(&current.wrapped_key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let signing = SigningKey::from_bytes(secret.as_bytes());
         let audit = self.store.audit_events(Some(detail.request.id)).await?;
-        let late = late_changes(&audit);
-        let totals = erased_totals(&audit);
-        let payload = payload(detail, audit.last().map(|e| (e.seq, e.hash.as_str())), &totals, &late, now);
+        let runs = Runs::of(&audit);
+        let payload = payload(detail, audit.last().map(|e| (e.seq, e.hash.as_str())), &runs, now);
         let signature = signing.sign(canonical(&payload).as_bytes());
         Ok(Certificate {
             payload,
@@ -235,7 +234,7 @@ pub fn certifiable(status: RequestStatus) -> bool {
 /// legal hold while they ran, or superseded), by system, from the trail's
 /// `task.outcome_ignored` events: the certificate must not say a system's
 /// data was all kept when a late attempt erased some of it.
-fn late_changes(audit: &[lethe_store::AuditEvent]) -> Vec<(String, Value)> {
+pub(crate) fn late_changes(audit: &[lethe_store::AuditEvent]) -> Vec<(String, Value)> {
     audit
         .iter()
         .filter(|e| e.kind == "task.outcome_ignored")
@@ -248,6 +247,29 @@ fn late_changes(audit: &[lethe_store::AuditEvent]) -> Vec<(String, Value)> {
             ))
         })
         .collect()
+}
+
+/// What each system's task keeps now, by system, as the last of its runs
+/// that finished reported it (from the trail's `task.outcome` events): a
+/// run that failed (a follow-up that could not reach its store, say)
+/// changed nothing, so what the run before kept is kept still.
+pub(crate) fn kept_now(audit: &[lethe_store::AuditEvent]) -> Vec<(String, Vec<RetainedReport>)> {
+    let mut kept: Vec<(String, Vec<RetainedReport>)> = Vec::new();
+    for e in audit.iter().filter(|e| e.kind == "task.outcome") {
+        let Ok(detail) = serde_json::from_str::<Value>(&e.detail) else { continue };
+        let Some(system) = detail["system"].as_str() else { continue };
+        let Ok(outcome) = serde_json::from_value::<Outcome>(detail["outcome"].clone()) else { continue };
+        let now = match outcome {
+            Outcome::Erased { .. } | Outcome::NotFound { .. } => Vec::new(),
+            Outcome::RetainedInPart { retained, .. } => retained,
+            Outcome::Failed { .. } | Outcome::Accepted { .. } => continue,
+        };
+        match kept.iter_mut().find(|(s, _)| s == system) {
+            Some((_, k)) => *k = now,
+            None => kept.push((system.to_owned(), now)),
+        }
+    }
+    kept
 }
 
 /// What every applied outcome of each system's task removed, by system
@@ -291,13 +313,35 @@ pub(crate) fn erased_totals(audit: &[lethe_store::AuditEvent]) -> Vec<(String, V
     totals
 }
 
-fn payload(
-    detail: &RequestDetail,
-    audit: Option<(i64, &str)>,
-    totals: &[(String, Vec<DatasetReport>)],
-    late: &[(String, Value)],
-    now: DateTime<Utc>,
-) -> Value {
+/// What the trail says of every run of a request's tasks, by system.
+pub(crate) struct Runs {
+    /// Every applied run's removals ([`erased_totals`]).
+    pub totals: Vec<(String, Vec<DatasetReport>)>,
+    /// What withdrawn attempts changed ([`late_changes`]).
+    pub late: Vec<(String, Value)>,
+    /// What is kept now ([`kept_now`]).
+    pub kept: Vec<(String, Vec<RetainedReport>)>,
+}
+
+impl Runs {
+    pub fn of(audit: &[lethe_store::AuditEvent]) -> Self {
+        Self { totals: erased_totals(audit), late: late_changes(audit), kept: kept_now(audit) }
+    }
+
+    pub fn removed(&self, system: &str) -> &[DatasetReport] {
+        self.totals.iter().find(|(s, _)| s == system).map_or(&[], |(_, d)| d.as_slice())
+    }
+
+    pub fn late(&self, system: &str) -> Vec<&Value> {
+        self.late.iter().filter(|(s, _)| s == system).map(|(_, v)| v).collect()
+    }
+
+    pub fn kept(&self, system: &str) -> Option<&[RetainedReport]> {
+        self.kept.iter().find(|(s, _)| s == system).map(|(_, k)| k.as_slice())
+    }
+}
+
+fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, runs: &Runs, now: DateTime<Utc>) -> Value {
     let r = &detail.request;
     let systems: Vec<Value> = detail
         .plan
@@ -310,11 +354,13 @@ fn payload(
                 Some(Outcome::RetainedInPart { datasets, retained, .. }) => (json!(datasets), json!(retained)),
                 _ => (json!([]), json!([])),
             };
-            // Every run's removals, where the trail has them.
-            let datasets = match totals.iter().find(|(s, _)| *s == p.system) {
-                Some((_, sums)) => json!(sums),
-                None => datasets,
+            // Every run's removals, and what the last run that finished
+            // kept, where the trail has them.
+            let datasets = match runs.removed(&p.system) {
+                [] => datasets,
+                sums => json!(sums),
             };
+            let retained = runs.kept(&p.system).map_or(retained, |k| json!(k));
             let categories: Vec<Value> = p
                 .categories
                 .iter()
@@ -328,7 +374,7 @@ fn payload(
                     })
                 })
                 .collect();
-            let late: Vec<&Value> = late.iter().filter(|(s, _)| *s == p.system).map(|(_, v)| v).collect();
+            let late = runs.late(&p.system);
             let mut entry = json!({
                 "system": p.system,
                 "action": p.action,

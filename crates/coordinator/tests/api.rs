@@ -1506,6 +1506,10 @@ async fn a_certificate_shows_what_a_withdrawn_attempt_erased() {
     assert_eq!(of("crm")["state"], "held");
     assert_eq!(of("crm")["late_changes"][0]["datasets"][0]["deleted"], 2, "{cert}");
     assert!(of("mail").get("late_changes").is_none(), "{cert}");
+    // The request view says so too: held, yet changed.
+    let crm = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").unwrap();
+    assert_eq!(crm["state"], "held");
+    assert_eq!(crm["late_changes"], of("crm")["late_changes"], "{view}");
 }
 
 /// A task run again when a retention period ends reports only what that
@@ -1582,9 +1586,29 @@ async fn a_certificate_counts_every_run_of_a_task() {
     let later = lethe_coordinator::Clock::now(&h.clock);
     assert_eq!(store.run_follow_ups(later, 10).await.unwrap(), 1);
     dispatched(2).await;
+    // The follow-up fails for good first (its table was renamed, say): the
+    // request stays answered, and what the first run kept is still shown
+    // as kept, in the view and in the certificate.
+    let broken = lethe_store::OutcomeReport::new(
+        crm,
+        2,
+        lethe_core::Outcome::Failed { retryable: false, reason: "no such table".into() },
+    );
+    store.apply_outcomes(&[broken], &schedule, later).await.unwrap();
+    let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{id}"))).await;
+    assert_eq!(view["status"], "completed_with_exemptions", "{view}");
+    let crm_view = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").unwrap();
+    assert_eq!((&crm_view["state"], &crm_view["kept"][0]["dataset"]), (&json!("failed"), &json!("invoices")));
+    let (_, cert, _) = call(&h.app(), get(&format!("/v1/requests/{id}/certificate"))).await;
+    let crm_cert =
+        cert["payload"]["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").unwrap();
+    assert_eq!(crm_cert["retained"][0]["count"], 1, "{cert}");
+    let retry = Request::post(format!("/v1/requests/{id}/systems/crm/retry")).body(Body::empty()).unwrap();
+    assert_eq!(call(&h.app(), retry).await.0, StatusCode::ACCEPTED);
+    dispatched(3).await;
     let second = lethe_store::OutcomeReport {
         task_id: crm,
-        attempt: 2,
+        attempt: 3,
         outcome: lethe_core::Outcome::Erased {
             datasets: vec![DatasetReport::new("contacts", 0, 0), DatasetReport::new("invoices", 1, 0)],
             residual: Some(0),

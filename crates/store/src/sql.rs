@@ -650,14 +650,16 @@ impl SqlStore {
             return Ok(None);
         }
         let finished = next.is_final().then(|| ms(now));
-        sqlx::query(&format!("UPDATE requests SET status = $1, updated_at = $2, {FINISHED_AT} WHERE id = $4"))
-            .bind(next.as_str())
-            .bind(ms(now))
-            .bind(finished)
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        sqlx::query(&format!(
+            "UPDATE requests SET status = $1, updated_at = $2, {FINISHED_AT} WHERE id = $4"
+        ))
+        .bind(next.as_str())
+        .bind(ms(now))
+        .bind(finished)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
         events.push(PendingEvent::new(id, None, "request.status", json!({"from": current, "to": next})));
         if next.is_closed() {
             sqlx::query("UPDATE requests SET wrapped_key = NULL, key_destroyed_at = $1 WHERE id = $2")

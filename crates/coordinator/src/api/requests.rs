@@ -94,6 +94,16 @@ pub struct SystemView {
     /// last run's.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<lethe_core::DatasetReport>,
+    /// What is kept now, as the last run that finished reported it: a run
+    /// that failed (a follow-up that could not reach its store) keeps what
+    /// the run before kept.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<lethe_core::RetainedReport>,
+    /// What attempts withdrawn by a legal hold changed before their result
+    /// came (not applied; as in the certificate): `attempt`, `at`, `datasets`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<Object>)]
+    pub late_changes: Vec<serde_json::Value>,
     pub updated_at: Option<DateTime<Utc>>,
     /// For a `retained` task: when it runs again to erase what may then go.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -462,7 +472,7 @@ pub async fn get_request(
     let detail = readable_request(&state, &caller, &id).await?;
     // A task run again (a follow-up) reports only that run: the trail
     // has every run's removals, as the certificate counts them.
-    let totals = crate::certificate::erased_totals(&state.store.audit_events(Some(detail.request.id)).await?);
+    let runs = crate::certificate::Runs::of(&state.store.audit_events(Some(detail.request.id)).await?);
     let r = detail.request;
     let systems: Vec<SystemView> = detail
         .plan
@@ -476,8 +486,10 @@ pub async fn get_request(
                 outcome: task.and_then(|t| t.last_outcome.clone()),
                 summary: task
                     .and_then(|t| t.last_outcome.as_ref())
-                    .map(|o| summary(o, removed_by(&totals, &p.system))),
-                removed: removed_by(&totals, &p.system).to_vec(),
+                    .map(|o| summary(o, runs.removed(&p.system))),
+                removed: runs.removed(&p.system).to_vec(),
+                kept: runs.kept(&p.system).map(<[_]>::to_vec).unwrap_or_default(),
+                late_changes: runs.late(&p.system).into_iter().cloned().collect(),
                 updated_at: task.map(|t| t.updated_at),
                 follow_up_at: task.and_then(|t| t.follow_up_at),
                 system: p.system,
@@ -513,13 +525,6 @@ pub async fn get_request(
     }))
 }
 
-fn removed_by<'a>(
-    totals: &'a [(String, Vec<lethe_core::DatasetReport>)],
-    system: &str,
-) -> &'a [lethe_core::DatasetReport] {
-    totals.iter().find(|(s, _)| s == system).map_or(&[], |(_, d)| d.as_slice())
-}
-
 /// The last run's summary, and every run's removals where they differ.
 fn summary(last: &Outcome, removed: &[lethe_core::DatasetReport]) -> String {
     let sums = |d: &[lethe_core::DatasetReport]| {
@@ -552,10 +557,12 @@ fn without_hold_details(mut view: SystemView) -> SystemView {
     if let (Action::Hold, Some(category)) = (view.action, held) {
         view.reason = format!("legal hold on {category}");
     }
+    let mut bases: Vec<&mut String> = view.kept.iter_mut().map(|r| &mut r.basis).collect();
     if let Some(Outcome::RetainedInPart { retained, .. }) = &mut view.outcome {
-        for r in retained.iter_mut().filter(|r| r.basis.starts_with(HOLD_BASIS_PREFIX)) {
-            r.basis = HOLD_BASIS_PREFIX.trim_end().to_owned();
-        }
+        bases.extend(retained.iter_mut().map(|r| &mut r.basis));
+    }
+    for basis in bases.into_iter().filter(|b| b.starts_with(HOLD_BASIS_PREFIX)) {
+        *basis = HOLD_BASIS_PREFIX.trim_end().to_owned();
     }
     view
 }
