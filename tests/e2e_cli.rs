@@ -164,7 +164,14 @@ async fn cli_round_trip_against_a_running_server() {
     let out = run(token_cmd(&["rotate", &token_id, "--overlap-hours", "169"])).await;
     assert_eq!(out.status.code(), Some(2), "at most a week: {}", describe(&out));
     let out = run(token_cmd(&["rotate", "no-such-token"])).await;
+    assert_eq!(out.status.code(), Some(2), "not a token id: {}", describe(&out));
+    let out = run(token_cmd(&["rotate", &uuid::Uuid::now_v7().to_string()])).await;
+    assert_eq!(out.status.code(), Some(1), "no such token: {}", describe(&out));
+    // A second token in force under the same name is refused (webhooks
+    // tell portals apart by name).
+    let out = run(token_cmd(&["create", "--name", "portal", "--scope", "requests:submit"])).await;
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already named"), "{}", describe(&out));
     let out = run(token_cmd(&["rotate", &token_id])).await;
     assert!(out.status.success(), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no longer works"), "{}", describe(&out));

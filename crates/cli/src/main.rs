@@ -173,7 +173,7 @@ enum Command {
         #[command(subcommand)]
         command: RequestsCommand,
     },
-    /// API tokens (on the state store): create, list, revoke.
+    /// API tokens (on the state store): create, list, rotate, revoke.
     Token {
         #[command(flatten)]
         config: ConfigArgs,

@@ -28,10 +28,14 @@ pub enum TokenCommand {
     /// List tokens (never their values).
     List,
     /// Revoke a token by id.
-    Revoke { id: String },
+    Revoke {
+        #[arg(value_parser = token_id)]
+        id: String,
+    },
     /// Give a token a new secret, printed once; it keeps its id, name and
     /// scopes, so the requests it submitted stay readable with the new one.
     Rotate {
+        #[arg(value_parser = token_id)]
         id: String,
         /// Hours the old secret keeps working, while its holder switches
         /// (0: it stops at once, as after a leak).
@@ -45,12 +49,19 @@ pub async fn run(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
     match command {
         TokenCommand::Create { name, scopes } => {
             let scopes = parse_scopes(config, &scopes)?;
+            // Webhooks' `submitted_by` tells portals apart by their tokens'
+            // names: two in force under one name would hear each other's.
+            if store.list_tokens().await?.iter().any(|t| t.revoked_at.is_none() && t.name == name) {
+                bail!("a token in force is already named {name:?}; choose another name, or rotate that one");
+            }
             let token = create(store.as_ref(), &name, &scopes).await?;
             println!("{token}");
             eprintln!("token created for {name:?} with scopes {}; it is not shown again", join(&scopes));
         }
         TokenCommand::List => {
-            println!("{:<36}  {:<24} {:<8} SCOPES", "ID", "NAME", "STATE");
+            // One write: a reader that stops early (`| head`) closes the
+            // pipe before a second one.
+            let mut out = format!("{:<36}  {:<24} {:<8} SCOPES\n", "ID", "NAME", "STATE");
             let now = chrono::Utc::now();
             for t in store.list_tokens().await? {
                 let state = if t.revoked_at.is_some() { "revoked" } else { "active" };
@@ -63,10 +74,22 @@ pub async fn run(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
                     }
                     _ => String::new(),
                 };
-                println!("{:<36}  {:<24} {:<8} {}{overlap}", t.id, t.name, state, t.scopes.join(" "));
+                out.push_str(&format!(
+                    "{:<36}  {:<24} {:<8} {}{overlap}\n",
+                    t.id,
+                    t.name,
+                    state,
+                    t.scopes.join(" ")
+                ));
             }
+            print!("{out}");
         }
         TokenCommand::Revoke { id } => {
+            if store.list_tokens().await?.iter().any(|t| t.id == id && t.name == CONFIGURED_ADMIN) {
+                // Revoked, it would stop the next start (its secret is
+                // still configured).
+                bail!("this is the configured administrator's token: change server.admin_token instead");
+            }
             if !store.revoke_token(&id, chrono::Utc::now()).await? {
                 bail!("no active token with id {id:?}");
             }
@@ -92,12 +115,23 @@ async fn open(config: &Config) -> anyhow::Result<std::sync::Arc<dyn StateStore>>
     lethe_store::connect(&url).await.context("cannot open the state store")
 }
 
-/// A token's name: 1 to 128 visible characters, not only spaces.
+/// A token's name: 1 to 128 visible characters, not only spaces, and not
+/// the name the configured administrator's token is known by.
 fn token_name(s: &str) -> Result<String, String> {
     if s.trim().is_empty() || s.len() > 128 || s.chars().any(char::is_control) {
         return Err("a name of 1 to 128 characters, without control characters".into());
     }
+    if s.trim() == CONFIGURED_ADMIN {
+        return Err(format!("{CONFIGURED_ADMIN:?} is the configured administrator's token's name"));
+    }
     Ok(s.trim().to_owned())
+}
+
+/// A token's id, as `lethe token list` shows it (a UUID).
+fn token_id(s: &str) -> Result<String, String> {
+    uuid::Uuid::parse_str(s.trim())
+        .map(|_| s.trim().to_owned())
+        .map_err(|_| "a token id, as `lethe token list` shows it".to_owned())
 }
 
 fn join(scopes: &[Scope]) -> String {
@@ -255,12 +289,27 @@ mod tests {
         config.server.admin_token = Some(first);
         let refused = bootstrap_admin(&config, store.as_ref()).await.unwrap_err().to_string();
         assert!(refused.contains("revoked"), "{refused}");
+        // Its secret is the configuration's: neither revoked nor rotated
+        // from the command line, which would stop the next start.
+        config.store.url = format!("sqlite://{}/state.db", dir.path().display());
+        let tokens = store.list_tokens().await.unwrap();
+        let current = tokens.iter().find(|t| t.revoked_at.is_none()).unwrap().id.clone();
+        for command in [
+            TokenCommand::Revoke { id: current.clone() },
+            TokenCommand::Rotate { id: current, overlap_hours: 0 },
+        ] {
+            let refused = run(&config, command).await.unwrap_err().to_string();
+            assert!(refused.contains("change server.admin_token"), "{refused}");
+        }
+        assert!(live(&second).await);
     }
 
     #[test]
     fn token_names_are_not_blank() {
         assert!(token_name("").is_err() && token_name("   ").is_err() && token_name("a\nb").is_err());
         assert_eq!(token_name(" portal-a ").unwrap(), "portal-a");
+        assert!(token_name("admin (configured)").is_err(), "reserved");
+        assert!(token_id("not-a-token").is_err() && token_id(&uuid::Uuid::now_v7().to_string()).is_ok());
     }
 
     /// The coordinator reads one system off a connector token: a token for
