@@ -194,6 +194,10 @@ async fn bad_input_gets_a_clear_problem_that_never_echoes_identifiers() {
         (get("/v1/nothing"), StatusCode::NOT_FOUND, "no such endpoint"),
         (get("/v1/systems?leak=1"), StatusCode::UNPROCESSABLE_ENTITY, "takes no query parameter"),
         (get("/v1/requests/01a22690-b0c4-7692-b28e-6c3b77a9eaf8?fields=leak"), StatusCode::UNPROCESSABLE_ENTITY, "takes no query parameter"),
+        (Request::post("/v1/requests?dry_run=leak").header(header::CONTENT_TYPE, "application/json").body(Body::from(json!({"subject": {"email": "a@b.io"}, "regulation": "gdpr"}).to_string())).unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "takes no query parameter"),
+        (Request::post("/v1/holds?dry_run=leak").header(header::CONTENT_TYPE, "application/json").body(Body::from(json!({"subject": {"email": "a@b.io"}, "reason": "r", "case_reference": "C"}).to_string())).unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "takes no query parameter"),
+        (post_json("/v1/holds", json!({"subject": {"email": "a@b.io"}, "reason": "r\u{202e}", "case_reference": "C"})), StatusCode::UNPROCESSABLE_ENTITY, "invisible formatting characters"),
+        (post_json("/v1/holds", json!({"subject": {"email": "a@b.io"}, "reason": "r", "case_reference": "x\u{200b}y"})), StatusCode::UNPROCESSABLE_ENTITY, "invisible formatting characters"),
     ];
     for (req, expected, detail) in cases {
         let uri = req.uri().clone();

@@ -325,7 +325,14 @@ pub fn summarize(system: &str, categories: Vec<CategoryPlan>) -> PlanItem {
     let reason = match top {
         None => "the system declares no data category".to_owned(),
         Some(c) if c.action == Action::Hold => match &c.hold {
-            Some(h) => format!("legal hold {} on {}", h.case_reference, c.category),
+            Some(h) => {
+                let held: Vec<&str> = categories
+                    .iter()
+                    .filter(|o| o.action == Action::Hold && o.hold.as_ref().is_some_and(|x| x.id == h.id))
+                    .map(|o| o.category.as_str())
+                    .collect();
+                format!("legal hold {} on {}", h.case_reference, held.join(", "))
+            }
             None => format!("{}: {}", c.rule, c.category),
         },
         Some(_) => {

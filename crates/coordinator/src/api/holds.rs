@@ -111,12 +111,12 @@ pub struct HoldListParams {
 }
 
 fn check_text(what: &str, value: &str) -> Result<(), Problem> {
-    if value.trim().is_empty() || value.len() > MAX_TEXT || value.chars().any(char::is_control) {
-        return Err(Problem::invalid(format!(
-            "{what} must be 1 to {MAX_TEXT} bytes without control characters"
-        )));
+    if value.trim().is_empty() {
+        return Err(Problem::invalid(format!("{what} must not be empty")));
     }
-    Ok(())
+    // Kept in the clear: an invisible character could hide an identifier
+    // from the screen, as in a request's `external_ref`.
+    super::requests::check_text(what, value, MAX_TEXT)
 }
 
 /// Place a legal hold on a subject.

@@ -15,6 +15,7 @@ pub mod webhooks;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
+use axum::handler::Handler as _;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
@@ -87,8 +88,12 @@ pub fn app(state: AppState) -> Router {
         )
         .route_layer(axum::middleware::from_fn(no_query));
     Router::new()
-        .route("/v1/requests", get(requests::list_requests).post(requests::submit))
-        .route("/v1/holds", get(holds::list).post(holds::place))
+        // Listing takes query parameters; submitting and placing do not.
+        .route(
+            "/v1/requests",
+            get(requests::list_requests).post(requests::submit.layer(axum::middleware::from_fn(no_query))),
+        )
+        .route("/v1/holds", get(holds::list).post(holds::place.layer(axum::middleware::from_fn(no_query))))
         .route("/ui", get(ui::page))
         .route("/v1/webhooks/deliveries", get(webhooks::deliveries))
         .merge(without_query)

@@ -548,14 +548,14 @@ fn summary(last: &Outcome, removed: &[lethe_core::DatasetReport]) -> String {
 /// case reference, which could tip the subject off about a litigation or
 /// an investigation. Operators see both.
 fn without_hold_details(mut view: SystemView) -> SystemView {
-    let mut held = None;
+    let mut held = Vec::new();
     for c in &mut view.categories {
         if c.hold.take().is_some() && c.action == Action::Hold {
-            held = Some(c.category.clone());
+            held.push(c.category.clone());
         }
     }
-    if let (Action::Hold, Some(category)) = (view.action, held) {
-        view.reason = format!("legal hold on {category}");
+    if view.action == Action::Hold && !held.is_empty() {
+        view.reason = format!("legal hold on {}", held.join(", "));
     }
     let mut bases: Vec<&mut String> = view.kept.iter_mut().map(|r| &mut r.basis).collect();
     if let Some(Outcome::RetainedInPart { retained, .. }) = &mut view.outcome {

@@ -131,6 +131,10 @@ fn a_hold_beats_every_rule_and_covers_only_its_scope() {
             Action::from(p.decide(Regulation::Gdpr, system, category).unwrap().rule.action)
         );
     }
+    // The system's line names every category the hold keeps.
+    let plan = p.plan(Regulation::Gdpr, received, &systems(), &[hold(&["crm"], &[])]);
+    let crm = plan.iter().find(|i| i.system == "crm").unwrap();
+    assert_eq!(crm.reason, "legal hold C-1 on identity.contact, marketing.profile");
 }
 
 #[test]
