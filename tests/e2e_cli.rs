@@ -121,6 +121,21 @@ async fn cli_round_trip_against_a_running_server() {
     let page: Value = serde_json::from_slice(&out.stdout).expect("JSON page");
     assert_eq!(page["items"].as_array().map(Vec::len), Some(1), "{page}");
     assert_eq!(page["items"][0]["id"], id.as_str());
+    // Filters by system and by failed task.
+    for (args, rows) in
+        [(vec!["--system", "shop"], 2), (vec!["--system", "nowhere"], 1), (vec!["--failed-task"], 1)]
+    {
+        let mut all = vec!["requests", "list"];
+        all.extend(args.iter().copied());
+        let out = at(base, cwd, &all).await;
+        assert!(out.status.success(), "{}", describe(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).lines().count(),
+            rows,
+            "{args:?}: {}",
+            describe(&out)
+        );
+    }
 
     // lethe token create / rotate: a portal's rotated token still reads
     // the requests it submitted; the old secret stops at once.

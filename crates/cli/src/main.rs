@@ -270,6 +270,13 @@ enum RequestsCommand {
         /// Only requests due before this time (RFC 3339, or a date: its midnight UTC).
         #[arg(long, value_parser = ops::parse_time)]
         due_before: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only requests with a task in this system.
+        #[arg(long)]
+        system: Option<String>,
+        /// Only requests with a failed task (a failed follow-up of a request
+        /// answered with exemptions too).
+        #[arg(long)]
+        failed_task: bool,
         /// Page size, 1 to 500.
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=500))]
         limit: u32,
@@ -444,17 +451,32 @@ async fn run(command: Command) -> anyhow::Result<()> {
             proof::certificate(config.as_ref(), &server.client(), command).await
         }
         Command::Requests {
-            command: RequestsCommand::List { server, status, overdue, due_before, limit, cursor, json },
+            command:
+                RequestsCommand::List {
+                    server,
+                    status,
+                    overdue,
+                    due_before,
+                    system,
+                    failed_task,
+                    limit,
+                    cursor,
+                    json,
+                },
         } => {
             let mut query = vec![("limit", limit.to_string())];
             let due_before = due_before.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-            for (k, v) in [("status", status), ("due_before", due_before), ("cursor", cursor)] {
+            for (k, v) in
+                [("status", status), ("due_before", due_before), ("system", system), ("cursor", cursor)]
+            {
                 if let Some(v) = v {
                     query.push((k, v));
                 }
             }
-            if overdue {
-                query.push(("overdue", "true".to_owned()));
+            for (k, on) in [("overdue", overdue), ("failed_task", failed_task)] {
+                if on {
+                    query.push((k, "true".to_owned()));
+                }
             }
             let page = server.client().list(&query).await?;
             if json {
