@@ -467,10 +467,12 @@ impl SqlStore {
     /// Applies a hold being placed to `requests` of its subject still
     /// under way (their key not destroyed), as [`HoldReach`] describes.
     /// Requests and tasks are locked in id order, as every writer locks
-    /// them. A queue row a dispatcher has claimed may be on its way to the
-    /// bus with the old directives: the attempt it carries is counted as
-    /// spent, so its key is refused and its publication record finds no
-    /// row.
+    /// them. A withdrawn task's next attempt is counted as spent whether or
+    /// not a dispatcher had claimed its queue row: a claimed row may be on
+    /// its way to the bus with the old directives, and one released after
+    /// a publish that failed, or by a restart, may have reached it all the
+    /// same. So that attempt's key is refused, its answer is not applied
+    /// (`withdrawn_through`) and its publication record finds no row.
     async fn hold_under_way(
         &self,
         tx: &mut AnyConnection,
@@ -524,30 +526,16 @@ impl SqlStore {
         }
         let tasks = self.lock_tasks(tx, covered.keys().filter_map(|k| task_of.get(k)).copied()).await?;
         let ids: Vec<String> = tasks.keys().map(ToString::to_string).collect();
-        // Claimed, even with its lease run out: a slow dispatcher may still
-        // publish it.
-        // Locked, not just read: a claim not yet committed holds the row,
-        // and this waits for it and then sees it (read committed re-reads a
-        // locked row), instead of missing it and letting the claimed
-        // attempt keep its key.
+        // The queue rows are locked, not just read: a claim not yet
+        // committed holds its row, and this waits for it, so that its
+        // publication record, which comes after, finds the row gone.
         let sql = format!(
-            "SELECT task_id, claimed_by FROM outbox WHERE {}{}",
+            "SELECT task_id FROM outbox WHERE {}{}",
             self.dialect.in_keys("task_id", 1, Keys::Text),
             self.dialect.for_update()
         );
         let now = ms(at);
-        let claimed: BTreeSet<String> = sqlx::query(&sql)
-            .bind(key_list(&ids))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?
-            .iter()
-            .filter_map(|r| match col::<Option<String>>(r, "claimed_by") {
-                Ok(Some(_)) => Some(col::<String>(r, "task_id")),
-                Ok(None) => None,
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<Result<_, _>>()?;
+        sqlx::query(&sql).bind(key_list(&ids)).fetch_all(&mut *tx).await.map_err(db_err)?;
 
         let mut changed: BTreeSet<RequestId> = BTreeSet::new();
         for ((request, system), (newly, uncovered)) in &covered {
@@ -604,7 +592,7 @@ impl SqlStore {
                     .await
                     .map_err(db_err)?;
             }
-            let spent = i64::from(withdrawn && claimed.contains(&task_id.to_string()));
+            let spent = i64::from(withdrawn);
             sqlx::query(
                 "UPDATE tasks SET state = $1, action = $2, attempts = attempts + $3, \
                  budget_start = budget_start + $3, updated_at = $4, \
