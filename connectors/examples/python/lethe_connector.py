@@ -643,9 +643,10 @@ class KeyClient:
         """The request's 32-byte key for ``attempt`` of the task. Raises
         :class:`PermanentError` on 404 (the task is unknown, another
         system's, no longer asks for this attempt, or its request is closed
-        and the key destroyed), and :class:`RetryableError` on 401/403 (the
-        worker's token, not the task's fault) and when the coordinator
-        cannot answer."""
+        and the key destroyed) and for a malformed key, and
+        :class:`RetryableError` for any other answer: 401/403 (the worker's
+        token, not the task's fault), other statuses, and when the
+        coordinator cannot answer."""
         asked: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
         if self._system is not None:
             asked["system"] = self._system
@@ -668,9 +669,10 @@ class KeyClient:
             if e.code in (401, 403):
                 # The worker's token, not the task: retried, never failed for it.
                 raise RetryableError("the coordinator rejected this worker's connector token") from None
-            if e.code == 429 or e.code >= 500:
-                raise RetryableError(f"the coordinator answered {e.code}") from None
-            raise PermanentError(f"the coordinator answered {e.code}") from None
+            # Only a 404 says something about the task; anything else (a
+            # coordinator of another version refusing a field, a proxy) is
+            # retried, never failed for good.
+            raise RetryableError(f"the coordinator answered {e.code}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise RetryableError(f"coordinator unreachable: {reason.__class__.__name__}") from None
