@@ -294,7 +294,12 @@ impl Event {
                     .unwrap_or(request.status),
                 None,
             ),
-            EventType::Completed => (RequestStatus::Completed, Some(self.at)),
+            // Completed after its exemptions' follow-ups: finished when it
+            // was answered, as the request and its certificate say.
+            EventType::Completed => (
+                RequestStatus::Completed,
+                Some(request.finished_at.filter(|f| *f <= self.at).unwrap_or(self.at)),
+            ),
             EventType::CompletedWithExemptions => (RequestStatus::CompletedWithExemptions, Some(self.at)),
             EventType::Failed => (RequestStatus::Failed, Some(self.at)),
         };
@@ -476,12 +481,26 @@ mod tests {
                                "status": "received"}),
         );
         let event = Event::from_audit(&extended).unwrap();
-        let done = RequestRecord { status: RequestStatus::Completed, ..record(event.request_id) };
+        let answered = Utc.with_ymd_and_hms(2026, 1, 31, 10, 0, 0).unwrap();
+        let done = RequestRecord {
+            status: RequestStatus::Completed,
+            finished_at: Some(answered),
+            ..record(event.request_id)
+        };
         let body = serde_json::to_value(event.payload(&done, None)).unwrap();
         assert_eq!(
             (&body["request"]["status"], &body["request"]["finished_at"]),
             (&serde_json::json!("received"), &Value::Null)
         );
+        // Completed by the follow-ups of its exemptions: finished when it
+        // was answered.
+        let completed = audit(
+            "request.status",
+            serde_json::json!({"from": "completed_with_exemptions", "to": "completed"}),
+        );
+        let event = Event::from_audit(&completed).unwrap();
+        let body = serde_json::to_value(event.payload(&done, None)).unwrap();
+        assert_eq!(body["request"]["finished_at"], "2026-01-31T10:00:00Z");
 
         let done = audit("request.status", serde_json::json!({"from": "in_progress", "to": "failed"}));
         let event = Event::from_audit(&done).unwrap();
