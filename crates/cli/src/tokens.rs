@@ -85,15 +85,20 @@ pub async fn run(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
             print!("{out}");
         }
         TokenCommand::Revoke { id } => {
-            if store.list_tokens().await?.iter().any(|t| t.id == id && t.name == CONFIGURED_ADMIN) {
-                // Revoked, it would stop the next start (its secret is
-                // still configured).
-                bail!("this is the configured administrator's token: change server.admin_token instead");
-            }
+            let configured =
+                store.list_tokens().await?.iter().any(|t| t.id == id && t.name == CONFIGURED_ADMIN);
             if !store.revoke_token(&id, chrono::Utc::now()).await? {
                 bail!("no active token with id {id:?}");
             }
             println!("token {id} revoked");
+            if configured {
+                // Revoked at once (a leak cannot wait), but its secret is
+                // still the configuration's, which a start refuses.
+                eprintln!(
+                    "warning: this was the configured administrator's token; set server.admin_token to a new \
+                     secret before the next start, which refuses a revoked one"
+                );
+            }
         }
         TokenCommand::Rotate { id, overlap_hours } => {
             let token = rotate(store.as_ref(), &id, overlap_hours).await?;
@@ -181,6 +186,12 @@ pub async fn create(store: &dyn StateStore, name: &str, scopes: &[Scope]) -> any
 /// works for `overlap_hours` more.
 pub async fn rotate(store: &dyn StateStore, id: &str, overlap_hours: u32) -> anyhow::Result<String> {
     let current = store.list_tokens().await?.into_iter().find(|t| t.id == id && t.revoked_at.is_none());
+    if let Some(until) = current.as_ref().and_then(|t| t.previous_until).filter(|u| *u > chrono::Utc::now()) {
+        eprintln!(
+            "warning: the secret before the current one stops now, not at {} as its rotation said",
+            until.to_rfc3339_opts(SecondsFormat::Secs, true)
+        );
+    }
     match current {
         None => bail!("no active token with id {id:?}"),
         // Its secret is the configuration's; a rotated digest would be
@@ -289,19 +300,20 @@ mod tests {
         config.server.admin_token = Some(first);
         let refused = bootstrap_admin(&config, store.as_ref()).await.unwrap_err().to_string();
         assert!(refused.contains("revoked"), "{refused}");
-        // Its secret is the configuration's: neither revoked nor rotated
-        // from the command line, which would stop the next start.
+        // Its secret is the configuration's: not rotated from the command
+        // line; revoked at once (after a leak), and then the next start
+        // asks for a new one.
         config.store.url = format!("sqlite://{}/state.db", dir.path().display());
+        config.server.admin_token = Some(second.clone());
         let tokens = store.list_tokens().await.unwrap();
         let current = tokens.iter().find(|t| t.revoked_at.is_none()).unwrap().id.clone();
-        for command in [
-            TokenCommand::Revoke { id: current.clone() },
-            TokenCommand::Rotate { id: current, overlap_hours: 0 },
-        ] {
-            let refused = run(&config, command).await.unwrap_err().to_string();
-            assert!(refused.contains("change server.admin_token"), "{refused}");
-        }
+        let refused = run(&config, TokenCommand::Rotate { id: current.clone(), overlap_hours: 0 }).await;
+        assert!(refused.unwrap_err().to_string().contains("change server.admin_token"));
         assert!(live(&second).await);
+        run(&config, TokenCommand::Revoke { id: current }).await.unwrap();
+        assert!(!live(&second).await);
+        let refused = bootstrap_admin(&config, store.as_ref()).await.unwrap_err().to_string();
+        assert!(refused.contains("revoked"), "{refused}");
     }
 
     #[test]
