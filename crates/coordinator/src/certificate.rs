@@ -442,15 +442,14 @@ mod tests {
 
     #[test]
     fn hold_reasons_and_case_references_stay_out() {
-        let mut v = json!([{"retained": [{"basis": "legal hold LIT-7: fraud inquiry", "count": 2}],
-                            "late_changes": [{"outcome": {"retained": [{"basis": "legal hold X: y"}]}}],
-                            "categories": [{"basis": "HGB §257(4)"}]}]);
+        let mut v = json!([{"retained": [{"basis": "legal hold LIT-7: fraud inquiry", "count": 2},
+                                         {"basis": "HGB §257(4)", "count": 1}],
+                            "categories": [{"basis": "HGB §257(4)", "legal_hold": "h1"}]}]);
         without_hold_reasons(&mut v);
         assert_eq!(
             v,
-            json!([{"retained": [{"basis": "legal hold", "count": 2}],
-                    "late_changes": [{"outcome": {"retained": [{"basis": "legal hold"}]}}],
-                    "categories": [{"basis": "HGB §257(4)"}]}])
+            json!([{"retained": [{"basis": "legal hold", "count": 2}, {"basis": "HGB §257(4)", "count": 1}],
+                    "categories": [{"basis": "HGB §257(4)", "legal_hold": "h1"}]}])
         );
     }
 

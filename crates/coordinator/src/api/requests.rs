@@ -790,4 +790,60 @@ mod tests {
         assert!(!err.detail.contains("secret"));
         assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
     }
+
+    /// Everything a portal reads of a held system: the plan's line and
+    /// categories, the last outcome, what is kept.
+    #[test]
+    fn a_portal_reads_no_hold_reason_nor_case_anywhere() {
+        let hold = lethe_core::HoldRef {
+            id: "h1".into(),
+            reason: "fraud inquiry".into(),
+            case_reference: "LIT-9".into(),
+        };
+        let category = |name: &str| CategoryPlan {
+            category: name.into(),
+            action: Action::Hold,
+            rule: "default-erase".into(),
+            rule_action: Action::Erase,
+            basis: None,
+            period: None,
+            reference: None,
+            until: None,
+            hold: Some(hold.clone()),
+        };
+        let kept = lethe_core::RetainedReport {
+            dataset: "contacts".into(),
+            category: Some("identity.contact".into()),
+            count: 2,
+            basis: "legal hold LIT-9: fraud inquiry".into(),
+            until: None,
+            first_until: None,
+        };
+        let view = SystemView {
+            system: "crm".into(),
+            action: Action::Hold,
+            reason: "legal hold LIT-9 on identity.contact, marketing.profile".into(),
+            basis: None,
+            until: None,
+            categories: vec![category("identity.contact"), category("marketing.profile")],
+            task_id: None,
+            state: Some(TaskState::Retained),
+            attempts: 1,
+            outcome: Some(Outcome::RetainedInPart {
+                datasets: vec![],
+                retained: vec![kept.clone()],
+                residual: Some(0),
+            }),
+            summary: None,
+            removed: vec![],
+            kept: vec![kept],
+            late_changes: vec![],
+            updated_at: None,
+            follow_up_at: None,
+        };
+        let shown = serde_json::to_string(&without_hold_details(view)).unwrap();
+        assert!(!shown.contains("LIT-9") && !shown.contains("fraud"), "{shown}");
+        assert!(shown.contains("legal hold on identity.contact, marketing.profile"), "{shown}");
+        assert_eq!(shown.matches("\"basis\":\"legal hold\"").count(), 2, "{shown}");
+    }
 }
