@@ -108,7 +108,6 @@ impl SqlStore {
         self.pool.begin().await.map_err(db_err)
     }
 
-    /// Whether a result of `attempt` of `task` was applied.
     /// Whether a result of this attempt was applied, or this same one
     /// (`body`) recorded before: a second delivery (at least once) adds
     /// nothing to the trail.
