@@ -1606,24 +1606,40 @@ impl StateStore for SqlStore {
         if task.state.apply(TaskEvent::Retry).is_err() {
             return Ok(RetryResult::NotFailed(task.state));
         }
+        // A legal hold placed since the failure may cover every category
+        // of the system: then nothing of it may go, and the task waits,
+        // held, for the release rather than going out.
+        let actions = sqlx::query("SELECT action FROM plan_categories WHERE request_id = $1 AND system = $2")
+            .bind(request.to_string())
+            .bind(system)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let held = !actions.is_empty()
+            && actions.iter().all(|r| col::<String>(r, "action").is_ok_and(|a| a == Action::Hold.as_str()));
+        let next = if held { TaskState::Held } else { TaskState::Pending };
         // A new budget, and a new external job: the old one failed or timed out.
         sqlx::query(
-            "UPDATE tasks SET state = $1, budget_start = attempts, updated_at = $2, finished_at = NULL, \
+            "UPDATE tasks SET state = $1, budget_start = attempts, updated_at = $2, finished_at = $4, \
              job_id = NULL, job_accepted_at = NULL WHERE id = $3",
         )
-        .bind(TaskState::Pending.as_str())
+        .bind(next.as_str())
         .bind(ms(now))
         .bind(task_id.to_string())
+        .bind(held.then(|| ms(now)))
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        self.enqueue(&mut tx, task_id, ms(now), now).await?;
+        if !held {
+            self.enqueue(&mut tx, task_id, ms(now), now).await?;
+        }
         let mut events = vec![PendingEvent::new(
             request,
             Some(task_id),
             "task.retry_requested",
-            json!({"system": system}),
+            json!({"system": system, "to": next}),
         )];
+        let mut current = status;
         if status == RequestStatus::Failed {
             let reopened = status.reopen().map_err(|e| StoreError::Conflict(e.to_string()))?;
             sqlx::query("UPDATE requests SET status = $1, updated_at = $2, finished_at = NULL WHERE id = $3")
@@ -1639,10 +1655,16 @@ impl StateStore for SqlStore {
                 "request.status",
                 json!({"from": status, "to": reopened}),
             ));
+            current = reopened;
+        }
+        if held {
+            // Settled again, held: the request is answered with the
+            // exemption (or failed, if another of its tasks is).
+            self.refresh_request(&mut tx, request, current, now, &mut events).await?;
         }
         self.append_audit(&mut tx, events, now).await?;
         tx.commit().await.map_err(db_err)?;
-        Ok(RetryResult::Queued)
+        Ok(if held { RetryResult::Held } else { RetryResult::Queued })
     }
 
     async fn task_keys(

@@ -284,6 +284,9 @@ pub struct DueAlerts {
 pub enum RetryResult {
     /// The task is pending again and queued for dispatch.
     Queued,
+    /// A legal hold covers every category of the system: the task is held
+    /// (with a new attempt budget) until the hold is released.
+    Held,
     /// No such request, or the request has no task for that system.
     NotFound,
     /// Only failed tasks can be retried.

@@ -468,10 +468,23 @@ async fn a_hold_placed_while_a_job_runs_reaches_every_later_attempt(b: &Backend)
     let failed = Outcome::Failed { retryable: false, reason: "the deletion job failed".into() };
     let r = OutcomeReport::new(task, 2, failed);
     b.store.apply_outcomes(&[r], &schedule, at(4)).await.unwrap();
-    // The operator's retry erases nothing the hold covers.
-    b.store.retry_task(id, "crm", at(5)).await.unwrap();
-    let again = dispatch_at(&b.store, at(6)).await;
-    assert!(again.iter().all(|i| i.categories.iter().all(|c| c.action == Action::Hold)), "{again:?}");
+    assert_eq!(detail(&b.store, id).await.request.status, RequestStatus::Failed);
+    // The operator's retry erases nothing the hold covers: the system is
+    // held whole, so the task waits, held, for the release.
+    assert_eq!(b.store.retry_task(id, "crm", at(5)).await.unwrap(), RetryResult::Held);
+    assert!(dispatch_at(&b.store, at(6)).await.is_empty(), "nothing goes out");
+    let d = detail(&b.store, id).await;
+    assert_eq!(
+        (task_of(&d, "crm").state, d.request.status),
+        (TaskState::Held, RequestStatus::CompletedWithExemptions)
+    );
+    assert!(d.request.key_destroyed_at.is_none());
+    // Released: it runs again under its rules.
+    let released = b.store.release_hold("hold-j", "case closed", at(7)).await.unwrap();
+    assert_eq!(released, ReleaseResult::Released { resumed: 1 });
+    let again = dispatch_at(&b.store, at(8)).await;
+    assert!(again.iter().all(|i| i.categories.iter().all(|c| c.action != Action::Hold)), "{again:?}");
+    assert_eq!(again.len(), 1);
 }
 
 /// A hold placed while a check of a running job is on the bus is too late

@@ -666,6 +666,10 @@ pub async fn retry_task(
             state.wake.notify_one();
             Ok((StatusCode::ACCEPTED, Json(RetryAccepted { id, system, state: TaskState::Pending })))
         }
+        RetryResult::Held => {
+            tracing::info!(request = %id, %system, "operator retry of a held system: waits for the hold's release");
+            Ok((StatusCode::ACCEPTED, Json(RetryAccepted { id, system, state: TaskState::Held })))
+        }
         RetryResult::NotFound => Err(missing()),
         RetryResult::NotFailed(current) => Err(Problem::new(
             StatusCode::CONFLICT,
