@@ -45,7 +45,7 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
             let letters = bus.dead_letters(&group, idle).await?.letters;
             let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
             for l in &letters {
-                *counts.entry((l.source.clone(), l.reason.clone())).or_default() += 1;
+                *counts.entry((l.source.clone(), grouped(&l.reason).to_owned())).or_default() += 1;
             }
             println!("{} dead letters", letters.len());
             for ((source, reason), n) in counts {
@@ -91,4 +91,35 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A reason as dead letters are counted by: without the place in the
+/// message (`… at line 1 column 157`), so that one fault is one line
+/// however long the messages it hit.
+fn grouped(reason: &str) -> &str {
+    if let Some((head, place)) = reason.rsplit_once(" at line ") {
+        if let Some((line, column)) = place.split_once(" column ") {
+            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            if digits(line) && digits(column) {
+                return head;
+            }
+        }
+    }
+    reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grouped;
+
+    #[test]
+    fn reasons_are_counted_without_their_place() {
+        let a = "invalid envelope: a value of the wrong type or format at line 1 column 157";
+        let b = "invalid envelope: a value of the wrong type or format at line 1 column 98";
+        assert_eq!(grouped(a), grouped(b));
+        assert_eq!(grouped(a), "invalid envelope: a value of the wrong type or format");
+        for kept in ["result refers to an unknown task", "odd at line one column two", "at line 3 column"] {
+            assert_eq!(grouped(kept), kept);
+        }
+    }
 }
