@@ -1609,14 +1609,8 @@ impl StateStore for SqlStore {
         // A legal hold placed since the failure may cover every category
         // of the system: then nothing of it may go, and the task waits,
         // held, for the release rather than going out.
-        let actions = sqlx::query("SELECT action FROM plan_categories WHERE request_id = $1 AND system = $2")
-            .bind(request.to_string())
-            .bind(system)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        let held = !actions.is_empty()
-            && actions.iter().all(|r| col::<String>(r, "action").is_ok_and(|a| a == Action::Hold.as_str()));
+        let actions = retention::category_actions(&mut tx, request, system).await?;
+        let held = !actions.is_empty() && actions.iter().all(|a| *a == Action::Hold);
         let next = if held { TaskState::Held } else { TaskState::Pending };
         // A new budget, and a new external job: the old one failed or timed out.
         sqlx::query(

@@ -778,15 +778,7 @@ impl SqlStore {
         }
         // The task's action follows the plan as it is now: a released hold
         // gives its categories back to their rules.
-        let actions = sqlx::query("SELECT action FROM plan_categories WHERE request_id = $1 AND system = $2")
-            .bind(request.to_string())
-            .bind(task.system.as_str())
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?
-            .iter()
-            .map(|r| parse::<Action>(&col::<String>(r, "action")?, "action"))
-            .collect::<Result<Vec<_>, _>>()?;
+        let actions = category_actions(tx, request, &task.system).await?;
         let action = actions.into_iter().max_by_key(|a| a.rank()).map(Action::as_str);
         sqlx::query(
             "UPDATE tasks SET state = $1, budget_start = attempts, follow_up_at = NULL, updated_at = $2, \
@@ -952,6 +944,23 @@ impl SqlStore {
         tx.commit().await.map_err(db_err)?;
         Ok(ExtendResult::Extended { due_at: new_due })
     }
+}
+
+/// The action the plan now gives each category of `system` in `request`.
+pub(super) async fn category_actions(
+    tx: &mut AnyConnection,
+    request: RequestId,
+    system: &str,
+) -> Result<Vec<Action>, StoreError> {
+    sqlx::query("SELECT action FROM plan_categories WHERE request_id = $1 AND system = $2")
+        .bind(request.to_string())
+        .bind(system)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(|r| parse::<Action>(&col::<String>(r, "action")?, "action"))
+        .collect()
 }
 
 #[cfg(test)]
