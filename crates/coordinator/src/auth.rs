@@ -14,6 +14,7 @@ use std::str::FromStr;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
+use lethe_core::crypto::constant_time_eq;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
@@ -99,11 +100,6 @@ pub fn new_token() -> String {
 /// The digest a token is stored and looked up by (hex SHA-256).
 pub fn digest(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
-}
-
-/// Equality that takes the same time whatever the inputs share.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The systems' connector tokens from the configuration, by digest.

@@ -190,6 +190,12 @@ fn unreachable_hmac() -> Hmac<Sha256> {
     panic!("HMAC rejected a key")
 }
 
+/// Equality that takes the same time whatever the inputs share (for
+/// comparing secrets' digests).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

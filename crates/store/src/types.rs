@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use lethe_core::crypto::constant_time_eq;
 use lethe_core::{
     Action, CategoryPlan, ExtensionRefused, HoldScope, Job, Outcome, PlanItem, Regulation, RequestId,
     RequestStatus, SealedIdentifier, TaskId, TaskState,
@@ -419,11 +420,6 @@ impl TokenRecord {
                 .is_some_and(|d| constant_time_eq(d.as_bytes(), digest.as_bytes()));
         current | previous
     }
-}
-
-/// Equality that takes the same time whatever the inputs share.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A certificate signing key: the public half in hex, the private half
