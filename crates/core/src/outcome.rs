@@ -22,6 +22,11 @@ impl DatasetReport {
     pub fn new(dataset: impl Into<String>, deleted: u64, anonymized: u64) -> Self {
         Self { dataset: dataset.into(), deleted, anonymized, purge_by: None }
     }
+
+    /// Records deleted and anonymised across `reports`.
+    pub fn totals(reports: &[DatasetReport]) -> (u64, u64) {
+        (reports.iter().map(|d| d.deleted).sum(), reports.iter().map(|d| d.anonymized).sum())
+    }
 }
 
 /// Data kept on purpose, with the legal basis and the end of the period.
@@ -143,8 +148,7 @@ impl Outcome {
     pub fn summary(&self) -> String {
         match self {
             Self::Erased { datasets, residual } | Self::RetainedInPart { datasets, residual, .. } => {
-                let deleted: u64 = datasets.iter().map(|d| d.deleted).sum();
-                let anonymized: u64 = datasets.iter().map(|d| d.anonymized).sum();
+                let (deleted, anonymized) = DatasetReport::totals(datasets);
                 let mut s = format!("deleted {deleted}, anonymized {anonymized}");
                 if let Some(r) = residual.filter(|r| *r > 0) {
                     s.push_str(&format!("; under-deletion: {r} records remain"));

@@ -527,14 +527,14 @@ pub async fn get_request(
 
 /// The last run's summary, and every run's removals where they differ.
 fn summary(last: &Outcome, removed: &[lethe_core::DatasetReport]) -> String {
-    let sums = |d: &[lethe_core::DatasetReport]| {
-        (d.iter().map(|d| d.deleted).sum::<u64>(), d.iter().map(|d| d.anonymized).sum::<u64>())
-    };
+    use lethe_core::DatasetReport;
     let last_run = match last {
-        Outcome::Erased { datasets, .. } | Outcome::RetainedInPart { datasets, .. } => sums(datasets),
+        Outcome::Erased { datasets, .. } | Outcome::RetainedInPart { datasets, .. } => {
+            DatasetReport::totals(datasets)
+        }
         _ => (0, 0),
     };
-    let all = sums(removed);
+    let all = DatasetReport::totals(removed);
     match last.summary() {
         text if all != last_run && all != (0, 0) => {
             format!("{text}; all runs: deleted {}, anonymized {}", all.0, all.1)
