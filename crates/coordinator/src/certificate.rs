@@ -132,10 +132,29 @@ impl Certifier {
         Self { store, master }
     }
 
-    /// Creates the first signing key if there is none.
+    /// Creates the first signing key if there is none, and wraps anew any
+    /// key still wrapped as earlier versions wrapped it (as a request's
+    /// data key).
     pub async fn ensure_key(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
         if !self.master_opens_store().await? {
             self.rotate(now).await?;
+        }
+        for key in self.store.signing_keys().await? {
+            if self.master.unwrap_signing_key(&key.id, &key.wrapped_key).is_ok() {
+                continue;
+            }
+            // Wrapped like a request's data key, such a key could be handed
+            // out by the connector key endpoint to anyone able to copy it
+            // into a request's row. The secret stays; its wrapping changes.
+            let Ok(secret) = self.master.unwrap(&key.wrapped_key) else {
+                return Err(StoreError::Corrupt(format!(
+                    "certificate signing key {} does not open with the master key",
+                    key.id
+                )));
+            };
+            let wrapped = self.master.wrap_signing_key(&key.id, &secret);
+            self.store.rewrap_signing_key(&key.id, wrapped, now).await?;
+            tracing::info!(key_id = %key.id, "certificate signing key wrapped anew under its own label");
         }
         Ok(())
     }
@@ -147,13 +166,16 @@ impl Certifier {
     pub async fn master_opens_store(&self) -> Result<bool, StoreError> {
         let keys = self.store.signing_keys().await?;
         let Some(newest) = keys.iter().max_by_key(|k| k.created_at) else { return Ok(false) };
-        match self.master.unwrap(&newest.wrapped_key) {
-            Ok(_) => Ok(true),
-            Err(_) => Err(StoreError::Conflict(
+        let opens = self.master.unwrap_signing_key(&newest.id, &newest.wrapped_key).is_ok()
+            || self.master.unwrap(&newest.wrapped_key).is_ok();
+        if opens {
+            Ok(true)
+        } else {
+            Err(StoreError::Conflict(
                 "the master key is not the one this state store was created with (it cannot open the \
                  store's certificate signing key); start with the original key"
                     .into(),
-            )),
+            ))
         }
     }
 
@@ -163,10 +185,12 @@ impl Certifier {
         let mut secret = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut secret);
         let signing = SigningKey::from_bytes(&secret);
-        let wrapped =
-            self.master.wrap(&DataKey::from_bytes(&secret).map_err(|e| StoreError::Corrupt(e.to_string()))?);
-        secret.fill(0);
         let id = format!("cert-{}", uuid::Uuid::now_v7().simple());
+        let wrapped = self.master.wrap_signing_key(
+            &id,
+            &DataKey::from_bytes(&secret).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        );
+        secret.fill(0);
         let record = SigningKeyRecord {
             id: id.clone(),
             public_key: hex::encode(signing.verifying_key().as_bytes()),
@@ -207,8 +231,10 @@ impl Certifier {
             .into_iter()
             .find(|k| k.retired_at.is_none())
             .ok_or_else(|| StoreError::Corrupt("no certificate signing key".into()))?;
-        let secret =
-            self.master.unwrap(&current.wrapped_key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let secret = self
+            .master
+            .unwrap_signing_key(&current.id, &current.wrapped_key)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let signing = SigningKey::from_bytes(secret.as_bytes());
         let audit = self.store.audit_events(Some(detail.request.id)).await?;
         let runs = Runs::of(&audit);

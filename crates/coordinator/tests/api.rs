@@ -761,6 +761,66 @@ async fn the_real_server_answers_on_a_port() {
     assert!(answer.contains("\"status\":\"ok\""));
 }
 
+/// Someone able to write to the state store, but without the master key,
+/// copies the certificate signing key's wrapping into a request and asks
+/// for that request's key as a connector: the answer must not be the
+/// signing key's secret. A key wrapped as earlier versions wrapped it (like
+/// a request's data key) is wrapped anew at start, keeping its secret.
+#[tokio::test]
+async fn a_signing_key_copied_into_a_request_is_not_handed_out() {
+    use sqlx::{Connection as _, Executor as _};
+    let h = Harness::new().await;
+    let store = h.state().store.clone();
+    let key = store.signing_keys().await.unwrap().remove(0);
+    let secret = h.master.unwrap_signing_key(&key.id, &key.wrapped_key).unwrap();
+
+    // Wrapped the earlier way, then started: wrapped anew, same secret.
+    store.rewrap_signing_key(&key.id, h.master.wrap(&secret), Utc::now()).await.unwrap();
+    let certifier = lethe_coordinator::Certifier::new(store.clone(), h.master.clone());
+    certifier.ensure_key(Utc::now()).await.unwrap();
+    let now = store.signing_keys().await.unwrap().remove(0);
+    assert_eq!(now.id, key.id);
+    assert!(h.master.unwrap(&now.wrapped_key).is_err(), "no longer opens as a request's key");
+    let opened = h.master.unwrap_signing_key(&now.id, &now.wrapped_key).unwrap();
+    assert_eq!(opened.as_bytes(), secret.as_bytes());
+    let events = store.audit_events(None).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "certificate_key.rewrapped").count(), 2);
+    assert!(matches!(store.verify_audit().await.unwrap(), lethe_store::AuditCheck::Intact { .. }));
+
+    let (_, created, _) = call(
+        &h.app(),
+        post(json!({"subject": {"email": "k@example.com"}, "regulation": "gdpr"}).to_string()),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{id}"))).await;
+    let crm = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ask = || {
+        Request::post("/v1/connector/keys")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, "Bearer crm-token")
+            .body(Body::from(json!({"task_id": crm, "attempt": 1, "system": "crm"}).to_string()))
+            .unwrap()
+    };
+    assert_eq!(call(&h.app(), ask()).await.0, StatusCode::OK, "the request's own key is served");
+
+    let url = format!("sqlite://{}/state.db", h._dir.path().display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    db.execute(
+        sqlx::query("UPDATE requests SET wrapped_key = unhex($1) WHERE id = $2")
+            .bind(hex::encode(&now.wrapped_key))
+            .bind(&id),
+    )
+    .await
+    .unwrap();
+    let (status, body, _) = call(&h.app(), ask()).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(!body.to_string().contains(&secret.to_hex().to_string()), "{body}");
+}
+
 #[tokio::test]
 async fn connector_keys_need_the_systems_token_and_vanish_with_the_request() {
     let h = Harness::new().await;

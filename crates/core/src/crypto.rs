@@ -139,6 +139,18 @@ pub struct MasterKey {
 }
 
 const WRAP_AAD: &[u8] = b"lethe/request-key/v1";
+const SIGNING_AAD: &[u8] = b"lethe/certificate-key/v1";
+
+/// The associated data of a wrapped certificate signing key: its own label
+/// and the key's id. A signing key's wrapping thus never opens as a
+/// request's data key (the connector key endpoint would hand it out), nor
+/// as another signing key.
+fn signing_aad(key_id: &str) -> Vec<u8> {
+    let mut aad = SIGNING_AAD.to_vec();
+    aad.push(0);
+    aad.extend_from_slice(key_id.as_bytes());
+    aad
+}
 
 impl MasterKey {
     pub fn new(key: DataKey) -> Self {
@@ -146,12 +158,26 @@ impl MasterKey {
         Self { wrap: key, hash_key }
     }
 
+    /// Wraps a request's data key.
     pub fn wrap(&self, key: &DataKey) -> Vec<u8> {
         self.wrap.encrypt(key.as_bytes(), WRAP_AAD)
     }
 
+    /// Unwraps a request's data key.
     pub fn unwrap(&self, wrapped: &[u8]) -> Result<DataKey, CryptoError> {
         let plain = self.wrap.decrypt(wrapped, WRAP_AAD)?;
+        DataKey::from_bytes(&plain)
+    }
+
+    /// Wraps the secret of certificate signing key `key_id`.
+    pub fn wrap_signing_key(&self, key_id: &str, secret: &DataKey) -> Vec<u8> {
+        self.wrap.encrypt(secret.as_bytes(), &signing_aad(key_id))
+    }
+
+    /// Unwraps the secret of certificate signing key `key_id`; fails for
+    /// anything else, a request's data key included.
+    pub fn unwrap_signing_key(&self, key_id: &str, wrapped: &[u8]) -> Result<DataKey, CryptoError> {
+        let plain = self.wrap.decrypt(wrapped, &signing_aad(key_id))?;
         DataKey::from_bytes(&plain)
     }
 
@@ -225,6 +251,13 @@ mod tests {
         let wrapped = master.wrap(&key);
         assert_eq!(master.unwrap(&wrapped).unwrap().as_bytes(), key.as_bytes());
         assert!(MasterKey::new(DataKey::generate()).unwrap(&wrapped).is_err());
+        // The two kinds of wrapped key never open as each other, nor a
+        // signing key under another key's id.
+        let signing = master.wrap_signing_key("cert-a", &key);
+        assert_eq!(master.unwrap_signing_key("cert-a", &signing).unwrap().as_bytes(), key.as_bytes());
+        assert!(master.unwrap(&signing).is_err());
+        assert!(master.unwrap_signing_key("cert-b", &signing).is_err());
+        assert!(master.unwrap_signing_key("cert-a", &wrapped).is_err());
         let id = Identifier::parse(IdentifierKind::Email, "a@example.com").unwrap();
         let h = master.subject_hash(&id);
         assert_eq!(h.len(), 64);

@@ -1845,6 +1845,10 @@ impl StateStore for SqlStore {
         self.insert_signing_key(key).await
     }
 
+    async fn rewrap_signing_key(&self, id: &str, wrapped: Vec<u8>, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.replace_signing_key_wrapping(id, wrapped, now).await
+    }
+
     async fn audit_events(&self, request: Option<RequestId>) -> Result<Vec<AuditEvent>, StoreError> {
         let base = "SELECT seq, at, request_id, task_id, kind, detail, prev_hash, hash FROM audit_events";
         let rows = match request {

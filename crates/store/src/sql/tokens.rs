@@ -181,4 +181,26 @@ impl SqlStore {
         self.append_audit(&mut tx, vec![event], key.created_at).await?;
         tx.commit().await.map_err(db_err)
     }
+
+    pub(super) async fn replace_signing_key_wrapping(
+        &self,
+        id: &str,
+        wrapped: Vec<u8>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let updated = sqlx::query("UPDATE signing_keys SET wrapped_key = $1 WHERE id = $2")
+            .bind(hex::encode(&wrapped))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected();
+        if updated != 1 {
+            return Err(StoreError::Corrupt(format!("certificate signing key {id} vanished")));
+        }
+        let event = PendingEvent::global("certificate_key.rewrapped", json!({"key_id": id}));
+        self.append_audit(&mut tx, vec![event], now).await?;
+        tx.commit().await.map_err(db_err)
+    }
 }
