@@ -351,7 +351,15 @@ impl TableConfig {
         if self.action == TableAction::Anonymize {
             let direct = |k: &IdentifierKind| matches!(k, IdentifierKind::Email | IdentifierKind::Phone);
             for (kind, m) in self.matches.iter().filter(|(k, _)| direct(k)) {
-                if !self.columns.contains_key(&m.column) && m.column != self.primary_key {
+                if m.column == self.primary_key {
+                    // The primary key is never anonymised: the row would
+                    // keep the very value it was found by.
+                    problems.push(format!(
+                        "table {t}: the match column {} (the subject's {kind}) is the primary key, which \
+                         anonymize keeps; use action = \"delete\" for this table",
+                        m.column
+                    ));
+                } else if !self.columns.contains_key(&m.column) {
                     problems.push(format!(
                         "table {t}: action anonymize would leave the match column {} (the subject's {kind}) \
                          as it is; give it a strategy, e.g. {} = \"null\"",
@@ -580,6 +588,14 @@ mod tests {
                 .insert(IdentifierKind::Email, MatchColumn { column: "email".into(), compare: None });
         });
         assert!(p.contains("crm.orders: action anonymize would leave the match column email"), "{p}");
+        // Nor when that identifier is the primary key, which is never
+        // anonymised: such a table can only be deleted from.
+        let p = problems(|c| {
+            let orders = &mut c.tables[2];
+            orders.primary_key = "email".into();
+            orders.matches.insert(IdentifierKind::Email, MatchColumn { column: "email".into(), compare: None });
+        });
+        assert!(p.contains("crm.orders: the match column email (the subject's email) is the primary key"), "{p}");
 
         // Several problems at once are all reported.
         let p = problems(|c| {
