@@ -62,6 +62,8 @@ fn by_code(code: &str, detail: &str) -> (bool, String) {
         "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" => (true, "the server is unavailable for now"),
         "READONLY" => (true, "the server is a read-only replica (a failover in progress?)"),
         "OOM" => (true, "the server is out of memory"),
+        "MISCONF" => (true, "the server refuses writes after a failed save to disk"),
+        "NOREPLICAS" => (true, "too few replicas to accept writes"),
         "NOAUTH" => (false, "the server requires authentication (set a password in the url)"),
         "WRONGPASS" => (false, "wrong user name or password"),
         "NOPERM" => (false, "the user lacks permission for a command or key"),
@@ -142,6 +144,7 @@ mod tests {
     fn codes() {
         assert!(by_code("LOADING", "").0);
         assert!(by_code("BUSY", "").0);
+        assert!(by_code("MISCONF", "").0 && by_code("NOREPLICAS", "").0, "they pass with the server's state");
         assert!(!by_code("WRONGPASS", "").0);
         assert!(!by_code("NOAUTH", "").0);
         assert!(!by_code("NOPERM", "").0);

@@ -69,8 +69,14 @@ fn postgres(state: &str, kind: ErrorKind) -> (bool, String) {
     // 57014 is a statement cancelled, mostly by `statement_timeout` on a
     // busy database: the next attempt may well finish.
     let retryable =
-        matches!(state, "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300")
-            || state.starts_with("08");
+        // A read-only transaction (25006) is a connection that reached a
+        // standby during a failover; disk full and out of memory (53100,
+        // 53200) pass once the server has room again.
+        matches!(
+            state,
+            "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300" | "25006" | "53100"
+                | "53200"
+        ) || state.starts_with("08");
     let what = match state {
         "40001" => "serialization failure",
         "40P01" => "deadlock detected",
@@ -79,6 +85,9 @@ fn postgres(state: &str, kind: ErrorKind) -> (bool, String) {
         "57P01" | "57P02" => "server shutting down",
         "57P03" => "server not accepting connections yet",
         "53300" => "too many connections",
+        "25006" => "read-only transaction (a standby, during a failover?)",
+        "53100" => "disk full",
+        "53200" => "out of memory",
         "42P01" => "table does not exist",
         "42703" => "column does not exist",
         "42501" => "permission denied",
@@ -111,6 +120,10 @@ fn mysql(number: u16, state: &str, kind: ErrorKind) -> (bool, String) {
             | 1160
             | 1161
             | 1969
+            | 1290
+            | 1317
+            | 1792
+            | 1927
             | 2006
             | 2013
             | 3024
@@ -118,6 +131,11 @@ fn mysql(number: u16, state: &str, kind: ErrorKind) -> (bool, String) {
         || state.starts_with("08");
     let what = match number {
         1205 => "lock wait timeout",
+        // `--read-only`: a primary demoted by a failover, met on a pooled
+        // connection.
+        1290 | 1792 => "the server is read-only (a failover?)",
+        1317 => "query interrupted",
+        1927 => "connection killed",
         1969 | 3024 => "statement time limit exceeded",
         1213 => "deadlock found",
         1040 => "too many connections",
@@ -189,6 +207,13 @@ mod tests {
         assert!(postgres("57014", ErrorKind::Other).0, "statement_timeout: the next attempt may finish");
         assert!(mysql(3024, "HY000", ErrorKind::Other).0 && mysql(1969, "70100", ErrorKind::Other).0);
         assert!(!postgres("42P01", ErrorKind::Other).0);
+        // A failover or a full server passes: not a task's fault.
+        for state in ["25006", "53100", "53200"] {
+            assert!(postgres(state, ErrorKind::Other).0, "{state}");
+        }
+        for number in [1290, 1317, 1792, 1927] {
+            assert!(mysql(number, "HY000", ErrorKind::Other).0, "{number}");
+        }
         assert_eq!(
             postgres("23503", ErrorKind::ForeignKeyViolation).1,
             "foreign key constraint violated (SQLSTATE 23503)"
