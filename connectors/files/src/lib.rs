@@ -58,6 +58,50 @@ fn placeholders(path: &str) -> impl Iterator<Item = &str> {
         .filter(|name| name.parse::<lethe_connector::lethe_core::IdentifierKind>().is_ok())
 }
 
+/// Whether a file is there. A name too long for the file system
+/// (`InvalidFilename`) cannot be: no such file exists.
+async fn exists(path: &Path) -> Result<bool, ConnectorError> {
+    match tokio::fs::try_exists(path).await {
+        Err(e) if e.kind() == ErrorKind::InvalidFilename => Ok(false),
+        other => other.map_err(io_error),
+    }
+}
+
+/// Whether `dir` is there and empty: a directory named after a subject
+/// that erase should have removed.
+async fn empty_dir(dir: &Path) -> Result<bool, ConnectorError> {
+    match tokio::fs::read_dir(dir).await {
+        Ok(mut entries) => Ok(entries.next_entry().await.map_err(io_error)?.is_none()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::NotFound | ErrorKind::InvalidFilename | ErrorKind::NotADirectory
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(io_error(e)),
+    }
+}
+
+/// The directories of `path` below `root` whose names come from a
+/// placeholder of `template` (`exports/{customer_id}/data.json`: the
+/// customer's directory), deepest first. Their names hold identifiers too.
+fn named_dirs(root: &Path, template: &str, path: &Path) -> Vec<PathBuf> {
+    let Ok(relative) = path.strip_prefix(root) else { return Vec::new() };
+    let parts: Vec<_> = Path::new(template).components().collect();
+    let (mut dir, mut dirs) = (root.to_path_buf(), Vec::new());
+    // The last part is the file itself.
+    for (part, slot) in relative.components().zip(&parts[..parts.len().saturating_sub(1)]) {
+        dir.push(part);
+        if slot.as_os_str().to_string_lossy().contains('{') {
+            dirs.push(dir.clone());
+        }
+    }
+    dirs.reverse();
+    dirs
+}
+
 /// Never says which file: its name holds an identifier. A file that is
 /// not allowed to be removed, or a path naming a directory, fails the same
 /// way on every attempt: permanent.
@@ -78,13 +122,20 @@ impl Connector for FilesConnector {
             let (mut kept, mut deleted) = (0, 0);
             for path in paths_of(&self.0.root, d, task)? {
                 if let Treatment::Keep { .. } = task.treatment(&d.category) {
-                    kept += u64::from(tokio::fs::try_exists(&path).await.map_err(io_error)?);
+                    kept += u64::from(exists(&path).await?);
                     continue;
                 }
                 match tokio::fs::remove_file(&path).await {
                     Ok(()) => deleted += 1,
-                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InvalidFilename) => {}
                     Err(e) => return Err(io_error(e)),
+                }
+                // A directory named after the subject goes once empty; one
+                // still holding other files (kept ones, say) stays.
+                for dir in named_dirs(&self.0.root, &d.path, &path) {
+                    if tokio::fs::remove_dir(&dir).await.is_err() {
+                        break;
+                    }
                 }
             }
             match task.treatment(&d.category) {
@@ -111,7 +162,10 @@ impl Connector for FilesConnector {
         let mut left = 0;
         for d in self.0.datasets.iter().filter(|d| task.treatment(&d.category).removes()) {
             for path in paths_of(&self.0.root, d, task)? {
-                left += u64::from(tokio::fs::try_exists(&path).await.map_err(io_error)?);
+                left += u64::from(exists(&path).await?);
+                for dir in named_dirs(&self.0.root, &d.path, &path) {
+                    left += u64::from(empty_dir(&dir).await?);
+                }
             }
         }
         Ok(left)

@@ -102,3 +102,61 @@ async fn a_directory_in_place_of_a_file_fails_permanently() {
     assert!(!error.retryable, "{error}");
     assert!(!error.message.contains("ada@"), "{error}");
 }
+
+/// A directory named after the subject names it too: it goes with the
+/// subject's last file in it, and an empty one left behind counts in
+/// verify. One that still holds data the task leaves alone stays.
+#[tokio::test]
+async fn a_directory_named_after_the_subject_goes_once_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let config: toml::Table = toml::from_str(&format!(
+        r#"
+        root = "{}"
+        datasets = [
+            {{ name = "exports", category = "exports", path = "users/{{customer_id}}/export.json" }},
+            {{ name = "notes", category = "notes", path = "users/{{customer_id}}/notes.txt" }},
+        ]"#,
+        dir.path().display()
+    ))
+    .unwrap();
+    let files = FilesKind.build(&config).await.unwrap();
+    let users = dir.path().join("users");
+    for who in ["C-1", "C-2"] {
+        std::fs::create_dir_all(users.join(who)).unwrap();
+        std::fs::write(users.join(who).join("export.json"), "{}").unwrap();
+    }
+    std::fs::write(users.join("C-2").join("notes.txt"), "kept").unwrap();
+    std::fs::create_dir_all(users.join("C-3")).unwrap();
+    let kit = Kit::new(files.clone(), vec!["exports".into()]);
+    let task = |id: &str| kit.task(vec![Identifier::parse(IdentifierKind::CustomerId, id).unwrap()]);
+
+    assert_eq!(files.erase(&task("C-1")).await.unwrap().total(), 1);
+    assert!(!users.join("C-1").exists(), "the subject's directory went with its file");
+    assert!(users.exists(), "a directory not named after anyone stays");
+    assert_eq!(files.verify(&task("C-1")).await.unwrap(), 0);
+
+    // Notes are left alone (no directive for their category): the
+    // directory holding them stays, and is no residue of the export.
+    assert_eq!(files.erase(&task("C-2")).await.unwrap().total(), 1);
+    assert!(users.join("C-2").join("notes.txt").exists());
+    assert_eq!(files.verify(&task("C-2")).await.unwrap(), 0);
+
+    // An empty directory named after a subject is found, and removed.
+    assert_eq!(files.verify(&task("C-3")).await.unwrap(), 1);
+    assert_eq!(files.erase(&task("C-3")).await.unwrap().total(), 0);
+    assert!(!users.join("C-3").exists());
+    assert_eq!(files.verify(&task("C-3")).await.unwrap(), 0);
+}
+
+/// An identifier longer than a file name may be cannot name a file: there
+/// is nothing to erase, not an error to retry until the attempts run out.
+#[tokio::test]
+async fn a_name_too_long_for_the_file_system_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let kit = Kit::new(connector(dir.path()).await, vec!["exports".into()]);
+    let long = "c".repeat(300);
+    let task = kit.task(vec![Identifier::parse(IdentifierKind::CustomerId, &long).unwrap()]);
+    let files = connector(dir.path()).await;
+    assert_eq!(files.erase(&task).await.unwrap().total(), 0);
+    assert_eq!(files.verify(&task).await.unwrap(), 0);
+}
