@@ -593,9 +593,14 @@ mod tests {
         let p = problems(|c| {
             let orders = &mut c.tables[2];
             orders.primary_key = "email".into();
-            orders.matches.insert(IdentifierKind::Email, MatchColumn { column: "email".into(), compare: None });
+            orders
+                .matches
+                .insert(IdentifierKind::Email, MatchColumn { column: "email".into(), compare: None });
         });
-        assert!(p.contains("crm.orders: the match column email (the subject's email) is the primary key"), "{p}");
+        assert!(
+            p.contains("crm.orders: the match column email (the subject's email) is the primary key"),
+            "{p}"
+        );
 
         // Several problems at once are all reported.
         let p = problems(|c| {

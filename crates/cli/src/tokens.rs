@@ -16,7 +16,8 @@ pub enum TokenCommand {
     /// Create a token; it is printed once and stored only as a digest.
     Create {
         /// What the token is for, e.g. "self-service portal" (webhooks'
-        /// `submitted_by` names tokens by it).
+        /// `submitted_by` names tokens by it); never reused, even once the
+        /// token is revoked.
         #[arg(long, value_parser = token_name)]
         name: String,
         /// A scope (repeatable): requests:submit, requests:read:own,
@@ -50,9 +51,17 @@ pub async fn run(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Create { name, scopes } => {
             let scopes = parse_scopes(config, &scopes)?;
             // Webhooks' `submitted_by` tells portals apart by their tokens'
-            // names: two in force under one name would hear each other's.
-            if store.list_tokens().await?.iter().any(|t| t.revoked_at.is_none() && t.name == name) {
-                bail!("a token in force is already named {name:?}; choose another name, or rotate that one");
+            // names: two under one name would hear each other's requests, a
+            // revoked token's too (their follow-ups run for years).
+            match store.list_tokens().await?.iter().find(|t| t.name == name) {
+                Some(t) if t.revoked_at.is_none() => {
+                    bail!("a token in force is already named {name:?}; choose another name, or rotate that one")
+                }
+                Some(_) => bail!(
+                    "a revoked token was named {name:?}, and names are not reused (a webhook filtering on \
+                     submitted_by would send its requests' events to the new token's holder); choose another name"
+                ),
+                None => {}
             }
             let token = create(store.as_ref(), &name, &scopes).await?;
             println!("{token}");
@@ -314,6 +323,26 @@ mod tests {
         assert!(!live(&second).await);
         let refused = bootstrap_admin(&config, store.as_ref()).await.unwrap_err().to_string();
         assert!(refused.contains("revoked"), "{refused}");
+    }
+
+    /// Webhooks choose recipients by token name: a name given to a second
+    /// holder would send the first one's requests' events to it.
+    #[tokio::test]
+    async fn a_token_name_is_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::load_with_env(None, &Overrides::default(), &[]).unwrap();
+        config.store.url = format!("sqlite://{}/state.db", dir.path().display());
+        let create =
+            || TokenCommand::Create { name: "portal-eu".into(), scopes: vec!["requests:submit".into()] };
+        run(&config, create()).await.unwrap();
+        let in_force = run(&config, create()).await.unwrap_err().to_string();
+        assert!(in_force.contains("in force is already named"), "{in_force}");
+        let store = lethe_store::connect(&config.store.url).await.unwrap();
+        let id = store.list_tokens().await.unwrap().remove(0).id;
+        run(&config, TokenCommand::Revoke { id }).await.unwrap();
+        let revoked = run(&config, create()).await.unwrap_err().to_string();
+        assert!(revoked.contains("a revoked token was named \"portal-eu\""), "{revoked}");
+        assert_eq!(store.list_tokens().await.unwrap().len(), 1);
     }
 
     #[test]

@@ -275,7 +275,12 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Replaces the wrapping of signing key `id` (the same secret, wrapped
     /// anew), leaving an audit event.
-    async fn rewrap_signing_key(&self, id: &str, wrapped: Vec<u8>, now: DateTime<Utc>) -> Result<(), StoreError>;
+    async fn rewrap_signing_key(
+        &self,
+        id: &str,
+        wrapped: Vec<u8>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
 
     /// Audit events of one request, or all of them, in chain order.
     async fn audit_events(&self, request: Option<RequestId>) -> Result<Vec<AuditEvent>, StoreError>;

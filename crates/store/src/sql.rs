@@ -1845,7 +1845,12 @@ impl StateStore for SqlStore {
         self.insert_signing_key(key).await
     }
 
-    async fn rewrap_signing_key(&self, id: &str, wrapped: Vec<u8>, now: DateTime<Utc>) -> Result<(), StoreError> {
+    async fn rewrap_signing_key(
+        &self,
+        id: &str,
+        wrapped: Vec<u8>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         self.replace_signing_key_wrapping(id, wrapped, now).await
     }
 
