@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use backon::Retryable;
 use chrono::Utc;
 use lethe_bus::{Bus, BusError, Consumer, Delivery, Position, ResultMessage, TaskMessage, ENVELOPE_VERSION};
-use lethe_core::identifier::WITHHELD_REASON;
+use lethe_core::identifier::{WITHHELD_REASON, WITHHELD_TEXT};
 use lethe_core::{DataKey, Identifier, Outcome, RequestId, TaskId};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -227,7 +227,7 @@ impl Worker {
             Err(e) => return failed(screened(e, subject)),
         };
         match self.call("verify", subject, || self.connector.verify(&task)).await {
-            Ok(residual) => erased(erasure, residual),
+            Ok(residual) => erased(screened_report(erasure, subject), residual),
             Err(e) => {
                 let e = screened(e, subject);
                 failed(ConnectorError { message: format!("verification failed: {}", e.message), ..e })
@@ -323,6 +323,24 @@ fn screened(e: ConnectorError, subject: &[Identifier]) -> ConnectorError {
     } else {
         e
     }
+}
+
+/// `erasure`, each text of it (dataset names, a kept record's category
+/// and basis) withheld if it names one of `subject`'s identifiers: they
+/// reach the audit trail and the certificate.
+fn screened_report(mut erasure: Erasure, subject: &[Identifier]) -> Erasure {
+    let screen = |text: &mut String| {
+        if subject.iter().any(|i| i.appears_in(text)) {
+            *text = WITHHELD_TEXT.to_owned();
+        }
+    };
+    erasure.datasets.iter_mut().for_each(|d| screen(&mut d.dataset));
+    for r in &mut erasure.retained {
+        screen(&mut r.dataset);
+        r.category.iter_mut().for_each(screen);
+        screen(&mut r.basis);
+    }
+    erasure
 }
 
 fn failed(e: ConnectorError) -> Outcome {
@@ -593,6 +611,41 @@ mod tests {
         let text = log.contents();
         assert!(text.contains("retryable connector error") && text.contains("task finished"), "{text}");
         assert!(!text.to_lowercase().contains("ada@example") && !text.contains("ada%40"), "{text}");
+    }
+
+    /// A report whose texts quote the subject (a file named after it, a
+    /// basis written per record) is sent with those texts withheld.
+    #[tokio::test]
+    async fn a_report_naming_the_subject_is_sent_with_that_text_withheld() {
+        let key = DataKey::generate();
+        let retry = RetryPolicy { initial_delay_ms: 1, max_delay_ms: 1, max_retries: 3 };
+        let bus = Arc::new(lethe_bus::InProcessBus::new());
+        let kept = lethe_core::RetainedReport {
+            dataset: "invoices".into(),
+            category: Some("billing.invoice".into()),
+            count: 1,
+            basis: "tax law, invoice of ADA@example.com".into(),
+            until: Some(chrono::Utc::now() + chrono::Duration::days(3650)),
+            first_until: None,
+        };
+        let erasure = Erasure {
+            datasets: vec![
+                lethe_core::DatasetReport::new("export-ada@example.com.json", 1, 0),
+                lethe_core::DatasetReport::new("customers", 1, 0),
+            ],
+            retained: vec![kept],
+        };
+        let connector = Arc::new(FailsFirst::new("database is locked", Ok(erasure)));
+        let worker = Worker::new("crm", connector, Arc::new(OneKey::new(&key)), bus, retry);
+        let result = worker.process(task_for(&key, 1)).await;
+        let Outcome::RetainedInPart { datasets, retained, .. } = result.outcome else { panic!("{result:?}") };
+        assert_eq!(datasets[0].dataset, WITHHELD_TEXT);
+        assert_eq!(datasets[1].dataset, "customers");
+        assert_eq!(retained[0].basis, WITHHELD_TEXT);
+        assert_eq!(
+            (retained[0].dataset.as_str(), retained[0].category.as_deref()),
+            ("invoices", Some("billing.invoice"))
+        );
     }
 
     #[test]

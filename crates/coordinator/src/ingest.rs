@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use lethe_bus::{Bus, Consumer, Delivery, Position, ResultMessage};
 use lethe_connector::DEAD_LETTER_ATTEMPTS;
-use lethe_core::{MasterKey, Outcome, RequestId, TaskState};
+use lethe_core::{Identifier, MasterKey, Outcome, RequestId, TaskState};
 use lethe_store::{Applied, OutcomeReport, RetrySchedule, StateStore, StoreError};
 use tokio::sync::Notify;
 
@@ -18,18 +18,29 @@ use crate::metrics::{
     TASK_REQUEUES_TOTAL,
 };
 
-/// Longest failure reason kept, in bytes; a longer one is cut.
+/// Longest failure reason (or basis of a kept record) kept, in bytes; a
+/// longer one is cut.
 pub const MAX_REASON_BYTES: usize = 500;
+
+/// Longest dataset or category name kept from a result, in bytes.
+pub const MAX_NAME_BYTES: usize = 200;
 
 /// What a failure reason becomes when it holds one of the subject's
 /// identifiers.
-pub use lethe_core::identifier::WITHHELD_REASON;
+pub use lethe_core::identifier::{WITHHELD_REASON, WITHHELD_TEXT};
 
 /// What a failure reason becomes when it cannot be screened: the request
 /// it names is unknown or its key destroyed, so no identifiers can be
 /// compared with it.
 pub const UNSCREENED_REASON: &str =
     "[the connector's reason was withheld: the request's identifiers could not be read to screen it]";
+
+/// What another text of a result becomes when it cannot be screened.
+pub const UNSCREENED_TEXT: &str = "[withheld: the request's identifiers could not be read to screen it]";
+
+/// What a kept record's basis becomes in a result that is dead-lettered
+/// because it answers no task of the request it names.
+pub const UNMATCHED_TEXT: &str = "[withheld: the result answers no known task, so it could not be screened]";
 
 /// What a failure reason becomes in a result that is dead-lettered because
 /// it answers no task of the request it names: whose identifiers it might
@@ -153,45 +164,51 @@ impl Ingest {
         durable
     }
 
-    /// A failure's reason is shown to operators and written to the audit
-    /// trail. The protocol forbids identifiers in it; this holds a connector
-    /// to that: an over-long reason is cut, and one that mentions an
-    /// identifier of the request's subject ([`Identifier::appears_in`]) is withheld, as is
-    /// every reason that arrives once the request's key is destroyed (it
+    /// The text a connector writes into a result (a failure's reason, a
+    /// kept record's basis, dataset and category names) is shown to
+    /// operators, written to the audit trail, which cannot be changed
+    /// afterwards, and into certificates. The protocol forbids identifiers
+    /// in it; this holds a connector to that. Every such text is cut to a
+    /// length, and where a result carries prose written per record (a
+    /// failure's reason, a kept record's basis), each text that mentions an
+    /// identifier of the request's subject ([`Identifier::appears_in`]) is
+    /// withheld, as is all of it once the request's key is destroyed (it
     /// can no longer be screened; the request is final and the outcome
-    /// late). Failures are few, so opening the identifiers costs little.
+    /// late). Such results are few, so opening the identifiers costs
+    /// little; the SDK's worker screens every text before it sends it.
     async fn screen(&self, m: &mut ResultMessage) {
-        let Outcome::Failed { reason, .. } = &mut m.outcome else { return };
-        if reason.len() > MAX_REASON_BYTES {
-            let mut end = MAX_REASON_BYTES;
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            reason.truncate(end);
-            reason.push('…');
+        let prose = match &m.outcome {
+            Outcome::Failed { .. } => true,
+            Outcome::RetainedInPart { retained, .. } => !retained.is_empty(),
+            _ => false,
+        };
+        for (text, limit) in texts(&mut m.outcome) {
+            cut(text, limit);
+        }
+        if !prose {
+            return;
         }
         let request = m.request_id;
-        let found =
-            until_ok("reading a subject to screen a failure", || self.reason_names_subject(request, reason))
-                .await;
-        match found {
-            Screened::Clean => {}
-            Screened::Named => {
-                tracing::warn!(%request, task = %m.task_id, system = %m.system,
-                    "a connector's failure reason contained an identifier of the subject; withheld");
-                *reason = WITHHELD_REASON.to_owned();
+        let subject = until_ok("reading a subject to screen a result", || self.subject_of(request)).await;
+        let (task, system) = (m.task_id, m.system.clone());
+        let reason = matches!(m.outcome, Outcome::Failed { .. });
+        for (text, _) in texts(&mut m.outcome) {
+            match &subject {
+                Some(ids) if !ids.iter().any(|i| i.appears_in(text)) => {}
+                Some(_) => {
+                    tracing::warn!(%request, %task, %system,
+                        "a connector's result contained an identifier of the subject; that text is withheld");
+                    *text = if reason { WITHHELD_REASON } else { WITHHELD_TEXT }.to_owned();
+                }
+                None => *text = if reason { UNSCREENED_REASON } else { UNSCREENED_TEXT }.to_owned(),
             }
-            Screened::Unscreenable => *reason = UNSCREENED_REASON.to_owned(),
         }
     }
 
-    async fn reason_names_subject(&self, request: RequestId, reason: &str) -> Result<Screened, StoreError> {
-        let Some(sealed) = self.store.sealed_subject(request).await? else {
-            return Ok(Screened::Unscreenable);
-        };
-        let Some(identifiers) = sealed.open(&self.master, request) else { return Ok(Screened::Unscreenable) };
-        let named = identifiers.iter().any(|i| i.appears_in(reason));
-        Ok(if named { Screened::Named } else { Screened::Clean })
+    /// The identifiers of `request`; `None` once they cannot be read.
+    async fn subject_of(&self, request: RequestId) -> Result<Option<Vec<Identifier>>, StoreError> {
+        let Some(sealed) = self.store.sealed_subject(request).await? else { return Ok(None) };
+        Ok(sealed.open(&self.master, request))
     }
 
     /// Writes a dead letter, retrying with backoff (up to
@@ -224,14 +241,39 @@ impl Ingest {
     }
 }
 
-/// What screening a failure reason found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Screened {
-    Clean,
-    /// It mentions an identifier of the subject.
-    Named,
-    /// The subject's identifiers cannot be read (the key is destroyed).
-    Unscreenable,
+/// The texts a connector writes into an outcome, each with the longest
+/// length kept, in bytes.
+fn texts(outcome: &mut Outcome) -> Vec<(&mut String, usize)> {
+    let mut texts = Vec::new();
+    match outcome {
+        Outcome::Failed { reason, .. } => texts.push((reason, MAX_REASON_BYTES)),
+        Outcome::Erased { datasets, .. } => {
+            texts.extend(datasets.iter_mut().map(|d| (&mut d.dataset, MAX_NAME_BYTES)));
+        }
+        Outcome::RetainedInPart { datasets, retained, .. } => {
+            texts.extend(datasets.iter_mut().map(|d| (&mut d.dataset, MAX_NAME_BYTES)));
+            for r in retained {
+                texts.push((&mut r.dataset, MAX_NAME_BYTES));
+                texts.extend(r.category.as_mut().map(|c| (c, MAX_NAME_BYTES)));
+                texts.push((&mut r.basis, MAX_REASON_BYTES));
+            }
+        }
+        Outcome::NotFound { .. } | Outcome::Accepted { .. } => {}
+    }
+    texts
+}
+
+/// Cuts `text` to at most `limit` bytes (on a character boundary), marked
+/// with an ellipsis.
+fn cut(text: &mut String, limit: usize) {
+    if text.len() > limit {
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
 }
 
 /// Runs `f` until it succeeds, backing off between failures: a result is
@@ -259,8 +301,14 @@ where
 /// reason was screened, if at all, against a subject it may not concern.
 fn unmatched(msg: &ResultMessage) -> ResultMessage {
     let mut kept = msg.clone();
-    if let Outcome::Failed { reason, .. } = &mut kept.outcome {
-        *reason = UNMATCHED_REASON.to_owned();
+    match &mut kept.outcome {
+        Outcome::Failed { reason, .. } => *reason = UNMATCHED_REASON.to_owned(),
+        Outcome::RetainedInPart { retained, .. } => {
+            for r in retained {
+                r.basis = UNMATCHED_TEXT.to_owned();
+            }
+        }
+        _ => {}
     }
     kept
 }

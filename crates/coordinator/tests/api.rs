@@ -622,6 +622,74 @@ async fn a_failure_reason_never_carries_the_subject_nor_runs_on() {
     assert!(audit.iter().all(|e| !e.detail.to_lowercase().contains("tattle@example.com")));
 }
 
+/// A connector outside the SDK (another language) reports a kept record
+/// whose basis and dataset name quote the subject, and a dataset name that
+/// runs on: none of it reaches the request's view or the audit trail.
+#[tokio::test]
+async fn a_kept_records_text_never_carries_the_subject_nor_runs_on() {
+    let h = Harness::new().await;
+    let body = json!({"subject": {"email": "tattle@example.com"}, "regulation": "gdpr"});
+    let (_, created, _) = call(&h.app(), post(body.to_string())).await;
+    let id: lethe_core::RequestId = created["id"].as_str().unwrap().parse().unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{id}"))).await;
+        tasks = view["systems"].as_array().unwrap().clone();
+        if tasks.iter().all(|s| s["state"] == "dispatched") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let task_of = |system: &str| -> lethe_core::TaskId {
+        let task = tasks.iter().find(|s| s["system"] == system).unwrap();
+        assert_eq!(task["state"], "dispatched", "{task}");
+        task["task_id"].as_str().unwrap().parse().unwrap()
+    };
+    let answer = |system: &str, outcome: lethe_core::Outcome| lethe_bus::ResultMessage {
+        version: 1,
+        task_id: task_of(system),
+        request_id: id,
+        system: system.into(),
+        attempt: 1,
+        outcome,
+        reported_at: Utc::now(),
+        worker: None,
+        task_issued_at: None,
+    };
+    let kept = lethe_core::RetainedReport {
+        dataset: "invoices of TATTLE@example.com".into(),
+        category: Some("identity.contact".into()),
+        count: 1,
+        basis: "tax law: the invoice to tattle@example.com".into(),
+        until: Some(Utc.with_ymd_and_hms(2036, 1, 1, 0, 0, 0).unwrap()),
+        first_until: None,
+    };
+    let long = lethe_core::DatasetReport::new("d".repeat(5_000), 1, 0);
+    h.bus
+        .publish_result(&answer(
+            "crm",
+            lethe_core::Outcome::RetainedInPart { datasets: vec![], retained: vec![kept], residual: Some(0) },
+        ))
+        .await
+        .unwrap();
+    h.bus
+        .publish_result(&answer(
+            "mail",
+            lethe_core::Outcome::Erased { datasets: vec![long], residual: Some(0) },
+        ))
+        .await
+        .unwrap();
+    let view = wait_final(&h.app(), &id.to_string()).await;
+    assert_eq!(view["status"], "completed_with_exemptions", "{view}");
+    let text = view.to_string();
+    assert!(!text.to_lowercase().contains("tattle@example.com"), "{view:#}");
+    assert!(text.contains(lethe_coordinator::ingest::WITHHELD_TEXT), "{view:#}");
+    assert!(!text.contains(&"d".repeat(lethe_coordinator::ingest::MAX_NAME_BYTES + 1)), "cut");
+    let audit = h.state().store.audit_events(None).await.unwrap();
+    assert!(audit.iter().all(|e| !e.detail.to_lowercase().contains("tattle@example.com")));
+    assert!(audit.iter().all(|e| e.detail.len() < 2_000), "the long name was cut");
+}
+
 #[tokio::test]
 async fn silent_tasks_are_redispatched_after_their_time_out_then_failed() {
     let settings = Settings {

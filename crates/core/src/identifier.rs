@@ -222,6 +222,10 @@ pub fn is_invisible(c: char) -> bool {
 pub const WITHHELD_REASON: &str =
     "[the connector's reason was withheld: it contained an identifier of the subject]";
 
+/// What another text a connector reports (a kept record's basis, a dataset
+/// name) becomes when it holds one of the subject's identifiers.
+pub const WITHHELD_TEXT: &str = "[withheld: it contained an identifier of the subject]";
+
 impl fmt::Debug for Identifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Identifier({}: [redacted])", self.kind)
