@@ -795,6 +795,19 @@ async fn audit_chain_is_intact_and_append_only(b: &Backend) {
     assert!(edit.is_err(), "audit_events must reject updates");
     let delete = sqlx::query("DELETE FROM audit_events WHERE seq = 1").execute(b.store.pool()).await;
     assert!(delete.is_err(), "audit_events must reject deletes");
+    // Nor can the chain's head be set back (to hide events removed behind
+    // it) or removed; on PostgreSQL, TRUNCATE is refused too.
+    let back = sqlx::query("UPDATE audit_head SET seq = 3 WHERE id = 1").execute(b.store.pool()).await;
+    assert!(back.is_err(), "audit_head must not move back");
+    let gone = sqlx::query("DELETE FROM audit_head").execute(b.store.pool()).await;
+    assert!(gone.is_err(), "audit_head must not be deleted");
+    if b.cleanup.is_some() {
+        for table in ["audit_events", "audit_head"] {
+            let truncate = sqlx::query(&format!("TRUNCATE {table}")).execute(b.store.pool()).await;
+            assert!(truncate.is_err(), "{table} must reject TRUNCATE");
+        }
+    }
+    assert!(matches!(b.store.verify_audit().await.unwrap(), AuditCheck::Intact { events: 7, .. }));
 }
 
 fn at(secs: i64) -> DateTime<Utc> {
