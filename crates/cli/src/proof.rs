@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use lethe_coordinator::certificate::{self, Certificate, PublicKey, PublicKeys};
+use lethe_coordinator::certificate::{self, PublicKey, PublicKeys};
 use lethe_core::RequestId;
 use lethe_store::AuditCheck;
 
@@ -68,7 +68,7 @@ pub async fn certificate(
             } else {
                 std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?
             };
-            let cert: Certificate = serde_json::from_str(&text)
+            let cert = certificate::parse(&text)
                 .map_err(|e| anyhow::anyhow!("{} is not a certificate: {e}", file.display()))?;
             certificate::verify(&cert, &public_keys(&keys)?)?;
             println!(

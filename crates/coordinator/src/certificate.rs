@@ -75,6 +75,66 @@ pub enum VerifyError {
         "the signature does not match the content: the certificate was altered or signed by another key"
     )]
     BadSignature,
+    #[error("the certificate says it was issued after its signing key {0:?} was retired")]
+    IssuedAfterRetirement(String),
+}
+
+/// Reads a certificate document, refusing one in which an object names a
+/// key twice: JSON readers disagree on which of the two counts (this one
+/// would verify the last, another might show the first), so such a
+/// document could be read as something other than what was signed.
+pub fn parse(text: &str) -> Result<Certificate, VerifyError> {
+    serde_json::from_str::<Unique>(text).map_err(|e| VerifyError::Malformed(e.to_string()))?;
+    serde_json::from_str(text).map_err(|e| VerifyError::Malformed(e.to_string()))
+}
+
+/// Any JSON value whose objects name each key once.
+struct Unique;
+
+impl<'de> Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Unique)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Unique {
+    type Value = Unique;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!("the key {key:?} appears twice in one object")));
+            }
+            map.next_value::<Unique>()?;
+        }
+        Ok(Unique)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
+        while seq.next_element::<Unique>()?.is_some() {}
+        Ok(Unique)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_unit<E>(self) -> Result<Unique, E> {
+        Ok(Unique)
+    }
 }
 
 /// The canonical JSON text of `v`: keys sorted, no whitespace.
@@ -117,7 +177,16 @@ pub fn verify(certificate: &Certificate, keys: &[PublicKey]) -> Result<(), Verif
         .ok_or_else(|| VerifyError::Malformed("signature is not 64 base64-encoded bytes".into()))?;
     public
         .verify_strict(canonical(&certificate.payload).as_bytes(), &Signature::from_bytes(&bytes))
-        .map_err(|_| VerifyError::BadSignature)
+        .map_err(|_| VerifyError::BadSignature)?;
+    // A retired key signs nothing more: a certificate dated after its
+    // retirement was not made by the coordinator.
+    let issued = certificate.payload["issued_at"].as_str().and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+    match (issued, key.retired_at) {
+        (Some(issued), Some(retired)) if issued > retired => {
+            Err(VerifyError::IssuedAfterRetirement(key.key_id.clone()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Signs certificates with the current key of the state store.
@@ -509,5 +578,52 @@ mod tests {
         let mut other = key.clone();
         other.key_id = "k2".into();
         assert!(matches!(verify(&cert, &[other]), Err(VerifyError::UnknownKey(_))));
+    }
+
+    fn signed(payload: Value, key_id: &str) -> Certificate {
+        let signing = SigningKey::from_bytes(&[7u8; 32]);
+        let value = base64::engine::general_purpose::STANDARD
+            .encode(signing.sign(canonical(&payload).as_bytes()).to_bytes());
+        Certificate {
+            payload,
+            signature: SignatureInfo { algorithm: "Ed25519".into(), key_id: key_id.into(), value },
+        }
+    }
+
+    /// A document that names a key twice reads differently in different
+    /// JSON readers: it is refused, however deep the repetition.
+    #[test]
+    fn a_document_naming_a_key_twice_is_refused() {
+        let text =
+            serde_json::to_string(&signed(json!({"status": "completed", "systems": [{"a": 1}]}), "k1"))
+                .unwrap();
+        assert!(parse(&text).is_ok());
+        let twice =
+            text.replacen("\"status\":\"completed\"", "\"status\":\"failed\",\"status\":\"completed\"", 1);
+        assert_ne!(twice, text);
+        let Err(VerifyError::Malformed(e)) = parse(&twice) else { panic!("accepted") };
+        assert!(e.contains("\"status\" appears twice"), "{e}");
+        let deep = text.replacen("{\"a\":1}", "{\"a\":1,\"a\":2}", 1);
+        assert_ne!(deep, text);
+        assert!(parse(&deep).is_err());
+    }
+
+    /// A retired key signs nothing more: a certificate dated after the
+    /// retirement is refused; one dated before still verifies.
+    #[test]
+    fn a_certificate_issued_after_its_keys_retirement_is_refused() {
+        let signing = SigningKey::from_bytes(&[7u8; 32]);
+        let retired = Utc::now();
+        let key = PublicKey {
+            key_id: "k1".into(),
+            algorithm: "Ed25519".into(),
+            public_key: hex::encode(signing.verifying_key().as_bytes()),
+            created_at: retired - chrono::Duration::days(30),
+            retired_at: Some(retired),
+        };
+        let before = signed(json!({"issued_at": retired - chrono::Duration::days(1)}), "k1");
+        assert_eq!(verify(&before, std::slice::from_ref(&key)), Ok(()));
+        let after = signed(json!({"issued_at": retired + chrono::Duration::seconds(1)}), "k1");
+        assert_eq!(verify(&after, &[key]), Err(VerifyError::IssuedAfterRetirement("k1".into())));
     }
 }
