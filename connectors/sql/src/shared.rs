@@ -61,6 +61,7 @@ pub struct Group {
 }
 
 /// One task's part of a round.
+#[derive(Clone)]
 pub struct Subject {
     /// The identifier value (not yet normalised).
     pub value: String,
@@ -83,7 +84,10 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(pool: AnyPool, config: Arc<SqlConfig>) -> Self {
-        Self { store: Store { pool, config }, rounds: Coalescer::new(MAX_SUBJECTS) }
+        Self {
+            store: Store { pool, config },
+            rounds: Coalescer::new(MAX_SUBJECTS).isolating_permanent_failures(),
+        }
     }
 
     /// Runs `subject`'s part of `group` in a shared statement.

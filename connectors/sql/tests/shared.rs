@@ -212,6 +212,67 @@ columns = { customer = "null", email = "null", ship_to = { fixed = "[erased]" } 
     }
 }
 
+/// One subject's row is protected by a foreign key the configuration does
+/// not know: the shared statement fails, and the round runs again one
+/// subject at a time, so only that subject's task fails.
+async fn one_subject_at_fault_fails_alone(db: Arc<TestDb>) {
+    let rows: Vec<String> = (0..20).map(|k| format!("({k}, '{}')", email(k))).collect();
+    db.exec(&[
+        "CREATE TABLE people (id BIGINT PRIMARY KEY, email TEXT)",
+        &format!("INSERT INTO people (id, email) VALUES {}", rows.join(", ")),
+        "CREATE TABLE tickets (id BIGINT PRIMARY KEY, person_id BIGINT REFERENCES people (id) ON DELETE RESTRICT)",
+        "INSERT INTO tickets VALUES (1, 3)",
+    ])
+    .await;
+    let sql = Arc::new(
+        db.connector(
+            r#"
+[[tables]]
+name = "people"
+action = "delete"
+category = "identity.contact"
+match = { email = "email" }
+"#,
+        )
+        .await,
+    );
+    let tasks: Vec<ErasureTask> = (0..20).map(|k| task(vec![id("email", &email(k))])).collect();
+    let mut holder = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+    holder.execute("BEGIN").await.unwrap();
+    holder.execute("LOCK TABLE people IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let calls: Vec<_> = tasks
+        .iter()
+        .cloned()
+        .map(|t| {
+            let sql = sql.clone();
+            tokio::spawn(async move { sql.erase(&t).await })
+        })
+        .collect();
+    for _ in 0..100 {
+        if waiting_shared(&db).await > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.execute("COMMIT").await.unwrap();
+    for (k, call) in calls.into_iter().enumerate() {
+        let result = call.await.unwrap();
+        if k == 3 {
+            let e = result.unwrap_err();
+            assert!(!e.retryable && e.message.contains("foreign key"), "{e}");
+        } else {
+            assert_eq!(result.unwrap(), deleted("people", 1), "subject {k} is erased");
+        }
+    }
+    assert_eq!(db.count("people").await, 1, "only the protected row is left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_one_subject_at_fault_fails_alone() {
+    common::run(Engine::Postgres, one_subject_at_fault_fails_alone).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_concurrent_deletes_share_one_statement_and_keep_their_own_counts() {
     common::run(Engine::Postgres, concurrent_deletes_share_one_statement_and_keep_their_own_counts).await;

@@ -24,6 +24,7 @@ type Reply<R> = oneshot::Sender<Result<R, ConnectorError>>;
 /// Gathers calls per group `G` into rounds of at most `max` items.
 pub struct Coalescer<G, T, R> {
     max: usize,
+    isolate: bool,
     groups: Arc<Mutex<HashMap<G, Queue<T, R>>>>,
 }
 
@@ -48,12 +49,21 @@ impl<G, T, R> std::fmt::Debug for Coalescer<G, T, R> {
 impl<G, T, R> Coalescer<G, T, R>
 where
     G: Hash + Eq + Clone + Send + 'static,
-    T: Send + 'static,
+    T: Clone + Send + 'static,
     R: Send + 'static,
 {
     /// Rounds of at most `max` items (at least 1).
     pub fn new(max: usize) -> Self {
-        Self { max: max.max(1), groups: Arc::default() }
+        Self { max: max.max(1), isolate: false, groups: Arc::default() }
+    }
+
+    /// A round of several items that fails permanently runs again one item
+    /// at a time, each caller getting its own answer: where one item can
+    /// fail a shared statement (a row a foreign key or a trigger protects),
+    /// the others must not fail with it.
+    pub fn isolating_permanent_failures(mut self) -> Self {
+        self.isolate = true;
+        self
     }
 
     /// Answers `item` in a round of its group. `run` answers a round: one
@@ -73,7 +83,7 @@ where
             !std::mem::replace(&mut queue.running, true)
         };
         if start {
-            tokio::spawn(drain(self.groups.clone(), group, self.max, run));
+            tokio::spawn(drain(self.groups.clone(), group, (self.max, self.isolate), run));
         }
         answer.await.unwrap_or_else(|_| Err(ConnectorError::retryable("the batched call was interrupted")))
     }
@@ -96,9 +106,14 @@ impl<G: Hash + Eq, T, R> Drop for Abandon<G, T, R> {
 }
 
 /// Runs rounds of `group` until nothing waits.
-async fn drain<G, T, R, F, Fut>(groups: Arc<Mutex<HashMap<G, Queue<T, R>>>>, group: G, max: usize, run: F)
-where
+async fn drain<G, T, R, F, Fut>(
+    groups: Arc<Mutex<HashMap<G, Queue<T, R>>>>,
+    group: G,
+    (max, isolate): (usize, bool),
+    run: F,
+) where
     G: Hash + Eq + Clone,
+    T: Clone,
     F: Fn(G, Vec<T>) -> Fut,
     Fut: Future<Output = Result<Vec<R>, ConnectorError>>,
 {
@@ -116,6 +131,7 @@ where
         };
         let (items, replies): (Vec<T>, Vec<Reply<R>>) = round.into_iter().unzip();
         let expected = items.len();
+        let kept = (isolate && expected > 1).then(|| items.clone());
         match run(group.clone(), items).await {
             Ok(results) if results.len() == expected => {
                 for (reply, result) in replies.into_iter().zip(results) {
@@ -131,11 +147,23 @@ where
                     let _ = reply.send(Err(e.clone()));
                 }
             }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
+            Err(e) => match kept.filter(|_| !e.retryable) {
+                Some(items) => {
+                    for (item, reply) in items.into_iter().zip(replies) {
+                        let alone = match run(group.clone(), vec![item]).await {
+                            Ok(mut results) if results.len() == 1 => Ok(results.remove(0)),
+                            Ok(_) => Err(ConnectorError::permanent("a batched call answered no item of 1")),
+                            Err(e) => Err(e),
+                        };
+                        let _ = reply.send(alone);
+                    }
                 }
-            }
+                None => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            },
         }
     }
 }
@@ -216,5 +244,54 @@ mod tests {
         let wrong = Coalescer::<(), u32, u32>::new(10);
         let short = wrong.call((), 1, |_, _| async { Ok(Vec::new()) }).await;
         assert!(short.is_err_and(|e| !e.retryable), "a runner that loses an answer is a bug, not a retry");
+    }
+
+    /// One item that fails a shared statement for good (a row a foreign key
+    /// protects, say) fails alone; a retryable failure still reaches all.
+    #[tokio::test]
+    async fn an_isolating_coalescer_fails_only_the_item_at_fault() {
+        let coalescer = Arc::new(Coalescer::<(), u32, u32>::new(100).isolating_permanent_failures());
+        let rounds = Arc::new(Mutex::new(Vec::<Vec<u32>>::new()));
+        let run = {
+            let rounds = rounds.clone();
+            move |_: (), items: Vec<u32>| {
+                rounds.lock().unwrap().push(items.clone());
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if items.contains(&3) {
+                        Err(ConnectorError::permanent("foreign key constraint violated"))
+                    } else if items.contains(&99) {
+                        Err(ConnectorError::retryable("deadlock detected"))
+                    } else {
+                        Ok(items.iter().map(|i| i * 10).collect())
+                    }
+                }
+            }
+        };
+        let (c, r) = (coalescer.clone(), run.clone());
+        let first = tokio::spawn(async move { c.call((), 0, r).await });
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let calls: Vec<_> = (1..6u32)
+            .map(|i| {
+                let (c, run) = (coalescer.clone(), run.clone());
+                tokio::spawn(async move { (i, c.call((), i, run).await) })
+            })
+            .collect();
+        assert_eq!(first.await.unwrap(), Ok(0));
+        for call in calls {
+            let (i, result) = call.await.unwrap();
+            if i == 3 {
+                assert!(result.is_err_and(|e| !e.retryable), "the item at fault fails");
+            } else {
+                assert_eq!(result, Ok(i * 10), "item {i} is answered on its own");
+            }
+        }
+        assert!(rounds.lock().unwrap().contains(&vec![1, 2, 3, 4, 5]), "{:?}", rounds.lock().unwrap());
+        let (c, r) = (coalescer.clone(), run.clone());
+        let slow = tokio::spawn(async move { c.call((), 7, r).await });
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let (a, b) = tokio::join!(coalescer.call((), 99, run.clone()), coalescer.call((), 8, run.clone()));
+        assert_eq!(slow.await.unwrap(), Ok(70));
+        assert!(a.is_err_and(|e| e.retryable) && b.is_err_and(|e| e.retryable), "not split");
     }
 }
