@@ -325,11 +325,12 @@ enum ConnectorCommand {
 #[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate a configuration file (and the environment overrides), and
-    /// print the retention policy's warnings.
+    /// print its warnings (the retention policy's, identifier types that
+    /// look misspelt).
     Check {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Fail (exit 1) if the retention policy has warnings too.
+        /// Fail (exit 1) if there are warnings too.
         #[arg(long)]
         strict: bool,
     },
@@ -513,11 +514,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 if warnings.is_empty() {
                     String::new()
                 } else {
-                    format!(", {} policy warnings", warnings.len())
+                    format!(", {} warnings", warnings.len())
                 }
             );
             if strict && !warnings.is_empty() {
-                bail!("the retention policy has warnings (--strict)");
+                bail!("the configuration has warnings (--strict)");
             }
             Ok(())
         }

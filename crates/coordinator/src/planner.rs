@@ -62,7 +62,18 @@ impl Planner {
             .iter()
             .map(|s| SystemCategories { system: s.name.clone(), categories: s.categories.clone() })
             .collect();
-        let warnings = policy.check(&scoped)?;
+        let mut warnings = policy.check(&scoped)?;
+        for s in &systems {
+            for t in s.identifier_types.iter().flatten() {
+                if let Some(meant) = misspelt_builtin(t) {
+                    warnings.push(format!(
+                        "system `{}` finds subjects by identifier type `{t}`, which is no built-in type but \
+                         looks like `{meant}`: if it is a typo, requests naming `{meant}` never reach that data",
+                        s.name
+                    ));
+                }
+            }
+        }
         let identifier_types =
             systems.iter().map(|s| s.identifier_types.clone()).collect::<Option<Vec<Vec<String>>>>().map(
                 |types| {
@@ -148,6 +159,43 @@ impl Planner {
     }
 }
 
+/// The built-in identifier type that the custom type `t` looks like a
+/// misspelling of (`emial`, `e_mail`, `customerid`), if any: a custom type
+/// is any lower-case word, so a typo in a connector's configuration is
+/// accepted and matches no request.
+fn misspelt_builtin(t: &str) -> Option<&'static str> {
+    if !matches!(t.parse::<IdentifierKind>(), Ok(IdentifierKind::Custom(_))) {
+        return None;
+    }
+    let squashed = |s: &str| s.replace(['_', '-'], "");
+    ["email", "phone", "customer_id", "device_id"].into_iter().find(|b| {
+        squashed(t) == squashed(b) || (t.len() >= 4 && edits(t, b) <= if b.len() > 6 { 2 } else { 1 })
+    })
+}
+
+/// Edits (insertions, deletions, substitutions, swaps of neighbours) from
+/// `a` to `b`.
+fn edits(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    d[a.len()][b.len()]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +239,30 @@ mod tests {
         let open =
             Planner::erase_all(vec![system("shop", Some(&["email"])), system("vendor", None)]).unwrap();
         assert!(open.check_identifier_types(&kinds(&["e_mail"]).iter().collect::<Vec<_>>()).is_ok());
+    }
+
+    /// A connector's misspelt identifier type is accepted as a custom type
+    /// and matches no request: the planner warns of it.
+    #[test]
+    fn a_type_that_looks_like_a_misspelt_built_in_is_a_warning() {
+        for (typo, meant) in [
+            ("emial", "email"),
+            ("e_mail", "email"),
+            ("customerid", "customer_id"),
+            ("devcie_id", "device_id"),
+        ] {
+            assert_eq!(misspelt_builtin(typo), Some(meant), "{typo}");
+        }
+        for fine in ["email", "customer_id", "user_id", "loyalty_number", "phone_number", "iban", "ssn"] {
+            assert_eq!(misspelt_builtin(fine), None, "{fine}");
+        }
+        let systems =
+            vec![system("shop", Some(&["email", "loyalty_number"])), system("crm", Some(&["emial"]))];
+        let (_, warnings) = Planner::new(systems, Policy::erase_all(), Deadlines::default()).unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("system `crm`") && warnings[0].contains("looks like `email`"),
+            "{warnings:?}"
+        );
     }
 }
