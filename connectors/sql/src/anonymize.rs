@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use hmac::{Hmac, Mac};
-use lethe_connector::ConnectorError;
+use lethe_connector::{ConnectorError, Identifier};
 use sha2::Sha256;
 use sqlx::{AnyConnection, Connection, Row};
 
@@ -32,6 +32,10 @@ pub struct Anonymizer<'a> {
     pub table: &'a TableConfig,
     pub columns: &'a TableColumns,
     pub hash_key: Option<&'a str>,
+    /// The task's identifiers: a per-row value that still names the
+    /// subject (an unkeyed SHA-256 of the e-mail, which looks hashed) is
+    /// not anonymous.
+    pub subject: &'a [Identifier],
 }
 
 /// One row read for the per-row strategies.
@@ -43,8 +47,9 @@ struct PerRow<'t> {
 }
 
 impl PerRow<'_> {
-    fn is_left(&self) -> bool {
-        self.pending || self.values.iter().any(|(_, s, v)| v.as_deref().is_some_and(|v| !is_done(s, v)))
+    fn is_left(&self, subject: &[Identifier]) -> bool {
+        self.pending
+            || self.values.iter().any(|(_, s, v)| v.as_deref().is_some_and(|v| !is_done(s, v, subject)))
     }
 }
 
@@ -132,14 +137,14 @@ impl Anonymizer<'_> {
         let pk_kind = self.columns.kind_or_other(&t.primary_key);
         let mut anonymized = 0;
         for row in rows {
-            if !row.is_left() {
+            if !row.is_left(self.subject) {
                 continue;
             }
             let mut sql = Sql::new(self.dialect);
             sql.push("UPDATE ").ident(&t.name).push(" SET ");
             let mut first = !self.assignments(&mut sql)?;
             for (col, strategy, value) in &row.values {
-                let Some(v) = value.as_deref().filter(|v| !is_done(strategy, v)) else {
+                let Some(v) = value.as_deref().filter(|v| !is_done(strategy, v, self.subject)) else {
                     continue;
                 };
                 if !first {
@@ -168,7 +173,7 @@ impl Anonymizer<'_> {
     pub async fn residual(&self, conn: &mut AnyConnection, scope: &Scope<'_>) -> Result<u64, ConnectorError> {
         if self.has_per_row() {
             let rows = self.select(conn, scope, None).await?;
-            return Ok(rows.iter().filter(|r| r.is_left()).count() as u64);
+            return Ok(rows.iter().filter(|r| r.is_left(self.subject)).count() as u64);
         }
         let mut sql = Sql::new(self.dialect);
         sql.push("SELECT COUNT(*) FROM ").ident(&self.table.name).push(" WHERE ").scope(scope).push(" AND ");
@@ -383,10 +388,15 @@ fn mysql_cast_target(column_type: &str) -> Option<String> {
 
 /// Whether a value already is what its strategy makes of values: a hash
 /// (64 lower-case hex digits) or a redaction (only `*`).
-fn is_done(strategy: &Strategy, value: &str) -> bool {
+fn is_done(strategy: &Strategy, value: &str, subject: &[Identifier]) -> bool {
     match strategy {
+        // A digest already there is kept, unless it is one of the
+        // subject's value (an unkeyed SHA-256 of the e-mail, stored for ad
+        // matching, say): anyone can compute it from the e-mail.
         Strategy::Hash => {
-            value.len() == 64 && value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            value.len() == 64
+                && value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                && !subject.iter().any(|i| i.appears_in(value))
         }
         Strategy::Redact => value.chars().all(|c| c == '*'),
         Strategy::Null | Strategy::Fixed(_) => true,
@@ -410,10 +420,17 @@ mod tests {
     #[test]
     fn done_values() {
         let hash = "a".repeat(64);
-        assert!(is_done(&Strategy::Hash, &hash));
-        assert!(!is_done(&Strategy::Hash, &"A".repeat(64)));
-        assert!(!is_done(&Strategy::Hash, "ada@example.com"));
-        assert!(is_done(&Strategy::Redact, "****"));
-        assert!(!is_done(&Strategy::Redact, "**a*"));
+        assert!(is_done(&Strategy::Hash, &hash, &[]));
+        assert!(!is_done(&Strategy::Hash, &"A".repeat(64), &[]));
+        assert!(!is_done(&Strategy::Hash, "ada@example.com", &[]));
+        assert!(is_done(&Strategy::Redact, "****", &[]));
+        assert!(!is_done(&Strategy::Redact, "**a*", &[]));
+        // The unkeyed SHA-256 of the subject's e-mail looks hashed, but
+        // names the subject.
+        let ada =
+            Identifier::parse(lethe_connector::lethe_core::IdentifierKind::Email, "ada@example.com").unwrap();
+        let digest = hex::encode(<Sha256 as sha2::Digest>::digest(b"ada@example.com"));
+        assert!(!is_done(&Strategy::Hash, &digest, std::slice::from_ref(&ada)));
+        assert!(is_done(&Strategy::Hash, &digest, &[]));
     }
 }

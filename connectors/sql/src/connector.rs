@@ -5,7 +5,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use lethe_connector::{Connector, ConnectorError, Erasure, ErasureTask};
 use lethe_core::{DatasetReport, RetainedReport};
 use sqlx::any::AnyPoolOptions;
@@ -71,12 +70,13 @@ impl SqlConnector {
         &self.config
     }
 
-    fn anonymizer<'a>(&'a self, catalog: &'a Catalog, i: usize) -> Anonymizer<'a> {
+    fn anonymizer<'a>(&'a self, catalog: &'a Catalog, i: usize, task: &'a ErasureTask) -> Anonymizer<'a> {
         Anonymizer {
             dialect: self.dialect,
             table: &self.config.tables[i],
             columns: &catalog.tables[i],
             hash_key: self.config.hash_key.as_deref(),
+            subject: &task.identifiers,
         }
     }
 
@@ -190,7 +190,7 @@ impl SqlConnector {
         catalog: &Catalog,
         conds: &[Option<Cond>],
         plans: &[Option<TablePlan<'_>>],
-        issued_at: DateTime<Utc>,
+        task: &ErasureTask,
         done: &mut Done,
     ) -> Result<(), ConnectorError> {
         let mut together: Vec<Table<'_, '_>> = Vec::new();
@@ -200,14 +200,14 @@ impl SqlConnector {
             match self.config.tables[index].batch_size {
                 None => together.push(table),
                 Some(size) => {
-                    self.erase_together(catalog, &together, issued_at, done).await?;
+                    self.erase_together(catalog, &together, task, done).await?;
                     together.clear();
                     let mut conn = self.acquire().await?;
-                    self.erase_table(&mut conn, catalog, table, Some(size), issued_at, done).await?;
+                    self.erase_table(&mut conn, catalog, table, Some(size), task, done).await?;
                 }
             }
         }
-        self.erase_together(catalog, &together, issued_at, done).await
+        self.erase_together(catalog, &together, task, done).await
     }
 
     /// Erases `tables` in one transaction.
@@ -215,7 +215,7 @@ impl SqlConnector {
         &self,
         catalog: &Catalog,
         tables: &[Table<'_, '_>],
-        issued_at: DateTime<Utc>,
+        task: &ErasureTask,
         done: &mut Done,
     ) -> Result<(), ConnectorError> {
         if tables.is_empty() {
@@ -224,12 +224,12 @@ impl SqlConnector {
         if matches!(tables, [t] if self.one_statement(t.index, t.plan)) {
             // Atomic by itself: BEGIN and COMMIT would only add round trips.
             let mut conn = self.acquire().await?;
-            return self.erase_table(&mut conn, catalog, tables[0], None, issued_at, done).await;
+            return self.erase_table(&mut conn, catalog, tables[0], None, task, done).await;
         }
         let mut tx = self.pool.begin().await.map_err(|e| self.err("begin transaction", None, &e))?;
         for &table in tables {
             // On an error, dropping the transaction rolls it back.
-            self.erase_table(&mut tx, catalog, table, None, issued_at, done).await?;
+            self.erase_table(&mut tx, catalog, table, None, task, done).await?;
         }
         tx.commit().await.map_err(|e| self.err("commit", None, &e))
     }
@@ -256,7 +256,7 @@ impl SqlConnector {
         catalog: &Catalog,
         table: Table<'_, '_>,
         batch: Option<u32>,
-        issued_at: DateTime<Utc>,
+        task: &ErasureTask,
         done: &mut Done,
     ) -> Result<(), ConnectorError> {
         let Table { index: i, cond, plan } = table;
@@ -271,7 +271,7 @@ impl SqlConnector {
                             batcher.run(conn, &Change::Delete, &scope).await?
                         }
                         TableAction::Anonymize => {
-                            self.anonymizer(catalog, i).run_batched(conn, &scope, size).await?
+                            self.anonymizer(catalog, i, task).run_batched(conn, &scope, size).await?
                         }
                     };
                     tracing::debug!(
@@ -294,7 +294,7 @@ impl SqlConnector {
                             .map_err(|e| self.err("delete", Some(&t.name), &e))?;
                         result.rows_affected()
                     }
-                    TableAction::Anonymize => self.anonymizer(catalog, i).run(conn, &scope).await?,
+                    TableAction::Anonymize => self.anonymizer(catalog, i, task).run(conn, &scope).await?,
                 },
             };
             match t.action {
@@ -305,7 +305,7 @@ impl SqlConnector {
         let rows = count_kept(conn, self.dialect, &t.name, cond, &plan.kept)
             .await
             .map_err(|e| self.err("count kept rows", Some(&t.name), &e))?;
-        let (reports, end) = report_kept(t, plan, &rows, issued_at, &done.kept);
+        let (reports, end) = report_kept(t, plan, &rows, task.issued_at, &done.kept);
         done.retained[i] = reports;
         done.kept[i] = (rows.own + rows.linked, end);
         tracing::debug!(
@@ -324,6 +324,7 @@ impl SqlConnector {
         catalog: &Catalog,
         conds: &[Option<Cond>],
         plans: &[Option<TablePlan<'_>>],
+        task: &ErasureTask,
     ) -> Result<u64, ConnectorError> {
         let mut residual = 0u64;
         for &i in &self.order {
@@ -334,7 +335,7 @@ impl SqlConnector {
             let t = &self.config.tables[i];
             let scope = Scope { table: &t.name, cond, kept: Some(&plan.kept) };
             let found = match t.action {
-                TableAction::Anonymize => self.anonymizer(catalog, i).residual(conn, &scope).await?,
+                TableAction::Anonymize => self.anonymizer(catalog, i, task).residual(conn, &scope).await?,
                 TableAction::Delete => {
                     let mut sql = Sql::new(self.dialect);
                     sql.push("SELECT COUNT(*) FROM ").ident(&t.name).push(" WHERE ").scope(&scope);
@@ -423,7 +424,7 @@ impl Connector for SqlConnector {
             }
             return Ok(done.into_erasure());
         }
-        if let Err(e) = self.erase_segments(&catalog, &conds, &plans, task.issued_at, &mut done).await {
+        if let Err(e) = self.erase_segments(&catalog, &conds, &plans, task, &mut done).await {
             // Forget the catalog in case the schema changed under us.
             self.remember(None);
             return Err(e);
@@ -443,7 +444,7 @@ impl Connector for SqlConnector {
             return self.run_shared(shared, group, value, catalog).await;
         }
         let mut conn = self.acquire().await?;
-        let result = self.verify_in(&mut conn, &catalog, &conds, &plans).await;
+        let result = self.verify_in(&mut conn, &catalog, &conds, &plans, task).await;
         if result.is_err() {
             self.remember(None);
         }

@@ -130,7 +130,10 @@ impl Store {
             slots.push(Some(at));
         }
         let dialect = Dialect::Postgres;
-        let anonymizer = Anonymizer { dialect, table, columns, hash_key: self.config.hash_key.as_deref() };
+        // Shared statements run only `null` and `fixed` strategies, which read
+        // no value: no subject to compare values with.
+        let anonymizer =
+            Anonymizer { dialect, table, columns, hash_key: self.config.hash_key.as_deref(), subject: &[] };
         let quoted = dialect.quote(&table.name);
         let target = match_target(dialect, Some(&quoted), column, kind, compare);
         let values = |sql: &mut Sql| {

@@ -277,6 +277,46 @@ columns = { email = "null", name = "null", body = "redact" }
     );
 }
 
+/// A column kept for ad matching holds the unkeyed SHA-256 of the e-mail:
+/// it looks hashed already, but anyone can compute it from the e-mail, so
+/// the `hash` strategy replaces it, and verify counts it until then.
+async fn an_unkeyed_digest_of_the_subject_is_not_taken_for_anonymised(db: Arc<TestDb>) {
+    use sha2::Digest as _;
+    let digest = |email: &str| hex::encode(sha2::Sha256::digest(email.as_bytes()));
+    let keyed = hmac_hex(&digest("bob@example.com"));
+    db.exec(&[
+        "CREATE TABLE audiences (id INTEGER PRIMARY KEY, customer_id INTEGER, email_sha256 VARCHAR(64))",
+        &format!(
+            "INSERT INTO audiences (id, customer_id, email_sha256) VALUES (1, 7, '{}'), (2, 8, '{keyed}')",
+            digest("ada@example.com")
+        ),
+    ])
+    .await;
+    let tables = r#"
+[[tables]]
+name = "audiences"
+action = "anonymize"
+category = "identity.contact"
+match = { customer_id = "customer_id" }
+columns = { email_sha256 = "hash" }
+"#;
+    let sql = db.connector(tables).await;
+    let ada = task(vec![id("email", "ada@example.com"), id("customer_id", "7")]);
+    let one = |n| Erasure { datasets: vec![DatasetReport::new("audiences", 0, n)], retained: vec![] };
+    assert_eq!(sql.verify(&ada).await.unwrap(), 1, "the plain digest names Ada");
+    assert_eq!(sql.erase(&ada).await.unwrap(), one(1));
+    assert_eq!(sql.verify(&ada).await.unwrap(), 0);
+    let pool = db.pool().await;
+    let stored: String =
+        sqlx::query_scalar("SELECT email_sha256 FROM audiences WHERE id = 1").fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    assert_eq!(stored, hmac_hex(&digest("ada@example.com")), "replaced by the keyed hash");
+    // A value already keyed (Bob's, by an earlier run) is left as it is.
+    let bob = task(vec![id("email", "bob@example.com"), id("customer_id", "8")]);
+    assert_eq!(sql.verify(&bob).await.unwrap(), 0);
+    assert_eq!(sql.erase(&bob).await.unwrap(), one(0));
+}
+
 /// `members` (deleted, by customer id) and their `payments`, anonymised
 /// with `columns` (the inside of the TOML table), with `batch` added.
 fn payments_tables(columns: &str, batch: &str) -> String {
@@ -499,6 +539,7 @@ on_every_engine!(
     case_accents_and_trailing_spaces_are_other_people,
     case_insensitive_column_collations_do_not_widen_a_match,
     anonymize_by_own_column_is_idempotent,
+    an_unkeyed_digest_of_the_subject_is_not_taken_for_anonymised,
     fixed_values_in_number_and_date_columns,
     health_checks_tables_and_columns,
     database_errors_are_classified_without_values,

@@ -511,11 +511,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "{origin}: ok ({} systems: {}){}",
                 config.systems.len(),
                 config.systems.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
-                if warnings.is_empty() {
-                    String::new()
-                } else {
-                    format!(", {} warnings", warnings.len())
-                }
+                if warnings.is_empty() { String::new() } else { format!(", {} warnings", warnings.len()) }
             );
             if strict && !warnings.is_empty() {
                 bail!("the configuration has warnings (--strict)");
