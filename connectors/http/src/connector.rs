@@ -252,7 +252,8 @@ impl HttpConnector {
         let count = match self.spec.verify.evidence {
             Evidence::Lookup => self.lookup(task, &subjects).await?,
             Evidence::Job => {
-                subjects.iter().filter(|s| self.memo.get(s) != Some(Seen::Finished)).count() as u64
+                subjects.iter().filter(|s| self.memo.get(task.request_id, s) != Some(Seen::Finished)).count()
+                    as u64
             }
         };
         let mut erasure = self.report(0);
@@ -295,7 +296,7 @@ impl HttpConnector {
         self.preflight().await?;
         let mut parts = Vec::with_capacity(subjects.len());
         for subject in subjects {
-            match self.memo.get(subject) {
+            match self.memo.get(task.request_id, subject) {
                 Some(Seen::Running(id)) => {
                     tracing::debug!("a deletion job already runs for the subject; following it");
                     parts.push(id);
@@ -319,7 +320,7 @@ impl HttpConnector {
                             "the deletion job id the API returned is empty or contains ','",
                         ));
                     }
-                    self.memo.running(subject, &id);
+                    self.memo.running(task.request_id, subject, &id);
                     parts.push(id);
                 }
             }
@@ -389,7 +390,7 @@ impl HttpConnector {
                 State::Done => finished.push(subject),
                 State::Running => running = true,
                 State::Failed(state) => {
-                    self.memo.forget(subject);
+                    self.memo.forget(task.request_id, subject);
                     return Err(ConnectorError::permanent(format!(
                         "the deletion job failed (state {state:?})"
                     )));
@@ -407,7 +408,7 @@ impl HttpConnector {
             return Ok(Progress::running(job.id.clone(), self.poll_interval));
         }
         for subject in &finished {
-            self.memo.finished(subject);
+            self.memo.finished(task.request_id, subject);
         }
         tracing::debug!(jobs = finished.len(), "deletion jobs finished");
         Ok(Progress::Done(self.report(finished.len() as u64)))
@@ -417,13 +418,16 @@ impl HttpConnector {
     /// subject whose job finished, 1 otherwise.
     async fn verify_by_job(&self, task: &ErasureTask, subjects: &[&str]) -> Result<u64, ConnectorError> {
         let (Some(spec), Some(job)) = (&self.spec.erase.job, &task.job) else {
-            return Ok(subjects.iter().filter(|s| self.memo.get(s) != Some(Seen::Finished)).count() as u64);
+            return Ok(subjects
+                .iter()
+                .filter(|s| self.memo.get(task.request_id, s) != Some(Seen::Finished))
+                .count() as u64);
         };
         let mut left = 0;
         for (i, subject) in subjects.iter().enumerate() {
             let id = job.id.split(',').nth(i).unwrap_or_default();
             if id.is_empty() {
-                left += u64::from(self.memo.get(subject) != Some(Seen::Finished));
+                left += u64::from(self.memo.get(task.request_id, subject) != Some(Seen::Finished));
                 continue;
             }
             if !matches!(self.state(spec, self.vars(task, subject), id).await?, State::Done) {

@@ -1,16 +1,19 @@
-//! What this process saw of each subject's deletion jobs, for APIs whose job
-//! status is the only evidence of a deletion (no lookup of the subject).
+//! What this process saw of each request's deletion jobs, per subject, for
+//! APIs whose job status is the only evidence of a deletion (no lookup of
+//! the subject).
 //!
-//! Subjects are remembered by a keyed SHA-256 (a random key per process),
-//! never by value, for at most a day and at most [`CAPACITY`] of them: long
-//! enough that a redelivered or repeated task follows the job already
-//! submitted, or reports nothing once it finished, instead of starting
-//! another; short enough that a new request months later submits a new one.
+//! Subjects are remembered per request by a keyed SHA-256 (a random key per
+//! process), never by value, for at most a day and at most [`CAPACITY`] of
+//! them: long enough that a redelivered or retried task follows the job
+//! already submitted, or reports nothing once it finished, instead of
+//! starting another. Another request for the same subject (data brought
+//! back by a restored backup, say) submits a job of its own.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use lethe_connector::lethe_core::RequestId;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
@@ -50,27 +53,28 @@ impl Memo {
         Self { enabled, salt: rand::random(), entries: Mutex::default() }
     }
 
-    fn key(&self, subject: &str) -> Key {
+    fn key(&self, request: RequestId, subject: &str) -> Key {
         let mut h = Sha256::new();
         h.update(self.salt);
+        h.update(request.0.as_bytes());
         h.update(subject.as_bytes());
         h.finalize().into()
     }
 
-    pub fn get(&self, subject: &str) -> Option<Seen> {
+    pub fn get(&self, request: RequestId, subject: &str) -> Option<Seen> {
         if !self.enabled {
             return None;
         }
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let (seen, at) = entries.map.get(&self.key(subject))?;
+        let (seen, at) = entries.map.get(&self.key(request, subject))?;
         (at.elapsed() < TTL).then(|| seen.clone())
     }
 
-    fn put(&self, subject: &str, seen: Option<Seen>) {
+    fn put(&self, request: RequestId, subject: &str, seen: Option<Seen>) {
         if !self.enabled {
             return;
         }
-        let key = self.key(subject);
+        let key = self.key(request, subject);
         let mut guard = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let Entries { map, order } = &mut *guard;
         match seen {
@@ -91,16 +95,16 @@ impl Memo {
         }
     }
 
-    pub fn running(&self, subject: &str, job_id: &str) {
-        self.put(subject, Some(Seen::Running(job_id.to_owned())));
+    pub fn running(&self, request: RequestId, subject: &str, job_id: &str) {
+        self.put(request, subject, Some(Seen::Running(job_id.to_owned())));
     }
 
-    pub fn finished(&self, subject: &str) {
-        self.put(subject, Some(Seen::Finished));
+    pub fn finished(&self, request: RequestId, subject: &str) {
+        self.put(request, subject, Some(Seen::Finished));
     }
 
-    pub fn forget(&self, subject: &str) {
-        self.put(subject, None);
+    pub fn forget(&self, request: RequestId, subject: &str) {
+        self.put(request, subject, None);
     }
 }
 
@@ -109,28 +113,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn remembers_by_subject_and_only_when_enabled() {
-        let m = Memo::new(true);
-        m.running("a@example.com", "j1");
-        assert_eq!(m.get("a@example.com"), Some(Seen::Running("j1".into())));
-        assert_eq!(m.get("b@example.com"), None);
-        m.finished("a@example.com");
-        assert_eq!(m.get("a@example.com"), Some(Seen::Finished));
-        m.forget("a@example.com");
-        assert_eq!(m.get("a@example.com"), None);
+    fn remembers_by_request_and_subject_and_only_when_enabled() {
+        let (m, r) = (Memo::new(true), RequestId::new());
+        m.running(r, "a@example.com", "j1");
+        assert_eq!(m.get(r, "a@example.com"), Some(Seen::Running("j1".into())));
+        assert_eq!(m.get(r, "b@example.com"), None);
+        m.finished(r, "a@example.com");
+        assert_eq!(m.get(r, "a@example.com"), Some(Seen::Finished));
+        assert_eq!(m.get(RequestId::new(), "a@example.com"), None, "another request submits its own job");
+        m.forget(r, "a@example.com");
+        assert_eq!(m.get(r, "a@example.com"), None);
         let off = Memo::new(false);
-        off.finished("a@example.com");
-        assert_eq!(off.get("a@example.com"), None);
+        off.finished(r, "a@example.com");
+        assert_eq!(off.get(r, "a@example.com"), None);
     }
 
     #[test]
     fn capacity_is_bounded() {
-        let m = Memo::new(true);
+        let (m, r) = (Memo::new(true), RequestId::new());
         for i in 0..CAPACITY + 10 {
-            m.finished(&i.to_string());
+            m.finished(r, &i.to_string());
         }
-        assert_eq!(m.get("0"), None);
-        assert_eq!(m.get(&(CAPACITY + 9).to_string()), Some(Seen::Finished));
+        assert_eq!(m.get(r, "0"), None);
+        assert_eq!(m.get(r, &(CAPACITY + 9).to_string()), Some(Seen::Finished));
         assert!(m.entries.lock().unwrap().map.len() <= CAPACITY);
     }
 }

@@ -212,6 +212,13 @@ async fn the_regulation_is_followed_to_finished_and_only_then_verified() {
     // A repeated task follows what this process saw instead of submitting again.
     assert_eq!(c.erase(&t).await.unwrap().total(), 0);
     assert_eq!(mock.ws.created.lock().unwrap().len(), 1);
+    // Another request for the same subject (its data brought back by a
+    // restored backup, say) is no repeat: it submits a regulation of its own,
+    // and nothing proves it done before that one finishes.
+    let later = task(CATEGORY, vec![ada.clone(), email()]);
+    assert_eq!(c.verify(&later).await.unwrap(), 1);
+    assert!(matches!(c.advance(&later).await.unwrap(), Progress::Running(_)));
+    assert_eq!(mock.ws.created.lock().unwrap().len(), 2);
 }
 
 /// A legal hold placed after the regulation was submitted cannot stop it:
