@@ -350,7 +350,7 @@ impl HttpConnector {
         };
         let at = |pointer: &str| -> Result<Option<serde_json::Value>, ConnectorError> {
             let p = Template::parse(pointer).map_err(invalid)?;
-            let p = p.render(&vars, Escape::None).map_err(|e| invalid(format!("erase.job.state: {e}")))?;
+            let p = p.render(&vars, Escape::Pointer).map_err(|e| invalid(format!("erase.job.state: {e}")))?;
             Ok(template::select(&last, &p))
         };
         let s = &job.state;

@@ -106,7 +106,7 @@ pub async fn run(client: &Client, steps: &[Step], mut vars: Vars) -> Result<Run,
             return Err(not_json(name, resp.status));
         }
         let select = |pointer: &str| -> Result<Option<Value>, ConnectorError> {
-            let p = render(name, pointer, &vars, Escape::None)?;
+            let p = render(name, pointer, &vars, Escape::Pointer)?;
             Ok(template::select(&resp.body, &p))
         };
         if let Some(found) = &step.found {

@@ -95,6 +95,9 @@ pub enum Escape {
     /// Percent-encoded as one path segment, unless the last filter already
     /// was `urlencode`.
     PathSegment,
+    /// Part of a pointer ([`select`]): `~`, `/` and `|` escaped (`~0`,
+    /// `~1`, `~2`), so that a value is one segment and never a separator.
+    Pointer,
 }
 
 /// A template could not be rendered.
@@ -200,6 +203,8 @@ impl Template {
                     let encoded = escape == Escape::PathSegment && filters.last() != Some(&Filter::Urlencode);
                     if encoded {
                         out.extend(utf8_percent_encode(&s, COMPONENT));
+                    } else if escape == Escape::Pointer {
+                        out.push_str(&s.replace('~', "~0").replace('/', "~1").replace('|', "~2"));
                     } else {
                         out.push_str(&s);
                     }
@@ -320,7 +325,8 @@ fn select_one(value: &Value, pointer: &str) -> Option<Value> {
         return Some(value.clone());
     }
     let rest = pointer.strip_prefix('/')?;
-    let segments: Vec<String> = rest.split('/').map(|s| s.replace("~1", "/").replace("~0", "~")).collect();
+    let segments: Vec<String> =
+        rest.split('/').map(|s| s.replace("~1", "/").replace("~2", "|").replace("~0", "~")).collect();
     walk(value, &segments)
 }
 
@@ -385,6 +391,24 @@ mod tests {
 
     fn render(t: &str, escape: Escape) -> String {
         Template::parse(t).unwrap().render(&vars(), escape).unwrap()
+    }
+
+    /// A value in a pointer is one piece of text: its `/` or `|` separate
+    /// nothing, and it finds the entry that holds exactly it.
+    #[test]
+    fn a_value_in_a_pointer_is_never_a_separator() {
+        let body = json!({"matches": [{"user_id": "a"}, {"user_id": "a/b|c~d"}]});
+        let mut v = Vars::default();
+        v.set("subject", "a/b|c~d");
+        let p = Template::parse("/matches/[user_id={subject}]/user_id")
+            .unwrap()
+            .render(&v, Escape::Pointer)
+            .unwrap();
+        assert_eq!(p, "/matches/[user_id=a~1b~2c~0d]/user_id");
+        assert_eq!(select(&body, &p), Some(json!("a/b|c~d")));
+        v.set("subject", "a|/matches/0");
+        let p = Template::parse("/matches/[user_id={subject}]").unwrap().render(&v, Escape::Pointer).unwrap();
+        assert_eq!(select(&body, &p), None, "no alternative smuggled in");
     }
 
     #[test]

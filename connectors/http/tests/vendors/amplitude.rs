@@ -56,13 +56,14 @@ async fn search(
         return r;
     }
     let Some(user) = q.get("user") else { return json(400, json!({"error": "user is required"})) };
+    // As Amplitude's search: a user id, a user-id prefix or an Amplitude id.
     let matches: Vec<Value> = s
         .users
         .lock()
         .unwrap()
-        .get(user)
-        .map(|a| json!({"user_id": user, "amplitude_id": a, "platform": "Web"}))
-        .into_iter()
+        .iter()
+        .filter(|(u, a)| u.starts_with(user.as_str()) || a.to_string() == *user)
+        .map(|(u, a)| json!({"user_id": u, "amplitude_id": a, "platform": "Web"}))
         .collect();
     json(200, json!({"matches": matches, "type": "match_user_or_device_id"}))
 }
@@ -234,6 +235,30 @@ async fn the_batch_job_of_the_day_is_followed_until_done() {
     assert_eq!(ranges[0], (Utc::now().date_naive().to_string(), day));
     // Gone: a second task finds nothing and submits nothing.
     assert_eq!(c.erase(&t).await.unwrap().total(), 0);
+    assert_eq!(mock.script.count("POST /api/2/deletions/users"), 1);
+}
+
+/// The search finds users whose id starts with the subject's: only the
+/// subject's own entry counts, for the erase and for verify.
+#[tokio::test]
+async fn users_whose_id_starts_with_the_subjects_are_other_people() {
+    let mock = Mock::start().await;
+    for user in ["12", "123", "1200"] {
+        mock.project.users.lock().unwrap().insert(user.into(), rand_id());
+    }
+    let c = connector(&Mock::settings(&mock.base, SECRET));
+    let short = task(CATEGORY, vec![id("customer_id", "12")]);
+    assert_eq!(c.verify(&short).await.unwrap(), 1, "12 alone, not 123 and 1200");
+    let Progress::Running(pending) = c.advance(&short).await.unwrap() else { panic!("batched") };
+    let again = polling(&short, &pending.job_id);
+    while let Progress::Running(_) = c.advance(&again).await.unwrap() {}
+    assert_eq!(c.verify(&again).await.unwrap(), 0);
+    let users = mock.project.users.lock().unwrap().keys().cloned().collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(users, ["1200".to_owned(), "123".to_owned()].into());
+    // A prefix of someone else's id is nobody: nothing is submitted.
+    let nobody = task(CATEGORY, vec![id("customer_id", "1")]);
+    assert_eq!(c.verify(&nobody).await.unwrap(), 0);
+    assert!(matches!(c.advance(&nobody).await.unwrap(), Progress::Done(e) if e.total() == 0));
     assert_eq!(mock.script.count("POST /api/2/deletions/users"), 1);
 }
 
