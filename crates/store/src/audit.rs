@@ -1,6 +1,6 @@
 //! The hash-chained audit trail. Each event's hash covers its content and
 //! the previous event's hash, so an edited, removed or reordered event
-//! breaks the chain at a point that [`verify_chain`] names.
+//! breaks the chain at a point that [`ChainCheck`] names.
 
 use chrono::{DateTime, Utc};
 use lethe_core::{RequestId, TaskId};
@@ -80,28 +80,44 @@ pub fn event_hash(
     hex::encode(h.finalize())
 }
 
-/// Checks sequence continuity, links and hashes, and that the head row
-/// matches the last event.
-pub(crate) fn verify_chain(events: &[AuditEvent], head: (i64, &str)) -> AuditCheck {
-    let mut prev = GENESIS.to_owned();
-    let mut expected_seq = 1;
-    for e in events {
+/// The chain checked event by event, in sequence order, so that a trail of
+/// any length is checked in pages.
+pub(crate) struct ChainCheck {
+    prev: String,
+    next_seq: i64,
+}
+
+impl Default for ChainCheck {
+    fn default() -> Self {
+        Self { prev: GENESIS.to_owned(), next_seq: 1 }
+    }
+}
+
+impl ChainCheck {
+    /// The sequence number of the last event checked (0 before the first).
+    pub(crate) fn last_seq(&self) -> i64 {
+        self.next_seq - 1
+    }
+
+    /// Checks the next event: its sequence number, its link and its hash.
+    pub(crate) fn feed(&mut self, e: &AuditEvent) -> Result<(), AuditCheck> {
+        let expected_seq = self.next_seq;
         if e.seq != expected_seq {
-            return AuditCheck::Broken {
+            return Err(AuditCheck::Broken {
                 seq: expected_seq,
                 reason: format!("event {expected_seq} is missing (found {} next)", e.seq),
-            };
+            });
         }
-        if e.prev_hash != prev {
-            return AuditCheck::Broken {
+        if e.prev_hash != self.prev {
+            return Err(AuditCheck::Broken {
                 seq: e.seq,
                 reason: "link to the previous event does not match (removed or reordered)".into(),
-            };
+            });
         }
         let rid = e.request_id.map(|r| r.to_string());
         let tid = e.task_id.map(|t| t.to_string());
         let hash = event_hash(
-            &prev,
+            &self.prev,
             e.seq,
             e.at.timestamp_millis(),
             rid.as_deref(),
@@ -110,23 +126,26 @@ pub(crate) fn verify_chain(events: &[AuditEvent], head: (i64, &str)) -> AuditChe
             &e.detail,
         );
         if hash != e.hash {
-            return AuditCheck::Broken {
+            return Err(AuditCheck::Broken {
                 seq: e.seq,
                 reason: "content does not match its hash (edited)".into(),
+            });
+        }
+        self.prev = hash;
+        self.next_seq += 1;
+        Ok(())
+    }
+
+    /// The verdict once every event up to the head's has been fed: the head
+    /// must record the last event and its hash.
+    pub(crate) fn finish(self, head: (i64, &str)) -> AuditCheck {
+        let last = self.last_seq();
+        if head.0 != last || head.1 != self.prev {
+            return AuditCheck::Broken {
+                seq: last + 1,
+                reason: format!("the chain head records event {} but the trail ends at {last}", head.0),
             };
         }
-        prev = hash;
-        expected_seq += 1;
+        AuditCheck::Intact { events: last as u64, head: self.prev }
     }
-    if head.0 != expected_seq - 1 || head.1 != prev {
-        return AuditCheck::Broken {
-            seq: expected_seq,
-            reason: format!(
-                "the chain head records event {} but the trail ends at {}",
-                head.0,
-                expected_seq - 1
-            ),
-        };
-    }
-    AuditCheck::Intact { events: events.len() as u64, head: prev }
 }

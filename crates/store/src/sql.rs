@@ -1870,28 +1870,63 @@ impl StateStore for SqlStore {
     }
 
     async fn verify_audit(&self) -> Result<AuditCheck, StoreError> {
-        // The head and the events from one snapshot: an append committed
-        // between two separate reads would look like a broken chain.
-        let mut tx = self.begin().await?;
-        if self.dialect == Dialect::Postgres {
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                .execute(&mut *tx)
+        // In pages, outside any long transaction: a trail of millions of
+        // events fits in no memory, and a snapshot held for the whole walk
+        // would keep PostgreSQL from vacuuming the queue tables meanwhile.
+        // An event and the head that records it commit together, so every
+        // event up to a head read is there to be read; events appended
+        // meanwhile are checked up to the head read last.
+        const PAGE: i64 = 5_000;
+        let head = || async {
+            let row = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+                .fetch_one(&self.pool)
                 .await
                 .map_err(db_err)?;
+            Ok::<_, StoreError>((col::<i64>(&row, "seq")?, col::<String>(&row, "hash")?))
+        };
+        let mut check = audit::ChainCheck::default();
+        let mut upto = head().await?;
+        loop {
+            while check.last_seq() < upto.0 {
+                let rows = sqlx::query(
+                    "SELECT seq, at, request_id, task_id, kind, detail, prev_hash, hash FROM audit_events \
+                     WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+                )
+                .bind(check.last_seq())
+                .bind(upto.0)
+                .bind(PAGE)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+                if rows.is_empty() {
+                    break; // events missing at the end: `finish` names them
+                }
+                for e in audit_rows(&rows)? {
+                    if let Err(broken) = check.feed(&e) {
+                        return Ok(broken);
+                    }
+                }
+            }
+            // An event no head records was not appended by Lethe. (The
+            // largest number is read before the head: any event committed
+            // by then has a head at least as far.)
+            let last = sqlx::query("SELECT MAX(seq) AS last FROM audit_events")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_err)?;
+            let last: Option<i64> = col(&last, "last")?;
+            let now = head().await?;
+            if let Some(last) = last.filter(|l| *l > now.0) {
+                return Ok(AuditCheck::Broken {
+                    seq: now.0 + 1,
+                    reason: format!("the chain head records event {} but the trail ends at {last}", now.0),
+                });
+            }
+            if now.0 == upto.0 {
+                return Ok(check.finish((upto.0, &upto.1)));
+            }
+            upto = now;
         }
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        let (seq, hash): (i64, String) = (col(&head, "seq")?, col(&head, "hash")?);
-        let rows = sqlx::query(
-            "SELECT seq, at, request_id, task_id, kind, detail, prev_hash, hash FROM audit_events ORDER BY seq",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(audit::verify_chain(&audit_rows(&rows)?, (seq, &hash)))
     }
 
     async fn init_webhook_cursor(&self, endpoint: &str, now: DateTime<Utc>) -> Result<i64, StoreError> {

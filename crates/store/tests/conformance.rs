@@ -810,6 +810,34 @@ async fn audit_chain_is_intact_and_append_only(b: &Backend) {
     assert!(matches!(b.store.verify_audit().await.unwrap(), AuditCheck::Intact { events: 7, .. }));
 }
 
+/// A trail longer than a page of the walk is checked whole; an event
+/// appended behind the head's back is found.
+async fn a_long_audit_trail_is_checked_in_pages(b: &Backend) {
+    let f = Fixture::new();
+    for n in 0..1_800 {
+        b.store
+            .create_request(f.request(&format!("p{n}@example.com"), &["crm", "mail"], None))
+            .await
+            .unwrap();
+    }
+    let AuditCheck::Intact { events, head } = b.store.verify_audit().await.unwrap() else { panic!("broken") };
+    assert!(events > 5_000, "more than a page: {events}");
+    let forged = sqlx::query(
+        "INSERT INTO audit_events (seq, at, request_id, task_id, kind, detail, prev_hash, hash) \
+         VALUES ($1, 0, NULL, NULL, 'request.received', '{}', $2, $2)",
+    )
+    .bind(events as i64 + 1)
+    .bind(head.as_str())
+    .execute(b.store.pool())
+    .await;
+    forged.unwrap();
+    let AuditCheck::Broken { seq, reason } = b.store.verify_audit().await.unwrap() else {
+        panic!("not found")
+    };
+    assert_eq!(seq, events as i64 + 1, "{reason}");
+    assert!(reason.contains("the trail ends at"), "{reason}");
+}
+
 fn at(secs: i64) -> DateTime<Utc> {
     t0() + chrono::Duration::seconds(secs)
 }
@@ -2251,6 +2279,7 @@ suite!(
     requeue_republishes_in_flight_tasks,
     list_filters_and_paginates,
     audit_chain_is_intact_and_append_only,
+    a_long_audit_trail_is_checked_in_pages,
     retryable_failures_requeue_with_backoff_until_attempts_run_out,
     silent_tasks_time_out_then_fail,
     operators_retry_failed_tasks_and_reopen_the_request,
