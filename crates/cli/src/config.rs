@@ -367,7 +367,8 @@ pub struct WebhookConfig {
     /// `request.completed_with_exemptions`); off by default.
     #[serde(default)]
     pub include_identifiers: bool,
-    /// Attempts per event before it is given up (logged as such).
+    /// Attempts per event before it is given up (logged as such, and
+    /// counted in `lethe_webhook_events_given_up_total`).
     #[serde(default = "WebhookConfig::default_max_attempts")]
     pub max_attempts: u32,
     /// Seconds one attempt may take.

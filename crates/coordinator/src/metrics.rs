@@ -5,7 +5,7 @@
 pub use lethe_core::metrics::{
     DEAD_LETTERS_TOTAL, DISPATCH_TO_OUTCOME_SECONDS, DUE_DATE_ALERTS_TOTAL, OUTBOX_BACKLOG, OUTCOMES_TOTAL,
     PUBLISH_FAILURES_TOTAL, REQUESTS, REQUESTS_DUE_SOON, REQUESTS_FINISHED_TOTAL, REQUESTS_OVERDUE,
-    REQUESTS_RECEIVED_TOTAL, TASKS, TASKS_DISPATCHED_TOTAL, TASK_REQUEUES_TOTAL,
+    REQUESTS_RECEIVED_TOTAL, TASKS, TASKS_DISPATCHED_TOTAL, TASK_REQUEUES_TOTAL, WEBHOOKS_GIVEN_UP_TOTAL,
 };
 
 pub fn describe() {
@@ -22,6 +22,10 @@ pub fn describe() {
     );
     metrics::describe_counter!(TASK_REQUEUES_TOTAL, "Tasks queued again by the coordinator, by reason.");
     metrics::describe_counter!(DUE_DATE_ALERTS_TOTAL, "Due-date alerts raised by the scheduler, by alert.");
+    metrics::describe_counter!(
+        WEBHOOKS_GIVEN_UP_TOTAL,
+        "Webhook events given up after their last failed attempt, by endpoint."
+    );
     // The counters the documented alerts watch with rate(): present at 0
     // from the start, so that their first increment is a change.
     metrics::counter!(PUBLISH_FAILURES_TOTAL).increment(0);

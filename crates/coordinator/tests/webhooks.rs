@@ -300,6 +300,18 @@ async fn endpoints_receive_signed_events_with_retries_and_a_delivery_log() {
         log["items"].as_array().unwrap().iter().filter(|d| d["attempt"] == 2).collect();
     assert!(!given_up.is_empty());
     assert!(given_up.iter().all(|d| d["delivered"] == false && d["next_attempt_at"].is_null()));
+    // Each event given up is counted, by endpoint, for an alert.
+    let resp = router.clone().oneshot(request("GET", "/metrics", &admin, None)).await.unwrap();
+    let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let counted = |endpoint: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with(&format!("lethe_webhook_events_given_up_total{{endpoint=\"{endpoint}\"}}"))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert!(counted("down").is_some_and(|n| n >= given_up.len() as f64), "{text}");
+    assert_eq!(counted("ops"), Some(0.0), "{text}");
     assert!(!log.to_string().contains(&base) && !log.to_string().contains(SECRET), "{log}");
     // Every attempt can be read, page by page.
     let mut seen = Vec::new();

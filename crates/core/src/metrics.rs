@@ -28,6 +28,9 @@ pub const TASK_REQUEUES_TOTAL: &str = "lethe_task_requeues_total";
 /// Due-date alerts raised by the scheduler, by `alert` (`due_soon`,
 /// `overdue`); each request is announced once per alert and due date.
 pub const DUE_DATE_ALERTS_TOTAL: &str = "lethe_due_date_alerts_total";
+/// Webhook events given up after the endpoint's last attempt failed, by
+/// `endpoint`: the receiver never got them.
+pub const WEBHOOKS_GIVEN_UP_TOTAL: &str = "lethe_webhook_events_given_up_total";
 
 // The coordinator's gauges, read from the state store at scrape time.
 
@@ -59,7 +62,7 @@ pub const CONNECTOR_TASK_DURATION_SECONDS: &str = "lethe_connector_task_duration
 pub const KAFKA_CONSUMER_LAG: &str = "lethe_kafka_consumer_lag";
 
 /// Every name above.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 19] = [
     REQUESTS_RECEIVED_TOTAL,
     REQUESTS_FINISHED_TOTAL,
     TASKS_DISPATCHED_TOTAL,
@@ -69,6 +72,7 @@ pub const ALL: [&str; 18] = [
     DISPATCH_TO_OUTCOME_SECONDS,
     TASK_REQUEUES_TOTAL,
     DUE_DATE_ALERTS_TOTAL,
+    WEBHOOKS_GIVEN_UP_TOTAL,
     REQUESTS,
     TASKS,
     REQUESTS_OVERDUE,

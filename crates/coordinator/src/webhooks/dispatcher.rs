@@ -14,6 +14,7 @@ use lethe_store::{StateStore, StoreError, WebhookDelivery};
 
 use super::{signature, Event, WebhookEndpoint, WebhookError, AUDIT_KINDS};
 use crate::clock::Clock;
+use crate::metrics::WEBHOOKS_GIVEN_UP_TOTAL;
 
 /// Audit events read per look at the trail.
 const BATCH: u32 = 100;
@@ -100,6 +101,8 @@ impl WebhookDispatcher {
     }
 
     pub async fn run(self) {
+        // At 0 from the start, so that the first event given up is a change.
+        metrics::counter!(WEBHOOKS_GIVEN_UP_TOTAL, "endpoint" => self.endpoint.name.clone()).increment(0);
         self.check_token_names().await;
         let mut backoff = crate::dispatcher::delays(self.poll_interval);
         loop {
@@ -237,6 +240,7 @@ impl WebhookDispatcher {
                     }
                 }
                 (Some(error), None) => {
+                    metrics::counter!(WEBHOOKS_GIVEN_UP_TOTAL, "endpoint" => endpoint.clone()).increment(1);
                     tracing::warn!(%endpoint, event = %id, kind, attempt, %error, "webhook delivery failed; attempts exhausted, event given up");
                 }
             }
