@@ -42,7 +42,9 @@ impl Period {
     pub fn add_to(self, from: DateTime<Utc>) -> DateTime<Utc> {
         match self {
             Self::Months(n) => from.checked_add_months(Months::new(n)).unwrap_or(DateTime::<Utc>::MAX_UTC),
-            Self::Days(n) => from + Duration::days(i64::from(n)),
+            Self::Days(n) => {
+                from.checked_add_signed(Duration::days(i64::from(n))).unwrap_or(DateTime::<Utc>::MAX_UTC)
+            }
         }
     }
 
@@ -50,7 +52,9 @@ impl Period {
     pub fn subtract_from(self, from: DateTime<Utc>) -> DateTime<Utc> {
         match self {
             Self::Months(n) => from.checked_sub_months(Months::new(n)).unwrap_or(DateTime::<Utc>::MIN_UTC),
-            Self::Days(n) => from - Duration::days(i64::from(n)),
+            Self::Days(n) => {
+                from.checked_sub_signed(Duration::days(i64::from(n))).unwrap_or(DateTime::<Utc>::MIN_UTC)
+            }
         }
     }
 
@@ -114,8 +118,16 @@ impl fmt::Display for Period {
 
 /// A period that could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid period {0:?}; expected a number and a unit, e.g. 10y, 6m, 45d (or P10Y, P6M, P45D)")]
+#[error(
+    "invalid period {0:?}; expected a number and a unit, e.g. 10y, 6m, 45d (or P10Y, P6M, P45D), \
+     of at most 1000 years"
+)]
 pub struct InvalidPeriod(pub String);
+
+/// The longest period accepted, in months (1000 years) and in days: dates
+/// that far apart are still dates, and no law keeps records longer.
+const MAX_MONTHS: u32 = 12_000;
+const MAX_DAYS: u32 = 366_000;
 
 impl FromStr for Period {
     type Err = InvalidPeriod;
@@ -126,12 +138,17 @@ impl FromStr for Period {
         let t = t.strip_prefix('p').unwrap_or(&t);
         let unit = t.chars().last().ok_or_else(bad)?;
         let n: u32 = t[..t.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
-        match unit {
-            'y' => n.checked_mul(12).map(Self::Months).ok_or_else(bad),
-            'm' => Ok(Self::Months(n)),
-            'w' => n.checked_mul(7).map(Self::Days).ok_or_else(bad),
-            'd' => Ok(Self::Days(n)),
-            _ => Err(bad()),
+        let period = match unit {
+            'y' => n.checked_mul(12).map(Self::Months).ok_or_else(bad)?,
+            'm' => Self::Months(n),
+            'w' => n.checked_mul(7).map(Self::Days).ok_or_else(bad)?,
+            'd' => Self::Days(n),
+            _ => return Err(bad()),
+        };
+        match period {
+            Self::Months(n) if n > MAX_MONTHS => Err(bad()),
+            Self::Days(n) if n > MAX_DAYS => Err(bad()),
+            _ => Ok(period),
         }
     }
 }
@@ -380,9 +397,15 @@ mod tests {
             assert_eq!(period.to_string(), iso);
             assert_eq!(serde_json::to_string(&period).unwrap(), format!("\"{iso}\""));
         }
-        for bad in ["", "y", "10", "10x", "-1y", "1.5y", "99999999999y"] {
+        for bad in ["", "y", "10", "10x", "-1y", "1.5y", "99999999999y", "999999y", "100000000d", "1001y"] {
             assert!(bad.parse::<Period>().is_err(), "{bad:?} parsed");
         }
+        assert_eq!("1000y".parse::<Period>().unwrap(), Period::Months(12_000));
+        // Whatever a stored period says, the arithmetic clamps, never panics.
+        let now = at(2026, 3, 10);
+        assert_eq!(Period::Days(u32::MAX).add_to(now), DateTime::<Utc>::MAX_UTC);
+        assert_eq!(Period::Days(u32::MAX).subtract_from(now), DateTime::<Utc>::MIN_UTC);
+        assert_eq!(Period::Months(u32::MAX).add_to(now), DateTime::<Utc>::MAX_UTC);
         // 29 February + 10 years clamps to 28 February; back again is 28 Feb.
         let leap = at(2016, 2, 29);
         assert_eq!(Period::Months(120).add_to(leap), at(2026, 2, 28));
