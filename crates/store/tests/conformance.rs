@@ -1396,6 +1396,13 @@ async fn overlapping_holds_keep_data_until_the_last_is_released(b: &Backend) {
         .iter()
         .all(|c| c.action == Action::Hold && c.hold.as_ref().map(|h| h.id.as_str()) == Some("hold-b")));
     assert_eq!(b.store.outbox_backlog().await.unwrap(), 0);
+    // The request's trail says which hold keeps the data now.
+    let events = b.store.audit_events(Some(id)).await.unwrap();
+    let moved = events.iter().find(|e| e.kind == "task.hold_transferred").expect("recorded");
+    assert_eq!(moved.task_id, Some(task_of(&d, "crm").id));
+    let what: serde_json::Value = serde_json::from_str(&moved.detail).unwrap();
+    assert_eq!((what["from_hold"].as_str(), what["to_hold"].as_str()), (Some("hold-a"), Some("hold-b")));
+    assert_eq!(what["system"], "crm");
 
     let last = b.store.release_hold("hold-b", "all cases closed", day(2)).await.unwrap();
     assert_eq!(last, ReleaseResult::Released { resumed: 1 });

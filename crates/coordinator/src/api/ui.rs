@@ -90,6 +90,11 @@ pub async fn events(
                         detail["from"].as_str().unwrap_or("?"),
                         detail["to"].as_str().unwrap_or("?")
                     )),
+                    "task.hold_transferred" => Some(format!(
+                        "legal hold {} released; hold {} keeps the data",
+                        detail["from_hold"].as_str().unwrap_or("?"),
+                        detail["to_hold"].as_str().unwrap_or("?")
+                    )),
                     "request.status" => Some(format!(
                         "{} → {}",
                         detail["from"].as_str().unwrap_or("?"),

@@ -706,6 +706,8 @@ impl SqlStore {
         for (request, categories) in &held_by {
             let hashes = hashes_of.get(request).map_or(&[][..], Vec::as_slice);
             let mut freed: BTreeSet<&str> = BTreeSet::new();
+            // Categories another hold keeps from now on, by system and hold.
+            let mut taken: BTreeMap<(&str, String), Vec<&str>> = BTreeMap::new();
             for (system, category) in categories {
                 let still = others
                     .iter()
@@ -726,14 +728,37 @@ impl SqlStore {
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err)?;
-                if still.is_none() {
-                    freed.insert(system.as_str());
+                match still {
+                    Some(other) => taken.entry((system.as_str(), other)).or_default().push(category.as_str()),
+                    None => {
+                        freed.insert(system.as_str());
+                    }
                 }
+            }
+            let request_id: RequestId = parse(request, "request id")?;
+            // The trail names the hold that keeps each category: the one
+            // that takes over is recorded as the first one was.
+            for ((system, other), categories) in taken {
+                let task = sqlx::query("SELECT id FROM tasks WHERE request_id = $1 AND system = $2")
+                    .bind(request.as_str())
+                    .bind(system)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                let task_id = match task {
+                    Some(row) => Some(parse::<TaskId>(&col::<String>(&row, "id")?, "task id")?),
+                    None => None,
+                };
+                events.push(PendingEvent::new(
+                    request_id,
+                    task_id,
+                    "task.hold_transferred",
+                    json!({"system": system, "categories": categories, "from_hold": id, "to_hold": other}),
+                ));
             }
             if freed.is_empty() {
                 continue;
             }
-            let request_id: RequestId = parse(request, "request id")?;
             self.lock_request(&mut tx, request_id).await?;
             for system in freed {
                 let task = sqlx::query("SELECT id FROM tasks WHERE request_id = $1 AND system = $2")
