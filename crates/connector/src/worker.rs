@@ -15,6 +15,7 @@ use backon::Retryable;
 use chrono::Utc;
 use lethe_bus::{Bus, BusError, Consumer, Delivery, Position, ResultMessage, TaskMessage, ENVELOPE_VERSION};
 use lethe_core::identifier::{WITHHELD_REASON, WITHHELD_TEXT};
+use lethe_core::outcome::{cut, MAX_NAME_BYTES, MAX_REASON_BYTES};
 use lethe_core::{DataKey, Identifier, Outcome, RequestId, TaskId};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -329,22 +330,27 @@ fn screened(e: ConnectorError, subject: &[Identifier]) -> ConnectorError {
 /// and basis) withheld if it names one of `subject`'s identifiers: they
 /// reach the audit trail and the certificate.
 fn screened_report(mut erasure: Erasure, subject: &[Identifier]) -> Erasure {
-    let screen = |text: &mut String| {
+    let screen = |text: &mut String, limit: usize| {
         if subject.iter().any(|i| i.appears_in(text)) {
             *text = WITHHELD_TEXT.to_owned();
         }
+        cut(text, limit);
     };
-    erasure.datasets.iter_mut().for_each(|d| screen(&mut d.dataset));
+    erasure.datasets.iter_mut().for_each(|d| screen(&mut d.dataset, MAX_NAME_BYTES));
     for r in &mut erasure.retained {
-        screen(&mut r.dataset);
-        r.category.iter_mut().for_each(screen);
-        screen(&mut r.basis);
+        screen(&mut r.dataset, MAX_NAME_BYTES);
+        r.category.iter_mut().for_each(|c| screen(c, MAX_NAME_BYTES));
+        screen(&mut r.basis, MAX_REASON_BYTES);
     }
     erasure
 }
 
+/// The outcome of an error, its message cut to the protocol's length (a
+/// vendor's error page must not make a result the broker refuses).
 fn failed(e: ConnectorError) -> Outcome {
-    Outcome::Failed { retryable: e.retryable, reason: e.message }
+    let mut reason = e.message;
+    cut(&mut reason, MAX_REASON_BYTES);
+    Outcome::Failed { retryable: e.retryable, reason }
 }
 
 /// Nothing removed is `not_found`, unless a dataset still says by when
@@ -508,6 +514,26 @@ mod tests {
         }
         assert!(!running.is_finished(), "the worker still runs");
         running.abort();
+    }
+
+    /// A vendor's error page as a reason, or a name that runs on, is cut
+    /// to the protocol's lengths before the result is sent.
+    #[test]
+    fn texts_are_cut_to_the_protocols_lengths() {
+        let Outcome::Failed { reason, .. } = failed(ConnectorError::retryable("é".repeat(1_000_000))) else {
+            panic!("failed")
+        };
+        assert!(
+            reason.len() <= MAX_REASON_BYTES + '…'.len_utf8() && reason.ends_with('…'),
+            "{}",
+            reason.len()
+        );
+        let long = Erasure {
+            datasets: vec![lethe_core::DatasetReport::new("d".repeat(1_000), 1, 0)],
+            retained: vec![],
+        };
+        let cut = screened_report(long, &[]);
+        assert_eq!(cut.datasets[0].dataset.len(), MAX_NAME_BYTES + '…'.len_utf8());
     }
 
     /// A task of request `ada@example.com`'s, sealed under `key`.

@@ -18,12 +18,21 @@ use crate::metrics::{
     TASK_REQUEUES_TOTAL,
 };
 
-/// Longest failure reason (or basis of a kept record) kept, in bytes; a
-/// longer one is cut.
-pub const MAX_REASON_BYTES: usize = 500;
+pub use lethe_core::outcome::{MAX_NAME_BYTES, MAX_REASON_BYTES};
 
-/// Longest dataset or category name kept from a result, in bytes.
-pub const MAX_NAME_BYTES: usize = 200;
+/// Longest external job id accepted, in bytes.
+pub const MAX_JOB_ID_BYTES: usize = 1024;
+
+/// Times a batch of results is refused (otherwise than for unavailability)
+/// before its results are applied one by one.
+const BATCH_REFUSALS: u32 = 3;
+
+/// Times one result is refused before it is dead-lettered (about half a
+/// minute of backoff).
+const RESULT_REFUSALS: u32 = 8;
+
+/// The dead-letter reason of a result the state store refused every time.
+pub const REFUSED: &str = "the state store refused to apply this result";
 
 /// What a failure reason becomes when it holds one of the subject's
 /// identifiers.
@@ -115,11 +124,13 @@ impl Ingest {
                 system: Some(m.system.clone()),
             })
             .collect();
-        let applied = until_ok("applying outcomes", || {
-            self.store.apply_outcomes(&reports, &self.schedule, self.clock.now())
-        })
-        .await;
+        let applied = self.apply_all(&reports).await;
         for (msg, applied) in results.iter().zip(applied) {
+            let Some(applied) = applied else {
+                metrics::counter!(OUTCOMES_TOTAL, "result" => "refused").increment(1);
+                durable &= self.dead_letter(source, &msg.encode(), REFUSED).await;
+                continue;
+            };
             match applied {
                 Applied::Moved { request, task, request_status } => {
                     metrics::counter!(OUTCOMES_TOTAL, "result" => "applied").increment(1);
@@ -164,6 +175,67 @@ impl Ingest {
         durable
     }
 
+    /// Applies `reports`, waiting out a store that is unavailable. One the
+    /// store refuses otherwise, again and again, is applied result by
+    /// result, so that a result it can never apply (a poison message) is
+    /// given up alone (`None`, to be dead-lettered, and replayable from
+    /// there) instead of stopping every result behind it.
+    async fn apply_all(&self, reports: &[OutcomeReport]) -> Vec<Option<Applied>> {
+        let e = match self.apply_patiently(reports, BATCH_REFUSALS).await {
+            Ok(applied) => return applied.into_iter().map(Some).collect(),
+            Err(e) => e,
+        };
+        if reports.len() > 1 {
+            tracing::warn!(error = %e, results = reports.len(), "the state store refused a batch of results; applying them one by one");
+        }
+        // Each once first, so that the others need not wait for the one at
+        // fault; then again, patiently, those refused.
+        let mut applied = Vec::with_capacity(reports.len());
+        let mut refused = Vec::new();
+        for (i, r) in reports.iter().enumerate() {
+            match self.apply_patiently(std::slice::from_ref(r), 1).await {
+                Ok(mut one) => applied.push(one.pop()),
+                Err(_) => {
+                    applied.push(None);
+                    refused.push(i);
+                }
+            }
+        }
+        for i in refused {
+            let r = &reports[i];
+            match self.apply_patiently(std::slice::from_ref(r), RESULT_REFUSALS).await {
+                Ok(mut one) => applied[i] = one.pop(),
+                Err(e) => {
+                    tracing::error!(error = %e, task = %r.task_id, "the state store refused a result every time; it is dead-lettered");
+                }
+            }
+        }
+        applied
+    }
+
+    /// Applies `reports`, retrying an unavailable store without end and
+    /// other refusals up to `refusals` times, with backoff.
+    async fn apply_patiently(
+        &self,
+        reports: &[OutcomeReport],
+        refusals: u32,
+    ) -> Result<Vec<Applied>, StoreError> {
+        let mut backoff = delays(Duration::from_millis(100));
+        let mut refused = 0;
+        loop {
+            match self.store.apply_outcomes(reports, &self.schedule, self.clock.now()).await {
+                Ok(applied) => return Ok(applied),
+                Err(e) if !e.is_transient() && refused + 1 >= refusals => return Err(e),
+                Err(e) => {
+                    refused += u32::from(!e.is_transient());
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error = %e, ?delay, "applying outcomes failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
     /// The text a connector writes into a result (a failure's reason, a
     /// kept record's basis, dataset and category names) is shown to
     /// operators, written to the audit trail, which cannot be changed
@@ -182,8 +254,21 @@ impl Ingest {
             Outcome::RetainedInPart { retained, .. } => !retained.is_empty(),
             _ => false,
         };
+        if let Outcome::Accepted { job_id, .. } = &m.outcome {
+            // It goes into the state store and back to the connector as it
+            // is: one that cannot (a NUL byte, pages of text) fails the task.
+            if job_id.is_empty() || job_id.len() > MAX_JOB_ID_BYTES || job_id.chars().any(char::is_control) {
+                let reason = format!(
+                    "the connector's job id is empty, longer than {MAX_JOB_ID_BYTES} bytes or holds control characters"
+                );
+                m.outcome = Outcome::Failed { retryable: false, reason };
+            }
+        }
         for (text, limit) in texts(&mut m.outcome) {
-            cut(text, limit);
+            // Control characters other than line breaks and tabs (a NUL
+            // byte, which PostgreSQL refuses in text) are dropped.
+            text.retain(|c| !c.is_control() || c == '\n' || c == '\t');
+            lethe_core::outcome::cut(text, limit);
         }
         if !prose {
             return;
@@ -261,19 +346,6 @@ fn texts(outcome: &mut Outcome) -> Vec<(&mut String, usize)> {
         Outcome::NotFound { .. } | Outcome::Accepted { .. } => {}
     }
     texts
-}
-
-/// Cuts `text` to at most `limit` bytes (on a character boundary), marked
-/// with an ellipsis.
-fn cut(text: &mut String, limit: usize) {
-    if text.len() > limit {
-        let mut end = limit;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push('…');
-    }
 }
 
 /// Runs `f` until it succeeds, backing off between failures: a result is

@@ -690,6 +690,91 @@ async fn a_kept_records_text_never_carries_the_subject_nor_runs_on() {
     assert!(audit.iter().all(|e| e.detail.len() < 2_000), "the long name was cut");
 }
 
+/// A result the state store refuses every time (here a trigger refuses its
+/// task's outcome) is dead-lettered alone; the results in the same batch,
+/// and those after it, are applied. A job id with a NUL byte, which
+/// PostgreSQL would refuse in text, fails its task instead.
+#[tokio::test]
+async fn a_result_the_store_always_refuses_stops_nothing_else() {
+    use sqlx::{Connection as _, Executor as _};
+    let h = Harness::new().await;
+    let mut ids = Vec::new();
+    for who in ["poison", "fine"] {
+        let body = json!({"subject": {"email": format!("{who}@example.com")}, "regulation": "gdpr"});
+        let (_, created, _) = call(&h.app(), post(body.to_string())).await;
+        ids.push(created["id"].as_str().unwrap().parse::<lethe_core::RequestId>().unwrap());
+    }
+    let mut tasks: Vec<(lethe_core::RequestId, String, lethe_core::TaskId)> = Vec::new();
+    for _ in 0..200 {
+        tasks.clear();
+        for id in &ids {
+            let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{id}"))).await;
+            for s in view["systems"].as_array().unwrap() {
+                if s["state"] == "dispatched" {
+                    let task = s["task_id"].as_str().unwrap().parse().unwrap();
+                    tasks.push((*id, s["system"].as_str().unwrap().to_owned(), task));
+                }
+            }
+        }
+        if tasks.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(tasks.len(), 4);
+    let poisoned = tasks.iter().find(|(r, s, _)| *r == ids[0] && s == "crm").unwrap().2;
+    let url = format!("sqlite://{}/state.db", h._dir.path().display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    db.execute(
+        format!(
+            "CREATE TRIGGER poison BEFORE INSERT ON outcomes WHEN NEW.task_id = '{poisoned}' \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        .as_str(),
+    )
+    .await
+    .unwrap();
+    for (request, system, task) in &tasks {
+        let outcome = if *request == ids[0] && system == "mail" {
+            lethe_core::Outcome::Accepted { job_id: "job\u{0}1".into(), poll_after_seconds: None }
+        } else {
+            lethe_core::Outcome::Erased {
+                datasets: vec![DatasetReport::new("people", 1, 0)],
+                residual: Some(0),
+            }
+        };
+        let result = lethe_bus::ResultMessage {
+            version: 1,
+            task_id: *task,
+            request_id: *request,
+            system: system.clone(),
+            attempt: 1,
+            outcome,
+            reported_at: Utc::now(),
+            worker: None,
+            task_issued_at: None,
+        };
+        h.bus.publish_result(&result).await.unwrap();
+    }
+    let fine = wait_final(&h.app(), &ids[1].to_string()).await;
+    assert_eq!(fine["status"], "completed", "not held up by the refused result: {fine}");
+    for _ in 0..600 {
+        if !h.bus.dead_letters().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let letters = h.bus.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason, lethe_coordinator::ingest::REFUSED);
+    let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{}", ids[0]))).await;
+    let mail = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == "mail").unwrap();
+    assert_eq!(mail["state"], "failed", "{mail}");
+    assert!(mail["outcome"]["reason"].as_str().unwrap().contains("job id"), "{mail}");
+    let crm = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").unwrap();
+    assert_eq!(crm["state"], "dispatched", "its result was refused, not applied: {crm}");
+}
+
 #[tokio::test]
 async fn silent_tasks_are_redispatched_after_their_time_out_then_failed() {
     let settings = Settings {

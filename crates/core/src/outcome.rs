@@ -164,6 +164,26 @@ impl Outcome {
     }
 }
 
+/// Longest failure reason (or basis of a kept record) kept in a result, in
+/// bytes; a longer one is cut.
+pub const MAX_REASON_BYTES: usize = 500;
+
+/// Longest dataset or category name kept in a result, in bytes.
+pub const MAX_NAME_BYTES: usize = 200;
+
+/// Cuts `text` to at most `limit` bytes (on a character boundary), marked
+/// with an ellipsis.
+pub fn cut(text: &mut String, limit: usize) {
+    if text.len() > limit {
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
