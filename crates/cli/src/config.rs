@@ -207,17 +207,25 @@ pub struct WorkerConfig {
     /// Tasks a worker runs at once (offsets are still stored in order).
     #[serde(default = "WorkerConfig::default_concurrency")]
     pub concurrency: usize,
+    /// Seconds a worker stopped by SIGTERM or Ctrl-C lets its tasks in
+    /// flight finish and report before it exits; what still runs then is
+    /// delivered again later.
+    #[serde(default = "WorkerConfig::default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
 }
 
 impl WorkerConfig {
     const fn default_concurrency() -> usize {
         8
     }
+    const fn default_shutdown_grace() -> u64 {
+        30
+    }
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { concurrency: Self::default_concurrency() }
+        Self { concurrency: Self::default_concurrency(), shutdown_grace_secs: Self::default_shutdown_grace() }
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use lethe_bus::{Bus, InProcessBus, KafkaBus};
@@ -209,10 +210,8 @@ pub async fn run_connector(
     let worker = Worker::new(system.name.clone(), connector, keys, bus, config.retry)
         .with_concurrency(config.worker.concurrency);
     tracing::info!(system = %system.name, coordinator = %shown, "connector worker consuming");
-    tokio::select! {
-        r = worker.run() => r.map_err(anyhow::Error::from),
-        _ = shutdown_signal() => Ok(()),
-    }
+    let grace = Duration::from_secs(config.worker.shutdown_grace_secs);
+    worker.run_until(shutdown_signal(), grace).await.map_err(anyhow::Error::from)
 }
 
 /// `lethe serve`: runs until Ctrl-C or SIGTERM.

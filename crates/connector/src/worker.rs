@@ -8,7 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use backon::Retryable;
@@ -83,6 +83,16 @@ impl Worker {
     /// Consumes until the bus closes. Each task is acknowledged only after
     /// its result has been delivered.
     pub async fn run(self) -> Result<(), BusError> {
+        self.run_until(std::future::pending(), Duration::ZERO).await
+    }
+
+    /// As [`Worker::run`], until `stop` resolves (a SIGTERM, say): then it
+    /// takes no new task and lets those in flight finish, deliver their
+    /// results and be acknowledged, for at most `grace`; what is still
+    /// running then is left unacknowledged, to be delivered again. A task
+    /// cut off after its erase ran would be run again and report what it
+    /// finds then (nothing), not what it removed.
+    pub async fn run_until(self, stop: impl Future<Output = ()>, grace: Duration) -> Result<(), BusError> {
         crate::metrics::describe(&self.system);
         let mut consumer: Box<dyn Consumer<TaskMessage>> = self.bus.task_consumer(&self.system).await?;
         tracing::info!(system = %self.system, concurrency = self.concurrency, "worker started");
@@ -91,8 +101,23 @@ impl Worker {
         let mut in_flight: JoinSet<Result<Position, BusError>> = JoinSet::new();
         let mut order = AckOrder::default();
         let mut open = true;
+        let mut stopping = false;
+        let deadline = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(stop, deadline);
         while open || !in_flight.is_empty() {
             tokio::select! {
+                () = &mut stop, if !stopping => {
+                    stopping = true;
+                    open = false;
+                    deadline.as_mut().reset(tokio::time::Instant::now() + grace);
+                    tracing::info!(system = %this.system, in_flight = in_flight.len(),
+                        "stopping: finishing the tasks in flight");
+                }
+                () = &mut deadline, if stopping => {
+                    tracing::warn!(system = %this.system, in_flight = in_flight.len(),
+                        "stopping: tasks still running after the grace period are left to be delivered again");
+                    return Ok(());
+                }
                 delivery = consumer.recv(), if open && in_flight.len() < this.concurrency => match delivery {
                     Some(d) => {
                         order.received(d.position);
@@ -534,6 +559,73 @@ mod tests {
         };
         let cut = screened_report(long, &[]);
         assert_eq!(cut.datasets[0].dataset.len(), MAX_NAME_BYTES + '…'.len_utf8());
+    }
+
+    /// Erases after a pause (`slow`).
+    struct Slow(std::time::Duration);
+
+    #[async_trait]
+    impl Connector for Slow {
+        async fn erase(&self, _task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+            tokio::time::sleep(self.0).await;
+            Ok(Erasure {
+                datasets: vec![lethe_core::DatasetReport::new("customers", 1, 0)],
+                retained: vec![],
+            })
+        }
+        async fn verify(&self, _task: &ErasureTask) -> Result<u64, ConnectorError> {
+            Ok(0)
+        }
+        async fn health(&self) -> Result<(), ConnectorError> {
+            Ok(())
+        }
+    }
+
+    /// Stopped while a task runs, a worker lets it finish and report what
+    /// it removed (run again, it would find nothing), takes no new task,
+    /// and gives up on what outlasts the grace period.
+    #[tokio::test]
+    async fn a_stopped_worker_finishes_its_tasks_in_flight_within_the_grace_period() {
+        use std::time::Duration;
+        let key = DataKey::generate();
+        let retry = RetryPolicy { initial_delay_ms: 1, max_delay_ms: 1, max_retries: 0 };
+        let bus = Arc::new(lethe_bus::InProcessBus::new());
+        let worker = Worker::new(
+            "crm",
+            Arc::new(Slow(Duration::from_millis(300))),
+            Arc::new(OneKey::new(&key)),
+            bus.clone(),
+            retry,
+        )
+        .with_concurrency(1);
+        bus.publish_tasks(&[task_for(&key, 1)]).await.unwrap();
+        let mut results = bus.result_consumer().await.unwrap();
+        let stop = tokio::time::sleep(Duration::from_millis(50));
+        let running = tokio::spawn(worker.run_until(stop, Duration::from_secs(10)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        bus.publish_tasks(&[task_for(&key, 2)]).await.unwrap();
+        let done = tokio::time::timeout(Duration::from_secs(10), running).await.expect("the worker stops");
+        done.unwrap().unwrap();
+        let result = results.recv().await.unwrap().message.unwrap();
+        assert_eq!(result.attempt, 1);
+        assert!(matches!(result.outcome, Outcome::Erased { .. }), "{result:?}");
+        let none = tokio::time::timeout(Duration::from_millis(400), results.recv()).await;
+        assert!(none.is_err(), "the task that came after the stop was not taken");
+
+        // A task that outlasts the grace period is left to come again.
+        let bus = Arc::new(lethe_bus::InProcessBus::new());
+        let worker = Worker::new(
+            "crm",
+            Arc::new(Slow(Duration::from_secs(60))),
+            Arc::new(OneKey::new(&key)),
+            bus.clone(),
+            retry,
+        );
+        bus.publish_tasks(&[task_for(&key, 1)]).await.unwrap();
+        let stop = tokio::time::sleep(Duration::from_millis(50));
+        let started = std::time::Instant::now();
+        worker.run_until(stop, Duration::from_millis(200)).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     }
 
     /// A task of request `ada@example.com`'s, sealed under `key`.
