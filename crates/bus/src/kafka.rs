@@ -21,7 +21,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use serde::Deserialize;
 
-use crate::{Bus, BusError, Consumer, Delivery, Position, ResultMessage, TaskMessage};
+use crate::{Bus, BusError, Consumer, Delivery, Position, PublishError, ResultMessage, TaskMessage};
 
 /// The names of a deployment's topics and consumer groups. With the default
 /// namespace `lethe`: `lethe.tasks.<system>`, `lethe.results`, `lethe.dlq`,
@@ -467,7 +467,7 @@ impl Consumer<ResultMessage> for KafkaResultConsumer {
 
 #[async_trait]
 impl Bus for KafkaBus {
-    async fn publish_tasks(&self, tasks: &[TaskMessage]) -> Result<(), BusError> {
+    async fn publish_tasks(&self, tasks: &[TaskMessage]) -> Result<(), PublishError> {
         let payloads: Vec<(String, String, Vec<u8>, uuid::Uuid)> = tasks
             .iter()
             .map(|t| (self.names.tasks(&t.system), t.request_id.to_string(), t.encode(), t.request_id.0))
@@ -475,10 +475,18 @@ impl Bus for KafkaBus {
         let sends = payloads
             .iter()
             .map(|(topic, key, payload, request)| self.send(topic, key, payload, headers(*request)));
-        for result in futures::future::join_all(sends).await {
-            result?;
+        let mut failed = Vec::new();
+        let mut first = None;
+        for (i, result) in futures::future::join_all(sends).await.into_iter().enumerate() {
+            if let Err(e) = result {
+                failed.push(i);
+                first.get_or_insert(e);
+            }
         }
-        Ok(())
+        match first {
+            None => Ok(()),
+            Some(error) => Err(PublishError { error, failed }),
+        }
     }
 
     async fn task_consumer(&self, system: &str) -> Result<Box<dyn Consumer<TaskMessage>>, BusError> {

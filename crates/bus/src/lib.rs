@@ -30,6 +30,15 @@ pub enum BusError {
     Config(String),
 }
 
+/// Some tasks of a batch were not delivered; the others were.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} ({} of the batch not delivered)", failed.len())]
+pub struct PublishError {
+    pub error: BusError,
+    /// The positions, in the batch, of the tasks not delivered.
+    pub failed: Vec<usize>,
+}
+
 /// A message that could not be decoded: its raw bytes go to the dead-letter
 /// destination with the reason.
 #[derive(Debug, Clone)]
@@ -69,10 +78,11 @@ pub trait Consumer<T>: Send {
 /// The transport between coordinator and connectors.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Publishes tasks; returns only once every one of them is delivered
-    /// (for a broker: acknowledged by it). On error none may be assumed
-    /// delivered and the caller publishes them again later.
-    async fn publish_tasks(&self, tasks: &[TaskMessage]) -> Result<(), BusError>;
+    /// Publishes tasks; returns once every one of them is delivered (for a
+    /// broker: acknowledged by it) or given up. The error names those not
+    /// delivered, which the caller publishes again later; the others were
+    /// (a topic refused, say, must not make the rest go out again).
+    async fn publish_tasks(&self, tasks: &[TaskMessage]) -> Result<(), PublishError>;
 
     /// Consumes the tasks of one system.
     async fn task_consumer(&self, system: &str) -> Result<Box<dyn Consumer<TaskMessage>>, BusError>;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use crate::{Bus, BusError, Consumer, Delivery, Position, ResultMessage, TaskMessage};
+use crate::{Bus, BusError, Consumer, Delivery, Position, PublishError, ResultMessage, TaskMessage};
 
 const CAPACITY: usize = 4096;
 
@@ -101,9 +101,11 @@ fn take_receiver<T>(slot: &mut Option<mpsc::Receiver<T>>, what: &str) -> Result<
 
 #[async_trait]
 impl Bus for InProcessBus {
-    async fn publish_tasks(&self, tasks: &[TaskMessage]) -> Result<(), BusError> {
-        for task in tasks {
-            self.task_sender(&task.system).send(task.clone()).await.map_err(|_| BusError::Closed)?;
+    async fn publish_tasks(&self, tasks: &[TaskMessage]) -> Result<(), PublishError> {
+        for (i, task) in tasks.iter().enumerate() {
+            if self.task_sender(&task.system).send(task.clone()).await.is_err() {
+                return Err(PublishError { error: BusError::Closed, failed: (i..tasks.len()).collect() });
+            }
         }
         Ok(())
     }

@@ -65,15 +65,26 @@ impl Dispatcher {
             return Ok(0);
         }
         let messages: Vec<TaskMessage> = items.iter().map(|i| message(i, now)).collect();
-        if let Err(e) = self.bus.publish_tasks(&messages).await {
-            metrics::counter!(PUBLISH_FAILURES_TOTAL).increment(1);
-            let ids: Vec<i64> = items.iter().map(|i| i.outbox_id).collect();
-            if let Err(release) = self.store.release_outbox(&self.owner, &ids).await {
-                tracing::warn!(error = %release, "could not release outbox claims; they expire with their lease");
+        // What was delivered is recorded as published; only what was not
+        // goes back to the outbox (published again, it would be run twice).
+        let (items, failure) = match self.bus.publish_tasks(&messages).await {
+            Ok(()) => (items, None),
+            Err(e) => {
+                metrics::counter!(PUBLISH_FAILURES_TOTAL).increment(1);
+                let failed: std::collections::HashSet<usize> = e.failed.iter().copied().collect();
+                let (kept, sent): (Vec<_>, Vec<_>) =
+                    items.into_iter().enumerate().partition(|(i, _)| failed.contains(i));
+                let ids: Vec<i64> = kept.iter().map(|(_, item)| item.outbox_id).collect();
+                if let Err(release) = self.store.release_outbox(&self.owner, &ids).await {
+                    tracing::warn!(error = %release, "could not release outbox claims; they expire with their lease");
+                }
+                (sent.into_iter().map(|(_, item)| item).collect::<Vec<_>>(), Some(e))
             }
-            return Err(format!("publish: {e}"));
+        };
+        if !items.is_empty() {
+            let recorded = self.store.mark_published(&self.owner, &items, self.clock.now()).await;
+            recorded.map_err(|e| e.to_string())?;
         }
-        self.store.mark_published(&self.owner, &items, self.clock.now()).await.map_err(|e| e.to_string())?;
         for item in &items {
             metrics::counter!(TASKS_DISPATCHED_TOTAL, "system" => item.system.clone()).increment(1);
             let span = tracing::info_span!(
@@ -86,7 +97,10 @@ impl Dispatcher {
             lethe_bus::trace::link(&span, item.request_id);
             span.in_scope(|| tracing::debug!("task published"));
         }
-        Ok(items.len())
+        match failure {
+            None => Ok(items.len()),
+            Some(e) => Err(format!("publish: {e}")),
+        }
     }
 }
 

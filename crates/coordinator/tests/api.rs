@@ -51,6 +51,11 @@ impl Harness {
     }
 
     async fn with(settings: Settings) -> Self {
+        Self::with_bus(settings, |bus| bus).await
+    }
+
+    /// The coordinator publishes through `wrap(the in-process bus)`.
+    async fn with_bus(settings: Settings, wrap: impl FnOnce(Arc<InProcessBus>) -> Arc<dyn Bus>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store =
             lethe_store::connect(&format!("sqlite://{}/state.db", dir.path().display())).await.unwrap();
@@ -59,7 +64,7 @@ impl Harness {
         let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 31, 12, 0, 0).unwrap());
         let coordinator = Coordinator::start(
             store,
-            bus.clone(),
+            wrap(bus.clone()),
             master.clone(),
             Planner::erase_all(systems()).unwrap(),
             Arc::new(clock.clone()),
@@ -773,6 +778,93 @@ async fn a_result_the_store_always_refuses_stops_nothing_else() {
     assert!(mail["outcome"]["reason"].as_str().unwrap().contains("job id"), "{mail}");
     let crm = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").unwrap();
     assert_eq!(crm["state"], "dispatched", "its result was refused, not applied: {crm}");
+}
+
+/// Delivers every task but those of one system, as a broker refusing one
+/// topic (a missing ACL, a partition without a leader) would.
+struct RefusingOneTopic {
+    inner: Arc<InProcessBus>,
+    refused: &'static str,
+}
+
+#[async_trait]
+impl Bus for RefusingOneTopic {
+    async fn publish_tasks(&self, tasks: &[lethe_bus::TaskMessage]) -> Result<(), lethe_bus::PublishError> {
+        let (refused, sent): (Vec<_>, Vec<_>) =
+            tasks.iter().enumerate().partition(|(_, t)| t.system == self.refused);
+        let sent: Vec<lethe_bus::TaskMessage> = sent.into_iter().map(|(_, t)| t.clone()).collect();
+        self.inner.publish_tasks(&sent).await?;
+        if refused.is_empty() {
+            return Ok(());
+        }
+        let failed = refused.into_iter().map(|(i, _)| i).collect();
+        Err(lethe_bus::PublishError {
+            error: lethe_bus::BusError::Unavailable("topic refused".into()),
+            failed,
+        })
+    }
+    async fn task_consumer(
+        &self,
+        system: &str,
+    ) -> Result<Box<dyn lethe_bus::Consumer<lethe_bus::TaskMessage>>, lethe_bus::BusError> {
+        self.inner.task_consumer(system).await
+    }
+    async fn publish_result(&self, result: &lethe_bus::ResultMessage) -> Result<(), lethe_bus::BusError> {
+        self.inner.publish_result(result).await
+    }
+    async fn result_consumer(
+        &self,
+    ) -> Result<Box<dyn lethe_bus::Consumer<lethe_bus::ResultMessage>>, lethe_bus::BusError> {
+        self.inner.result_consumer().await
+    }
+    async fn dead_letter(&self, source: &str, raw: &[u8], reason: &str) -> Result<(), lethe_bus::BusError> {
+        self.inner.dead_letter(source, raw, reason).await
+    }
+    fn is_durable(&self) -> bool {
+        false
+    }
+}
+
+/// One system's topic refuses every task: the other systems' tasks,
+/// delivered in the same batches, are recorded as published and sent once,
+/// while the refused ones wait in the outbox.
+#[tokio::test]
+async fn a_refused_topic_does_not_send_the_other_tasks_again() {
+    let settings = Settings { poll_interval: Duration::from_millis(10), ..Default::default() };
+    let h =
+        Harness::with_bus(settings, |bus| Arc::new(RefusingOneTopic { inner: bus, refused: "mail" })).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let body = json!({"subject": {"email": format!("t{i}@example.com")}, "regulation": "gdpr"});
+        let (_, created, _) = call(&h.app(), post(body.to_string())).await;
+        ids.push(created["id"].as_str().unwrap().to_owned());
+    }
+    let state_of = |view: &Value, system: &str| {
+        view["systems"].as_array().unwrap().iter().find(|s| s["system"] == system).unwrap()["state"].clone()
+    };
+    for id in &ids {
+        for _ in 0..200 {
+            let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{id}"))).await;
+            if state_of(&view, "crm") == "dispatched" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // Many relay rounds later (each one retrying the refused topic)...
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in &ids {
+        let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{id}"))).await;
+        assert_eq!(state_of(&view, "crm"), "dispatched", "{view}");
+        assert_eq!(state_of(&view, "mail"), "pending", "{view}");
+    }
+    // ...each crm task was sent once.
+    let mut crm = h.bus.task_consumer("crm").await.unwrap();
+    let mut sent = 0;
+    while tokio::time::timeout(Duration::from_millis(100), crm.recv()).await.is_ok_and(|d| d.is_some()) {
+        sent += 1;
+    }
+    assert_eq!(sent, 3, "each crm task once");
 }
 
 #[tokio::test]
