@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use lethe_bus::{Bus, TaskMessage, ENVELOPE_VERSION};
+use lethe_bus::{Bus, PublishError, TaskMessage, ENVELOPE_VERSION};
 use lethe_store::{OutboxItem, StateStore};
 use tokio::sync::Notify;
 
@@ -67,7 +67,8 @@ impl Dispatcher {
         let messages: Vec<TaskMessage> = items.iter().map(|i| message(i, now)).collect();
         // What was delivered is recorded as published; only what was not
         // goes back to the outbox (published again, it would be run twice).
-        let (items, failure) = match self.bus.publish_tasks(&messages).await {
+        let published = self.publish_holding(&messages, &items).await;
+        let (items, failure) = match published {
             Ok(()) => (items, None),
             Err(e) => {
                 metrics::counter!(PUBLISH_FAILURES_TOTAL).increment(1);
@@ -100,6 +101,35 @@ impl Dispatcher {
         match failure {
             None => Ok(items.len()),
             Some(e) => Err(format!("publish: {e}")),
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Publishes `messages`, extending the claim on their rows every third
+    /// of the lease while the bus takes its time (a broker that is slow to
+    /// acknowledge, a full send queue): the lease must not run out under a
+    /// publish still in progress, or another replica would publish the
+    /// same rows at the same time.
+    async fn publish_holding(
+        &self,
+        messages: &[TaskMessage],
+        items: &[OutboxItem],
+    ) -> Result<(), PublishError> {
+        let ids: Vec<i64> = items.iter().map(|i| i.outbox_id).collect();
+        let publish = self.bus.publish_tasks(messages);
+        tokio::pin!(publish);
+        let every = (self.settings.lease / 3).max(std::time::Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                result = &mut publish => return result,
+                () = tokio::time::sleep(every) => {
+                    let until = self.clock.now() + chrono::Duration::from_std(self.settings.lease).unwrap_or_default();
+                    if let Err(e) = self.store.extend_outbox_claims(&self.owner, &ids, until).await {
+                        tracing::warn!(error = %e, "could not extend the claim on outbox rows being published");
+                    }
+                }
+            }
         }
     }
 }

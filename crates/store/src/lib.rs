@@ -116,6 +116,16 @@ pub trait StateStore: Send + Sync + 'static {
     /// Gives claimed rows back after a failed publish.
     async fn release_outbox(&self, owner: &str, ids: &[i64]) -> Result<(), StoreError>;
 
+    /// Extends `owner`'s claim on the rows `ids` it still holds to `until`:
+    /// a publish that outlasts the lease keeps its rows from another
+    /// replica meanwhile.
+    async fn extend_outbox_claims(
+        &self,
+        owner: &str,
+        ids: &[i64],
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
     /// Applies connector outcomes (idempotently, through the task state
     /// machine), completes requests whose tasks are all final, and destroys
     /// the data key of a request that closes.

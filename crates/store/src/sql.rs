@@ -1249,6 +1249,23 @@ impl StateStore for SqlStore {
         sqlx::query(&q).bind(owner).bind(key_list(ids)).execute(&self.pool).await.map(|_| ()).map_err(db_err)
     }
 
+    async fn extend_outbox_claims(
+        &self,
+        owner: &str,
+        ids: &[i64],
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let q = format!(
+            "UPDATE outbox SET claimed_until = $1 WHERE claimed_by = $2 AND {}",
+            self.dialect.in_keys("id", 3, Keys::Int)
+        );
+        let query = sqlx::query(&q).bind(ms(until)).bind(owner).bind(key_list(ids));
+        query.execute(&self.pool).await.map(|_| ()).map_err(db_err)
+    }
+
     async fn apply_outcomes(
         &self,
         reports: &[OutcomeReport],

@@ -698,6 +698,34 @@ async fn leases_keep_dispatchers_apart_and_expire(b: &Backend) {
     assert_eq!(b.store.claim_outbox("d", 10, None, lease, later).await.unwrap().len(), 5);
 }
 
+/// A publish that outlasts the lease extends it: meanwhile no other
+/// dispatcher takes the rows; once the extension runs out, one does. Only
+/// the holder's rows are extended.
+async fn a_claim_extended_during_a_long_publish_keeps_its_rows(b: &Backend) {
+    let f = Fixture::new();
+    for i in 0..3 {
+        b.store.create_request(f.request(&format!("x{i}@example.com"), &["crm"], None)).await.unwrap();
+    }
+    let lease = Duration::from_secs(30);
+    let at = |s: i64| t0() + chrono::Duration::seconds(s);
+    let a = b.store.claim_outbox("a", 2, None, lease, t0()).await.unwrap();
+    let mut ids: Vec<i64> = a.iter().map(|i| i.outbox_id).collect();
+    b.store.extend_outbox_claims("a", &ids, at(90)).await.unwrap();
+    // Not a's: "c" claims the third row; a's extension does not reach it.
+    let c = b.store.claim_outbox("c", 10, None, lease, at(1)).await.unwrap();
+    assert_eq!(c.len(), 1);
+    ids.push(c[0].outbox_id);
+    b.store.extend_outbox_claims("a", &ids, at(200)).await.unwrap();
+    let taken = b.store.claim_outbox("d", 10, None, lease, at(60)).await.unwrap();
+    assert_eq!(
+        taken.iter().map(|i| i.outbox_id).collect::<Vec<_>>(),
+        [c[0].outbox_id],
+        "a's rows are still a's"
+    );
+    let taken = b.store.claim_outbox("d", 10, None, lease, at(201)).await.unwrap();
+    assert_eq!(taken.len(), 3, "every claim has run out");
+}
+
 async fn dispatch_is_bounded_per_system(b: &Backend) {
     let f = Fixture::new();
     for i in 0..5 {
@@ -2282,6 +2310,7 @@ suite!(
     a_result_that_names_another_request_or_system_is_not_applied,
     a_failed_follow_up_leaves_the_request_answered,
     leases_keep_dispatchers_apart_and_expire,
+    a_claim_extended_during_a_long_publish_keeps_its_rows,
     dispatch_is_bounded_per_system,
     requeue_republishes_in_flight_tasks,
     list_filters_and_paginates,
