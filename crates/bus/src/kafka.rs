@@ -130,9 +130,23 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[("linger.ms", "5"), ("queue.bufferi
 /// or not, which adds the whole wait to each hop of a task (librdkafka's
 /// default of 500 ms measured as 500 ms from publish to receipt).
 /// `queued.max.messages.kbytes` bounds the prefetch (librdkafka's default
-/// queues up to 64 MiB).
-const CONSUMER_DEFAULTS: &[(&str, &str)] =
-    &[("fetch.wait.max.ms", "100"), ("queued.max.messages.kbytes", "8192")];
+/// queues up to 64 MiB). `max.poll.interval.ms` is how long a member may
+/// go without asking for messages before it is put out of its group: a
+/// worker whose every slot runs a slow task (a large deletion), or an
+/// ingest waiting out the state store, asks for none meanwhile, and
+/// librdkafka's 5 minutes would hand its partitions, tasks in flight
+/// included, to another worker to run again.
+const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    ("fetch.wait.max.ms", "100"),
+    ("queued.max.messages.kbytes", "8192"),
+    ("max.poll.interval.ms", "1800000"),
+];
+
+/// Other names of settings Lethe sets itself: librdkafka takes either, so
+/// one in `[bus.client]` could silently undo Lethe's (`delivery.timeout.ms`
+/// for `message.timeout.ms`, `request.required.acks` for `acks`).
+pub const REFUSED_CLIENT_SETTINGS: &[(&str, &str)] =
+    &[("delivery.timeout.ms", "message.timeout.ms"), ("request.required.acks", "acks")];
 
 fn unavailable(e: KafkaError) -> BusError {
     BusError::Unavailable(e.to_string())

@@ -701,6 +701,13 @@ impl Config {
             if k.partitions < 1 || k.replication_factor < 1 {
                 bail!("bus.partitions and bus.replication_factor must be at least 1");
             }
+            for (alias, of) in lethe_bus::kafka::REFUSED_CLIENT_SETTINGS {
+                if k.client.contains_key(*alias) {
+                    bail!(
+                        "bus.client.{alias:?} is another name of {of:?}, which Lethe sets itself; remove it"
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -876,6 +883,24 @@ mod tests {
             assert!(!shown.contains(secret), "{secret} shown in {shown}");
         }
         assert!(shown.contains("sasl.password") && shown.contains("\"shop\""), "{shown}");
+    }
+
+    /// Another name of a setting Lethe forces would undo it, whichever of
+    /// the two librdkafka takes: refused with the name it stands for.
+    #[test]
+    fn aliases_of_forced_kafka_settings_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for (alias, of) in [("delivery.timeout.ms", "message.timeout.ms"), ("request.required.acks", "acks")]
+        {
+            let path = dir.path().join("lethe.toml");
+            let text = format!(
+                "[bus]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\n[bus.client]\n\"{alias}\" = \"1\"\n"
+            );
+            std::fs::write(&path, text).unwrap();
+            let e = Config::load_with_env(Some(&path), &Overrides::default(), &[]).unwrap_err();
+            let e = format!("{e:#}");
+            assert!(e.contains(alias) && e.contains(of), "{e}");
+        }
     }
 
     #[test]
