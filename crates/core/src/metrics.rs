@@ -14,7 +14,8 @@ pub const REQUESTS_RECEIVED_TOTAL: &str = "lethe_requests_received_total";
 pub const REQUESTS_FINISHED_TOTAL: &str = "lethe_requests_finished_total";
 /// Tasks published to the bus, by `system`.
 pub const TASKS_DISPATCHED_TOTAL: &str = "lethe_tasks_dispatched_total";
-/// Outcomes ingested, by `result` (`applied`, `ignored`, `unknown_task`).
+/// Outcomes ingested, by `result` (`applied`, `ignored`, `unknown_task`,
+/// `mismatch`, `refused`).
 pub const OUTCOMES_TOTAL: &str = "lethe_outcomes_total";
 /// Failed publish attempts of outbox batches.
 pub const PUBLISH_FAILURES_TOTAL: &str = "lethe_publish_failures_total";
