@@ -170,6 +170,30 @@ async fn submit_returns_202_with_due_date_and_the_request_is_readable() {
     assert!(!view.to_string().contains("ada@example.com"), "the view never shows identifiers");
 }
 
+/// A request keyed in after it arrived (a letter, a portal that verifies
+/// identity first) runs its deadline from receipt, not from the call; a
+/// receipt in the future or over a year ago is refused.
+#[tokio::test]
+async fn the_deadline_runs_from_when_the_request_was_received() {
+    let h = Harness::new().await;
+    let body = json!({"subject": {"email": "late@example.com"}, "regulation": "ccpa",
+                      "received_at": "2026-01-20T09:30:00Z"});
+    let (status, created, _) = call(&h.app(), post(body.to_string())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    assert_eq!(created["due_at"], "2026-03-06T09:30:00Z", "45 days from receipt, not from the call");
+    let (_, view, _) =
+        call(&h.app(), get(&format!("/v1/requests/{}", created["id"].as_str().unwrap()))).await;
+    assert_eq!(view["received_at"], "2026-01-20T09:30:00Z", "{view}");
+    for (at, problem) in
+        [("2026-02-01T00:00:00Z", "in the future"), ("2024-12-01T00:00:00Z", "more than a year ago")]
+    {
+        let body = json!({"subject": {"email": "late@example.com"}, "regulation": "ccpa", "received_at": at});
+        let (status, answer, _) = call(&h.app(), post(body.to_string())).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{at}: {answer}");
+        assert!(answer["detail"].as_str().unwrap().contains(problem), "{answer}");
+    }
+}
+
 #[tokio::test]
 async fn bad_input_gets_a_clear_problem_that_never_echoes_identifiers() {
     let h = Harness::new().await;

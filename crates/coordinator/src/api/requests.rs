@@ -47,7 +47,16 @@ pub struct SubmitRequest {
     /// How the portal verified the subject's identity.
     #[serde(default)]
     pub verification: Option<Verification>,
+    /// When the subject's request was received, if before this call (a
+    /// letter keyed in later, a portal that verifies identity first): the
+    /// legal deadline runs from receipt. Not in the future, at most a year
+    /// ago; left out, now.
+    #[serde(default)]
+    pub received_at: Option<DateTime<Utc>>,
 }
+
+/// How far back `received_at` may go: further is taken for a mistake.
+const MAX_RECEIVED_AGO_DAYS: i64 = 366;
 
 /// Identity verification performed by the portal.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -319,6 +328,7 @@ fn scoped_key(
     regulation: Regulation,
     identifiers: &[Identifier],
     external_ref: Option<&str>,
+    received_at: Option<DateTime<Utc>>,
 ) -> IdempotencyKey {
     // Length-prefixed fields, so that no two field lists give one text.
     fn field(out: &mut String, value: &str) {
@@ -340,6 +350,9 @@ fn scoped_key(
     match external_ref {
         Some(r) => field(&mut submitted, r),
         None => submitted.push('-'),
+    }
+    if let Some(at) = received_at {
+        field(&mut submitted, &at.timestamp_millis().to_string());
     }
     IdempotencyKey {
         key: state.master.opaque_hash("idempotency-key", &scoped),
@@ -419,15 +432,28 @@ pub(crate) fn prepare(
     let id = RequestId::new();
     // The store keeps milliseconds; answer with what every later read shows.
     let now = state.clock.now().trunc_subsecs(3);
-    let idempotency = idempotency
-        .map(|k| scoped_key(state, caller, &k, regulation, &identifiers, body.external_ref.as_deref()));
+    let received_at = body.received_at.map(|r| r.trunc_subsecs(3));
+    let received = match received_at {
+        // A clock a little ahead of ours is no future.
+        Some(r) if r > now + chrono::Duration::minutes(5) => {
+            return Err(Problem::invalid("received_at is in the future"));
+        }
+        Some(r) if r < now - chrono::Duration::days(MAX_RECEIVED_AGO_DAYS) => {
+            return Err(Problem::invalid("received_at is more than a year ago"));
+        }
+        Some(r) => r.min(now),
+        None => now,
+    };
+    let idempotency = idempotency.map(|k| {
+        scoped_key(state, caller, &k, regulation, &identifiers, body.external_ref.as_deref(), received_at)
+    });
     let key = DataKey::generate();
-    let (plan, tasks) = state.planner.plan(regulation, now, &holds_on(state, &identifiers, holds));
+    let (plan, tasks) = state.planner.plan(regulation, received, &holds_on(state, &identifiers, holds));
     let new = NewRequest {
         id,
         regulation,
-        received_at: now,
-        due_at: state.planner.deadlines().due_at(regulation, now),
+        received_at: received,
+        due_at: state.planner.deadlines().due_at(regulation, received),
         external_ref: body.external_ref,
         idempotency,
         wrapped_key: state.master.wrap(&key),
