@@ -1729,6 +1729,13 @@ async fn a_hold_reaches_requests_already_under_way(b: &Backend) {
         (Action::Erase, None),
         "erased before the hold: the plan says what happened"
     );
+    // Billing's run is over: its contact data went with it, its invoices
+    // are kept. Only the invoices are held now; the plan says the contact
+    // data was erased.
+    assert_eq!(contact(&d, "billing"), (Action::Erase, None));
+    let invoices =
+        plan_of(&d, "billing").categories.iter().find(|c| c.category == "invoices").cloned().unwrap();
+    assert_eq!((invoices.action, invoices.hold.map(|h| h.id)), (Action::Hold, Some("hold-9".into())));
     // Work withdrawn from the bus gets no key; its late failure changes nothing.
     assert_eq!(b.store.task_key("crm", task("crm"), Some(1)).await.unwrap(), None);
     assert_eq!(b.store.task_key("ledger", task("ledger"), Some(1)).await.unwrap(), None);
@@ -1784,6 +1791,37 @@ async fn a_hold_reaches_requests_already_under_way(b: &Backend) {
         (task_of(&d, "billing").state, task_of(&d, "ledger").state),
         (TaskState::Pending, TaskState::Pending)
     );
+}
+
+/// A hold on what a retained task's run already erased comes too late:
+/// reported as such, and the plan goes on saying it was erased.
+async fn a_hold_on_data_a_retained_task_erased_is_too_late(b: &Backend) {
+    let f = Fixture::new();
+    let email = "z@example.com";
+    let req = f.request(email, &["billing"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let items = dispatch_all(&b.store).await;
+    let kept = Outcome::RetainedInPart {
+        datasets: vec![DatasetReport::new("billing_contacts", 1, 0)],
+        retained: vec![RetainedReport {
+            dataset: "invoices".into(),
+            category: Some("invoices".into()),
+            count: 2,
+            basis: "HGB §257(4)".into(),
+            until: Some(utc(2036, 1, 31, 9)),
+            first_until: None,
+        }],
+        residual: Some(0),
+    };
+    report(&b.store, items[0].task_id, 1, kept).await;
+    let scope = HoldScope { systems: vec![], categories: vec!["contact".into()] };
+    let placed = t0() + chrono::Duration::minutes(1);
+    let reach = b.store.place_hold(hold("hold-z", vec![f.subject(email)], scope, placed)).await.unwrap();
+    assert_eq!(reach, lethe_store::HoldReach { requests: 0, tasks: 0, too_late: 1 });
+    let d = detail(&b.store, id).await;
+    assert_eq!(task_of(&d, "billing").state, TaskState::Retained);
+    assert!(plan_of(&d, "billing").categories.iter().all(|c| c.action != Action::Hold && c.hold.is_none()));
 }
 
 async fn a_hold_placed_while_a_request_is_planned_reaches_it(b: &Backend) {
@@ -2332,6 +2370,7 @@ suite!(
     a_new_request_comes_back_with_its_committed_status,
     a_hold_released_before_its_plan_is_stored_keeps_nothing,
     a_hold_reaches_requests_already_under_way,
+    a_hold_on_data_a_retained_task_erased_is_too_late,
     a_hold_placed_while_a_request_is_planned_reaches_it,
     deadlines_extend_once_before_the_original_due_date,
     list_filters_by_due_date_and_overdue,

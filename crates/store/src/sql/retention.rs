@@ -496,14 +496,16 @@ impl SqlStore {
             self.dialect.in_keys("request_id", 1, Keys::Text)
         );
         let rows = sqlx::query(&sql).bind(key_list(&keys)).fetch_all(&mut *tx).await.map_err(db_err)?;
-        let mut covered: BTreeMap<(String, String), (Vec<String>, bool)> = BTreeMap::new();
+        // Newly covered categories come with the action they had.
+        let mut covered: BTreeMap<(String, String), (Vec<(String, Action)>, bool)> = BTreeMap::new();
         for r in &rows {
             let (system, category): (String, String) = (col(r, "system")?, col(r, "category")?);
-            let held = parse::<Action>(&col::<String>(r, "action")?, "action")? == Action::Hold;
+            let action = parse::<Action>(&col::<String>(r, "action")?, "action")?;
+            let held = action == Action::Hold;
             let newly = !held && hold.scope.covers(&system, &category);
             let entry = covered.entry((col(r, "request_id")?, system)).or_default();
             if newly {
-                entry.0.push(category);
+                entry.0.push((category, action));
             } else if !held {
                 entry.1 = true; // a category the hold leaves to its rule
             }
@@ -546,6 +548,19 @@ impl SqlStore {
                 reach.too_late += 1;
                 continue;
             }
+            // A retained task's run is over: what its plan erased or
+            // anonymised is gone, and only what it keeps can be held. The
+            // plan keeps saying what happened to the rest.
+            let erased = |a: &Action| matches!(a, Action::Erase | Action::Anonymize);
+            let newly: Vec<String> = newly
+                .iter()
+                .filter(|(_, a)| state != TaskState::Retained || !erased(a))
+                .map(|(c, _)| c.clone())
+                .collect();
+            if newly.is_empty() {
+                reach.too_late += 1;
+                continue;
+            }
             // A job already runs in the external system: too late for what
             // it does, but a later attempt (a retry after the job fails, a
             // follow-up) is built from the plan, which now holds. The job
@@ -567,12 +582,12 @@ impl SqlStore {
                 .bind(hold.hold.id.as_str())
                 .bind(request.as_str())
                 .bind(system.as_str())
-                .bind(key_list(newly))
+                .bind(key_list(&newly))
                 .execute(&mut *tx)
                 .await
                 .map_err(db_err)?;
             // Every category held: nothing of the system may go now.
-            let all_held = !uncovered;
+            let all_held = !*uncovered;
             let next = match state {
                 _ if job_running => state,
                 TaskState::Pending | TaskState::Dispatched if all_held => TaskState::Held,
