@@ -488,16 +488,16 @@ impl SqlStore {
         let statuses = self.lock_requests(tx, requests.iter().copied()).await?;
         let keys: Vec<String> = requests.iter().map(ToString::to_string).collect();
 
-        // The categories each (request, system) has, and those the hold
-        // newly covers.
         let sql = format!(
             "SELECT request_id, system, category, action FROM plan_categories WHERE {} \
              ORDER BY request_id, system, category",
             self.dialect.in_keys("request_id", 1, Keys::Text)
         );
         let rows = sqlx::query(&sql).bind(key_list(&keys)).fetch_all(&mut *tx).await.map_err(db_err)?;
-        // Newly covered categories come with the action they had.
-        let mut covered: BTreeMap<(String, String), (Vec<(String, Action)>, bool)> = BTreeMap::new();
+        // Per (request, system): the categories the hold newly covers, with
+        // the action each had, and whether it leaves some to their rules.
+        type Covered = (Vec<(String, Action)>, bool);
+        let mut covered: BTreeMap<(String, String), Covered> = BTreeMap::new();
         for r in &rows {
             let (system, category): (String, String) = (col(r, "system")?, col(r, "category")?);
             let action = parse::<Action>(&col::<String>(r, "action")?, "action")?;
