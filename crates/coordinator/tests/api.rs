@@ -238,6 +238,16 @@ async fn bad_input_gets_a_clear_problem_that_never_echoes_identifiers() {
         assert!(!body.to_string().contains("leak"), "{uri}: {body} echoes input");
         assert_eq!(body["status"], expected.as_u16());
     }
+    // Without a token, 401 comes first, query parameter or not; the public
+    // key list still refuses one.
+    let raw = h.raw();
+    let anonymous = Request::post("/v1/requests?dry_run=1")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(json!({"subject": {"email": "a@b.io"}, "regulation": "gdpr"}).to_string()))
+        .unwrap();
+    assert_eq!(call(&raw, anonymous).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&raw, get("/v1/systems?x=1")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&raw, get("/v1/keys/certificate?x=1")).await.0, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
 #[tokio::test]

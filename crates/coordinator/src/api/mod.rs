@@ -109,7 +109,12 @@ pub fn app(state: AppState) -> Router {
 
 /// 422 for a query string on an endpoint that takes none.
 async fn no_query(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
-    if request.uri().query().is_some_and(|q| !q.is_empty()) {
+    // A caller without a token hears 401 first, as everywhere else (the
+    // endpoint refuses it before it reads anything); only the public key
+    // list takes no token.
+    let answerable = request.uri().path() == "/v1/keys/certificate"
+        || request.headers().contains_key(axum::http::header::AUTHORIZATION);
+    if answerable && request.uri().query().is_some_and(|q| !q.is_empty()) {
         return Problem::invalid("this endpoint takes no query parameter").into_response();
     }
     next.run(request).await
