@@ -1822,6 +1822,19 @@ async fn a_hold_on_data_a_retained_task_erased_is_too_late(b: &Backend) {
     let d = detail(&b.store, id).await;
     assert_eq!(task_of(&d, "billing").state, TaskState::Retained);
     assert!(plan_of(&d, "billing").categories.iter().all(|c| c.action != Action::Hold && c.hold.is_none()));
+
+    // The same while the retention's follow-up is queued: the first run
+    // erased the contact data; only what it kept can be held.
+    assert_eq!(b.store.run_follow_ups(utc(2036, 2, 1, 0), 10).await.unwrap(), 1);
+    assert_eq!(task_of(&detail(&b.store, id).await, "billing").state, TaskState::Pending);
+    let scope = HoldScope { systems: vec![], categories: vec!["contact".into(), "invoices".into()] };
+    let later = utc(2036, 2, 1, 1);
+    let reach = b.store.place_hold(hold("hold-y", vec![f.subject(email)], scope, later)).await.unwrap();
+    assert_eq!(reach, lethe_store::HoldReach { requests: 1, tasks: 1, too_late: 0 });
+    let d = detail(&b.store, id).await;
+    let actions: Vec<(&str, Action)> =
+        plan_of(&d, "billing").categories.iter().map(|c| (c.category.as_str(), c.action)).collect();
+    assert_eq!(actions, [("contact", Action::Erase), ("invoices", Action::Hold)]);
 }
 
 async fn a_hold_placed_while_a_request_is_planned_reaches_it(b: &Backend) {

@@ -1,7 +1,7 @@
 //! Retention and legal holds: per-category plans, holds and their release,
 //! follow-ups when a retention period ends, and deadline extensions.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use lethe_core::plan::HOLD_BASIS_PREFIX;
 use lethe_core::policy::summarize;
@@ -539,6 +539,22 @@ impl SqlStore {
         let now = ms(at);
         sqlx::query(&sql).bind(key_list(&ids)).fetch_all(&mut *tx).await.map_err(db_err)?;
 
+        // Tasks whose last run is over and kept data (a follow-up of such a
+        // run may be queued or on the bus): that run erased the rest.
+        let sql =
+            format!("SELECT id, last_outcome FROM tasks WHERE {}", self.dialect.in_keys("id", 1, Keys::Text));
+        let rows = sqlx::query(&sql).bind(key_list(&ids)).fetch_all(&mut *tx).await.map_err(db_err)?;
+        let mut ran: HashSet<TaskId> = HashSet::new();
+        for r in &rows {
+            let last: Option<String> = col(r, "last_outcome")?;
+            let kept = last
+                .and_then(|l| serde_json::from_str::<Outcome>(&l).ok())
+                .is_some_and(|o| o.class() == OutcomeClass::Retained);
+            if kept {
+                ran.insert(parse(&col::<String>(r, "id")?, "task id")?);
+            }
+        }
+
         let mut changed: BTreeSet<RequestId> = BTreeSet::new();
         for ((request, system), (newly, uncovered)) in &covered {
             let request_id: RequestId = parse(request, "request id")?;
@@ -548,15 +564,14 @@ impl SqlStore {
                 reach.too_late += 1;
                 continue;
             }
-            // A retained task's run is over: what its plan erased or
-            // anonymised is gone, and only what it keeps can be held. The
-            // plan keeps saying what happened to the rest.
+            // A retained task's run is over (its follow-up may be under
+            // way): what its plan erased or anonymised is gone, and only what
+            // it keeps can be held. The plan keeps saying what happened to
+            // the rest.
+            let over = state == TaskState::Retained || ran.contains(&task_id);
             let erased = |a: &Action| matches!(a, Action::Erase | Action::Anonymize);
-            let newly: Vec<String> = newly
-                .iter()
-                .filter(|(_, a)| state != TaskState::Retained || !erased(a))
-                .map(|(c, _)| c.clone())
-                .collect();
+            let newly: Vec<String> =
+                newly.iter().filter(|(_, a)| !(over && erased(a))).map(|(c, _)| c.clone()).collect();
             if newly.is_empty() {
                 reach.too_late += 1;
                 continue;
