@@ -217,6 +217,17 @@ impl Policy {
             for c in &r.categories {
                 if !held.contains(c.as_str()) {
                     warnings.push(format!("rule `{}` names category `{c}`, {UNDECLARED_CATEGORY}", r.name));
+                } else if !r.systems.is_empty()
+                    && !systems.iter().any(|s| r.systems.contains(&s.system) && s.categories.contains(c))
+                {
+                    // Declared elsewhere: the rule, scoped to systems that do
+                    // not hold it, decides nothing (a retention meant for
+                    // one system, say, that another rule erases).
+                    warnings.push(format!(
+                        "rule `{}` names category `{c}`, which none of its systems ({}) declares",
+                        r.name,
+                        r.systems.join(", ")
+                    ));
                 }
             }
         }

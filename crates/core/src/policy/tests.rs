@@ -257,3 +257,25 @@ fn a_category_no_system_holds_is_a_warning() {
     let warnings = p.check(&systems()).unwrap();
     assert_eq!(warnings, vec!["rule `x` names category `hr.payroll`, which no system declares".to_owned()]);
 }
+
+/// A rule scoped to systems that do not hold its category decides nothing:
+/// a retention meant for invoices, scoped to the wrong system, keeps none.
+#[test]
+fn a_category_none_of_the_rules_systems_holds_is_a_warning() {
+    let mut p = policy();
+    p.extend(
+        toml::from_str(
+            "[[rule]]\nname = \"crm-invoices\"\nsystems = [\"crm\"]\ncategories = [\"billing.invoice\"]\n\
+             action = \"retain\"\nbasis = \"HGB\"\nperiod = \"10y\"",
+        )
+        .unwrap(),
+    );
+    let warnings = p.check(&systems()).unwrap();
+    assert_eq!(
+        warnings,
+        vec![
+            "rule `crm-invoices` names category `billing.invoice`, which none of its systems (crm) declares"
+                .to_owned()
+        ]
+    );
+}
