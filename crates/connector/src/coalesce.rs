@@ -152,7 +152,10 @@ async fn drain<G, T, R, F, Fut>(
                     for (item, reply) in items.into_iter().zip(replies) {
                         let alone = match run(group.clone(), vec![item]).await {
                             Ok(mut results) if results.len() == 1 => Ok(results.remove(0)),
-                            Ok(_) => Err(ConnectorError::permanent("a batched call answered no item of 1")),
+                            Ok(results) => Err(ConnectorError::permanent(format!(
+                                "a batched call answered {} items of 1",
+                                results.len()
+                            ))),
                             Err(e) => Err(e),
                         };
                         let _ = reply.send(alone);

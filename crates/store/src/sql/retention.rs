@@ -769,16 +769,7 @@ impl SqlStore {
             // The trail names the hold that keeps each category: the one
             // that takes over is recorded as the first one was.
             for ((system, other), categories) in taken {
-                let task = sqlx::query("SELECT id FROM tasks WHERE request_id = $1 AND system = $2")
-                    .bind(request.as_str())
-                    .bind(system)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-                let task_id = match task {
-                    Some(row) => Some(parse::<TaskId>(&col::<String>(&row, "id")?, "task id")?),
-                    None => None,
-                };
+                let task_id = task_of(&mut tx, request, system).await?;
                 events.push(PendingEvent::new(
                     request_id,
                     task_id,
@@ -791,14 +782,7 @@ impl SqlStore {
             }
             self.lock_request(&mut tx, request_id).await?;
             for system in freed {
-                let task = sqlx::query("SELECT id FROM tasks WHERE request_id = $1 AND system = $2")
-                    .bind(request.as_str())
-                    .bind(system)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-                let Some(task) = task else { continue };
-                let task_id: TaskId = parse(&col::<String>(&task, "id")?, "task id")?;
+                let Some(task_id) = task_of(&mut tx, request, system).await? else { continue };
                 if self
                     .follow_up(&mut tx, request_id, task_id, "legal hold released", now, &mut events)
                     .await?
@@ -1016,6 +1000,17 @@ pub(super) async fn category_actions(
         .iter()
         .map(|r| parse::<Action>(&col::<String>(r, "action")?, "action"))
         .collect()
+}
+
+/// The task of `request` for `system`, if it has one.
+async fn task_of(tx: &mut AnyConnection, request: &str, system: &str) -> Result<Option<TaskId>, StoreError> {
+    let row = sqlx::query("SELECT id FROM tasks WHERE request_id = $1 AND system = $2")
+        .bind(request)
+        .bind(system)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    row.map(|r| parse(&col::<String>(&r, "id")?, "task id")).transpose()
 }
 
 #[cfg(test)]
