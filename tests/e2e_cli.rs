@@ -210,6 +210,23 @@ async fn cli_round_trip_against_a_running_server() {
     assert!(stdout.contains(": ok"), "{stdout}");
     assert!(stdout.contains("2 systems: shop, newsletter"), "{stdout}");
 
+    // lethe webhooks replay names an endpoint the configuration has.
+    let out = lethe(
+        &["webhooks", "replay", "--endpoint", "nope", "--since", "2026-01-01T00:00:00Z", "--config", config],
+        cwd,
+    )
+    .await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no webhook endpoint is named \"nope\""),
+        "{}",
+        describe(&out)
+    );
+    let out =
+        lethe(&["webhooks", "replay", "--endpoint", "nope", "--since", "yesterday", "--config", config], cwd)
+            .await;
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+
     // An unknown field at the top level of a section.
     let text = std::fs::read_to_string(&lab.config).expect("read config");
     let broken = lab.root().join("broken.toml");

@@ -16,6 +16,7 @@ mod registry;
 mod serve;
 mod telemetry;
 mod tokens;
+mod webhooks;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -202,6 +203,13 @@ enum Command {
         config: ConfigArgs,
         #[command(subcommand)]
         command: dlq::DlqCommand,
+    },
+    /// Webhook endpoints: deliver events again.
+    Webhooks {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(subcommand)]
+        command: webhooks::WebhooksCommand,
     },
     /// Create or update the state store's schema.
     Migrate {
@@ -443,6 +451,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             tokens::run(&config.load(&Overrides::default())?, command).await
         }
         Command::Dlq { config, command } => dlq::run(&config.load(&Overrides::default())?, command).await,
+        Command::Webhooks { config, command } => {
+            webhooks::run(&config.load(&Overrides::default())?, command).await
+        }
         Command::Audit { config, command } => {
             proof::audit(&config.load(&Overrides::default())?, command).await
         }

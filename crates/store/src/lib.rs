@@ -324,6 +324,19 @@ pub trait StateStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
 
+    /// Moves `endpoint`'s cursor back to the last audit event before
+    /// `since` (never forward), dropping any claim on it so that the
+    /// replica delivering cannot move it on again: the endpoint receives
+    /// again, with their ids as before, the events from `since`. Returns the
+    /// cursor's position before and after; `None` if the endpoint has none
+    /// (it never ran).
+    async fn rewind_webhook_cursor(
+        &self,
+        endpoint: &str,
+        since: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(i64, i64)>, StoreError>;
+
     /// Up to `limit` audit events after `after` whose kind is one of
     /// `kinds`, in chain order, and how far the chain was looked at.
     async fn audit_events_after(

@@ -1970,6 +1970,15 @@ impl StateStore for SqlStore {
         self.advance_cursor(endpoint, owner, seq, now).await
     }
 
+    async fn rewind_webhook_cursor(
+        &self,
+        endpoint: &str,
+        since: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        self.rewind_cursor(endpoint, since, now).await
+    }
+
     async fn audit_events_after(
         &self,
         after: i64,

@@ -2226,6 +2226,37 @@ async fn due_date_alerts_are_raised_once_each(b: &Backend) {
     assert!(matches!(s.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
 }
 
+/// An operator rewinds an endpoint's cursor to deliver events again: it
+/// goes back to the last event before the time given (never forward), the
+/// replica delivering loses its claim (its advance no longer lands), and
+/// the rewind is in the audit trail.
+async fn a_webhook_cursor_is_rewound_to_a_time(b: &Backend) {
+    let f = Fixture::new();
+    let s = &b.store;
+    let at = |m: i64| t0() + chrono::Duration::minutes(m);
+    let early = f.request("early@example.com", &["crm"], None);
+    s.create_request(early).await.unwrap(); // its events are at t0()
+    let start = s.init_webhook_cursor("portal", at(1)).await.unwrap();
+    let late = f.planned(Regulation::Gdpr, at(10), "late@example.com", &["crm"], &[]);
+    s.create_request(late).await.unwrap();
+    let lease = Duration::from_secs(30);
+    assert_eq!(s.claim_webhook_cursor("portal", "a", lease, at(11)).await.unwrap(), Some(start));
+    let head = s.audit_events(None).await.unwrap().last().unwrap().seq;
+    assert!(s.advance_webhook_cursor("portal", "a", head, at(11)).await.unwrap());
+
+    let (from, to) = s.rewind_webhook_cursor("portal", at(5), at(12)).await.unwrap().expect("a cursor");
+    assert_eq!((from, to), (head, start), "back to the last event before the time");
+    assert!(!s.advance_webhook_cursor("portal", "a", head, at(12)).await.unwrap(), "the old claim is gone");
+    assert_eq!(s.claim_webhook_cursor("portal", "b", lease, at(12)).await.unwrap(), Some(start));
+    // Never forward; an endpoint that never ran has nothing to rewind.
+    let (_, again) = s.rewind_webhook_cursor("portal", at(60), at(13)).await.unwrap().unwrap();
+    assert_eq!(again, start);
+    assert_eq!(s.rewind_webhook_cursor("nobody", at(5), at(13)).await.unwrap(), None);
+    let events = s.audit_events(None).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "webhook.rewound").count(), 2);
+    assert!(matches!(s.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
+}
+
 async fn webhook_cursors_tail_request_events_and_log_deliveries(b: &Backend) {
     use lethe_store::{DeliveryQuery, WebhookDelivery};
     const KINDS: [&str; 3] = ["request.received", "request.status", "request.extended"];
@@ -2390,6 +2421,7 @@ suite!(
     tokens_suppressions_and_signing_keys,
     stats_count_requests_tasks_and_deadlines,
     webhook_cursors_tail_request_events_and_log_deliveries,
+    a_webhook_cursor_is_rewound_to_a_time,
     due_date_alerts_are_raised_once_each,
 );
 

@@ -113,6 +113,40 @@ impl SqlStore {
         Ok(done.rows_affected() == 1)
     }
 
+    pub(super) async fn rewind_cursor(
+        &self,
+        endpoint: &str,
+        since: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let mut tx = self.begin().await?;
+        let sql = format!("SELECT seq FROM webhook_cursors WHERE endpoint = $1{}", self.dialect.for_update());
+        let row = sqlx::query(&sql).bind(endpoint).fetch_optional(&mut *tx).await.map_err(db_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let from: i64 = col(&row, "seq")?;
+        let before = sqlx::query("SELECT MAX(seq) AS seq FROM audit_events WHERE at < $1")
+            .bind(ms(since))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let to = col::<Option<i64>>(&before, "seq")?.unwrap_or(0).min(from);
+        sqlx::query(
+            "UPDATE webhook_cursors SET seq = $1, claimed_by = NULL, claimed_until = NULL, updated_at = $2 \
+             WHERE endpoint = $3",
+        )
+        .bind(to)
+        .bind(ms(now))
+        .bind(endpoint)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let event =
+            PendingEvent::global("webhook.rewound", json!({"endpoint": endpoint, "from": from, "to": to}));
+        self.append_audit(&mut tx, vec![event], now).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(Some((from, to)))
+    }
+
     pub(super) async fn audit_after(
         &self,
         after: i64,
