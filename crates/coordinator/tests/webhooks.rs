@@ -312,6 +312,22 @@ async fn endpoints_receive_signed_events_with_retries_and_a_delivery_log() {
     };
     assert!(counted("down").is_some_and(|n| n >= given_up.len() as f64), "{text}");
     assert_eq!(counted("ops"), Some(0.0), "{text}");
+
+    // Replayed from before the request (`lethe webhooks replay`): the
+    // endpoint hears of it again, with the same event id.
+    let before = Utc.with_ymd_and_hms(2026, 1, 31, 11, 59, 0).unwrap();
+    let rewound = store.rewind_webhook_cursor("portal", before, clock.now()).await.unwrap();
+    assert!(rewound.is_some_and(|(from, to)| to < from), "{rewound:?}");
+    let first = receiver.hits("portal");
+    for _ in 0..500 {
+        if receiver.hits("portal").len() > first.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = receiver.hits("portal");
+    assert_eq!(again.len(), first.len() + 1, "delivered again once");
+    assert_eq!(again.last().unwrap().event_id, first[0].event_id, "with its id as before");
     assert!(!log.to_string().contains(&base) && !log.to_string().contains(SECRET), "{log}");
     // Every attempt can be read, page by page.
     let mut seen = Vec::new();
