@@ -1403,6 +1403,18 @@ impl StateStore for SqlStore {
                 }
                 continue;
             };
+            // The answer beat the record of its publication, which will
+            // find the task moved on and record nothing: the trail says here
+            // that the attempt went out (a job's acceptance excepted, whose
+            // record still moves the task and says so).
+            if attempt == task.attempts + 1 && next != TaskState::Accepted {
+                events.push(PendingEvent::new(
+                    request,
+                    Some(report.task_id),
+                    "task.dispatched",
+                    json!({"system": task.system, "attempt": report.attempt}),
+                ));
+            }
             task.state = next;
             recorded_in_batch.insert((report.task_id, report.attempt));
             moved.push((report.task_id, next, body));

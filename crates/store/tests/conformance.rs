@@ -408,6 +408,11 @@ async fn outcome_before_dispatch_record_is_not_undone(b: &Backend) {
     assert_eq!(detail.tasks[0].state, TaskState::Succeeded);
     assert_eq!(detail.tasks[0].attempts, 1);
     assert_eq!(detail.request.status, RequestStatus::Completed);
+    // The trail says once that the attempt went out, before its outcome.
+    let events = b.store.audit_events(Some(id)).await.unwrap();
+    let kinds: Vec<&str> =
+        events.iter().filter(|e| e.kind.starts_with("task.")).map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["task.dispatched", "task.outcome"]);
 }
 
 /// A retryable failure that beats its publication record plans the next
