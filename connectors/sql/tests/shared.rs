@@ -45,14 +45,14 @@ async fn waiting_shared(db: &TestDb) -> i64 {
 
 /// Runs `tasks` concurrently against `sql` while another session holds an
 /// exclusive lock on `table`: the first shared statement waits for it, the
-/// others gather behind it. Returns the erase reports in task order and the
+/// others gather behind it. Returns the erase answers in task order and the
 /// number of shared statements seen waiting at once.
-async fn erase_behind_a_lock(
+async fn run_behind_a_lock(
     db: &Arc<TestDb>,
     sql: Arc<lethe_connector_sql::SqlConnector>,
     table: &str,
     tasks: &[ErasureTask],
-) -> (Vec<Erasure>, i64) {
+) -> (Vec<Result<Erasure, lethe_connector::ConnectorError>>, i64) {
     let mut holder = sqlx::AnyConnection::connect(&db.url).await.unwrap();
     holder.execute("BEGIN").await.unwrap();
     holder.execute(format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE").as_str()).await.unwrap();
@@ -78,11 +78,22 @@ async fn erase_behind_a_lock(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let waiting = waiting_shared(db).await;
     holder.execute("COMMIT").await.unwrap();
-    let mut reports = Vec::new();
+    let mut answers = Vec::new();
     for call in calls {
-        reports.push(call.await.unwrap().expect("erase"));
+        answers.push(call.await.unwrap());
     }
-    (reports, waiting)
+    (answers, waiting)
+}
+
+/// [`run_behind_a_lock`] where every erase must succeed.
+async fn erase_behind_a_lock(
+    db: &Arc<TestDb>,
+    sql: Arc<lethe_connector_sql::SqlConnector>,
+    table: &str,
+    tasks: &[ErasureTask],
+) -> (Vec<Erasure>, i64) {
+    let (answers, waiting) = run_behind_a_lock(db, sql, table, tasks).await;
+    (answers.into_iter().map(|a| a.expect("erase")).collect(), waiting)
 }
 
 async fn concurrent_deletes_share_one_statement_and_keep_their_own_counts(db: Arc<TestDb>) {
@@ -237,27 +248,8 @@ match = { email = "email" }
         .await,
     );
     let tasks: Vec<ErasureTask> = (0..20).map(|k| task(vec![id("email", &email(k))])).collect();
-    let mut holder = sqlx::AnyConnection::connect(&db.url).await.unwrap();
-    holder.execute("BEGIN").await.unwrap();
-    holder.execute("LOCK TABLE people IN ACCESS EXCLUSIVE MODE").await.unwrap();
-    let calls: Vec<_> = tasks
-        .iter()
-        .cloned()
-        .map(|t| {
-            let sql = sql.clone();
-            tokio::spawn(async move { sql.erase(&t).await })
-        })
-        .collect();
-    for _ in 0..100 {
-        if waiting_shared(&db).await > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    holder.execute("COMMIT").await.unwrap();
-    for (k, call) in calls.into_iter().enumerate() {
-        let result = call.await.unwrap();
+    let (answers, _) = run_behind_a_lock(&db, sql, "people", &tasks).await;
+    for (k, result) in answers.into_iter().enumerate() {
         if k == 3 {
             let e = result.unwrap_err();
             assert!(!e.retryable && e.message.contains("foreign key"), "{e}");

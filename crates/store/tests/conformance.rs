@@ -1651,6 +1651,22 @@ async fn a_hold_released_before_its_plan_is_stored_keeps_nothing(b: &Backend) {
     assert_eq!(item_of(&items, "crm").categories, crm.categories);
 }
 
+/// Billing's answer: its contact data deleted, two invoices kept until 2036.
+fn billing_kept_invoices() -> Outcome {
+    Outcome::RetainedInPart {
+        datasets: vec![DatasetReport::new("billing_contacts", 1, 0)],
+        retained: vec![RetainedReport {
+            dataset: "invoices".into(),
+            category: Some("invoices".into()),
+            count: 2,
+            basis: "HGB §257(4)".into(),
+            until: Some(utc(2036, 1, 31, 9)),
+            first_until: None,
+        }],
+        residual: Some(0),
+    }
+}
+
 /// A hold placed while the subject's requests are under way keeps what
 /// they have not yet erased: queued work carries the hold, work on the bus
 /// is withdrawn (its key refused) and sent again, kept data is held.
@@ -1674,19 +1690,7 @@ async fn a_hold_reaches_requests_already_under_way(b: &Backend) {
     let task = |system: &str| item_of(&items, system).task_id;
     report(&b.store, task("analytics"), 1, erased(1)).await;
     report(&b.store, task("mail"), 1, erased(1)).await;
-    let kept = Outcome::RetainedInPart {
-        datasets: vec![DatasetReport::new("billing_contacts", 1, 0)],
-        retained: vec![RetainedReport {
-            dataset: "invoices".into(),
-            category: Some("invoices".into()),
-            count: 2,
-            basis: "HGB §257(4)".into(),
-            until: Some(utc(2036, 1, 31, 9)),
-            first_until: None,
-        }],
-        residual: Some(0),
-    };
-    report(&b.store, task("billing"), 1, kept).await;
+    report(&b.store, task("billing"), 1, billing_kept_invoices()).await;
     // R2 claimed by a dispatcher that has not published it yet; R3 queued.
     let r2 = f.request(email, &["mail"], None);
     let r2_id = r2.id;
@@ -1807,19 +1811,7 @@ async fn a_hold_on_data_a_retained_task_erased_is_too_late(b: &Backend) {
     let id = req.id;
     b.store.create_request(req).await.unwrap();
     let items = dispatch_all(&b.store).await;
-    let kept = Outcome::RetainedInPart {
-        datasets: vec![DatasetReport::new("billing_contacts", 1, 0)],
-        retained: vec![RetainedReport {
-            dataset: "invoices".into(),
-            category: Some("invoices".into()),
-            count: 2,
-            basis: "HGB §257(4)".into(),
-            until: Some(utc(2036, 1, 31, 9)),
-            first_until: None,
-        }],
-        residual: Some(0),
-    };
-    report(&b.store, items[0].task_id, 1, kept).await;
+    report(&b.store, items[0].task_id, 1, billing_kept_invoices()).await;
     let scope = HoldScope { systems: vec![], categories: vec!["contact".into()] };
     let placed = t0() + chrono::Duration::minutes(1);
     let reach = b.store.place_hold(hold("hold-z", vec![f.subject(email)], scope, placed)).await.unwrap();
