@@ -49,13 +49,34 @@ fn paths_of(root: &Path, d: &Dataset, task: &ErasureTask) -> Result<Vec<PathBuf>
     Ok(paths.into_iter().filter(|p| !p.contains('{')).map(|p| root.join(p)).collect())
 }
 
-/// The `{identifier_type}` placeholders of a dataset's path.
+/// The `{identifier_type}` placeholders of a dataset's path (of a path
+/// [`checked`] accepted: every brace belongs to one).
 fn placeholders(path: &str) -> impl Iterator<Item = &str> {
-    path.split('{')
-        .skip(1)
-        .filter_map(|rest| rest.split_once('}'))
-        .map(|(name, _)| name)
-        .filter(|name| name.parse::<lethe_connector::lethe_core::IdentifierKind>().is_ok())
+    path.split('{').skip(1).filter_map(|rest| rest.split_once('}')).map(|(name, _)| name)
+}
+
+/// Every brace of `path` opens or closes a placeholder naming an identifier
+/// type as written (`{email}`): a misspelt one (`{Email}`, `{ email }`,
+/// `{customer-id}`) is never filled in, and every path of its dataset would
+/// be skipped as naming another type, so that nothing is ever erased.
+fn check_placeholders(path: &str) -> Result<(), String> {
+    let mut rest = path;
+    while let Some(at) = rest.find(['{', '}']) {
+        let after = &rest[at + 1..];
+        let name = match (rest.as_bytes()[at], after.find(['{', '}'])) {
+            (b'{', Some(end)) if after.as_bytes()[end] == b'}' => &after[..end],
+            _ => return Err("has a brace that opens or closes no {identifier_type} placeholder".to_owned()),
+        };
+        let kind = name.parse::<lethe_connector::lethe_core::IdentifierKind>();
+        if kind.as_ref().map(|k| k.as_str()) != Ok(name) {
+            return Err(format!(
+                "placeholder {{{name}}} is no identifier type (email, phone, customer_id, device_id or a \
+                 lower-case word of letters, digits and _)"
+            ));
+        }
+        rest = &after[name.len() + 1..];
+    }
+    Ok(())
 }
 
 /// Whether a file is there. A name too long for the file system
@@ -113,16 +134,36 @@ fn io_error(e: std::io::Error) -> ConnectorError {
 
 pub struct FilesConnector(FilesConfig);
 
+impl FilesConnector {
+    /// The subject's files that a dataset kept by this task names (two
+    /// datasets may name one file).
+    fn kept_paths(&self, task: &ErasureTask) -> Result<std::collections::HashSet<PathBuf>, ConnectorError> {
+        let mut kept = std::collections::HashSet::new();
+        for d in
+            self.0.datasets.iter().filter(|d| matches!(task.treatment(&d.category), Treatment::Keep { .. }))
+        {
+            kept.extend(paths_of(&self.0.root, d, task)?);
+        }
+        Ok(kept)
+    }
+}
+
 #[async_trait]
 impl Connector for FilesConnector {
     async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
         self.health().await?; // a vanished root must not pass for "nothing found"
+        let kept_paths = self.kept_paths(task)?;
         let mut erasure = Erasure::default();
         for d in self.0.datasets.iter().filter(|d| task.treatment(&d.category) != Treatment::Skip) {
             let (mut kept, mut deleted) = (0, 0);
             for path in paths_of(&self.0.root, d, task)? {
                 if let Treatment::Keep { .. } = task.treatment(&d.category) {
                     kept += u64::from(exists(&path).await?);
+                    continue;
+                }
+                // Kept wins: the file is also another dataset's, kept
+                // under retention or a hold; that dataset reports it.
+                if kept_paths.contains(&path) {
                     continue;
                 }
                 match tokio::fs::remove_file(&path).await {
@@ -159,9 +200,13 @@ impl Connector for FilesConnector {
 
     async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
         self.health().await?;
+        let kept_paths = self.kept_paths(task)?;
         let mut left = 0;
         for d in self.0.datasets.iter().filter(|d| task.treatment(&d.category).removes()) {
             for path in paths_of(&self.0.root, d, task)? {
+                if kept_paths.contains(&path) {
+                    continue;
+                }
                 left += u64::from(exists(&path).await?);
                 for dir in named_dirs(&self.0.root, &d.path, &path) {
                     left += u64::from(empty_dir(&dir).await?);
@@ -171,9 +216,19 @@ impl Connector for FilesConnector {
         Ok(left)
     }
 
+    /// A root that is not there is permanent; one that cannot be read
+    /// right now (a network file system away) is an I/O error like any other.
     async fn health(&self) -> Result<(), ConnectorError> {
-        let dir = tokio::fs::metadata(&self.0.root).await.is_ok_and(|m| m.is_dir());
-        dir.then_some(()).ok_or_else(|| ConnectorError::permanent("root is missing or not a directory"))
+        match tokio::fs::metadata(&self.0.root).await {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(ConnectorError::permanent("root is not a directory")),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                Err(ConnectorError::permanent("root is missing"))
+            }
+            Err(e) => {
+                Err(ConnectorError { message: format!("root cannot be read: {}", e.kind()), ..io_error(e) })
+            }
+        }
     }
 }
 /// `connector = "files"`.
@@ -206,7 +261,23 @@ impl ConnectorKind for FilesKind {
 /// the same file for everyone, and every erasure would delete it. It must
 /// also stay under `root`: relative, without `..`.
 fn checked(config: FilesConfig) -> Result<FilesConfig, String> {
+    if !config.root.is_absolute() {
+        return Err(
+            "root must be an absolute path (a relative one would depend on where the worker runs)".into()
+        );
+    }
+    if config.datasets.is_empty() {
+        return Err("no datasets are declared".into());
+    }
+    let mut names = std::collections::BTreeSet::new();
     for d in &config.datasets {
+        if d.name.trim().is_empty() || d.category.trim().is_empty() {
+            return Err("every dataset needs a name and a category".into());
+        }
+        if !names.insert(d.name.as_str()) {
+            return Err(format!("dataset {:?} is declared twice", d.name));
+        }
+        check_placeholders(&d.path).map_err(|e| format!("dataset {:?}: path {e}", d.name))?;
         let path = Path::new(&d.path);
         if path.has_root() || path.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
             return Err(format!(
@@ -233,6 +304,37 @@ mod tests {
             "root = \"/tmp\"\n[[datasets]]\nname = \"exports\"\ncategory = \"identity.contact\"\npath = \"{path}\"\n"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn a_misspelt_placeholder_or_a_stray_brace_is_refused() {
+        for path in [
+            "users/{customer_id}/{Email}.json",
+            "users/{ email }.json",
+            "users/{customer-id}.json",
+            "users/{email}}.json",
+            "users/{{email}}.json",
+            "users/{email.json",
+            "users/}{email}.json",
+        ] {
+            let refused = FilesKind.categories(&table(path)).unwrap_err();
+            assert!(refused.contains("placeholder"), "{path}: {refused}");
+        }
+        let types = FilesKind.identifier_types(&table("u/{customer_id}-{loyalty_no}/{email}.json")).unwrap();
+        assert_eq!(types, Some(vec!["customer_id".to_owned(), "loyalty_no".to_owned(), "email".to_owned()]));
+    }
+
+    #[test]
+    fn the_configuration_is_checked_as_a_whole() {
+        let load = |text: &str| FilesKind.categories(&toml::from_str(text).unwrap()).unwrap_err();
+        let dataset =
+            |name: &str| format!("[[datasets]]\nname = \"{name}\"\ncategory = \"c\"\npath = \"{{email}}\"\n");
+        assert!(load(&format!("root = \"exports\"\n{}", dataset("a"))).contains("absolute"));
+        assert!(load("root = \"/srv\"\ndatasets = []\n").contains("no datasets"));
+        assert!(
+            load(&format!("root = \"/srv\"\n{}{}", dataset("a"), dataset("a"))).contains("declared twice")
+        );
+        assert!(load(&format!("root = \"/srv\"\n{}", dataset(" "))).contains("a name and a category"));
     }
 
     #[test]

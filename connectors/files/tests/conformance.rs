@@ -160,3 +160,46 @@ async fn a_name_too_long_for_the_file_system_is_not_found() {
     assert_eq!(files.erase(&task).await.unwrap().total(), 0);
     assert_eq!(files.verify(&task).await.unwrap(), 0);
 }
+
+/// Two datasets may name one file: kept by one (retention, a hold), it
+/// stays whatever the other asks, is reported kept, and is no residue.
+#[tokio::test]
+async fn a_file_kept_by_one_dataset_is_not_erased_by_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let config: toml::Table = toml::from_str(&format!(
+        r#"
+        root = "{}"
+        datasets = [
+            {{ name = "profile", category = "profile", path = "users/{{customer_id}}.json" }},
+            {{ name = "invoices", category = "billing.invoice", path = "users/{{customer_id}}.json" }},
+        ]"#,
+        dir.path().display()
+    ))
+    .unwrap();
+    let files = FilesKind.build(&config).await.unwrap();
+    std::fs::create_dir(dir.path().join("users")).unwrap();
+    let file = dir.path().join("users/C-1.json");
+    std::fs::write(&file, "{}").unwrap();
+    let kit = Kit::new(files.clone(), vec!["profile".into(), "billing.invoice".into()]);
+    let mut task = kit.task(vec![Identifier::parse(IdentifierKind::CustomerId, "C-1").unwrap()]);
+    let until = chrono::Utc::now() + chrono::Duration::days(365);
+    for d in task.directives.iter_mut().filter(|d| d.category == "billing.invoice") {
+        d.action = lethe_core::Action::Retain;
+        d.basis = Some("HGB §257".into());
+        d.until = Some(until);
+    }
+    let erased = files.erase(&task).await.unwrap();
+    assert_eq!(erased.total(), 0, "{erased:?}");
+    assert_eq!(erased.retained.len(), 1, "{erased:?}");
+    assert_eq!((erased.retained[0].dataset.as_str(), erased.retained[0].count), ("invoices", 1));
+    assert!(file.exists(), "kept wins");
+    assert_eq!(files.verify(&task).await.unwrap(), 0, "what is kept is no residue");
+
+    // Once the retention has ended, it goes.
+    for d in task.directives.iter_mut().filter(|d| d.category == "billing.invoice") {
+        d.until = Some(chrono::Utc::now() - chrono::Duration::days(1));
+    }
+    assert_eq!(files.erase(&task).await.unwrap().total(), 1);
+    assert!(!file.exists());
+    assert_eq!(files.verify(&task).await.unwrap(), 0);
+}

@@ -86,7 +86,8 @@ pub struct DatasetConfig {
 }
 
 /// librdkafka properties the connector sets itself (delivery guarantees).
-const OWN_PROPERTIES: &[&str] = &["bootstrap.servers", "enable.idempotence", "acks", "enable.auto.commit"];
+const OWN_PROPERTIES: &[&str] =
+    &["bootstrap.servers", "enable.idempotence", "acks", "enable.auto.commit", "isolation.level"];
 
 impl KafkaConfig {
     /// Parses a system's settings and checks them.
@@ -221,7 +222,7 @@ mod tests {
         let err = parse(
             r#"
             brokers = " "
-            client = { "acks" = "1" }
+            client = { "acks" = "1", "isolation.level" = "read_committed" }
             timeout_ms = 0
             [[datasets]]
             name = "a"
@@ -236,7 +237,15 @@ mod tests {
         "#,
         )
         .unwrap_err();
-        for part in ["brokers is empty", "\"acks\"", "timeout_ms", "empty category", "bad topic", "twice"] {
+        for part in [
+            "brokers is empty",
+            "\"acks\"",
+            "\"isolation.level\"",
+            "timeout_ms",
+            "empty category",
+            "bad topic",
+            "twice",
+        ] {
             assert!(err.contains(part), "{part:?} missing from {err}");
         }
     }

@@ -66,7 +66,11 @@ impl TopicState {
 pub const READER_GROUP: &str = "lethe.connector.kafka.reader";
 
 /// A consumer that reads by assignment only: it joins no group, commits
-/// nothing, and creates no topic by asking for its metadata.
+/// nothing, and creates no topic by asking for its metadata. It reads
+/// uncommitted records too: a committed reader's end of a partition is the
+/// last stable offset, so with a transaction left open a subject's value
+/// written after it would never be read nor tombstoned. A value of an
+/// aborted transaction gets a tombstone it did not need, which is harmless.
 pub fn reader(config: &KafkaConfig) -> Result<BaseConsumer, ConnectorError> {
     let mut client = config.client();
     if !config.client.contains_key("group.id") {
@@ -78,6 +82,7 @@ pub fn reader(config: &KafkaConfig) -> Result<BaseConsumer, ConnectorError> {
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
         .set("allow.auto.create.topics", "false")
+        .set("isolation.level", "read_uncommitted")
         .create()
         .map_err(|e| classify("creating a consumer for", None, &e))
 }

@@ -71,7 +71,7 @@ fn by_code(code: &str, detail: &str) -> (bool, String) {
         "MOVED" | "ASK" | "CROSSSLOT" => {
             (false, "the server is a cluster node; Redis Cluster is not supported")
         }
-        "ERR" => (false, err_problem(detail)),
+        "ERR" => err_problem(detail),
         _ => (false, "the server rejected the command"),
     };
     (retryable, format!("{what} ({})", sanitize(code)))
@@ -79,16 +79,18 @@ fn by_code(code: &str, detail: &str) -> (bool, String) {
 
 /// Plain `ERR` replies name their cause only in the text, which is never
 /// echoed; a few known ones are recognised.
-fn err_problem(detail: &str) -> &'static str {
+fn err_problem(detail: &str) -> (bool, &'static str) {
     let detail = detail.to_ascii_lowercase();
-    if detail.contains("db index is out of range") || detail.contains("invalid db index") {
-        "the database number in the url does not exist"
+    if detail.contains("max number of clients reached") {
+        (true, "the server has as many clients as it allows (maxclients)")
+    } else if detail.contains("db index is out of range") || detail.contains("invalid db index") {
+        (false, "the database number in the url does not exist")
     } else if detail.contains("without any password configured") || detail.contains("invalid password") {
-        "authentication failed (the server has no such password)"
+        (false, "authentication failed (the server has no such password)")
     } else if detail.contains("unknown command") {
-        "the server does not know a command (Redis 4 or later is needed)"
+        (false, "the server does not know a command (Redis 4 or later is needed)")
     } else {
-        "the server rejected the command"
+        (false, "the server rejected the command")
     }
 }
 
@@ -156,6 +158,8 @@ mod tests {
             by_code("ERR", "DB index is out of range"),
             (false, "the database number in the url does not exist (ERR)".to_owned())
         );
+        // A spike of connections on a shared server passes.
+        assert!(by_code("ERR", "max number of clients reached").0);
         // A server's detail is never repeated, nor an odd code.
         let (_, m) = by_code("ERR", "unknown thing 'session:ada@example.com'");
         assert!(!m.contains("ada"), "{m}");
