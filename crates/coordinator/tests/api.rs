@@ -248,6 +248,10 @@ async fn bad_input_gets_a_clear_problem_that_never_echoes_identifiers() {
     assert_eq!(call(&raw, anonymous).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(call(&raw, get("/v1/systems?x=1")).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(call(&raw, get("/v1/keys/certificate?x=1")).await.0, StatusCode::UNPROCESSABLE_ENTITY);
+    // So does a token that is not one: having an Authorization header is not enough.
+    let mut made_up = get("/v1/systems?x=1");
+    made_up.headers_mut().insert(header::AUTHORIZATION, "Bearer lethe_not-a-token".parse().unwrap());
+    assert_eq!(call(&raw, made_up).await.0, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
@@ -1442,6 +1446,19 @@ async fn explain_shows_each_category_and_holds_reject_unknown_scopes() {
     assert_eq!(status, StatusCode::OK, "{plan}");
     assert_eq!(plan["systems"][0]["categories"][0]["rule"], "default-erase");
     assert_eq!(plan["due_at"], "2026-02-28T12:00:00Z");
+    // A request received earlier is planned, and due, from its receipt.
+    let mut earlier = body.clone();
+    earlier["received_at"] = json!("2026-01-10T09:00:00Z");
+    let (status, plan, _) = call(&h.app(), post_json("/v1/plans:explain", earlier.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{plan}");
+    assert_eq!(
+        (&plan["as_of"], &plan["due_at"]),
+        (&json!("2026-01-10T09:00:00Z"), &json!("2026-02-10T09:00:00Z"))
+    );
+    earlier["received_at"] = json!("2024-01-10T09:00:00Z");
+    let (status, err, _) = call(&h.app(), post_json("/v1/plans:explain", earlier)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "as a submission would be: {err}");
+    assert_eq!(err["detail"], "received_at is more than a year ago");
     let (_, page, _) = call(&h.app(), get("/v1/requests")).await;
     assert!(page["items"].as_array().unwrap().is_empty(), "explain creates nothing");
 
@@ -1498,12 +1515,26 @@ async fn explain_shows_each_category_and_holds_reject_unknown_scopes() {
     let (status, placed, _) = call(&h.app(), hold(json!({"systems": ["crm"]}))).await;
     assert_eq!(status, StatusCode::CREATED, "{placed}");
     // Explain now shows the hold for crm and erase for mail.
-    let (_, plan, _) = call(&h.app(), post_json("/v1/plans:explain", body)).await;
+    let (_, plan, _) = call(&h.app(), post_json("/v1/plans:explain", body.clone())).await;
     let by_system: HashMap<&str, &Value> =
         plan["systems"].as_array().unwrap().iter().map(|s| (s["system"].as_str().unwrap(), s)).collect();
     assert_eq!(by_system["crm"]["action"], "hold");
     assert_eq!(by_system["crm"]["categories"][0]["hold"]["id"], placed["id"]);
     assert_eq!(by_system["mail"]["action"], "erase");
+    // A caller who may read requests but not see holds learns that the
+    // data would be kept, not for which case: anyone's address could be
+    // tried here without creating anything.
+    let reader = h.token("reader", &[lethe_coordinator::Scope::RequestsRead]).await;
+    let mut as_reader = post_json("/v1/plans:explain", body.clone());
+    as_reader.headers_mut().insert(header::AUTHORIZATION, format!("Bearer {reader}").parse().unwrap());
+    let (status, plan, _) = call(&h.app(), as_reader).await;
+    assert_eq!(status, StatusCode::OK, "{plan}");
+    let crm = plan["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").unwrap();
+    assert_eq!(crm["action"], "hold", "{crm}");
+    assert!(crm["categories"][0].get("hold").is_none(), "{crm}");
+    let text = plan.to_string();
+    assert!(!text.contains(placed["id"].as_str().unwrap()) && !text.contains("\"C\""), "{text}");
+    assert!(crm["reason"].as_str().unwrap().starts_with("legal hold on "), "{crm}");
     let (status, _, _) =
         call(&h.app(), Request::delete("/v1/holds/not-a-hold").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -14,7 +14,7 @@ pub mod webhooks;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts as _, State};
 use axum::handler::Handler as _;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -86,14 +86,19 @@ pub fn app(state: AppState) -> Router {
             "/v1/connector/keys:batch",
             post(connector::task_keys).layer(DefaultBodyLimit::max(connector::MAX_KEYS_BYTES)),
         )
-        .route_layer(axum::middleware::from_fn(no_query));
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), no_query));
     Router::new()
         // Listing takes query parameters; submitting and placing do not.
         .route(
             "/v1/requests",
-            get(requests::list_requests).post(requests::submit.layer(axum::middleware::from_fn(no_query))),
+            get(requests::list_requests)
+                .post(requests::submit.layer(axum::middleware::from_fn_with_state(state.clone(), no_query))),
         )
-        .route("/v1/holds", get(holds::list).post(holds::place.layer(axum::middleware::from_fn(no_query))))
+        .route(
+            "/v1/holds",
+            get(holds::list)
+                .post(holds::place.layer(axum::middleware::from_fn_with_state(state.clone(), no_query))),
+        )
         .route("/ui", get(ui::page))
         .route("/v1/webhooks/deliveries", get(webhooks::deliveries))
         .merge(without_query)
@@ -108,16 +113,24 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// 422 for a query string on an endpoint that takes none.
-async fn no_query(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
-    // A caller without a token hears 401 first, as everywhere else (the
-    // endpoint refuses it before it reads anything); only the public key
-    // list takes no token.
-    let answerable = request.uri().path() == "/v1/keys/certificate"
-        || request.headers().contains_key(axum::http::header::AUTHORIZATION);
-    if answerable && request.uri().query().is_some_and(|q| !q.is_empty()) {
-        return Problem::invalid("this endpoint takes no query parameter").into_response();
+async fn no_query(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if request.uri().query().is_none_or(str::is_empty) {
+        return next.run(request).await;
     }
-    next.run(request).await
+    // A caller without a valid token hears 401 first, as everywhere else
+    // (the endpoint refuses it before it reads anything); only the public
+    // key list takes no token.
+    if request.uri().path() != "/v1/keys/certificate" {
+        let (mut parts, _) = request.into_parts();
+        if let Err(refused) = Caller::from_request_parts(&mut parts, &state).await {
+            return refused.into_response();
+        }
+    }
+    Problem::invalid("this endpoint takes no query parameter").into_response()
 }
 
 #[derive(Serialize, ToSchema)]
@@ -191,8 +204,12 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// What every operation that needs a token can also answer: 401 and 403
-/// (see [`crate::auth`]), and 503 while the state store is unavailable.
+/// What operations can answer besides what each declares: with a token,
+/// 401 and 403 (see [`crate::auth`]), 422 (a query parameter the operation
+/// does not take, or a value out of range) and 503 while the state store is
+/// unavailable; with a JSON body, what reading it can refuse (400, 413,
+/// 415, 422, see [`problem::StrictJson`]); the public key list and the
+/// metrics read the state store too.
 struct CommonResponses;
 
 impl utoipa::Modify for CommonResponses {
@@ -202,20 +219,40 @@ impl utoipa::Modify for CommonResponses {
             let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ProblemBody"))).build();
             ResponseBuilder::new().description(text).content("application/problem+json", content).build()
         };
-        let common = [
+        const UNAVAILABLE: (&str, &str) = ("503", "The state store is unavailable; try again");
+        const INVALID: (&str, &str) = (
+            "422",
+            "A query parameter the operation does not take, a value out of range, or a body field invalid",
+        );
+        let secured = [
             ("401", "No token, or an unknown or revoked one"),
             ("403", "The token lacks the scope this operation needs"),
-            ("503", "The state store is unavailable; try again"),
+            INVALID,
+            UNAVAILABLE,
         ];
-        for item in openapi.paths.paths.values_mut() {
+        let with_body = [
+            ("400", "The body is not valid JSON"),
+            ("413", "The body is larger than this operation takes"),
+            ("415", "The body is not application/json"),
+            INVALID,
+        ];
+        for (path, item) in openapi.paths.paths.iter_mut() {
             for op in [&mut item.get, &mut item.post, &mut item.put, &mut item.delete, &mut item.patch]
                 .into_iter()
                 .flatten()
             {
-                if op.security.as_ref().is_none_or(Vec::is_empty) {
-                    continue;
+                let mut add: Vec<(&str, &str)> = Vec::new();
+                if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                    add.extend(secured);
+                } else if path == "/v1/keys/certificate" {
+                    add.extend([("422", "This operation takes no query parameter"), UNAVAILABLE]);
+                } else if path == "/metrics" {
+                    add.push(UNAVAILABLE);
                 }
-                for (status, text) in common {
+                if op.request_body.is_some() {
+                    add.extend(with_body);
+                }
+                for (status, text) in add {
                     op.responses.responses.entry(status.to_owned()).or_insert_with(|| problem(text).into());
                 }
             }

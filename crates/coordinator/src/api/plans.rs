@@ -3,7 +3,8 @@
 use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, SubsecRound, Utc};
-use lethe_core::{PlanItem, Regulation};
+use lethe_core::plan::HOLD_BASIS_PREFIX;
+use lethe_core::{Action, PlanItem, Regulation};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -16,7 +17,8 @@ use crate::auth::{Caller, Scope};
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Explanation {
     pub regulation: Regulation,
-    /// The instant the plan was computed for (retention ends count from it).
+    /// The instant the plan was computed for: `received_at` if given, or
+    /// now (retention ends and the due date count from it).
     pub as_of: DateTime<Utc>,
     pub due_at: DateTime<Utc>,
     /// Per system, per category: the action and the rule (with its basis)
@@ -41,15 +43,40 @@ pub async fn explain(
     caller.require(Scope::RequestsRead)?;
     // The scope first: a caller without it learns nothing from the body.
     let StrictJson(body) = body?;
-    let checked = check(&state.planner, &body)?;
+    let now = state.clock.now().trunc_subsecs(3);
+    let checked = check(&state.planner, &body, now)?;
     let index = holds_for(&state, std::iter::once(&body.subject)).await?;
     let holds = holds_on(&state, &checked.identifiers, &index);
-    let now = state.clock.now().trunc_subsecs(3);
-    let (systems, _) = state.planner.plan(checked.regulation, now, &holds);
+    let (mut systems, _) = state.planner.plan(checked.regulation, checked.received, &holds);
+    if !caller.can(&Scope::HoldsWrite) {
+        systems = systems.into_iter().map(without_hold_details).collect();
+    }
     Ok(Json(Explanation {
         regulation: checked.regulation,
-        as_of: now,
-        due_at: state.planner.deadlines().due_at(checked.regulation, now),
+        as_of: checked.received,
+        due_at: state.planner.deadlines().due_at(checked.regulation, checked.received),
         systems,
     }))
+}
+
+/// What a caller who may not see legal holds (`holds:write`) learns of one
+/// in a plan: that it keeps the data, not its id, reason or case
+/// reference. Otherwise anyone who may read requests could ask, for any
+/// address, whether its owner is under a hold and for which case.
+fn without_hold_details(mut item: PlanItem) -> PlanItem {
+    let mut held = Vec::new();
+    for c in &mut item.categories {
+        if c.hold.take().is_some() && c.action == Action::Hold {
+            held.push(c.category.clone());
+        }
+    }
+    if !held.is_empty() {
+        if item.action == Action::Hold {
+            item.reason = format!("legal hold on {}", held.join(", "));
+        }
+        if item.basis.as_deref().is_some_and(|b| b.starts_with(HOLD_BASIS_PREFIX)) {
+            item.basis = Some(HOLD_BASIS_PREFIX.trim_end().to_owned());
+        }
+    }
+    item
 }

@@ -39,7 +39,7 @@ pub struct SubmitRequest {
     #[serde(deserialize_with = "super::subject::subject")]
     pub subject: BTreeMap<String, String>,
     /// `gdpr`, `uk-gdpr`, `ccpa`, `vcdpa`, `lgpd` or `pipeda`.
-    #[schema(example = "gdpr")]
+    #[schema(example = "gdpr", value_type = Regulation)]
     pub regulation: String,
     /// The portal's own reference (ticket number); must not contain personal data.
     #[serde(default)]
@@ -167,8 +167,10 @@ pub struct RequestPage {
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     /// Only requests with this status.
+    #[param(value_type = Option<lethe_core::RequestStatus>)]
     pub status: Option<String>,
     /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -386,11 +388,32 @@ pub(crate) type HoldIndex = HashMap<String, Vec<ActiveHold>>;
 pub(crate) struct Checked {
     pub regulation: Regulation,
     pub identifiers: Vec<Identifier>,
+    /// `received_at` as given, to the millisecond the store keeps.
+    pub received_at: Option<DateTime<Utc>>,
+    /// When the request counts as received: `received_at`, or `now`.
+    pub received: DateTime<Utc>,
 }
 
-pub(crate) fn check(planner: &crate::planner::Planner, body: &SubmitRequest) -> Result<Checked, Problem> {
+/// Checks a submission at `now` (to the millisecond).
+pub(crate) fn check(
+    planner: &crate::planner::Planner,
+    body: &SubmitRequest,
+    now: DateTime<Utc>,
+) -> Result<Checked, Problem> {
     let regulation: Regulation =
         body.regulation.parse().map_err(|e| Problem::invalid(format!("regulation: {e}")))?;
+    let received_at = body.received_at.map(|r| r.trunc_subsecs(3));
+    let received = match received_at {
+        // A clock a little ahead of ours is no future.
+        Some(r) if r > now + chrono::Duration::minutes(5) => {
+            return Err(Problem::invalid("received_at is in the future"));
+        }
+        Some(r) if r < now - chrono::Duration::days(MAX_RECEIVED_AGO_DAYS) => {
+            return Err(Problem::invalid("received_at is more than a year ago"));
+        }
+        Some(r) => r.min(now),
+        None => now,
+    };
     let identifiers = parse_subject(&body.subject)?;
     let kinds: Vec<&IdentifierKind> = identifiers.iter().map(Identifier::kind).collect();
     planner.check_identifier_types(&kinds).map_err(Problem::invalid)?;
@@ -402,7 +425,7 @@ pub(crate) fn check(planner: &crate::planner::Planner, body: &SubmitRequest) -> 
         check_text("verification.method", &v.method, 64)?;
         free_of_subject("verification.method", &v.method, &identifiers)?;
     }
-    Ok(Checked { regulation, identifiers })
+    Ok(Checked { regulation, identifiers, received_at, received })
 }
 
 /// The holds of `index` that apply to any of `identifiers`, each once.
@@ -428,22 +451,10 @@ pub(crate) fn prepare(
     idempotency: Option<String>,
     holds: &HoldIndex,
 ) -> Result<NewRequest, Problem> {
-    let Checked { regulation, identifiers } = check(&state.planner, &body)?;
-    let id = RequestId::new();
     // The store keeps milliseconds; answer with what every later read shows.
     let now = state.clock.now().trunc_subsecs(3);
-    let received_at = body.received_at.map(|r| r.trunc_subsecs(3));
-    let received = match received_at {
-        // A clock a little ahead of ours is no future.
-        Some(r) if r > now + chrono::Duration::minutes(5) => {
-            return Err(Problem::invalid("received_at is in the future"));
-        }
-        Some(r) if r < now - chrono::Duration::days(MAX_RECEIVED_AGO_DAYS) => {
-            return Err(Problem::invalid("received_at is more than a year ago"));
-        }
-        Some(r) => r.min(now),
-        None => now,
-    };
+    let Checked { regulation, identifiers, received_at, received } = check(&state.planner, &body, now)?;
+    let id = RequestId::new();
     let idempotency = idempotency.map(|k| {
         scoped_key(state, caller, &k, regulation, &identifiers, body.external_ref.as_deref(), received_at)
     });

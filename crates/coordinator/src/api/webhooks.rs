@@ -25,6 +25,7 @@ pub struct DeliveryParams {
     /// Only events of this request.
     pub request_id: Option<String>,
     /// At most this many entries (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -119,8 +120,9 @@ pub async fn deliveries(
         .map(|c| {
             let (at, id) = c.split_once('_').ok_or_else(malformed)?;
             let at: i64 = at.parse().map_err(|_| malformed())?;
-            uuid::Uuid::parse_str(id).map_err(|_| malformed())?;
-            Ok::<_, Problem>((at, id.to_owned()))
+            // Compared as text in the store: in the one spelling it writes.
+            let id = uuid::Uuid::parse_str(id).map_err(|_| malformed())?;
+            Ok::<_, Problem>((at, id.to_string()))
         })
         .transpose()?;
     let query = DeliveryQuery { endpoint: params.endpoint, request_id, before, limit };
