@@ -63,6 +63,7 @@ impl Planner {
             .map(|s| SystemCategories { system: s.name.clone(), categories: s.categories.clone() })
             .collect();
         let mut warnings = policy.check(&scoped)?;
+        warnings.extend(deadlines.warnings());
         for s in &systems {
             for t in s.identifier_types.iter().flatten() {
                 if let Some(meant) = misspelt_builtin(t) {

@@ -267,6 +267,62 @@ impl Deadlines {
         self.rule(regulation).response.add_to(received)
     }
 
+    /// What the configured deadlines allow that the law does not: a
+    /// response or an extension that, for some day of receipt, ends after
+    /// the statutory one, or an extension where the law has none. Each
+    /// names the regulation and an example receipt date.
+    pub fn warnings(&self) -> Vec<String> {
+        // Every day of a common and of a leap year: month lengths and
+        // clamping are all there.
+        let days = (0..365 + 366).map(|d| {
+            chrono::NaiveDate::from_ymd_opt(2027, 1, 1)
+                .expect("a date")
+                .and_time(chrono::NaiveTime::MIN)
+                .and_utc()
+                + Duration::days(d)
+        });
+        let later = |ours: &dyn Fn(DateTime<Utc>) -> DateTime<Utc>,
+                     law: &dyn Fn(DateTime<Utc>) -> DateTime<Utc>| {
+            days.clone().find(|&r| ours(r) > law(r)).map(|r| (r, ours(r), law(r)))
+        };
+        let day = |t: DateTime<Utc>| t.format("%Y-%m-%d").to_string();
+        let mut out = Vec::new();
+        for (&regulation, rule) in &self.overrides {
+            let (response, extension) = (regulation.response_period(), regulation.extension_period());
+            if let Some((r, ours, law)) = later(&|r| rule.response.add_to(r), &|r| response.add_to(r)) {
+                out.push(format!(
+                    "[deadlines.{regulation}] response = {} ends after the statutory {response}: a request \
+                     received on {} would be due on {}, the law says {}",
+                    rule.response,
+                    day(r),
+                    day(ours),
+                    day(law)
+                ));
+            }
+            match (rule.extension, extension) {
+                (Some(_), None) => out.push(format!(
+                    "[deadlines.{regulation}] allows an extension, which {regulation} does not: extended \
+                     requests would be answered after the statutory deadline"
+                )),
+                (Some(ours), Some(law)) => {
+                    let ours_total = |r| ours.add_to(rule.response.add_to(r));
+                    let law_total = |r| law.add_to(response.add_to(r));
+                    if let Some((r, ours, law)) = later(&ours_total, &law_total) {
+                        out.push(format!(
+                            "[deadlines.{regulation}] response and extension together end after the statutory \
+                             ones: a request received on {} and extended would be due on {}, the law says {}",
+                            day(r),
+                            day(ours),
+                            day(law)
+                        ));
+                    }
+                }
+                (None, _) => {}
+            }
+        }
+        out
+    }
+
     /// The new due date of a request whose original due date is
     /// `original_due`, if it may be extended at `now`.
     pub fn extend(
@@ -380,6 +436,40 @@ mod tests {
             d.extend(Regulation::Gdpr, at(2026, 1, 15), false, at(2026, 1, 2)),
             Err(ExtensionRefused::NotAllowed(Regulation::Gdpr))
         );
+    }
+
+    #[test]
+    fn deadlines_longer_than_the_statute_are_warned_of() {
+        let rule = |response: &str, extension: Option<&str>| DeadlineRule {
+            response: response.parse().unwrap(),
+            extension: extension.map(|e| e.parse().unwrap()),
+        };
+        let warnings =
+            |rules: Vec<(Regulation, DeadlineRule)>| Deadlines::new(rules.into_iter().collect()).warnings();
+        // Shorter or equal: nothing to say.
+        assert!(warnings(vec![
+            (Regulation::Gdpr, rule("14d", None)),
+            (Regulation::Ccpa, rule("45d", Some("45d"))),
+            (Regulation::UkGdpr, rule("28d", Some("2m"))),
+            (Regulation::Pipeda, rule("4w", None)),
+        ])
+        .is_empty());
+        // 30 days can end after a month (the month after 30 January ends on 28 February).
+        let w = warnings(vec![(Regulation::Gdpr, rule("30d", Some("2m")))]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("[deadlines.gdpr] response = P30D ends after the statutory P1M"), "{w:?}");
+        assert!(
+            w[0].contains("received on 2027-01-30 would be due on 2027-03-01, the law says 2027-02-28"),
+            "{w:?}"
+        );
+        assert!(w[1].contains("response and extension together"), "{w:?}");
+        let w = warnings(vec![
+            (Regulation::Lgpd, rule("15d", Some("5d"))),
+            (Regulation::Ccpa, rule("46d", None)),
+        ]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("[deadlines.ccpa] response = P46D"), "{w:?}");
+        assert!(w[1].contains("[deadlines.lgpd] allows an extension, which lgpd does not"), "{w:?}");
     }
 
     #[test]
