@@ -248,4 +248,32 @@ c1044
     assert!(stderr.contains("no configured system uses"), "{}", describe(&out));
     assert!(!stderr.contains("c1042"), "the first row is never quoted: {stderr}");
     assert_eq!(server.list().await.len(), valid);
+
+    // A `received_at` column: the due date runs from when the request
+    // reached the company, not from the import.
+    let ten_days_ago = (chrono::Utc::now() - chrono::Duration::days(10)).date_naive();
+    let late = cwd.join("late.csv");
+    std::fs::write(
+        &late,
+        format!("email,external_ref,received_at\nlate.letter@example.org,late-1,{ten_days_ago}\n"),
+    )
+    .expect("write");
+    let out = lethe(
+        &["import", late.to_str().expect("path"), "--regulation", "gdpr", "--server", &server.base],
+        cwd,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let listed = server.list().await;
+    let time = |r: &serde_json::Value, field: &str| {
+        chrono::DateTime::parse_from_rfc3339(r[field].as_str().expect(field)).expect(field).to_utc()
+    };
+    let imported = listed.iter().find(|r| r["external_ref"] == "late-1").expect("the late request");
+    let received = ten_days_ago.and_time(chrono::NaiveTime::MIN).and_utc();
+    assert_eq!(time(imported, "received_at"), received);
+    assert_eq!(
+        time(imported, "due_at"),
+        received.checked_add_months(chrono::Months::new(1)).expect("a date"),
+        "GDPR's month, counted from the receipt"
+    );
 }

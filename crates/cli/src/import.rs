@@ -4,7 +4,11 @@
 //!
 //! The header row names the columns: identifier types (`email`, `phone`,
 //! `customer_id`, `device_id` or a custom lower-case type), and optionally
-//! `regulation` (overrides `--regulation` for its row) and `external_ref`.
+//! `regulation` (overrides `--regulation` for its row), `external_ref` and
+//! `received_at`: when the person's request reached the company (an RFC 3339
+//! time, or a date `YYYY-MM-DD` read as 00:00 UTC, the earliest moment of the
+//! day, so that no due date comes out later than the law's). The deadline and
+//! request-dated retentions run from it; without it they run from the import.
 //! Columns named `line` and `reason` are ignored, so that a corrected
 //! `<file>.rejected.csv` can be imported as it is. Empty cells are skipped;
 //! blank lines are not rows. A row with the wrong number of cells or without
@@ -18,7 +22,8 @@
 //! same file again, after an interruption or a failure, sends the same keys
 //! and the coordinator answers `replayed` with the request it created the
 //! first time instead of creating another; the batch size may differ between
-//! runs. A file with any byte changed gets other keys: correct rejected rows
+//! runs. The coordinator keeps idempotency keys per token: resume with the
+//! token that started the import, or every row is created again. A file with any byte changed gets other keys: correct rejected rows
 //! in `<file>.rejected.csv` and import that file, rather than editing the
 //! original and importing it again.
 //!
@@ -47,6 +52,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Args;
 use csv::ByteRecord;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -66,7 +72,8 @@ const DIGEST_HEX_LEN: usize = 32;
 pub struct ImportArgs {
     /// The CSV file. Header row: identifier types (email, phone,
     /// customer_id, device_id or a custom lower-case type), optionally
-    /// `regulation` (per row) and `external_ref`.
+    /// `regulation` (per row), `external_ref` and `received_at` (when the
+    /// request reached you: RFC 3339, or YYYY-MM-DD read as 00:00 UTC).
     pub file: PathBuf,
     /// Regulation of the rows without a `regulation` cell: gdpr, uk-gdpr,
     /// ccpa, vcdpa, lgpd or pipeda.
@@ -96,6 +103,7 @@ enum Column {
     Identifier(String),
     Regulation,
     ExternalRef,
+    ReceivedAt,
     Ignored,
 }
 
@@ -105,6 +113,8 @@ pub struct Submission {
     pub subject: BTreeMap<String, String>,
     pub regulation: String,
     pub external_ref: Option<String>,
+    /// When the request reached the company, if the file says.
+    pub received_at: Option<DateTime<Utc>>,
 }
 
 /// A data row of the file.
@@ -148,12 +158,14 @@ fn header_column(index: usize, raw: &[u8]) -> anyhow::Result<Column> {
         "" => bail!("column {n} of the header row has no name"),
         "regulation" => Column::Regulation,
         "external_ref" => Column::ExternalRef,
+        "received_at" => Column::ReceivedAt,
         "line" | "reason" => Column::Ignored,
         other => match other.parse::<IdentifierKind>() {
             Ok(kind) => Column::Identifier(kind.as_str().to_owned()),
             Err(_) => bail!(
                 "column {n} of the header row is not an identifier type (email, phone, customer_id, \
-                 device_id or a lower-case word of letters, digits and _), regulation or external_ref; \
+                 device_id or a lower-case word of letters, digits and _), regulation, external_ref or \
+                 received_at; \
                  the first row must name the columns"
             ),
         },
@@ -184,7 +196,7 @@ pub fn parse(bytes: &[u8], default_regulation: &str) -> anyhow::Result<Parsed> {
     if !columns.iter().any(|c| matches!(c, Column::Identifier(_))) {
         bail!(
             "the header row names no identifier column: expected at least one of email, phone, \
-             customer_id, device_id or a custom lower-case identifier type (besides regulation and external_ref)"
+             customer_id, device_id or a custom lower-case identifier type (besides regulation, external_ref and received_at)"
         );
     }
     let header = raw_header.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
@@ -280,6 +292,7 @@ fn row(columns: &[Column], record: &ByteRecord, default_regulation: &str) -> Res
     let mut subject = BTreeMap::new();
     let mut regulation = None;
     let mut external_ref = None;
+    let mut received_at = None;
     for (column, cell) in columns.iter().zip(record.iter()) {
         let cell = std::str::from_utf8(cell).map_err(|_| "not valid UTF-8".to_owned())?;
         if cell.trim().is_empty() {
@@ -291,6 +304,7 @@ fn row(columns: &[Column], record: &ByteRecord, default_regulation: &str) -> Res
             }
             Column::Regulation => regulation = Some(cell.trim().to_owned()),
             Column::ExternalRef => external_ref = Some(cell.trim().to_owned()),
+            Column::ReceivedAt => received_at = Some(received(cell.trim())?),
             Column::Ignored => {}
         }
     }
@@ -301,7 +315,15 @@ fn row(columns: &[Column], record: &ByteRecord, default_regulation: &str) -> Res
         subject,
         regulation: regulation.unwrap_or_else(|| default_regulation.to_owned()),
         external_ref,
+        received_at,
     })
+}
+
+/// A `received_at` cell: an RFC 3339 time, or a date read as its first
+/// moment in UTC. The coordinator judges the range (not in the future, at
+/// most a year ago). The cell is not quoted: it is the operator's input.
+fn received(cell: &str) -> Result<DateTime<Utc>, String> {
+    crate::ops::parse_time(cell).map_err(|e| format!("received_at: {e}"))
 }
 
 /// The rows to send, each submission once, and the lines left out as
@@ -310,8 +332,8 @@ fn row(columns: &[Column], record: &ByteRecord, default_regulation: &str) -> Res
 /// is `ada@example.com`), the regulation's case ignored. A row whose
 /// identifiers do not parse is kept for the coordinator to refuse.
 fn first_of_each(rows: Vec<(u64, &Submission)>) -> (Vec<(u64, &Submission)>, BTreeMap<u64, u64>) {
-    /// Normalised identifiers (type, value), regulation, reference.
-    type Same = (Vec<(String, String)>, String, Option<String>);
+    /// Normalised identifiers (type, value), regulation, reference, receipt.
+    type Same = (Vec<(String, String)>, String, Option<String>, Option<DateTime<Utc>>);
     let same = |s: &Submission| -> Option<Same> {
         let mut subject = Vec::with_capacity(s.subject.len());
         for (kind, value) in &s.subject {
@@ -320,7 +342,7 @@ fn first_of_each(rows: Vec<(u64, &Submission)>) -> (Vec<(u64, &Submission)>, BTr
             subject.push((kind.as_str().to_owned(), value.expose().to_owned()));
         }
         subject.sort();
-        Some((subject, s.regulation.trim().to_lowercase(), s.external_ref.clone()))
+        Some((subject, s.regulation.trim().to_lowercase(), s.external_ref.clone(), s.received_at))
     };
     let mut seen = std::collections::HashMap::new();
     let (mut first, mut repeated) = (Vec::new(), BTreeMap::new());
@@ -489,19 +511,29 @@ pub async fn run(client: &Client, args: &ImportArgs) -> anyhow::Result<Summary> 
         let items: Vec<Value> = chunk
             .iter()
             .map(|(line, s)| {
-                json!({
-                    "request": {"subject": s.subject, "regulation": s.regulation, "external_ref": s.external_ref},
-                    "idempotency_key": row_key(&prefix, *line),
-                })
+                let mut request =
+                    json!({"subject": s.subject, "regulation": s.regulation, "external_ref": s.external_ref});
+                if let Some(at) = s.received_at {
+                    request["received_at"] = json!(at.to_rfc3339_opts(SecondsFormat::Millis, true));
+                }
+                json!({ "request": request, "idempotency_key": row_key(&prefix, *line) })
             })
             .collect();
         let answer = client.post("/v1/requests:batch", &json!({ "requests": items })).await;
         let results = answer.and_then(|a| batch_results(&a, chunk.len())).map_err(|e| {
-            // A body over the coordinator's limit fails the same way again.
-            let again = if e.to_string().contains("answered 413") {
+            // A body over the coordinator's limit, or a token refused,
+            // fails the same way again.
+            let text = e.to_string();
+            let again = if text.contains("answered 413") {
                 "run the same command again with a smaller --batch to resume"
+            } else if text.contains("answered 401") {
+                "give a valid token (--token or LETHE_TOKEN), the same one as before, and run the same \
+                 command again to resume"
+            } else if text.contains("answered 403") {
+                "the token lacks the requests:submit scope; run the same command again with the token \
+                 that started this import to resume"
             } else {
-                "run the same command again to resume"
+                "run the same command again, with the same token, to resume"
             };
             e.context(format!(
                 "the batch of lines {first} to {last} was not accepted ({sent} rows were sent before it); \
@@ -649,6 +681,35 @@ mod tests {
         assert_eq!(bad[0], (7, "3 cells where the header has 5".to_owned()));
         assert_eq!(bad[1], (8, "no identifier".to_owned()));
         assert_eq!(bad[2], (9, "6 cells where the header has 5".to_owned()));
+    }
+
+    #[test]
+    fn import_reads_when_each_request_was_received() {
+        let csv = "email,received_at\n\
+                   a@example.com,2026-03-31\n\
+                   b@example.com, 2026-03-31T14:05:00+02:00 \n\
+                   c@example.com,31/03/2026\n\
+                   d@example.com,\n\
+                   a@example.com,2026-03-30\n\
+                   e@example.com,yesterday\n";
+        let p = parse(csv.as_bytes(), "gdpr").expect("parse");
+        let ok = sent(&p);
+        let at = |s: &str| s.parse::<DateTime<Utc>>().expect("time");
+        assert_eq!(
+            ok[0].1.received_at,
+            Some(at("2026-03-31T00:00:00Z")),
+            "a date is its first moment in UTC"
+        );
+        assert_eq!(ok[1].1.received_at, Some(at("2026-03-31T12:05:00Z")), "an offset is honoured");
+        assert_eq!((ok[2].0, ok[2].1.received_at), (5, None), "an empty cell: received now");
+        assert_eq!(ok[3].0, 6);
+        let bad = refused(&p);
+        assert_eq!(bad.iter().map(|(l, _)| *l).collect::<Vec<_>>(), [4, 7]);
+        assert!(bad[0].1.starts_with("received_at: expected an RFC 3339 time"), "{}", bad[0].1);
+        assert!(!bad[0].1.contains("31/03"), "the cell is not quoted: {}", bad[0].1);
+        let (first, repeated) = first_of_each(ok.iter().map(|(l, s)| (*l, s)).collect());
+        assert_eq!(first.len(), 4, "another receipt is another submission");
+        assert!(repeated.is_empty());
     }
 
     #[test]
