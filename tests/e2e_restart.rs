@@ -4,7 +4,8 @@
 //! ten people are held locked until the kill, so some surely are), a new
 //! `lethe serve` on the same config and state store finishes every one of
 //! them, each is listed exactly once, and every subject's rows are erased
-//! exactly as configured.
+//! exactly as configured. SIGTERM, by contrast, lets the tasks in flight
+//! finish and their results reach the state store before the process exits.
 
 mod support;
 
@@ -223,4 +224,62 @@ async fn sigterm_stops_the_server_cleanly() {
     }
     let log = std::fs::read_to_string(&lab.log).expect("server log");
     assert_eq!(log.matches("shutting down").count(), 12, "{log}");
+}
+
+/// SIGTERM with a task in flight (the shop's erase waits for a row lock):
+/// the in-process worker finishes it and its result is in the state store
+/// before the process exits. Cut off, the erase would run again after the
+/// restart and report "nothing found" for what it had removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_tasks_in_flight_finish() {
+    let lab = Lab::new(StateKind::Sqlite, ada_and_neighbours()).await;
+    let ada = lab.people[0].clone();
+    let mut server = Server::start(&lab).await;
+    let mut lock = PgConnection::connect(&lab.shop.url).await.expect("connect to the shop");
+    lock.execute("BEGIN").await.expect("BEGIN");
+    let locked = sqlx::query("SELECT id FROM customers WHERE id = $1 FOR UPDATE")
+        .bind(ada.id)
+        .fetch_all(&mut lock)
+        .await
+        .expect("lock Ada's shop row");
+    assert_eq!(locked.len(), 1);
+    let id = server.submit(json!({"email": ada.email})).await["id"].as_str().expect("id").to_owned();
+
+    // The newsletter finishes; the shop's task is taken and waits for the lock.
+    let started = Instant::now();
+    loop {
+        let view = server.request(&id).await;
+        if system(&view, "newsletter")["state"] == "succeeded"
+            && system(&view, "shop")["state"] == "dispatched"
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the shop's task was never in flight: {view:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    server.send_sigterm();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(server.exited().is_none(), "lethe serve exited with a task in flight:\n{}", server.log_text());
+    lock.execute("ROLLBACK").await.expect("release Ada's row");
+    let status = server.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "lethe serve exited with {status}:\n{}", server.log_text());
+    assert!(server.log_text().contains("stopping: finishing the tasks in flight"), "{}", server.log_text());
+
+    // Before any restart, the store holds the shop's outcome.
+    let tasks = lab.state_task_states().await;
+    assert!(tasks.keys().all(|s| s == "succeeded"), "every task answered before the exit: {tasks:?}");
+    drop(server);
+    let server = Server::start(&lab).await;
+    let view = server.wait_final(&id).await;
+    assert_eq!(view["status"], "completed", "{view:#}");
+    let shop = system(&view, "shop");
+    assert_eq!(shop["outcome"]["status"], "erased", "{shop:#}");
+    assert_eq!(
+        dataset_counts(shop),
+        shop_counts(&ada),
+        "what the erase removed, not a rerun's nothing: {shop:#}"
+    );
+    lab.assert_rows_after(&BTreeSet::from([ada.id]), &BTreeSet::from([ada.id])).await;
 }

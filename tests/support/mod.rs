@@ -1047,15 +1047,30 @@ impl Server {
 
     /// SIGTERM (what a service manager sends), then reap the process.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.send_sigterm();
+        self.wait_exit(Duration::from_secs(10)).await
+    }
+
+    /// Sends SIGTERM without waiting for the process to exit.
+    pub fn send_sigterm(&self) {
         let pid = self.child.id().expect("lethe serve is running");
         let sent = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status()
             .expect("run kill -TERM");
         assert!(sent.success(), "kill -TERM {pid} failed");
-        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("poll lethe serve")
+    }
+
+    /// Reaps the process, which must exit within `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
             .await
-            .expect("lethe serve did not stop within 10 s of SIGTERM")
+            .unwrap_or_else(|_| panic!("lethe serve did not exit within {limit:?}"))
             .expect("wait for lethe serve")
     }
 

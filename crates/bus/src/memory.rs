@@ -3,7 +3,9 @@
 //! coordinator republishes in-flight tasks from its store on start.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -25,6 +27,10 @@ struct Inner {
     tasks: Mutex<HashMap<String, Channel<TaskMessage>>>,
     results: Mutex<Channel<ResultMessage>>,
     dead_letters: Mutex<Vec<DeadLetter>>,
+    /// Results published (or being published) so far.
+    results_published: AtomicI64,
+    /// Results acknowledged by their consumer, counted from the first.
+    results_acked: Arc<AtomicI64>,
 }
 
 /// A message the in-process bus set aside.
@@ -43,6 +49,8 @@ impl Default for InProcessBus {
                 tasks: Mutex::new(HashMap::new()),
                 results: Mutex::new((tx, Some(rx))),
                 dead_letters: Mutex::new(Vec::new()),
+                results_published: AtomicI64::new(0),
+                results_acked: Arc::new(AtomicI64::new(0)),
             }),
         }
     }
@@ -65,6 +73,25 @@ impl InProcessBus {
             .clone()
     }
 
+    /// Waits until every result published so far has been acknowledged by
+    /// the results' consumer (for the coordinator's ingest: applied to the
+    /// state store), or `limit` has passed; says whether they all were.
+    /// Nothing on this bus survives the process, so a process stopping
+    /// waits for this before it exits.
+    pub async fn results_acknowledged(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let published = self.inner.results_published.load(Ordering::SeqCst);
+            if self.inner.results_acked.load(Ordering::SeqCst) >= published {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Messages dead-lettered so far (their reasons and sizes, not bodies).
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
         self.inner.dead_letters.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -75,6 +102,8 @@ struct ChannelConsumer<T> {
     rx: mpsc::Receiver<T>,
     next_offset: i64,
     source: String,
+    /// Where acknowledgements are counted (1 + the highest offset), if anywhere.
+    acked: Option<Arc<AtomicI64>>,
 }
 
 #[async_trait]
@@ -86,7 +115,10 @@ impl<T: Send> Consumer<T> for ChannelConsumer<T> {
         Some(Delivery { message: Ok(message), position })
     }
 
-    async fn ack(&mut self, _position: Position) -> Result<(), BusError> {
+    async fn ack(&mut self, position: Position) -> Result<(), BusError> {
+        if let Some(acked) = &self.acked {
+            acked.fetch_max(position.offset + 1, Ordering::SeqCst);
+        }
         Ok(())
     }
 
@@ -115,18 +147,32 @@ impl Bus for InProcessBus {
         let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
         let slot = &mut tasks.get_mut(system).ok_or(BusError::Closed)?.1;
         let rx = take_receiver(slot, &format!("system {system}"))?;
-        Ok(Box::new(ChannelConsumer { rx, next_offset: 0, source: format!("in-process tasks of {system}") }))
+        Ok(Box::new(ChannelConsumer {
+            rx,
+            next_offset: 0,
+            source: format!("in-process tasks of {system}"),
+            acked: None,
+        }))
     }
 
     async fn publish_result(&self, result: &ResultMessage) -> Result<(), BusError> {
         let tx = self.inner.results.lock().unwrap_or_else(|e| e.into_inner()).0.clone();
-        tx.send(result.clone()).await.map_err(|_| BusError::Closed)
+        self.inner.results_published.fetch_add(1, Ordering::SeqCst);
+        tx.send(result.clone()).await.map_err(|_| {
+            self.inner.results_published.fetch_sub(1, Ordering::SeqCst);
+            BusError::Closed
+        })
     }
 
     async fn result_consumer(&self) -> Result<Box<dyn Consumer<ResultMessage>>, BusError> {
         let mut results = self.inner.results.lock().unwrap_or_else(|e| e.into_inner());
         let rx = take_receiver(&mut results.1, "the results stream")?;
-        Ok(Box::new(ChannelConsumer { rx, next_offset: 0, source: "in-process results".into() }))
+        Ok(Box::new(ChannelConsumer {
+            rx,
+            next_offset: 0,
+            source: "in-process results".into(),
+            acked: Some(self.inner.results_acked.clone()),
+        }))
     }
 
     async fn dead_letter(&self, source: &str, raw: &[u8], reason: &str) -> Result<(), BusError> {
@@ -141,5 +187,44 @@ impl Bus for InProcessBus {
 
     fn is_durable(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use lethe_core::{Outcome, RequestId, TaskId};
+
+    use super::*;
+
+    fn result() -> ResultMessage {
+        ResultMessage {
+            version: crate::ENVELOPE_VERSION,
+            task_id: TaskId::new(),
+            request_id: RequestId::new(),
+            system: "crm".into(),
+            attempt: 1,
+            outcome: Outcome::NotFound { residual: Some(0) },
+            reported_at: Utc::now(),
+            worker: None,
+            task_issued_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stopping_process_can_tell_its_results_were_all_applied() {
+        let bus = InProcessBus::new();
+        let short = Duration::from_millis(30);
+        assert!(bus.results_acknowledged(short).await, "nothing published");
+        let mut consumer = bus.result_consumer().await.unwrap();
+        bus.publish_result(&result()).await.unwrap();
+        bus.publish_result(&result()).await.unwrap();
+        assert!(!bus.results_acknowledged(short).await, "two results not yet received");
+        let first = consumer.recv().await.unwrap();
+        let second = consumer.recv().await.unwrap();
+        consumer.ack(first.position).await.unwrap();
+        assert!(!bus.results_acknowledged(short).await, "the second not yet acknowledged");
+        consumer.ack(second.position).await.unwrap();
+        assert!(bus.results_acknowledged(short).await);
     }
 }

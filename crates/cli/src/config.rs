@@ -418,6 +418,9 @@ impl WebhookConfig {
         if self.secret.trim().is_empty() {
             bail!("`secret` is required (write it as ${{ENV_VAR}})");
         }
+        if !self.secret.contains("${") && self.secret.chars().count() < MIN_SECRET_CHARS {
+            bail!("the secret must be at least {MIN_SECRET_CHARS} characters");
+        }
         if self.events.as_ref().is_some_and(Vec::is_empty) {
             bail!("`events` lists no event; leave it out to receive all of them");
         }
@@ -443,8 +446,8 @@ impl WebhookConfig {
         let url = resolve_placeholders(&self.url).context("url")?;
         check_webhook_url(&url, self.include_identifiers)?;
         let secret = resolve_placeholders(&self.secret).context("secret")?;
-        if secret.chars().count() < 16 {
-            bail!("the secret must be at least 16 characters");
+        if secret.chars().count() < MIN_SECRET_CHARS {
+            bail!("the secret must be at least {MIN_SECRET_CHARS} characters");
         }
         let events = match &self.events {
             Some(events) => events.iter().copied().collect(),
@@ -461,6 +464,24 @@ impl WebhookConfig {
             ..WebhookEndpoint::new(self.name.clone(), url, Secret::new(secret))
         })
     }
+}
+
+/// Shortest webhook signing secret.
+const MIN_SECRET_CHARS: usize = 16;
+
+/// A connector token opens the data key of every open task of its system:
+/// as hard to guess as an administrator's, and one per system.
+fn check_connector_tokens(tokens: Vec<(String, String)>) -> anyhow::Result<Vec<(String, String)>> {
+    let mut seen = std::collections::HashMap::new();
+    for (system, token) in &tokens {
+        if token.len() < 32 {
+            bail!("system {system:?}: its connector token must be at least 32 characters");
+        }
+        if let Some(other) = seen.insert(token.as_str(), system.as_str()) {
+            bail!("systems {other:?} and {system:?} share a connector token; give each system its own");
+        }
+    }
+    Ok(tokens)
 }
 
 /// The URL and secret may carry credentials: neither is printed.
@@ -664,8 +685,34 @@ impl Config {
             }
             w.validate().with_context(|| format!("webhook {:?}", w.name))?;
         }
+        // Literal tokens are checked here, so that `config check` refuses
+        // what `serve` would; those from the environment when it starts.
+        let literal = self.systems.iter().filter_map(|s| {
+            s.token.as_ref().map(|t| (s.name.clone(), t.clone())).filter(|(_, t)| !t.contains("${"))
+        });
+        check_connector_tokens(literal.collect())?;
+        let mut named = std::collections::HashMap::new();
+        for s in &self.systems {
+            if let Some(token) = s.token.as_deref().filter(|t| t.contains("${")) {
+                if let Some(other) = named.insert(token, s.name.as_str()) {
+                    bail!("systems {other:?} and {:?} take their connector token from the same {token}; give each system its own", s.name);
+                }
+            }
+        }
         crate::policy::planner(self)?;
         Ok(())
+    }
+
+    /// The connector token of each system that has one, resolved from the
+    /// environment and checked: long enough, one per system.
+    pub fn connector_tokens(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let tokens = self
+            .systems
+            .iter()
+            .filter_map(|s| s.token.as_ref().map(|t| Ok((s.name.clone(), resolve_placeholders(t)?))))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .context("system token")?;
+        check_connector_tokens(tokens)
     }
 
     /// Values that parse but cannot work: a zero lease lets two replicas
@@ -673,7 +720,12 @@ impl Config {
     /// or attempt budget fails every task.
     fn check_ranges(&self) -> anyhow::Result<()> {
         let (d, s) = (&self.dispatcher, &self.scheduler);
-        let checks: [(bool, &str); 9] = [
+        let r = &self.retry;
+        let checks: [(bool, &str); 10] = [
+            (
+                r.initial_delay_ms >= 1 && r.initial_delay_ms <= r.max_delay_ms,
+                "retry delays must satisfy 1 <= retry.initial_delay_ms <= retry.max_delay_ms",
+            ),
             ((1..=10_000).contains(&d.batch), "dispatcher.batch must be 1 to 10000"),
             (d.lease_secs >= 1, "dispatcher.lease_secs must be at least 1"),
             (d.poll_interval_ms >= 1, "dispatcher.poll_interval_ms must be at least 1"),
@@ -948,11 +1000,44 @@ mod tests {
             ("LETHE__SCHEDULER__MAX_ATTEMPTS", "0", "scheduler.max_attempts"),
             ("LETHE__WORKER__CONCURRENCY", "0", "worker.concurrency"),
             ("LETHE__STORE__URL", "postgress://db/lethe", "store.url"),
+            // A zero backoff retries a broker outage in a busy loop.
+            ("LETHE__RETRY__INITIAL_DELAY_MS", "0", "retry.initial_delay_ms"),
+            ("LETHE__RETRY__MAX_DELAY_MS", "100", "retry.initial_delay_ms <= retry.max_delay_ms"),
         ] {
             let env = [(name.to_owned(), value.to_owned())];
             let err = format!("{:#}", Config::load_with_env(None, &Overrides::default(), &env).unwrap_err());
             assert!(err.contains(problem), "{name}={value}: {err}");
         }
+    }
+
+    /// `config check` refuses what `serve` would: two systems with one
+    /// connector token, literally or from one environment variable.
+    #[test]
+    fn systems_never_share_a_connector_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lethe.toml");
+        let load = |a: &str, b: &str| {
+            let system = |name: &str, token: &str| {
+                format!(
+                    "[[systems]]\nname = \"{name}\"\nconnector = \"external\"\n\
+                     categories = [\"identity.contact\"]\ntoken = \"{token}\"\n"
+                )
+            };
+            let text = format!(
+                "[bus]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\n{}{}",
+                system("crm", a),
+                system("mail", b)
+            );
+            std::fs::write(&path, text).unwrap();
+            Config::load_with_env(Some(&path), &Overrides::default(), &[]).map_err(|e| format!("{e:#}"))
+        };
+        let literal = "connector-token-value-0123456789abcdef";
+        let err = load(literal, literal).unwrap_err();
+        assert!(err.contains("share a connector token") && !err.contains(literal), "{err}");
+        let err = load("${LETHE_CRM_TOKEN}", "${LETHE_CRM_TOKEN}").unwrap_err();
+        assert!(err.contains("from the same ${LETHE_CRM_TOKEN}"), "{err}");
+        assert!(load("${LETHE_CRM_TOKEN}", "${LETHE_MAIL_TOKEN}").is_ok());
+        assert!(load(literal, "connector-token-value-0123456789abcdeF").is_ok());
     }
 
     #[test]
@@ -990,23 +1075,24 @@ mod tests {
         std::env::set_var("LETHE_TEST_WEBHOOK_SHORT", "short");
         let short =
             load("url = \"http://127.0.0.1:9/x\"\nsecret = \"${LETHE_TEST_WEBHOOK_SHORT}\"\n").unwrap();
-        assert!(load("url = \"http://localhost:9/x\"\nsecret = \"s\"\ninclude_identifiers = true\n").is_ok());
+        assert!(load("url = \"http://localhost:9/x\"\nsecret = \"whsec_literal_0123456789\"\ninclude_identifiers = true\n").is_ok());
         let err = format!("{:#}", short.webhook_endpoints().unwrap_err());
         assert!(err.contains("at least 16") && !err.contains("short"), "{err}");
         for (body, expected) in [
-            ("url = \"ftp://x.example/\"\nsecret = \"s\"\n", "https://"),
-            ("url = \"not a url\"\nsecret = \"s\"\n", "not a valid URL"),
+            ("url = \"ftp://x.example/\"\nsecret = \"whsec_literal_0123456789\"\n", "https://"),
+            ("url = \"not a url\"\nsecret = \"whsec_literal_0123456789\"\n", "not a valid URL"),
             ("url = \"https://x.example/\"\n", "missing field `secret`"),
             ("url = \"https://x.example/\"\nsecret = \"\"\n", "`secret` is required"),
+            ("url = \"https://x.example/\"\nsecret = \"s\"\n", "at least 16 characters"),
             (
-                "url = \"https://x.example/\"\nsecret = \"s\"\nevents = [\"request.deleted\"]\n",
+                "url = \"https://x.example/\"\nsecret = \"whsec_literal_0123456789\"\nevents = [\"request.deleted\"]\n",
                 "unknown variant",
             ),
-            ("url = \"https://x.example/\"\nsecret = \"s\"\nevents = []\n", "lists no event"),
-            ("url = \"https://x.example/\"\nsecret = \"s\"\nmax_attempts = 0\n", "max_attempts"),
-            ("url = \"https://x.example/\"\nsecret = \"s\"\nretries = 3\n", "unknown field `retries`"),
+            ("url = \"https://x.example/\"\nsecret = \"whsec_literal_0123456789\"\nevents = []\n", "lists no event"),
+            ("url = \"https://x.example/\"\nsecret = \"whsec_literal_0123456789\"\nmax_attempts = 0\n", "max_attempts"),
+            ("url = \"https://x.example/\"\nsecret = \"whsec_literal_0123456789\"\nretries = 3\n", "unknown field `retries`"),
             (
-                "url = \"http://x.example/\"\nsecret = \"s\"\ninclude_identifiers = true\n",
+                "url = \"http://x.example/\"\nsecret = \"whsec_literal_0123456789\"\ninclude_identifiers = true\n",
                 "needs an https://",
             ),
         ] {

@@ -21,23 +21,49 @@ pub struct Running {
     pub addr: SocketAddr,
     pub store: Arc<dyn lethe_store::StateStore>,
     tasks: JoinSet<anyhow::Result<Stopped>>,
+    /// Set once Ctrl-C or SIGTERM has come.
+    stopping: tokio::sync::watch::Receiver<bool>,
+    /// The in-process bus, whose results die with the process.
+    in_process: Option<InProcessBus>,
     _coordinator: Coordinator,
 }
 
 impl Running {
-    /// Waits until a background task stops. The HTTP server stops cleanly
-    /// on Ctrl-C or SIGTERM; any other task stopping, or any error, is a
-    /// failure.
+    /// Waits until the process should exit. On Ctrl-C or SIGTERM the HTTP
+    /// server stops taking requests and the in-process workers finish the
+    /// tasks they hold (for at most `[worker] shutdown_grace_secs`), and
+    /// their results are applied, before this returns: a task cut off after
+    /// its erase ran would run again after the restart and report what it
+    /// found then (nothing), not what it removed. Any task stopping before
+    /// the signal, or any error, is a failure.
     pub async fn wait(&mut self) -> anyhow::Result<()> {
-        match self.tasks.join_next().await {
-            Some(Ok(Ok(Stopped::Server))) => Ok(()),
-            Some(Ok(Ok(Stopped::Worker(system)))) => Err(anyhow::anyhow!("the worker of {system} stopped")),
-            Some(Ok(Err(e))) => Err(e),
-            Some(Err(e)) => Err(e.into()),
-            None => std::future::pending().await,
+        while let Some(joined) = self.tasks.join_next().await {
+            let stopping = *self.stopping.borrow();
+            match joined {
+                Ok(Ok(Stopped::Server)) if stopping => {}
+                Ok(Ok(Stopped::Worker(_))) if stopping => {}
+                Ok(Ok(Stopped::Server)) => anyhow::bail!("the HTTP server stopped"),
+                Ok(Ok(Stopped::Worker(system))) => anyhow::bail!("the worker of {system} stopped"),
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(e.into()),
+            }
         }
+        if let Some(bus) = &self.in_process {
+            // The ingest acknowledges a result once it is in the state store.
+            if !bus.results_acknowledged(RESULTS_APPLIED_LIMIT).await {
+                tracing::warn!(
+                    limit_secs = RESULTS_APPLIED_LIMIT.as_secs(),
+                    "stopping: some results were not applied in time; their tasks run again after the restart"
+                );
+            }
+        }
+        Ok(())
     }
 }
+
+/// How long a stopping `lethe serve` waits for the results of its
+/// in-process workers to be applied.
+const RESULTS_APPLIED_LIMIT: Duration = Duration::from_secs(10);
 
 /// Which background task ended.
 enum Stopped {
@@ -62,32 +88,20 @@ pub enum AdminToken {
 /// answer can use it at once.
 pub async fn start(config: &Config, listener: TcpListener, admin: AdminToken) -> anyhow::Result<Running> {
     // Checked before anything is opened or connected.
-    let tokens = config
-        .systems
-        .iter()
-        .filter_map(|s| s.token.as_ref().map(|t| Ok((s.name.clone(), resolve_placeholders(t)?))))
-        .collect::<anyhow::Result<Vec<_>>>()
-        .context("system token")?;
-    let mut seen = std::collections::HashMap::new();
-    for (system, token) in &tokens {
-        // A connector token opens the data key of every open task of its
-        // system: as hard to guess as an administrator's.
-        if token.len() < 32 {
-            anyhow::bail!("system {system:?}: its connector token must be at least 32 characters");
-        }
-        if let Some(other) = seen.insert(token.as_str(), system.as_str()) {
-            anyhow::bail!(
-                "systems {other:?} and {system:?} share a connector token; give each system its own"
-            );
-        }
-    }
+    let tokens = config.connector_tokens()?;
     let url = resolve_placeholders(&config.store.url).context("store.url")?;
     let store = lethe_store::connect(&url).await.context("cannot open the state store")?;
     if admin == AdminToken::Bootstrap {
         crate::tokens::bootstrap_admin(config, store.as_ref()).await?;
     }
     let master = load_master_key(config, store.clone()).await?;
-    let bus = build_bus(config).await?;
+    let (bus, in_process) = match config.bus {
+        BusConfig::InProcess => {
+            let bus = InProcessBus::new();
+            (Arc::new(bus.clone()) as Arc<dyn Bus>, Some(bus))
+        }
+        BusConfig::Kafka(_) => (build_bus(config).await?, None),
+    };
     let (planner, warnings) = crate::policy::planner(config)?;
     for w in warnings {
         tracing::warn!(warning = %w, "retention policy");
@@ -107,7 +121,18 @@ pub async fn start(config: &Config, listener: TcpListener, admin: AdminToken) ->
         coordinator.start_webhooks(webhooks, &config.settings()).await?;
     }
     let mut tasks = JoinSet::new();
-    if matches!(config.bus, BusConfig::InProcess) {
+    // One signal for everything: the server stops taking requests, the
+    // in-process workers finish what they hold.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let grace = Duration::from_secs(config.worker.shutdown_grace_secs);
+    if in_process.is_some() {
         let keys = Arc::new(StoreKeys::new(store.clone(), master));
         for system in &config.systems {
             let connector = registry::build(system).await?;
@@ -117,19 +142,25 @@ pub async fn start(config: &Config, listener: TcpListener, admin: AdminToken) ->
             let worker = Worker::new(system.name.clone(), connector, keys.clone(), bus.clone(), config.retry)
                 .with_concurrency(config.worker.concurrency);
             let name = system.name.clone();
+            let stop = stopped(stopping.clone());
             tasks.spawn(async move {
-                worker.run().await.map(|()| Stopped::Worker(name)).map_err(anyhow::Error::from)
+                worker
+                    .run_until(stop, grace)
+                    .await
+                    .map(|()| Stopped::Worker(name))
+                    .map_err(anyhow::Error::from)
             });
         }
     }
     let addr = listener.local_addr()?;
     let router = app(coordinator.state.clone());
+    let stop = stopped(stopping.clone());
     tasks.spawn(async move {
-        axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
+        axum::serve(listener, router).with_graceful_shutdown(stop).await?;
         Ok(Stopped::Server)
     });
     tracing::info!(%addr, store = store.backend(), systems = config.systems.len(), "lethe coordinator listening");
-    Ok(Running { addr, store, tasks, _coordinator: coordinator })
+    Ok(Running { addr, store, tasks, stopping, in_process, _coordinator: coordinator })
 }
 
 /// The bus `config` names, with its topics in place.
@@ -274,25 +305,34 @@ mod tests {
     }
 
     /// A connector token opens its system's data keys: a guessable one is
-    /// refused at start.
+    /// refused when the configuration is read (so `config check` refuses it
+    /// too), or at start when it comes from the environment.
     #[tokio::test]
     async fn a_short_connector_token_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lethe.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "[store]\nurl = \"sqlite://{db}\"\n[keys]\nmaster_key_file = \"{key}\"\n\
-                 [bus]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:1\"\n[[systems]]\nname = \"crm\"\nconnector = \"external\"\n\
-                 categories = [\"identity.contact\"]\ntoken = \"shop\"\n",
-                db = dir.path().join("state.db").display(),
-                key = dir.path().join("master.key").display(),
-            ),
-        )
-        .unwrap();
+        let write = |token: &str| {
+            std::fs::write(
+                &path,
+                format!(
+                    "[store]\nurl = \"sqlite://{db}\"\n[keys]\nmaster_key_file = \"{key}\"\n\
+                     [bus]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:1\"\n[[systems]]\nname = \"crm\"\nconnector = \"external\"\n\
+                     categories = [\"identity.contact\"]\ntoken = \"{token}\"\n",
+                    db = dir.path().join("state.db").display(),
+                    key = dir.path().join("master.key").display(),
+                ),
+            )
+            .unwrap();
+        };
+        write("shop");
+        let e = Config::load_with_env(Some(&path), &Overrides::default(), &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("at least 32 characters"), "{e:#}");
+        std::env::set_var("LETHE_TEST_SHORT_CONNECTOR_TOKEN", "shop");
+        write("${LETHE_TEST_SHORT_CONNECTOR_TOKEN}");
         let config = Config::load_with_env(Some(&path), &Overrides::default(), &[]).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let Err(e) = start(&config, listener, AdminToken::Bootstrap).await else { panic!("started") };
-        assert!(format!("{e:#}").contains("at least 32 characters"), "{e:#}");
+        let e = format!("{e:#}");
+        assert!(e.contains("at least 32 characters") && !e.contains("shop\""), "{e}");
     }
 }
