@@ -26,18 +26,39 @@ pub fn without_credentials(url: &str) -> String {
     }
 }
 
+/// How long a connection to the coordinator may take to open.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a call may take in all: a command run from cron must not hang
+/// on a coordinator that never answers.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 impl Client {
     /// A client of the API at `base`, sending `token` as a bearer token.
-    pub fn new(base: &str, token: Option<&str>) -> Self {
+    /// A token that cannot be sent in a header is a usage error (it is not
+    /// quoted), not a call without a token.
+    pub fn new(base: &str, token: Option<&str>) -> anyhow::Result<Self> {
         let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(value) = token.and_then(|t| format!("Bearer {}", t.trim()).parse().ok()) {
-            let mut value: reqwest::header::HeaderValue = value;
+        if let Some(token) = token {
+            let mut value: reqwest::header::HeaderValue =
+                format!("Bearer {}", token.trim()).parse().map_err(|_| {
+                    crate::ops::Usage(
+                        "the API token (--token or LETHE_TOKEN) holds a character an HTTP header cannot \
+                         carry (a line break, or a letter outside ASCII such as a typographic quote)"
+                            .to_owned(),
+                    )
+                })?;
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        let http = reqwest::Client::builder().default_headers(headers).build().unwrap_or_default();
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
+            .build()
+            .context("cannot set up the HTTP client")?;
         let base = base.trim_end_matches('/').to_owned();
-        Self { shown: without_credentials(&base), base, http }
+        Ok(Self { shown: without_credentials(&base), base, http })
     }
 
     async fn check(resp: reqwest::Response) -> anyhow::Result<Value> {

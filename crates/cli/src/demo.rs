@@ -182,7 +182,10 @@ async fn count(conn: &mut SqliteConnection, sql: &str) -> anyhow::Result<i64> {
 /// Runs the demo.
 pub async fn run(subjects: usize, requests: usize) -> anyhow::Result<()> {
     if requests > subjects {
-        bail!("--requests ({requests}) cannot exceed --subjects ({subjects})");
+        return Err(crate::ops::Usage(format!(
+            "--requests ({requests}) cannot exceed --subjects ({subjects})"
+        ))
+        .into());
     }
     let config = Config::load(None, &Overrides::default())?;
     println!("Lethe demo: seeding {subjects} people into two local stores ({SHOP_DB}, {NEWSLETTER_DB})");
@@ -195,7 +198,7 @@ pub async fn run(subjects: usize, requests: usize) -> anyhow::Result<()> {
         &[lethe_coordinator::Scope::RequestsSubmit, lethe_coordinator::Scope::RequestsRead],
     )
     .await?;
-    let client = Client::new(&format!("http://{}", running.addr), Some(&token));
+    let client = Client::new(&format!("http://{}", running.addr), Some(&token))?;
     println!("Coordinator running on http://{} (state in {})", running.addr, config.store.url);
 
     let mut ids = Vec::new();

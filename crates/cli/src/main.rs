@@ -76,7 +76,7 @@ struct ServerArgs {
 }
 
 impl ServerArgs {
-    fn client(&self) -> Client {
+    fn client(&self) -> anyhow::Result<Client> {
         Client::new(&self.server, self.token.as_deref())
     }
 }
@@ -401,14 +401,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Submit { server, subject, regulation, external_ref, idempotency_key } => {
             let subject = subject.subject()?;
             let answer = server
-                .client()
+                .client()?
                 .submit(subject, &regulation, external_ref.as_deref(), idempotency_key.as_deref())
                 .await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(())
         }
         Command::Import { server, args } => {
-            let summary = import::run(&server.client(), &args).await?;
+            let summary = import::run(&server.client()?, &args).await?;
             if !summary.rejected.is_empty() {
                 // 3: some rows were rejected, every other row was sent (see
                 // import.rs); 2 is what the argument parser exits with.
@@ -417,7 +417,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { server, id, watch } => {
-            let client = server.client();
+            let client = server.client()?;
             loop {
                 let view = client.request(&id.to_string()).await?;
                 print!("{}", client::render_request(&view));
@@ -440,13 +440,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             check::run(config, &system, &subject).await
         }
         Command::Retry { server, id, system } => {
-            let answer = server.client().retry(&id.to_string(), &system).await?;
+            let answer = server.client()?.retry(&id.to_string(), &system).await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(())
         }
-        Command::Extend { server, id, reason } => ops::extend(&server.client(), id, &reason).await,
-        Command::Hold { server, command } => ops::hold(&server.client(), command).await,
-        Command::Policy { server, command } => ops::policy(&server.client(), command).await,
+        Command::Extend { server, id, reason } => ops::extend(&server.client()?, id, &reason).await,
+        Command::Hold { server, command } => ops::hold(&server.client()?, command).await,
+        Command::Policy { server, command } => ops::policy(&server.client()?, command).await,
         Command::Token { config, command } => {
             tokens::run(&config.load(&Overrides::default())?, command).await
         }
@@ -460,7 +460,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Certificate { config, server, command } => {
             let needs_config = matches!(command, proof::CertificateCommand::RotateKey);
             let config = if needs_config { Some(config.load(&Overrides::default())?) } else { None };
-            proof::certificate(config.as_ref(), &server.client(), command).await
+            proof::certificate(config.as_ref(), &server.client()?, command).await
         }
         Command::Requests {
             command:
@@ -490,7 +490,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     query.push((k, "true".to_owned()));
                 }
             }
-            let page = server.client().list(&query).await?;
+            let page = server.client()?.list(&query).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&page)?);
             } else {

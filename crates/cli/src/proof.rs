@@ -42,7 +42,7 @@ pub enum CertificateCommand {
 pub async fn audit(config: &Config, command: AuditCommand) -> anyhow::Result<()> {
     let AuditCommand::Verify = command;
     let url = resolve_placeholders(&config.store.url).context("store.url")?;
-    let store = lethe_store::connect(&url).await.context("cannot open the state store")?;
+    let store = lethe_store::connect_existing(&url).await.context("cannot open the state store")?;
     match store.verify_audit().await? {
         AuditCheck::Intact { events, head } => {
             println!("audit trail intact: {events} events, head {head}");
@@ -81,7 +81,7 @@ pub async fn certificate(
         CertificateCommand::RotateKey => {
             let config = config.context("rotate-key needs the configuration")?;
             let url = resolve_placeholders(&config.store.url).context("store.url")?;
-            let store = lethe_store::connect(&url).await.context("cannot open the state store")?;
+            let store = lethe_store::connect_existing(&url).await.context("cannot open the state store")?;
             let master = crate::keys::load_master_key(config, store.clone()).await?;
             let certifier = lethe_coordinator::Certifier::new(store, master);
             let id = certifier.rotate(chrono::Utc::now()).await?;

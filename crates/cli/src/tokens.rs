@@ -126,7 +126,7 @@ pub async fn run(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
 
 async fn open(config: &Config) -> anyhow::Result<std::sync::Arc<dyn StateStore>> {
     let url = resolve_placeholders(&config.store.url).context("store.url")?;
-    lethe_store::connect(&url).await.context("cannot open the state store")
+    lethe_store::connect_existing(&url).await.context("cannot open the state store")
 }
 
 /// A token's name: 1 to 128 visible characters, not only spaces, and not
@@ -160,7 +160,7 @@ fn parse_scopes(config: &Config, given: &[String]) -> anyhow::Result<Vec<Scope>>
         } else {
             let scope: Scope = s.parse().map_err(crate::ops::Usage)?;
             if let Scope::Connector(system) = &scope {
-                config.system(system)?;
+                config.system(system).map_err(|e| crate::ops::Usage(format!("--scope {s}: {e:#}")))?;
             }
             vec![scope]
         };
@@ -334,10 +334,14 @@ mod tests {
         config.store.url = format!("sqlite://{}/state.db", dir.path().display());
         let create =
             || TokenCommand::Create { name: "portal-eu".into(), scopes: vec!["requests:submit".into()] };
+        // No store yet: a token in a new, empty one would be known to no coordinator.
+        let missing = run(&config, create()).await.unwrap_err();
+        assert!(format!("{missing:#}").contains("there is no SQLite state store at"), "{missing:#}");
+        assert!(!dir.path().join("state.db").exists(), "nothing created");
+        let store = lethe_store::connect(&config.store.url).await.unwrap();
         run(&config, create()).await.unwrap();
         let in_force = run(&config, create()).await.unwrap_err().to_string();
         assert!(in_force.contains("in force is already named"), "{in_force}");
-        let store = lethe_store::connect(&config.store.url).await.unwrap();
         let id = store.list_tokens().await.unwrap().remove(0).id;
         run(&config, TokenCommand::Revoke { id }).await.unwrap();
         let revoked = run(&config, create()).await.unwrap_err().to_string();

@@ -1,10 +1,11 @@
 //! `lethe webhooks replay`: deliver an endpoint's events again.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
 
 use crate::config::{resolve_placeholders, Config};
+use crate::ops::Usage;
 
 #[derive(Subcommand)]
 pub enum WebhooksCommand {
@@ -16,33 +17,28 @@ pub enum WebhooksCommand {
         #[arg(long)]
         endpoint: String,
         /// The time from which to deliver again (RFC 3339, e.g.
-        /// 2026-12-01T08:00:00Z).
-        #[arg(long, value_parser = rfc3339)]
+        /// 2026-12-01T08:00:00Z, or a date, read as 00:00 UTC).
+        #[arg(long, value_parser = crate::ops::parse_time)]
         since: DateTime<Utc>,
     },
-}
-
-fn rfc3339(s: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| "an RFC 3339 time, e.g. 2026-12-01T08:00:00Z".to_owned())
 }
 
 pub async fn run(config: &Config, command: WebhooksCommand) -> anyhow::Result<()> {
     let WebhooksCommand::Replay { endpoint, since } = command;
     if !config.webhooks.iter().any(|w| w.name == endpoint) {
         let names: Vec<&str> = config.webhooks.iter().map(|w| w.name.as_str()).collect();
-        bail!(
+        return Err(Usage(format!(
             "no webhook endpoint is named {endpoint:?} in the configuration (there are: {})",
             names.join(", ")
-        );
+        ))
+        .into());
     }
     let now = Utc::now();
     if since > now {
-        bail!("--since is in the future");
+        return Err(Usage("--since is in the future".to_owned()).into());
     }
     let url = resolve_placeholders(&config.store.url).context("store.url")?;
-    let store = lethe_store::connect(&url).await.context("cannot open the state store")?;
+    let store = lethe_store::connect_existing(&url).await.context("cannot open the state store")?;
     match store.rewind_webhook_cursor(&endpoint, since, now).await? {
         None => {
             println!("endpoint {endpoint:?} has not run yet: it will receive events from its first start")

@@ -58,6 +58,23 @@ pub async fn connect(url: &str) -> Result<Arc<dyn StateStore>, StoreError> {
     Ok(connect_migrated(url).await?.0)
 }
 
+/// [`connect`], for the commands that work on the store a coordinator
+/// made: a SQLite file that does not exist is an error, not a new, empty
+/// store (where `lethe audit verify` would find an intact trail of no
+/// events, and `lethe token create` a token no coordinator knows).
+pub async fn connect_existing(url: &str) -> Result<Arc<dyn StateStore>, StoreError> {
+    if let Some(path) = sql::sqlite_file(url) {
+        if !path.exists() {
+            return Err(StoreError::Connect(format!(
+                "there is no SQLite state store at {} (relative paths are read from the current \
+                 directory); run this where `lethe serve` runs, or check store.url",
+                path.display()
+            )));
+        }
+    }
+    connect(url).await
+}
+
 /// [`connect`], also naming the migrations it applied (see
 /// [`SqlStore::migrate`]).
 pub async fn connect_migrated(url: &str) -> Result<(Arc<dyn StateStore>, Vec<String>), StoreError> {

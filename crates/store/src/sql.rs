@@ -179,6 +179,14 @@ fn task_moves_statement(dialect: Dialect) -> String {
     )
 }
 
+/// The file of a SQLite URL (not of an in-memory database); `None` for
+/// other URLs.
+pub(crate) fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?.trim_start_matches("//");
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:").then(|| std::path::PathBuf::from(path))
+}
+
 /// Adds `mode=rwc` and creates the parent directory of a SQLite file.
 fn sqlite_url(url: &str) -> Result<String, StoreError> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
