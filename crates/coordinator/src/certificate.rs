@@ -206,7 +206,13 @@ impl Certifier {
     /// data key).
     pub async fn ensure_key(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
         if !self.master_opens_store().await? {
-            self.rotate(now).await?;
+            match self.rotate(now).await {
+                Ok(_) => {}
+                // Another coordinator created the first key at the same
+                // time (the store keeps one current key): use that one.
+                Err(StoreError::Conflict(_)) if self.master_opens_store().await? => {}
+                Err(e) => return Err(e),
+            }
         }
         for key in self.store.signing_keys().await? {
             if self.master.unwrap_signing_key(&key.id, &key.wrapped_key).is_ok() {

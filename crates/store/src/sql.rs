@@ -49,7 +49,10 @@ impl SqlStore {
                 // One connection: SQLite has one writer anyway, and this keeps
                 // read-modify-write transactions free of lock upgrades.
                 // `secure_delete` overwrites what a write frees, so that a
-                // destroyed key does not linger in the file's free space.
+                // destroyed key does not linger in the file's free space;
+                // `journal_size_limit = 0` truncates the write-ahead log when
+                // it starts over after a checkpoint, or its old frames (the
+                // page with the key) would stay behind the new ones.
                 options
                     .max_connections(1)
                     .after_connect(|conn, _| {
@@ -57,7 +60,7 @@ impl SqlStore {
                             conn.execute(
                                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
                                  PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; \
-                                 PRAGMA secure_delete = ON;",
+                                 PRAGMA secure_delete = ON; PRAGMA journal_size_limit = 0;",
                             )
                             .await?;
                             Ok(())

@@ -2104,6 +2104,14 @@ async fn tokens_suppressions_and_signing_keys(b: &Backend) {
     assert_eq!(keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), vec!["k2", "k1"]);
     assert!(keys[0].retired_at.is_none() && keys[1].retired_at.is_some());
     assert_eq!(keys[1].wrapped_key, vec![1, 2, 3]);
+    // Never two current keys, whoever writes the second (two coordinators
+    // creating the first key at once each retire nothing the other wrote).
+    let second_current = sqlx::query(
+        "INSERT INTO signing_keys (id, public_key, wrapped_key, created_at) VALUES ('k3', 'x', '00', 0)",
+    )
+    .execute(s.pool())
+    .await;
+    assert!(second_current.is_err(), "a second current key was stored");
     assert!(matches!(s.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
 }
 
@@ -2423,16 +2431,24 @@ suite!(
 );
 
 /// The embedded store overwrites what a write frees: once a request's key
-/// is destroyed and the write-ahead log checkpointed, the wrapped key is
-/// nowhere in the database file.
+/// is destroyed and the write-ahead log checkpointed (as SQLite does by
+/// itself every 1,000 pages), the wrapped key is nowhere in the database
+/// file nor in its `-wal` file, whose old frames would otherwise stay
+/// behind the new ones written after the checkpoint.
 #[tokio::test]
 async fn a_destroyed_key_leaves_no_bytes_in_the_sqlite_file() {
     let b = Backend::sqlite().await;
     let f = Fixture::new();
+    // Requests before and after this one, so that its pages are neither the
+    // first frames of the log (which the next write would overwrite) nor
+    // the last.
+    for i in 0..20 {
+        b.store.create_request(f.request(&format!("before-{i}@example.com"), &["crm"], None)).await.unwrap();
+    }
     let req = f.request("shred@example.com", &["crm"], None);
     let id = req.id;
     b.store.create_request(req).await.unwrap();
-    let item = dispatch_all(&b.store).await.remove(0);
+    let item = dispatch_all(&b.store).await.into_iter().find(|i| i.request_id == id).expect("its task");
     let wrapped = b.store.task_key("crm", item.task_id, Some(1)).await.unwrap().expect("the key");
     let dir = b._dir.as_ref().expect("a SQLite backend").path().to_owned();
     let holders = || {
@@ -2442,11 +2458,16 @@ async fn a_destroyed_key_leaves_no_bytes_in_the_sqlite_file() {
             .filter(|p| std::fs::read(p).unwrap().windows(wrapped.len()).any(|w| w == wrapped.as_slice()))
             .collect::<Vec<_>>()
     };
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(b.store.pool()).await.unwrap();
-    assert!(!holders().is_empty(), "the key is in the file while the request is open");
+    assert!(!holders().is_empty(), "the key is stored while the request is open");
+    for i in 0..20 {
+        b.store.create_request(f.request(&format!("after-{i}@example.com"), &["crm"], None)).await.unwrap();
+    }
     report(&b.store, item.task_id, 1, erased(1)).await;
     assert!(detail(&b.store, id).await.request.key_destroyed_at.is_some());
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(b.store.pool()).await.unwrap();
+    // An ordinary checkpoint (SQLite makes one every 1,000 pages), then the
+    // next write, with which the log starts over.
+    sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(b.store.pool()).await.unwrap();
+    b.store.create_request(f.request("next@example.com", &["crm"], None)).await.unwrap();
     assert_eq!(holders(), Vec::<std::path::PathBuf>::new(), "files still holding the destroyed key");
     b.finish().await;
 }

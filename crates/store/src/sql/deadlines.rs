@@ -16,6 +16,18 @@ use crate::StoreError;
 /// waits for an operator).
 const UNANSWERED: &str = "status IN ('received', 'in_progress', 'failed')";
 
+/// The requests owed a due-date alert, oldest first: `$1` the end of the
+/// "due soon" window, `$2` the due-soon mark, `$3` now, `$4` how many. The
+/// `requests_unanswered` index (migration 0015) holds exactly the rows of
+/// [`UNANSWERED`], so the sweep never walks answered requests.
+fn due_alerts_statement(dialect: crate::dialect::Dialect) -> String {
+    format!(
+        "SELECT id, due_at FROM requests WHERE {UNANSWERED} AND due_at < $1 \
+         AND (due_alert IS NULL OR (due_alert = $2 AND due_at <= $3)) ORDER BY id LIMIT $4{}",
+        dialect.skip_locked()
+    )
+}
+
 impl SqlStore {
     pub(super) async fn due_alerts(
         &self,
@@ -29,18 +41,14 @@ impl SqlStore {
         // or past the date and not yet announced as overdue. Rows are
         // locked in id order, as every writer of requests does; one that
         // another transaction holds is left for the next sweep.
-        let rows = sqlx::query(&format!(
-            "SELECT id, due_at FROM requests WHERE {UNANSWERED} AND due_at < $1 \
-             AND (due_alert IS NULL OR (due_alert = $2 AND due_at <= $3)) ORDER BY id LIMIT $4{}",
-            self.dialect.skip_locked()
-        ))
-        .bind(soon_ms)
-        .bind(DueAlert::DueSoon.as_str())
-        .bind(ms(now))
-        .bind(i64::from(limit.max(1)))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        let rows = sqlx::query(&due_alerts_statement(self.dialect))
+            .bind(soon_ms)
+            .bind(DueAlert::DueSoon.as_str())
+            .bind(ms(now))
+            .bind(i64::from(limit.max(1)))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
         let mut alerts = DueAlerts::default();
         let mut events = Vec::with_capacity(rows.len());
         for r in &rows {
@@ -72,5 +80,45 @@ impl SqlStore {
         self.append_audit(&mut tx, events, now).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(alerts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Executor, Row};
+
+    use super::*;
+
+    /// However many requests were answered, the sweep reads the open ones
+    /// through the index of migration 0015, not down the primary key.
+    #[tokio::test]
+    async fn postgres_due_alerts_read_only_the_open_requests() {
+        let mut conn = crate::dialect::tests::postgres().await;
+        let migration = include_str!("../../migrations/postgres/0015_open_requests_and_one_current_key.sql");
+        let index =
+            migration.lines().find(|l| l.starts_with("CREATE INDEX requests_unanswered")).expect("the index");
+        conn.execute(
+            "CREATE TEMP TABLE requests (id TEXT PRIMARY KEY, status TEXT NOT NULL, due_at BIGINT NOT NULL, \
+               due_alert TEXT); \
+             INSERT INTO requests SELECT lpad(g::text, 8, '0'), \
+               CASE WHEN g % 5000 = 0 THEN 'in_progress' ELSE 'completed' END, g, NULL \
+               FROM generate_series(1, 200000) g",
+        )
+        .await
+        .unwrap();
+        conn.execute(index).await.unwrap();
+        conn.execute("ANALYZE requests").await.unwrap();
+        let rows =
+            sqlx::query(&format!("EXPLAIN {}", due_alerts_statement(crate::dialect::Dialect::Postgres)))
+                .bind(i64::MAX)
+                .bind("due_soon")
+                .bind(0i64)
+                .bind(500i64)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        let plan = rows.iter().map(|r| r.get::<String, _>(0)).collect::<Vec<_>>().join("\n");
+        assert!(plan.contains("requests_unanswered") && !plan.contains("requests_pkey"), "{plan}");
+        let _ = sqlx::Connection::close(conn).await;
     }
 }
