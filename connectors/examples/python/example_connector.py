@@ -8,14 +8,17 @@ The database (see ``SCHEMA``) has two datasets, each of one data category:
   member's e-mail and dated by ``issued_on``.
 
 For each dataset the connector follows its category's directive: ``erase``
-and ``anonymize`` delete the subject's rows (a row can only be deleted here,
-which is the more protective choice); ``retain`` deletes the rows past their
-period and keeps the rest; ``hold`` keeps everything. Kept rows are reported
-with their basis, so the task ends ``retained_in_part``. A dataset whose
-category has no directive is left alone.
+deletes the subject's rows; ``anonymize`` keeps each row but replaces what
+names the subject (the e-mail becomes ``anonymised-<row id>@invalid``, the
+first name goes), so an invoice keeps its amount; ``retain`` deletes the
+rows past their period and keeps the rest; ``hold`` keeps everything. Kept
+rows are reported with their basis, so the task ends ``retained_in_part``.
+A dataset whose category has no directive is left alone.
 
-Stored addresses are compared trimmed and lower-cased, as the coordinator
-normalises the requested ones.
+Stored addresses are compared as the coordinator normalises the requested
+ones: surrounding white space removed, Unicode normal form C, lower-cased
+(all of Unicode, not only ASCII: SQLite's own ``lower`` and ``trim`` would
+miss ``JÖRG@example.de`` or a leading tab, and report "not found").
 
 Run it (see README.md)::
 
@@ -32,6 +35,7 @@ import logging
 import os
 import sqlite3
 import sys
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -94,6 +98,13 @@ def record_date(value: str | None) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
+def normalised_email(value: str | None) -> str | None:
+    """A stored address as the coordinator normalises a requested one."""
+    if value is None:
+        return None
+    return unicodedata.normalize("NFC", value.strip()).lower()
+
+
 def classify(error: sqlite3.Error, doing: str) -> ConnectorError:
     """Busy or locked databases are retryable; anything else (missing file,
     table or column, corruption, permissions) needs an operator. SQLite's
@@ -115,6 +126,7 @@ class ClubhouseConnector(Connector):
         try:
             # mode=rw: a missing file is an error, not a new empty database.
             conn = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=5, isolation_level=None)
+            conn.create_function("lethe_email", 1, normalised_email, deterministic=True)
         except sqlite3.Error as e:
             raise classify(e, doing) from None
         try:
@@ -135,7 +147,7 @@ class ClubhouseConnector(Connector):
         """``(id, date)`` of the subject's rows in ``d``."""
         marks = ", ".join("?" for _ in emails)
         date = d.date_column or "NULL"
-        sql = f'SELECT id, {date} FROM "{d.table}" WHERE lower(trim(email)) IN ({marks}) ORDER BY id'
+        sql = f'SELECT id, {date} FROM "{d.table}" WHERE lethe_email(email) IN ({marks}) ORDER BY id'
         return [(row[0], record_date(row[1])) for row in conn.execute(sql, emails)]
 
     def erase(self, identifiers: Identifiers, directives: Directives) -> Erasure:
@@ -152,6 +164,16 @@ class ClubhouseConnector(Connector):
                     rows = self._rows(conn, d, emails)
                     kept = [(i, day) for i, day in rows if directive.keeps(day)]
                     gone = [i for i, day in rows if not directive.keeps(day)]
+                    if gone and directive.action == "anonymize":
+                        marks = ", ".join("?" for _ in gone)
+                        blank = ", first_name = NULL" if d.table == "newsletter" else ""
+                        conn.execute(
+                            f"UPDATE \"{d.table}\" SET email = 'anonymised-' || id || '@invalid'{blank} "
+                            f"WHERE id IN ({marks})",
+                            gone,
+                        )
+                        erasure.datasets.append(DatasetReport(d.table, anonymized=len(gone)))
+                        continue
                     if gone:
                         marks = ", ".join("?" for _ in gone)
                         conn.execute(f'DELETE FROM "{d.table}" WHERE id IN ({marks})', gone)

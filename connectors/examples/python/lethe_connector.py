@@ -57,11 +57,27 @@ from typing import Any
 ENVELOPE_VERSION = 1
 """The envelope version this module reads and writes."""
 
+REGULATIONS = ("gdpr", "uk-gdpr", "ccpa", "vcdpa", "lgpd", "pipeda")
+"""The regulations a task may name."""
+
 ACTIONS = ("erase", "anonymize", "retain", "hold")
 """Category actions, from the least to the most protective."""
 
 NONCE_LEN = 12
 TAG_LEN = 16
+
+MAX_REASON_BYTES = 500
+"""Longest ``reason`` or ``basis`` the coordinator keeps (it cuts longer ones)."""
+
+MAX_NAME_BYTES = 200
+"""Longest ``dataset`` or ``category`` name the coordinator keeps."""
+
+MAX_JOB_ID_BYTES = 1024
+"""Longest job id the coordinator takes; a longer one fails the task."""
+
+DEAD_LETTER_TRIES = 20
+"""Tries to write a dead letter before the message is given up (logged and
+skipped): one poison message never blocks a partition."""
 
 log = logging.getLogger("lethe.connector")
 
@@ -299,6 +315,22 @@ class Directives(Mapping[str, Directive]):
 # -------------------------------------------------------------------- reports
 
 
+def cut(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (at a character
+    boundary) and marked with an ellipsis, as the coordinator cuts it: a
+    vendor's error page must not make a result the broker refuses."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[:limit].decode(errors="ignore") + "…"
+
+
+def _count(value: Any) -> bool:
+    """Whether ``value`` is a count the coordinator takes: a whole number,
+    not negative (``True`` and ``1.0`` are not)."""
+    return type(value) is int and value >= 0
+
+
 @dataclasses.dataclass
 class DatasetReport:
     """Records deleted or anonymised in one dataset (table, list, key space)."""
@@ -308,7 +340,11 @@ class DatasetReport:
     anonymized: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "deleted": self.deleted, "anonymized": self.anonymized}
+        return {
+            "dataset": cut(self.dataset, MAX_NAME_BYTES),
+            "deleted": self.deleted,
+            "anonymized": self.anonymized,
+        }
 
 
 @dataclasses.dataclass
@@ -325,9 +361,13 @@ class RetainedReport:
     first_until: dt.datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"dataset": self.dataset, "count": self.count, "basis": self.basis}
+        out: dict[str, Any] = {
+            "dataset": cut(self.dataset, MAX_NAME_BYTES),
+            "count": self.count,
+            "basis": cut(self.basis, MAX_REASON_BYTES),
+        }
         if self.category is not None:
-            out["category"] = self.category
+            out["category"] = cut(self.category, MAX_NAME_BYTES)
         if self.until is not None:
             out["until"] = format_time(self.until)
         if self.first_until is not None:
@@ -375,7 +415,14 @@ class Connector:
 
 
 def outcome_of(erasure: Erasure, residual: int) -> dict[str, Any]:
-    """The result's ``outcome`` for a finished erase and its verification."""
+    """The result's ``outcome`` for a finished erase and its verification.
+    What the coordinator would refuse is a permanent failure here, named:
+    sent as it is, the result would be dead-lettered (a count that is not
+    a whole number) or fail the task less clearly (a job id it cannot
+    keep), while the erase it reports has happened."""
+    problem = _malformed(erasure, residual)
+    if problem is not None:
+        return failed(PermanentError(f"the connector reported {problem}"))
     if erasure.pending_job is not None:
         job_id, poll_after = erasure.pending_job
         accepted: dict[str, Any] = {"status": "accepted", "job_id": job_id}
@@ -396,8 +443,26 @@ def outcome_of(erasure: Erasure, residual: int) -> dict[str, Any]:
     return {"status": "erased", "datasets": datasets, "residual": residual}
 
 
+def _malformed(erasure: Erasure, residual: int) -> str | None:
+    """What in ``erasure`` the coordinator would refuse, if anything."""
+    if erasure.pending_job is not None:
+        job_id, poll_after = erasure.pending_job
+        if not isinstance(job_id, str) or not 0 < len(job_id.encode()) <= MAX_JOB_ID_BYTES:
+            return f"a job id that is not 1 to {MAX_JOB_ID_BYTES} bytes of text"
+        if any(ord(c) < 32 or ord(c) == 127 for c in job_id):
+            return "a job id with control characters"
+        if poll_after is not None and not _count(poll_after):
+            return "a poll_after_seconds that is not a whole number of seconds"
+        return None
+    counts = [c for d in erasure.datasets for c in (d.deleted, d.anonymized)]
+    counts += [r.count for r in erasure.retained]
+    if not all(_count(c) for c in counts) or not _count(residual):
+        return "a count that is not a whole number of 0 or more"
+    return None
+
+
 def failed(error: ConnectorError) -> dict[str, Any]:
-    return {"status": "failed", "retryable": error.retryable, "reason": error.reason}
+    return {"status": "failed", "retryable": error.retryable, "reason": cut(error.reason, MAX_REASON_BYTES)}
 
 
 # ---------------------------------------------------------------- task envelope
@@ -497,8 +562,10 @@ def decode_task(raw: bytes | None) -> TaskMessage:
         raise Undecodable(f"unsupported envelope version {version}")
     _fields(doc, "task", _TASK_FIELDS)
     attempt = doc["attempt"]
-    if type(attempt) is not int or attempt < 0:
-        raise Undecodable("task.attempt is not a non-negative integer")
+    if type(attempt) is not int or not 1 <= attempt <= 4294967295:
+        raise Undecodable("task.attempt is not an integer from 1 to 4294967295")
+    if doc["regulation"] not in REGULATIONS:
+        raise Undecodable("task.regulation is not a known regulation")
     issued_at = _time(_string(doc, "issued_at", "task"), "task.issued_at")
     assert issued_at is not None
     due_at = _time(_string(doc, "due_at", "task"), "task.due_at")
@@ -638,6 +705,29 @@ class KeyClient:
 
     def __repr__(self) -> str:
         return f"KeyClient({self._url!r})"
+
+    def token_accepted(self) -> bool | None:
+        """Whether the coordinator accepts this worker's token (for its
+        system), asked with a ``keys:batch`` call naming no task: ``False``
+        on 401 or 403, ``None`` when it cannot be asked now."""
+        asked: dict[str, Any] = {"task_ids": [], "attempts": {}}
+        if self._system is not None:
+            asked["system"] = self._system
+        request = urllib.request.Request(
+            self._url + ":batch",
+            data=json.dumps(asked).encode(),
+            method="POST",
+            headers={"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout):
+                return True
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                return False
+            return None if e.code >= 500 else True
+        except (urllib.error.URLError, OSError):
+            return None
 
     def fetch(self, task_id: uuid.UUID, attempt: int) -> bytes:
         """The request's 32-byte key for ``attempt`` of the task. Raises
@@ -817,11 +907,15 @@ class Worker:
         # Defaults as in Lethe's own clients, then the operator's properties,
         # then what at-least-once delivery depends on. fetch.wait.max.ms: some
         # Kafka-compatible brokers (Tansu 0.6) hold every fetch that long.
+        # max.poll.interval.ms: a task runs between two polls, and one that
+        # outlasts librdkafka's 5 minutes would put this worker out of its
+        # group and have its task run again by another.
         base = {"bootstrap.servers": settings.brokers}
         self._consumer = Consumer(
             {
                 **base,
                 "fetch.wait.max.ms": 100,
+                "max.poll.interval.ms": 1800000,
                 **settings.client,
                 "group.id": settings.group,
                 "client.id": settings.worker,
@@ -857,6 +951,15 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
         s = self.settings
+        # A token the coordinator refuses leaves every task without its key:
+        # they would all fail once their attempts ran out. Refuse to start.
+        accepted = self.runner.keys.token_accepted() if hasattr(self.runner.keys, "token_accepted") else True
+        if accepted is False:
+            raise SystemExit(
+                f"the coordinator rejects the connector token of system {s.system}; fix LETHE_CONNECTOR_TOKEN"
+            )
+        if accepted is None:
+            log.warning("cannot check the connector token now; starting, and tasks wait for their keys")
 
         def assigned(_consumer: Any, partitions: list[Any]) -> None:
             log.info("partitions assigned: %s", ", ".join(f"{p.topic}/{p.partition}" for p in partitions))
@@ -903,6 +1006,7 @@ class Worker:
                 None,
                 message.value() or b"",
                 [("lethe-dlq-reason", reason.encode()), ("lethe-dlq-source", message.topic().encode())],
+                tries=DEAD_LETTER_TRIES,
             )
         else:
             result = self.runner.process(task)
@@ -923,11 +1027,23 @@ class Worker:
             where = f"{message.topic()}/{message.partition()}@{message.offset()}"
             log.warning("cannot store the offset of %s: %s", where, e)
 
-    def _deliver(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+    def _deliver(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+        tries: int | None = None,
+    ) -> None:
         """Produces one message and waits for the broker's acknowledgement,
         trying again (with backoff) until it is delivered: the offset of the
-        message being answered must not be stored before."""
+        message being answered must not be stored before. With ``tries``
+        (dead letters), gives up after that many and logs it: a message the
+        broker always refuses must not stop the partition."""
+        from confluent_kafka import KafkaException
+
         delay = self.settings.first_backoff
+        tried = 0
         while True:
             report: dict[str, Any] = {}
 
@@ -939,13 +1055,20 @@ class Worker:
             except BufferError:
                 self._producer.poll(1)
                 continue
+            except KafkaException as e:
+                # Refused before sending (a message over the size limit, say).
+                report["error"] = e.args[0] if e.args else e
             while "error" not in report:
                 self._producer.poll(0.5)
             error = report["error"]
             if error is None:
                 return
+            tried += 1
+            if tries is not None and tried >= tries:
+                log.error("publishing to %s failed %d times (%s); giving the message up", topic, tried, error)
+                return
             log.warning("publishing to %s failed (%s); retrying in %.1f s", topic, error, delay)
-            if error.fatal():
+            if getattr(error, "fatal", lambda: False)():
                 # An idempotent producer in a fatal state fails every later
                 # send (e.g. after a long broker outage): start a new one.
                 log.warning("the Kafka producer can no longer publish; replacing it")

@@ -111,6 +111,11 @@ class Envelope(unittest.TestCase):
         # A later version is refused by its number, whatever its fields.
         self.assert_undecodable(json.dumps({"version": 2, "anything": "else"}).encode(), "unsupported envelope version 2")
 
+    def test_an_attempt_or_regulation_out_of_range_is_undecodable(self) -> None:
+        self.assert_undecodable(json.dumps({**self.doc, "attempt": 0}).encode(), "task.attempt")
+        self.assert_undecodable(json.dumps({**self.doc, "attempt": 2**32}).encode(), "task.attempt")
+        self.assert_undecodable(json.dumps({**self.doc, "regulation": "hipaa"}).encode(), "task.regulation")
+
     def test_what_is_not_a_version_1_task_is_undecodable(self) -> None:
         self.assert_undecodable(b"{not json", "invalid envelope")
         self.assert_undecodable(b"", "invalid envelope")
@@ -180,6 +185,37 @@ class Retention(unittest.TestCase):
             self.assertFalse(lc.Directive("x", action, issued).keeps(at(2026, 1, 1)))
 
 
+class Results(unittest.TestCase):
+    """What a result may carry, as the coordinator takes it."""
+
+    def test_texts_are_cut_as_the_coordinator_cuts_them(self) -> None:
+        self.assertEqual(lc.cut("short", 10), "short")
+        long = "é" * 300  # 600 bytes
+        reason = lc.failed(lc.RetryableError(long))["reason"]
+        self.assertTrue(reason.endswith("…"))
+        self.assertLessEqual(len(reason[:-1].encode()), lc.MAX_REASON_BYTES)
+        kept = lc.RetainedReport("d" * 300, "c" * 300, 1, "b" * 600).to_json()
+        self.assertEqual(len(kept["dataset"].encode()), lc.MAX_NAME_BYTES + len("…".encode()))
+        self.assertEqual(len(kept["category"].encode()), lc.MAX_NAME_BYTES + len("…".encode()))
+        self.assertEqual(len(kept["basis"].encode()), lc.MAX_REASON_BYTES + len("…".encode()))
+
+    def test_what_the_coordinator_would_refuse_is_a_named_permanent_failure(self) -> None:
+        for erasure, residual, named in [
+            (lc.Erasure([lc.DatasetReport("t", deleted=1.0)]), 0, "count"),
+            (lc.Erasure([lc.DatasetReport("t", deleted=True)]), 0, "count"),
+            (lc.Erasure([lc.DatasetReport("t", deleted=-1)]), 0, "count"),
+            (lc.Erasure([lc.DatasetReport("t", deleted=1)]), None, "count"),
+            (lc.Erasure.pending(""), 0, "job id"),
+            (lc.Erasure.pending("x" * 1025), 0, "job id"),
+            (lc.Erasure.pending("job\n7"), 0, "control characters"),
+            (lc.Erasure.pending("job-7", 1.5), 0, "poll_after_seconds"),
+        ]:
+            outcome = lc.outcome_of(erasure, residual)
+            self.assertEqual((outcome["status"], outcome["retryable"]), ("failed", False), outcome)
+            self.assertIn(named, outcome["reason"])
+        self.assertEqual(lc.outcome_of(lc.Erasure.pending("job-7", 30), 0)["status"], "accepted")
+
+
 class Tasks(unittest.TestCase):
     """Whole tasks through :class:`lethe_connector.Runner` and the example connector."""
 
@@ -239,6 +275,51 @@ class Tasks(unittest.TestCase):
         again = self.runner.process(self.task("ada@example.com"))["outcome"]
         self.assertEqual(again["status"], "retained_in_part", "the kept invoice is still reported")
         self.assertEqual([d["deleted"] for d in again["datasets"]], [0, 0])
+
+    def test_stored_addresses_are_normalised_as_the_coordinator_does(self) -> None:
+        # SQLite's lower() and trim() know only ASCII and spaces: these rows
+        # would be "not found", verified, while they are still there.
+        with sqlite3.connect(self.db) as conn:
+            conn.executemany(
+                "INSERT INTO newsletter (id, email, first_name, subscribed_at) VALUES (?, ?, ?, ?)",
+                [(3, "\tJÖRG@Example.DE", "Jörg", "2020-01-01"),
+                 (4, "jo\u0308rg@example.de", "Jörg", "2020-01-01"),
+                 (5, "jorg@example.de", "Jorg", "2020-01-01")],
+            )
+        outcome = self.runner.process(self.task("jörg@example.de"))["outcome"]
+        self.assertEqual(outcome["datasets"][0], {"dataset": "newsletter", "deleted": 2, "anonymized": 0})
+        self.assertEqual(self.rows("newsletter"), [1, 2, 5], "another address stays")
+
+    def test_anonymize_keeps_the_rows_without_the_subject(self) -> None:
+        categories = [{"category": c, "action": "anonymize"} for c in ("marketing.profile", "billing.invoice")]
+        outcome = self.runner.process(self.task("ada@example.com", action="anonymize", categories=categories))
+        outcome = outcome["outcome"]
+        self.assertEqual(outcome["status"], "erased", outcome)
+        self.assertEqual(outcome["residual"], 0)
+        self.assertEqual(
+            outcome["datasets"],
+            [{"dataset": "newsletter", "deleted": 0, "anonymized": 1},
+             {"dataset": "invoices", "deleted": 0, "anonymized": 2}],
+        )
+        with sqlite3.connect(self.db) as conn:
+            invoices = conn.execute("SELECT id, email, amount_cents FROM invoices ORDER BY id").fetchall()
+            subscriber = conn.execute("SELECT email, first_name FROM newsletter WHERE id = 1").fetchone()
+        self.assertEqual(invoices, [(10, "anonymised-10@invalid", 100), (11, "anonymised-11@invalid", 200),
+                                    (20, "bob@example.com", 300)])
+        self.assertEqual(subscriber, ("anonymised-1@invalid", None))
+        again = self.runner.process(self.task("ada@example.com", action="anonymize", categories=categories))
+        self.assertEqual(again["outcome"], {"status": "not_found", "residual": 0}, "idempotent")
+
+    def test_a_worker_refuses_to_start_with_a_rejected_token(self) -> None:
+        class Refused(FakeKeys):
+            def token_accepted(self):
+                return False
+
+        settings = lc.Settings("127.0.0.1:9", "clubhouse", "http://127.0.0.1:9", "token", client={"log_level": "0"})
+        worker = lc.Worker(settings, ex.ClubhouseConnector(self.db), Refused(self.key))
+        with self.assertRaises(SystemExit) as caught:
+            worker.run()
+        self.assertIn("rejects the connector token", str(caught.exception))
 
     def test_hold_keeps_everything_without_an_end(self) -> None:
         categories = [{"category": c, "action": "hold", "basis": "legal hold LIT-1: litigation"}

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 /// Rows or records affected in one dataset (a table, a list, a key space).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DatasetReport {
+    /// The dataset's name (the coordinator keeps at most 200 bytes of it).
     pub dataset: String,
     #[serde(default)]
     pub deleted: u64,
@@ -32,11 +33,16 @@ impl DatasetReport {
 /// Data kept on purpose, with the legal basis and the end of the period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RetainedReport {
+    /// The dataset's name (the coordinator keeps at most 200 bytes of it).
     pub dataset: String,
-    /// The data category of the dataset.
+    /// The data category of the dataset (at most 200 bytes kept). A
+    /// connector MUST send it: without it, data kept under a legal hold
+    /// released meanwhile waits (docs/protocol.md); it is optional only for
+    /// results of older connectors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
     pub count: u64,
+    /// The directive's basis, copied exactly (at most 500 bytes kept).
     pub basis: String,
     /// When the last of these records may go; absent while a legal hold
     /// keeps them (no end date until it is released).
@@ -73,12 +79,20 @@ pub enum Outcome {
         #[serde(default)]
         residual: Option<u64>,
     },
-    /// The attempt failed. `reason` never contains an identifier.
-    Failed { retryable: bool, reason: String },
+    /// The attempt failed.
+    Failed {
+        retryable: bool,
+        /// A short text for operators that never contains an identifier
+        /// (the coordinator keeps at most 500 bytes of it).
+        reason: String,
+    },
     /// An asynchronous job runs in the external system: the coordinator
     /// dispatches the task again after `poll_after_seconds` (its own default
     /// if absent) so that the connector checks the job.
     Accepted {
+        /// The external system's job id, sent back as it is: 1 to 1024
+        /// bytes without control characters (any other fails the task).
+        #[schema(min_length = 1)]
         job_id: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         poll_after_seconds: Option<u64>,
