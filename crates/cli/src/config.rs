@@ -248,6 +248,10 @@ pub struct SchedulerConfig {
     /// Seconds between sweeps for timed-out tasks.
     #[serde(default = "SchedulerConfig::default_interval")]
     pub interval_secs: u64,
+    /// Days the webhook delivery log keeps an attempt (`GET
+    /// /v1/webhooks/deliveries`); 0 keeps them for ever.
+    #[serde(default = "SchedulerConfig::default_webhook_log_days")]
+    pub webhook_log_days: u64,
 }
 
 impl SchedulerConfig {
@@ -266,6 +270,9 @@ impl SchedulerConfig {
     const fn default_interval() -> u64 {
         5
     }
+    const fn default_webhook_log_days() -> u64 {
+        90
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -276,6 +283,7 @@ impl Default for SchedulerConfig {
             retry_initial_delay_secs: Self::default_initial(),
             retry_max_delay_secs: Self::default_max(),
             interval_secs: Self::default_interval(),
+            webhook_log_days: Self::default_webhook_log_days(),
         }
     }
 }
@@ -784,6 +792,8 @@ impl Config {
             },
             task_timeout: Duration::from_secs(s.task_timeout_secs),
             scheduler_interval: Duration::from_secs(s.interval_secs.max(1)),
+            webhook_log_keep: (s.webhook_log_days > 0)
+                .then(|| Duration::from_secs(s.webhook_log_days.saturating_mul(86_400))),
             ..Default::default()
         }
     }

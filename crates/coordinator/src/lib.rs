@@ -51,6 +51,8 @@ pub struct Settings {
     pub task_timeout: Duration,
     /// How often the scheduler looks for timed-out tasks.
     pub scheduler_interval: Duration,
+    /// How long the webhook delivery log keeps an attempt; `None`: for ever.
+    pub webhook_log_keep: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -64,6 +66,7 @@ impl Default for Settings {
             retry: RetrySchedule::default(),
             task_timeout: Duration::from_secs(300),
             scheduler_interval: Duration::from_secs(5),
+            webhook_log_keep: Some(Duration::from_secs(90 * 86_400)),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The scheduler: finds dispatched tasks that went silent past their
 //! time-out and queues them again (or fails them once out of attempts),
 //! starts follow-ups of tasks whose retention period ended, releases legal
-//! holds that expired, and raises due-date alerts. Retryable failures are
+//! holds that expired, raises due-date alerts and prunes the webhook
+//! delivery log. Retryable failures are
 //! rescheduled by the ingest itself, with backoff (the task's next dispatch
 //! time, kept in the outbox). It reads time only from its clock, so tests
 //! move time forward instead of sleeping.
@@ -23,6 +24,8 @@ const ALERT_BATCH: u32 = 500;
 /// How long before its due date an unanswered request is announced as due
 /// soon (and counted by the `lethe_requests_due_soon` gauge).
 pub const DUE_SOON: Duration = Duration::from_secs(7 * 86_400);
+/// Webhook delivery attempts removed per sweep.
+const WEBHOOK_LOG_BATCH: u32 = 5_000;
 /// How often the due dates are swept: alerts are about days, not seconds.
 const ALERT_INTERVAL: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
@@ -79,6 +82,20 @@ impl Scheduler {
             Err(e) => tracing::warn!(error = %e, "follow-up sweep failed; will try again"),
         }
         self.due_dates(now).await;
+        self.prune_webhook_log(now).await;
+    }
+
+    /// Removes webhook delivery attempts older than the log keeps them, a
+    /// bounded batch per sweep (a backlog goes over several sweeps).
+    async fn prune_webhook_log(&self, now: DateTime<Utc>) {
+        let Some(keep) = self.settings.webhook_log_keep else { return };
+        let Ok(keep) = chrono::Duration::from_std(keep) else { return };
+        let Some(before) = now.checked_sub_signed(keep) else { return };
+        match self.store.prune_webhook_deliveries(before, WEBHOOK_LOG_BATCH).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(attempts = n, "pruned the webhook delivery log"),
+            Err(e) => tracing::warn!(error = %e, "webhook delivery log pruning failed; will try again"),
+        }
     }
 
     /// Announces requests coming due or overdue: a warning per request in

@@ -406,3 +406,63 @@ async fn endpoints_receive_signed_events_with_retries_and_a_delivery_log() {
     let payload: Value = serde_json::from_slice(&receiver.hits("mine")[0].body).unwrap();
     assert_eq!(payload["request"]["id"], created["id"]);
 }
+
+/// The scheduler prunes the delivery log past `webhook_log_keep`, by the
+/// coordinator's clock, and keeps what is younger.
+#[tokio::test]
+async fn the_delivery_log_is_pruned_past_its_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = lethe_store::connect(&format!("sqlite://{}/state.db", dir.path().display())).await.unwrap();
+    let now = Utc.with_ymd_and_hms(2026, 6, 1, 12, 0, 0).unwrap();
+    let attempt = |id: &str, age: chrono::Duration| lethe_store::WebhookDelivery {
+        id: id.into(),
+        endpoint: "portal".into(),
+        event_id: "evt_1".into(),
+        event_type: "request.received".into(),
+        seq: 1,
+        request_id: None,
+        attempt: 1,
+        status_code: Some(200),
+        error: None,
+        delivered: true,
+        created_at: now - age,
+        duration_ms: 3,
+        next_attempt_at: None,
+    };
+    store.record_webhook_delivery(&attempt("old", chrono::Duration::days(31))).await.unwrap();
+    store.record_webhook_delivery(&attempt("young", chrono::Duration::days(29))).await.unwrap();
+    let crm = SystemInfo {
+        name: "crm".into(),
+        connector: "memory".into(),
+        owner: None,
+        categories: vec!["identity.contact".into()],
+        identifier_types: None,
+        description: None,
+    };
+    let settings = Settings {
+        scheduler_interval: Duration::from_millis(20),
+        webhook_log_keep: Some(Duration::from_secs(30 * 86_400)),
+        ..Default::default()
+    };
+    let _coordinator = Coordinator::start(
+        store.clone(),
+        Arc::new(InProcessBus::new()),
+        MasterKey::new(DataKey::generate()),
+        Planner::erase_all(vec![crm]).unwrap(),
+        Arc::new(ManualClock::new(now)),
+        settings,
+        ConnectorTokens::new([]),
+    )
+    .await
+    .unwrap();
+    let all = lethe_store::DeliveryQuery { limit: 10, ..Default::default() };
+    for _ in 0..200 {
+        let left: Vec<String> =
+            store.webhook_deliveries(&all).await.unwrap().into_iter().map(|d| d.id).collect();
+        if left == ["young"] {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the delivery log was not pruned: {:?}", store.webhook_deliveries(&all).await.unwrap());
+}

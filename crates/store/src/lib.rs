@@ -369,6 +369,11 @@ pub trait StateStore: Send + Sync + 'static {
     /// Webhook delivery attempts, newest first.
     async fn webhook_deliveries(&self, query: &DeliveryQuery) -> Result<Vec<WebhookDelivery>, StoreError>;
 
+    /// Removes up to `limit` of the oldest delivery attempts logged before
+    /// `before`; returns how many. The log is a record for operators, not
+    /// state: nothing reads it to deliver.
+    async fn prune_webhook_deliveries(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
+
     /// A request's identifiers, sealed, with its wrapped data key; `None`
     /// once the key is destroyed (or for an unknown request).
     async fn sealed_subject(&self, request: RequestId) -> Result<Option<SealedSubject>, StoreError>;

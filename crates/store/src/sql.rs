@@ -2022,6 +2022,10 @@ impl StateStore for SqlStore {
         self.deliveries(query).await
     }
 
+    async fn prune_webhook_deliveries(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        self.prune_deliveries(before, limit).await
+    }
+
     async fn sealed_subject(&self, request: RequestId) -> Result<Option<crate::SealedSubject>, StoreError> {
         self.sealed_subject_of(request).await
     }

@@ -2368,6 +2368,16 @@ async fn webhook_cursors_tail_request_events_and_log_deliveries(b: &Backend) {
     s.record_webhook_delivery(&tie).await.unwrap();
     let got = s.webhook_deliveries(&older).await.unwrap();
     assert_eq!(got.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["d-portal-0", "d-portal-1"]);
+
+    // Pruned oldest first, a bounded batch at a time, only before the cut.
+    let cut = t0() + chrono::Duration::seconds(2);
+    assert_eq!(s.prune_webhook_deliveries(cut, 1).await.unwrap(), 1);
+    let left = |all: Vec<WebhookDelivery>| all.into_iter().map(|d| d.id).collect::<Vec<_>>();
+    let all = DeliveryQuery { limit: 100, ..Default::default() };
+    assert!(!left(s.webhook_deliveries(&all).await.unwrap()).contains(&"d-crm-hook-1".to_owned()));
+    assert_eq!(s.prune_webhook_deliveries(cut, 100).await.unwrap(), 1);
+    assert_eq!(s.prune_webhook_deliveries(cut, 100).await.unwrap(), 0);
+    assert_eq!(left(s.webhook_deliveries(&all).await.unwrap()), ["d-portal-3", "d-portal-2", "d-portal-0"]);
     assert!(matches!(s.verify_audit().await.unwrap(), AuditCheck::Intact { .. }));
 }
 

@@ -239,6 +239,27 @@ impl SqlStore {
         query.fetch_all(&self.pool).await.map_err(db_err)?.iter().map(delivery_record).collect()
     }
 
+    pub(super) async fn prune_deliveries(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        // Oldest first, down the (created_at, id) index, a bounded batch at
+        // a time: a large backlog is removed over several sweeps without
+        // one long transaction.
+        let removed = sqlx::query(
+            "DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries \
+             WHERE created_at < $1 ORDER BY created_at, id LIMIT $2)",
+        )
+        .bind(ms(before))
+        .bind(i64::from(limit.max(1)))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?
+        .rows_affected();
+        Ok(removed)
+    }
+
     pub(super) async fn sealed_subject_of(&self, id: RequestId) -> Result<Option<SealedSubject>, StoreError> {
         // One statement, so the key and the identifiers are read together.
         let rows = sqlx::query(
