@@ -155,8 +155,12 @@ impl Worker {
                     .await;
                 match written {
                     // The reason never quotes the message (see the envelope's decoder).
-                    Ok(()) => tracing::warn!(source = %source, partition = delivery.position.partition,
-                        offset = delivery.position.offset, reason = %bad.reason, "a task message was dead-lettered"),
+                    Ok(()) => {
+                        metrics::counter!(crate::metrics::DEAD_LETTERS_TOTAL, "source" => "tasks")
+                            .increment(1);
+                        tracing::warn!(source = %source, partition = delivery.position.partition,
+                            offset = delivery.position.offset, reason = %bad.reason, "a task message was dead-lettered")
+                    }
                     Err(BusError::Closed) => return Err(BusError::Closed),
                     // A dead letter the bus keeps refusing (no right to the
                     // topic, a message over its size limit) must not stop

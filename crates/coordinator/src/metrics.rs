@@ -5,7 +5,8 @@
 pub use lethe_core::metrics::{
     DEAD_LETTERS_TOTAL, DISPATCH_TO_OUTCOME_SECONDS, DUE_DATE_ALERTS_TOTAL, OUTBOX_BACKLOG, OUTCOMES_TOTAL,
     PUBLISH_FAILURES_TOTAL, REQUESTS, REQUESTS_DUE_SOON, REQUESTS_FINISHED_TOTAL, REQUESTS_OVERDUE,
-    REQUESTS_RECEIVED_TOTAL, TASKS, TASKS_DISPATCHED_TOTAL, TASK_REQUEUES_TOTAL, WEBHOOKS_GIVEN_UP_TOTAL,
+    REQUESTS_RECEIVED_TOTAL, STATE_GAUGES_UP, TASKS, TASKS_DISPATCHED_TOTAL, TASK_REQUEUES_TOTAL,
+    WEBHOOKS_GIVEN_UP_TOTAL,
 };
 
 pub fn describe() {
@@ -33,6 +34,9 @@ pub fn describe() {
     for reason in ["timeout", "retryable_failure", "follow_up"] {
         metrics::counter!(TASK_REQUEUES_TOTAL, "reason" => reason).increment(0);
     }
+    for alert in ["overdue", "due_soon"] {
+        metrics::counter!(DUE_DATE_ALERTS_TOTAL, "alert" => alert).increment(0);
+    }
 }
 
 /// The process-wide Prometheus recorder, installed on first use. Metrics
@@ -55,10 +59,19 @@ pub fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
     })
 }
 
+/// `lethe_state_gauges_up`: whether the state gauges could be read.
+pub fn state_gauges_up(up: bool) -> String {
+    format!(
+        "# HELP {STATE_GAUGES_UP} 1 when the state store gauges were read for this scrape, 0 when it could not be read.\n\
+         # TYPE {STATE_GAUGES_UP} gauge\n{STATE_GAUGES_UP} {}\n",
+        u8::from(up)
+    )
+}
+
 /// The gauges read from the state store at scrape time, in the Prometheus
 /// text format.
 pub fn state_gauges(stats: &lethe_store::StoreStats) -> String {
-    let mut out = String::new();
+    let mut out = state_gauges_up(true);
     out.push_str(&format!(
         "# HELP {REQUESTS} Erasure requests by status and regulation.\n# TYPE {REQUESTS} gauge\n"
     ));

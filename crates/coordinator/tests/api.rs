@@ -1797,7 +1797,11 @@ async fn metrics_move_with_a_batch_and_never_name_a_subject() {
     };
     let before = scrape().await;
     // What the documented alerts watch with rate() is there from the start.
-    for series in ["lethe_publish_failures_total", "lethe_task_requeues_total{reason=\"timeout\"}"] {
+    for series in [
+        "lethe_publish_failures_total",
+        "lethe_task_requeues_total{reason=\"timeout\"}",
+        "lethe_due_date_alerts_total{alert=\"overdue\"}",
+    ] {
         assert!(before.lines().any(|l| l.starts_with(series)), "{series} missing: {before}");
     }
     let connector = Arc::new(MemoryConnector::default());
@@ -1828,6 +1832,22 @@ async fn metrics_move_with_a_batch_and_never_name_a_subject() {
     assert_eq!(metric(&after, "lethe_outbox_backlog", &[]), 0.0);
     assert_eq!(metric(&after, "lethe_requests_overdue", &[]), 0.0);
     assert!(!after.contains("@example.com") && !after.contains("metric0"), "no identifier in metrics");
+    assert_eq!(metric(&after, "lethe_state_gauges_up", &[]), 1.0, "{after}");
+
+    // The store unreadable: the scrape still answers, with the process's own
+    // counters and `lethe_state_gauges_up 0` instead of the gauges (a failed
+    // scrape would make the overdue alert resolve just then).
+    {
+        use sqlx::{Connection as _, Executor as _};
+        let url = format!("sqlite://{}/state.db", h._dir.path().display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        conn.execute("ALTER TABLE outbox RENAME TO outbox_away").await.unwrap();
+        let _ = conn.close().await;
+    }
+    let down = scrape().await;
+    assert_eq!(metric(&down, "lethe_state_gauges_up", &[]), 0.0, "{down}");
+    assert!(metric(&down, "lethe_requests_received_total", &["regulation=\"ccpa\""]) >= 5.0, "{down}");
+    assert!(!down.lines().any(|l| l.starts_with("lethe_requests_overdue")), "{down}");
 }
 
 /// An attempt that erased before a legal hold withdrew it answers late: the

@@ -19,7 +19,8 @@ pub const TASKS_DISPATCHED_TOTAL: &str = "lethe_tasks_dispatched_total";
 pub const OUTCOMES_TOTAL: &str = "lethe_outcomes_total";
 /// Failed publish attempts of outbox batches.
 pub const PUBLISH_FAILURES_TOTAL: &str = "lethe_publish_failures_total";
-/// Messages sent to the dead-letter destination, by `source`.
+/// Messages sent to the dead-letter destination, by `source` (`results`
+/// in the coordinator, `tasks` in a connector worker).
 pub const DEAD_LETTERS_TOTAL: &str = "lethe_dead_letters_total";
 /// Seconds from publishing a task to applying its outcome, by `system`.
 pub const DISPATCH_TO_OUTCOME_SECONDS: &str = "lethe_dispatch_to_outcome_seconds";
@@ -45,6 +46,10 @@ pub const REQUESTS_OVERDUE: &str = "lethe_requests_overdue";
 pub const REQUESTS_DUE_SOON: &str = "lethe_requests_due_soon";
 /// Tasks waiting in the outbox to be published.
 pub const OUTBOX_BACKLOG: &str = "lethe_outbox_backlog";
+/// 1 when the gauges above were read from the state store for this scrape,
+/// 0 when the store could not be read (the gauges are then left out, and
+/// the process's own counters still shown).
+pub const STATE_GAUGES_UP: &str = "lethe_state_gauges_up";
 
 // The connector runtime's.
 
@@ -53,7 +58,8 @@ pub const OUTBOX_BACKLOG: &str = "lethe_outbox_backlog";
 pub const CONNECTOR_TASKS_TOTAL: &str = "lethe_connector_tasks_total";
 /// Retries of a connector call after a retryable error, by `system` and `call`.
 pub const CONNECTOR_RETRIES_TOTAL: &str = "lethe_connector_retries_total";
-/// Seconds from receiving a task to publishing its result, by `system`.
+/// Seconds from receiving a task to having its result (erase, verify and
+/// their retries; publishing it is not included), by `system`.
 pub const CONNECTOR_TASK_DURATION_SECONDS: &str = "lethe_connector_task_duration_seconds";
 
 // The Kafka bus's.
@@ -63,7 +69,7 @@ pub const CONNECTOR_TASK_DURATION_SECONDS: &str = "lethe_connector_task_duration
 pub const KAFKA_CONSUMER_LAG: &str = "lethe_kafka_consumer_lag";
 
 /// Every name above.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 20] = [
     REQUESTS_RECEIVED_TOTAL,
     REQUESTS_FINISHED_TOTAL,
     TASKS_DISPATCHED_TOTAL,
@@ -78,6 +84,7 @@ pub const ALL: [&str; 19] = [
     TASKS,
     REQUESTS_OVERDUE,
     REQUESTS_DUE_SOON,
+    STATE_GAUGES_UP,
     OUTBOX_BACKLOG,
     CONNECTOR_TASKS_TOTAL,
     CONNECTOR_RETRIES_TOTAL,

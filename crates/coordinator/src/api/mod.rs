@@ -149,25 +149,34 @@ async fn list_systems(
 }
 
 /// Prometheus metrics: counters and histograms of this process, and gauges
-/// read from the state store. No label is ever an identifier.
+/// read from the state store. No label is ever an identifier. With the
+/// store unreadable, the process's own metrics are still served, with
+/// `lethe_state_gauges_up 0` in place of the gauges: a failed scrape would
+/// drop every series, and an alert on overdue requests would resolve just
+/// when the store is down.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
-async fn metrics_text(State(state): State<AppState>) -> Result<impl IntoResponse, Problem> {
+async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     let asked = std::time::Instant::now();
     let gauges = {
         let mut last = state.scrapes.0.lock().await;
         match &*last {
             Some((at, gauges)) if *at >= asked => gauges.clone(),
-            _ => {
-                let stats = state.store.stats(state.clock.now(), crate::scheduler::DUE_SOON).await?;
-                let gauges = Arc::new(crate::metrics::state_gauges(&stats));
-                *last = Some((std::time::Instant::now(), gauges.clone()));
-                gauges
-            }
+            _ => match state.store.stats(state.clock.now(), crate::scheduler::DUE_SOON).await {
+                Ok(stats) => {
+                    let gauges = Arc::new(crate::metrics::state_gauges(&stats));
+                    *last = Some((std::time::Instant::now(), gauges.clone()));
+                    gauges
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: the state store gauges cannot be read");
+                    Arc::new(crate::metrics::state_gauges_up(false))
+                }
+            },
         }
     };
     let mut text = crate::metrics::prometheus().render();
     text.push_str(&gauges);
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 /// Liveness: the process answers.
@@ -208,8 +217,8 @@ impl utoipa::Modify for BearerAuth {
 /// 401 and 403 (see [`crate::auth`]), 422 (a query parameter the operation
 /// does not take, or a value out of range) and 503 while the state store is
 /// unavailable; with a JSON body, what reading it can refuse (400, 413,
-/// 415, 422, see [`problem::StrictJson`]); the public key list and the
-/// metrics read the state store too.
+/// 415, 422, see [`problem::StrictJson`]); the public key list reads the
+/// state store too.
 struct CommonResponses;
 
 impl utoipa::Modify for CommonResponses {
@@ -246,8 +255,6 @@ impl utoipa::Modify for CommonResponses {
                     add.extend(secured);
                 } else if path == "/v1/keys/certificate" {
                     add.extend([("422", "This operation takes no query parameter"), UNAVAILABLE]);
-                } else if path == "/metrics" {
-                    add.push(UNAVAILABLE);
                 }
                 if op.request_body.is_some() {
                     add.extend(with_body);
