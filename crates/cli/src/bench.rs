@@ -176,21 +176,116 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-/// The floor: the same deletes and updates issued directly, batched.
+/// The floor: the same deletes and updates issued directly, batched. Fails
+/// unless they touched the rows the pipeline must (2 addresses, 1 customer
+/// and 3 orders per request).
 async fn floor(pool: &PgPool, requests: usize, batch: usize) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let emails: Vec<String> = (0..requests).map(email).collect();
+    let mut touched = [0u64; 3];
     for chunk in emails.chunks(batch) {
         let mut tx = pool.begin().await?;
-        sqlx::query("DELETE FROM addresses WHERE email = ANY($1)").bind(chunk).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM customers WHERE email = ANY($1)").bind(chunk).execute(&mut *tx).await?;
-        sqlx::query("UPDATE orders SET email = NULL, ship_name = NULL, ship_address = '[erased]' WHERE email = ANY($1)")
+        touched[0] += sqlx::query("DELETE FROM addresses WHERE email = ANY($1)")
             .bind(chunk)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+        touched[1] += sqlx::query("DELETE FROM customers WHERE email = ANY($1)")
+            .bind(chunk)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        touched[2] += sqlx::query(
+            "UPDATE orders SET email = NULL, ship_name = NULL, ship_address = '[erased]' WHERE email = ANY($1)",
+        )
+        .bind(chunk)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
     }
-    Ok(started.elapsed())
+    let elapsed = started.elapsed();
+    let n = requests as u64;
+    if touched != [2 * n, n, 3 * n] {
+        bail!(
+            "the floor touched {touched:?} rows (addresses, customers, orders), expected {:?}",
+            [2 * n, n, 3 * n]
+        );
+    }
+    Ok(elapsed)
+}
+
+/// Waits (up to a minute) until no autovacuum worker runs on the server:
+/// the floor is timed on a server at rest, not while it cleans up after
+/// the pipeline.
+async fn wait_for_autovacuum(pool: &PgPool) -> anyhow::Result<()> {
+    for _ in 0..60 {
+        let (running,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'")
+                .fetch_one(pool)
+                .await?;
+        if running == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    println!("  note: autovacuum still running after a minute; timing the floor anyway");
+    Ok(())
+}
+
+/// What the pipeline left in the operational database, checked: for the
+/// first `requests` subjects no address, customer or order e-mail left,
+/// every order kept with its amount and anonymised; the other subjects
+/// untouched. Returns the problems found (none for a valid run).
+async fn check_erased(
+    pool: &PgPool,
+    requests: usize,
+    subjects: usize,
+    amounts: i64,
+) -> anyhow::Result<Vec<String>> {
+    let erased: Vec<String> = (0..requests).map(email).collect();
+    let count = |sql: &'static str| {
+        let erased = erased.clone();
+        async move {
+            let (n,): (i64,) = sqlx::query_as(sql).bind(erased).fetch_one(pool).await?;
+            anyhow::Ok(n)
+        }
+    };
+    let (requests, subjects) = (requests as i64, subjects as i64);
+    let mut problems = Vec::new();
+    let mut expect = |what: &str, got: i64, want: i64| {
+        if got != want {
+            problems.push(format!("{what}: {got}, expected {want}"));
+        }
+    };
+    expect(
+        "addresses of erased subjects",
+        count("SELECT COUNT(*) FROM addresses WHERE email = ANY($1)").await?,
+        0,
+    );
+    expect(
+        "customers of erased subjects",
+        count("SELECT COUNT(*) FROM customers WHERE email = ANY($1)").await?,
+        0,
+    );
+    expect(
+        "orders naming erased subjects",
+        count("SELECT COUNT(*) FROM orders WHERE email = ANY($1)").await?,
+        0,
+    );
+    let (customers, addresses, orders, anonymised, sum): (i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM customers), (SELECT COUNT(*) FROM addresses), (SELECT COUNT(*) FROM orders), \
+         (SELECT COUNT(*) FROM orders WHERE email IS NULL AND ship_name IS NULL AND ship_address = '[erased]'), \
+         (SELECT COALESCE(SUM(amount_cents), 0)::BIGINT FROM orders)",
+    )
+    .fetch_one(pool)
+    .await?;
+    expect("customers left", customers, subjects - requests);
+    expect("addresses left", addresses, 2 * (subjects - requests));
+    expect("orders kept", orders, 3 * subjects);
+    expect("orders anonymised", anonymised, 3 * requests);
+    expect("sum of the order amounts", sum, amounts);
+    Ok(problems)
 }
 
 async fn wait_ready(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
@@ -234,6 +329,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let floor_pool = quiet_pool(&db_url(&args.pg_url, floor_db)?, 4).await?;
     seed(&ops_pool, args.subjects).await?;
     seed(&floor_pool, args.subjects).await?;
+    let (amounts,): (i64,) = sqlx::query_as("SELECT COALESCE(SUM(amount_cents), 0)::BIGINT FROM orders")
+        .fetch_one(&ops_pool)
+        .await?;
     println!("  seeded in {:.1}s", t.elapsed().as_secs_f64());
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -314,6 +412,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (last,): (i64,) =
         sqlx::query_as("SELECT MAX(finished_at) FROM requests").fetch_one(&state_pool).await?;
     let done = Duration::from_millis(u64::try_from(last - started_ms).unwrap_or(0));
+    // A process that died has no peak to read: that is a failed run, not 0 MiB.
+    if let Some(status) = coordinator.try_wait()? {
+        bail!("the coordinator exited during the run ({status}); see {}", work.display());
+    }
+    for (system, w) in ["addresses", "customers", "orders"].iter().zip(&mut workers) {
+        if let Some(status) = w.try_wait()? {
+            bail!("the worker of {system} exited during the run ({status}); see {}", work.display());
+        }
+    }
     let rss_coordinator = peak_rss_mib(coordinator.id());
     let rss_workers: Vec<f64> = workers.iter().map(|w| peak_rss_mib(w.id())).collect();
     let (completed,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM requests WHERE status = 'completed'")
@@ -330,8 +437,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let _ = w.kill().await;
     }
     let _ = coordinator.kill().await;
+    let mut problems = check_erased(&ops_pool, args.requests, args.subjects, amounts).await?;
+    if completed != args.requests as i64 {
+        problems.insert(0, format!("requests completed: {completed}, expected {}", args.requests));
+    }
 
     println!("running the floor: the same statements as batched SQL ({} emails per transaction)", args.batch);
+    floor_pool.execute("VACUUM ANALYZE").await?;
+    wait_for_autovacuum(&floor_pool).await?;
     let floor_time = floor(&floor_pool, args.requests, args.batch).await?;
 
     let secs = done.as_secs_f64();
@@ -365,8 +478,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     println!("| floor (direct batched SQL) | {:.2} s |", floor_time.as_secs_f64());
     println!("| end to end / floor | {:.1}x |", secs / floor_time.as_secs_f64());
+    println!(
+        "| operational data checked | {} |",
+        if problems.is_empty() {
+            "every erased subject gone, every order kept anonymised, amounts unchanged"
+        } else {
+            "NOT AS EXPECTED"
+        }
+    );
     ops_pool.close().await;
     floor_pool.close().await;
+    if !problems.is_empty() {
+        bail!(
+            "the run is not valid: {}; databases {ops}, {floor_db}, {state} and {} kept for inspection",
+            problems.join("; "),
+            work.display()
+        );
+    }
     if args.keep {
         println!("\nkept: databases {ops}, {floor_db}, {state}; logs and config in {}", work.display());
     } else {
