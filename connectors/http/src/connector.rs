@@ -132,7 +132,11 @@ impl HttpConnector {
             max_retry_after: r.max_retry_after,
         };
         Ok(Self {
-            memo: Memo::new(r.spec.verify.evidence == Evidence::Job),
+            // Every API that deletes by job: a retry of the same attempt
+            // (its answer lost, a later subject's call failed) must follow
+            // the jobs already submitted, not submit them again; the
+            // subject is still found until the job has run.
+            memo: Memo::new(r.spec.erase.job.is_some()),
             category: r.category,
             key: r.key,
             settings,

@@ -33,6 +33,13 @@ pub fn not_json(step: &str, status: u16) -> ConnectorError {
     ConnectorError::retryable(format!("step {step:?}: the response (HTTP {status}) is not JSON"))
 }
 
+/// A successful answer without a body (or a bare `null`) where a step
+/// must read one: a proxy or a gateway answering for the API, not the API
+/// saying the subject is not there. Retryable, never "nothing found".
+pub fn no_body(step: &str, status: u16) -> ConnectorError {
+    ConnectorError::retryable(format!("step {step:?}: the response (HTTP {status}) has no body to read"))
+}
+
 fn render_error(step: &str, e: RenderError) -> ConnectorError {
     ConnectorError::permanent(format!("step {step:?}: {e}"))
 }
@@ -104,6 +111,9 @@ pub async fn run(client: &Client, steps: &[Step], mut vars: Vars) -> Result<Run,
         let reads = step.found.is_some() || step.count.is_some() || !step.extract.is_empty();
         if reads && !resp.json {
             return Err(not_json(name, resp.status));
+        }
+        if reads && resp.body.is_null() {
+            return Err(no_body(name, resp.status));
         }
         let select = |pointer: &str| -> Result<Option<Value>, ConnectorError> {
             let p = render(name, pointer, &vars, Escape::Pointer)?;

@@ -1,6 +1,6 @@
 //! What this process saw of each request's deletion jobs, per subject, for
-//! APIs whose job status is the only evidence of a deletion (no lookup of
-//! the subject).
+//! APIs that delete by job (whether or not a lookup of the subject also
+//! shows the deletion: it shows the subject until the job has run).
 //!
 //! Subjects are remembered per request by a keyed SHA-256 (a random key per
 //! process), never by value, for at most a day and at most [`CAPACITY`] of

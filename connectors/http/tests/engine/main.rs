@@ -95,6 +95,8 @@ struct Crm {
     slow: Mutex<Option<Duration>>,
     /// Search answers with an HTML page (a proxy's, say) instead of JSON.
     html: Mutex<bool>,
+    /// Search answers 200 with no body at all (a gateway's, say).
+    empty: Mutex<bool>,
 }
 
 type St = Arc<Crm>;
@@ -149,6 +151,9 @@ async fn search(State(s): State<St>, headers: HeaderMap, Json(body): Json<Value>
     if *s.html.lock().unwrap() {
         return (StatusCode::OK, [("content-type", "text/html")], "<html>Please sign in</html>")
             .into_response();
+    }
+    if *s.empty.lock().unwrap() {
+        return StatusCode::OK.into_response();
     }
     s.search_bodies.lock().unwrap().push(body.clone());
     let Some(email) = body["filter"]["email"].as_str() else {
@@ -339,6 +344,13 @@ async fn an_answer_that_is_not_json_is_not_nothing_found() {
     assert_eq!(mock.count(subject.expose()), 1);
     *mock.crm.html.lock().unwrap() = false;
     assert_eq!(c.verify(&t).await.unwrap(), 1);
+    // Nor is an empty answer: a gateway answering for the API, not the API
+    // saying the contact is not there.
+    *mock.crm.empty.lock().unwrap() = true;
+    for e in [c.erase(&t).await.unwrap_err(), c.verify(&t).await.unwrap_err()] {
+        assert!(e.retryable && e.message.contains("has no body to read"), "{e}");
+    }
+    assert_eq!(mock.count(subject.expose()), 1);
 }
 
 #[tokio::test]

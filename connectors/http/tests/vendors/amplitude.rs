@@ -262,6 +262,20 @@ async fn users_whose_id_starts_with_the_subjects_are_other_people() {
     assert_eq!(mock.script.count("POST /api/2/deletions/users"), 1);
 }
 
+/// The same attempt run again (a worker retrying after its answer was lost,
+/// or after a later subject's call failed) follows the job it submitted:
+/// the user is still found until the batch runs, and is not submitted twice.
+#[tokio::test]
+async fn a_retried_attempt_follows_its_job_instead_of_submitting_again() {
+    let mock = Mock::start().await;
+    let c = connector(&Mock::settings(&mock.base, SECRET));
+    let t = task(CATEGORY, vec![mock.seed()]);
+    let Progress::Running(first) = c.advance(&t).await.unwrap() else { panic!("batched") };
+    let Progress::Running(again) = c.advance(&t).await.unwrap() else { panic!("still batched") };
+    assert_eq!(again.job_id, first.job_id);
+    assert_eq!(mock.script.count("POST /api/2/deletions/users"), 1, "submitted once");
+}
+
 #[tokio::test]
 async fn an_unknown_user_is_not_submitted() {
     let mock = Mock::start().await;
