@@ -73,9 +73,16 @@ impl Dialect {
     /// midnight; a timestamp without time zone is read as UTC), so that
     /// dates are compared with bound integers on every engine. NULL, or
     /// on SQLite text that is not an ISO-8601 date, gives NULL.
+    /// PostgreSQL's `infinity` (an open-ended date) is the largest integer,
+    /// so its record is kept as long as any, and `-infinity` the smallest:
+    /// converted as they are, they fail every statement that reads them.
     pub fn epoch(self, expr: &str) -> String {
         match self {
-            Self::Postgres => format!("CAST(EXTRACT(EPOCH FROM {expr}) AS BIGINT)"),
+            Self::Postgres => format!(
+                "CASE WHEN {expr} IS NULL THEN NULL \
+                 WHEN isfinite({expr}) THEN CAST(EXTRACT(EPOCH FROM {expr}) AS BIGINT) \
+                 WHEN {expr} > '1970-01-01' THEN 9223372036854775807 ELSE -9223372036854775807 END"
+            ),
             // Independent of the session time zone for DATE and DATETIME;
             // TIMESTAMP is read in the session's zone, which sqlx sets to UTC.
             Self::MySql => format!("TIMESTAMPDIFF(SECOND, '1970-01-01 00:00:00', {expr})"),
@@ -148,7 +155,9 @@ mod tests {
         assert_eq!(Dialect::MySql.placeholder(7), "?");
         assert_eq!(Dialect::Postgres.quote("crm.customers"), "\"crm\".\"customers\"");
         assert_eq!(Dialect::MySql.quote("orders"), "`orders`");
-        assert_eq!(Dialect::Postgres.epoch("\"d\""), "CAST(EXTRACT(EPOCH FROM \"d\") AS BIGINT)");
+        assert!(Dialect::Postgres
+            .epoch("\"d\"")
+            .contains("WHEN isfinite(\"d\") THEN CAST(EXTRACT(EPOCH FROM \"d\") AS BIGINT)"));
         assert_eq!(Dialect::MySql.epoch("`d`"), "TIMESTAMPDIFF(SECOND, '1970-01-01 00:00:00', `d`)");
     }
 

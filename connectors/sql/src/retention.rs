@@ -305,7 +305,9 @@ fn end_of(directive: &Directive, issued_at: DateTime<Utc>, epoch: i64) -> DateTi
     match directive.period {
         Some(period) => period.add_to(date),
         // No period given: the span between the cutoff and the task.
-        None => date + (issued_at - directive.cutoff.unwrap_or(issued_at)),
+        None => date
+            .checked_add_signed(issued_at - directive.cutoff.unwrap_or(issued_at))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
     }
 }
 
@@ -499,7 +501,7 @@ mod tests {
         let mut sql = Sql::new(Dialect::Postgres);
         sql.push("DELETE FROM ").ident("accounts").push(" WHERE ");
         sql.scope(&Scope { table: "accounts", cond: &cond, kept: Some(&accounts) });
-        let epoch = "CAST(EXTRACT(EPOCH FROM k1.\"issued_on\") AS BIGINT)";
+        let epoch = Dialect::Postgres.epoch("k1.\"issued_on\"");
         assert_eq!(
             sql.text(),
             format!(

@@ -420,6 +420,28 @@ async fn a_category_without_directive_is_untouched(db: Arc<TestDb>) {
     assert_eq!(db.customers().await, shop_customers());
 }
 
+/// PostgreSQL's open-ended dates neither fail the task nor pass for a date
+/// of 1970: `infinity` is kept (its period never ends), `-infinity` is past
+/// every period.
+async fn open_ended_dates_are_read_not_refused(db: Arc<TestDb>) {
+    db.exec(&[
+        "CREATE TABLE invoices (id INTEGER PRIMARY KEY, email VARCHAR(255), amount BIGINT NOT NULL, issued_on DATE)",
+        "INSERT INTO invoices (id, email, amount, issued_on) VALUES (1, 'ada@example.com', 100, 'infinity'), \
+         (2, 'ada@example.com', 200, '-infinity'), (3, 'ada@example.com', 300, '2028-04-01')",
+    ])
+    .await;
+    let sql = db.connector(INVOICES).await;
+    let task = ada_task(vec![retain("billing.invoice", TEN_YEARS, first_run(), first_run())], first_run());
+    assert_eq!(sql.verify(&task).await.unwrap(), 1, "-infinity is past its period");
+    let erased = sql.erase(&task).await.unwrap();
+    assert_eq!(erased.datasets, vec![dataset("invoices", 1, 0)]);
+    assert_eq!(erased.retained.iter().map(|r| r.count).sum::<u64>(), 2, "{erased:?}");
+    assert_eq!(ids(&db, "invoices").await, vec![1, 3]);
+    assert_eq!(sql.verify(&task).await.unwrap(), 0);
+}
+
+engine_tests!(postgres_open_ended, Postgres, [open_ended_dates_are_read_not_refused]);
+
 on_every_engine!(
     retains_dates,
     retains_timestamps,
