@@ -12,7 +12,7 @@ use lethe_core::{
 };
 use serde_json::json;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyConnection, AnyPool, Executor, Row};
+use sqlx::{AnyConnection, AnyPool, Connection as _, Executor, Row};
 
 use crate::audit::{self, AuditCheck, AuditEvent, PendingEvent};
 use crate::dialect::{key_list, Dialect, Keys};
@@ -43,7 +43,24 @@ impl SqlStore {
         let dialect = Dialect::from_url(url).ok_or(StoreError::UnsupportedUrl)?;
         let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
         let pool = match dialect {
-            Dialect::Postgres => options.max_connections(16).connect(url).await,
+            Dialect::Postgres => {
+                // One connection first: the pool retries a refused one until
+                // its time-out and then says only that it timed out, hiding
+                // the cause (a wrong port, a server down).
+                match tokio::time::timeout(Duration::from_secs(10), AnyConnection::connect(url)).await {
+                    Ok(Ok(conn)) => {
+                        let _ = conn.close().await;
+                    }
+                    Ok(Err(sqlx::Error::Io(e))) => {
+                        return Err(StoreError::Connect(format!("cannot reach the server ({})", e.kind())));
+                    }
+                    Ok(Err(e)) => return Err(db_err(e)),
+                    Err(_) => {
+                        return Err(StoreError::Connect("the server did not answer within 10 s".into()));
+                    }
+                }
+                options.max_connections(16).connect(url).await
+            }
             Dialect::Sqlite => {
                 let url = sqlite_url(url)?;
                 // One connection: SQLite has one writer anyway, and this keeps

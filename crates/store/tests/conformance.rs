@@ -2493,3 +2493,17 @@ async fn a_missing_postgres_database_is_named_as_such() {
     let e = lethe_store::connect(&url).await.err().expect("no such database");
     assert!(e.to_string().contains("the database named in the URL does not exist"), "{e}");
 }
+
+/// A PostgreSQL URL whose port nothing listens on says the server cannot be
+/// reached, at once, not that a pool timed out after ten seconds.
+#[tokio::test]
+async fn an_unreachable_postgres_server_is_named_as_such() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let started = std::time::Instant::now();
+    let e = lethe_store::connect(&format!("postgres://postgres@127.0.0.1:{port}/test"))
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("cannot reach the server (connection refused)"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+}
