@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use lethe_bus::{Bus, Consumer, Delivery, Position, ResultMessage};
 use lethe_connector::DEAD_LETTER_ATTEMPTS;
-use lethe_core::{Identifier, MasterKey, Outcome, RequestId, TaskState};
+use lethe_core::{Identifier, MasterKey, Outcome, RequestId, RequestStatus, TaskState};
 use lethe_store::{Applied, OutcomeReport, RetrySchedule, StateStore, StoreError};
 use tokio::sync::Notify;
 
@@ -142,14 +142,25 @@ impl Ingest {
                     let span = tracing::info_span!("task.outcome", %request, task = %msg.task_id,
                         system = %msg.system, attempt = msg.attempt);
                     lethe_bus::trace::link(&span, request);
-                    span.in_scope(|| tracing::info!(state = %task, "task updated"));
+                    span.in_scope(|| {
+                        if task == TaskState::Failed {
+                            // Needs an operator: seen at the default WARN filter too.
+                            tracing::warn!(state = %task, "task failed for good");
+                        } else {
+                            tracing::info!(state = %task, "task updated");
+                        }
+                    });
                     if task == TaskState::Pending {
                         // A retryable failure: queued for a later attempt.
                         metrics::counter!(TASK_REQUEUES_TOTAL, "reason" => "retryable_failure").increment(1);
                     }
                     if let Some(status) = request_status.filter(|s| s.is_final()) {
                         metrics::counter!(REQUESTS_FINISHED_TOTAL, "status" => status.as_str()).increment(1);
-                        tracing::info!(%request, %status, "request finished");
+                        if status == RequestStatus::Failed {
+                            tracing::warn!(%request, %status, "request finished");
+                        } else {
+                            tracing::info!(%request, %status, "request finished");
+                        }
                     }
                 }
                 Applied::Ignored => {
