@@ -420,7 +420,9 @@ async fn migrate_says_what_it_applied() {
 /// characters do for a master key, a token and a password alike.
 fn placeholders(text: &str) -> Vec<(String, String)> {
     let names: BTreeSet<&str> = text.split("${").skip(1).filter_map(|s| s.split('}').next()).collect();
-    names.into_iter().map(|n| (n.to_owned(), "0123456789abcdef".repeat(4))).collect()
+    // Each its own value (64 hex digits), as no two systems share a token.
+    let value = |n: &str| format!("{:0>64}", n.bytes().map(|b| format!("{b:02x}")).collect::<String>());
+    names.into_iter().map(|n| (n.to_owned(), value(n)[..64].to_owned())).collect()
 }
 
 /// The shipped production example passes `config check --strict` with the
@@ -435,6 +437,30 @@ async fn the_shipped_configuration_examples_pass_config_check() {
     let out =
         lethe_with_env(&["config", "check", "--config", path, "--strict"], root, &placeholders(&text)).await;
     assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("note: environment variable"),
+        "{}",
+        describe(&out)
+    );
+    // Without its secrets (a check in CI, say): it passes, naming each one
+    // `lethe serve` will need.
+    let out = lethe_with_env(&["config", "check", "--config", path, "--strict"], root, &[]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for name in ["LETHE_MASTER_KEY", "LETHE_SHOP_TOKEN", "LETHE_DB_PASSWORD"] {
+        assert!(stdout.contains(&format!("note: environment variable {name} is not set here")), "{stdout}");
+    }
+    // With them, what `lethe serve` would refuse is refused here too.
+    let mut short = placeholders(&text);
+    short.iter_mut().filter(|(n, _)| n == "LETHE_SHOP_TOKEN").for_each(|(_, v)| *v = "short".into());
+    let out = lethe_with_env(&["config", "check", "--config", path], root, &short).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("at least 32 characters") && !stderr.contains("short\""), "{stderr}");
+    let mut bad_key = placeholders(&text);
+    bad_key.iter_mut().filter(|(n, _)| n == "LETHE_MASTER_KEY").for_each(|(_, v)| *v = "not-hex".into());
+    let out = lethe_with_env(&["config", "check", "--config", path], root, &bad_key).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keys.master_key"), "{}", describe(&out));
 
     let readme = std::fs::read_to_string(root.join("README.md")).expect("read the README");
     let block = readme

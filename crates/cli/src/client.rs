@@ -69,7 +69,13 @@ impl Client {
         if !status.is_success() {
             let detail =
                 body.as_ref().and_then(|b| b.get("detail")).and_then(Value::as_str).unwrap_or("no detail");
-            bail!("the coordinator answered {status}: {detail}");
+            let hint = if status == reqwest::StatusCode::UNAUTHORIZED {
+                " (give an API token with --token or LETHE_TOKEN: one from `lethe token create`, or the one \
+                 `lethe serve` printed on its first start)"
+            } else {
+                ""
+            };
+            bail!("the coordinator answered {status}: {detail}{hint}");
         }
         // A proxy's or another server's page is not an answer: never report
         // it as a success.

@@ -633,9 +633,11 @@ impl Config {
         let mut table: toml::Table =
             toml::from_str(&text).with_context(|| format!("{origin} is not valid TOML"))?;
         apply_env(&mut table, env)?;
+        let overridden = env.iter().any(|(name, _)| name.starts_with(ENV_PREFIX));
+        let with = if overridden { " (with LETHE__ overrides)" } else { "" };
         let mut config: Config = toml::Value::Table(table)
             .try_into()
-            .with_context(|| format!("{origin} (with LETHE__ overrides) is not a valid Lethe config"))?;
+            .with_context(|| format!("{origin}{with} is not a valid Lethe config"))?;
         config.base_dir = base_dir;
         if let Some(listen) = overrides.listen {
             config.server.listen = listen;
@@ -841,6 +843,41 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> anyhow::Resul
 
 /// Replaces every `${NAME}` in `s` with the environment variable `NAME`;
 /// a missing variable is an error that names it (and nothing else).
+/// The environment variables that the configuration at `path` (the
+/// embedded default without one) names in a `${…}` placeholder and that are
+/// not set here, each once, in the order they appear.
+pub fn unset_variables(path: Option<&Path>) -> anyhow::Result<Vec<String>> {
+    let text = match path {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read config file {}", p.display()))?
+        }
+        None => EMBEDDED_DEFAULT.to_owned(),
+    };
+    let table: toml::Table = toml::from_str(&text)?;
+    fn walk(value: &toml::Value, out: &mut Vec<String>) {
+        match value {
+            toml::Value::String(s) => {
+                let mut rest = s.as_str();
+                while let Some(start) = rest.find("${") {
+                    let after = &rest[start + 2..];
+                    let Some(end) = after.find('}') else { break };
+                    let name = &after[..end];
+                    if std::env::var_os(name).is_none() && !out.iter().any(|n| n == name) {
+                        out.push(name.to_owned());
+                    }
+                    rest = &after[end + 1..];
+                }
+            }
+            toml::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            toml::Value::Table(t) => t.values().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(&toml::Value::Table(table), &mut out);
+    Ok(out)
+}
+
 pub fn resolve_placeholders(s: &str) -> anyhow::Result<String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;

@@ -154,6 +154,13 @@ fn header_column(index: usize, raw: &[u8]) -> anyhow::Result<Column> {
         .with_context(|| format!("column {n} of the header row is not valid UTF-8"))?
         .trim()
         .to_ascii_lowercase();
+    if let Some(sep) = [';', '\t'].into_iter().find(|c| name.contains(*c)) {
+        bail!(
+            "column {n} of the header row holds {}: lethe import reads comma-separated files; save the \
+             file with commas between the cells",
+            if sep == ';' { "a ';'" } else { "a tab" }
+        );
+    }
     Ok(match name.as_str() {
         "" => bail!("column {n} of the header row has no name"),
         "regulation" => Column::Regulation,
@@ -752,6 +759,14 @@ mod tests {
         assert!(err.contains("empty"), "{err}");
         let err = parse(b"email,email\na@example.com,b@example.com\n", "gdpr").unwrap_err().to_string();
         assert!(err.contains("column 2 of the header row repeats column 1"), "{err}");
+    }
+
+    #[test]
+    fn import_names_a_semicolon_or_tab_separated_file() {
+        let err = format!("{:#}", parse(b"email;external_ref\na@x.org;T-1\n", "gdpr").unwrap_err());
+        assert!(err.contains("comma-separated") && err.contains("';'"), "{err}");
+        let err = format!("{:#}", parse(b"email\texternal_ref\n", "gdpr").unwrap_err());
+        assert!(err.contains("a tab"), "{err}");
     }
 
     #[test]

@@ -490,7 +490,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     query.push((k, "true".to_owned()));
                 }
             }
-            let page = server.client()?.list(&query).await?;
+            let client = server.client()?;
+            if let Some((_, name)) = query.iter().find(|(k, _)| *k == "system") {
+                // Tasks of a system since removed are still listed, so an
+                // unknown name is no error; but a typo would read as "none".
+                let systems = client.get("/v1/systems", &[]).await?;
+                let known = systems.as_array().into_iter().flatten().any(|s| s["name"] == name.as_str());
+                if !known {
+                    eprintln!(
+                        "note: no configured system is named {name:?}; listing the requests with a task in a \
+                         system of that name (a removed one), if any"
+                    );
+                }
+            }
+            let page = client.list(&query).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&page)?);
             } else {
@@ -509,6 +522,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config { command: ConfigCommand::Check { config, strict } } => {
+            let path = config.config.clone();
             let origin =
                 config.config.as_ref().map_or("embedded default".to_owned(), |p| p.display().to_string());
             let config = config.load(&Overrides::default())?;
@@ -517,6 +531,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let (_, warnings) = policy::planner(&config)?;
             for w in &warnings {
                 println!("warning: {w}");
+            }
+            // Secrets usually come from the environment, which a check in CI
+            // may not have: unset ones are named; set ones are checked as
+            // `lethe serve` checks them.
+            let unset = config::unset_variables(path.as_deref())?;
+            for name in &unset {
+                println!("note: environment variable {name} is not set here; `lethe serve` needs it");
+            }
+            if unset.is_empty() {
+                config.connector_tokens()?;
+                config.webhook_endpoints()?;
+                if let Some(key) = &config.keys.master_key {
+                    let hex = resolve_placeholders(key).context("keys.master_key")?;
+                    lethe_core::DataKey::from_hex(&hex).context("keys.master_key")?;
+                }
             }
             println!(
                 "{origin}: ok ({} systems: {}){}",

@@ -166,6 +166,29 @@ pub fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
 pub async fn hold(client: &Client, command: HoldCommand) -> anyhow::Result<()> {
     match command {
         HoldCommand::Place { subject, systems, categories, reason, case_ref, expires_at } => {
+            // The coordinator never quotes what it refuses; here, on the
+            // operator's own terminal, the unknown names can be said.
+            if !systems.is_empty() || !categories.is_empty() {
+                let known = client.get("/v1/systems", &[]).await?;
+                let known = known.as_array().cloned().unwrap_or_default();
+                let has = |field: &str, v: &str| {
+                    known.iter().any(|s| match &s[field] {
+                        serde_json::Value::Array(items) => items.iter().any(|i| i == v),
+                        other => other == v,
+                    })
+                };
+                if let Some(s) = systems.iter().find(|s| !has("name", s)) {
+                    let names: Vec<&str> = known.iter().filter_map(|s| s["name"].as_str()).collect();
+                    return Err(Usage(format!(
+                        "--system {s:?} is not a configured system (they are: {})",
+                        names.join(", ")
+                    ))
+                    .into());
+                }
+                if let Some(c) = categories.iter().find(|c| !has("categories", c)) {
+                    return Err(Usage(format!("--category {c:?} is held by no configured system")).into());
+                }
+            }
             let body = json!({
                 "subject": subject.subject()?,
                 "scope": {"systems": systems, "categories": categories},

@@ -91,10 +91,12 @@ pub async fn start(config: &Config, listener: TcpListener, admin: AdminToken) ->
     let tokens = config.connector_tokens()?;
     let url = resolve_placeholders(&config.store.url).context("store.url")?;
     let store = lethe_store::connect(&url).await.context("cannot open the state store")?;
+    // The key first: a start that fails on it must not have printed the
+    // first administrator's token (shown only once) on its way out.
+    let master = load_master_key(config, store.clone()).await?;
     if admin == AdminToken::Bootstrap {
         crate::tokens::bootstrap_admin(config, store.as_ref()).await?;
     }
-    let master = load_master_key(config, store.clone()).await?;
     let (bus, in_process) = match config.bus {
         BusConfig::InProcess => {
             let bus = InProcessBus::new();
@@ -104,7 +106,7 @@ pub async fn start(config: &Config, listener: TcpListener, admin: AdminToken) ->
     };
     let (planner, warnings) = crate::policy::planner(config)?;
     for w in warnings {
-        tracing::warn!(warning = %w, "retention policy");
+        tracing::warn!(warning = %w, "configuration (`lethe config check` lists these)");
     }
     let webhooks = config.webhook_endpoints()?;
     let mut coordinator = Coordinator::start(
@@ -174,7 +176,10 @@ pub async fn build_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
                 *value = resolve_placeholders(value).context("bus.client")?;
             }
             let systems: Vec<String> = config.systems.iter().map(|s| s.name.clone()).collect();
-            Arc::new(KafkaBus::connect(kafka, &systems).await.context("cannot set up Kafka")?)
+            let brokers = kafka.brokers.clone();
+            Arc::new(KafkaBus::connect(kafka, &systems).await.with_context(|| {
+                format!("cannot set up Kafka at {brokers} (is a broker listening there, and reachable?)")
+            })?)
         }
     })
 }
