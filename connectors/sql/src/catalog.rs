@@ -203,11 +203,11 @@ impl Catalog {
             tables.push(columns);
         }
         let catalog = Self { tables };
-        catalog.check(config)?;
+        catalog.check(dialect, config)?;
         Ok(catalog)
     }
 
-    fn check(&self, config: &SqlConfig) -> Result<(), ConnectorError> {
+    fn check(&self, dialect: Dialect, config: &SqlConfig) -> Result<(), ConnectorError> {
         let missing = |table: &str, column: &str| {
             ConnectorError::permanent(format!("table {table} has no column {column}"))
         };
@@ -215,6 +215,32 @@ impl Catalog {
             for c in configured_columns(t) {
                 if cols.kind(c).is_none() {
                     return Err(missing(&t.name, c));
+                }
+            }
+            // What fails every task once it runs, said when the columns are
+            // read: a hash (64 hex digits) into a shorter column is refused,
+            // or cut and then never taken for done; a date column of another
+            // type fails every retention. SQLite enforces neither length nor
+            // type, so it is not asked.
+            if dialect != Dialect::Sqlite {
+                for (c, strategy) in &t.columns {
+                    let Some(ty) = cols.sql_type(c) else { continue };
+                    if *strategy == crate::config::Strategy::Hash {
+                        if let Some(n) = char_limit(ty).filter(|n| *n < 64) {
+                            return Err(ConnectorError::permanent(format!(
+                                "table {}: column {c} ({ty}) holds at most {n} characters, and a hash takes 64",
+                                t.name
+                            )));
+                        }
+                    }
+                }
+                if let Some(c) = &t.date_column {
+                    if let Some(ty) = cols.sql_type(c).filter(|ty| !is_date_type(ty)) {
+                        return Err(ConnectorError::permanent(format!(
+                            "table {}: date_column {c} is of type {ty}, not a date or a timestamp",
+                            t.name
+                        )));
+                    }
                 }
             }
             if let Some(p) = &t.parent {
@@ -228,6 +254,21 @@ impl Catalog {
         }
         Ok(())
     }
+}
+
+/// The most characters a column of type `ty` (as PostgreSQL's
+/// `format_type` or MySQL's `COLUMN_TYPE` name it) holds, if the type says.
+fn char_limit(ty: &str) -> Option<u64> {
+    let lower = ty.to_ascii_lowercase();
+    let text = ["character varying(", "varchar(", "character(", "char(", "bpchar("];
+    let rest = text.iter().find_map(|p| lower.strip_prefix(p))?;
+    rest.split(')').next()?.trim().parse().ok()
+}
+
+/// Whether `ty` is a date or a timestamp type.
+fn is_date_type(ty: &str) -> bool {
+    let lower = ty.to_ascii_lowercase();
+    lower == "date" || lower.starts_with("timestamp") || lower.starts_with("datetime")
 }
 
 /// Every column of `t` that the configuration names.
@@ -245,6 +286,23 @@ pub fn configured_columns(t: &TableConfig) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_and_date_types_as_the_databases_name_them() {
+        assert_eq!(char_limit("character varying(32)"), Some(32));
+        assert_eq!(char_limit("varchar(255)"), Some(255));
+        assert_eq!(char_limit("character(10)"), Some(10));
+        assert_eq!(char_limit("text"), None);
+        assert_eq!(char_limit("character varying"), None);
+        for ty in
+            ["date", "timestamp without time zone", "timestamp(3) with time zone", "datetime(6)", "timestamp"]
+        {
+            assert!(is_date_type(ty), "{ty}");
+        }
+        for ty in ["text", "character varying(10)", "bigint", "time without time zone"] {
+            assert!(!is_date_type(ty), "{ty}");
+        }
+    }
 
     #[test]
     fn kinds() {

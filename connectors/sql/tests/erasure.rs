@@ -413,6 +413,26 @@ async fn health_checks_tables_and_columns(db: Arc<TestDb>) {
     let e = db.connector(&missing_date).await.health().await.unwrap_err();
     assert!(!e.retryable && e.message.contains("orders") && e.message.contains("placed_at"), "{e:?}");
 
+    // What would fail every task once it runs is said now: a hash does not
+    // fit a 32-character column, a text column is no date (SQLite enforces
+    // neither, so only the others are asked).
+    if db.engine != common::Engine::Sqlite {
+        db.exec(&[
+            "ALTER TABLE orders ADD COLUMN code VARCHAR(32)",
+            "ALTER TABLE orders ADD COLUMN placed VARCHAR(20)",
+        ])
+        .await;
+        let short = shop_tables("hash").replace("note = \"hash\"", "note = \"hash\", code = \"hash\"");
+        let e = db.connector(&short).await.health().await.unwrap_err();
+        assert!(!e.retryable && e.message.contains("holds at most 32 characters"), "{e:?}");
+        let text_date = shop_tables("hash").replace(
+            "category = \"billing.order\"",
+            "category = \"billing.order\"\ndate_column = \"placed\"",
+        );
+        let e = db.connector(&text_date).await.health().await.unwrap_err();
+        assert!(!e.retryable && e.message.contains("not a date or a timestamp"), "{e:?}");
+    }
+
     let missing_column = shop_tables("hash").replace("note = \"hash\"", "notes = \"hash\"");
     let sql = db.connector(&missing_column).await;
     let e = sql.health().await.unwrap_err();
