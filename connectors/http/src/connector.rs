@@ -346,6 +346,12 @@ impl HttpConnector {
                     Finished::Failed => State::Failed("not found".into()),
                 })
             }
+            // An empty answer (a gateway's) is no job state: reading it as
+            // one would take "nothing there" for a finished deletion.
+            Run::Done { last: Some(serde_json::Value::Null), .. } => {
+                let step = job.steps.last().map_or("", |s| s.name.as_str());
+                return Err(crate::flow::no_body(step, 200));
+            }
             Run::Done { last: Some(last), vars, .. } => (last, vars),
             Run::Done { last: None, .. } => {
                 let step = job.steps.last().map_or("", |s| s.name.as_str());

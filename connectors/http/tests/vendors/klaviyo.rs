@@ -34,6 +34,8 @@ struct Profile {
 struct Account {
     profiles: Mutex<HashMap<String, Profile>>,
     jobs: Mutex<Vec<Value>>,
+    /// A profile is answered 200 with no body (a gateway's, say).
+    empty: Mutex<bool>,
 }
 
 type St = Arc<Account>;
@@ -92,6 +94,9 @@ async fn profiles(
 async fn profile(State(s): State<St>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Some(r) = deny(&headers) {
         return r;
+    }
+    if *s.empty.lock().unwrap() {
+        return StatusCode::OK.into_response();
     }
     let mut all = s.profiles.lock().unwrap();
     let gone = match all.get_mut(&id) {
@@ -237,6 +242,22 @@ async fn the_job_is_accepted_then_followed_until_the_profile_is_gone() {
     assert!(!mock.has(ada.expose()));
     assert!(mock.has(bob.expose()));
     assert_eq!(mock.account.jobs.lock().unwrap().len(), 1, "checking never submits again");
+}
+
+/// A job check answered with an empty 200 (a gateway answering for the
+/// API) is no finished job: the profile is still there.
+#[tokio::test]
+async fn an_empty_answer_to_a_job_check_is_not_a_finished_job() {
+    let mock = Mock::start().await;
+    let ada = email();
+    mock.seed(ada.expose());
+    let c = connector(&Mock::settings(&mock.base, KEY));
+    let t = task(CATEGORY, vec![ada.clone()]);
+    let Progress::Running(pending) = c.advance(&t).await.unwrap() else { panic!("asynchronous") };
+    *mock.account.empty.lock().unwrap() = true;
+    let e = c.advance(&polling(&t, &pending.job_id)).await.unwrap_err();
+    assert!(e.retryable && e.message.contains("has no body to read"), "{e}");
+    assert!(mock.has(ada.expose()));
 }
 
 #[tokio::test]
