@@ -84,6 +84,10 @@ pub struct TableColumns {
     /// `format_type` (`numeric(10,2)`), MySQL's `COLUMN_TYPE`
     /// (`decimal(10,2) unsigned`), SQLite's declared type.
     types: HashMap<String, String>,
+    /// Columns declared NOT NULL.
+    not_null: std::collections::HashSet<String>,
+    /// Columns that a unique index of their own covers (not a partial one).
+    unique: std::collections::HashSet<String>,
     case_insensitive: bool,
 }
 
@@ -94,17 +98,30 @@ impl TableColumns {
     }
 
     pub fn kind(&self, column: &str) -> Option<ColKind> {
-        if self.case_insensitive {
-            self.columns.get(&column.to_ascii_lowercase()).copied()
-        } else {
-            self.columns.get(column).copied()
-        }
+        self.columns.get(&self.key(column)).copied()
     }
 
     /// The column's type as the database names it (see `types`).
     pub fn sql_type(&self, column: &str) -> Option<&str> {
-        let key = if self.case_insensitive { column.to_ascii_lowercase() } else { column.to_owned() };
-        self.types.get(&key).map(String::as_str)
+        self.types.get(&self.key(column)).map(String::as_str)
+    }
+
+    fn key(&self, column: &str) -> String {
+        if self.case_insensitive {
+            column.to_ascii_lowercase()
+        } else {
+            column.to_owned()
+        }
+    }
+
+    /// Whether the column is declared NOT NULL.
+    pub fn is_not_null(&self, column: &str) -> bool {
+        self.not_null.contains(&self.key(column))
+    }
+
+    /// Whether a unique index of its own covers the column.
+    pub fn is_unique(&self, column: &str) -> bool {
+        self.unique.contains(&self.key(column))
     }
 
     /// The column's kind; an unknown column is compared as text.
@@ -124,7 +141,7 @@ impl TableColumns {
                 // error on a server whose catalog lacks the column.
                 sqlx::query(
                     "SELECT a.attname::text, t.typname::text, to_jsonb(c) ->> 'collisdeterministic', \
-                     format_type(a.atttypid, a.atttypmod) \
+                     format_type(a.atttypid, a.atttypmod), CASE WHEN a.attnotnull THEN 'YES' ELSE 'NO' END \
                      FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
                      LEFT JOIN pg_catalog.pg_collation c ON c.oid = a.attcollation \
                      WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
@@ -134,23 +151,36 @@ impl TableColumns {
                 .await?
             }
             Dialect::MySql => {
-                let sql = "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR), CAST(COLUMN_TYPE AS CHAR(255)) \
+                let sql = "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR), CAST(COLUMN_TYPE AS CHAR(255)), \
+                           CAST(CASE WHEN IS_NULLABLE = 'NO' THEN 'YES' ELSE 'NO' END AS CHAR) \
                            FROM information_schema.COLUMNS \
                            WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?";
                 sqlx::query(sql).bind(schema).bind(name).fetch_all(&mut *conn).await?
             }
             Dialect::Sqlite => {
-                let sql = "SELECT name, CAST(type AS TEXT) FROM pragma_table_info($1, $2)";
+                let sql =
+                    "SELECT name, CAST(type AS TEXT), CASE WHEN \"notnull\" = 1 THEN 'YES' ELSE 'NO' END \
+                           FROM pragma_table_info($1, $2)";
                 sqlx::query(sql).bind(name).bind(schema.unwrap_or("main")).fetch_all(&mut *conn).await?
             }
         };
         let case_insensitive = dialect != Dialect::Postgres;
         let mut columns = HashMap::with_capacity(rows.len());
         let mut types = HashMap::with_capacity(rows.len());
+        let mut not_null = std::collections::HashSet::new();
         for row in rows {
             let column: String = row.try_get(0)?;
             let type_name: Option<String> = row.try_get(1)?;
             let mut type_name = type_name.unwrap_or_default();
+            let nn_index = match dialect {
+                Dialect::Postgres => 4,
+                Dialect::MySql => 3,
+                Dialect::Sqlite => 2,
+            };
+            let nn: Option<String> = row.try_get(nn_index)?;
+            if nn.as_deref() == Some("YES") {
+                not_null.insert(if case_insensitive { column.to_ascii_lowercase() } else { column.clone() });
+            }
             let kind = match dialect {
                 Dialect::Postgres => {
                     let deterministic: Option<String> = row.try_get(2)?;
@@ -171,7 +201,38 @@ impl TableColumns {
             columns.insert(key.clone(), kind);
             types.insert(key, type_name);
         }
-        Ok(Self { columns, types, case_insensitive })
+        let unique_rows = match dialect {
+            Dialect::Postgres => {
+                sqlx::query(
+                    "SELECT a.attname::text FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a \
+                     ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                     WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indnatts = 1 AND i.indpred IS NULL",
+                )
+                .bind(dialect.quote(table))
+                .fetch_all(&mut *conn)
+                .await?
+            }
+            Dialect::MySql => {
+                let sql = "SELECT CAST(MIN(COLUMN_NAME) AS CHAR) FROM information_schema.STATISTICS \
+                           WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ? AND NON_UNIQUE = 0 \
+                           GROUP BY INDEX_NAME HAVING COUNT(*) = 1";
+                sqlx::query(sql).bind(schema).bind(name).fetch_all(&mut *conn).await?
+            }
+            Dialect::Sqlite => {
+                let sql = "SELECT ii.name FROM pragma_index_list($1, $2) il, pragma_index_info(il.name, $2) ii \
+                           WHERE il.\"unique\" = 1 AND il.partial = 0 \
+                           AND (SELECT COUNT(*) FROM pragma_index_info(il.name, $2)) = 1";
+                sqlx::query(sql).bind(name).bind(schema.unwrap_or("main")).fetch_all(&mut *conn).await?
+            }
+        };
+        let mut unique = std::collections::HashSet::new();
+        for row in unique_rows {
+            let column: Option<String> = row.try_get(0)?;
+            if let Some(column) = column {
+                unique.insert(if case_insensitive { column.to_ascii_lowercase() } else { column });
+            }
+        }
+        Ok(Self { columns, types, not_null, unique, case_insensitive })
     }
 }
 
@@ -215,6 +276,27 @@ impl Catalog {
             for c in configured_columns(t) {
                 if cols.kind(c).is_none() {
                     return Err(missing(&t.name, c));
+                }
+            }
+            // A value the database refuses for the second subject on, or
+            // for every one: the same fixed value or redaction (stars as
+            // long as the value) in a column with a unique index of its
+            // own, NULL in a NOT NULL column.
+            for (c, strategy) in &t.columns {
+                use crate::config::Strategy;
+                let clash = matches!(strategy, Strategy::Fixed(_) | Strategy::Redact) && cols.is_unique(c);
+                if clash {
+                    return Err(ConnectorError::permanent(format!(
+                        "table {}: column {c} has a unique index, and a fixed value or a redaction would give \
+                         two subjects' rows the same value; use \"hash\" or \"null\"",
+                        t.name
+                    )));
+                }
+                if *strategy == Strategy::Null && cols.is_not_null(c) {
+                    return Err(ConnectorError::permanent(format!(
+                        "table {}: column {c} is NOT NULL, so \"null\" cannot anonymise it; use a fixed value or \"hash\"",
+                        t.name
+                    )));
                 }
             }
             // What fails every task once it runs, said when the columns are

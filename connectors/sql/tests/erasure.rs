@@ -433,6 +433,26 @@ async fn health_checks_tables_and_columns(db: Arc<TestDb>) {
         assert!(!e.retryable && e.message.contains("not a date or a timestamp"), "{e:?}");
     }
 
+    // A fixed value in a column with a unique index of its own would clash
+    // from the second subject on; NULL cannot go into a NOT NULL column.
+    db.exec(&[
+        "ALTER TABLE orders ADD COLUMN ref VARCHAR(40)",
+        "CREATE UNIQUE INDEX orders_ref ON orders (ref)",
+    ])
+    .await;
+    let fixed_unique =
+        shop_tables("hash").replace("note = \"hash\"", "note = \"hash\", ref = { fixed = \"X\" }");
+    let e = db.connector(&fixed_unique).await.health().await.unwrap_err();
+    assert!(!e.retryable && e.message.contains("column ref has a unique index"), "{e:?}");
+    db.connector(&shop_tables("hash").replace("note = \"hash\"", "note = \"hash\", ref = \"null\""))
+        .await
+        .health()
+        .await
+        .unwrap();
+    let null_amount = shop_tables("hash").replace("note = \"hash\"", "note = \"hash\", amount = \"null\"");
+    let e = db.connector(&null_amount).await.health().await.unwrap_err();
+    assert!(!e.retryable && e.message.contains("column amount is NOT NULL"), "{e:?}");
+
     let missing_column = shop_tables("hash").replace("note = \"hash\"", "notes = \"hash\"");
     let sql = db.connector(&missing_column).await;
     let e = sql.health().await.unwrap_err();
