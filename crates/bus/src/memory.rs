@@ -156,12 +156,23 @@ impl Bus for InProcessBus {
     }
 
     async fn publish_result(&self, result: &ResultMessage) -> Result<(), BusError> {
+        /// Counts a result as published while its send is under way, and
+        /// takes it back unless the send completed: also when the send is
+        /// dropped half-way (a worker cut off at the end of its grace).
+        struct Sending<'a>(&'a AtomicI64, bool);
+        impl Drop for Sending<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        }
         let tx = self.inner.results.lock().unwrap_or_else(|e| e.into_inner()).0.clone();
         self.inner.results_published.fetch_add(1, Ordering::SeqCst);
-        tx.send(result.clone()).await.map_err(|_| {
-            self.inner.results_published.fetch_sub(1, Ordering::SeqCst);
-            BusError::Closed
-        })
+        let mut sending = Sending(&self.inner.results_published, false);
+        let sent = tx.send(result.clone()).await;
+        sending.1 = sent.is_ok();
+        sent.map_err(|_| BusError::Closed)
     }
 
     async fn result_consumer(&self) -> Result<Box<dyn Consumer<ResultMessage>>, BusError> {
@@ -226,5 +237,17 @@ mod tests {
         assert!(!bus.results_acknowledged(short).await, "the second not yet acknowledged");
         consumer.ack(second.position).await.unwrap();
         assert!(bus.results_acknowledged(short).await);
+
+        // A send cut off half-way (the channel full, the task aborted)
+        // is not counted as published.
+        let full = InProcessBus::new();
+        let _consumer = full.result_consumer().await.unwrap();
+        for _ in 0..CAPACITY {
+            full.publish_result(&result()).await.unwrap();
+        }
+        let blocked = tokio::time::timeout(short, full.publish_result(&result())).await;
+        assert!(blocked.is_err(), "the channel is full");
+        let published = full.inner.results_published.load(Ordering::SeqCst);
+        assert_eq!(published, CAPACITY as i64);
     }
 }

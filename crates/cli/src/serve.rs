@@ -129,6 +129,10 @@ pub async fn start(config: &Config, listener: TcpListener, admin: AdminToken) ->
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop.send(true);
+        // A second signal does not wait for the tasks in flight.
+        shutdown_signal().await;
+        tracing::warn!("second signal: exiting without waiting for the tasks in flight");
+        std::process::exit(1);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
