@@ -148,6 +148,10 @@ async fn list_systems(
     Ok(Json(state.planner.systems().to_vec()))
 }
 
+/// How long a scrape waits for the state store's gauges (Prometheus waits
+/// 10 s for the whole page by default).
+const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Prometheus metrics: counters and histograms of this process, and gauges
 /// read from the state store. No label is ever an identifier. With the
 /// store unreadable, the process's own metrics are still served, with
@@ -161,14 +165,28 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
         let mut last = state.scrapes.0.lock().await;
         match &*last {
             Some((at, gauges)) if *at >= asked => gauges.clone(),
-            _ => match state.store.stats(state.clock.now(), crate::scheduler::DUE_SOON).await {
-                Ok(stats) => {
+            // Bounded: with the database down, the pool waits for a
+            // connection longer than a scraper waits for the page.
+            _ => match tokio::time::timeout(
+                STATS_TIMEOUT,
+                state.store.stats(state.clock.now(), crate::scheduler::DUE_SOON),
+            )
+            .await
+            {
+                Ok(Ok(stats)) => {
                     let gauges = Arc::new(crate::metrics::state_gauges(&stats));
                     *last = Some((std::time::Instant::now(), gauges.clone()));
                     gauges
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "metrics: the state store gauges cannot be read");
+                    Arc::new(crate::metrics::state_gauges_up(false))
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        timeout_secs = STATS_TIMEOUT.as_secs(),
+                        "metrics: the state store gauges took too long to read"
+                    );
                     Arc::new(crate::metrics::state_gauges_up(false))
                 }
             },
