@@ -269,7 +269,8 @@ c1044
         chrono::DateTime::parse_from_rfc3339(r[field].as_str().expect(field)).expect(field).to_utc()
     };
     let imported = listed.iter().find(|r| r["external_ref"] == "late-1").expect("the late request");
-    let received = ten_days_ago.and_time(chrono::NaiveTime::MIN).and_utc();
+    // A date alone is its first moment anywhere on earth: 00:00 at UTC+14.
+    let received = ten_days_ago.and_time(chrono::NaiveTime::MIN).and_utc() - chrono::Duration::hours(14);
     assert_eq!(time(imported, "received_at"), received);
     assert_eq!(
         time(imported, "due_at"),

@@ -713,6 +713,29 @@ impl Config {
         Ok(())
     }
 
+    /// Checks, as `lethe serve` does, each secret whose placeholders this
+    /// environment can resolve (connector tokens, webhook secrets, the
+    /// master key); those it cannot are left to `serve`.
+    pub fn check_resolvable_secrets(&self) -> anyhow::Result<()> {
+        let tokens = self
+            .systems
+            .iter()
+            .filter_map(|s| {
+                s.token.as_ref().and_then(|t| Some((s.name.clone(), resolve_placeholders(t).ok()?)))
+            })
+            .collect();
+        check_connector_tokens(tokens)?;
+        for w in &self.webhooks {
+            if resolve_placeholders(&w.url).is_ok() && resolve_placeholders(&w.secret).is_ok() {
+                w.endpoint().with_context(|| format!("webhook {:?}", w.name))?;
+            }
+        }
+        if let Some(hex) = self.keys.master_key.as_deref().and_then(|k| resolve_placeholders(k).ok()) {
+            lethe_core::DataKey::from_hex(&hex).context("keys.master_key")?;
+        }
+        Ok(())
+    }
+
     /// The connector token of each system that has one, resolved from the
     /// environment and checked: long enough, one per system.
     pub fn connector_tokens(&self) -> anyhow::Result<Vec<(String, String)>> {
@@ -841,11 +864,10 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> anyhow::Resul
     Ok(())
 }
 
-/// Replaces every `${NAME}` in `s` with the environment variable `NAME`;
-/// a missing variable is an error that names it (and nothing else).
 /// The environment variables that the configuration at `path` (the
-/// embedded default without one) names in a `${…}` placeholder and that are
-/// not set here, each once, in the order they appear.
+/// embedded default without one), with the `LETHE__` overrides of this
+/// environment, names in a `${…}` placeholder and that are not set here,
+/// each once, in the order they appear.
 pub fn unset_variables(path: Option<&Path>) -> anyhow::Result<Vec<String>> {
     let text = match path {
         Some(p) => {
@@ -853,7 +875,9 @@ pub fn unset_variables(path: Option<&Path>) -> anyhow::Result<Vec<String>> {
         }
         None => EMBEDDED_DEFAULT.to_owned(),
     };
-    let table: toml::Table = toml::from_str(&text)?;
+    let mut table: toml::Table = toml::from_str(&text)?;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    apply_env(&mut table, &env)?;
     fn walk(value: &toml::Value, out: &mut Vec<String>) {
         match value {
             toml::Value::String(s) => {
@@ -878,6 +902,8 @@ pub fn unset_variables(path: Option<&Path>) -> anyhow::Result<Vec<String>> {
     Ok(out)
 }
 
+/// Replaces every `${NAME}` in `s` with the environment variable `NAME`;
+/// a missing variable is an error that names it (and nothing else).
 pub fn resolve_placeholders(s: &str) -> anyhow::Result<String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;

@@ -6,9 +6,11 @@
 //! `customer_id`, `device_id` or a custom lower-case type), and optionally
 //! `regulation` (overrides `--regulation` for its row), `external_ref` and
 //! `received_at`: when the person's request reached the company (an RFC 3339
-//! time, or a date `YYYY-MM-DD` read as 00:00 UTC, the earliest moment of the
-//! day, so that no due date comes out later than the law's). The deadline and
-//! request-dated retentions run from it; without it they run from the import.
+//! time, or a date `YYYY-MM-DD` read as its first moment anywhere on earth,
+//! 00:00 at UTC+14, so that no due date comes out later than the law's
+//! wherever the request arrived; give the time with its offset to be exact).
+//! The deadline and request-dated retentions run from it; without it they
+//! run from the import.
 //! Columns named `line` and `reason` are ignored, so that a corrected
 //! `<file>.rejected.csv` can be imported as it is. Empty cells are skipped;
 //! blank lines are not rows. A row with the wrong number of cells or without
@@ -73,7 +75,8 @@ pub struct ImportArgs {
     /// The CSV file. Header row: identifier types (email, phone,
     /// customer_id, device_id or a custom lower-case type), optionally
     /// `regulation` (per row), `external_ref` and `received_at` (when the
-    /// request reached you: RFC 3339, or YYYY-MM-DD read as 00:00 UTC).
+    /// request reached you: RFC 3339, or YYYY-MM-DD read as 00:00 at UTC+14,
+    /// the day's first moment anywhere).
     pub file: PathBuf,
     /// Regulation of the rows without a `regulation` cell: gdpr, uk-gdpr,
     /// ccpa, vcdpa, lgpd or pipeda.
@@ -327,9 +330,21 @@ fn row(columns: &[Column], record: &ByteRecord, default_regulation: &str) -> Res
 }
 
 /// A `received_at` cell: an RFC 3339 time, or a date read as its first
-/// moment in UTC. The coordinator judges the range (not in the future, at
+/// moment anywhere on earth (00:00 at UTC+14, the previous day's 10:00 UTC):
+/// read as 00:00 UTC, a request that arrived on that date east of UTC would
+/// count as received up to 14 hours late, and fall due as much later than
+/// the law allows. The coordinator judges the range (not in the future, at
 /// most a year ago). The cell is not quoted: it is the operator's input.
 fn received(cell: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(cell, "%Y-%m-%d") {
+        let earliest = chrono::FixedOffset::east_opt(14 * 3600).expect("a valid offset");
+        return day
+            .and_time(chrono::NaiveTime::MIN)
+            .and_local_timezone(earliest)
+            .single()
+            .map(|t| t.with_timezone(&Utc))
+            .ok_or_else(|| "received_at: not a valid date".to_owned());
+    }
     crate::ops::parse_time(cell).map_err(|e| format!("received_at: {e}"))
 }
 
@@ -704,8 +719,8 @@ mod tests {
         let at = |s: &str| s.parse::<DateTime<Utc>>().expect("time");
         assert_eq!(
             ok[0].1.received_at,
-            Some(at("2026-03-31T00:00:00Z")),
-            "a date is its first moment in UTC"
+            Some(at("2026-03-30T10:00:00Z")),
+            "a date: its first moment anywhere (00:00 at UTC+14)"
         );
         assert_eq!(ok[1].1.received_at, Some(at("2026-03-31T12:05:00Z")), "an offset is honoured");
         assert_eq!((ok[2].0, ok[2].1.received_at), (5, None), "an empty cell: received now");
