@@ -155,6 +155,18 @@ async fn named_token(coordinator: &Coordinator, name: &str, scopes: &[lethe_coor
     token
 }
 
+/// The one system of these tests.
+fn crm() -> SystemInfo {
+    SystemInfo {
+        name: "crm".into(),
+        connector: "memory".into(),
+        owner: None,
+        categories: vec!["identity.contact".into()],
+        identifier_types: None,
+        description: None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_receive_signed_events_with_retries_and_a_delivery_log() {
     let receiver = Receiver::default();
@@ -170,14 +182,7 @@ async fn endpoints_receive_signed_events_with_retries_and_a_delivery_log() {
     let bus = Arc::new(InProcessBus::new());
     let master = MasterKey::new(DataKey::generate());
     let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 31, 12, 0, 0).unwrap());
-    let crm = SystemInfo {
-        name: "crm".into(),
-        connector: "memory".into(),
-        owner: None,
-        categories: vec!["identity.contact".into()],
-        identifier_types: None,
-        description: None,
-    };
+    let crm = crm();
     let settings = Settings { poll_interval: Duration::from_millis(20), ..Default::default() };
     let mut coordinator = Coordinator::start(
         store.clone(),
@@ -431,14 +436,7 @@ async fn the_delivery_log_is_pruned_past_its_keep() {
     };
     store.record_webhook_delivery(&attempt("old", chrono::Duration::days(31))).await.unwrap();
     store.record_webhook_delivery(&attempt("young", chrono::Duration::days(29))).await.unwrap();
-    let crm = SystemInfo {
-        name: "crm".into(),
-        connector: "memory".into(),
-        owner: None,
-        categories: vec!["identity.contact".into()],
-        identifier_types: None,
-        description: None,
-    };
+    let crm = crm();
     let settings = Settings {
         scheduler_interval: Duration::from_millis(20),
         webhook_log_keep: Some(Duration::from_secs(30 * 86_400)),
