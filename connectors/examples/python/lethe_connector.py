@@ -39,6 +39,7 @@ import binascii
 import calendar
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -48,7 +49,9 @@ import signal
 import threading
 import time
 import traceback
+import unicodedata
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -131,6 +134,63 @@ class Identifier:
         return f"Identifier(type={self.type!r}, value=<redacted>)"
 
     __str__ = __repr__
+
+    def appears_in(self, text: str) -> bool:
+        """Whether ``text`` mentions this identifier, as the coordinator
+        screens it: in any case, percent-encoded, as the hex MD5 or SHA-256
+        of the value, and for a phone as its last eight digits whatever the
+        separators. Values under four characters are not looked for as text."""
+        visible = "".join(c for c in text if not _invisible(c))
+        lower = visible.lower()
+        decoded = urllib.parse.unquote(visible).lower()
+        needle = self.value.lower()
+        if len(needle) >= 4 and (needle in lower or needle in decoded):
+            return True
+        data = self.value.encode()
+        if hashlib.md5(data).hexdigest() in lower or hashlib.sha256(data).hexdigest() in lower:
+            return True
+        if self.type == "phone":
+            digits = "".join(c for c in self.value if c.isascii() and c.isdigit())
+            if len(digits) >= 8:
+                squashed = "".join(c for c in decoded if c not in " -.()/\u00a0")
+                return digits[-8:] in squashed
+        return False
+
+
+def _invisible(c: str) -> bool:
+    """Unicode's format characters that text carries without showing (a
+    zero-width space, a soft hyphen): ignored when screening."""
+    return unicodedata.category(c) == "Cf"
+
+
+WITHHELD_REASON = "[the connector's reason was withheld: it contained an identifier of the subject]"
+"""What a failure reason becomes when it names one of the subject's identifiers."""
+
+WITHHELD_TEXT = "[withheld: it contained an identifier of the subject]"
+"""What another text of a result (a basis, a dataset name) becomes then."""
+
+
+def screened(outcome: dict[str, Any], identifiers: Iterable[Identifier]) -> dict[str, Any]:
+    """``outcome`` with every text that names one of ``identifiers`` withheld,
+    as Lethe's own workers send it: a reason, a kept record's basis, a
+    dataset or category name written from a value would otherwise reach the
+    coordinator's unchangeable audit trail."""
+    ids = list(identifiers)
+
+    def clean(text: Any, withheld: str) -> Any:
+        if isinstance(text, str) and any(i.appears_in(text) for i in ids):
+            return withheld
+        return text
+
+    if "reason" in outcome:
+        outcome["reason"] = clean(outcome["reason"], WITHHELD_REASON)
+    for d in outcome.get("datasets", []):
+        d["dataset"] = clean(d["dataset"], WITHHELD_TEXT)
+    for r in outcome.get("retained", []):
+        for field in ("dataset", "category", "basis"):
+            if field in r:
+                r[field] = clean(r[field], WITHHELD_TEXT)
+    return outcome
 
 
 class Identifiers(tuple):
@@ -832,6 +892,8 @@ class Runner:
         }
 
     def _outcome(self, task: TaskMessage) -> dict[str, Any]:
+        # Known once the key is there; what fails before names none of them.
+        identifiers = Identifiers()
         try:
             key = self._call("key", lambda: self.keys.fetch(task.task_id, task.attempt))
             identifiers = Identifiers(
@@ -852,14 +914,14 @@ class Runner:
 
             erasure = self._call("erase", erase)
         except ConnectorError as e:
-            return failed(e)
+            return screened(failed(e), identifiers)
         if erasure.pending_job is not None:
-            return outcome_of(erasure, 0)
+            return screened(outcome_of(erasure, 0), identifiers)
         try:
             residual = self._call("verify", lambda: self.connector.verify(identifiers, task.directives))
         except ConnectorError as e:
-            return failed(ConnectorError(f"verification failed: {e.reason}", e.retryable))
-        return outcome_of(erasure, residual)
+            return screened(failed(ConnectorError(f"verification failed: {e.reason}", e.retryable)), identifiers)
+        return screened(outcome_of(erasure, residual), identifiers)
 
     def _still_wanted(self, task: TaskMessage) -> None:
         """Raises :class:`PermanentError` if the coordinator no longer asks

@@ -11,6 +11,7 @@ The end-to-end test against Kafka and a real coordinator is
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import secrets
@@ -188,6 +189,31 @@ class Retention(unittest.TestCase):
 class Results(unittest.TestCase):
     """What a result may carry, as the coordinator takes it."""
 
+    def test_texts_naming_the_subject_are_withheld(self) -> None:
+        ada = lc.Identifier("email", "ada@example.com")
+        phone = lc.Identifier("phone", "+442079460958")
+        for text, named in [
+            ("no row for ADA@Example.com", True),
+            ("GET /users?email=ada%40example.com failed", True),
+            ("hash " + hashlib.md5(b"ada@example.com").hexdigest(), True),
+            ("ada\u200b@example.com is locked", True),
+            ("call 020 7946 0958 failed", True),
+            ("the table is locked", False),
+        ]:
+            self.assertEqual(ada.appears_in(text) or phone.appears_in(text), named, text)
+        outcome = lc.screened(
+            {"status": "retained_in_part", "datasets": [{"dataset": "rows of ada@example.com", "deleted": 1,
+                                                          "anonymized": 0}],
+             "retained": [{"dataset": "invoices", "category": "billing", "count": 1,
+                           "basis": "kept for ada@example.com"}], "residual": 0},
+            [ada],
+        )
+        self.assertEqual(outcome["datasets"][0]["dataset"], lc.WITHHELD_TEXT)
+        self.assertEqual(outcome["retained"][0]["basis"], lc.WITHHELD_TEXT)
+        self.assertEqual(outcome["retained"][0]["dataset"], "invoices")
+        failed = lc.screened(lc.failed(lc.PermanentError("ada@example.com is locked")), [ada])
+        self.assertEqual(failed["reason"], lc.WITHHELD_REASON)
+
     def test_texts_are_cut_as_the_coordinator_cuts_them(self) -> None:
         self.assertEqual(lc.cut("short", 10), "short")
         long = "é" * 300  # 600 bytes
@@ -354,6 +380,14 @@ class Tasks(unittest.TestCase):
         class Broken(lc.Connector):
             def erase(self, identifiers, directives):
                 raise ValueError(f"cannot handle {identifiers.values('email')[0]}")
+
+        class Chatty(lc.Connector):
+            def erase(self, identifiers, directives):
+                raise lc.PermanentError(f"no consent record for {identifiers.values('email')[0]}")
+
+        self.runner.connector = Chatty()
+        outcome = self.runner.process(self.task("ada@example.com"))["outcome"]
+        self.assertEqual(outcome["reason"], lc.WITHHELD_REASON, "a reason naming the subject is withheld")
 
         self.runner.connector = Broken()
         with self.assertLogs("lethe.connector", "ERROR") as logs:
