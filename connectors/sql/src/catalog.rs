@@ -13,7 +13,7 @@ use sqlx::{AnyConnection, Row};
 
 use lethe_connector::ConnectorError;
 
-use crate::config::{SqlConfig, TableConfig};
+use crate::config::{SqlConfig, Strategy, TableConfig};
 use crate::dialect::Dialect;
 use crate::error::{classify, Context};
 
@@ -165,6 +165,7 @@ impl TableColumns {
             }
         };
         let case_insensitive = dialect != Dialect::Postgres;
+        let key = |column: String| if case_insensitive { column.to_ascii_lowercase() } else { column };
         let mut columns = HashMap::with_capacity(rows.len());
         let mut types = HashMap::with_capacity(rows.len());
         let mut not_null = std::collections::HashSet::new();
@@ -179,7 +180,7 @@ impl TableColumns {
             };
             let nn: Option<String> = row.try_get(nn_index)?;
             if nn.as_deref() == Some("YES") {
-                not_null.insert(if case_insensitive { column.to_ascii_lowercase() } else { column.clone() });
+                not_null.insert(key(column.clone()));
             }
             let kind = match dialect {
                 Dialect::Postgres => {
@@ -197,9 +198,9 @@ impl TableColumns {
                 }
                 Dialect::Sqlite => ColKind::sqlite(&type_name),
             };
-            let key = if case_insensitive { column.to_ascii_lowercase() } else { column };
-            columns.insert(key.clone(), kind);
-            types.insert(key, type_name);
+            let column = key(column);
+            columns.insert(column.clone(), kind);
+            types.insert(column, type_name);
         }
         let unique_rows = match dialect {
             Dialect::Postgres => {
@@ -229,7 +230,7 @@ impl TableColumns {
         for row in unique_rows {
             let column: Option<String> = row.try_get(0)?;
             if let Some(column) = column {
-                unique.insert(if case_insensitive { column.to_ascii_lowercase() } else { column });
+                unique.insert(key(column));
             }
         }
         Ok(Self { columns, types, not_null, unique, case_insensitive })
@@ -283,7 +284,6 @@ impl Catalog {
             // long as the value) in a column with a unique index of its
             // own, NULL in a NOT NULL column.
             for (c, strategy) in &t.columns {
-                use crate::config::Strategy;
                 let clash = matches!(strategy, Strategy::Fixed(_) | Strategy::Redact) && cols.is_unique(c);
                 if clash {
                     return Err(ConnectorError::permanent(format!(
@@ -298,32 +298,28 @@ impl Catalog {
                         t.name
                     )));
                 }
+                // A hash (64 hex digits) into a shorter column is refused,
+                // or cut and then never taken for done (SQLite enforces no
+                // length, so it is not asked).
+                let ty = cols.sql_type(c).filter(|_| dialect != Dialect::Sqlite);
+                let short = ty.and_then(|ty| Some((ty, char_limit(ty).filter(|n| *n < 64)?)));
+                if let (Strategy::Hash, Some((ty, n))) = (strategy, short) {
+                    return Err(ConnectorError::permanent(format!(
+                        "table {}: column {c} ({ty}) holds at most {n} characters, and a hash takes 64",
+                        t.name
+                    )));
+                }
             }
-            // What fails every task once it runs, said when the columns are
-            // read: a hash (64 hex digits) into a shorter column is refused,
-            // or cut and then never taken for done; a date column of another
-            // type fails every retention. SQLite enforces neither length nor
-            // type, so it is not asked.
-            if dialect != Dialect::Sqlite {
-                for (c, strategy) in &t.columns {
-                    let Some(ty) = cols.sql_type(c) else { continue };
-                    if *strategy == crate::config::Strategy::Hash {
-                        if let Some(n) = char_limit(ty).filter(|n| *n < 64) {
-                            return Err(ConnectorError::permanent(format!(
-                                "table {}: column {c} ({ty}) holds at most {n} characters, and a hash takes 64",
-                                t.name
-                            )));
-                        }
-                    }
-                }
-                if let Some(c) = &t.date_column {
-                    if let Some(ty) = cols.sql_type(c).filter(|ty| !is_date_type(ty)) {
-                        return Err(ConnectorError::permanent(format!(
-                            "table {}: date_column {c} is of type {ty}, not a date or a timestamp",
-                            t.name
-                        )));
-                    }
-                }
+            // A date column of another type fails every retention (SQLite
+            // has no column types to ask).
+            let date = t.date_column.as_deref().filter(|_| dialect != Dialect::Sqlite);
+            if let Some((c, ty)) =
+                date.and_then(|c| Some((c, cols.sql_type(c)?))).filter(|(_, ty)| !is_date_type(ty))
+            {
+                return Err(ConnectorError::permanent(format!(
+                    "table {}: date_column {c} is of type {ty}, not a date or a timestamp",
+                    t.name
+                )));
             }
             if let Some(p) = &t.parent {
                 let parent = config.tables.iter().position(|x| x.name == p.table);

@@ -145,6 +145,13 @@ impl Client {
         .await
     }
 
+    /// The configured systems (`GET /v1/systems`): name, categories,
+    /// identifier types.
+    pub async fn systems(&self) -> anyhow::Result<Vec<Value>> {
+        let systems = self.get("/v1/systems", &[]).await.context("cannot list the configured systems")?;
+        Ok(systems.as_array().cloned().unwrap_or_default())
+    }
+
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
         let resp = self.http.get(format!("{}{path}", self.base)).query(query).send().await;
         Self::check(

@@ -736,6 +736,14 @@ impl Config {
         Ok(())
     }
 
+    /// The state store a coordinator made, for the commands that work on it
+    /// directly: a SQLite file that is not there is an error, not a new,
+    /// empty store ([`lethe_store::connect_existing`]).
+    pub async fn open_store(&self) -> anyhow::Result<std::sync::Arc<dyn lethe_store::StateStore>> {
+        let url = resolve_placeholders(&self.store.url).context("store.url")?;
+        lethe_store::connect_existing(&url).await.context("cannot open the state store")
+    }
+
     /// The connector token of each system that has one, resolved from the
     /// environment and checked: long enough, one per system.
     pub fn connector_tokens(&self) -> anyhow::Result<Vec<(String, String)>> {

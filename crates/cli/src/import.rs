@@ -474,9 +474,8 @@ fn write_rejected(path: &Path, parsed: &Parsed, rejected: &BTreeMap<u64, String>
 /// value is read as a column name (`c1042`), and that person would never
 /// be submitted. Checks nothing if a system cannot tell its types.
 async fn check_columns(client: &Client, parsed: &Parsed) -> anyhow::Result<()> {
-    let systems = client.get("/v1/systems", &[]).await.context("cannot list the configured systems")?;
     let mut used: Vec<String> = Vec::new();
-    for s in systems.as_array().into_iter().flatten() {
+    for s in &client.systems().await? {
         let Some(types) = s["identifier_types"].as_array() else { return Ok(()) };
         used.extend(types.iter().filter_map(|t| t.as_str().map(str::to_owned)));
     }

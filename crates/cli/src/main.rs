@@ -495,14 +495,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 // Tasks of a system since removed are still listed, so an
                 // unknown name is no error; but a typo would read as "none".
                 // Best effort: a portal's token may not list the systems.
-                let systems = client.get("/v1/systems", &[]).await.unwrap_or_default();
-                let listed = systems.as_array().is_some();
-                let known = systems.as_array().into_iter().flatten().any(|s| s["name"] == name.as_str());
-                if listed && !known {
-                    eprintln!(
-                        "note: no configured system is named {name:?}; listing the requests with a task in a \
-                         system of that name (a removed one), if any"
-                    );
+                if let Ok(systems) = client.systems().await {
+                    if !systems.iter().any(|s| s["name"] == name.as_str()) {
+                        eprintln!(
+                            "note: no configured system is named {name:?}; listing the requests with a task in \
+                             a system of that name (a removed one), if any"
+                        );
+                    }
                 }
             }
             let page = client.list(&query).await?;

@@ -169,8 +169,7 @@ pub async fn hold(client: &Client, command: HoldCommand) -> anyhow::Result<()> {
             // The coordinator never quotes what it refuses; here, on the
             // operator's own terminal, the unknown names can be said.
             if !systems.is_empty() || !categories.is_empty() {
-                let known = client.get("/v1/systems", &[]).await?;
-                let known = known.as_array().cloned().unwrap_or_default();
+                let known = client.systems().await?;
                 let has = |field: &str, v: &str| {
                     known.iter().any(|s| match &s[field] {
                         serde_json::Value::Array(items) => items.iter().any(|i| i == v),

@@ -9,7 +9,7 @@ use lethe_core::RequestId;
 use lethe_store::AuditCheck;
 
 use crate::client::Client;
-use crate::config::{resolve_placeholders, Config};
+use crate::config::Config;
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
@@ -41,8 +41,7 @@ pub enum CertificateCommand {
 
 pub async fn audit(config: &Config, command: AuditCommand) -> anyhow::Result<()> {
     let AuditCommand::Verify = command;
-    let url = resolve_placeholders(&config.store.url).context("store.url")?;
-    let store = lethe_store::connect_existing(&url).await.context("cannot open the state store")?;
+    let store = config.open_store().await?;
     match store.verify_audit().await? {
         AuditCheck::Intact { events, head } => {
             println!("audit trail intact: {events} events, head {head}");
@@ -80,8 +79,7 @@ pub async fn certificate(
         }
         CertificateCommand::RotateKey => {
             let config = config.context("rotate-key needs the configuration")?;
-            let url = resolve_placeholders(&config.store.url).context("store.url")?;
-            let store = lethe_store::connect_existing(&url).await.context("cannot open the state store")?;
+            let store = config.open_store().await?;
             let master = crate::keys::load_master_key(config, store.clone()).await?;
             let certifier = lethe_coordinator::Certifier::new(store, master);
             let id = certifier.rotate(chrono::Utc::now()).await?;

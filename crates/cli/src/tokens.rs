@@ -46,7 +46,7 @@ pub enum TokenCommand {
 }
 
 pub async fn run(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
-    let store = open(config).await?;
+    let store = config.open_store().await?;
     match command {
         TokenCommand::Create { name, scopes } => {
             let scopes = parse_scopes(config, &scopes)?;
@@ -122,11 +122,6 @@ pub async fn run(config: &Config, command: TokenCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn open(config: &Config) -> anyhow::Result<std::sync::Arc<dyn StateStore>> {
-    let url = resolve_placeholders(&config.store.url).context("store.url")?;
-    lethe_store::connect_existing(&url).await.context("cannot open the state store")
 }
 
 /// A token's name: 1 to 128 visible characters, not only spaces, and not

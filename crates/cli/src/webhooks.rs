@@ -1,10 +1,9 @@
 //! `lethe webhooks replay`: deliver an endpoint's events again.
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
 
-use crate::config::{resolve_placeholders, Config};
+use crate::config::Config;
 use crate::ops::Usage;
 
 #[derive(Subcommand)]
@@ -37,8 +36,7 @@ pub async fn run(config: &Config, command: WebhooksCommand) -> anyhow::Result<()
     if since > now {
         return Err(Usage("--since is in the future".to_owned()).into());
     }
-    let url = resolve_placeholders(&config.store.url).context("store.url")?;
-    let store = lethe_store::connect_existing(&url).await.context("cannot open the state store")?;
+    let store = config.open_store().await?;
     match store.rewind_webhook_cursor(&endpoint, since, now).await? {
         None => {
             println!("endpoint {endpoint:?} has not run yet: it will receive events from its first start")

@@ -167,29 +167,24 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
             Some((at, gauges)) if *at >= asked => gauges.clone(),
             // Bounded: with the database down, the pool waits for a
             // connection longer than a scraper waits for the page.
-            _ => match tokio::time::timeout(
-                STATS_TIMEOUT,
-                state.store.stats(state.clock.now(), crate::scheduler::DUE_SOON),
-            )
-            .await
-            {
-                Ok(Ok(stats)) => {
-                    let gauges = Arc::new(crate::metrics::state_gauges(&stats));
-                    *last = Some((std::time::Instant::now(), gauges.clone()));
-                    gauges
+            _ => {
+                let stats = state.store.stats(state.clock.now(), crate::scheduler::DUE_SOON);
+                let read = match tokio::time::timeout(STATS_TIMEOUT, stats).await {
+                    Ok(read) => read.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {} s", STATS_TIMEOUT.as_secs())),
+                };
+                match read {
+                    Ok(stats) => {
+                        let gauges = Arc::new(crate::metrics::state_gauges(&stats));
+                        *last = Some((std::time::Instant::now(), gauges.clone()));
+                        gauges
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics: the state store gauges cannot be read");
+                        Arc::new(crate::metrics::state_gauges_up(false))
+                    }
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "metrics: the state store gauges cannot be read");
-                    Arc::new(crate::metrics::state_gauges_up(false))
-                }
-                Err(_) => {
-                    tracing::warn!(
-                        timeout_secs = STATS_TIMEOUT.as_secs(),
-                        "metrics: the state store gauges took too long to read"
-                    );
-                    Arc::new(crate::metrics::state_gauges_up(false))
-                }
-            },
+            }
         }
     };
     let mut text = crate::metrics::prometheus().render();

@@ -3,13 +3,12 @@
 use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, SubsecRound, Utc};
-use lethe_core::plan::HOLD_BASIS_PREFIX;
-use lethe_core::{Action, PlanItem, Regulation};
+use lethe_core::{PlanItem, Regulation};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::problem::{Problem, ProblemBody, StrictJson};
-use super::requests::{check, holds_for, holds_on, SubmitRequest};
+use super::requests::{check, hide_holds, holds_for, holds_on, SubmitRequest};
 use super::AppState;
 use crate::auth::{Caller, Scope};
 
@@ -64,19 +63,6 @@ pub async fn explain(
 /// reference. Otherwise anyone who may read requests could ask, for any
 /// address, whether its owner is under a hold and for which case.
 fn without_hold_details(mut item: PlanItem) -> PlanItem {
-    let mut held = Vec::new();
-    for c in &mut item.categories {
-        if c.hold.take().is_some() && c.action == Action::Hold {
-            held.push(c.category.clone());
-        }
-    }
-    if !held.is_empty() {
-        if item.action == Action::Hold {
-            item.reason = format!("legal hold on {}", held.join(", "));
-        }
-        if item.basis.as_deref().is_some_and(|b| b.starts_with(HOLD_BASIS_PREFIX)) {
-            item.basis = Some(HOLD_BASIS_PREFIX.trim_end().to_owned());
-        }
-    }
+    hide_holds(&mut item.categories, item.action, &mut item.reason);
     item
 }

@@ -585,15 +585,7 @@ fn summary(last: &Outcome, removed: &[lethe_core::DatasetReport]) -> String {
 /// case reference, which could tip the subject off about a litigation or
 /// an investigation. Operators see both.
 fn without_hold_details(mut view: SystemView) -> SystemView {
-    let mut held = Vec::new();
-    for c in &mut view.categories {
-        if c.hold.take().is_some() && c.action == Action::Hold {
-            held.push(c.category.clone());
-        }
-    }
-    if view.action == Action::Hold && !held.is_empty() {
-        view.reason = format!("legal hold on {}", held.join(", "));
-    }
+    hide_holds(&mut view.categories, view.action, &mut view.reason);
     let mut bases: Vec<&mut String> = view.kept.iter_mut().map(|r| &mut r.basis).collect();
     if let Some(Outcome::RetainedInPart { retained, .. }) = &mut view.outcome {
         bases.extend(retained.iter_mut().map(|r| &mut r.basis));
@@ -602,6 +594,22 @@ fn without_hold_details(mut view: SystemView) -> SystemView {
         *basis = HOLD_BASIS_PREFIX.trim_end().to_owned();
     }
     view
+}
+
+/// Takes the legal holds out of a plan's `categories` and, when they hold
+/// the whole system (`action` is `hold`), names in `reason` only the
+/// categories held, not the case: what a caller who may not see holds
+/// learns of them.
+pub(crate) fn hide_holds(categories: &mut [CategoryPlan], action: Action, reason: &mut String) {
+    let mut held = Vec::new();
+    for c in categories.iter_mut() {
+        if c.hold.take().is_some() && c.action == Action::Hold {
+            held.push(c.category.clone());
+        }
+    }
+    if action == Action::Hold && !held.is_empty() {
+        *reason = format!("legal hold on {}", held.join(", "));
+    }
 }
 
 /// Requests, newest first, with cursor pagination.
