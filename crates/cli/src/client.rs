@@ -283,6 +283,11 @@ pub fn render_explanation(v: &Value) -> String {
         for c in s.get("categories").and_then(Value::as_array).into_iter().flatten() {
             out.push_str(&render_category(c));
         }
+        if s.get("searched_by").and_then(Value::as_array).is_some_and(Vec::is_empty) {
+            out.push_str(
+                "  not searched: the subject gives no identifier of a type this system finds subjects by\n",
+            );
+        }
     }
     out
 }
@@ -341,6 +346,22 @@ pub fn render_holds(v: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_explanation_says_which_systems_the_subject_cannot_be_searched_in() {
+        let plan = serde_json::json!({
+            "regulation": "gdpr", "as_of": "2026-01-01T00:00:00Z", "due_at": "2026-02-01T00:00:00Z",
+            "systems": [
+                {"system": "crm", "action": "erase", "reason": "r", "categories": [], "searched_by": []},
+                {"system": "mail", "action": "erase", "reason": "r", "categories": [], "searched_by": ["email"]},
+                {"system": "vendor", "action": "erase", "reason": "r", "categories": []},
+            ],
+        });
+        let text = super::render_explanation(&plan);
+        assert_eq!(text.matches("not searched").count(), 1, "{text}");
+        let crm = text.find("crm ->").unwrap();
+        assert!(text[crm..text.find("mail ->").unwrap()].contains("not searched"), "{text}");
+    }
+
     #[test]
     fn holds_say_whether_they_were_released_or_expired() {
         let now = chrono::Utc::now();

@@ -234,7 +234,7 @@ fn explain_locally(config: Option<&std::path::Path>, regulation: &str) -> anyhow
     }
     let regulation: lethe_core::Regulation = regulation.parse()?;
     let now = chrono::Utc::now();
-    let (systems, _) = planner.plan(regulation, now, &[]);
+    let (systems, _) = planner.plan(regulation, now, &[], &[]);
     Ok(json!({
         "regulation": regulation,
         "as_of": now,

@@ -117,7 +117,7 @@ category = "identity.contact"
         let bundled = super::load(&default).unwrap();
         assert!(bundled.rules.iter().any(|r| r.name == "eu-commercial-records-10y"));
         let (planner, warnings) = super::planner(&default).unwrap();
-        let (plan, _) = planner.plan(lethe_core::Regulation::Gdpr, chrono::Utc::now(), &[]);
+        let (plan, _) = planner.plan(lethe_core::Regulation::Gdpr, chrono::Utc::now(), &[], &[]);
         assert_eq!(plan[0].action, lethe_core::Action::Retain);
         // The bundled rules for categories these systems do not hold are
         // not the deployment's mistake: `config check --strict` passes.

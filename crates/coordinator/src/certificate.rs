@@ -482,6 +482,7 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, runs: &Runs, now:
                 "state": task.map(|t| t.state),
                 "outcome": outcome.map(|o| match o {
                     Outcome::Erased { .. } => "erased",
+                    Outcome::NotFound { .. } if p.not_searched() => "not_searched",
                     Outcome::NotFound { .. } => "not_found",
                     Outcome::RetainedInPart { .. } => "retained_in_part",
                     Outcome::Failed { .. } => "failed",
@@ -494,6 +495,9 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, runs: &Runs, now:
             });
             if !late.is_empty() {
                 entry["late_changes"] = json!(late);
+            }
+            if let Some(types) = &p.searched_by {
+                entry["searched_by"] = json!(types);
             }
             entry
         })

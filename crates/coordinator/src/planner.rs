@@ -139,14 +139,36 @@ impl Planner {
     }
 
     /// The plan and one task per system for a request received at
-    /// `received`, with the holds in force on its subject.
+    /// `received` for a subject with identifiers of the types `kinds`
+    /// (none: no particular subject), with the holds in force on it.
     pub fn plan(
         &self,
         regulation: Regulation,
         received: DateTime<Utc>,
+        kinds: &[&IdentifierKind],
         holds: &[ActiveHold],
     ) -> (Vec<PlanItem>, Vec<NewTask>) {
-        let plan = self.policy.plan(regulation, received, &self.scoped, holds);
+        let mut plan = self.policy.plan(regulation, received, &self.scoped, holds);
+        if !kinds.is_empty() {
+            for item in &mut plan {
+                let types = self
+                    .systems
+                    .iter()
+                    .find(|s| s.name == item.system)
+                    .and_then(|s| s.identifier_types.as_ref());
+                item.searched_by = types.map(|types| {
+                    let mut given: Vec<String> = kinds
+                        .iter()
+                        .map(|k| k.as_str())
+                        .filter(|k| types.iter().any(|t| t == k))
+                        .map(str::to_owned)
+                        .collect();
+                    given.sort_unstable();
+                    given.dedup();
+                    given
+                });
+            }
+        }
         let tasks = plan
             .iter()
             .map(|p| NewTask {
@@ -238,6 +260,30 @@ mod tests {
         let open =
             Planner::erase_all(vec![system("shop", Some(&["email"])), system("vendor", None)]).unwrap();
         assert!(open.check_identifier_types(&kinds(&["e_mail"]).iter().collect::<Vec<_>>()).is_ok());
+    }
+
+    /// A system whose types the request does not give is planned as not
+    /// searched; one whose connector cannot tell, as unknown.
+    #[test]
+    fn the_plan_names_the_types_each_system_is_searched_by() {
+        let planner = Planner::erase_all(vec![
+            system("shop", Some(&["email", "customer_id"])),
+            system("loyalty", Some(&["loyalty_number"])),
+            system("vendor", None),
+        ])
+        .unwrap();
+        let k = kinds(&["email", "customer_id", "phone"]);
+        let (plan, tasks) = planner.plan(Regulation::Gdpr, Utc::now(), &k.iter().collect::<Vec<_>>(), &[]);
+        let of = |name: &str| plan.iter().find(|p| p.system == name).unwrap();
+        assert_eq!(of("shop").searched_by, Some(vec!["customer_id".to_owned(), "email".to_owned()]));
+        assert_eq!(of("loyalty").searched_by, Some(vec![]));
+        assert!(of("loyalty").not_searched());
+        assert_eq!(of("vendor").searched_by, None);
+        assert!(!of("vendor").not_searched());
+        assert_eq!(tasks.len(), 3, "a system not searched still gets its task: its connector says so");
+
+        let (plan, _) = planner.plan(Regulation::Gdpr, Utc::now(), &[], &[]);
+        assert!(plan.iter().all(|p| p.searched_by.is_none()), "no subject: nothing to say");
     }
 
     /// A connector's misspelt identifier type is accepted as a custom type

@@ -56,6 +56,14 @@ impl Harness {
 
     /// The coordinator publishes through `wrap(the in-process bus)`.
     async fn with_bus(settings: Settings, wrap: impl FnOnce(Arc<InProcessBus>) -> Arc<dyn Bus>) -> Self {
+        Self::build(settings, wrap, systems()).await
+    }
+
+    async fn build(
+        settings: Settings,
+        wrap: impl FnOnce(Arc<InProcessBus>) -> Arc<dyn Bus>,
+        systems: Vec<SystemInfo>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store =
             lethe_store::connect(&format!("sqlite://{}/state.db", dir.path().display())).await.unwrap();
@@ -66,7 +74,7 @@ impl Harness {
             store,
             wrap(bus.clone()),
             master.clone(),
-            Planner::erase_all(systems()).unwrap(),
+            Planner::erase_all(systems).unwrap(),
             Arc::new(clock.clone()),
             settings,
             ConnectorTokens::new([("crm".to_owned(), "crm-token".to_owned())]),
@@ -2035,4 +2043,61 @@ async fn a_certificate_counts_every_run_of_a_task() {
 fn crm_datasets(cert: &Value) -> Value {
     let systems = cert["payload"]["systems"].as_array().unwrap();
     systems.iter().find(|s| s["system"] == "crm").unwrap()["datasets"].clone()
+}
+
+/// A system the request gives no identifier for cannot be searched: its
+/// "nothing found" is shown, and certified, as not searched, not as an
+/// erasure.
+#[tokio::test]
+async fn a_system_the_subject_gives_no_identifier_for_is_certified_as_not_searched() {
+    let typed = |name: &str, types: &[&str]| SystemInfo {
+        identifier_types: Some(types.iter().map(|t| (*t).to_owned()).collect()),
+        ..systems().into_iter().find(|s| s.name == name).unwrap()
+    };
+    let settings = Settings { poll_interval: Duration::from_millis(20), ..Default::default() };
+    let h =
+        Harness::build(settings, |bus| bus, vec![typed("crm", &["customer_id"]), typed("mail", &["email"])])
+            .await;
+    let connector = Arc::new(MemoryConnector::default());
+    connector.records.lock().unwrap().insert(("mail".into(), "ada@example.com".into()), 2);
+    h.start_workers(connector);
+
+    let body = json!({"subject": {"email": "ada@example.com"}, "regulation": "gdpr"});
+    let (status, explained, _) = call(&h.app(), post_json("/v1/plans:explain", body.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{explained}");
+    let planned = |v: &Value, name: &str| {
+        v["systems"].as_array().unwrap().iter().find(|s| s["system"] == name).unwrap()["searched_by"].clone()
+    };
+    assert_eq!(planned(&explained, "crm"), json!([]), "{explained}");
+    assert_eq!(planned(&explained, "mail"), json!(["email"]), "{explained}");
+
+    let (_, created, _) = call(&h.app(), post(body.to_string())).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let view = wait_final(&h.app(), &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    let of = |v: &Value, name: &str| {
+        v["systems"].as_array().unwrap().iter().find(|s| s["system"] == name).cloned().unwrap()
+    };
+    let crm = of(&view, "crm");
+    assert_eq!(crm["searched_by"], json!([]), "{view}");
+    assert!(crm["summary"].as_str().unwrap().starts_with("not searched"), "{view}");
+    assert_eq!(of(&view, "mail")["searched_by"], json!(["email"]), "{view}");
+    assert!(of(&view, "mail")["summary"].as_str().unwrap().contains("deleted 2"), "{view}");
+
+    let (status, cert, _) = call(&h.app(), get(&format!("/v1/requests/{id}/certificate"))).await;
+    assert_eq!(status, StatusCode::OK, "{cert}");
+    let payload = &cert["payload"];
+    assert_eq!(of(payload, "crm")["outcome"], "not_searched", "{cert}");
+    assert_eq!(of(payload, "crm")["searched_by"], json!([]), "{cert}");
+    assert_eq!(of(payload, "mail")["outcome"], "erased", "{cert}");
+    assert_eq!(of(payload, "mail")["searched_by"], json!(["email"]), "{cert}");
+
+    // Given a customer id too, the CRM is searched: nothing there is found.
+    let both = json!({"subject": {"email": "ada@example.com", "customer_id": "c-1"}, "regulation": "gdpr"});
+    let (_, created, _) = call(&h.app(), post(both.to_string())).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    wait_final(&h.app(), &id).await;
+    let (_, cert, _) = call(&h.app(), get(&format!("/v1/requests/{id}/certificate"))).await;
+    assert_eq!(of(&cert["payload"], "crm")["outcome"], "not_found", "{cert}");
+    assert_eq!(of(&cert["payload"], "crm")["searched_by"], json!(["customer_id"]), "{cert}");
 }

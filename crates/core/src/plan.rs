@@ -184,9 +184,22 @@ pub struct PlanItem {
     /// The decision for each data category the system holds.
     #[serde(default)]
     pub categories: Vec<CategoryPlan>,
+    /// The request's identifier types this system finds subjects by, as
+    /// planned. Empty if the request gives none of them: the system cannot
+    /// be searched for the subject, and its "nothing found" says nothing.
+    /// Absent where the system's connector cannot tell its types, or where
+    /// the plan is for no particular subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub searched_by: Option<Vec<String>>,
 }
 
 impl PlanItem {
+    /// The request gives no identifier of a type the system finds subjects
+    /// by: it was not searched.
+    pub fn not_searched(&self) -> bool {
+        self.searched_by.as_ref().is_some_and(Vec::is_empty)
+    }
+
     /// A legal hold covers every category: the system's task waits
     /// undispatched until the hold ends.
     pub fn is_held(&self) -> bool {

@@ -353,7 +353,7 @@ pub fn summarize(system: &str, categories: Vec<CategoryPlan>) -> PlanItem {
     };
     let basis = top.filter(|c| c.action.rank() >= Action::Retain.rank()).and_then(|c| c.basis.clone());
     let until = categories.iter().filter(|c| c.action == Action::Retain).filter_map(|c| c.until).max();
-    PlanItem { system: system.to_owned(), action, reason, basis, until, categories }
+    PlanItem { system: system.to_owned(), action, reason, basis, until, categories, searched_by: None }
 }
 
 #[cfg(test)]

@@ -767,6 +767,7 @@ impl SqlStore {
                     item.reason.clone().into(),
                     item.basis.clone().into(),
                     item.until.map(ms).into(),
+                    item.searched_by.as_ref().map(|t| json!(t).to_string()).into(),
                 ]);
                 for c in &item.categories {
                     categories.push(retention::category_row(&id, &item.system, c));
@@ -824,7 +825,7 @@ impl SqlStore {
         insert_rows(&mut tx, self.dialect, "requests", &request_columns, requests).await?;
         let identifier_columns = ["request_id", "position", "kind", "sealed", "subject_hash"];
         insert_rows(&mut tx, self.dialect, "identifiers", &identifier_columns, identifiers).await?;
-        let plan_columns = ["request_id", "system", "action", "reason", "basis", "until_at"];
+        let plan_columns = ["request_id", "system", "action", "reason", "basis", "until_at", "searched_by"];
         insert_rows(&mut tx, self.dialect, "plan_items", &plan_columns, plans).await?;
         insert_rows(&mut tx, self.dialect, "plan_categories", &retention::CATEGORY_COLUMNS, categories)
             .await?;

@@ -239,13 +239,19 @@ fn item_of<'a>(items: &'a [OutboxItem], system: &str) -> &'a OutboxItem {
 
 async fn create_writes_request_plan_tasks_and_outbox(b: &Backend) {
     let f = Fixture::new();
-    let req = f.request("Ada@Example.com", &["crm", "mail"], None);
+    let mut req = f.request("Ada@Example.com", &["crm", "mail"], None);
+    // What the planner found each system searchable by: crm by the
+    // request's email, mail by none of its types.
+    req.plan[0].searched_by = Some(vec!["email".into()]);
+    req.plan[1].searched_by = Some(vec![]);
     let id = req.id;
     assert_eq!(b.store.create_request(req).await.unwrap(), Created::New(id, RequestStatus::Received));
     let detail = b.store.request(id).await.unwrap().unwrap();
     assert_eq!(detail.request.status, RequestStatus::Received);
     assert_eq!(detail.request.due_at, Utc.with_ymd_and_hms(2026, 2, 28, 9, 0, 0).unwrap());
     assert_eq!(detail.plan.len(), 2);
+    assert_eq!(plan_of(&detail, "crm").searched_by, Some(vec!["email".to_owned()]));
+    assert!(plan_of(&detail, "mail").not_searched());
     assert_eq!(detail.tasks.len(), 2);
     assert!(detail.tasks.iter().all(|t| t.state == TaskState::Pending));
     assert_eq!(b.store.outbox_backlog().await.unwrap(), 2);

@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, SubsecRound, Utc};
-use lethe_core::{PlanItem, Regulation};
+use lethe_core::{Identifier, IdentifierKind, PlanItem, Regulation};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -46,7 +46,8 @@ pub async fn explain(
     let checked = check(&state.planner, &body, now)?;
     let index = holds_for(&state, std::iter::once(&body.subject)).await?;
     let holds = holds_on(&state, &checked.identifiers, &index);
-    let (mut systems, _) = state.planner.plan(checked.regulation, checked.received, &holds);
+    let kinds: Vec<&IdentifierKind> = checked.identifiers.iter().map(Identifier::kind).collect();
+    let (mut systems, _) = state.planner.plan(checked.regulation, checked.received, &kinds, &holds);
     if !caller.can(&Scope::HoldsWrite) {
         systems = systems.into_iter().map(without_hold_details).collect();
     }

@@ -90,6 +90,12 @@ pub struct SystemView {
     /// The decision for each data category: action, rule, basis, period,
     /// and the legal hold behind a `hold`.
     pub categories: Vec<CategoryPlan>,
+    /// The request's identifier types the system finds subjects by, as
+    /// planned; empty when the request gives none of them, so the system
+    /// was not searched for the subject (its "nothing found" says nothing).
+    /// Absent where its connector cannot tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub searched_by: Option<Vec<String>>,
     #[schema(value_type = Option<String>, format = Uuid)]
     pub task_id: Option<TaskId>,
     pub state: Option<TaskState>,
@@ -459,7 +465,9 @@ pub(crate) fn prepare(
         scoped_key(state, caller, &k, regulation, &identifiers, body.external_ref.as_deref(), received_at)
     });
     let key = DataKey::generate();
-    let (plan, tasks) = state.planner.plan(regulation, received, &holds_on(state, &identifiers, holds));
+    let kinds: Vec<&IdentifierKind> = identifiers.iter().map(Identifier::kind).collect();
+    let (plan, tasks) =
+        state.planner.plan(regulation, received, &kinds, &holds_on(state, &identifiers, holds));
     let new = NewRequest {
         id,
         regulation,
@@ -523,7 +531,7 @@ pub async fn get_request(
                 outcome: task.and_then(|t| t.last_outcome.clone()),
                 summary: task
                     .and_then(|t| t.last_outcome.as_ref())
-                    .map(|o| summary(o, runs.removed(&p.system))),
+                    .map(|o| summary(o, runs.removed(&p.system), p.not_searched())),
                 removed: runs.removed(&p.system).to_vec(),
                 kept: runs.kept(&p.system).map(<[_]>::to_vec).unwrap_or_default(),
                 late_changes: runs.late(&p.system).into_iter().cloned().collect(),
@@ -535,6 +543,7 @@ pub async fn get_request(
                 basis: p.basis,
                 until: p.until,
                 categories: p.categories,
+                searched_by: p.searched_by,
             }
         })
         .collect();
@@ -563,8 +572,11 @@ pub async fn get_request(
 }
 
 /// The last run's summary, and every run's removals where they differ.
-fn summary(last: &Outcome, removed: &[lethe_core::DatasetReport]) -> String {
+fn summary(last: &Outcome, removed: &[lethe_core::DatasetReport], not_searched: bool) -> String {
     use lethe_core::DatasetReport;
+    if not_searched && matches!(last, Outcome::NotFound { .. }) {
+        return NOT_SEARCHED.to_owned();
+    }
     let last_run = match last {
         Outcome::Erased { datasets, .. } | Outcome::RetainedInPart { datasets, .. } => {
             DatasetReport::totals(datasets)
@@ -579,6 +591,10 @@ fn summary(last: &Outcome, removed: &[lethe_core::DatasetReport]) -> String {
         text => text,
     }
 }
+
+/// The summary of a system the request gave no identifier for.
+pub(crate) const NOT_SEARCHED: &str =
+    "not searched: the request gives no identifier of a type this system finds subjects by";
 
 /// What a portal (a `requests:read:own` token, acting for the subject)
 /// sees of a legal hold: that one keeps the data, not its reason nor its
@@ -875,6 +891,7 @@ mod tests {
             basis: None,
             until: None,
             categories: vec![category("identity.contact"), category("marketing.profile")],
+            searched_by: None,
             task_id: None,
             state: Some(TaskState::Retained),
             attempts: 1,

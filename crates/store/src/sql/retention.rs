@@ -231,7 +231,10 @@ impl SqlStore {
     pub(super) async fn plan_of(&self, id: RequestId) -> Result<Vec<PlanItem>, StoreError> {
         let mut conn = self.pool.acquire().await.map_err(db_err)?;
         let mut categories = self.categories_of(&mut conn, &[id.to_string()]).await?;
-        sqlx::query("SELECT system, action, reason, basis, until_at FROM plan_items WHERE request_id = $1 ORDER BY system")
+        sqlx::query(
+            "SELECT system, action, reason, basis, until_at, searched_by FROM plan_items WHERE request_id = $1 \
+             ORDER BY system",
+        )
             .bind(id.to_string())
             .fetch_all(&mut *conn)
             .await
@@ -239,14 +242,19 @@ impl SqlStore {
             .iter()
             .map(|r| {
                 let system: String = col(r, "system")?;
+                let searched_by = col::<Option<String>>(r, "searched_by")?
+                    .map(|t| serde_json::from_str::<Vec<String>>(&t))
+                    .transpose()
+                    .map_err(|e| StoreError::Corrupt(format!("plan_items.searched_by: {e}")))?;
                 match categories.remove(&(id.to_string(), system.clone())) {
-                    Some(c) => Ok(summarize(&system, c)),
+                    Some(c) => Ok(PlanItem { searched_by, ..summarize(&system, c) }),
                     None => Ok(PlanItem {
                         action: parse::<Action>(&col::<String>(r, "action")?, "action")?,
                         reason: col(r, "reason")?,
                         basis: col(r, "basis")?,
                         until: opt_time(col(r, "until_at")?)?,
                         categories: Vec::new(),
+                        searched_by,
                         system,
                     }),
                 }
@@ -325,7 +333,8 @@ impl SqlStore {
                         c.hold = still.map(|(_, a)| a.hold.clone());
                         c.action = if c.hold.is_some() { Action::Hold } else { c.rule_action };
                     }
-                    *item = summarize(&item.system, categories);
+                    let searched_by = item.searched_by.take();
+                    *item = PlanItem { searched_by, ..summarize(&item.system, categories) };
                 }
                 for task in &mut req.tasks {
                     if let Some(item) = req.plan.iter().find(|p| p.system == task.system) {
