@@ -155,7 +155,8 @@ class ClubhouseConnector(Connector):
         erasure = Erasure()
         work = [(d, directives[d.category]) for d in DATASETS if d.category in directives]
         if not emails:
-            erasure.datasets = [DatasetReport(d.table) for d, _ in work]
+            # Every dataset is found by e-mail: none could be searched.
+            erasure.datasets = [DatasetReport(d.table, not_searched=True) for d, _ in work]
             return erasure
         with self._connect("erase") as conn:
             conn.execute("BEGIN IMMEDIATE")

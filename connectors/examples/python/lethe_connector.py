@@ -393,18 +393,24 @@ def _count(value: Any) -> bool:
 
 @dataclasses.dataclass
 class DatasetReport:
-    """Records deleted or anonymised in one dataset (table, list, key space)."""
+    """Records deleted or anonymised in one dataset (table, list, key space).
+    ``not_searched``: the task gave no identifier of a type the dataset
+    finds subjects by, so nothing was looked for in it."""
 
     dataset: str
     deleted: int = 0
     anonymized: int = 0
+    not_searched: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "dataset": cut(self.dataset, MAX_NAME_BYTES),
             "deleted": self.deleted,
             "anonymized": self.anonymized,
         }
+        if self.not_searched:
+            out["not_searched"] = True
+        return out
 
 
 @dataclasses.dataclass
@@ -498,7 +504,9 @@ def outcome_of(erasure: Erasure, residual: int) -> dict[str, Any]:
             "retained": retained,
             "residual": residual,
         }
-    if erasure.total() == 0:
+    # A dataset not searched must reach the request: "nothing found" would
+    # say it was searched.
+    if erasure.total() == 0 and not any(d.not_searched for d in erasure.datasets):
         return {"status": "not_found", "residual": residual}
     return {"status": "erased", "datasets": datasets, "residual": residual}
 

@@ -241,6 +241,13 @@ class Results(unittest.TestCase):
             self.assertIn(named, outcome["reason"])
         self.assertEqual(lc.outcome_of(lc.Erasure.pending("job-7", 30), 0)["status"], "accepted")
 
+    def test_a_dataset_not_searched_is_reported_not_hidden_in_not_found(self) -> None:
+        nothing = lc.outcome_of(lc.Erasure([lc.DatasetReport("t")]), 0)
+        self.assertEqual(nothing, {"status": "not_found", "residual": 0})
+        unsearched = lc.outcome_of(lc.Erasure([lc.DatasetReport("t", not_searched=True)]), 0)
+        self.assertEqual(unsearched["status"], "erased")
+        self.assertEqual(unsearched["datasets"], [{"dataset": "t", "deleted": 0, "anonymized": 0, "not_searched": True}])
+
 
 class Tasks(unittest.TestCase):
     """Whole tasks through :class:`lethe_connector.Runner` and the example connector."""

@@ -156,24 +156,25 @@ impl Connector for FilesConnector {
         let mut erasure = Erasure::default();
         for d in self.0.datasets.iter().filter(|d| task.treatment(&d.category) != Treatment::Skip) {
             let (mut kept, mut deleted) = (0, 0);
-            for path in paths_of(&self.0.root, d, task)? {
+            let paths = paths_of(&self.0.root, d, task)?;
+            for path in &paths {
                 if let Treatment::Keep { .. } = task.treatment(&d.category) {
-                    kept += u64::from(exists(&path).await?);
+                    kept += u64::from(exists(path).await?);
                     continue;
                 }
                 // Kept wins: the file is also another dataset's, kept
                 // under retention or a hold; that dataset reports it.
-                if kept_paths.contains(&path) {
+                if kept_paths.contains(path) {
                     continue;
                 }
-                match tokio::fs::remove_file(&path).await {
+                match tokio::fs::remove_file(path).await {
                     Ok(()) => deleted += 1,
                     Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InvalidFilename) => {}
                     Err(e) => return Err(io_error(e)),
                 }
                 // A directory named after the subject goes once empty; one
                 // still holding other files (kept ones, say) stays.
-                for dir in named_dirs(&self.0.root, &d.path, &path) {
+                for dir in named_dirs(&self.0.root, &d.path, path) {
                     if tokio::fs::remove_dir(&dir).await.is_err() {
                         break;
                     }
@@ -192,6 +193,10 @@ impl Connector for FilesConnector {
                     });
                 }
                 Treatment::Keep { .. } => {}
+                // No path: the task gives none of the path's identifier types.
+                _ if paths.is_empty() => {
+                    erasure.datasets.push(DatasetReport::unsearched(d.name.clone()));
+                }
                 _ => erasure.datasets.push(DatasetReport::new(d.name.clone(), deleted, 0)),
             }
         }
@@ -218,19 +223,43 @@ impl Connector for FilesConnector {
 
     /// A root that is not there is permanent; one that cannot be read
     /// right now (a network file system away) is an I/O error like any other.
+    /// The root and each dataset's fixed directory (the part of its path
+    /// before the first placeholder) exist: a misspelt or vanished one
+    /// would otherwise make every subject's files "nothing found".
     async fn health(&self) -> Result<(), ConnectorError> {
-        match tokio::fs::metadata(&self.0.root).await {
-            Ok(m) if m.is_dir() => Ok(()),
-            Ok(_) => Err(ConnectorError::permanent("root is not a directory")),
-            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
-                Err(ConnectorError::permanent("root is missing"))
+        directory(&self.0.root, "root").await?;
+        for d in &self.0.datasets {
+            if let Some(dir) = fixed_dir(&d.path) {
+                directory(
+                    &self.0.root.join(dir),
+                    &format!("dataset {}: directory {dir:?} under root", d.name),
+                )
+                .await?;
             }
-            Err(e) => {
-                Err(ConnectorError { message: format!("root cannot be read: {}", e.kind()), ..io_error(e) })
-            }
+        }
+        Ok(())
+    }
+}
+/// The directories of `path` before its first placeholder, if any.
+fn fixed_dir(path: &str) -> Option<&str> {
+    let fixed = &path[..path.find('{').unwrap_or(path.len())];
+    fixed.rfind('/').map(|end| &fixed[..end]).filter(|dir| !dir.is_empty())
+}
+
+/// `what` at `path` is a directory that can be read.
+async fn directory(path: &Path, what: &str) -> Result<(), ConnectorError> {
+    match tokio::fs::metadata(path).await {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(ConnectorError::permanent(format!("{what} is not a directory"))),
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+            Err(ConnectorError::permanent(format!("{what} is missing")))
+        }
+        Err(e) => {
+            Err(ConnectorError { message: format!("{what} cannot be read: {}", e.kind()), ..io_error(e) })
         }
     }
 }
+
 /// `connector = "files"`.
 pub struct FilesKind;
 

@@ -203,3 +203,46 @@ async fn a_file_kept_by_one_dataset_is_not_erased_by_another() {
     assert!(!file.exists());
     assert_eq!(files.verify(&task).await.unwrap(), 0);
 }
+
+/// A dataset whose path needs an identifier type the task lacks is
+/// reported as not searched, not as "nothing found".
+#[tokio::test]
+async fn a_dataset_the_task_gives_no_identifier_for_is_not_searched() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = connector(dir.path()).await;
+    std::fs::write(dir.path().join("avatar-ada@example.com.png"), "png").unwrap();
+    let kit = Kit::new(files.clone(), vec!["exports".into(), "profile".into()]);
+    let task = kit.task(vec![Identifier::parse(IdentifierKind::Email, "ada@example.com").unwrap()]);
+    let erased = files.erase(&task).await.unwrap();
+    assert_eq!(
+        erased.datasets,
+        [lethe_core::DatasetReport::unsearched("exports"), lethe_core::DatasetReport::new("avatars", 1, 0)]
+    );
+}
+
+/// The directory a dataset's path fixes (before its first placeholder)
+/// must exist: misspelt, every subject's files would be "nothing found".
+#[tokio::test]
+async fn health_fails_when_a_datasets_fixed_directory_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("exports")).unwrap();
+    let config = |path: &str| -> toml::Table {
+        toml::from_str(&format!(
+            r#"
+            root = "{}"
+            datasets = [{{ name = "exports", category = "exports", path = "{path}" }}]"#,
+            dir.path().display()
+        ))
+        .unwrap()
+    };
+    for fine in ["exports/{customer_id}.json", "{customer_id}/export.json", "export-{customer_id}.json"] {
+        let files = FilesKind.build(&config(fine)).await.unwrap();
+        assert_eq!(files.health().await, Ok(()), "{fine}");
+    }
+    let misspelt = FilesKind.build(&config("exprots/{customer_id}.json")).await.unwrap();
+    let e = misspelt.health().await.unwrap_err();
+    assert!(!e.retryable && e.message.contains("dataset exports") && e.message.contains("exprots"), "{e}");
+    let kit = Kit::new(misspelt.clone(), vec!["exports".into()]);
+    let task = kit.task(vec![Identifier::parse(IdentifierKind::CustomerId, "C-1").unwrap()]);
+    assert!(misspelt.erase(&task).await.is_err(), "an erase refuses too");
+}

@@ -486,7 +486,9 @@ impl Connector for HttpConnector {
         let subjects = self.subjects(task);
         if subjects.is_empty() {
             tracing::debug!(key = %self.key, "the task has no identifier of the spec's key type");
-            return Ok(Progress::Done(self.report(0)));
+            let mut unsearched = self.report(0);
+            unsearched.datasets.iter_mut().for_each(|d| d.not_searched = true);
+            return Ok(Progress::Done(unsearched));
         }
         match &self.spec.erase.job {
             Some(spec) => self.submit(spec, task, &subjects).await,

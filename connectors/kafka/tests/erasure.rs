@@ -224,8 +224,8 @@ async fn follows_the_treatment_of_each_category() {
         erased,
         Erasure {
             // Anonymising a log record is deleting it; the devices dataset
-            // needs a device id the task does not carry.
-            datasets: vec![deleted("profiles", 1)],
+            // needs a device id the task does not carry: not searched.
+            datasets: vec![deleted("profiles", 1), DatasetReport::unsearched("devices")],
             retained: vec![RetainedReport {
                 dataset: "invoices".into(),
                 category: Some("billing.invoice".into()),
@@ -245,7 +245,10 @@ async fn follows_the_treatment_of_each_category() {
     let mut later = task.clone();
     later.issued_at = until + Duration::days(1);
     let erased = undated(kafka.erase(&later).await.unwrap());
-    assert_eq!(erased.datasets, vec![deleted("profiles", 0), deleted("invoices", 2)]);
+    assert_eq!(
+        erased.datasets,
+        vec![deleted("profiles", 0), deleted("invoices", 2), DatasetReport::unsearched("devices")]
+    );
     assert!(erased.retained.is_empty());
     assert!(latest(&invoices).values().all(Option::is_none));
 }
@@ -353,12 +356,13 @@ async fn a_topic_that_is_not_compacted_is_refused_where_the_broker_says_so() {
 }
 
 #[tokio::test]
-async fn a_task_without_the_keys_identifier_type_skips_the_dataset() {
+async fn a_task_without_the_keys_identifier_type_does_not_search_the_dataset() {
     let topic = compacted_topic("profiles", 1).await;
     let kafka = connector(vec![dataset("profiles", "identity.profile", &topic, "customer:{customer_id}")]);
     let only_email =
         task(vec![id("email", "someone@example.com")], vec![directive("identity.profile", Action::Erase)]);
-    assert_eq!(undated(kafka.erase(&only_email).await.unwrap()), Erasure::default());
+    let unsearched = Erasure { datasets: vec![DatasetReport::unsearched("profiles")], retained: vec![] };
+    assert_eq!(undated(kafka.erase(&only_email).await.unwrap()), unsearched);
     assert_eq!(kafka.verify(&only_email).await.unwrap(), 0);
     assert!(latest(&topic).is_empty());
 }

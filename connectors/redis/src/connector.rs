@@ -365,7 +365,11 @@ impl RedisConnector {
                         None => 0,
                     };
                     tracing::debug!(dataset = %d.name, deleted, "dataset erased");
-                    erasure.datasets.push(DatasetReport::new(d.name.clone(), deleted, 0));
+                    erasure.datasets.push(if work.is_empty() {
+                        DatasetReport::unsearched(d.name.clone())
+                    } else {
+                        DatasetReport::new(d.name.clone(), deleted, 0)
+                    });
                 }
                 Treatment::Keep { basis, until } => {
                     let count = match conn {

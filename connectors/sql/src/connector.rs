@@ -109,6 +109,30 @@ impl SqlConnector {
         (0..self.config.tables.len()).map(|i| self.cond_for(catalog, i, ids)).collect()
     }
 
+    /// Whether the task gives an identifier of a type table `i` finds
+    /// subjects by, itself or through its parent.
+    fn searchable(&self, i: usize, ids: &Ids) -> bool {
+        let t = &self.config.tables[i];
+        t.matches.keys().any(|kind| ids.contains_key(kind.as_str()))
+            || t.parent.as_ref().is_some_and(|p| {
+                self.config
+                    .tables
+                    .iter()
+                    .position(|x| x.name == p.table)
+                    .is_some_and(|pi| self.searchable(pi, ids))
+            })
+    }
+
+    /// Marks the reports of the tables with a directive that the task
+    /// gives no identifier for.
+    fn mark_unsearched(&self, datasets: &mut [DatasetReport], plans: &[Option<TablePlan<'_>>], ids: &Ids) {
+        for (i, d) in datasets.iter_mut().enumerate() {
+            if plans.get(i).is_some_and(Option::is_some) && !self.searchable(i, ids) {
+                d.not_searched = true;
+            }
+        }
+    }
+
     fn cond_for(&self, catalog: &Catalog, i: usize, ids: &Ids) -> Option<Cond> {
         let t = &self.config.tables[i];
         let mut terms = Vec::new();
@@ -411,11 +435,12 @@ impl Connector for SqlConnector {
         let catalog = self.catalog().await?;
         let ids = identifiers(task);
         let conds = self.conditions(&catalog, &ids);
+        let mut done = Done::new(&self.config);
+        self.mark_unsearched(&mut done.datasets, &plans, &ids);
         if !any_work(&conds, &plans) {
             tracing::debug!("no table both has a directive and can use the task's identifier types");
-            return Ok(Erasure { datasets: zeros(&self.config), retained: vec![] });
+            return Ok(done.into_erasure());
         }
-        let mut done = Done::new(&self.config);
         if let Some((i, shared, group, value)) = self.shareable(&conds, &plans, &ids, Op::Erase) {
             let rows = self.run_shared(shared, group, value, catalog).await?;
             match self.config.tables[i].action {

@@ -140,18 +140,22 @@ async fn quotes_and_injection_shaped_values_touch_only_their_rows(db: Arc<TestDb
     assert_eq!(sql.verify(&obrien).await.unwrap() + sql.verify(&mallory).await.unwrap(), 0);
 }
 
-async fn identifier_types_no_table_uses_report_zeros(db: Arc<TestDb>) {
+async fn identifier_types_no_table_uses_report_not_searched(db: Arc<TestDb>) {
     db.shop().await;
     let sql = db.connector(&shop_tables("hash")).await;
-    for t in [
-        task(vec![id("device_id", "device-1")]),
-        task(vec![id("phone", "+44 20 7946 0958")]),
-        task(vec![id("email", "nobody@example.com")]),
-        task(vec![]),
-    ] {
-        assert_eq!(sql.erase(&t).await.unwrap(), erased(0, 0, 0));
+    let unsearched = Erasure {
+        datasets: ["customers", "orders", "addresses"].map(DatasetReport::unsearched).to_vec(),
+        retained: vec![],
+    };
+    for t in
+        [task(vec![id("device_id", "device-1")]), task(vec![id("phone", "+44 20 7946 0958")]), task(vec![])]
+    {
+        assert_eq!(sql.erase(&t).await.unwrap(), unsearched);
         assert_eq!(sql.verify(&t).await.unwrap(), 0);
     }
+    // Searched, and nothing there: plain zeros.
+    let nobody = task(vec![id("email", "nobody@example.com")]);
+    assert_eq!(sql.erase(&nobody).await.unwrap(), erased(0, 0, 0));
     assert_eq!(db.customers().await, shop_customers());
     assert_eq!(db.orders().await, shop_orders());
 }
@@ -575,7 +579,7 @@ on_every_engine!(
     redact_keeps_the_length_in_characters,
     matches_customer_ids_as_integers_only,
     quotes_and_injection_shaped_values_touch_only_their_rows,
-    identifier_types_no_table_uses_report_zeros,
+    identifier_types_no_table_uses_report_not_searched,
     case_accents_and_trailing_spaces_are_other_people,
     case_insensitive_column_collations_do_not_widen_a_match,
     anonymize_by_own_column_is_idempotent,

@@ -384,14 +384,14 @@ fn failed(e: ConnectorError) -> Outcome {
 
 /// Nothing removed is `not_found`, unless a dataset still says by when
 /// what an earlier attempt removed is gone for good (`purge_by`: a
-/// compacted topic's tombstone written before): that date must reach the
-/// request, so the outcome stays `erased`.
+/// compacted topic's tombstone written before), or that it was not
+/// searched: that must reach the request, so the outcome stays `erased`.
 fn erased(erasure: Erasure, residual: u64) -> Outcome {
     let residual = Some(residual);
-    let purging = erasure.datasets.iter().any(|d| d.purge_by.is_some());
+    let telling = erasure.datasets.iter().any(|d| d.purge_by.is_some() || d.not_searched);
     if !erasure.retained.is_empty() {
         Outcome::RetainedInPart { datasets: erasure.datasets, retained: erasure.retained, residual }
-    } else if erasure.total() == 0 && !purging {
+    } else if erasure.total() == 0 && !telling {
         Outcome::NotFound { residual }
     } else {
         Outcome::Erased { datasets: erasure.datasets, residual }
@@ -471,6 +471,25 @@ mod tests {
             Outcome::Erased { datasets, .. } => assert_eq!(datasets[0].purge_by, Some(by)),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Nothing removed where a dataset could not be searched is no "nothing
+    /// found": the datasets reach the request, saying which were searched.
+    #[test]
+    fn a_dataset_not_searched_keeps_the_datasets() {
+        use lethe_core::DatasetReport;
+        let some = Erasure {
+            datasets: vec![DatasetReport::new("newsletter", 0, 0), DatasetReport::unsearched("sessions")],
+            retained: vec![],
+        };
+        let outcome = erased(some, 0);
+        let Outcome::Erased { datasets, .. } = &outcome else { panic!("{outcome:?}") };
+        assert!(!datasets[0].not_searched && datasets[1].not_searched);
+        let summary = outcome.summary();
+        assert!(
+            summary.ends_with("not searched (no identifier of the types they find subjects by): sessions"),
+            "{summary}"
+        );
     }
 
     struct Panics;

@@ -406,6 +406,8 @@ pub(crate) fn erased_totals(audit: &[lethe_store::AuditEvent]) -> Vec<(String, V
                     sum.deleted += d.deleted;
                     sum.anonymized += d.anonymized;
                     sum.purge_by = d.purge_by.or(sum.purge_by);
+                    // Searched by any run is searched.
+                    sum.not_searched &= d.not_searched;
                 }
                 None => sums.push(d),
             }

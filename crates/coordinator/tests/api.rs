@@ -2101,3 +2101,53 @@ async fn a_system_the_subject_gives_no_identifier_for_is_certified_as_not_search
     assert_eq!(of(&cert["payload"], "crm")["outcome"], "not_found", "{cert}");
     assert_eq!(of(&cert["payload"], "crm")["searched_by"], json!(["customer_id"]), "{cert}");
 }
+
+/// Finds by e-mail in `records`, and cannot search `sessions` (found by a
+/// customer id no task of these tests carries).
+struct SessionsBySomethingElse;
+
+#[async_trait]
+impl Connector for SessionsBySomethingElse {
+    async fn erase(&self, _: &ErasureTask) -> Result<Erasure, ConnectorError> {
+        Ok(Erasure {
+            datasets: vec![DatasetReport::new("records", 1, 0), DatasetReport::unsearched("sessions")],
+            retained: vec![],
+        })
+    }
+
+    async fn verify(&self, _: &ErasureTask) -> Result<u64, ConnectorError> {
+        Ok(0)
+    }
+
+    async fn health(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+}
+
+/// A dataset a connector could not search reaches the request view and the
+/// certificate as such, not as a zero.
+#[tokio::test]
+async fn a_dataset_not_searched_is_shown_and_certified_as_such() {
+    let h = Harness::new().await;
+    h.start_workers(Arc::new(SessionsBySomethingElse));
+    let (_, created, _) = call(
+        &h.app(),
+        post(json!({"subject": {"email": "ada@example.com"}, "regulation": "gdpr"}).to_string()),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let view = wait_final(&h.app(), &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    let crm = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").cloned().unwrap();
+    assert!(crm["summary"].as_str().unwrap().contains("not searched"), "{view}");
+    assert_eq!(
+        crm["outcome"]["datasets"][1],
+        json!({"dataset": "sessions", "deleted": 0, "anonymized": 0, "not_searched": true})
+    );
+    let (_, cert, _) = call(&h.app(), get(&format!("/v1/requests/{id}/certificate"))).await;
+    let systems = cert["payload"]["systems"].as_array().unwrap();
+    let crm = systems.iter().find(|s| s["system"] == "crm").unwrap();
+    assert_eq!(crm["outcome"], "erased", "{cert}");
+    assert_eq!(crm["datasets"][0]["not_searched"], Value::Null, "{cert}");
+    assert_eq!(crm["datasets"][1]["not_searched"], true, "{cert}");
+}

@@ -17,11 +17,21 @@ pub struct DatasetReport {
     /// are physically gone at the latest. Absent: at once, or no bound known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purge_by: Option<DateTime<Utc>>,
+    /// The task gave no identifier of a type this dataset finds subjects
+    /// by, so nothing was looked for in it: its zero counts say nothing
+    /// about the subject. Absent: searched.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_searched: bool,
 }
 
 impl DatasetReport {
     pub fn new(dataset: impl Into<String>, deleted: u64, anonymized: u64) -> Self {
-        Self { dataset: dataset.into(), deleted, anonymized, purge_by: None }
+        Self { dataset: dataset.into(), deleted, anonymized, purge_by: None, not_searched: false }
+    }
+
+    /// A dataset the task gave no identifier for: nothing was looked for.
+    pub fn unsearched(dataset: impl Into<String>) -> Self {
+        Self { not_searched: true, ..Self::new(dataset, 0, 0) }
     }
 
     /// Records deleted and anonymised across `reports`.
@@ -166,6 +176,14 @@ impl Outcome {
                 let mut s = format!("deleted {deleted}, anonymized {anonymized}");
                 if let Some(r) = residual.filter(|r| *r > 0) {
                     s.push_str(&format!("; under-deletion: {r} records remain"));
+                }
+                let unsearched: Vec<&str> =
+                    datasets.iter().filter(|d| d.not_searched).map(|d| d.dataset.as_str()).collect();
+                if !unsearched.is_empty() {
+                    s.push_str(&format!(
+                        "; not searched (no identifier of the types they find subjects by): {}",
+                        unsearched.join(", ")
+                    ));
                 }
                 s
             }

@@ -266,6 +266,15 @@ async fn steps_extract_values_for_later_steps_and_escape_them() {
     assert_eq!(mock.count(other.expose()), 1);
     assert_eq!(c.verify(&t).await.unwrap(), 0);
     assert_eq!(c.erase(&t).await.unwrap().total(), 0, "an empty search stops the flow");
+    let searched = c.erase(&t).await.unwrap();
+    assert!(searched.datasets.iter().all(|d| !d.not_searched), "{searched:?}");
+    // A subject without the spec's key type is not searched, and says so.
+    let phone_only = task(CATEGORY, vec![id("phone", "+44 20 7946 0958")]);
+    let unsearched = c.erase(&phone_only).await.unwrap();
+    assert!(
+        !unsearched.datasets.is_empty() && unsearched.datasets.iter().all(|d| d.not_searched),
+        "{unsearched:?}"
+    );
 
     // The body carried the address intact inside valid JSON.
     let body = mock.crm.search_bodies.lock().unwrap()[1].clone();
