@@ -5,6 +5,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use lethe_connector::{kind::parse, Connector, ConnectorError, ConnectorKind};
 
+use lethe_core::Action;
+
+use crate::config::TableAction;
 use crate::{SqlConfig, SqlConnector};
 
 /// `connector = "sql"`.
@@ -26,6 +29,20 @@ impl ConnectorKind for SqlKind {
         let config: SqlConfig = parse(config)?;
         let kinds = config.tables.iter().flat_map(|t| t.matches.keys().map(|k| k.as_str()));
         Ok(Some(lethe_connector::kind::distinct(kinds)))
+    }
+
+    /// A `delete` table cannot be anonymised: the task fails at it (see
+    /// [`crate::retention::plan`]).
+    fn refuses(&self, config: &toml::Table, category: &str, action: Action) -> Result<Vec<String>, String> {
+        let config: SqlConfig = parse(config)?;
+        Ok(config
+            .tables
+            .iter()
+            .filter(|t| {
+                action == Action::Anonymize && t.category == category && t.action == TableAction::Delete
+            })
+            .map(|t| format!("table {} can only be deleted (its action is delete)", t.name))
+            .collect())
     }
 
     async fn build(&self, config: &toml::Table) -> Result<Arc<dyn Connector>, ConnectorError> {

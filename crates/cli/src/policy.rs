@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use lethe_coordinator::{Planner, SystemInfo};
-use lethe_core::{Deadlines, Policy};
+use lethe_core::{Deadlines, Policy, Regulation};
 
 use crate::config::Config;
 
@@ -69,11 +69,53 @@ pub fn planner(config: &Config) -> anyhow::Result<(Planner, Vec<String>)> {
         unchanged.into_iter().map(|n| format!("rule `{n}` names category")).collect();
     let deadlines = Deadlines::new(config.deadlines.clone());
     let (planner, mut warnings) = Planner::new(systems(config)?, policy, deadlines)?;
+    refused(config, &planner)?;
     warnings.retain(|w| {
         !(w.ends_with(lethe_core::policy::UNDECLARED_CATEGORY)
             && unchanged.iter().any(|u| w.starts_with(u.as_str())))
     });
     Ok((planner, warnings))
+}
+
+/// Refuses a policy that decides, for some regulation, an action a
+/// system's datasets cannot carry out (anonymising a table that can only be
+/// deleted): every such request would fail there, permanently.
+fn refused(config: &Config, planner: &Planner) -> anyhow::Result<()> {
+    let mut problems: Vec<String> = Vec::new();
+    for system in &config.systems {
+        let Some(info) = planner.systems().iter().find(|s| s.name == system.name) else { continue };
+        for category in &info.categories {
+            // Per rule and action, the regulations it decides them for.
+            let mut decided: Vec<(&str, lethe_core::Action, Vec<&str>)> = Vec::new();
+            for regulation in Regulation::ALL {
+                let Some(d) = planner.policy().decide(regulation, &system.name, category) else { continue };
+                let action = lethe_core::Action::from(d.rule.action);
+                match decided.iter_mut().find(|(r, a, _)| *r == d.rule.name && *a == action) {
+                    Some((_, _, regs)) => regs.push(regulation.as_str()),
+                    None => decided.push((d.rule.name.as_str(), action, vec![regulation.as_str()])),
+                }
+            }
+            for (rule, action, regulations) in decided {
+                for refusal in crate::registry::refuses(system, category, action)
+                    .with_context(|| format!("system {:?}", system.name))?
+                {
+                    problems.push(format!(
+                        "system `{}`: rule `{rule}` decides {} for category {category} ({}), but {refusal}: \
+                         every such request would fail there",
+                        system.name,
+                        action.as_str(),
+                        regulations.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    anyhow::ensure!(
+        problems.is_empty(),
+        "the policy asks what a system cannot do:\n  {}",
+        problems.join("\n  ")
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -152,6 +194,16 @@ category = "identity.contact"
         let unknown = "[[rule]]\nname = \"all\"\naction = \"erase\"\n[[rule]]\nname = \"crm\"\nsystems = [\"crm\"]\naction = \"anonymize\"\n";
         let err = format!("{:#}", load(unknown).unwrap_err());
         assert!(err.contains("rule `crm` names unknown system `crm`"), "{err}");
+        // Both tables can only be deleted: anonymising one fails every task.
+        let anonymize = "[[rule]]\nname = \"all\"\naction = \"erase\"\n[[rule]]\nname = \"anon-contacts\"\nregulations = [\"gdpr\", \"ccpa\"]\ncategories = [\"identity.contact\"]\naction = \"anonymize\"\n";
+        let err = format!("{:#}", load(anonymize).unwrap_err());
+        assert!(
+            err.contains(
+                "system `billing`: rule `anon-contacts` decides anonymize for category identity.contact (gdpr, ccpa), \
+                 but table profiles can only be deleted (its action is delete)"
+            ),
+            "{err}"
+        );
         let malformed = "[[rule]]\nname = \"x\"\naction = \"keep\"\n";
         let err = format!("{:#}", load(malformed).unwrap_err());
         assert!(

@@ -64,6 +64,21 @@ pub fn identifier_types(system: &SystemConfig) -> anyhow::Result<Option<Vec<Stri
         .map_err(|e| anyhow::anyhow!("invalid connector settings: {e}"))
 }
 
+/// What in a system cannot carry out `action` on `category` (see
+/// [`ConnectorKind::refuses`]); an external system's worker is not asked.
+pub fn refuses(
+    system: &SystemConfig,
+    category: &str,
+    action: lethe_core::Action,
+) -> anyhow::Result<Vec<String>> {
+    if system.connector == EXTERNAL {
+        return Ok(Vec::new());
+    }
+    kind(system)?
+        .refuses(&system.config, category, action)
+        .map_err(|e| anyhow::anyhow!("invalid connector settings: {e}"))
+}
+
 /// Builds a system's connector, resolving `${ENV}` placeholders.
 pub async fn build(system: &SystemConfig) -> anyhow::Result<Arc<dyn Connector>> {
     if system.connector == EXTERNAL {

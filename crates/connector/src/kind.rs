@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use lethe_core::Action;
 
 use crate::connector::{Connector, ConnectorError};
 
@@ -28,6 +29,17 @@ pub trait ConnectorKind: Send + Sync + 'static {
     fn identifier_types(&self, config: &toml::Table) -> Result<Option<Vec<String>>, String> {
         let _ = config;
         Ok(None)
+    }
+
+    /// What in the system cannot carry out `action` on `category` (a table
+    /// that can only delete, asked to anonymise): one sentence per dataset,
+    /// naming it, from the same unresolved settings. A policy deciding an
+    /// action a system refuses would fail every such task there, so `lethe
+    /// config check` and the coordinator's start refuse it. The default:
+    /// nothing is refused.
+    fn refuses(&self, config: &toml::Table, category: &str, action: Action) -> Result<Vec<String>, String> {
+        let _ = (config, category, action);
+        Ok(Vec::new())
     }
 
     /// Builds the connector from settings whose placeholders are resolved.

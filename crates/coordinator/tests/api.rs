@@ -423,6 +423,14 @@ async fn list_paginates_with_a_cursor_and_filters_by_status() {
     assert!(p2["next_cursor"].is_null());
     let (_, done, _) = call(&h.app(), get("/v1/requests?status=completed")).await;
     assert!(done["items"].as_array().unwrap().is_empty());
+
+    // By system: a configured one lists its requests; a name no system
+    // has and no request's task has is most likely a typo, and says so.
+    let (_, crm, _) = call(&h.app(), get("/v1/requests?system=crm")).await;
+    assert_eq!(page_ids(&crm).len(), 5, "{crm}");
+    let (status, typo, _) = call(&h.app(), get("/v1/requests?system=cmr")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{typo}");
+    assert!(typo["detail"].as_str().unwrap().ends_with("the configured systems: crm, mail"), "{typo}");
 }
 
 #[tokio::test]

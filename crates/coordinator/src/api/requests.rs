@@ -684,7 +684,22 @@ pub async fn list_requests(
         unanswered,
         limit,
     };
+    let unknown_system = query
+        .system
+        .as_ref()
+        .filter(|s| query.before.is_none() && !state.planner.systems().iter().any(|x| &x.name == *s))
+        .is_some();
     let rows = state.store.list_requests(&query).await?;
+    if unknown_system && rows.is_empty() {
+        // Most likely a typo, which an empty page would pass off as "no
+        // request there"; a removed system's requests are still listed.
+        let known: Vec<&str> = state.planner.systems().iter().map(|s| s.name.as_str()).collect();
+        return Err(Problem::invalid(format!(
+            "system: no configured system has that name, and no listed request has a task in it; \
+             the configured systems: {}",
+            known.join(", ")
+        )));
+    }
     let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.id.to_string())).flatten();
     Ok(Json(RequestPage { items: rows.into_iter().map(RequestSummary::from).collect(), next_cursor }))
 }
