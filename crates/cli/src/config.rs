@@ -635,9 +635,16 @@ impl Config {
         apply_env(&mut table, env)?;
         let overridden = env.iter().any(|(name, _)| name.starts_with(ENV_PREFIX));
         let with = if overridden { " (with LETHE__ overrides)" } else { "" };
-        let mut config: Config = toml::Value::Table(table)
-            .try_into()
-            .with_context(|| format!("{origin}{with} is not a valid Lethe config"))?;
+        let mut config: Config = match toml::Value::Table(table).try_into() {
+            Ok(config) => config,
+            // Read from the text again for the error: it then names the
+            // line and column. If the text alone reads, an override broke it.
+            Err(e) => {
+                let located = toml::from_str::<Config>(&text).err().unwrap_or(e);
+                return Err(anyhow::Error::new(located)
+                    .context(format!("{origin}{with} is not a valid Lethe config")));
+            }
+        };
         config.base_dir = base_dir;
         if let Some(listen) = overrides.listen {
             config.server.listen = listen;
@@ -1064,6 +1071,11 @@ mod tests {
         let err =
             format!("{:#}", Config::load_with_env(Some(&unknown), &Overrides::default(), &[]).unwrap_err());
         assert!(err.contains("unknown field `port`"), "{err}");
+        assert!(err.contains("line 3, column 1"), "the line of the unknown key: {err}");
+        let misspelt = write("[[systems]]\nname = \"a\"\nconnector = \"sql\"\n[systems.config]\nurl = \"sqlite://x.db\"\n[[systems.config.tables]]\nname = \"t\"\naction = \"delete\"\ncategory = \"identity.contact\"\nmatch = { email = \"email\" }\n[[systems.config.tables]]\nname = \"u\"\naction = \"anonymise\"\ncategory = \"identity.contact\"\nmatch = { email = \"email\" }\n");
+        let err =
+            format!("{:#}", Config::load_with_env(Some(&misspelt), &Overrides::default(), &[]).unwrap_err());
+        assert!(err.contains("tables[1].action: unknown variant `anonymise`"), "the setting's path: {err}");
         let twice = write("[[systems]]\nname = \"a\"\nconnector = \"sql\"\n[systems.config]\nurl = \"sqlite://x.db\"\n[[systems.config.tables]]\nname = \"t\"\naction = \"delete\"\ncategory = \"identity.contact\"\nmatch = { email = \"email\" }\n[[systems]]\nname = \"a\"\nconnector = \"sql\"\n[systems.config]\nurl = \"sqlite://x.db\"\n[[systems.config.tables]]\nname = \"t\"\naction = \"delete\"\ncategory = \"identity.contact\"\nmatch = { email = \"email\" }\n");
         let err =
             format!("{:#}", Config::load_with_env(Some(&twice), &Overrides::default(), &[]).unwrap_err());

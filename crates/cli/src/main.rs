@@ -540,7 +540,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             for name in &unset {
                 println!("note: environment variable {name} is not set here; `lethe serve` needs it");
             }
-            config.check_resolvable_secrets()?;
+            config
+                .check_resolvable_secrets()
+                .with_context(|| format!("{origin} is not a valid Lethe config"))?;
             println!(
                 "{origin}: ok ({} systems: {}){}",
                 config.systems.len(),

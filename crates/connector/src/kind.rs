@@ -46,9 +46,18 @@ pub trait ConnectorKind: Send + Sync + 'static {
     async fn build(&self, config: &toml::Table) -> Result<Arc<dyn Connector>, ConnectorError>;
 }
 
-/// Deserialises a system's settings into `T`, naming the offending field.
+/// Deserialises a system's settings into `T`, naming the offending field
+/// by its path (`tables[1].action: unknown variant ...`).
 pub fn parse<T: serde::de::DeserializeOwned>(config: &toml::Table) -> Result<T, String> {
-    toml::Value::Table(config.clone()).try_into().map_err(|e: toml::de::Error| e.message().to_owned())
+    serde_path_to_error::deserialize(toml::Value::Table(config.clone())).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().message().to_owned();
+        if path == "." {
+            message
+        } else {
+            format!("{path}: {message}")
+        }
+    })
 }
 
 /// The categories of `datasets`, in order, each once.
