@@ -490,9 +490,17 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, runs: &Runs, now:
                     Outcome::Failed { .. } => "failed",
                     Outcome::Accepted { .. } => "accepted",
                 }),
+                // A re-run after a lost result may find nothing its first
+                // attempt removed: the count says the task ran again.
+                "attempts": task.map(|t| t.attempts),
                 "datasets": datasets,
                 "retained": retained,
-                "verification": {"verified": outcome.and_then(Outcome::residual).is_some(), "residual": outcome.and_then(Outcome::residual)},
+                // Nothing was checked in a system not searched.
+                "verification": if p.not_searched() {
+                    json!({"verified": false, "residual": null})
+                } else {
+                    json!({"verified": outcome.and_then(Outcome::residual).is_some(), "residual": outcome.and_then(Outcome::residual)})
+                },
                 "categories": categories,
             });
             if !late.is_empty() {

@@ -380,18 +380,86 @@ where
     }
 }
 
-/// A result that answers no task, as it is dead-lettered: its failure
-/// reason was screened, if at all, against a subject it may not concern.
+/// A result that answers no task, as it is dead-lettered: whose
+/// identifiers its texts might hold is not known, so none of them can be
+/// screened, and every one a connector wrote (a failure's reason, dataset
+/// names, a kept record's category and basis, the worker's name) is
+/// withheld. The counts, ids and job id stay.
 fn unmatched(msg: &ResultMessage) -> ResultMessage {
     let mut kept = msg.clone();
-    match &mut kept.outcome {
-        Outcome::Failed { reason, .. } => *reason = UNMATCHED_REASON.to_owned(),
-        Outcome::RetainedInPart { retained, .. } => {
-            for r in retained {
-                r.basis = UNMATCHED_TEXT.to_owned();
+    if kept.worker.is_some() {
+        kept.worker = Some(UNMATCHED_TEXT.to_owned());
+    }
+    if let Outcome::Failed { reason, .. } = &mut kept.outcome {
+        *reason = UNMATCHED_REASON.to_owned();
+    }
+    if let Outcome::Erased { datasets, .. } | Outcome::RetainedInPart { datasets, .. } = &mut kept.outcome {
+        for d in datasets {
+            d.dataset = UNMATCHED_TEXT.to_owned();
+        }
+    }
+    if let Outcome::RetainedInPart { retained, .. } = &mut kept.outcome {
+        for r in retained {
+            r.dataset = UNMATCHED_TEXT.to_owned();
+            r.basis = UNMATCHED_TEXT.to_owned();
+            if r.category.is_some() {
+                r.category = Some(UNMATCHED_TEXT.to_owned());
             }
         }
-        _ => {}
     }
     kept
+}
+
+#[cfg(test)]
+mod tests {
+    use lethe_core::{DatasetReport, RequestId, RetainedReport, TaskId};
+
+    use super::*;
+
+    /// A result that answers no task cannot be screened: no text a
+    /// connector wrote reaches the dead letter, only counts and ids.
+    #[test]
+    fn an_unmatched_result_keeps_no_text_of_the_connectors() {
+        let leak = "ada@example.com";
+        let msg = |outcome| ResultMessage {
+            version: 1,
+            task_id: TaskId::new(),
+            request_id: RequestId::new(),
+            system: "crm".into(),
+            attempt: 1,
+            outcome,
+            reported_at: chrono::Utc::now(),
+            worker: Some(format!("worker-{leak}")),
+            task_issued_at: None,
+        };
+        let kept = RetainedReport {
+            dataset: format!("invoices-{leak}"),
+            category: Some(format!("billing-{leak}")),
+            count: 2,
+            basis: format!("kept for {leak}"),
+            until: None,
+            first_until: None,
+        };
+        for outcome in [
+            Outcome::Erased {
+                datasets: vec![DatasetReport::new(format!("export-{leak}"), 3, 0)],
+                residual: Some(0),
+            },
+            Outcome::RetainedInPart {
+                datasets: vec![DatasetReport::new(format!("export-{leak}"), 1, 0)],
+                retained: vec![kept.clone()],
+                residual: None,
+            },
+            Outcome::Failed { retryable: false, reason: format!("no such row {leak}") },
+        ] {
+            let original = msg(outcome);
+            let dead = unmatched(&original);
+            let text = String::from_utf8(dead.encode()).unwrap();
+            assert!(!text.contains(leak), "{text}");
+            assert_eq!((dead.task_id, dead.attempt), (original.task_id, original.attempt));
+            if let Outcome::Erased { datasets, .. } = &dead.outcome {
+                assert_eq!(datasets[0].deleted, 3, "the counts stay");
+            }
+        }
+    }
 }

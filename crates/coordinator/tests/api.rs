@@ -2097,6 +2097,9 @@ async fn a_system_the_subject_gives_no_identifier_for_is_certified_as_not_search
     let payload = &cert["payload"];
     assert_eq!(of(payload, "crm")["outcome"], "not_searched", "{cert}");
     assert_eq!(of(payload, "crm")["searched_by"], json!([]), "{cert}");
+    assert_eq!(of(payload, "crm")["verification"], json!({"verified": false, "residual": null}), "{cert}");
+    assert_eq!(of(payload, "mail")["verification"], json!({"verified": true, "residual": 0}), "{cert}");
+    assert_eq!(of(payload, "mail")["attempts"], 1, "{cert}");
     assert_eq!(of(payload, "mail")["outcome"], "erased", "{cert}");
     assert_eq!(of(payload, "mail")["searched_by"], json!(["email"]), "{cert}");
 
