@@ -122,9 +122,11 @@ async fn cli_round_trip_against_a_running_server() {
     assert_eq!(page["items"].as_array().map(Vec::len), Some(1), "{page}");
     assert_eq!(page["items"][0]["id"], id.as_str());
     // Filters by system and by failed task.
-    for (args, rows) in
-        [(vec!["--system", "shop"], 2), (vec!["--system", "nowhere"], 1), (vec!["--failed-task"], 1)]
-    {
+    let out = at(base, cwd, &["requests", "list", "--system", "nowhere"]).await;
+    assert!(!out.status.success(), "a likely typo is refused: {}", describe(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("the configured systems: shop, newsletter"), "{said}");
+    for (args, rows) in [(vec!["--system", "shop"], 2), (vec!["--failed-task"], 1)] {
         let mut all = vec!["requests", "list"];
         all.extend(args.iter().copied());
         let out = at(base, cwd, &all).await;

@@ -491,19 +491,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
             let client = server.client()?;
-            if let Some((_, name)) = query.iter().find(|(k, _)| *k == "system") {
-                // Tasks of a system since removed are still listed, so an
-                // unknown name is no error; but a typo would read as "none".
-                // Best effort: a portal's token may not list the systems.
-                if let Ok(systems) = client.systems().await {
-                    if !systems.iter().any(|s| s["name"] == name.as_str()) {
-                        eprintln!(
-                            "note: no configured system is named {name:?}; listing the requests with a task in \
-                             a system of that name (a removed one), if any"
-                        );
-                    }
-                }
-            }
+            // A system name no configured system has and no request's task
+            // has (a typo) is refused by the coordinator, naming the systems.
             let page = client.list(&query).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&page)?);
