@@ -151,7 +151,10 @@ impl FilesConnector {
 #[async_trait]
 impl Connector for FilesConnector {
     async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
-        self.health().await?; // a vanished root must not pass for "nothing found"
+        // A vanished root must not pass for "nothing found". A dataset's
+        // missing directory is only the health check's: one made by the
+        // first export would otherwise fail every task until then.
+        directory(&self.0.root, "root").await?;
         let kept_paths = self.kept_paths(task)?;
         let mut erasure = Erasure::default();
         for d in self.0.datasets.iter().filter(|d| task.treatment(&d.category) != Treatment::Skip) {
@@ -204,7 +207,7 @@ impl Connector for FilesConnector {
     }
 
     async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
-        self.health().await?;
+        directory(&self.0.root, "root").await?;
         let kept_paths = self.kept_paths(task)?;
         let mut left = 0;
         for d in self.0.datasets.iter().filter(|d| task.treatment(&d.category).removes()) {
@@ -224,8 +227,9 @@ impl Connector for FilesConnector {
     /// A root that is not there is permanent; one that cannot be read
     /// right now (a network file system away) is an I/O error like any other.
     /// The root and each dataset's fixed directory (the part of its path
-    /// before the first placeholder) exist: a misspelt or vanished one
-    /// would otherwise make every subject's files "nothing found".
+    /// before the first placeholder) exist: a misspelt one would make every
+    /// subject's files "nothing found". (`lethe connector check` and a
+    /// worker's start run it; an erase needs only the root.)
     async fn health(&self) -> Result<(), ConnectorError> {
         directory(&self.0.root, "root").await?;
         for d in &self.0.datasets {

@@ -242,7 +242,9 @@ async fn health_fails_when_a_datasets_fixed_directory_is_missing() {
     let misspelt = FilesKind.build(&config("exprots/{customer_id}.json")).await.unwrap();
     let e = misspelt.health().await.unwrap_err();
     assert!(!e.retryable && e.message.contains("dataset exports") && e.message.contains("exprots"), "{e}");
+    // A directory made by the first export is no reason to fail erasures
+    // meanwhile: an erase needs only the root.
     let kit = Kit::new(misspelt.clone(), vec!["exports".into()]);
     let task = kit.task(vec![Identifier::parse(IdentifierKind::CustomerId, "C-1").unwrap()]);
-    assert!(misspelt.erase(&task).await.is_err(), "an erase refuses too");
+    assert_eq!(misspelt.erase(&task).await.unwrap().total(), 0);
 }

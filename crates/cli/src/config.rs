@@ -637,10 +637,11 @@ impl Config {
         let with = if overridden { " (with LETHE__ overrides)" } else { "" };
         let mut config: Config = match toml::Value::Table(table).try_into() {
             Ok(config) => config,
-            // Read from the text again for the error: it then names the
-            // line and column. If the text alone reads, an override broke it.
+            // Without overrides, read from the text again for the error: it
+            // then names the line and column. With them, the table's own
+            // error: the file's line may not be where the problem is.
             Err(e) => {
-                let located = toml::from_str::<Config>(&text).err().unwrap_or(e);
+                let located = if overridden { e } else { toml::from_str::<Config>(&text).err().unwrap_or(e) };
                 return Err(anyhow::Error::new(located)
                     .context(format!("{origin}{with} is not a valid Lethe config")));
             }

@@ -483,8 +483,12 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, runs: &Runs, now:
                 "action": p.action,
                 "state": task.map(|t| t.state),
                 "outcome": outcome.map(|o| match o {
+                    // A connector may say so per dataset (an `erased` with
+                    // nothing changed) or answer "nothing found".
+                    Outcome::Erased { .. } | Outcome::NotFound { .. } if p.not_searched() && !o.changed_data() => {
+                        "not_searched"
+                    }
                     Outcome::Erased { .. } => "erased",
-                    Outcome::NotFound { .. } if p.not_searched() => "not_searched",
                     Outcome::NotFound { .. } => "not_found",
                     Outcome::RetainedInPart { .. } => "retained_in_part",
                     Outcome::Failed { .. } => "failed",
@@ -495,11 +499,17 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, runs: &Runs, now:
                 "attempts": task.map(|t| t.attempts),
                 "datasets": datasets,
                 "retained": retained,
-                // Nothing was checked in a system not searched.
+                // Nothing was checked in a system not searched, and only the
+                // searched datasets were in one searched in part.
                 "verification": if p.not_searched() {
                     json!({"verified": false, "residual": null})
                 } else {
-                    json!({"verified": outcome.and_then(Outcome::residual).is_some(), "residual": outcome.and_then(Outcome::residual)})
+                    let mut v = json!({"verified": outcome.and_then(Outcome::residual).is_some(), "residual": outcome.and_then(Outcome::residual)});
+                    let unsearched = outcome.map(Outcome::unsearched_datasets).unwrap_or_default();
+                    if !unsearched.is_empty() {
+                        v["not_searched"] = json!(unsearched);
+                    }
+                    v
                 },
                 "categories": categories,
             });

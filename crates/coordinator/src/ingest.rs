@@ -382,11 +382,12 @@ where
 
 /// A result that answers no task, as it is dead-lettered: whose
 /// identifiers its texts might hold is not known, so none of them can be
-/// screened, and every one a connector wrote (a failure's reason, dataset
-/// names, a kept record's category and basis, the worker's name) is
-/// withheld. The counts, ids and job id stay.
+/// screened, and every one a connector wrote (the system's name, a
+/// failure's reason, dataset names, a kept record's category and basis,
+/// the worker's name) is withheld. The counts, ids and job id stay.
 fn unmatched(msg: &ResultMessage) -> ResultMessage {
     let mut kept = msg.clone();
+    kept.system = UNMATCHED_TEXT.to_owned();
     if kept.worker.is_some() {
         kept.worker = Some(UNMATCHED_TEXT.to_owned());
     }

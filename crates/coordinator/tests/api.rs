@@ -431,6 +431,18 @@ async fn list_paginates_with_a_cursor_and_filters_by_status() {
     let (status, typo, _) = call(&h.app(), get("/v1/requests?system=cmr")).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{typo}");
     assert!(typo["detail"].as_str().unwrap().ends_with("the configured systems: crm, mail"), "{typo}");
+    // Whatever else filters the page: a known system's empty page is no typo.
+    let (status, none, _) = call(&h.app(), get("/v1/requests?system=crm&status=completed")).await;
+    assert_eq!((status, page_ids(&none).len()), (StatusCode::OK, 0), "{none}");
+    // A portal, which may not list the systems, is not told their names.
+    let portal = h.token("portal", &[lethe_coordinator::Scope::RequestsReadOwn]).await;
+    let request = Request::get("/v1/requests?system=cmr")
+        .header(header::AUTHORIZATION, format!("Bearer {portal}"))
+        .body(Body::empty())
+        .unwrap();
+    let (status, told, _) = call(&h.raw(), request).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{told}");
+    assert!(!told["detail"].as_str().unwrap().contains("crm"), "{told}");
 }
 
 #[tokio::test]
@@ -2053,6 +2065,35 @@ fn crm_datasets(cert: &Value) -> Value {
     systems.iter().find(|s| s["system"] == "crm").unwrap()["datasets"].clone()
 }
 
+/// The CRM finds subjects by customer id only, and says so of a task
+/// without one, as the built-in connectors do; the rest as
+/// [`MemoryConnector`].
+struct CrmByCustomerId(MemoryConnector);
+
+#[async_trait]
+impl Connector for CrmByCustomerId {
+    async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+        if task.system == "crm" {
+            let searchable = task.identifiers_of("customer_id").next().is_some();
+            let report = if searchable {
+                DatasetReport::new("records", 0, 0)
+            } else {
+                DatasetReport::unsearched("records")
+            };
+            return Ok(Erasure { datasets: vec![report], retained: vec![] });
+        }
+        self.0.erase(task).await
+    }
+
+    async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
+        self.0.verify(task).await
+    }
+
+    async fn health(&self) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+}
+
 /// A system the request gives no identifier for cannot be searched: its
 /// "nothing found" is shown, and certified, as not searched, not as an
 /// erasure.
@@ -2066,9 +2107,9 @@ async fn a_system_the_subject_gives_no_identifier_for_is_certified_as_not_search
     let h =
         Harness::build(settings, |bus| bus, vec![typed("crm", &["customer_id"]), typed("mail", &["email"])])
             .await;
-    let connector = Arc::new(MemoryConnector::default());
+    let connector = MemoryConnector::default();
     connector.records.lock().unwrap().insert(("mail".into(), "ada@example.com".into()), 2);
-    h.start_workers(connector);
+    h.start_workers(Arc::new(CrmByCustomerId(connector)));
 
     let body = json!({"subject": {"email": "ada@example.com"}, "regulation": "gdpr"});
     let (status, explained, _) = call(&h.app(), post_json("/v1/plans:explain", body.clone())).await;
@@ -2161,4 +2202,10 @@ async fn a_dataset_not_searched_is_shown_and_certified_as_such() {
     assert_eq!(crm["outcome"], "erased", "{cert}");
     assert_eq!(crm["datasets"][0]["not_searched"], Value::Null, "{cert}");
     assert_eq!(crm["datasets"][1]["not_searched"], true, "{cert}");
+    // Verified: the datasets searched, and it names those that were not.
+    assert_eq!(
+        crm["verification"],
+        json!({"verified": true, "residual": 0, "not_searched": ["sessions"]}),
+        "{cert}"
+    );
 }

@@ -159,6 +159,17 @@ impl Outcome {
         }
     }
 
+    /// The datasets the attempt could not search (no identifier of their
+    /// types), by name.
+    pub fn unsearched_datasets(&self) -> Vec<&str> {
+        match self {
+            Self::Erased { datasets, .. } | Self::RetainedInPart { datasets, .. } => {
+                datasets.iter().filter(|d| d.not_searched).map(|d| d.dataset.as_str()).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     pub fn residual(&self) -> Option<u64> {
         match self {
             Self::Erased { residual, .. }
@@ -177,8 +188,7 @@ impl Outcome {
                 if let Some(r) = residual.filter(|r| *r > 0) {
                     s.push_str(&format!("; under-deletion: {r} records remain"));
                 }
-                let unsearched: Vec<&str> =
-                    datasets.iter().filter(|d| d.not_searched).map(|d| d.dataset.as_str()).collect();
+                let unsearched = self.unsearched_datasets();
                 if !unsearched.is_empty() {
                     s.push_str(&format!(
                         "; not searched (no identifier of the types they find subjects by): {}",

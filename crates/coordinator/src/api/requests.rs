@@ -574,7 +574,10 @@ pub async fn get_request(
 /// The last run's summary, and every run's removals where they differ.
 fn summary(last: &Outcome, removed: &[lethe_core::DatasetReport], not_searched: bool) -> String {
     use lethe_core::DatasetReport;
-    if not_searched && matches!(last, Outcome::NotFound { .. }) {
+    if not_searched
+        && matches!(last, Outcome::NotFound { .. } | Outcome::Erased { .. })
+        && !last.changed_data()
+    {
         return NOT_SEARCHED.to_owned();
     }
     let last_run = match last {
@@ -684,22 +687,24 @@ pub async fn list_requests(
         unanswered,
         limit,
     };
-    let unknown_system = query
-        .system
-        .as_ref()
-        .filter(|s| query.before.is_none() && !state.planner.systems().iter().any(|x| &x.name == *s))
-        .is_some();
-    let rows = state.store.list_requests(&query).await?;
-    if unknown_system && rows.is_empty() {
+    if let Some(name) =
+        query.system.as_ref().filter(|s| !state.planner.systems().iter().any(|x| &x.name == *s))
+    {
         // Most likely a typo, which an empty page would pass off as "no
         // request there"; a removed system's requests are still listed.
-        let known: Vec<&str> = state.planner.systems().iter().map(|s| s.name.as_str()).collect();
-        return Err(Problem::invalid(format!(
-            "system: no configured system has that name, and no listed request has a task in it; \
-             the configured systems: {}",
-            known.join(", ")
-        )));
+        let any = ListQuery { system: Some(name.clone()), limit: 1, ..ListQuery::default() };
+        if state.store.list_requests(&any).await?.is_empty() {
+            let mut detail =
+                "system: no configured system has that name, and no request has a task in it".to_owned();
+            // Those who may list the systems are told which there are.
+            if caller.can(&Scope::RequestsRead) {
+                let known: Vec<&str> = state.planner.systems().iter().map(|s| s.name.as_str()).collect();
+                detail.push_str(&format!("; the configured systems: {}", known.join(", ")));
+            }
+            return Err(Problem::invalid(detail));
+        }
     }
+    let rows = state.store.list_requests(&query).await?;
     let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.id.to_string())).flatten();
     Ok(Json(RequestPage { items: rows.into_iter().map(RequestSummary::from).collect(), next_cursor }))
 }
