@@ -297,6 +297,15 @@ async fn holds_policy_and_extensions_from_the_command_line() {
     let local =
         ok(lethe(&["policy", "explain", "--local", "--config", &config, "--regulation", "ccpa"], cwd).await);
     assert!(local.contains("newsletter -> erase"), "no holds locally: {local}");
+    // Given a subject, it says where its identifiers cannot be searched:
+    // the newsletter finds subjects by e-mail only, the shop by customer id too.
+    let args =
+        ["policy", "explain", "--local", "--config", &config, "--customer-id", "7", "--regulation", "gdpr"];
+    let by_id = ok(lethe(&args, cwd).await);
+    let news = &by_id[by_id.find("newsletter ->").unwrap_or_else(|| panic!("{by_id}"))..];
+    assert!(news.contains("not searched"), "{by_id}");
+    let shop = &by_id[by_id.find("shop ->").unwrap_or_else(|| panic!("{by_id}"))..];
+    assert!(!shop[..shop.find("\n\n").unwrap_or(shop.len())].contains("not searched"), "{by_id}");
 
     let out = ok(at(base, cwd, &["submit", "--email", "ada@example.com", "--regulation", "gdpr"]).await);
     let id = serde_json::from_str::<Value>(&out).unwrap()["id"].as_str().unwrap().to_owned();

@@ -195,11 +195,12 @@ impl Connector for FilesConnector {
                         first_until: None,
                     });
                 }
-                Treatment::Keep { .. } => {}
-                // No path: the task gives none of the path's identifier types.
+                // No path: the task gives none of the path's identifier
+                // types, so what it erases or keeps is not known.
                 _ if paths.is_empty() => {
                     erasure.datasets.push(DatasetReport::unsearched(d.name.clone()));
                 }
+                Treatment::Keep { .. } => {}
                 _ => erasure.datasets.push(DatasetReport::new(d.name.clone(), deleted, 0)),
             }
         }

@@ -218,6 +218,16 @@ async fn a_dataset_the_task_gives_no_identifier_for_is_not_searched() {
         erased.datasets,
         [lethe_core::DatasetReport::unsearched("exports"), lethe_core::DatasetReport::new("avatars", 1, 0)]
     );
+    // Kept, it is not searched either: what it keeps is not known.
+    let mut kept = task.clone();
+    for d in kept.directives.iter_mut().filter(|d| d.category == "exports") {
+        d.action = lethe_core::Action::Retain;
+        d.basis = Some("contract".into());
+        d.until = Some(chrono::Utc::now() + chrono::Duration::days(30));
+    }
+    let erased = files.erase(&kept).await.unwrap();
+    assert_eq!(erased.datasets[0], lethe_core::DatasetReport::unsearched("exports"), "{erased:?}");
+    assert!(erased.retained.is_empty(), "{erased:?}");
 }
 
 /// The directory a dataset's path fixes (before its first placeholder)

@@ -245,9 +245,11 @@ impl KafkaConnector {
             written.push((i, count));
         }
 
-        // A dataset to erase that the task gives no identifier for.
+        // A dataset with a directive that the task gives no identifier for.
         for d in &self.config.datasets {
-            if task.treatment(&d.category).removes() && !works.iter().any(|w| w.dataset.name == d.name) {
+            if task.treatment(&d.category) != Treatment::Skip
+                && !works.iter().any(|w| w.dataset.name == d.name)
+            {
                 datasets.push(DatasetReport::unsearched(d.name.clone()));
             }
         }

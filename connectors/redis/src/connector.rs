@@ -377,7 +377,10 @@ impl RedisConnector {
                         None => 0,
                     };
                     tracing::debug!(dataset = %d.name, kept = count, "dataset kept");
-                    if count > 0 {
+                    // Nothing to look for: what it keeps is not known.
+                    if work.is_empty() {
+                        erasure.datasets.push(DatasetReport::unsearched(d.name.clone()));
+                    } else if count > 0 {
                         erasure.retained.push(RetainedReport {
                             dataset: d.name.clone(),
                             category: Some(d.category.clone()),

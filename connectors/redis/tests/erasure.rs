@@ -281,6 +281,15 @@ async fn a_dataset_without_the_tasks_identifier_types_is_left_alone() {
     let erased = down.erase(&t).await.unwrap();
     assert_eq!(erased.datasets, ["sessions", "profiles"].map(DatasetReport::unsearched));
     assert_eq!(down.verify(&t).await.unwrap(), 0);
+    // Kept, it is not searched either: what it keeps is not known.
+    let kept = Directive {
+        basis: Some("contract".into()),
+        until: Some(Utc::now() + Duration::days(30)),
+        ..directive("web.session", Action::Retain)
+    };
+    let t = task_with(vec![id("phone", "+44 20 7946 0958")], vec![kept]);
+    let erased = down.erase(&t).await.unwrap();
+    assert_eq!((erased.datasets, erased.retained), (vec![DatasetReport::unsearched("sessions")], vec![]));
     s.cleanup().await;
 }
 

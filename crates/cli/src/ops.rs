@@ -213,7 +213,16 @@ pub async fn hold(client: &Client, command: HoldCommand) -> anyhow::Result<()> {
 pub async fn policy(client: &Client, command: PolicyCommand) -> anyhow::Result<()> {
     let PolicyCommand::Explain { subject, regulation, local, config, json } = command;
     let explanation = if local {
-        explain_locally(config.as_deref(), &regulation)?
+        // The types of the identifiers given, if any: which systems each is
+        // searched by (holds need the store, so they are not applied here).
+        let kinds = match subject.subject() {
+            Ok(given) => given
+                .keys()
+                .map(|k| k.parse::<lethe_core::IdentifierKind>().map_err(|e| Usage(format!("{k:?}: {e}"))))
+                .collect::<Result<Vec<_>, _>>()?,
+            Err(_) => Vec::new(),
+        };
+        explain_locally(config.as_deref(), &regulation, &kinds.iter().collect::<Vec<_>>())?
     } else {
         let body = json!({"subject": subject.subject()?, "regulation": regulation});
         client.post("/v1/plans:explain", &body).await?
@@ -226,7 +235,11 @@ pub async fn policy(client: &Client, command: PolicyCommand) -> anyhow::Result<(
     }
 }
 
-fn explain_locally(config: Option<&std::path::Path>, regulation: &str) -> anyhow::Result<Value> {
+fn explain_locally(
+    config: Option<&std::path::Path>,
+    regulation: &str,
+    kinds: &[&lethe_core::IdentifierKind],
+) -> anyhow::Result<Value> {
     let config = Config::load(config, &Overrides::default())?;
     let (planner, warnings) = crate::policy::planner(&config)?;
     for w in warnings {
@@ -234,7 +247,7 @@ fn explain_locally(config: Option<&std::path::Path>, regulation: &str) -> anyhow
     }
     let regulation: lethe_core::Regulation = regulation.parse()?;
     let now = chrono::Utc::now();
-    let (systems, _) = planner.plan(regulation, now, &[], &[]);
+    let (systems, _) = planner.plan(regulation, now, kinds, &[]);
     Ok(json!({
         "regulation": regulation,
         "as_of": now,

@@ -488,6 +488,14 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, runs: &Runs, now:
                     Outcome::Erased { .. } | Outcome::NotFound { .. } if p.not_searched() && !o.changed_data() => {
                         "not_searched"
                     }
+                    // Searched in part and nothing found there (kept as
+                    // `erased` to carry the datasets not searched); a purge
+                    // date still to come is an erasure's.
+                    Outcome::Erased { datasets, .. }
+                        if !o.changed_data() && datasets.iter().all(|d| d.purge_by.is_none()) =>
+                    {
+                        "not_found"
+                    }
                     Outcome::Erased { .. } => "erased",
                     Outcome::NotFound { .. } => "not_found",
                     Outcome::RetainedInPart { .. } => "retained_in_part",

@@ -2160,9 +2160,10 @@ struct SessionsBySomethingElse;
 
 #[async_trait]
 impl Connector for SessionsBySomethingElse {
-    async fn erase(&self, _: &ErasureTask) -> Result<Erasure, ConnectorError> {
+    async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+        let found = u64::from(task.identifiers_of("email").all(|i| i.expose() != "nobody@example.com"));
         Ok(Erasure {
-            datasets: vec![DatasetReport::new("records", 1, 0), DatasetReport::unsearched("sessions")],
+            datasets: vec![DatasetReport::new("records", found, 0), DatasetReport::unsearched("sessions")],
             retained: vec![],
         })
     }
@@ -2208,4 +2209,21 @@ async fn a_dataset_not_searched_is_shown_and_certified_as_such() {
         json!({"verified": true, "residual": 0, "not_searched": ["sessions"]}),
         "{cert}"
     );
+
+    // Searched in part and nothing there: nothing found, not an erasure.
+    let (_, created, _) = call(
+        &h.app(),
+        post(json!({"subject": {"email": "nobody@example.com"}, "regulation": "gdpr"}).to_string()),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let view = wait_final(&h.app(), &id).await;
+    let crm = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == "crm").cloned().unwrap();
+    let summary = crm["summary"].as_str().unwrap();
+    assert!(summary.starts_with("nothing found; not searched") && summary.ends_with("sessions"), "{summary}");
+    let (_, cert, _) = call(&h.app(), get(&format!("/v1/requests/{id}/certificate"))).await;
+    let systems = cert["payload"]["systems"].as_array().unwrap();
+    let crm = systems.iter().find(|s| s["system"] == "crm").unwrap();
+    assert_eq!(crm["outcome"], "not_found", "{cert}");
+    assert_eq!(crm["verification"]["not_searched"], json!(["sessions"]), "{cert}");
 }

@@ -184,7 +184,15 @@ impl Outcome {
         match self {
             Self::Erased { datasets, residual } | Self::RetainedInPart { datasets, residual, .. } => {
                 let (deleted, anonymized) = DatasetReport::totals(datasets);
-                let mut s = format!("deleted {deleted}, anonymized {anonymized}");
+                let nothing = deleted == 0
+                    && anonymized == 0
+                    && datasets.iter().all(|d| d.purge_by.is_none())
+                    && matches!(self, Self::Erased { .. });
+                let mut s = if nothing {
+                    "nothing found".to_owned()
+                } else {
+                    format!("deleted {deleted}, anonymized {anonymized}")
+                };
                 if let Some(r) = residual.filter(|r| *r > 0) {
                     s.push_str(&format!("; under-deletion: {r} records remain"));
                 }
