@@ -215,12 +215,18 @@ pub async fn policy(client: &Client, command: PolicyCommand) -> anyhow::Result<(
     let explanation = if local {
         // The types of the identifiers given, if any: which systems each is
         // searched by (holds need the store, so they are not applied here).
-        let kinds = match subject.subject() {
-            Ok(given) => given
+        let none = [&subject.email, &subject.phone, &subject.customer_id, &subject.device_id]
+            .iter()
+            .all(|v| v.is_none())
+            && subject.other.is_empty();
+        let kinds = if none {
+            Vec::new()
+        } else {
+            subject
+                .subject()?
                 .keys()
                 .map(|k| k.parse::<lethe_core::IdentifierKind>().map_err(|e| Usage(format!("{k:?}: {e}"))))
-                .collect::<Result<Vec<_>, _>>()?,
-            Err(_) => Vec::new(),
+                .collect::<Result<Vec<_>, _>>()?
         };
         explain_locally(config.as_deref(), &regulation, &kinds.iter().collect::<Vec<_>>())?
     } else {

@@ -143,7 +143,7 @@ pub async fn start(config: &Config, listener: TcpListener, admin: AdminToken) ->
         for system in &config.systems {
             let connector = registry::build(system).await?;
             if let Err(e) = connector.health().await {
-                tracing::warn!(system = %system.name, error = %e, "connector health check failed; its tasks will fail until fixed");
+                tracing::warn!(system = %system.name, error = %e, "connector health check failed; until it is fixed its tasks may fail or find nothing");
             }
             let worker = Worker::new(system.name.clone(), connector, keys.clone(), bus.clone(), config.retry)
                 .with_concurrency(config.worker.concurrency);

@@ -478,22 +478,23 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, runs: &Runs, now:
                 })
                 .collect();
             let late = runs.late(&p.system);
+            let removed_any = DatasetReport::totals(runs.removed(&p.system)) != (0, 0)
+                || outcome.is_some_and(Outcome::changed_data);
+            let not_searched =
+                !removed_any && outcome.is_some_and(|o| p.not_searched() || o.searched_nothing());
             let mut entry = json!({
                 "system": p.system,
                 "action": p.action,
                 "state": task.map(|t| t.state),
                 "outcome": outcome.map(|o| match o {
-                    // A connector may say so per dataset (an `erased` with
-                    // nothing changed) or answer "nothing found".
-                    Outcome::Erased { .. } | Outcome::NotFound { .. } if p.not_searched() && !o.changed_data() => {
-                        "not_searched"
-                    }
-                    // Searched in part and nothing found there (kept as
-                    // `erased` to carry the datasets not searched); a purge
-                    // date still to come is an erasure's.
-                    Outcome::Erased { datasets, .. }
-                        if !o.changed_data() && datasets.iter().all(|d| d.purge_by.is_none()) =>
-                    {
+                    // Some run removed data (a follow-up may find nothing).
+                    Outcome::Erased { .. } | Outcome::NotFound { .. } if removed_any => "erased",
+                    // The plan says so, or the connector per dataset.
+                    Outcome::Erased { .. } | Outcome::NotFound { .. } if not_searched => "not_searched",
+                    // Nothing found where it searched (kept as `erased` to
+                    // carry the datasets not searched); a purge date is an
+                    // erasure's (a tombstone of a lost first attempt's).
+                    Outcome::Erased { datasets, .. } if datasets.iter().all(|d| d.purge_by.is_none()) => {
                         "not_found"
                     }
                     Outcome::Erased { .. } => "erased",
@@ -509,7 +510,7 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, runs: &Runs, now:
                 "retained": retained,
                 // Nothing was checked in a system not searched, and only the
                 // searched datasets were in one searched in part.
-                "verification": if p.not_searched() {
+                "verification": if not_searched {
                     json!({"verified": false, "residual": null})
                 } else {
                     let mut v = json!({"verified": outcome.and_then(Outcome::residual).is_some(), "residual": outcome.and_then(Outcome::residual)});

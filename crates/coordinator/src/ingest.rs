@@ -426,7 +426,7 @@ mod tests {
             version: 1,
             task_id: TaskId::new(),
             request_id: RequestId::new(),
-            system: "crm".into(),
+            system: format!("crm-{leak}"),
             attempt: 1,
             outcome,
             reported_at: chrono::Utc::now(),

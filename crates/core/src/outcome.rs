@@ -159,6 +159,18 @@ impl Outcome {
         }
     }
 
+    /// Whether the attempt could search nothing: every dataset it reports
+    /// (at least one) is not searched, and it keeps nothing.
+    pub fn searched_nothing(&self) -> bool {
+        match self {
+            Self::Erased { datasets, .. } => !datasets.is_empty() && datasets.iter().all(|d| d.not_searched),
+            Self::RetainedInPart { datasets, retained, .. } => {
+                retained.is_empty() && !datasets.is_empty() && datasets.iter().all(|d| d.not_searched)
+            }
+            _ => false,
+        }
+    }
+
     /// The datasets the attempt could not search (no identifier of their
     /// types), by name.
     pub fn unsearched_datasets(&self) -> Vec<&str> {

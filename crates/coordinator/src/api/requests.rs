@@ -531,7 +531,7 @@ pub async fn get_request(
                 outcome: task.and_then(|t| t.last_outcome.clone()),
                 summary: task
                     .and_then(|t| t.last_outcome.as_ref())
-                    .map(|o| summary(o, runs.removed(&p.system), p.not_searched())),
+                    .map(|o| summary(o, runs.removed(&p.system), p.not_searched() || o.searched_nothing())),
                 removed: runs.removed(&p.system).to_vec(),
                 kept: runs.kept(&p.system).map(<[_]>::to_vec).unwrap_or_default(),
                 late_changes: runs.late(&p.system).into_iter().cloned().collect(),
@@ -577,6 +577,7 @@ fn summary(last: &Outcome, removed: &[lethe_core::DatasetReport], not_searched: 
     if not_searched
         && matches!(last, Outcome::NotFound { .. } | Outcome::Erased { .. })
         && !last.changed_data()
+        && DatasetReport::totals(removed) == (0, 0)
     {
         return NOT_SEARCHED.to_owned();
     }
@@ -687,21 +688,20 @@ pub async fn list_requests(
         unanswered,
         limit,
     };
-    if let Some(name) =
-        query.system.as_ref().filter(|s| !state.planner.systems().iter().any(|x| &x.name == *s))
-    {
+    // Not for a portal (`requests:read:own`): which names are refused would
+    // tell it the systems, which it may not list.
+    let unknown = |s: &&String| !state.planner.systems().iter().any(|x| &x.name == *s);
+    if let Some(name) = query.system.as_ref().filter(unknown).filter(|_| caller.can(&Scope::RequestsRead)) {
         // Most likely a typo, which an empty page would pass off as "no
         // request there"; a removed system's requests are still listed.
         let any = ListQuery { system: Some(name.clone()), limit: 1, ..ListQuery::default() };
         if state.store.list_requests(&any).await?.is_empty() {
-            let mut detail =
-                "system: no configured system has that name, and no request has a task in it".to_owned();
-            // Those who may list the systems are told which there are.
-            if caller.can(&Scope::RequestsRead) {
-                let known: Vec<&str> = state.planner.systems().iter().map(|s| s.name.as_str()).collect();
-                detail.push_str(&format!("; the configured systems: {}", known.join(", ")));
-            }
-            return Err(Problem::invalid(detail));
+            let known: Vec<&str> = state.planner.systems().iter().map(|s| s.name.as_str()).collect();
+            return Err(Problem::invalid(format!(
+                "system: no configured system has that name, and no request has a task in it; \
+                 the configured systems: {}",
+                known.join(", ")
+            )));
         }
     }
     let rows = state.store.list_requests(&query).await?;
