@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use lethe_connector::{kind::parse, Connector, ConnectorError, ConnectorKind};
-
 use lethe_core::Action;
 
 use crate::config::TableAction;
