@@ -44,6 +44,19 @@ pub struct SubjectArgs {
 impl SubjectArgs {
     /// The identifiers by type; at least one.
     pub fn subject(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        let subject = self.given()?;
+        if subject.is_empty() {
+            return Err(Usage(
+                "give at least one identifier (--email, --phone, --customer-id, --device-id or --id TYPE=VALUE)"
+                    .into(),
+            )
+            .into());
+        }
+        Ok(subject)
+    }
+
+    /// The identifiers given by type, if any.
+    pub fn given(&self) -> anyhow::Result<BTreeMap<String, String>> {
         let mut subject = BTreeMap::new();
         for (kind, value) in [
             ("email", &self.email),
@@ -65,13 +78,6 @@ impl SubjectArgs {
                 ))
                 .into());
             }
-        }
-        if subject.is_empty() {
-            return Err(Usage(
-                "give at least one identifier (--email, --phone, --customer-id, --device-id or --id TYPE=VALUE)"
-                    .into(),
-            )
-            .into());
         }
         Ok(subject)
     }
@@ -215,19 +221,11 @@ pub async fn policy(client: &Client, command: PolicyCommand) -> anyhow::Result<(
     let explanation = if local {
         // The types of the identifiers given, if any: which systems each is
         // searched by (holds need the store, so they are not applied here).
-        let none = [&subject.email, &subject.phone, &subject.customer_id, &subject.device_id]
-            .iter()
-            .all(|v| v.is_none())
-            && subject.other.is_empty();
-        let kinds = if none {
-            Vec::new()
-        } else {
-            subject
-                .subject()?
-                .keys()
-                .map(|k| k.parse::<lethe_core::IdentifierKind>().map_err(|e| Usage(format!("{k:?}: {e}"))))
-                .collect::<Result<Vec<_>, _>>()?
-        };
+        let kinds = subject
+            .given()?
+            .keys()
+            .map(|k| k.parse::<lethe_core::IdentifierKind>().map_err(|e| Usage(format!("{k:?}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
         explain_locally(config.as_deref(), &regulation, &kinds.iter().collect::<Vec<_>>())?
     } else {
         let body = json!({"subject": subject.subject()?, "regulation": regulation});

@@ -15,7 +15,7 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use lethe_core::plan::HOLD_BASIS_PREFIX;
-use lethe_core::{DataKey, DatasetReport, MasterKey, Outcome, RequestStatus, RetainedReport};
+use lethe_core::{DataKey, DatasetReport, MasterKey, Outcome, PlanItem, RequestStatus, RetainedReport};
 use lethe_store::{RequestDetail, SigningKeyRecord, StateStore, StoreError};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -480,8 +480,7 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, runs: &Runs, now:
             let late = runs.late(&p.system);
             let removed_any = DatasetReport::totals(runs.removed(&p.system)) != (0, 0)
                 || outcome.is_some_and(Outcome::changed_data);
-            let not_searched =
-                !removed_any && outcome.is_some_and(|o| p.not_searched() || o.searched_nothing());
+            let not_searched = outcome.is_some_and(|o| not_searched(p, o, runs.removed(&p.system)));
             let mut entry = json!({
                 "system": p.system,
                 "action": p.action,
@@ -494,9 +493,7 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, runs: &Runs, now:
                     // Nothing found where it searched (kept as `erased` to
                     // carry the datasets not searched); a purge date is an
                     // erasure's (a tombstone of a lost first attempt's).
-                    Outcome::Erased { datasets, .. } if datasets.iter().all(|d| d.purge_by.is_none()) => {
-                        "not_found"
-                    }
+                    Outcome::Erased { .. } if o.found_nothing() => "not_found",
                     Outcome::Erased { .. } => "erased",
                     Outcome::NotFound { .. } => "not_found",
                     Outcome::RetainedInPart { .. } => "retained_in_part",
@@ -547,6 +544,17 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, runs: &Runs, now:
         "systems": systems,
         "audit": audit.map(|(seq, hash)| json!({"last_event": seq, "hash": hash})),
     })
+}
+
+/// Whether a system's task searched nothing for the subject: the plan
+/// gave it none of the types it finds subjects by, or its connector could
+/// search none of its datasets; and no run (`removed`: every run's
+/// removals) nor the `last` changed anything. The certificate and the
+/// request view both say so.
+pub(crate) fn not_searched(plan: &PlanItem, last: &Outcome, removed: &[DatasetReport]) -> bool {
+    (plan.not_searched() || last.searched_nothing())
+        && !last.changed_data()
+        && DatasetReport::totals(removed) == (0, 0)
 }
 
 /// A certificate may be handed to the subject: a legal hold is named by its

@@ -159,6 +159,17 @@ impl Outcome {
         }
     }
 
+    /// An `erased` that changed nothing and carries no purge date: kept as
+    /// `erased` only to carry datasets not searched, it found nothing.
+    pub fn found_nothing(&self) -> bool {
+        match self {
+            Self::Erased { datasets, .. } => {
+                !self.changed_data() && datasets.iter().all(|d| d.purge_by.is_none())
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the attempt could search nothing: every dataset it reports
     /// (at least one) is not searched, and it keeps nothing.
     pub fn searched_nothing(&self) -> bool {
@@ -196,11 +207,7 @@ impl Outcome {
         match self {
             Self::Erased { datasets, residual } | Self::RetainedInPart { datasets, residual, .. } => {
                 let (deleted, anonymized) = DatasetReport::totals(datasets);
-                let nothing = deleted == 0
-                    && anonymized == 0
-                    && datasets.iter().all(|d| d.purge_by.is_none())
-                    && matches!(self, Self::Erased { .. });
-                let mut s = if nothing {
+                let mut s = if self.found_nothing() {
                     "nothing found".to_owned()
                 } else {
                     format!("deleted {deleted}, anonymized {anonymized}")

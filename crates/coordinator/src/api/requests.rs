@@ -529,9 +529,10 @@ pub async fn get_request(
                 state: task.map(|t| t.state),
                 attempts: task.map_or(0, |t| t.attempts),
                 outcome: task.and_then(|t| t.last_outcome.clone()),
-                summary: task
-                    .and_then(|t| t.last_outcome.as_ref())
-                    .map(|o| summary(o, runs.removed(&p.system), p.not_searched() || o.searched_nothing())),
+                summary: task.and_then(|t| t.last_outcome.as_ref()).map(|o| {
+                    let removed = runs.removed(&p.system);
+                    summary(o, removed, crate::certificate::not_searched(&p, o, removed))
+                }),
                 removed: runs.removed(&p.system).to_vec(),
                 kept: runs.kept(&p.system).map(<[_]>::to_vec).unwrap_or_default(),
                 late_changes: runs.late(&p.system).into_iter().cloned().collect(),
@@ -574,11 +575,7 @@ pub async fn get_request(
 /// The last run's summary, and every run's removals where they differ.
 fn summary(last: &Outcome, removed: &[lethe_core::DatasetReport], not_searched: bool) -> String {
     use lethe_core::DatasetReport;
-    if not_searched
-        && matches!(last, Outcome::NotFound { .. } | Outcome::Erased { .. })
-        && !last.changed_data()
-        && DatasetReport::totals(removed) == (0, 0)
-    {
+    if not_searched && matches!(last, Outcome::NotFound { .. } | Outcome::Erased { .. }) {
         return NOT_SEARCHED.to_owned();
     }
     let last_run = match last {
