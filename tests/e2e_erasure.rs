@@ -118,3 +118,56 @@ async fn request_completes(state: StateKind) {
         assert!(found.is_empty(), "{needle:?} appears in the state store: {found:?}");
     }
 }
+
+/// A store that hangs (here a row of the shop locked by another session)
+/// costs the task an attempt, not the worker a slot for ever: the worker
+/// gives up after `[worker] task_timeout_secs` and reports a retryable
+/// failure that says so, and once the lock is gone a later attempt
+/// finishes the erasure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_hangs_costs_an_attempt_and_the_erasure_finishes_later() {
+    use support::LabOptions;
+    let options = LabOptions {
+        task_timeout_secs: Some(30),
+        extra_config: "[worker]\ntask_timeout_secs = 1\n".into(),
+        ..LabOptions::default()
+    };
+    let lab = Lab::with_options(StateKind::Sqlite, ada_and_neighbours(), options).await;
+    let shop = lab.shop.pool().await;
+    let mut locker = shop.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM customers WHERE id = 1 FOR UPDATE")
+        .fetch_all(&mut *locker)
+        .await
+        .expect("lock Ada");
+    let server = Server::start(&lab).await;
+    let submitted = server.submit(json!({"email": ADA_AS_SUBMITTED})).await;
+    let id = submitted["id"].as_str().expect("id").to_owned();
+
+    let started = std::time::Instant::now();
+    let reason = loop {
+        let view = server.request(&id).await;
+        let shop_view = system(&view, "shop");
+        if shop_view["outcome"]["status"] == "failed" {
+            assert_eq!(shop_view["outcome"]["retryable"], true, "{shop_view:#}");
+            break shop_view["outcome"]["reason"].as_str().expect("reason").to_owned();
+        }
+        assert_ne!(view["status"], "completed", "the shop is locked: {view:#}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "no time-out reported: {view:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(reason.contains("did not finish within 1 s"), "{reason}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the worker's 1 s, not the coordinator's 30 s"
+    );
+
+    locker.rollback().await.expect("release the lock");
+    let view = server.wait_final(&id).await;
+    assert_eq!(view["status"], "completed", "{view:#}");
+    let shop_view = system(&view, "shop");
+    assert_eq!(shop_view["state"], "succeeded", "{shop_view:#}");
+    assert_eq!(shop_view["outcome"]["residual"], 0, "{shop_view:#}");
+    assert!(shop_view["attempts"].as_u64().expect("attempts") >= 2, "{shop_view:#}");
+    let ada = BTreeSet::from([1]);
+    lab.assert_rows_after(&ada, &ada).await;
+}

@@ -212,6 +212,13 @@ pub struct WorkerConfig {
     /// delivered again later.
     #[serde(default = "WorkerConfig::default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
+    /// Seconds a worker gives one task (its key, the connector's calls and
+    /// their retries) before it abandons the calls and reports a retryable
+    /// failure, so that a store that hangs does not hold a slot for ever.
+    /// Unset: `[scheduler] task_timeout_secs`, after which the coordinator
+    /// sends the task again anyway.
+    #[serde(default)]
+    pub task_timeout_secs: Option<u64>,
 }
 
 impl WorkerConfig {
@@ -225,7 +232,11 @@ impl WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { concurrency: Self::default_concurrency(), shutdown_grace_secs: Self::default_shutdown_grace() }
+        Self {
+            concurrency: Self::default_concurrency(),
+            shutdown_grace_secs: Self::default_shutdown_grace(),
+            task_timeout_secs: None,
+        }
     }
 }
 
@@ -795,6 +806,15 @@ impl Config {
         if let Some((_, problem)) = checks.iter().find(|(ok, _)| !ok) {
             bail!("{problem}");
         }
+        if let Some(t) = self.worker.task_timeout_secs {
+            if t == 0 || t > s.task_timeout_secs {
+                bail!(
+                    "worker.task_timeout_secs must be 1 to scheduler.task_timeout_secs ({}): a worker \
+                     still busy with a task the coordinator has sent again does the work twice",
+                    s.task_timeout_secs
+                );
+            }
+        }
         if let BusConfig::Kafka(k) = &self.bus {
             if k.brokers.trim().is_empty() {
                 bail!("bus.brokers is empty");
@@ -811,6 +831,11 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// How long a connector worker gives one task.
+    pub fn worker_task_timeout(&self) -> Duration {
+        Duration::from_secs(self.worker.task_timeout_secs.unwrap_or(self.scheduler.task_timeout_secs))
     }
 
     /// The webhook endpoints, with URLs and secrets resolved.
@@ -1093,6 +1118,10 @@ mod tests {
             ("LETHE__DISPATCHER__POLL_INTERVAL_MS", "0", "dispatcher.poll_interval_ms"),
             ("LETHE__SCHEDULER__MAX_ATTEMPTS", "0", "scheduler.max_attempts"),
             ("LETHE__WORKER__CONCURRENCY", "0", "worker.concurrency"),
+            ("LETHE__WORKER__TASK_TIMEOUT_SECS", "0", "worker.task_timeout_secs must be 1 to"),
+            // Past the coordinator's time-out the task is sent again while
+            // the first worker still runs it.
+            ("LETHE__WORKER__TASK_TIMEOUT_SECS", "301", "scheduler.task_timeout_secs (300)"),
             ("LETHE__STORE__URL", "postgress://db/lethe", "store.url"),
             // A zero backoff retries a broker outage in a busy loop.
             ("LETHE__RETRY__INITIAL_DELAY_MS", "0", "retry.initial_delay_ms"),
@@ -1102,6 +1131,26 @@ mod tests {
             let err = format!("{:#}", Config::load_with_env(None, &Overrides::default(), &env).unwrap_err());
             assert!(err.contains(problem), "{name}={value}: {err}");
         }
+    }
+
+    /// Unset, a worker gives a task what the coordinator gives it.
+    #[test]
+    fn a_workers_task_time_out_follows_the_coordinators_unless_set() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        };
+        let load = |pairs: &[(&str, &str)]| {
+            Config::load_with_env(None, &Overrides::default(), &env(pairs)).unwrap().worker_task_timeout()
+        };
+        assert_eq!(load(&[]), Duration::from_secs(300));
+        assert_eq!(load(&[("LETHE__SCHEDULER__TASK_TIMEOUT_SECS", "40")]), Duration::from_secs(40));
+        assert_eq!(
+            load(&[
+                ("LETHE__SCHEDULER__TASK_TIMEOUT_SECS", "40"),
+                ("LETHE__WORKER__TASK_TIMEOUT_SECS", "25")
+            ]),
+            Duration::from_secs(25)
+        );
     }
 
     /// `config check` refuses what `serve` would: two systems with one

@@ -146,7 +146,8 @@ pub async fn start(config: &Config, listener: TcpListener, admin: AdminToken) ->
                 tracing::warn!(system = %system.name, error = %e, "connector health check failed; until it is fixed its tasks may fail or find nothing");
             }
             let worker = Worker::new(system.name.clone(), connector, keys.clone(), bus.clone(), config.retry)
-                .with_concurrency(config.worker.concurrency);
+                .with_concurrency(config.worker.concurrency)
+                .with_task_timeout(config.worker_task_timeout());
             let name = system.name.clone();
             let stop = stopped(stopping.clone());
             tasks.spawn(async move {
@@ -248,7 +249,8 @@ pub async fn run_connector(
             "cannot check the connector token now; starting, and tasks wait for their keys"),
     }
     let worker = Worker::new(system.name.clone(), connector, keys, bus, config.retry)
-        .with_concurrency(config.worker.concurrency);
+        .with_concurrency(config.worker.concurrency)
+        .with_task_timeout(config.worker_task_timeout());
     tracing::info!(system = %system.name, coordinator = %shown, "connector worker consuming");
     let grace = Duration::from_secs(config.worker.shutdown_grace_secs);
     worker.run_until(shutdown_signal(), grace).await.map_err(anyhow::Error::from)

@@ -42,6 +42,10 @@ pub trait KeyResolver: Send + Sync + 'static {
     ) -> Result<Option<DataKey>, ConnectorError>;
 }
 
+/// What a worker gives one task unless told otherwise: the coordinator's
+/// default task time-out.
+const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Runs one connector against one system's task stream.
 pub struct Worker {
     system: String,
@@ -51,6 +55,7 @@ pub struct Worker {
     bus: Arc<dyn Bus>,
     retry: RetryPolicy,
     concurrency: usize,
+    task_timeout: Duration,
 }
 
 impl std::fmt::Debug for Worker {
@@ -69,7 +74,7 @@ impl Worker {
     ) -> Self {
         let system = system.into();
         let name = format!("{system}-{}", std::process::id());
-        Self { system, name, connector, keys, bus, retry, concurrency: 8 }
+        Self { system, name, connector, keys, bus, retry, concurrency: 8, task_timeout: DEFAULT_TASK_TIMEOUT }
     }
 
     /// How many tasks run at once (default 8). Acknowledgements still
@@ -77,6 +82,17 @@ impl Worker {
     /// every earlier task of its partition has delivered its result.
     pub fn with_concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// How long one task may take, its key, the connector's calls and their
+    /// retries together (default 300 s, the coordinator's default
+    /// time-out). Past it the calls are abandoned (their futures dropped)
+    /// and the task reports a retryable failure, so a store that hangs
+    /// costs an attempt, not a slot for ever. Keep it at most the
+    /// coordinator's `[scheduler] task_timeout_secs`.
+    pub fn with_task_timeout(mut self, timeout: Duration) -> Self {
+        self.task_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -195,9 +211,23 @@ impl Worker {
         let started = Instant::now();
         // A connector that panics fails its task; the worker and the other
         // tasks in flight carry on.
-        let outcome = match CatchUnwind(Box::pin(self.outcome(&task).instrument(span.clone()))).await {
-            Ok(outcome) => outcome,
+        let run = CatchUnwind(Box::pin(self.outcome(&task).instrument(span.clone())));
+        let outcome = match tokio::time::timeout(self.task_timeout, run).await {
+            Ok(Ok(outcome)) => outcome,
             Err(_) => {
+                let secs = self.task_timeout.as_secs_f64();
+                span.in_scope(|| {
+                    tracing::warn!(timeout_secs = secs, "the task ran out of time; its calls were abandoned")
+                });
+                Outcome::Failed {
+                    retryable: true,
+                    reason: format!(
+                        "the task did not finish within {secs} s (the worker's task time-out): its calls were \
+                         abandoned, and what they did is checked again on the next attempt"
+                    ),
+                }
+            }
+            Ok(Err(_)) => {
                 span.in_scope(|| tracing::error!("the connector panicked; the task fails"));
                 Outcome::Failed {
                     retryable: false,
@@ -602,6 +632,49 @@ mod tests {
         async fn health(&self) -> Result<(), ConnectorError> {
             Ok(())
         }
+    }
+
+    /// A connector that never answers costs each task its time-out, not
+    /// the worker's slot: with one slot, both tasks report a retryable
+    /// failure that says what happened, the second after the first.
+    #[tokio::test]
+    async fn a_task_that_outlasts_its_time_out_fails_retryably_and_frees_its_slot() {
+        use std::time::Duration;
+        let key = DataKey::generate();
+        let retry = RetryPolicy { initial_delay_ms: 1, max_delay_ms: 1, max_retries: 0 };
+        let bus = Arc::new(lethe_bus::InProcessBus::new());
+        let worker = Worker::new(
+            "crm",
+            Arc::new(Slow(Duration::from_secs(3600))),
+            Arc::new(OneKey::new(&key)),
+            bus.clone(),
+            retry,
+        )
+        .with_concurrency(1)
+        .with_task_timeout(Duration::from_millis(200));
+        bus.publish_tasks(&[task_for(&key, 1), task_for(&key, 2)]).await.unwrap();
+        let mut results = bus.result_consumer().await.unwrap();
+        let running = tokio::spawn(worker.run());
+        let started = std::time::Instant::now();
+        for attempt in [1, 2] {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), results.recv())
+                .await
+                .expect("a result within the time-out")
+                .unwrap();
+            let result = delivery.message.unwrap();
+            assert_eq!(result.attempt, attempt);
+            let Outcome::Failed { retryable, reason } = result.outcome else {
+                panic!("{:?}", result.outcome)
+            };
+            assert!(retryable, "a hang may pass: the coordinator sends the task again");
+            assert!(reason.contains("did not finish within 0.2 s"), "{reason}");
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "one after the other: {:?}",
+            started.elapsed()
+        );
+        running.abort();
     }
 
     /// Stopped while a task runs, a worker lets it finish and report what
