@@ -67,6 +67,51 @@ pub struct Ingest {
     pub(crate) schedule: RetrySchedule,
     /// Tells the dispatcher that answered tasks made room under its bound.
     pub(crate) wake: Arc<Notify>,
+    /// Dataset names known to be a store's own, screened no more.
+    pub(crate) names: KnownNames,
+}
+
+/// The dataset names each system has reported for two different requests,
+/// each time screened against that request's subject and found clean: the
+/// names of a store's tables or folders, not of a subject, so that the
+/// results of a busy system cost no reading of their subject's
+/// identifiers. A name seen once waits for its second request; the map is
+/// bounded, and forgets the names seen once when full.
+#[derive(Debug, Default)]
+pub(crate) struct KnownNames(
+    std::sync::Mutex<std::collections::HashMap<(String, String), Option<RequestId>>>,
+);
+
+/// Most names kept per coordinator.
+const KNOWN_NAMES: usize = 10_000;
+
+impl KnownNames {
+    fn fixed(&self, system: &str, name: &str) -> bool {
+        let names = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        matches!(names.get(&(system.to_owned(), name.to_owned())), Some(None))
+    }
+
+    /// `name` passed screening against the subject of `request`.
+    fn passed(&self, system: &str, name: &str, request: RequestId) {
+        let mut names = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (system.to_owned(), name.to_owned());
+        match names.get(&key) {
+            Some(None) => {}
+            Some(Some(first)) if *first != request => {
+                names.insert(key, None);
+            }
+            Some(Some(_)) => {}
+            None => {
+                if names.len() >= KNOWN_NAMES {
+                    names.retain(|_, first| first.is_none());
+                    if names.len() >= KNOWN_NAMES {
+                        names.clear();
+                    }
+                }
+                names.insert(key, Some(request));
+            }
+        }
+    }
 }
 
 impl Ingest {
@@ -252,19 +297,17 @@ impl Ingest {
     /// operators, written to the audit trail, which cannot be changed
     /// afterwards, and into certificates. The protocol forbids identifiers
     /// in it; this holds a connector to that. Every such text is cut to a
-    /// length, and where a result carries prose written per record (a
-    /// failure's reason, a kept record's basis), each text that mentions an
-    /// identifier of the request's subject ([`Identifier::appears_in`]) is
-    /// withheld, as is all of it once the request's key is destroyed (it
-    /// can no longer be screened; the request is final and the outcome
-    /// late). Such results are few, so opening the identifiers costs
-    /// little; the SDK's worker screens every text before it sends it.
+    /// length and loses its control and invisible formatting characters,
+    /// and each text that mentions an identifier of the request's subject
+    /// ([`Identifier::appears_in`]) is withheld, as is all of it once the
+    /// request's key is destroyed (it can no longer be screened; the
+    /// request is final and the outcome late). Dataset names a system has
+    /// reported clean for other requests ([`KnownNames`]) are not screened
+    /// again, so only results with new names or prose (a failure's reason,
+    /// a kept record) read their subject. The SDK's worker screens every
+    /// text before it sends it.
     async fn screen(&self, m: &mut ResultMessage) {
-        let prose = match &m.outcome {
-            Outcome::Failed { .. } => true,
-            Outcome::RetainedInPart { retained, .. } => !retained.is_empty(),
-            _ => false,
-        };
+        let prose = matches!(m.outcome, Outcome::Failed { .. } | Outcome::RetainedInPart { .. });
         if let Outcome::Accepted { job_id, .. } = &m.outcome {
             // It goes into the state store and back to the connector as it
             // is: one that cannot (a NUL byte, pages of text) fails the task.
@@ -277,20 +320,30 @@ impl Ingest {
         }
         for (text, limit) in texts(&mut m.outcome) {
             // Control characters other than line breaks and tabs (a NUL
-            // byte, which PostgreSQL refuses in text) are dropped.
-            text.retain(|c| !c.is_control() || c == '\n' || c == '\t');
+            // byte, which PostgreSQL refuses in text) are dropped, and so
+            // are invisible ones (a direction override that would reorder
+            // what an operator reads).
+            text.retain(|c| {
+                (!c.is_control() || c == '\n' || c == '\t') && !lethe_core::identifier::is_invisible(c)
+            });
             lethe_core::outcome::cut(text, limit);
         }
-        if !prose {
+        let (request, task, system) = (m.request_id, m.task_id, m.system.clone());
+        if !prose && texts(&mut m.outcome).iter().all(|(name, _)| self.names.fixed(&system, name)) {
             return;
         }
-        let request = m.request_id;
         let subject = until_ok("reading a subject to screen a result", || self.subject_of(request)).await;
-        let (task, system) = (m.task_id, m.system.clone());
         let reason = matches!(m.outcome, Outcome::Failed { .. });
         for (text, _) in texts(&mut m.outcome) {
+            if !prose && self.names.fixed(&system, text) {
+                continue;
+            }
             match &subject {
-                Some(ids) if !ids.iter().any(|i| i.appears_in(text)) => {}
+                Some(ids) if !ids.iter().any(|i| i.appears_in(text)) => {
+                    if !prose {
+                        self.names.passed(&system, text, request);
+                    }
+                }
                 Some(_) => {
                     tracing::warn!(%request, %task, %system,
                         "a connector's result contained an identifier of the subject; that text is withheld");

@@ -704,31 +704,7 @@ async fn a_kept_records_text_never_carries_the_subject_nor_runs_on() {
     let body = json!({"subject": {"email": "tattle@example.com"}, "regulation": "gdpr"});
     let (_, created, _) = call(&h.app(), post(body.to_string())).await;
     let id: lethe_core::RequestId = created["id"].as_str().unwrap().parse().unwrap();
-    let mut tasks = Vec::new();
-    for _ in 0..200 {
-        let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{id}"))).await;
-        tasks = view["systems"].as_array().unwrap().clone();
-        if tasks.iter().all(|s| s["state"] == "dispatched") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let task_of = |system: &str| -> lethe_core::TaskId {
-        let task = tasks.iter().find(|s| s["system"] == system).unwrap();
-        assert_eq!(task["state"], "dispatched", "{task}");
-        task["task_id"].as_str().unwrap().parse().unwrap()
-    };
-    let answer = |system: &str, outcome: lethe_core::Outcome| lethe_bus::ResultMessage {
-        version: 1,
-        task_id: task_of(system),
-        request_id: id,
-        system: system.into(),
-        attempt: 1,
-        outcome,
-        reported_at: Utc::now(),
-        worker: None,
-        task_issued_at: None,
-    };
+    let answer = first_answers(&h, id).await;
     let kept = lethe_core::RetainedReport {
         dataset: "invoices of TATTLE@example.com".into(),
         category: Some("identity.contact".into()),
@@ -761,6 +737,105 @@ async fn a_kept_records_text_never_carries_the_subject_nor_runs_on() {
     let audit = h.state().store.audit_events(None).await.unwrap();
     assert!(audit.iter().all(|e| !e.detail.to_lowercase().contains("tattle@example.com")));
     assert!(audit.iter().all(|e| e.detail.len() < 2_000), "the long name was cut");
+}
+
+/// Once every task of request `id` is dispatched, a maker of results that
+/// answer its first attempt, per system.
+async fn first_answers(
+    h: &Harness,
+    id: lethe_core::RequestId,
+) -> impl Fn(&str, lethe_core::Outcome) -> lethe_bus::ResultMessage {
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (_, view, _) = call(&h.app(), get(&format!("/v1/requests/{id}"))).await;
+        tasks = view["systems"].as_array().unwrap().clone();
+        if tasks.iter().all(|s| s["state"] == "dispatched") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    move |system: &str, outcome: lethe_core::Outcome| {
+        let task = tasks.iter().find(|s| s["system"] == system).unwrap();
+        assert_eq!(task["state"], "dispatched", "{task}");
+        lethe_bus::ResultMessage {
+            version: 1,
+            task_id: task["task_id"].as_str().unwrap().parse().unwrap(),
+            request_id: id,
+            system: system.into(),
+            attempt: 1,
+            outcome,
+            reported_at: Utc::now(),
+            worker: None,
+            task_issued_at: None,
+        }
+    }
+}
+
+/// Dataset names are screened in every result, not only in failures and
+/// kept records: a file named after the subject (plainly, or
+/// percent-encoded) is withheld from the view and the audit trail, in an
+/// `erased` result and in a `retained_in_part` one that keeps nothing; a
+/// store's own name stays, and so do names reported for other requests.
+/// A direction override, which would reorder what an operator reads, is
+/// dropped.
+#[tokio::test]
+async fn dataset_names_never_carry_the_subject_whatever_the_outcome() {
+    let h = Harness::new().await;
+    let mut ids = Vec::new();
+    for who in ["leak", "other", "third"] {
+        let body = json!({"subject": {"email": format!("{who}@example.com")}, "regulation": "gdpr"});
+        let (_, created, _) = call(&h.app(), post(body.to_string())).await;
+        ids.push(created["id"].as_str().unwrap().parse::<lethe_core::RequestId>().unwrap());
+    }
+    for (n, id) in ids.iter().enumerate() {
+        let answer = first_answers(&h, *id).await;
+        let who = ["leak", "other", "third"][n];
+        let erased = vec![
+            lethe_core::DatasetReport::new("customers", 1, 0),
+            lethe_core::DatasetReport::new(format!("\u{202e}lists/{who}%40example.com"), 1, 0),
+        ];
+        let exported = vec![lethe_core::DatasetReport::new(format!("exports/{who}@example.com.json"), 1, 0)];
+        h.bus
+            .publish_result(&answer(
+                "crm",
+                lethe_core::Outcome::RetainedInPart {
+                    datasets: exported,
+                    retained: vec![],
+                    residual: Some(0),
+                },
+            ))
+            .await
+            .unwrap();
+        h.bus
+            .publish_result(&answer(
+                "mail",
+                lethe_core::Outcome::Erased { datasets: erased, residual: Some(0) },
+            ))
+            .await
+            .unwrap();
+        let view = wait_final(&h.app(), &id.to_string()).await;
+        let text = view.to_string();
+        for leaked in [format!("{who}@example.com"), format!("{who}%40example.com")] {
+            assert!(!text.to_lowercase().contains(&leaked), "{leaked}: {view:#}");
+        }
+        assert!(!text.contains('\u{202e}'), "{view:#}");
+        let names = |system: &str| -> Vec<String> {
+            let s = view["systems"].as_array().unwrap().iter().find(|s| s["system"] == system).unwrap();
+            s["outcome"]["datasets"].as_array().unwrap().iter().map(|d| d["dataset"].to_string()).collect()
+        };
+        let withheld = serde_json::to_string(lethe_coordinator::ingest::WITHHELD_TEXT).unwrap();
+        assert_eq!(names("crm"), std::slice::from_ref(&withheld), "{view:#}");
+        assert_eq!(
+            names("mail"),
+            ["\"customers\"".to_owned(), withheld],
+            "a store's own name stays: {view:#}"
+        );
+    }
+    let audit = h.state().store.audit_events(None).await.unwrap();
+    for who in ["leak", "other", "third"] {
+        assert!(audit.iter().all(|e| !e.detail.to_lowercase().contains(&format!("{who}@example.com"))));
+        assert!(audit.iter().all(|e| !e.detail.to_lowercase().contains(&format!("{who}%40example.com"))));
+    }
 }
 
 /// A result the state store refuses every time (here a trigger refuses its
