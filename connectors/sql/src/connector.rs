@@ -56,9 +56,19 @@ impl SqlConnector {
         let dialect = config.dialect().map_err(ConnectorError::permanent)?;
         let order = config.order().map_err(ConnectorError::permanent)?;
         sqlx::any::install_default_drivers();
+        let settings = Arc::new(dialect.session_settings(config.statement_timeout_secs));
         let pool = AnyPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(move |conn, _| {
+                let settings = settings.clone();
+                Box::pin(async move {
+                    for statement in settings.iter() {
+                        sqlx::Executor::execute(&mut *conn, statement.as_str()).await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect_lazy(&dialect.driver_url(&config.url))
             .map_err(|e| classify(dialect, Context { op: "opening the pool", table: None }, &e))?;
         let config = Arc::new(config);

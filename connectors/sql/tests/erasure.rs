@@ -574,7 +574,63 @@ async fn unreachable_database(db: Arc<TestDb>) {
     assert!(!e.message.contains("ada"), "{e:?}");
 }
 
+/// A row locked by another session holds a statement only for
+/// `statement_timeout_secs`: the server then cancels it, the erase fails
+/// retryably, and the connection goes back to the pool, so another subject
+/// is erased through the one connection while the lock is still held, and
+/// the locked subject once it is released. (SQLite locks the whole file
+/// for a writer, so it has no such case.)
+async fn a_locked_row_costs_its_subject_a_retry_and_no_connection(db: Arc<TestDb>) {
+    use common::Engine;
+    if db.engine == Engine::Sqlite {
+        return;
+    }
+    db.shop().await;
+    let sql = db
+        .connector(&format!("statement_timeout_secs = 1\nmax_connections = 1\n{}", shop_tables("hash")))
+        .await;
+    let other = db.pool().await;
+    let mut locker = other.begin().await.unwrap();
+    sqlx::query("SELECT id FROM customers WHERE id = 1 FOR UPDATE").fetch_all(&mut *locker).await.unwrap();
+
+    let ada = task(vec![id("email", "ada@example.com")]);
+    let started = std::time::Instant::now();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(30), sql.erase(&ada))
+        .await
+        .expect("the server cancels the statement")
+        .unwrap_err();
+    assert!(e.retryable, "{e:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15), "{:?}", started.elapsed());
+    assert!(!e.message.to_lowercase().contains("ada"), "{e:?}");
+
+    let bob = task(vec![id("email", "bob@example.com")]);
+    let done = tokio::time::timeout(std::time::Duration::from_secs(30), sql.erase(&bob))
+        .await
+        .expect("the one connection is free again");
+    match (db.engine, done) {
+        (_, Ok(done)) => {
+            assert_eq!(
+                done.datasets.iter().find(|d| d.dataset == "customers").unwrap().deleted,
+                1,
+                "{done:?}"
+            )
+        }
+        // InnoDB locks the rows a statement's sub-query reads, Ada's among
+        // them: Bob's statement reached the server and waited its turn.
+        (Engine::MySql, Err(e)) => assert!(e.retryable && e.message.contains("lock wait timeout"), "{e:?}"),
+        (_, Err(e)) => panic!("{e:?}"),
+    }
+
+    locker.rollback().await.unwrap();
+    other.close().await;
+    sql.erase(&ada).await.unwrap();
+    sql.erase(&bob).await.unwrap();
+    assert_eq!(sql.verify(&ada).await.unwrap(), 0);
+    assert_eq!(db.ids("customers").await, vec![3, 4]);
+}
+
 on_every_engine!(
+    a_locked_row_costs_its_subject_a_retry_and_no_connection,
     erases_the_subject_and_nothing_else,
     redact_keeps_the_length_in_characters,
     matches_customer_ids_as_integers_only,
