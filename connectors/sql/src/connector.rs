@@ -15,7 +15,7 @@ use crate::batch::{Batcher, Change};
 use crate::catalog::{configured_columns, Catalog, ColKind};
 use crate::config::{SqlConfig, TableAction};
 use crate::dialect::Dialect;
-use crate::error::{classify, Context};
+use crate::error::{classify, Context, POOL_TIMED_OUT};
 use crate::query::{usable_values, Cond, Sql, Term};
 use crate::retention::{count_kept, plan, report_kept, Scope, TablePlan, Until};
 use crate::shared::{Group, Op, Shared, Subject};
@@ -96,6 +96,34 @@ impl SqlConnector {
 
     async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>, ConnectorError> {
         self.pool.acquire().await.map_err(|e| self.err("connecting", None, &e))
+    }
+
+    /// Why the pool had no connection to give: the pool keeps retrying a
+    /// database it cannot reach until its time-out, and says no more, so
+    /// one direct connection names the cause (refused, unknown host, bad
+    /// password); if that one succeeds, every pooled connection is busy.
+    async fn why_no_connection(&self) -> ConnectorError {
+        use sqlx::Connection as _;
+        let url = self.dialect.driver_url(&self.config.url);
+        match tokio::time::timeout(ACQUIRE_TIMEOUT, AnyConnection::connect(&url)).await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                ConnectorError::retryable(format!(
+                    "no connection: all {} pooled connections stayed busy for {} s (statements waiting \
+                     on locks, or a max_connections too small for the worker's concurrency)",
+                    self.config.max_connections,
+                    ACQUIRE_TIMEOUT.as_secs()
+                ))
+            }
+            Ok(Err(e)) => {
+                let e = self.err("connecting", None, &e);
+                ConnectorError { message: format!("no connection: {}", e.message), ..e }
+            }
+            Err(_) => ConnectorError::retryable(format!(
+                "no connection: the database did not answer within {} s",
+                ACQUIRE_TIMEOUT.as_secs()
+            )),
+        }
     }
 
     async fn catalog(&self) -> Result<Arc<Catalog>, ConnectorError> {
@@ -441,6 +469,31 @@ fn identifiers(task: &ErasureTask) -> Ids {
 #[async_trait]
 impl Connector for SqlConnector {
     async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+        self.explained(self.erase_now(task).await).await
+    }
+
+    async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
+        self.explained(self.verify_now(task).await).await
+    }
+
+    async fn health(&self) -> Result<(), ConnectorError> {
+        self.explained(self.health_now().await).await
+    }
+}
+
+impl SqlConnector {
+    /// A pool's time-out says no more than that: `result` with its cause.
+    async fn explained<T>(&self, result: Result<T, ConnectorError>) -> Result<T, ConnectorError> {
+        match result {
+            Err(e) if e.message.ends_with(POOL_TIMED_OUT) => {
+                let cause = self.why_no_connection().await;
+                Err(ConnectorError { message: e.message.replace(POOL_TIMED_OUT, &cause.message), ..cause })
+            }
+            other => other,
+        }
+    }
+
+    async fn erase_now(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
         let plans = plan(&self.config, &self.order, task)?;
         let catalog = self.catalog().await?;
         let ids = identifiers(task);
@@ -467,7 +520,7 @@ impl Connector for SqlConnector {
         Ok(done.into_erasure())
     }
 
-    async fn verify(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
+    async fn verify_now(&self, task: &ErasureTask) -> Result<u64, ConnectorError> {
         let plans = plan(&self.config, &self.order, task)?;
         let catalog = self.catalog().await?;
         let ids = identifiers(task);
@@ -486,7 +539,7 @@ impl Connector for SqlConnector {
         result
     }
 
-    async fn health(&self) -> Result<(), ConnectorError> {
+    async fn health_now(&self) -> Result<(), ConnectorError> {
         let mut conn = self.acquire().await?;
         let catalog = Catalog::load(&mut conn, self.dialect, &self.config).await?;
         for t in &self.config.tables {

@@ -25,13 +25,16 @@ impl Context<'_> {
     }
 }
 
+/// What a pool's time-out says (the connector then looks for its cause).
+pub const POOL_TIMED_OUT: &str = "timed out waiting for a connection";
+
 /// Classifies `err`; the message names the operation, the table and a code.
 pub fn classify(dialect: Dialect, ctx: Context<'_>, err: &sqlx::Error) -> ConnectorError {
     let what = ctx.describe();
     let (retryable, detail) = match err {
         sqlx::Error::Database(db) => database(dialect, db.as_ref()),
         sqlx::Error::Io(e) => (true, format!("I/O error ({:?})", e.kind())),
-        sqlx::Error::PoolTimedOut => (true, "timed out waiting for a connection".to_owned()),
+        sqlx::Error::PoolTimedOut => (true, POOL_TIMED_OUT.to_owned()),
         sqlx::Error::PoolClosed => (true, "connection pool is closed".to_owned()),
         sqlx::Error::WorkerCrashed => (true, "database worker crashed".to_owned()),
         sqlx::Error::Protocol(_) => (true, "protocol error (connection lost?)".to_owned()),

@@ -572,6 +572,10 @@ async fn unreachable_database(db: Arc<TestDb>) {
     let e = sql.erase(&task(vec![id("email", "ada@example.com")])).await.unwrap_err();
     assert_eq!(e.retryable, retryable, "{e:?}");
     assert!(!e.message.contains("ada"), "{e:?}");
+    if retryable {
+        // The cause, not the pool's "timed out waiting for a connection".
+        assert!(e.message.to_lowercase().contains("refused"), "{e:?}");
+    }
 }
 
 /// A row locked by another session holds a statement only for
@@ -621,8 +625,23 @@ async fn a_locked_row_costs_its_subject_a_retry_and_no_connection(db: Arc<TestDb
         (_, Err(e)) => panic!("{e:?}"),
     }
 
+    // Without the time-out, the blocked statement keeps the one
+    // connection, and the next subject is told why it gets none.
+    let stuck = Arc::new(
+        db.connector(&format!("statement_timeout_secs = 0\nmax_connections = 1\n{}", shop_tables("hash")))
+            .await,
+    );
+    let blocked = tokio::spawn({
+        let (stuck, ada) = (stuck.clone(), ada.clone());
+        async move { stuck.erase(&ada).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let e = stuck.erase(&bob).await.unwrap_err();
+    assert!(e.retryable && e.message.contains("all 1 pooled connections stayed busy"), "{e:?}");
+
     locker.rollback().await.unwrap();
     other.close().await;
+    blocked.await.unwrap().unwrap();
     sql.erase(&ada).await.unwrap();
     sql.erase(&bob).await.unwrap();
     assert_eq!(sql.verify(&ada).await.unwrap(), 0);
