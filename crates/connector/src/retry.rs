@@ -58,3 +58,26 @@ impl Default for RetryPolicy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use backon::BackoffBuilder;
+
+    use super::*;
+
+    /// Jitter differs between calls: tasks that failed together against a
+    /// store that flapped do not all come back at the same instant.
+    #[test]
+    fn jitter_spreads_the_retries_of_different_calls() {
+        let policy = RetryPolicy { initial_delay_ms: 1_000, max_delay_ms: 60_000, max_retries: 5 };
+        let schedules: Vec<Vec<Duration>> = (0..4).map(|_| policy.backoff().build().collect()).collect();
+        assert!(schedules.iter().all(|s| s.len() == 5), "{schedules:?}");
+        assert!(
+            schedules.windows(2).any(|w| w[0] != w[1]),
+            "four calls, one schedule: the jitter is not random: {schedules:?}"
+        );
+        for s in &schedules {
+            assert!(s[0] >= Duration::from_millis(1_000) && s[0] <= Duration::from_millis(2_000), "{s:?}");
+        }
+    }
+}
