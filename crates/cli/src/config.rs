@@ -488,6 +488,15 @@ impl WebhookConfig {
 /// Shortest webhook signing secret.
 const MIN_SECRET_CHARS: usize = 16;
 
+/// The administrator's token opens everything: at least as long as a
+/// connector's.
+pub fn check_admin_token(token: &str) -> anyhow::Result<()> {
+    if token.len() < 32 {
+        bail!("server.admin_token must be at least 32 characters");
+    }
+    Ok(())
+}
+
 /// A connector token opens the data key of every open task of its system:
 /// as hard to guess as an administrator's, and one per system.
 fn check_connector_tokens(tokens: Vec<(String, String)>) -> anyhow::Result<Vec<(String, String)>> {
@@ -664,7 +673,7 @@ impl Config {
         if let Some(url) = &overrides.store_url {
             config.store.url = url.clone();
         }
-        config.validate().with_context(|| format!("{origin} is not a valid Lethe config"))?;
+        config.validate().with_context(|| format!("{origin}{with} is not a valid Lethe config"))?;
         Ok(config)
     }
 
@@ -672,6 +681,14 @@ impl Config {
     /// known connector types with valid settings, and values in range.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.check_ranges()?;
+        for (regulation, rule) in &self.deadlines {
+            if rule.response.is_zero() {
+                bail!("[deadlines.{regulation}] response is zero: every request would be due, and overdue, on arrival");
+            }
+            if rule.extension.is_some_and(lethe_core::Period::is_zero) {
+                bail!("[deadlines.{regulation}] extension is zero: leave it out to allow no extension");
+            }
+        }
         let mut seen = std::collections::BTreeSet::new();
         for s in &self.systems {
             system_name(&s.name).map_err(anyhow::Error::msg)?;
@@ -751,6 +768,9 @@ impl Config {
         }
         if let Some(hex) = self.keys.master_key.as_deref().and_then(|k| resolve_placeholders(k).ok()) {
             lethe_core::DataKey::from_hex(&hex).context("keys.master_key")?;
+        }
+        if let Some(token) = self.server.admin_token.as_deref().and_then(|t| resolve_placeholders(t).ok()) {
+            check_admin_token(&token)?;
         }
         Ok(())
     }
@@ -1106,6 +1126,15 @@ mod tests {
         let err =
             format!("{:#}", Config::load_with_env(Some(&twice), &Overrides::default(), &[]).unwrap_err());
         assert!(err.contains("declared twice"), "{err}");
+        for (deadline, problem) in [
+            ("response = \"0d\"", "[deadlines.gdpr] response is zero"),
+            ("response = \"1m\"\nextension = \"0m\"", "[deadlines.gdpr] extension is zero"),
+        ] {
+            let zero = write(&format!("[deadlines.gdpr]\n{deadline}\n"));
+            let err =
+                format!("{:#}", Config::load_with_env(Some(&zero), &Overrides::default(), &[]).unwrap_err());
+            assert!(err.contains(problem), "{err}");
+        }
         let unknown_kind = write("[[systems]]\nname = \"a\"\nconnector = \"ftp\"\n");
         let err = format!(
             "{:#}",
@@ -1130,6 +1159,7 @@ mod tests {
             let env = [(name.to_owned(), value.to_owned())];
             let err = format!("{:#}", Config::load_with_env(None, &Overrides::default(), &env).unwrap_err());
             assert!(err.contains(problem), "{name}={value}: {err}");
+            assert!(err.contains("(with LETHE__ overrides)"), "not the file alone: {err}");
         }
     }
 
@@ -1181,6 +1211,26 @@ mod tests {
         assert!(err.contains("from the same ${LETHE_CRM_TOKEN}"), "{err}");
         assert!(load("${LETHE_CRM_TOKEN}", "${LETHE_MAIL_TOKEN}").is_ok());
         assert!(load(literal, "connector-token-value-0123456789abcdeF").is_ok());
+    }
+
+    /// `config check` refuses an administrator's token `serve` would refuse.
+    #[test]
+    fn a_short_admin_token_fails_the_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lethe.toml");
+        let check = |token: &str| {
+            std::fs::write(&path, format!("[server]\nadmin_token = \"{token}\"\n")).unwrap();
+            let config = Config::load_with_env(Some(&path), &Overrides::default(), &[]).unwrap();
+            config.check_resolvable_secrets().map_err(|e| format!("{e:#}"))
+        };
+        let err = check("short").unwrap_err();
+        assert!(
+            err.contains("admin_token must be at least 32 characters") && !err.contains("short"),
+            "{err}"
+        );
+        assert!(check("an-admin-token-of-enough-characters-0123").is_ok());
+        // One this environment cannot resolve is left to `serve`.
+        assert!(check("${LETHE_TEST_UNSET_ADMIN_TOKEN}").is_ok());
     }
 
     #[test]

@@ -234,9 +234,7 @@ const CONFIGURED_ADMIN: &str = "admin (configured)";
 pub async fn bootstrap_admin(config: &Config, store: &dyn StateStore) -> anyhow::Result<()> {
     if let Some(configured) = &config.server.admin_token {
         let token = resolve_placeholders(configured).context("server.admin_token")?;
-        if token.len() < 32 {
-            bail!("server.admin_token must be at least 32 characters");
-        }
+        crate::config::check_admin_token(&token)?;
         let current = digest(&token);
         // A revoked one stays revoked: changing the secret back does not
         // bring a leaked token back to life.

@@ -115,7 +115,7 @@ impl Scheduler {
                     tracing::warn!(%request, "request is past its due date and not answered");
                 }
                 for request in &alerts.due_soon {
-                    tracing::warn!(%request, days = DUE_SOON.as_secs() / 86_400, "request is due soon and not answered");
+                    tracing::warn!(%request, due_within_days = DUE_SOON.as_secs() / 86_400, "request is due soon and not answered");
                 }
                 metrics::counter!(crate::metrics::DUE_DATE_ALERTS_TOTAL, "alert" => "overdue")
                     .increment(alerts.overdue.len() as u64);

@@ -37,6 +37,11 @@ pub enum Period {
 }
 
 impl Period {
+    /// No time at all (`0d`, `0m`).
+    pub fn is_zero(self) -> bool {
+        matches!(self, Self::Months(0) | Self::Days(0))
+    }
+
     /// `from` plus this period. Month arithmetic keeps the time of day and
     /// clamps the day: 31 January + 1 month = 28 (or 29) February.
     pub fn add_to(self, from: DateTime<Utc>) -> DateTime<Utc> {
