@@ -11,14 +11,14 @@ pub use lethe_core::metrics::{
 /// `system`'s counters at 0, so that a `rate()` over them (the documented
 /// alerts) has a series before the first retry or failure.
 pub fn describe(system: &str) {
-    for outcome in ["erased", "not_found", "retained_in_part", "failed", "accepted"] {
+    for outcome in ["erased", "not_found", "not_searched", "retained_in_part", "failed", "accepted"] {
         metrics::counter!(TASKS_TOTAL, "system" => system.to_owned(), "outcome" => outcome).increment(0);
     }
     for call in ["key", "erase", "verify"] {
         metrics::counter!(RETRIES_TOTAL, "system" => system.to_owned(), "call" => call).increment(0);
     }
     metrics::counter!(DEAD_LETTERS_TOTAL, "source" => "tasks").increment(0);
-    metrics::describe_counter!(TASKS_TOTAL, "Tasks finished by connector workers, by system and outcome.");
+    metrics::describe_counter!(TASKS_TOTAL, "Tasks finished by connector workers, by system and outcome (not_searched: an erased or retained_in_part that could search none of its datasets).");
     metrics::describe_counter!(RETRIES_TOTAL, "Retries of connector calls after retryable errors.");
     metrics::describe_counter!(DEAD_LETTERS_TOTAL, "Task messages dead-lettered as undecodable.");
     metrics::describe_histogram!(

@@ -428,8 +428,11 @@ fn erased(erasure: Erasure, residual: u64) -> Outcome {
     }
 }
 
+/// The outcome's metric label: one that could search none of its datasets
+/// is not counted as an erasure.
 fn outcome_label(o: &Outcome) -> &'static str {
     match o {
+        _ if o.searched_nothing() => "not_searched",
         Outcome::Erased { .. } => "erased",
         Outcome::NotFound { .. } => "not_found",
         Outcome::RetainedInPart { .. } => "retained_in_part",
@@ -520,6 +523,10 @@ mod tests {
             summary.ends_with("not searched (no identifier of the types they find subjects by): sessions"),
             "{summary}"
         );
+        assert_eq!(outcome_label(&outcome), "erased", "one dataset was searched");
+        let none =
+            erased(Erasure { datasets: vec![DatasetReport::unsearched("sessions")], retained: vec![] }, 0);
+        assert_eq!(outcome_label(&none), "not_searched", "counted apart from erasures: {none:?}");
     }
 
     struct Panics;
