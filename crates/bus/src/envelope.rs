@@ -38,7 +38,9 @@ pub struct TaskMessage {
     pub regulation: Regulation,
     /// The request's legal due date.
     pub due_at: DateTime<Utc>,
-    /// The subject's identifiers, sealed under the request's data key.
+    /// The subject's identifiers, sealed under the request's data key: those
+    /// of the types the system finds subjects by (all of them where its
+    /// connector cannot tell); may be empty.
     pub identifiers: Vec<SealedIdentifier>,
     /// When the coordinator published this attempt; retention is decided
     /// as of this instant (`cutoff` and `until` of the directives).

@@ -22,6 +22,9 @@ pub struct Dispatcher {
     pub(crate) wake: Arc<Notify>,
     pub(crate) settings: Settings,
     pub(crate) owner: String,
+    /// Per system, the identifier types it finds subjects by (absent: its
+    /// connector cannot tell): a task carries only those.
+    pub(crate) identifier_types: std::collections::HashMap<String, Vec<String>>,
 }
 
 impl Dispatcher {
@@ -64,7 +67,8 @@ impl Dispatcher {
         if items.is_empty() {
             return Ok(0);
         }
-        let messages: Vec<TaskMessage> = items.iter().map(|i| message(i, now)).collect();
+        let messages: Vec<TaskMessage> =
+            items.iter().map(|i| message(i, self.identifier_types.get(&i.system), now)).collect();
         // What was delivered is recorded as published; only what was not
         // goes back to the outbox (published again, it would be run twice).
         let published = self.publish_holding(&messages, &items).await;
@@ -134,7 +138,21 @@ impl Dispatcher {
     }
 }
 
-fn message(item: &OutboxItem, now: chrono::DateTime<chrono::Utc>) -> TaskMessage {
+/// The task message of `item`. It carries the subject's identifiers of the
+/// types its system finds subjects by, as configured now, and no others
+/// (all of them where the connector cannot tell): a vendor's worker is not
+/// given a phone number it has no use for.
+fn message(
+    item: &OutboxItem,
+    types: Option<&Vec<String>>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> TaskMessage {
+    let identifiers = match types {
+        Some(types) => {
+            item.identifiers.iter().filter(|i| types.iter().any(|t| t == i.kind.as_str())).cloned().collect()
+        }
+        None => item.identifiers.clone(),
+    };
     TaskMessage {
         version: ENVELOPE_VERSION,
         task_id: item.task_id,
@@ -144,7 +162,7 @@ fn message(item: &OutboxItem, now: chrono::DateTime<chrono::Utc>) -> TaskMessage
         attempt: item.attempt,
         regulation: item.regulation,
         due_at: item.due_at,
-        identifiers: item.identifiers.clone(),
+        identifiers,
         categories: item.categories.iter().map(|c| c.directive(now)).collect(),
         issued_at: now,
         job: item.job.clone(),

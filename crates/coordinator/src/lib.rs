@@ -126,6 +126,11 @@ impl Coordinator {
             wake: wake.clone(),
             settings,
             owner: format!("coordinator-{}", uuid::Uuid::new_v4()),
+            identifier_types: planner
+                .systems()
+                .iter()
+                .filter_map(|s| Some((s.name.clone(), s.identifier_types.clone()?)))
+                .collect(),
         };
         tasks.spawn(dispatcher.run());
         let scheduler = scheduler::Scheduler {

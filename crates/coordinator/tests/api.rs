@@ -2231,6 +2231,44 @@ async fn a_system_the_subject_gives_no_identifier_for_is_certified_as_not_search
     assert_eq!(of(&cert["payload"], "crm")["searched_by"], json!(["customer_id"]), "{cert}");
 }
 
+/// A task carries only the identifiers of the types its system finds
+/// subjects by; a system whose connector cannot tell gets them all.
+#[tokio::test]
+async fn a_task_carries_only_the_identifier_types_its_system_uses() {
+    let typed = SystemInfo {
+        identifier_types: Some(vec!["customer_id".into(), "phone".into()]),
+        ..systems().into_iter().find(|s| s.name == "crm").unwrap()
+    };
+    let untyped = systems().into_iter().find(|s| s.name == "mail").unwrap();
+    let settings = Settings { poll_interval: Duration::from_millis(20), ..Default::default() };
+    let h = Harness::build(settings, |bus| bus, vec![typed, untyped]).await;
+    let body = json!({
+        "subject": {"email": "ada@example.com", "customer_id": "c-1", "phone": "+44 20 7946 0958"},
+        "regulation": "gdpr"
+    });
+    let (status, created, _) = call(&h.app(), post(body.to_string())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let kinds = |system: &'static str| {
+        let bus = h.bus.clone();
+        async move {
+            let mut tasks = bus.task_consumer(system).await.unwrap();
+            let task = tokio::time::timeout(Duration::from_secs(10), tasks.recv())
+                .await
+                .expect("a task")
+                .unwrap()
+                .message
+                .unwrap();
+            task.identifiers.iter().map(|i| i.kind.as_str().to_owned()).collect::<Vec<_>>()
+        }
+    };
+    let mut crm = kinds("crm").await;
+    crm.sort();
+    assert_eq!(crm, ["customer_id", "phone"], "no e-mail for a system that cannot use it");
+    let mut mail = kinds("mail").await;
+    mail.sort();
+    assert_eq!(mail, ["customer_id", "email", "phone"], "a connector that cannot tell gets all");
+}
+
 /// Finds by e-mail in `records`, and cannot search `sessions` (found by a
 /// customer id no task of these tests carries).
 struct SessionsBySomethingElse;
