@@ -23,8 +23,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 use support::kafka::{
-    assert_applied_once, assert_completed, assert_erased_everywhere, produce, read_topic, read_topics,
-    settle_group, state_counts, state_pool, subject_of, topics, ConnectorWorker, KafkaSetup,
+    assert_applied_once, assert_completed, assert_erased_everywhere, produce, produce_with_headers,
+    read_topic, read_topics, settle_group, state_counts, state_pool, subject_of, topics, ConnectorWorker,
+    KafkaSetup,
 };
 use support::{
     describe, free_port, generated_people, submit_many, wait_all_final, Lab, LabOptions, Server, StateKind,
@@ -225,9 +226,31 @@ async fn malformed_result_goes_to_the_dlq_and_ingest_continues() {
     assert_erased_everywhere(&lab, &BTreeSet::from([1, 2])).await;
     assert_applied_once(&lab, &all, 2).await;
 
+    // A result the state store once refused (as the coordinator would
+    // dead-letter it): a repeat of a finished task's, which replayed is
+    // applied idempotently (ignored).
+    let (some_id, _) = first.iter().next().expect("a first request");
+    let view = server.request(some_id).await;
+    let shop = support::system(&view, "shop");
+    let refused = serde_json::json!({
+        "version": 1,
+        "task_id": shop["task_id"],
+        "request_id": some_id,
+        "system": "shop",
+        "attempt": 1,
+        "outcome": shop["outcome"],
+        "reported_at": "2026-01-01T00:00:00Z"
+    });
+    let reason = lethe_coordinator::ingest::REFUSED;
+    let headers = [("lethe-dlq-source", k.results()), ("lethe-dlq-reason", reason.to_owned())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    produce_with_headers(&k.brokers, &k.dlq(), None, refused.to_string().as_bytes(), &headers).await;
+
     // Operators list and replay the dead letters. Replay republishes what
-    // decodes (the orphan result, dead-lettered again since its task is
-    // still unknown) and skips the rest; each letter is replayed once.
+    // decodes and answered a task (the refused result), and skips the
+    // rest: the malformed one, and the orphan, whose texts were withheld
+    // (replayed, it would only be refused again). Each letter is handled
+    // once, and the dry run says what the next replay would do.
     let dlq = |args: &[&str]| {
         let mut cmd = tokio::process::Command::new(support::LETHE);
         cmd.arg("dlq").args(args).args(["--config", lab.config.to_str().unwrap()]).envs(lab.child_env());
@@ -236,31 +259,24 @@ async fn malformed_result_goes_to_the_dlq_and_ingest_continues() {
     };
     let out = dlq(&["list"]).await;
     let listed = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success() && listed.starts_with("2 dead letters"), "{}", describe(&out));
+    assert!(out.status.success() && listed.starts_with("3 dead letters"), "{}", describe(&out));
     assert!(listed.contains("unknown task") && listed.contains(&k.results()), "{listed}");
-    let out = dlq(&["replay", "--dry-run"]).await;
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("would replay 1 results; skipped 1"),
-        "{}",
-        describe(&out)
-    );
-    let out = dlq(&["replay"]).await;
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("replayed 1 results; skipped 1"),
-        "{}",
-        describe(&out)
-    );
-    let waiting = Instant::now();
-    while read_topic(&k.brokers, &k.dlq()).await.len() < 3 {
-        assert!(waiting.elapsed() < Duration::from_secs(30), "the replayed orphan is dead-lettered again");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let out = dlq(&["replay"]).await;
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("replayed 1 results; skipped 0"),
-        "{}",
-        describe(&out)
-    );
+    let says = |out: &std::process::Output, text: &str| {
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(text),
+            "{}",
+            describe(out)
+        );
+    };
+    let counts = "1 results; skipped 1 results that still cannot be decoded, 1 that matched no task";
+    says(&dlq(&["replay", "--dry-run"]).await, &format!("would replay {counts}"));
+    says(&dlq(&["replay"]).await, &format!("replayed {counts}"));
+    let none = "0 results; skipped 0 results that still cannot be decoded, 0 that matched no task";
+    says(&dlq(&["replay", "--dry-run"]).await, &format!("would replay {none}"));
+    says(&dlq(&["replay"]).await, &format!("replayed {none}"));
+    // The replayed result was applied as a repeat: nothing new is dead.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(read_topic(&k.brokers, &k.dlq()).await.len(), 3, "nothing dead-lettered again");
     eprintln!("done in {:?}", started.elapsed());
 }
 

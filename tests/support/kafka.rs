@@ -454,6 +454,17 @@ fn read_topics_blocking(brokers: &str, topics: &[String]) -> Vec<Record> {
 
 /// Produces one message and waits for the broker's acknowledgement.
 pub async fn produce(brokers: &str, topic: &str, key: Option<&str>, payload: &[u8]) {
+    produce_with_headers(brokers, topic, key, payload, &[]).await;
+}
+
+/// As [`produce`], with headers.
+pub async fn produce_with_headers(
+    brokers: &str,
+    topic: &str,
+    key: Option<&str>,
+    payload: &[u8],
+    headers: &[(&str, &str)],
+) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("message.timeout.ms", "10000")
@@ -462,6 +473,13 @@ pub async fn produce(brokers: &str, topic: &str, key: Option<&str>, payload: &[u
     let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).payload(payload);
     if let Some(k) = key {
         record = record.key(k);
+    }
+    if !headers.is_empty() {
+        let mut owned = rdkafka::message::OwnedHeaders::new();
+        for (key, value) in headers {
+            owned = owned.insert(rdkafka::message::Header { key, value: Some(*value) });
+        }
+        record = record.headers(owned);
     }
     producer
         .send(record, Duration::from_secs(10))

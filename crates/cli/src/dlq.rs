@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use lethe_bus::{Bus as _, KafkaBus, ResultMessage};
+use lethe_coordinator::ingest;
 
 use crate::config::{resolve_placeholders, BusConfig, Config};
 
@@ -16,10 +17,12 @@ pub enum DlqCommand {
     List,
     /// Publish dead-lettered results to the results topic again, e.g. after
     /// fixing what made them fail. Each letter is handled once (consumer
-    /// group `<namespace>.dlq-replay`); task letters (a worker's) and
-    /// results that still cannot be decoded are skipped and counted.
+    /// group `<namespace>.dlq-replay`); task letters (a worker's), results
+    /// that still cannot be decoded and results that matched no task (their
+    /// texts withheld: they would be refused again) are skipped and counted.
     Replay {
-        /// Show what would be replayed; publish nothing, move no offset.
+        /// Show what the next replay would do (from the replay group's
+        /// position); publish nothing, move no offset.
         #[arg(long)]
         dry_run: bool,
     },
@@ -53,18 +56,19 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
             }
         }
         DlqCommand::Replay { dry_run } => {
+            // The dry run reads from where the next replay would start, and
+            // commits nothing.
             let group = format!("{namespace}.dlq-replay");
-            let read = if dry_run {
-                let probe = format!("{namespace}.dlq-list-{}", uuid::Uuid::new_v4().simple());
-                bus.dead_letters(&probe, idle).await?
-            } else {
-                bus.dead_letters(&group, idle).await?
-            };
+            let read = bus.dead_letters(&group, idle).await?;
             let results_topic = format!("{namespace}.results");
-            let (mut replayed, mut tasks, mut skipped) = (0, 0, 0);
+            let (mut replayed, mut tasks, mut skipped, mut unmatched) = (0, 0, 0, 0);
             for l in &read.letters {
                 if l.source != results_topic {
                     tasks += 1;
+                    continue;
+                }
+                if [ingest::UNKNOWN_TASK, ingest::MISMATCHED].contains(&l.reason.as_str()) {
+                    unmatched += 1;
                     continue;
                 }
                 match ResultMessage::decode(&l.payload) {
@@ -85,7 +89,8 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
             }
             let verb = if dry_run { "would replay" } else { "replayed" };
             println!(
-                "{verb} {replayed} results; skipped {skipped} results that still cannot be decoded \
+                "{verb} {replayed} results; skipped {skipped} results that still cannot be decoded, \
+                 {unmatched} that matched no task (kept to be looked at: they would be refused again) \
                  and {tasks} task letters (a worker's: replay handles results only)"
             );
         }

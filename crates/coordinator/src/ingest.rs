@@ -47,15 +47,24 @@ pub const UNSCREENED_REASON: &str =
 /// What another text of a result becomes when it cannot be screened.
 pub const UNSCREENED_TEXT: &str = "[withheld: the request's identifiers could not be read to screen it]";
 
+/// The dead-letter reason of a result naming a task the store does not know.
+pub const UNKNOWN_TASK: &str = "result refers to an unknown task";
+
+/// The dead-letter reason of a result whose request, system or attempt is
+/// not its task's.
+pub const MISMATCHED: &str = "result does not match its task";
+
 /// What a kept record's basis becomes in a result that is dead-lettered
-/// because it answers no task of the request it names.
-pub const UNMATCHED_TEXT: &str = "[withheld: the result answers no known task, so it could not be screened]";
+/// because it answers no task of the request it names ([`UNKNOWN_TASK`],
+/// [`MISMATCHED`]); such a letter is there to be looked at, not replayed.
+pub const UNMATCHED_TEXT: &str =
+    "[withheld: the result matches no task it names, so it could not be screened]";
 
 /// What a failure reason becomes in a result that is dead-lettered because
 /// it answers no task of the request it names: whose identifiers it might
 /// hold is not known, so it is screened against none.
 pub const UNMATCHED_REASON: &str =
-    "[the connector's reason was withheld: the result answers no known task, so it could not be screened]";
+    "[the connector's reason was withheld: the result matches no task it names, so it could not be screened]";
 
 pub struct Ingest {
     pub(crate) store: Arc<dyn StateStore>,
@@ -215,16 +224,14 @@ impl Ingest {
                 Applied::UnknownTask => {
                     metrics::counter!(OUTCOMES_TOTAL, "result" => "unknown_task").increment(1);
                     let kept = unmatched(msg);
-                    durable &=
-                        self.dead_letter(source, &kept.encode(), "result refers to an unknown task").await;
+                    durable &= self.dead_letter(source, &kept.encode(), UNKNOWN_TASK).await;
                 }
                 Applied::Mismatch => {
                     // A connector's bug: its reason was screened against
                     // another subject, so it is kept out of the trail.
                     metrics::counter!(OUTCOMES_TOTAL, "result" => "mismatch").increment(1);
                     let kept = unmatched(msg);
-                    durable &=
-                        self.dead_letter(source, &kept.encode(), "result does not match its task").await;
+                    durable &= self.dead_letter(source, &kept.encode(), MISMATCHED).await;
                 }
             }
         }
