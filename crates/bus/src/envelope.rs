@@ -90,8 +90,11 @@ fn decode<T: serde::de::DeserializeOwned>(raw: &[u8], version: impl Fn(&T) -> u3
             return Err(fail(format!("unsupported envelope version {version}")));
         }
     }
-    let msg: T =
-        serde_json::from_slice(raw).map_err(|e| fail(format!("invalid envelope: {}", describe(&e))))?;
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let msg: T = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| describe(e.inner(), field_path(e.path()).as_deref()))
+        .and_then(|msg| de.end().map(|()| msg).map_err(|e| describe(&e, None)))
+        .map_err(|reason| fail(format!("invalid envelope: {reason}")))?;
     match version(&msg) {
         ENVELOPE_VERSION => Ok(msg),
         v => Err(fail(format!("unsupported envelope version {v}"))),
@@ -103,13 +106,17 @@ fn decode<T: serde::de::DeserializeOwned>(raw: &[u8], version: impl Fn(&T) -> u3
 /// dead letter's reason is logged and kept where identifiers must not be.
 /// Field and variant names are quoted only if they look like the
 /// contract's own words.
-fn describe(e: &serde_json::Error) -> String {
+fn describe(e: &serde_json::Error, path: Option<&str>) -> String {
     let msg = e.to_string();
-    let at = format!("at line {} column {}", e.line(), e.column());
+    let at = match path {
+        Some(path) => format!("in `{path}` at line {} column {}", e.line(), e.column()),
+        None => format!("at line {} column {}", e.line(), e.column()),
+    };
     for (prefix, what) in [
         ("unknown field `", "unknown field"),
         ("missing field `", "missing field"),
         ("unknown variant `", "unknown variant"),
+        ("duplicate field `", "duplicate field"),
     ] {
         if let Some(rest) = msg.strip_prefix(prefix) {
             let name = rest.split('`').next().unwrap_or_default();
@@ -126,6 +133,30 @@ fn describe(e: &serde_json::Error) -> String {
         serde_json::error::Category::Io => "unreadable",
     };
     format!("{kind} {at}")
+}
+
+/// Where in a message a value failed, as `outcome.datasets[0].deleted`:
+/// field names and indexes only; a key that does not look like one of the
+/// contract's field names is shown as `…` (it may be a value).
+fn field_path(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                let word = !key.is_empty()
+                    && key.len() <= 32
+                    && key.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+                out.push_str(if word { key } else { "…" });
+            }
+            Segment::Unknown => {}
+        }
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 impl TaskMessage {
@@ -200,8 +231,24 @@ mod tests {
         v["attempt"] = "ada@example.com".into();
         let err = ResultMessage::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(err.reason.starts_with("invalid envelope: a value of the wrong type"), "{}", err.reason);
+        assert!(err.reason.contains("in `attempt` at line 1"), "names the field: {}", err.reason);
         assert!(!err.reason.contains("ada"), "{}", err.reason);
         v["attempt"] = 1.into();
+        v["task_issued_at"] = "yesterday".into();
+        let err = ResultMessage::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(err.reason.contains("in `task_issued_at`"), "{}", err.reason);
+        v["task_issued_at"] = serde_json::Value::Null;
+        let erased = result_of(Outcome::Erased {
+            datasets: vec![lethe_core::DatasetReport::new("t", 1, 0)],
+            residual: Some(0),
+        });
+        let mut negative = serde_json::to_value(&erased).unwrap();
+        negative["outcome"]["datasets"][0]["deleted"] = (-1).into();
+        let err = ResultMessage::decode(&serde_json::to_vec(&negative).unwrap()).unwrap_err();
+        assert!(err.reason.contains("in `outcome"), "{}", err.reason);
+        let twice = String::from_utf8(msg.encode()).unwrap().replacen('{', "{\"version\":1,", 1);
+        let err = ResultMessage::decode(twice.as_bytes()).unwrap_err();
+        assert!(err.reason.starts_with("invalid envelope: duplicate field `version`"), "{}", err.reason);
         v["outcome"]["status"] = "ada@example.com".into();
         let err = ResultMessage::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(!err.reason.contains("ada"), "{}", err.reason);
