@@ -2,6 +2,7 @@
 //! acknowledgement after it, so a crash in between only replays results,
 //! which the task state machine ignores.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,7 +69,7 @@ pub const UNMATCHED_REASON: &str =
 
 pub struct Ingest {
     pub(crate) store: Arc<dyn StateStore>,
-    /// Opens a request's identifiers to screen failure reasons.
+    /// Opens a request's identifiers to screen what its results say.
     pub(crate) master: MasterKey,
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) clock: Arc<dyn Clock>,
@@ -76,51 +77,6 @@ pub struct Ingest {
     pub(crate) schedule: RetrySchedule,
     /// Tells the dispatcher that answered tasks made room under its bound.
     pub(crate) wake: Arc<Notify>,
-    /// Dataset names known to be a store's own, screened no more.
-    pub(crate) names: KnownNames,
-}
-
-/// The dataset names each system has reported for two different requests,
-/// each time screened against that request's subject and found clean: the
-/// names of a store's tables or folders, not of a subject, so that the
-/// results of a busy system cost no reading of their subject's
-/// identifiers. A name seen once waits for its second request; the map is
-/// bounded, and forgets the names seen once when full.
-#[derive(Debug, Default)]
-pub(crate) struct KnownNames(
-    std::sync::Mutex<std::collections::HashMap<(String, String), Option<RequestId>>>,
-);
-
-/// Most names kept per coordinator.
-const KNOWN_NAMES: usize = 10_000;
-
-impl KnownNames {
-    fn fixed(&self, system: &str, name: &str) -> bool {
-        let names = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        matches!(names.get(&(system.to_owned(), name.to_owned())), Some(None))
-    }
-
-    /// `name` passed screening against the subject of `request`.
-    fn passed(&self, system: &str, name: &str, request: RequestId) {
-        let mut names = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = (system.to_owned(), name.to_owned());
-        match names.get(&key) {
-            Some(None) => {}
-            Some(Some(first)) if *first != request => {
-                names.insert(key, None);
-            }
-            Some(Some(_)) => {}
-            None => {
-                if names.len() >= KNOWN_NAMES {
-                    names.retain(|_, first| first.is_none());
-                    if names.len() >= KNOWN_NAMES {
-                        names.clear();
-                    }
-                }
-                names.insert(key, Some(request));
-            }
-        }
-    }
 }
 
 impl Ingest {
@@ -165,8 +121,16 @@ impl Ingest {
         if results.is_empty() {
             return durable;
         }
+        let requests: Vec<RequestId> = results.iter().map(|m| m.request_id).collect();
+        let sealed =
+            until_ok("reading subjects to screen results", || self.store.sealed_subjects(&requests)).await;
+        let mut subjects: HashMap<RequestId, Option<Vec<Identifier>>> = HashMap::new();
         for m in &mut results {
-            self.screen(m).await;
+            let request = m.request_id;
+            let subject = subjects
+                .entry(request)
+                .or_insert_with(|| sealed.get(&request).and_then(|s| s.open(&self.master, request)));
+            screen(m, subject.as_deref());
         }
         let reports: Vec<OutcomeReport> = results
             .iter()
@@ -299,74 +263,6 @@ impl Ingest {
         }
     }
 
-    /// The text a connector writes into a result (a failure's reason, a
-    /// kept record's basis, dataset and category names) is shown to
-    /// operators, written to the audit trail, which cannot be changed
-    /// afterwards, and into certificates. The protocol forbids identifiers
-    /// in it; this holds a connector to that. Every such text is cut to a
-    /// length and loses its control and invisible formatting characters,
-    /// and each text that mentions an identifier of the request's subject
-    /// ([`Identifier::appears_in`]) is withheld, as is all of it once the
-    /// request's key is destroyed (it can no longer be screened; the
-    /// request is final and the outcome late). Dataset names a system has
-    /// reported clean for other requests ([`KnownNames`]) are not screened
-    /// again, so only results with new names or prose (a failure's reason,
-    /// a kept record) read their subject. The SDK's worker screens every
-    /// text before it sends it.
-    async fn screen(&self, m: &mut ResultMessage) {
-        let prose = matches!(m.outcome, Outcome::Failed { .. } | Outcome::RetainedInPart { .. });
-        if let Outcome::Accepted { job_id, .. } = &m.outcome {
-            // It goes into the state store and back to the connector as it
-            // is: one that cannot (a NUL byte, pages of text) fails the task.
-            if job_id.is_empty() || job_id.len() > MAX_JOB_ID_BYTES || job_id.chars().any(char::is_control) {
-                let reason = format!(
-                    "the connector's job id is empty, longer than {MAX_JOB_ID_BYTES} bytes or holds control characters"
-                );
-                m.outcome = Outcome::Failed { retryable: false, reason };
-            }
-        }
-        for (text, limit) in texts(&mut m.outcome) {
-            // Control characters other than line breaks and tabs (a NUL
-            // byte, which PostgreSQL refuses in text) are dropped, and so
-            // are invisible ones (a direction override that would reorder
-            // what an operator reads).
-            text.retain(|c| {
-                (!c.is_control() || c == '\n' || c == '\t') && !lethe_core::identifier::is_invisible(c)
-            });
-            lethe_core::outcome::cut(text, limit);
-        }
-        let (request, task, system) = (m.request_id, m.task_id, m.system.clone());
-        if !prose && texts(&mut m.outcome).iter().all(|(name, _)| self.names.fixed(&system, name)) {
-            return;
-        }
-        let subject = until_ok("reading a subject to screen a result", || self.subject_of(request)).await;
-        let reason = matches!(m.outcome, Outcome::Failed { .. });
-        for (text, _) in texts(&mut m.outcome) {
-            if !prose && self.names.fixed(&system, text) {
-                continue;
-            }
-            match &subject {
-                Some(ids) if !ids.iter().any(|i| i.appears_in(text)) => {
-                    if !prose {
-                        self.names.passed(&system, text, request);
-                    }
-                }
-                Some(_) => {
-                    tracing::warn!(%request, %task, %system,
-                        "a connector's result contained an identifier of the subject; that text is withheld");
-                    *text = if reason { WITHHELD_REASON } else { WITHHELD_TEXT }.to_owned();
-                }
-                None => *text = if reason { UNSCREENED_REASON } else { UNSCREENED_TEXT }.to_owned(),
-            }
-        }
-    }
-
-    /// The identifiers of `request`; `None` once they cannot be read.
-    async fn subject_of(&self, request: RequestId) -> Result<Option<Vec<Identifier>>, StoreError> {
-        let Some(sealed) = self.store.sealed_subject(request).await? else { return Ok(None) };
-        Ok(sealed.open(&self.master, request))
-    }
-
     /// Writes a dead letter, retrying with backoff (up to
     /// [`DEAD_LETTER_ATTEMPTS`], a few minutes) while the bus refuses it:
     /// a message is acknowledged only once it is there, or given up with an
@@ -394,6 +290,52 @@ impl Ingest {
             }
         }
         true
+    }
+}
+
+/// The text a connector writes into a result (a failure's reason, a kept
+/// record's basis, dataset and category names) is shown to operators,
+/// written to the audit trail, which cannot be changed afterwards, and into
+/// certificates. The protocol forbids identifiers in it; this holds a
+/// connector to that. Every such text is cut to a length and loses its
+/// control and invisible formatting characters, and each text that
+/// mentions an identifier of the request's `subject`
+/// ([`Identifier::appears_in`]) is withheld, as is all of it once the
+/// request's key is destroyed (`None`: it can no longer be screened; the
+/// request is final and the outcome late). The subjects of a batch are
+/// read with one statement. The SDK's worker screens every text before it
+/// sends it.
+fn screen(m: &mut ResultMessage, subject: Option<&[Identifier]>) {
+    if let Outcome::Accepted { job_id, .. } = &m.outcome {
+        // It goes into the state store and back to the connector as it
+        // is: one that cannot (a NUL byte, pages of text) fails the task.
+        if job_id.is_empty() || job_id.len() > MAX_JOB_ID_BYTES || job_id.chars().any(char::is_control) {
+            let reason = format!(
+                "the connector's job id is empty, longer than {MAX_JOB_ID_BYTES} bytes or holds control characters"
+            );
+            m.outcome = Outcome::Failed { retryable: false, reason };
+        }
+    }
+    let (request, task, system) = (m.request_id, m.task_id, m.system.clone());
+    let reason = matches!(m.outcome, Outcome::Failed { .. });
+    for (text, limit) in texts(&mut m.outcome) {
+        // Control characters other than line breaks and tabs (a NUL byte,
+        // which PostgreSQL refuses in text) are dropped, and so are
+        // invisible ones (a direction override that would reorder what an
+        // operator reads).
+        text.retain(|c| {
+            (!c.is_control() || c == '\n' || c == '\t') && !lethe_core::identifier::is_invisible(c)
+        });
+        lethe_core::outcome::cut(text, limit);
+        match subject {
+            Some(ids) if !ids.iter().any(|i| i.appears_in(text)) => {}
+            Some(_) => {
+                tracing::warn!(%request, %task, %system,
+                    "a connector's result contained an identifier of the subject; that text is withheld");
+                *text = if reason { WITHHELD_REASON } else { WITHHELD_TEXT }.to_owned();
+            }
+            None => *text = if reason { UNSCREENED_REASON } else { UNSCREENED_TEXT }.to_owned(),
+        }
     }
 }
 

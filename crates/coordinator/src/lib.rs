@@ -116,7 +116,6 @@ impl Coordinator {
             batch: settings.ingest_batch,
             schedule: settings.retry,
             wake: wake.clone(),
-            names: ingest::KnownNames::default(),
         };
         tasks.spawn(ingest.run(results));
         let dispatcher = dispatcher::Dispatcher {

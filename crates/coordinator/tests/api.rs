@@ -775,7 +775,7 @@ async fn first_answers(
 /// kept records: a file named after the subject (plainly, or
 /// percent-encoded) is withheld from the view and the audit trail, in an
 /// `erased` result and in a `retained_in_part` one that keeps nothing; a
-/// store's own name stays, and so do names reported for other requests.
+/// store's own name stays, request after request.
 /// A direction override, which would reorder what an operator reads, is
 /// dropped.
 #[tokio::test]

@@ -377,4 +377,11 @@ pub trait StateStore: Send + Sync + 'static {
     /// A request's identifiers, sealed, with its wrapped data key; `None`
     /// once the key is destroyed (or for an unknown request).
     async fn sealed_subject(&self, request: RequestId) -> Result<Option<SealedSubject>, StoreError>;
+
+    /// [`StateStore::sealed_subject`] of each of `requests` at once (one
+    /// statement): those with a key, by request.
+    async fn sealed_subjects(
+        &self,
+        requests: &[RequestId],
+    ) -> Result<std::collections::HashMap<RequestId, SealedSubject>, StoreError>;
 }

@@ -2045,6 +2045,13 @@ impl StateStore for SqlStore {
     async fn sealed_subject(&self, request: RequestId) -> Result<Option<crate::SealedSubject>, StoreError> {
         self.sealed_subject_of(request).await
     }
+
+    async fn sealed_subjects(
+        &self,
+        requests: &[RequestId],
+    ) -> Result<HashMap<RequestId, crate::SealedSubject>, StoreError> {
+        self.sealed_subjects_of(requests).await
+    }
 }
 
 #[cfg(test)]

@@ -2306,9 +2306,17 @@ async fn webhook_cursors_tail_request_events_and_log_deliveries(b: &Backend) {
     assert_eq!(sealed.identifiers.len(), 1);
     assert_eq!(key.open(id, &sealed.identifiers[0]).unwrap().expose(), "hook@example.com");
     assert_eq!(s.sealed_subject(RequestId::new()).await.unwrap(), None);
+    // Several at once, as the result ingest reads them: the same, and
+    // nothing for a request unknown (or, below, with its key destroyed).
+    let unknown = RequestId::new();
+    let batch = s.sealed_subjects(&[id, unknown, id]).await.unwrap();
+    assert_eq!(batch.len(), 1, "{batch:?}");
+    assert_eq!(batch.get(&id), Some(&sealed));
     let items = dispatch_all(s).await;
     report(s, items[0].task_id, 1, erased(1)).await;
     assert_eq!(s.sealed_subject(id).await.unwrap(), None, "key destroyed with completion");
+    assert!(s.sealed_subjects(&[id]).await.unwrap().is_empty(), "key destroyed with completion");
+    assert!(s.sealed_subjects(&[]).await.unwrap().is_empty());
 
     // A page of one stops at its event; the next finds the completion.
     let one = s.audit_events_after(start, &KINDS, 1).await.unwrap();

@@ -284,4 +284,44 @@ impl SqlStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(Some(SealedSubject { wrapped_key, identifiers }))
     }
+
+    pub(super) async fn sealed_subjects_of(
+        &self,
+        requests: &[RequestId],
+    ) -> Result<HashMap<RequestId, SealedSubject>, StoreError> {
+        let mut subjects = HashMap::new();
+        if requests.is_empty() {
+            return Ok(subjects);
+        }
+        let mut ids: Vec<String> = requests.iter().map(ToString::to_string).collect();
+        ids.sort();
+        ids.dedup();
+        let sql = format!(
+            "SELECT r.id, r.wrapped_key, i.kind, i.sealed FROM requests r \
+             JOIN identifiers i ON i.request_id = r.id \
+             WHERE {} AND r.wrapped_key IS NOT NULL ORDER BY r.id, i.position",
+            self.dialect.in_keys("r.id", 1, Keys::Text)
+        );
+        let rows = sqlx::query(&sql).bind(key_list(&ids)).fetch_all(&self.pool).await.map_err(db_err)?;
+        for r in &rows {
+            let id: RequestId = parse(&col::<String>(r, "id")?, "request id")?;
+            let identifier = SealedIdentifier {
+                kind: parse::<IdentifierKind>(&col::<String>(r, "kind")?, "identifier type")?,
+                ciphertext: col(r, "sealed")?,
+            };
+            match subjects.entry(id) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let subject: &mut SealedSubject = e.get_mut();
+                    subject.identifiers.push(identifier);
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(SealedSubject {
+                        wrapped_key: col(r, "wrapped_key")?,
+                        identifiers: vec![identifier],
+                    });
+                }
+            }
+        }
+        Ok(subjects)
+    }
 }
