@@ -17,8 +17,8 @@ fn default_max_connections() -> u32 {
     4
 }
 
-fn default_statement_timeout() -> u64 {
-    120
+fn default_lock_timeout() -> u64 {
+    60
 }
 
 fn default_primary_key() -> String {
@@ -35,15 +35,16 @@ pub struct SqlConfig {
     /// Largest number of pooled connections (default 4).
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
-    /// Seconds one statement may run, lock waits included, before the
-    /// server cancels it (default 120; 0 leaves the server's setting). A
-    /// statement blocked by another session's lock then gives its
-    /// connection back, with a retryable error, rather than keep it after
-    /// the worker has given up on the task. PostgreSQL: `statement_timeout`;
-    /// MySQL/MariaDB: `innodb_lock_wait_timeout` and `lock_wait_timeout`;
-    /// SQLite waits at most 5 s for a locked database whatever this says.
-    #[serde(default = "default_statement_timeout")]
-    pub statement_timeout_secs: u64,
+    /// Seconds a statement may wait for a lock another session holds before
+    /// the server cancels it (default 60; 0 leaves the server's setting): a
+    /// retryable failure that gives the connection back, rather than keep
+    /// it after the worker has given up on the task. A statement that runs
+    /// slowly without waiting for a lock is not cut. PostgreSQL:
+    /// `lock_timeout`; MySQL/MariaDB: `innodb_lock_wait_timeout` and
+    /// `lock_wait_timeout`; SQLite waits at most 5 s for a locked database
+    /// whatever this says.
+    #[serde(default = "default_lock_timeout")]
+    pub lock_timeout_secs: u64,
     /// Key of the `hash` strategy (HMAC-SHA256); required, at least 16 bytes,
     /// when any column uses `hash`.
     #[serde(default)]
@@ -57,7 +58,7 @@ impl fmt::Debug for SqlConfig {
         f.debug_struct("SqlConfig")
             .field("url", &redact_url(&self.url))
             .field("max_connections", &self.max_connections)
-            .field("statement_timeout_secs", &self.statement_timeout_secs)
+            .field("lock_timeout_secs", &self.lock_timeout_secs)
             .field("hash_key", &self.hash_key.as_ref().map(|_| "[redacted]"))
             .field("tables", &self.tables)
             .finish()
@@ -223,10 +224,9 @@ impl SqlConfig {
         if let Err(e) = self.dialect() {
             problems.push(e);
         }
-        if self.statement_timeout_secs > 86_400 {
-            problems.push(
-                "statement_timeout_secs must be at most 86400 (a day); 0 leaves the server's".to_owned(),
-            );
+        if self.lock_timeout_secs > 86_400 {
+            problems
+                .push("lock_timeout_secs must be at most 86400 (a day); 0 leaves the server's".to_owned());
         }
         if self.max_connections == 0 {
             problems.push("max_connections must be at least 1".to_owned());

@@ -56,7 +56,7 @@ impl SqlConnector {
         let dialect = config.dialect().map_err(ConnectorError::permanent)?;
         let order = config.order().map_err(ConnectorError::permanent)?;
         sqlx::any::install_default_drivers();
-        let settings = Arc::new(dialect.session_settings(config.statement_timeout_secs));
+        let settings = Arc::new(dialect.session_settings(config.lock_timeout_secs));
         let pool = AnyPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -106,7 +106,16 @@ impl SqlConnector {
         use sqlx::Connection as _;
         let url = self.dialect.driver_url(&self.config.url);
         match tokio::time::timeout(ACQUIRE_TIMEOUT, AnyConnection::connect(&url)).await {
-            Ok(Ok(conn)) => {
+            Ok(Ok(mut conn)) => {
+                // The pool's connections also run the session settings; one
+                // the server refuses fails every new connection.
+                for statement in self.dialect.session_settings(self.config.lock_timeout_secs) {
+                    if let Err(e) = sqlx::Executor::execute(&mut conn, statement.as_str()).await {
+                        let _ = conn.close().await;
+                        let e = self.err("setting the lock time-out (lock_timeout_secs)", None, &e);
+                        return ConnectorError { message: format!("no connection: {}", e.message), ..e };
+                    }
+                }
                 let _ = conn.close().await;
                 ConnectorError::retryable(format!(
                     "no connection: all {} pooled connections stayed busy for {} s (statements waiting \

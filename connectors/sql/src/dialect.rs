@@ -11,13 +11,13 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    /// What each new connection runs so that no statement waits longer
-    /// than `secs` (none for 0, or for SQLite, whose wait is its busy
-    /// time-out).
+    /// What each new connection runs so that no statement waits for a lock
+    /// longer than `secs` (none for 0, or for SQLite, whose wait is its
+    /// busy time-out).
     pub fn session_settings(self, secs: u64) -> Vec<String> {
         match self {
             _ if secs == 0 => vec![],
-            Dialect::Postgres => vec![format!("SET statement_timeout = '{secs}s'")],
+            Dialect::Postgres => vec![format!("SET lock_timeout = '{secs}s'")],
             Dialect::MySql => vec![
                 format!("SET SESSION innodb_lock_wait_timeout = {secs}"),
                 format!("SET SESSION lock_wait_timeout = {secs}"),

@@ -579,7 +579,7 @@ async fn unreachable_database(db: Arc<TestDb>) {
 }
 
 /// A row locked by another session holds a statement only for
-/// `statement_timeout_secs`: the server then cancels it, the erase fails
+/// `lock_timeout_secs`: the server then cancels it, the erase fails
 /// retryably, and the connection goes back to the pool, so another subject
 /// is erased through the one connection while the lock is still held, and
 /// the locked subject once it is released. (SQLite locks the whole file
@@ -590,9 +590,8 @@ async fn a_locked_row_costs_its_subject_a_retry_and_no_connection(db: Arc<TestDb
         return;
     }
     db.shop().await;
-    let sql = db
-        .connector(&format!("statement_timeout_secs = 1\nmax_connections = 1\n{}", shop_tables("hash")))
-        .await;
+    let sql =
+        db.connector(&format!("lock_timeout_secs = 1\nmax_connections = 1\n{}", shop_tables("hash"))).await;
     let other = db.pool().await;
     let mut locker = other.begin().await.unwrap();
     sqlx::query("SELECT id FROM customers WHERE id = 1 FOR UPDATE").fetch_all(&mut *locker).await.unwrap();
@@ -628,8 +627,7 @@ async fn a_locked_row_costs_its_subject_a_retry_and_no_connection(db: Arc<TestDb
     // Without the time-out, the blocked statement keeps the one
     // connection, and the next subject is told why it gets none.
     let stuck = Arc::new(
-        db.connector(&format!("statement_timeout_secs = 0\nmax_connections = 1\n{}", shop_tables("hash")))
-            .await,
+        db.connector(&format!("lock_timeout_secs = 0\nmax_connections = 1\n{}", shop_tables("hash"))).await,
     );
     let blocked = tokio::spawn({
         let (stuck, ada) = (stuck.clone(), ada.clone());
