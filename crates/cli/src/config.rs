@@ -213,10 +213,11 @@ pub struct WorkerConfig {
     #[serde(default = "WorkerConfig::default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
     /// Seconds a worker gives one task (its key, the connector's calls and
-    /// their retries) before it abandons the calls and reports a retryable
-    /// failure, so that a store that hangs does not hold a slot for ever.
-    /// Unset: `[scheduler] task_timeout_secs`, after which the coordinator
-    /// sends the task again anyway.
+    /// their retries) from picking it up, before it abandons the calls and
+    /// reports a retryable failure, so that a call that never returns does
+    /// not hold a slot for ever. Unset: three times `[scheduler]
+    /// task_timeout_secs`, a backstop that lets a slow task finish (its
+    /// success counts even after the coordinator has sent it again).
     #[serde(default)]
     pub task_timeout_secs: Option<u64>,
 }
@@ -826,14 +827,8 @@ impl Config {
         if let Some((_, problem)) = checks.iter().find(|(ok, _)| !ok) {
             bail!("{problem}");
         }
-        if let Some(t) = self.worker.task_timeout_secs {
-            if t == 0 || t > s.task_timeout_secs {
-                bail!(
-                    "worker.task_timeout_secs must be 1 to scheduler.task_timeout_secs ({}): a worker \
-                     still busy with a task the coordinator has sent again does the work twice",
-                    s.task_timeout_secs
-                );
-            }
+        if self.worker.task_timeout_secs == Some(0) {
+            bail!("worker.task_timeout_secs must be at least 1 (leave it out for the default)");
         }
         if let BusConfig::Kafka(k) = &self.bus {
             if k.brokers.trim().is_empty() {
@@ -855,7 +850,8 @@ impl Config {
 
     /// How long a connector worker gives one task.
     pub fn worker_task_timeout(&self) -> Duration {
-        Duration::from_secs(self.worker.task_timeout_secs.unwrap_or(self.scheduler.task_timeout_secs))
+        let default = self.scheduler.task_timeout_secs.saturating_mul(3);
+        Duration::from_secs(self.worker.task_timeout_secs.unwrap_or(default))
     }
 
     /// The webhook endpoints, with URLs and secrets resolved.
@@ -1147,10 +1143,7 @@ mod tests {
             ("LETHE__DISPATCHER__POLL_INTERVAL_MS", "0", "dispatcher.poll_interval_ms"),
             ("LETHE__SCHEDULER__MAX_ATTEMPTS", "0", "scheduler.max_attempts"),
             ("LETHE__WORKER__CONCURRENCY", "0", "worker.concurrency"),
-            ("LETHE__WORKER__TASK_TIMEOUT_SECS", "0", "worker.task_timeout_secs must be 1 to"),
-            // Past the coordinator's time-out the task is sent again while
-            // the first worker still runs it.
-            ("LETHE__WORKER__TASK_TIMEOUT_SECS", "301", "scheduler.task_timeout_secs (300)"),
+            ("LETHE__WORKER__TASK_TIMEOUT_SECS", "0", "worker.task_timeout_secs must be at least 1"),
             ("LETHE__STORE__URL", "postgress://db/lethe", "store.url"),
             // A zero backoff retries a broker outage in a busy loop.
             ("LETHE__RETRY__INITIAL_DELAY_MS", "0", "retry.initial_delay_ms"),
@@ -1163,7 +1156,8 @@ mod tests {
         }
     }
 
-    /// Unset, a worker gives a task what the coordinator gives it.
+    /// Unset, a worker gives a task three times what the coordinator gives
+    /// it; set, what it says, more or less than the coordinator's.
     #[test]
     fn a_workers_task_time_out_follows_the_coordinators_unless_set() {
         let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
@@ -1172,8 +1166,8 @@ mod tests {
         let load = |pairs: &[(&str, &str)]| {
             Config::load_with_env(None, &Overrides::default(), &env(pairs)).unwrap().worker_task_timeout()
         };
-        assert_eq!(load(&[]), Duration::from_secs(300));
-        assert_eq!(load(&[("LETHE__SCHEDULER__TASK_TIMEOUT_SECS", "40")]), Duration::from_secs(40));
+        assert_eq!(load(&[]), Duration::from_secs(900));
+        assert_eq!(load(&[("LETHE__SCHEDULER__TASK_TIMEOUT_SECS", "40")]), Duration::from_secs(120));
         assert_eq!(
             load(&[
                 ("LETHE__SCHEDULER__TASK_TIMEOUT_SECS", "40"),

@@ -42,9 +42,9 @@ pub trait KeyResolver: Send + Sync + 'static {
     ) -> Result<Option<DataKey>, ConnectorError>;
 }
 
-/// What a worker gives one task unless told otherwise: the coordinator's
-/// default task time-out.
-const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(300);
+/// What a worker gives one task unless told otherwise: three times the
+/// coordinator's default task time-out.
+const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Runs one connector against one system's task stream.
 pub struct Worker {
@@ -85,12 +85,14 @@ impl Worker {
         self
     }
 
-    /// How long one task may take, its key, the connector's calls and their
-    /// retries together (default 300 s, the coordinator's default
-    /// time-out). Past it the calls are abandoned (their futures dropped)
-    /// and the task reports a retryable failure, so a store that hangs
-    /// costs an attempt, not a slot for ever. Keep it at most the
-    /// coordinator's `[scheduler] task_timeout_secs`.
+    /// How long one task may take from its pick-up, its key, the
+    /// connector's calls and their retries together (default 900 s, three
+    /// times the coordinator's default time-out). Past it the calls are
+    /// abandoned (their futures dropped; work a connector spawned may
+    /// still run) and the task reports a retryable failure, so a call that
+    /// never returns costs an attempt, not a slot for ever. A task that
+    /// outlasts the coordinator's time-out is sent again meanwhile; a
+    /// success of the first attempt still counts.
     pub fn with_task_timeout(mut self, timeout: Duration) -> Self {
         self.task_timeout = timeout.max(Duration::from_millis(1));
         self
