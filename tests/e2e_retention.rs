@@ -117,6 +117,7 @@ impl Harness {
                 owner: None,
                 categories: c.categories(),
                 identifier_types: None,
+                task_identifier_types: None,
                 description: None,
             })
             .collect();

@@ -28,6 +28,15 @@ impl ConnectorKind for HttpKind {
         Ok(Some(vec![config.resolve()?.key]))
     }
 
+    /// The key, and the other types the spec's templates name (a body
+    /// that sends the e-mail along with a customer id key, say).
+    fn task_identifier_types(&self, config: &toml::Table) -> Result<Option<Vec<String>>, String> {
+        let resolved = parse::<HttpConfig>(config)?.resolve()?;
+        let mut kinds = resolved.spec.kinds_named();
+        kinds.insert(resolved.key);
+        Ok(Some(kinds.into_iter().collect()))
+    }
+
     async fn build(&self, config: &toml::Table) -> Result<Arc<dyn Connector>, ConnectorError> {
         Ok(Arc::new(HttpConnector::from_table(config)?))
     }

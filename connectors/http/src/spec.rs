@@ -351,6 +351,19 @@ pub fn parse(text: &str) -> Result<Spec, String> {
 }
 
 impl Spec {
+    /// The built-in identifier types the subject's steps (erase, the job's
+    /// checks, verify) name in their templates, besides the key.
+    pub fn kinds_named(&self) -> BTreeSet<String> {
+        let job = self.erase.job.iter().flat_map(|j| &j.steps);
+        let steps = self.erase.steps.iter().chain(job).chain(&self.verify.steps);
+        steps
+            .flat_map(Step::templates)
+            .filter_map(|(_, t)| Template::parse(&t).ok())
+            .flat_map(|t| t.vars().map(str::to_owned).collect::<Vec<_>>())
+            .filter(|v| BUILTIN_KINDS.contains(&v.as_str()))
+            .collect()
+    }
+
     /// Whether the API deletes asynchronously.
     pub fn is_async(&self) -> bool {
         self.erase.job.is_some()
@@ -569,6 +582,32 @@ mod tests {
             {extra}
             "#
         ))
+    }
+
+    /// A task for the system must carry the key and every built-in type
+    /// the subject's steps name, in erase and in verify; nothing else.
+    #[test]
+    fn the_kinds_named_are_those_the_subjects_steps_use() {
+        let s = spec(
+            r#"
+            key = "customer_id"
+            [[erase.steps]]
+            name = "delete"
+            method = "POST"
+            path = "/gdpr/{subject}"
+            body = { email = "{email}", host = "{settings.host}" }
+            [verify]
+            evidence = "lookup"
+            [[verify.steps]]
+            name = "look"
+            method = "GET"
+            path = "/people"
+            query = { phone = "{phone}" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.check(), Ok(()));
+        assert_eq!(s.kinds_named(), BTreeSet::from(["email".to_owned(), "phone".to_owned()]));
     }
 
     #[test]

@@ -39,8 +39,8 @@ pub struct TaskMessage {
     /// The request's legal due date.
     pub due_at: DateTime<Utc>,
     /// The subject's identifiers, sealed under the request's data key: those
-    /// of the types the system finds subjects by (all of them where its
-    /// connector cannot tell); may be empty.
+    /// of the types the system uses (all of them where that is not known);
+    /// may be empty.
     pub identifiers: Vec<SealedIdentifier>,
     /// When the coordinator published this attempt; retention is decided
     /// as of this instant (`cutoff` and `until` of the directives).

@@ -367,6 +367,7 @@ impl SystemConfig {
             owner: self.owner.clone(),
             categories: declared,
             identifier_types: crate::registry::identifier_types(self)?,
+            task_identifier_types: crate::registry::task_identifier_types(self)?,
             description: self.description.clone(),
         })
     }

@@ -64,6 +64,18 @@ pub fn identifier_types(system: &SystemConfig) -> anyhow::Result<Option<Vec<Stri
         .map_err(|e| anyhow::anyhow!("invalid connector settings: {e}"))
 }
 
+/// The identifier types a task for a system carries (see
+/// [`ConnectorKind::task_identifier_types`]); an external system's, as it
+/// lists them (`None`: all).
+pub fn task_identifier_types(system: &SystemConfig) -> anyhow::Result<Option<Vec<String>>> {
+    if system.connector == EXTERNAL {
+        return identifier_types(system);
+    }
+    kind(system)?
+        .task_identifier_types(&system.config)
+        .map_err(|e| anyhow::anyhow!("invalid connector settings: {e}"))
+}
+
 /// What in a system cannot carry out `action` on `category` (see
 /// [`ConnectorKind::refuses`]); an external system's worker is not asked.
 pub fn refuses(

@@ -31,6 +31,14 @@ pub trait ConnectorKind: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The identifier types a task for the system carries: those it finds
+    /// subjects by ([`ConnectorKind::identifier_types`], the default) and
+    /// any others its connector uses; `None`: all of the request's. A task
+    /// carries no identifier its system has no use for.
+    fn task_identifier_types(&self, config: &toml::Table) -> Result<Option<Vec<String>>, String> {
+        self.identifier_types(config)
+    }
+
     /// What in the system cannot carry out `action` on `category` (a table
     /// that can only delete, asked to anonymise): one sentence per dataset,
     /// naming it, from the same unresolved settings. A policy deciding an

@@ -22,8 +22,7 @@ pub struct Dispatcher {
     pub(crate) wake: Arc<Notify>,
     pub(crate) settings: Settings,
     pub(crate) owner: String,
-    /// Per system, the identifier types it finds subjects by (absent: its
-    /// connector cannot tell): a task carries only those.
+    /// Per system, the identifier types its tasks carry (absent: all).
     pub(crate) identifier_types: std::collections::HashMap<String, Vec<String>>,
 }
 
@@ -139,9 +138,11 @@ impl Dispatcher {
 }
 
 /// The task message of `item`. It carries the subject's identifiers of the
-/// types its system finds subjects by, as configured now, and no others
-/// (all of them where the connector cannot tell): a vendor's worker is not
-/// given a phone number it has no use for.
+/// types its system uses, as configured now ([`SystemInfo::task_identifier_types`]),
+/// and no others (all of them where the connector cannot tell): a
+/// vendor's worker is not given a phone number it has no use for.
+///
+/// [`SystemInfo::task_identifier_types`]: crate::SystemInfo::task_identifier_types
 fn message(
     item: &OutboxItem,
     types: Option<&Vec<String>>,

@@ -128,7 +128,7 @@ impl Coordinator {
             identifier_types: planner
                 .systems()
                 .iter()
-                .filter_map(|s| Some((s.name.clone(), s.identifier_types.clone()?)))
+                .filter_map(|s| Some((s.name.clone(), s.task_identifier_types.clone()?)))
                 .collect(),
         };
         tasks.spawn(dispatcher.run());

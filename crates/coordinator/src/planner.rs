@@ -26,6 +26,10 @@ pub struct SystemInfo {
     /// connector cannot tell.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identifier_types: Option<Vec<String>>,
+    /// The identifier types a task for the system carries: those above and
+    /// any others its connector uses (`None`: all of the request's).
+    #[serde(skip)]
+    pub task_identifier_types: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
@@ -228,6 +232,7 @@ mod tests {
             owner: None,
             categories: vec!["identity.contact".into()],
             identifier_types: types.map(|t| t.iter().map(|s| (*s).to_owned()).collect()),
+            task_identifier_types: None,
             description: None,
         }
     }

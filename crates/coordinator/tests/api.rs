@@ -30,6 +30,7 @@ fn systems() -> Vec<SystemInfo> {
             owner: None,
             categories: vec!["identity.contact".into()],
             identifier_types: None,
+            task_identifier_types: None,
             description: None,
         })
         .collect()
@@ -2236,7 +2237,8 @@ async fn a_system_the_subject_gives_no_identifier_for_is_certified_as_not_search
 #[tokio::test]
 async fn a_task_carries_only_the_identifier_types_its_system_uses() {
     let typed = SystemInfo {
-        identifier_types: Some(vec!["customer_id".into(), "phone".into()]),
+        identifier_types: Some(vec!["customer_id".into()]),
+        task_identifier_types: Some(vec!["customer_id".into(), "phone".into()]),
         ..systems().into_iter().find(|s| s.name == "crm").unwrap()
     };
     let untyped = systems().into_iter().find(|s| s.name == "mail").unwrap();

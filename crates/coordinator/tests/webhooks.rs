@@ -163,6 +163,7 @@ fn crm() -> SystemInfo {
         owner: None,
         categories: vec!["identity.contact".into()],
         identifier_types: None,
+        task_identifier_types: None,
         description: None,
     }
 }
