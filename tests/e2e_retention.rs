@@ -438,6 +438,16 @@ async fn a_hold_placed_during_a_retention_keeps_the_records_past_it() {
         (invoice["action"].as_str(), invoice["hold"]["case_reference"].as_str()),
         (Some("hold"), Some("TAX-2033-9"))
     );
+    // What the retention run kept is shown as the hold keeps it now: until
+    // the hold ends, on its basis, not until the retention's end.
+    let billing = Harness::system(&view, "billing");
+    let kept: Vec<&Value> =
+        billing["kept"].as_array().unwrap().iter().filter(|k| k["category"] == "billing.invoice").collect();
+    assert!(!kept.is_empty(), "{billing:#}");
+    for k in &kept {
+        assert!(k["until"].is_null(), "{billing:#}");
+        assert!(k["basis"].as_str().unwrap().contains("TAX-2033-9"), "{billing:#}");
+    }
     let (_, events) = h.call(reqwest::Method::GET, &format!("/v1/requests/{id}/events"), None).await;
     let applied = events.as_array().unwrap().iter().find(|e| e["kind"] == "task.hold_applied").cloned();
     let summary = applied.map(|e| e["summary"].clone());

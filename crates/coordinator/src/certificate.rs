@@ -373,6 +373,43 @@ pub(crate) fn kept_now(audit: &[lethe_store::AuditEvent]) -> Vec<(String, Vec<Re
     kept
 }
 
+/// What `kept` keeps now under `plan`: a record kept for a retention
+/// period whose category a legal hold has covered since (the run that kept
+/// it came before the hold) is kept until the hold ends, on the hold's
+/// basis, as a run under the hold reports it, not until a date that may
+/// have passed.
+pub(crate) fn kept_under_holds(
+    kept: &[RetainedReport],
+    plan: &PlanItem,
+    now: DateTime<Utc>,
+) -> Vec<RetainedReport> {
+    kept.iter()
+        .cloned()
+        .map(|mut r| {
+            let held = r.category.as_ref().and_then(|c| {
+                plan.categories.iter().find(|p| &p.category == c && p.action == lethe_core::Action::Hold)
+            });
+            if let Some(basis) = held.and_then(|p| p.directive(now).basis) {
+                r.basis = basis;
+                r.until = None;
+            }
+            r
+        })
+        .collect()
+}
+
+/// `outcome` as [`kept_under_holds`] reads what it kept.
+pub(crate) fn outcome_under_holds(outcome: &Outcome, plan: &PlanItem, now: DateTime<Utc>) -> Outcome {
+    match outcome {
+        Outcome::RetainedInPart { datasets, retained, residual } => Outcome::RetainedInPart {
+            datasets: datasets.clone(),
+            retained: kept_under_holds(retained, plan, now),
+            residual: *residual,
+        },
+        other => other.clone(),
+    }
+}
+
 /// What every applied outcome of each system's task removed, by system
 /// and dataset, from the trail's `task.outcome` events: a task run again
 /// (a retention period ended, a hold released) reports only what that run
@@ -463,7 +500,7 @@ fn payload(detail: &RequestDetail, audit: Option<(i64, &str)>, runs: &Runs, now:
                 [] => datasets,
                 sums => json!(sums),
             };
-            let retained = runs.kept(&p.system).map_or(retained, |k| json!(k));
+            let retained = runs.kept(&p.system).map_or(retained, |k| json!(kept_under_holds(k, p, now)));
             let categories: Vec<Value> = p
                 .categories
                 .iter()
@@ -581,6 +618,49 @@ fn without_hold_reasons(value: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Kept for a retention period, then held: kept until the hold ends,
+    /// on its basis; other categories keep their own end.
+    #[test]
+    fn a_hold_placed_after_a_retention_run_is_what_keeps_the_record() {
+        use lethe_core::{Action, CategoryPlan};
+        let now = Utc::now();
+        let category = |name: &str, action: Action, hold: Option<lethe_core::plan::HoldRef>| CategoryPlan {
+            category: name.into(),
+            action,
+            rule: "tax".into(),
+            rule_action: Action::Retain,
+            basis: Some("AO §147".into()),
+            period: None,
+            reference: None,
+            until: None,
+            hold,
+        };
+        let hold = lethe_core::plan::HoldRef {
+            id: "h1".into(),
+            reason: "inquiry".into(),
+            case_reference: "LIT-2".into(),
+        };
+        let plan = lethe_core::policy::summarize(
+            "shop",
+            vec![
+                category("billing.invoice", Action::Hold, Some(hold)),
+                category("billing.payment", Action::Retain, None),
+            ],
+        );
+        let kept = |category: &str| RetainedReport {
+            dataset: "invoices".into(),
+            category: Some(category.into()),
+            count: 1,
+            basis: "AO §147".into(),
+            until: Some(now - chrono::Duration::hours(1)),
+            first_until: None,
+        };
+        let now_kept = kept_under_holds(&[kept("billing.invoice"), kept("billing.payment")], &plan, now);
+        assert_eq!(now_kept[0].until, None, "{now_kept:?}");
+        assert_eq!(now_kept[0].basis, "legal hold LIT-2: inquiry");
+        assert_eq!(now_kept[1], kept("billing.payment"), "not held: as the run reported it");
+    }
 
     #[test]
     fn hold_reasons_and_case_references_stay_out() {

@@ -530,11 +530,15 @@ pub async fn get_request(
                 attempts: task.map_or(0, |t| t.attempts),
                 outcome: task.and_then(|t| t.last_outcome.clone()),
                 summary: task.and_then(|t| t.last_outcome.as_ref()).map(|o| {
+                    let o = &crate::certificate::outcome_under_holds(o, &p, state.clock.now());
                     let removed = runs.removed(&p.system);
                     summary(o, removed, crate::certificate::not_searched(&p, o, removed))
                 }),
                 removed: runs.removed(&p.system).to_vec(),
-                kept: runs.kept(&p.system).map(<[_]>::to_vec).unwrap_or_default(),
+                kept: runs
+                    .kept(&p.system)
+                    .map(|k| crate::certificate::kept_under_holds(k, &p, state.clock.now()))
+                    .unwrap_or_default(),
                 late_changes: runs.late(&p.system).into_iter().cloned().collect(),
                 updated_at: task.map(|t| t.updated_at),
                 follow_up_at: task.and_then(|t| t.follow_up_at),
