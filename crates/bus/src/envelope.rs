@@ -120,10 +120,7 @@ fn describe(e: &serde_json::Error, path: Option<&str>) -> String {
     ] {
         if let Some(rest) = msg.strip_prefix(prefix) {
             let name = rest.split('`').next().unwrap_or_default();
-            let word = !name.is_empty()
-                && name.len() <= 32
-                && name.chars().all(|c| c.is_ascii_lowercase() || c == '_');
-            return if word { format!("{what} `{name}` {at}") } else { format!("{what} {at}") };
+            return if field_like(name) { format!("{what} `{name}` {at}") } else { format!("{what} {at}") };
         }
     }
     let kind = match e.classify() {
@@ -135,10 +132,11 @@ fn describe(e: &serde_json::Error, path: Option<&str>) -> String {
     format!("{kind} {at}")
 }
 
-/// Where in a message a value failed, as `outcome.datasets[0].deleted`:
-/// field names and indexes only; a key that does not look like one of the
-/// contract's field names is shown as `…` (it may be a value).
-fn field_path(path: &serde_path_to_error::Path) -> Option<String> {
+/// Where in a JSON document a value failed, as `outcome.datasets[0].deleted`
+/// or `requests[2].regulation`: field names and indexes only; a key that
+/// is not spelled like a field name (a map may be keyed by anything) is
+/// shown as `…`, since it may be a value.
+pub fn field_path(path: &serde_path_to_error::Path) -> Option<String> {
     use serde_path_to_error::Segment;
     let mut out = String::new();
     for segment in path.iter() {
@@ -148,15 +146,17 @@ fn field_path(path: &serde_path_to_error::Path) -> Option<String> {
                 if !out.is_empty() {
                     out.push('.');
                 }
-                let word = !key.is_empty()
-                    && key.len() <= 32
-                    && key.chars().all(|c| c.is_ascii_lowercase() || c == '_');
-                out.push_str(if word { key } else { "…" });
+                out.push_str(if field_like(key) { key } else { "…" });
             }
             Segment::Unknown => {}
         }
     }
     (!out.is_empty()).then_some(out)
+}
+
+/// A name as Lethe's fields and identifier types are spelled.
+pub fn field_like(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 32 && name.chars().all(|c| c.is_ascii_lowercase() || c == '_')
 }
 
 impl TaskMessage {

@@ -152,7 +152,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
         })?;
         let mut de = serde_json::Deserializer::from_slice(&bytes);
         let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = shown_path(e.path());
+            let path = lethe_bus::envelope::field_path(e.path());
             describe_json_error(e.into_inner(), path.as_deref())
         })?;
         de.end().map_err(|e| describe_json_error(e, None))?;
@@ -181,36 +181,9 @@ fn describe_json_error(e: serde_json::Error, path: Option<&str>) -> Problem {
 pub(super) fn parse_item<T: DeserializeOwned>(text: &str) -> Result<T, String> {
     let mut de = serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = shown_path(e.path());
+        let path = lethe_bus::envelope::field_path(e.path());
         data_error(e.inner(), path.as_deref(), "")
     })
-}
-
-/// Where in the body a value failed, as `subject.email` or
-/// `requests[2].regulation`: field names and indexes only. A key that is
-/// not a field name (a subject's map may be keyed by anything) is shown as
-/// `…`: it may be a value.
-fn shown_path(path: &serde_path_to_error::Path) -> Option<String> {
-    use serde_path_to_error::Segment;
-    let mut out = String::new();
-    for segment in path.iter() {
-        match segment {
-            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
-            Segment::Map { key } | Segment::Enum { variant: key } => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(if field_like(key) { key } else { "…" });
-            }
-            Segment::Unknown => {}
-        }
-    }
-    (!out.is_empty()).then_some(out)
-}
-
-/// A name as Lethe's fields and identifier types are spelled.
-fn field_like(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 32 && name.chars().all(|c| c.is_ascii_lowercase() || c == '_')
 }
 
 /// A data error by kind, at `path` if known; `at` is appended where a
@@ -220,7 +193,7 @@ fn data_error(e: &serde_json::Error, path: Option<&str>, at: &str) -> String {
     let field = |prefix: &str| {
         msg.strip_prefix(prefix)
             .and_then(|rest| rest.split('`').next())
-            .filter(|f| field_like(f))
+            .filter(|f| lethe_bus::envelope::field_like(f))
             .map(str::to_owned)
     };
     if let Some(f) = field("unknown field `") {

@@ -261,28 +261,7 @@ impl SqlStore {
     }
 
     pub(super) async fn sealed_subject_of(&self, id: RequestId) -> Result<Option<SealedSubject>, StoreError> {
-        // One statement, so the key and the identifiers are read together.
-        let rows = sqlx::query(
-            "SELECT r.wrapped_key, i.kind, i.sealed FROM requests r \
-             JOIN identifiers i ON i.request_id = r.id \
-             WHERE r.id = $1 AND r.wrapped_key IS NOT NULL ORDER BY i.position",
-        )
-        .bind(id.to_string())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        let Some(first) = rows.first() else { return Ok(None) };
-        let wrapped_key: Vec<u8> = col(first, "wrapped_key")?;
-        let identifiers = rows
-            .iter()
-            .map(|r| {
-                Ok(SealedIdentifier {
-                    kind: parse::<IdentifierKind>(&col::<String>(r, "kind")?, "identifier type")?,
-                    ciphertext: col(r, "sealed")?,
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(Some(SealedSubject { wrapped_key, identifiers }))
+        Ok(self.sealed_subjects_of(&[id]).await?.remove(&id))
     }
 
     pub(super) async fn sealed_subjects_of(
@@ -296,6 +275,7 @@ impl SqlStore {
         let mut ids: Vec<String> = requests.iter().map(ToString::to_string).collect();
         ids.sort();
         ids.dedup();
+        // One statement, so each key and its identifiers are read together.
         let sql = format!(
             "SELECT r.id, r.wrapped_key, i.kind, i.sealed FROM requests r \
              JOIN identifiers i ON i.request_id = r.id \
@@ -311,8 +291,7 @@ impl SqlStore {
             };
             match subjects.entry(id) {
                 std::collections::hash_map::Entry::Occupied(mut e) => {
-                    let subject: &mut SealedSubject = e.get_mut();
-                    subject.identifiers.push(identifier);
+                    e.get_mut().identifiers.push(identifier)
                 }
                 std::collections::hash_map::Entry::Vacant(e) => {
                     e.insert(SealedSubject {
