@@ -153,6 +153,7 @@ mod tests {
             attempt: 1,
             identifiers: ids.iter().map(|(k, v)| Identifier::parse(k.parse().unwrap(), v).unwrap()).collect(),
             job: None,
+            wanted: lethe_connector::StillWanted::always(),
         }
     }
 

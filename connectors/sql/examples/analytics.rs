@@ -317,6 +317,7 @@ fn task(user: i64) -> Result<ErasureTask, Box<dyn std::error::Error>> {
         attempt: 1,
         identifiers: vec![Identifier::parse(IdentifierKind::CustomerId, &user.to_string())?],
         job: None,
+        wanted: lethe_connector::StillWanted::always(),
     })
 }
 

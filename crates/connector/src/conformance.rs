@@ -335,6 +335,7 @@ impl Kit {
             attempt: 1,
             identifiers,
             job: None,
+            wanted: crate::StillWanted::always(),
         }
     }
 }

@@ -1,5 +1,8 @@
 //! The trait a connector author implements.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,6 +31,91 @@ pub struct ErasureTask {
     /// call of [`Connector::advance`], when the coordinator asks how it is
     /// going.
     pub job: Option<Job>,
+    /// Whether the coordinator still asks for this attempt: a connector
+    /// whose erase takes many steps (a batched table, a long scan) checks
+    /// it between steps and stops when it says no (see [`StillWanted`]).
+    pub wanted: StillWanted,
+}
+
+/// The answer of one check of [`StillWanted`].
+pub type WantedAnswer = Pin<Box<dyn Future<Output = Result<bool, ConnectorError>> + Send>>;
+
+/// Whether the coordinator still asks for an attempt. A legal hold placed
+/// while an attempt runs withdraws it (and a newer attempt supersedes it):
+/// from then on every step it takes erases what the law now keeps. A
+/// connector whose erase takes many steps calls [`StillWanted::check`]
+/// between them and, on `false`, stops and reports what it changed so far
+/// (the coordinator records it as a late change of the withdrawn attempt).
+///
+/// Checks are cheap to call: the coordinator is asked at most once per
+/// interval, counted from the task's start, so a short task never asks.
+/// An answer that cannot be had (the coordinator unreachable) counts as
+/// wanted: the worker's own retry check and the coordinator's decision on
+/// the result still stand.
+#[derive(Clone, Default)]
+pub struct StillWanted(Option<Arc<Asking>>);
+
+struct Asking {
+    every: Duration,
+    ask: Box<dyn Fn() -> WantedAnswer + Send + Sync>,
+    /// When the coordinator may next be asked, and whether it said no.
+    state: Mutex<(tokio::time::Instant, bool)>,
+}
+
+impl std::fmt::Debug for StillWanted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            None => f.write_str("StillWanted(always)"),
+            Some(a) => f.debug_struct("StillWanted").field("every", &a.every).finish_non_exhaustive(),
+        }
+    }
+}
+
+impl StillWanted {
+    /// Never asks: always wanted (a task run outside a worker, by the
+    /// conformance kit or `lethe connector check`).
+    pub fn always() -> Self {
+        Self(None)
+    }
+
+    /// Asks `ask` at most once per `every`, the first time `every` after now.
+    pub fn asking(every: Duration, ask: impl Fn() -> WantedAnswer + Send + Sync + 'static) -> Self {
+        let next = tokio::time::Instant::now() + every;
+        Self(Some(Arc::new(Asking { every, ask: Box::new(ask), state: Mutex::new((next, false)) })))
+    }
+
+    /// `false` once the coordinator has said it no longer asks for the
+    /// attempt; asks it if the interval has passed since the last time.
+    pub async fn check(&self) -> bool {
+        let Some(asking) = &self.0 else { return true };
+        {
+            let mut state = asking.state.lock().unwrap_or_else(|p| p.into_inner());
+            if state.1 {
+                return false;
+            }
+            let now = tokio::time::Instant::now();
+            if now < state.0 {
+                return true;
+            }
+            state.0 = now + asking.every;
+        }
+        match (asking.ask)().await {
+            Ok(true) => true,
+            Ok(false) => {
+                asking.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+                false
+            }
+            Err(e) => {
+                tracing::debug!(error = %e.message, "could not ask whether the attempt is still wanted; going on");
+                true
+            }
+        }
+    }
+
+    /// Whether a check found the attempt withdrawn.
+    pub fn withdrawn(&self) -> bool {
+        self.0.as_ref().is_some_and(|a| a.state.lock().unwrap_or_else(|p| p.into_inner()).1)
+    }
 }
 
 /// What a connector without per-record dates does with one data category.

@@ -17,7 +17,8 @@ pub mod worker;
 
 pub use coalesce::Coalescer;
 pub use connector::{
-    wait_for, Connector, ConnectorError, Erasure, ErasureTask, Pending, Progress, Treatment,
+    wait_for, Connector, ConnectorError, Erasure, ErasureTask, Pending, Progress, StillWanted, Treatment,
+    WantedAnswer,
 };
 pub use keys::HttpKeys;
 pub use kind::ConnectorKind;

@@ -20,7 +20,7 @@ use lethe_core::{DataKey, Identifier, Outcome, RequestId, TaskId};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::connector::{Connector, ConnectorError, Erasure, ErasureTask, Progress};
+use crate::connector::{Connector, ConnectorError, Erasure, ErasureTask, Progress, StillWanted};
 use crate::metrics::{RETRIES_TOTAL, TASKS_TOTAL, TASK_DURATION_SECONDS};
 use crate::retry::RetryPolicy;
 
@@ -46,6 +46,10 @@ pub trait KeyResolver: Send + Sync + 'static {
 /// coordinator's default task time-out.
 const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(900);
 
+/// How often a connector's [`StillWanted::check`] asks the coordinator at
+/// most, unless told otherwise.
+const DEFAULT_WANTED_EVERY: Duration = Duration::from_secs(2);
+
 /// Runs one connector against one system's task stream.
 pub struct Worker {
     system: String,
@@ -56,6 +60,7 @@ pub struct Worker {
     retry: RetryPolicy,
     concurrency: usize,
     task_timeout: Duration,
+    wanted_every: Duration,
 }
 
 impl std::fmt::Debug for Worker {
@@ -74,7 +79,24 @@ impl Worker {
     ) -> Self {
         let system = system.into();
         let name = format!("{system}-{}", std::process::id());
-        Self { system, name, connector, keys, bus, retry, concurrency: 8, task_timeout: DEFAULT_TASK_TIMEOUT }
+        Self {
+            system,
+            name,
+            connector,
+            keys,
+            bus,
+            retry,
+            concurrency: 8,
+            task_timeout: DEFAULT_TASK_TIMEOUT,
+            wanted_every: DEFAULT_WANTED_EVERY,
+        }
+    }
+
+    /// How often, at most, a running task's [`StillWanted::check`] asks the
+    /// coordinator whether the attempt is still wanted (default 2 s).
+    pub fn with_still_wanted_every(mut self, every: Duration) -> Self {
+        self.wanted_every = every;
+        self
     }
 
     /// How many tasks run at once (default 8). Acknowledgements still
@@ -279,6 +301,16 @@ impl Worker {
             }
         };
         let erasure = match self.call("erase", subject, erase).await {
+            // Stopped part-way: a legal hold (or a newer attempt) withdrew
+            // it while it ran. What it changed is reported, unverified: the
+            // coordinator records it as a late change of this attempt.
+            Ok(Progress::Done(erasure)) if task.wanted.withdrawn() => {
+                tracing::warn!(
+                    changed = erasure.total(),
+                    "the attempt was withdrawn while it ran; it stopped part-way"
+                );
+                return erased(screened_report(erasure, subject), None);
+            }
             Ok(Progress::Done(erasure)) => erasure,
             Ok(Progress::Running(pending)) => {
                 return Outcome::Accepted {
@@ -289,7 +321,7 @@ impl Worker {
             Err(e) => return failed(screened(e, subject)),
         };
         match self.call("verify", subject, || self.connector.verify(&task)).await {
-            Ok(residual) => erased(screened_report(erasure, subject), residual),
+            Ok(residual) => erased(screened_report(erasure, subject), Some(residual)),
             Err(e) => {
                 let e = screened(e, subject);
                 failed(ConnectorError { message: format!("verification failed: {}", e.message), ..e })
@@ -307,6 +339,17 @@ impl Worker {
                  nothing more was done",
             )),
         }
+    }
+
+    /// Asks the coordinator whether `msg`'s attempt is still wanted: it
+    /// refuses the attempt's key once the attempt is withdrawn.
+    fn wanted(&self, msg: &TaskMessage) -> StillWanted {
+        let keys = self.keys.clone();
+        let (system, request, task, attempt) = (msg.system.clone(), msg.request_id, msg.task_id, msg.attempt);
+        StillWanted::asking(self.wanted_every, move || {
+            let (keys, system) = (keys.clone(), system.clone());
+            Box::pin(async move { Ok(keys.data_key(&system, request, task, attempt).await?.is_some()) })
+        })
     }
 
     async fn open(&self, msg: &TaskMessage) -> Result<ErasureTask, ConnectorError> {
@@ -337,6 +380,7 @@ impl Worker {
             attempt: msg.attempt,
             identifiers,
             job: msg.job.clone(),
+            wanted: self.wanted(msg),
         })
     }
 
@@ -418,8 +462,7 @@ fn failed(e: ConnectorError) -> Outcome {
 /// what an earlier attempt removed is gone for good (`purge_by`: a
 /// compacted topic's tombstone written before), or that it was not
 /// searched: that must reach the request, so the outcome stays `erased`.
-fn erased(erasure: Erasure, residual: u64) -> Outcome {
-    let residual = Some(residual);
+fn erased(erasure: Erasure, residual: Option<u64>) -> Outcome {
     let telling = erasure.datasets.iter().any(|d| d.purge_by.is_some() || d.not_searched);
     if !erasure.retained.is_empty() {
         Outcome::RetainedInPart { datasets: erasure.datasets, retained: erasure.retained, residual }
@@ -498,11 +541,11 @@ mod tests {
     fn a_rerun_keeps_the_purge_date() {
         use lethe_core::DatasetReport;
         let none = Erasure { datasets: vec![DatasetReport::new("profiles", 0, 0)], retained: vec![] };
-        assert!(matches!(erased(none.clone(), 0), Outcome::NotFound { .. }));
+        assert!(matches!(erased(none.clone(), Some(0)), Outcome::NotFound { .. }));
         let by = Utc::now() + chrono::Duration::days(7);
         let mut purging = none;
         purging.datasets[0].purge_by = Some(by);
-        match erased(purging, 0) {
+        match erased(purging, Some(0)) {
             Outcome::Erased { datasets, .. } => assert_eq!(datasets[0].purge_by, Some(by)),
             other => panic!("{other:?}"),
         }
@@ -517,7 +560,7 @@ mod tests {
             datasets: vec![DatasetReport::new("newsletter", 0, 0), DatasetReport::unsearched("sessions")],
             retained: vec![],
         };
-        let outcome = erased(some, 0);
+        let outcome = erased(some, Some(0));
         let Outcome::Erased { datasets, .. } = &outcome else { panic!("{outcome:?}") };
         assert!(!datasets[0].not_searched && datasets[1].not_searched);
         let summary = outcome.summary();
@@ -526,8 +569,10 @@ mod tests {
             "{summary}"
         );
         assert_eq!(outcome_label(&outcome), "erased", "one dataset was searched");
-        let none =
-            erased(Erasure { datasets: vec![DatasetReport::unsearched("sessions")], retained: vec![] }, 0);
+        let none = erased(
+            Erasure { datasets: vec![DatasetReport::unsearched("sessions")], retained: vec![] },
+            Some(0),
+        );
         assert_eq!(outcome_label(&none), "not_searched", "counted apart from erasures: {none:?}");
     }
 
@@ -803,6 +848,67 @@ mod tests {
         let Outcome::Failed { retryable, reason } = result.outcome else { panic!("{result:?}") };
         assert!(!retryable && reason.contains("withdrawn"), "{reason}");
         assert_eq!(connector.calls(), 1, "erase was not called again");
+    }
+
+    /// Erases one row per step, checking between steps that the attempt
+    /// is still wanted; counts its verify calls.
+    #[derive(Default)]
+    struct Stepwise {
+        verified: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait]
+    impl Connector for Stepwise {
+        async fn erase(&self, task: &ErasureTask) -> Result<Erasure, ConnectorError> {
+            let mut rows = 0;
+            for _ in 0..100 {
+                rows += 1;
+                if !task.wanted.check().await {
+                    break;
+                }
+            }
+            Ok(Erasure {
+                datasets: vec![lethe_core::DatasetReport::new("events", rows, 0)],
+                retained: vec![],
+            })
+        }
+        async fn verify(&self, _task: &ErasureTask) -> Result<u64, ConnectorError> {
+            self.verified.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(0)
+        }
+        async fn health(&self) -> Result<(), ConnectorError> {
+            Ok(())
+        }
+    }
+
+    /// A legal hold placed while a long erase runs: the connector's check
+    /// between steps asks the coordinator (its key is refused from then
+    /// on), the erase stops, and the result reports what it did, without
+    /// verifying (what is left is kept on purpose now).
+    #[tokio::test]
+    async fn an_attempt_withdrawn_while_it_runs_stops_and_reports_what_it_did() {
+        let key = DataKey::generate();
+        let retry = RetryPolicy { initial_delay_ms: 1, max_delay_ms: 1, max_retries: 0 };
+        let bus = Arc::new(lethe_bus::InProcessBus::new());
+        let connector = Arc::new(Stepwise::default());
+        // The first key call opens the task; the first check is refused.
+        let keys = Arc::new(OneKey::once(&key));
+        let worker = Worker::new("crm", connector.clone(), keys, bus.clone(), retry)
+            .with_still_wanted_every(Duration::ZERO);
+        let result = worker.process(task_for(&key, 1)).await;
+        let Outcome::Erased { datasets, residual } = result.outcome else { panic!("{result:?}") };
+        assert_eq!(datasets, vec![lethe_core::DatasetReport::new("events", 1, 0)]);
+        assert_eq!(residual, None, "not verified");
+        assert_eq!(connector.verified.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        // Still wanted throughout: every step, then verified. By default
+        // a task shorter than the interval never asks.
+        let worker = Worker::new("crm", connector.clone(), Arc::new(OneKey::once(&key)), bus, retry);
+        let result = worker.process(task_for(&key, 2)).await;
+        let Outcome::Erased { datasets, residual } = result.outcome else { panic!("{result:?}") };
+        assert_eq!(datasets, vec![lethe_core::DatasetReport::new("events", 100, 0)]);
+        assert_eq!(residual, Some(0));
+        assert_eq!(connector.verified.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     /// An error that quotes the subject reaches neither the result nor the

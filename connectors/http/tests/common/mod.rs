@@ -137,6 +137,7 @@ pub fn task_for(category: &str, action: Action, identifiers: Vec<Identifier>) ->
         attempt: 1,
         identifiers,
         job: None,
+        wanted: lethe_connector::StillWanted::always(),
     }
 }
 

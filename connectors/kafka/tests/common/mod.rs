@@ -198,6 +198,7 @@ pub fn task(identifiers: Vec<Identifier>, directives: Vec<Directive>) -> Erasure
         attempt: 1,
         identifiers,
         job: None,
+        wanted: lethe_connector::StillWanted::always(),
     }
 }
 

@@ -190,6 +190,7 @@ pub fn task_with(identifiers: Vec<Identifier>, directives: Vec<Directive>) -> Er
         attempt: 1,
         identifiers,
         job: None,
+        wanted: lethe_connector::StillWanted::always(),
     }
 }
 

@@ -342,6 +342,7 @@ pub fn task_with(
         attempt: 1,
         identifiers,
         job: None,
+        wanted: lethe_connector::StillWanted::always(),
     }
 }
 
