@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use hmac::{Hmac, Mac};
-use lethe_connector::{ConnectorError, Identifier};
+use lethe_connector::{ConnectorError, Identifier, StillWanted};
 use sha2::Sha256;
 use sqlx::{AnyConnection, Connection, Row};
 
@@ -70,6 +70,7 @@ impl Anonymizer<'_> {
         conn: &mut AnyConnection,
         scope: &Scope<'_>,
         size: u32,
+        wanted: &StillWanted,
     ) -> Result<Batches, ConnectorError> {
         if !self.has_per_row() {
             let batcher = Batcher { dialect: self.dialect, table: &self.table.name, size };
@@ -77,7 +78,7 @@ impl Anonymizer<'_> {
             // adds meanwhile: more means the same rows were matched again.
             let pending = self.residual(conn, scope).await?;
             let max = pending.saturating_mul(2).saturating_add(u64::from(size));
-            return batcher.run_at_most(conn, &Change::Anonymize(self), scope, Some(max)).await;
+            return batcher.run_at_most(conn, &Change::Anonymize(self), scope, Some(max), wanted).await;
         }
         let mut done = Batches::default();
         let mut after: Option<Param> = None;
@@ -101,6 +102,9 @@ impl Anonymizer<'_> {
             );
             if !full {
                 break;
+            }
+            if !wanted.check().await {
+                return Ok(done.withdrawn(&self.table.name));
             }
         }
         Ok(done)

@@ -31,7 +31,7 @@
 
 use std::time::{Duration, Instant};
 
-use lethe_connector::ConnectorError;
+use lethe_connector::{ConnectorError, StillWanted};
 use sqlx::{AnyConnection, Row};
 
 use crate::anonymize::Anonymizer;
@@ -71,6 +71,13 @@ pub struct Batches {
 }
 
 impl Batches {
+    /// What was done when the attempt turned out withdrawn, logged.
+    pub fn withdrawn(self, table: &str) -> Self {
+        tracing::warn!(%table, rows = self.rows, batches = self.batches,
+            "the attempt was withdrawn (a legal hold, or a newer attempt): stopped between batches");
+        self
+    }
+
     /// Counts one batch that affected `rows` rows in `elapsed`.
     pub fn add(&mut self, rows: u64, elapsed: Duration) {
         self.rows += rows;
@@ -94,14 +101,17 @@ impl Batcher<'_> {
     }
 
     /// Applies `change` to the rows in `scope`, batch after batch, each
-    /// committed on its own: `conn` must not be in a transaction.
+    /// committed on its own: `conn` must not be in a transaction. Between
+    /// batches it checks that the attempt is still `wanted`, and stops if
+    /// not (a legal hold placed meanwhile keeps what is left).
     pub async fn run(
         &self,
         conn: &mut AnyConnection,
         change: &Change<'_>,
         scope: &Scope<'_>,
+        wanted: &StillWanted,
     ) -> Result<Batches, ConnectorError> {
-        self.run_at_most(conn, change, scope, None).await
+        self.run_at_most(conn, change, scope, None, wanted).await
     }
 
     /// [`Self::run`], stopping once more than `max_rows` rows were changed:
@@ -115,6 +125,7 @@ impl Batcher<'_> {
         change: &Change<'_>,
         scope: &Scope<'_>,
         max_rows: Option<u64>,
+        wanted: &StillWanted,
     ) -> Result<Batches, ConnectorError> {
         let targets = self.targets(conn).await.map_err(|e| self.err("listing partitions", &e))?;
         let mut done = Batches::default();
@@ -150,6 +161,9 @@ impl Batcher<'_> {
                     break;
                 } else {
                     short += 1;
+                }
+                if !wanted.check().await {
+                    return Ok(done.withdrawn(self.table));
                 }
             }
         }

@@ -275,6 +275,11 @@ impl SqlConnector {
                     together.clear();
                     let mut conn = self.acquire().await?;
                     self.erase_table(&mut conn, catalog, table, Some(size), task, done).await?;
+                    if task.wanted.withdrawn() {
+                        // Stopped between batches: the tables after it
+                        // are left as they are.
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -339,10 +344,12 @@ impl SqlConnector {
                     let batches = match t.action {
                         TableAction::Delete => {
                             let batcher = Batcher { dialect: self.dialect, table: &t.name, size };
-                            batcher.run(conn, &Change::Delete, &scope).await?
+                            batcher.run(conn, &Change::Delete, &scope, &task.wanted).await?
                         }
                         TableAction::Anonymize => {
-                            self.anonymizer(catalog, i, task).run_batched(conn, &scope, size).await?
+                            self.anonymizer(catalog, i, task)
+                                .run_batched(conn, &scope, size, &task.wanted)
+                                .await?
                         }
                     };
                     tracing::debug!(

@@ -13,11 +13,13 @@ mod common;
 use std::cell::RefCell;
 use std::future::Future;
 use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use common::{directive, id, run, task_with, Engine, TestDb};
-use lethe_connector::{Connector, Erasure, ErasureTask};
+use lethe_connector::{Connector, Erasure, ErasureTask, StillWanted};
 use lethe_core::{Action, DatasetReport, Directive, Period, RetainedReport};
 use sqlx::Row;
 
@@ -482,7 +484,66 @@ async fn anonymizes_row_by_row_in_pages(db: Arc<TestDb>) {
     assert_anonymized(&db, &before, |r| (r.0, r.1, r.2.clone(), None, stars(&r.4))).await;
 }
 
+/// An attempt the coordinator answers "still wanted" `asks` times, then
+/// "withdrawn" (a legal hold placed while it runs), asked between every
+/// two batches.
+fn withdrawn_after(mut task: ErasureTask, asks: usize) -> ErasureTask {
+    let asked = Arc::new(AtomicUsize::new(0));
+    task.wanted = StillWanted::asking(Duration::ZERO, move || {
+        let asked = asked.clone();
+        Box::pin(async move { Ok(asked.fetch_add(1, Ordering::SeqCst) < asks) })
+    });
+    task
+}
+
+async fn a_withdrawn_attempt_stops_between_batches(db: Arc<TestDb>) {
+    events_table(&db, true).await;
+    let events =
+        events_config("delete", 64, "").replace("match = { customer_id = \"user_id\" }", "").replace(
+            "batch_size = 64",
+            "batch_size = 64\nparent = { table = \"accounts\", column = \"user_id\", references = \"id\" }",
+        );
+    let sql = db.connector(&format!("{ACCOUNTS}{events}")).await;
+    let ada = withdrawn_after(erase_account("ada@example.com"), 3);
+
+    // Four batches: the checks after the first three say go on, the one
+    // after the fourth says stop. The account, erased after its events,
+    // is left alone, and the report says what the attempt did.
+    let logs = Logs::default();
+    let report = logs.capture(sql.erase(&ada)).await.unwrap();
+    assert!(ada.wanted.withdrawn());
+    let expected = Erasure {
+        datasets: vec![DatasetReport::new("accounts", 0, 0), DatasetReport::new("events", 256, 0)],
+        retained: vec![],
+    };
+    assert_eq!(report, expected);
+    assert_eq!(logs.batches(), 4, "{}", logs.text());
+    assert!(logs.text().contains("stopped between batches"), "{}", logs.text());
+    assert_eq!(per_user(&db).await, vec![(7, 744), (8, 400), (9, 200)]);
+    assert_eq!(db.count("accounts").await, 3);
+}
+
+async fn a_withdrawn_attempt_stops_between_pages(db: Arc<TestDb>) {
+    events_table(&db, false).await;
+    let before = rows(&db).await;
+    let columns = "columns = { ip = \"null\", note = \"redact\" }";
+    let sql = db.connector(&events_config("anonymize", 64, columns)).await;
+    let ada = withdrawn_after(erase_user(7), 1);
+    assert_eq!(sql.erase(&ada).await.unwrap(), events_report(0, 128));
+    // Pages go in primary-key order: user 7's first 128 events changed.
+    let changed: Vec<i64> = of_user(7).iter().take(128).map(|e| e.id).collect();
+    let stars = |s: &Option<String>| s.as_ref().map(|s| "*".repeat(s.chars().count()));
+    let expected: Vec<EventRow> = before
+        .iter()
+        .map(|r| if changed.contains(&r.0) { (r.0, r.1, r.2.clone(), None, stars(&r.4)) } else { r.clone() })
+        .collect();
+    assert_eq!(rows(&db).await, expected);
+    assert_eq!(sql.verify(&erase_user(7)).await.unwrap(), 1000 - 128);
+}
+
 on_every_engine!(
+    a_withdrawn_attempt_stops_between_batches,
+    a_withdrawn_attempt_stops_between_pages,
     deletes_everything_across_many_batches,
     a_retention_cutoff_applies_to_every_batch,
     a_failed_batch_keeps_the_committed_ones_and_a_rerun_finishes,
