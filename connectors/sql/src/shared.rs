@@ -15,7 +15,11 @@
 //! is one `SELECT ... GROUP BY` the same way. The rows a statement changes
 //! are exactly those the one-task statements would change together, and it
 //! commits or fails as a whole: a failure is each task's failure, retried
-//! by the worker as usual. A value that two waiting tasks share is sent
+//! by the worker as usual, except where one subject can be at fault: a
+//! permanent failure (a row a foreign key protects) and a wait for a row
+//! lock given up (`lock_timeout`: another session holds one subject's
+//! row) run the round again one subject at a time, so that only that
+//! subject's task fails. A value that two waiting tasks share is sent
 //! once; the first of them is credited with its rows, the other finds
 //! nothing left, as it would after the first had run alone.
 //!
@@ -76,10 +80,21 @@ struct Store {
     config: Arc<SqlConfig>,
 }
 
+/// One subject's answer in a round.
+type Answer = Result<u64, ConnectorError>;
+
 /// Shares statements between the tasks of one connector.
 pub struct Shared {
     store: Store,
-    rounds: Coalescer<Group, Subject, u64>,
+    rounds: Coalescer<Group, Subject, Answer>,
+}
+
+/// Why a shared statement failed.
+struct Failure {
+    error: ConnectorError,
+    /// It waited for a row lock until the server gave up (or was chosen as
+    /// a deadlock's victim): one subject's row may be the one held.
+    lock_wait: bool,
 }
 
 impl Shared {
@@ -97,19 +112,54 @@ impl Shared {
             let store = store.clone();
             async move { store.round(&group, subjects).await }
         };
-        self.rounds.call(group, subject, run).await
+        self.rounds.call(group, subject, run).await?
     }
 }
 
 impl Store {
-    async fn round(&self, group: &Group, subjects: Vec<Subject>) -> Result<Vec<u64>, ConnectorError> {
+    /// One round: a shared statement, or, when it waited on a row lock in
+    /// vain, a statement per subject, run side by side.
+    async fn round(&self, group: &Group, subjects: Vec<Subject>) -> Result<Vec<Answer>, ConnectorError> {
+        let failure = match self.statement(group, &subjects).await {
+            Ok(counts) => return Ok(counts.into_iter().map(Ok).collect()),
+            Err(failure) => failure,
+        };
+        if !failure.lock_wait || subjects.len() < 2 {
+            return Err(failure.error);
+        }
+        tracing::warn!(
+            table = %self.config.tables[group.table].name,
+            subjects = subjects.len(),
+            "a shared statement gave up waiting for a row lock; its subjects run one by one"
+        );
+        let mut alone = tokio::task::JoinSet::new();
+        for (i, subject) in subjects.into_iter().enumerate() {
+            let (store, group) = (self.clone(), group.clone());
+            alone.spawn(async move {
+                let answer = store.statement(&group, std::slice::from_ref(&subject)).await;
+                (i, answer.map(|counts| counts.first().copied().unwrap_or(0)).map_err(|f| f.error))
+            });
+        }
+        let mut answers: Vec<Answer> = Vec::new();
+        answers.resize_with(alone.len(), || Err(ConnectorError::retryable("the statement was interrupted")));
+        while let Some(done) = alone.join_next().await {
+            if let Ok((i, answer)) = done {
+                answers[i] = answer;
+            }
+        }
+        Ok(answers)
+    }
+
+    /// One statement for `subjects`: each one's count, in order.
+    async fn statement(&self, group: &Group, subjects: &[Subject]) -> Result<Vec<u64>, Failure> {
+        let permanent = |error| Failure { error, lock_wait: false };
         let Some(catalog) = subjects.first().map(|s| s.catalog.clone()) else { return Ok(Vec::new()) };
         let table = &self.config.tables[group.table];
         let columns = &catalog.tables[group.table];
         let m = table.matches.get(&group.kind).ok_or_else(|| {
-            ConnectorError::permanent(
+            permanent(ConnectorError::permanent(
                 "a shared statement names an identifier type the table does not match on",
-            )
+            ))
         })?;
         let (column, compare) = (m.column.as_str(), m.compare_for(&group.kind));
         let kind = columns.kind_or_other(column);
@@ -117,7 +167,7 @@ impl Store {
         let mut positions: HashMap<Param, usize> = HashMap::new();
         let mut params = Vec::new();
         let mut slots = Vec::with_capacity(subjects.len());
-        for s in &subjects {
+        for s in subjects {
             let Some(param) = match_param(kind, compare, &s.value) else {
                 slots.push(None);
                 continue;
@@ -160,11 +210,11 @@ impl Store {
             }
             (Op::Erase, TableAction::Anonymize) => {
                 sql.push("UPDATE ").push(&quoted).push(" SET ");
-                anonymizer.assignments(&mut sql)?;
+                anonymizer.assignments(&mut sql).map_err(permanent)?;
                 sql.push(" FROM ");
                 values(&mut sql);
                 sql.push(" WHERE ").push(&on).push(" AND ");
-                anonymizer.pending(&mut sql)?;
+                anonymizer.pending(&mut sql).map_err(permanent)?;
                 "anonymize"
             }
             (Op::Verify, action) => {
@@ -174,7 +224,7 @@ impl Store {
                 sql.push(" ON ").push(&on);
                 if action == TableAction::Anonymize {
                     sql.push(" WHERE ");
-                    anonymizer.pending(&mut sql)?;
+                    anonymizer.pending(&mut sql).map_err(permanent)?;
                 }
                 sql.push(" GROUP BY ").push(VALUES).push(".lethe_n");
                 "verify"
@@ -183,7 +233,13 @@ impl Store {
         if group.op == Op::Erase {
             sql.push(" RETURNING CAST(").push(VALUES).push(".lethe_n AS BIGINT)");
         }
-        let err = |e: sqlx::Error| classify(dialect, Context { op, table: Some(&table.name) }, &e);
+        let err = |e: sqlx::Error| Failure {
+            lock_wait: e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c == "55P03" || c == "40P01"),
+            error: classify(dialect, Context { op, table: Some(&table.name) }, &e),
+        };
         let mut per_value = vec![0u64; params.len()];
         if !params.is_empty() {
             for row in sql.query().fetch_all(&self.pool).await.map_err(err)? {

@@ -260,6 +260,72 @@ match = { email = "email" }
     assert_eq!(db.count("people").await, 1, "only the protected row is left");
 }
 
+/// Another session holds the rows of subjects 3 and 5. Subject 3's task
+/// comes first, alone, and waits for its row; the others gather behind it
+/// into one round, which waits for subject 5's row until `lock_timeout`
+/// and then runs one subject at a time: only the tasks of the two locked
+/// subjects fail (retryably), the other 18 are erased.
+async fn a_locked_row_fails_only_its_subject(db: Arc<TestDb>) {
+    let rows: Vec<String> = (0..20).map(|k| format!("({k}, '{}')", email(k))).collect();
+    db.exec(&[
+        "CREATE TABLE people (id BIGINT PRIMARY KEY, email TEXT)",
+        &format!("INSERT INTO people (id, email) VALUES {}", rows.join(", ")),
+    ])
+    .await;
+    let sql = Arc::new(
+        db.connector(
+            r#"
+lock_timeout_secs = 1
+[[tables]]
+name = "people"
+action = "delete"
+category = "identity.contact"
+match = { email = "email" }
+"#,
+        )
+        .await,
+    );
+    let mut holder = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+    holder.execute("BEGIN").await.unwrap();
+    holder.execute("SELECT id FROM people WHERE id IN (3, 5) FOR UPDATE").await.unwrap();
+
+    let erase = |k: usize| {
+        let sql = sql.clone();
+        tokio::spawn(async move { sql.erase(&task(vec![id("email", &email(k))])).await })
+    };
+    let first = erase(3);
+    let mut seen = 0;
+    for _ in 0..100 {
+        seen = waiting_shared(&db).await;
+        if seen > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, 1, "subject 3's statement waits for its row");
+    let others: Vec<_> = (0..20).filter(|&k| k != 3).map(|k| (k, erase(k))).collect();
+
+    let e = first.await.unwrap().unwrap_err();
+    assert!(e.retryable && e.message.contains("lock not available"), "{e:?}");
+    for (k, call) in others {
+        let answer = call.await.unwrap();
+        if k == 5 {
+            let e = answer.unwrap_err();
+            assert!(e.retryable && e.message.contains("lock not available"), "{e:?}");
+            assert!(!e.message.contains("subject5"), "{e:?}");
+        } else {
+            assert_eq!(answer.unwrap(), deleted("people", 1), "subject {k} is erased");
+        }
+    }
+    holder.execute("ROLLBACK").await.unwrap();
+    assert_eq!(db.ids("people").await, vec![3, 5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_locked_row_fails_only_its_subject() {
+    common::run(Engine::Postgres, a_locked_row_fails_only_its_subject).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_one_subject_at_fault_fails_alone() {
     common::run(Engine::Postgres, one_subject_at_fault_fails_alone).await;
