@@ -254,6 +254,15 @@ impl KafkaConnector {
             }
         }
 
+        // Reading large topics takes a while: a legal hold placed
+        // meanwhile withdraws the attempt, and then no tombstone goes.
+        if !task.wanted.check().await {
+            tracing::warn!(
+                "the attempt was withdrawn (a legal hold, or a newer attempt) while the topics \
+                were read: no tombstone was written"
+            );
+            return Ok(KafkaErasure { erasure: Erasure::default(), purges: Vec::new() });
+        }
         self.write(&planned).await?;
         let now = Utc::now();
 

@@ -1,7 +1,8 @@
 //! The Kafka compacted-topic connector against a real broker (see `common`):
 //! tombstones land where the subject's values are and nowhere else, a second
 //! erase writes nothing, the compaction figures are reported with their
-//! source, treatments are followed, and errors are classified.
+//! source, treatments are followed, errors are classified, and an attempt
+//! withdrawn while the topics are read writes nothing.
 
 mod common;
 
@@ -365,4 +366,26 @@ async fn a_task_without_the_keys_identifier_type_does_not_search_the_dataset() {
     assert_eq!(undated(kafka.erase(&only_email).await.unwrap()), unsearched);
     assert_eq!(kafka.verify(&only_email).await.unwrap(), 0);
     assert!(latest(&topic).is_empty());
+}
+
+#[tokio::test]
+async fn a_withdrawn_attempt_writes_no_tombstone() {
+    let topic = compacted_topic("withdrawn", 1).await;
+    let ada = subject("ada");
+    let key = format!("customer:{ada}");
+    produce(&topic, &[(&key, Some(0), Some("ada v1"))]).await;
+    let before = latest(&topic);
+    let records = record_count(&topic);
+    let kafka = connector(vec![dataset("profiles", "identity.profile", &topic, "customer:{customer_id}")]);
+
+    // A legal hold placed while the topic is read: the coordinator no
+    // longer asks for the attempt when the tombstones would go out.
+    let mut erase_ada = erase_customer(&ada, &["identity.profile"]);
+    erase_ada.wanted =
+        lethe_connector::StillWanted::asking(std::time::Duration::ZERO, || Box::pin(async { Ok(false) }));
+    assert_eq!(kafka.erase(&erase_ada).await.unwrap(), Erasure::default());
+    assert!(erase_ada.wanted.withdrawn());
+    assert_eq!(record_count(&topic), records, "no record was written");
+    assert_eq!(latest(&topic), before);
+    assert_eq!(kafka.verify(&erase_ada).await.unwrap(), 1, "Ada's value is still there");
 }

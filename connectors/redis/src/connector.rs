@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lethe_connector::{Connector, ConnectorError, Erasure, ErasureTask, Treatment};
+use lethe_connector::{Connector, ConnectorError, Erasure, ErasureTask, StillWanted, Treatment};
 use lethe_core::{DatasetReport, RetainedReport};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError};
@@ -228,13 +228,16 @@ impl RedisConnector {
     }
 
     /// Deletes what `work` names, except what `kept` holds; returns how
-    /// many keys, fields or members were removed.
+    /// many keys, fields or members were removed. A pattern's scan, which
+    /// may walk a large keyspace, stops between removals once the attempt
+    /// is no longer `wanted`.
     async fn delete(
         &self,
         conn: &mut MultiplexedConnection,
         dataset: &Dataset,
         work: &Work,
         kept: &Kept,
+        wanted: &StillWanted,
     ) -> Result<u64, ConnectorError> {
         let err = |e: RedisError| classify(Context { op: "delete", dataset: Some(&dataset.name) }, &e);
         let mut removed = 0u64;
@@ -254,6 +257,11 @@ impl RedisConnector {
                         if found.len() >= self.batch {
                             removed += unlink(conn, &found).await.map_err(err)?;
                             found.clear();
+                        }
+                        if !wanted.check().await {
+                            tracing::warn!(dataset = %dataset.name, removed,
+                                "the attempt was withdrawn (a legal hold, or a newer attempt): stopped scanning");
+                            return Ok(removed);
                         }
                     }
                     if !found.is_empty() {
@@ -361,7 +369,7 @@ impl RedisConnector {
             match treatment {
                 Treatment::Erase | Treatment::Anonymize => {
                     let deleted = match conn {
-                        Some(conn) => self.delete(conn, d, work, &kept).await?,
+                        Some(conn) => self.delete(conn, d, work, &kept, &task.wanted).await?,
                         None => 0,
                     };
                     tracing::debug!(dataset = %d.name, deleted, "dataset erased");
@@ -392,6 +400,10 @@ impl RedisConnector {
                     }
                 }
                 Treatment::Skip => {}
+            }
+            if task.wanted.withdrawn() {
+                // Stopped part-way: the datasets after it are left alone.
+                break;
             }
         }
         Ok(erasure)

@@ -6,7 +6,7 @@ mod common;
 
 use chrono::{Duration, Utc};
 use common::{closed_port, directive, erase, id, task_with, Space};
-use lethe_connector::{Connector, Erasure};
+use lethe_connector::{Connector, Erasure, StillWanted};
 use lethe_connector_redis::RedisConnector;
 use lethe_core::{Action, DatasetReport, Directive, RetainedReport};
 use sha2::{Digest, Sha256};
@@ -92,6 +92,51 @@ pattern = "P:cart:{customer_id}:*"
     left.sort();
     assert_eq!(s.keys().await, left);
     assert_eq!(redis.erase(&ada).await.unwrap().total(), 0);
+    s.cleanup().await;
+}
+
+/// A legal hold placed while a pattern's scan runs: the check between
+/// removals says the attempt is withdrawn, the scan stops, the datasets
+/// after it are left alone, and the report says what went.
+#[tokio::test]
+async fn a_withdrawn_attempt_stops_scanning() {
+    let mut s = Space::new().await;
+    let redis = s.connector(
+        r#"
+batch_size = 100
+
+[[datasets]]
+name = "carts"
+category = "shop.cart"
+pattern = "P:cart:{customer_id}:*"
+
+[[datasets]]
+name = "sessions"
+category = "web.session"
+key = "P:session:{customer_id}"
+"#,
+    );
+    let ada_keys: Vec<String> = (0..2_500).map(|i| format!("P:cart:C-1:{i}")).collect();
+    s.set_many(&ada_keys).await;
+    s.set("P:session:C-1", "ada's session").await;
+
+    let mut ada = erase(vec![id("customer_id", "C-1")], &["shop.cart", "web.session"]);
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    ada.wanted = StillWanted::asking(std::time::Duration::ZERO, {
+        let asked = asked.clone();
+        move || {
+            let asked = asked.clone();
+            // Wanted for the first two checks.
+            Box::pin(async move { Ok(asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2) })
+        }
+    });
+    let report = redis.erase(&ada).await.unwrap();
+    assert!(ada.wanted.withdrawn());
+    let removed = report.datasets[0].deleted;
+    assert!(removed < 2_500, "{report:?}");
+    assert_eq!(report.datasets.len(), 1, "sessions was not reached: {report:?}");
+    let fresh = erase(vec![id("customer_id", "C-1")], &["shop.cart", "web.session"]);
+    assert_eq!(redis.verify(&fresh).await.unwrap(), 2_500 - removed + 1);
     s.cleanup().await;
 }
 
