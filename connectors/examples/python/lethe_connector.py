@@ -351,12 +351,47 @@ class Directives(Mapping[str, Directive]):
     ``issued_at`` (retention is decided as of it) and ``job`` (the external
     job of an earlier attempt to check instead of starting another, or
     ``None``). A dataset whose category has no directive must be left
-    untouched and not reported."""
+    untouched and not reported.
+
+    A connector whose erase takes many steps (a large table in batches, a
+    long scan) calls :meth:`still_wanted` between them and stops when it
+    says no: a legal hold placed while the attempt runs withdraws it, and
+    every step after that would erase what the law now keeps."""
 
     def __init__(self, directives: Iterable[Directive], issued_at: dt.datetime, job: Job | None = None):
         self._by_category = {d.category: d for d in directives}
         self.issued_at = issued_at
         self.job = job
+        self._ask: Callable[[], bool] | None = None
+        self._every = 0.0
+        self._next_ask = 0.0
+        self._withdrawn = False
+
+    def asking(self, ask: Callable[[], bool], every: float) -> None:
+        """Has :meth:`still_wanted` call ``ask`` at most once per ``every``
+        seconds, the first time ``every`` after now (the runtime sets this;
+        a connector does not)."""
+        self._ask, self._every = ask, every
+        self._next_ask = time.monotonic() + every
+
+    def still_wanted(self) -> bool:
+        """``False`` once the coordinator no longer asks for this attempt (a
+        legal hold, or a newer attempt): stop, and return what was changed
+        so far; the coordinator records it as a late change of the attempt.
+        Cheap to call often: the coordinator is asked at most every few
+        seconds, and an answer that cannot be had counts as wanted."""
+        if self._withdrawn:
+            return False
+        if self._ask is None or time.monotonic() < self._next_ask:
+            return True
+        self._next_ask = time.monotonic() + self._every
+        self._withdrawn = not self._ask()
+        return not self._withdrawn
+
+    @property
+    def withdrawn(self) -> bool:
+        """Whether :meth:`still_wanted` found the attempt withdrawn."""
+        return self._withdrawn
 
     def __getitem__(self, category: str) -> Directive:
         return self._by_category[category]
@@ -480,13 +515,14 @@ class Connector:
         """Raises :class:`ConnectorError` if the store cannot be reached."""
 
 
-def outcome_of(erasure: Erasure, residual: int) -> dict[str, Any]:
-    """The result's ``outcome`` for a finished erase and its verification.
+def outcome_of(erasure: Erasure, residual: int | None, verified: bool = True) -> dict[str, Any]:
+    """The result's ``outcome`` for a finished erase and its verification
+    (``verified`` false: none ran, and ``residual`` is left out).
     What the coordinator would refuse is a permanent failure here, named:
     sent as it is, the result would be dead-lettered (a count that is not
     a whole number) or fail the task less clearly (a job id it cannot
     keep), while the erase it reports has happened."""
-    problem = _malformed(erasure, residual)
+    problem = _malformed(erasure, residual if verified else 0)
     if problem is not None:
         return failed(PermanentError(f"the connector reported {problem}"))
     if erasure.pending_job is not None:
@@ -498,20 +534,19 @@ def outcome_of(erasure: Erasure, residual: int) -> dict[str, Any]:
     datasets = [d.to_json() for d in erasure.datasets]
     if erasure.retained:
         retained = [r.to_json() for r in erasure.retained]
-        return {
-            "status": "retained_in_part",
-            "datasets": datasets,
-            "retained": retained,
-            "residual": residual,
-        }
+        outcome: dict[str, Any] = {"status": "retained_in_part", "datasets": datasets, "retained": retained}
     # A dataset not searched must reach the request: "nothing found" would
     # say it was searched.
-    if erasure.total() == 0 and not any(d.not_searched for d in erasure.datasets):
-        return {"status": "not_found", "residual": residual}
-    return {"status": "erased", "datasets": datasets, "residual": residual}
+    elif erasure.total() == 0 and not any(d.not_searched for d in erasure.datasets):
+        outcome = {"status": "not_found"}
+    else:
+        outcome = {"status": "erased", "datasets": datasets}
+    if verified:
+        outcome["residual"] = residual
+    return outcome
 
 
-def _malformed(erasure: Erasure, residual: int) -> str | None:
+def _malformed(erasure: Erasure, residual: Any) -> str | None:
     """What in ``erasure`` the coordinator would refuse, if anything."""
     if erasure.pending_job is not None:
         job_id, poll_after = erasure.pending_job
@@ -705,6 +740,8 @@ class Settings:
     first_backoff: float = 0.5
     max_backoff: float = 5.0
     http_timeout: float = 10.0
+    #: How often, at most, ``Directives.still_wanted`` asks the coordinator.
+    wanted_every: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.worker:
@@ -907,6 +944,7 @@ class Runner:
             identifiers = Identifiers(
                 open_identifier(key, task.request_id, s.type, s.ciphertext) for s in task.identifiers
             )
+            task.directives.asking(lambda: self._wanted(task), self.settings.wanted_every)
             retrying = False
 
             def erase() -> Erasure:
@@ -925,11 +963,26 @@ class Runner:
             return screened(failed(e), identifiers)
         if erasure.pending_job is not None:
             return screened(outcome_of(erasure, 0), identifiers)
+        if task.directives.withdrawn:
+            # Stopped part-way: what it changed is reported, unverified.
+            log.warning("the attempt was withdrawn while it ran; it stopped part-way (%d changed)", erasure.total())
+            return screened(outcome_of(erasure, None, verified=False), identifiers)
         try:
             residual = self._call("verify", lambda: self.connector.verify(identifiers, task.directives))
         except ConnectorError as e:
             return screened(failed(ConnectorError(f"verification failed: {e.reason}", e.retryable)), identifiers)
         return screened(outcome_of(erasure, residual), identifiers)
+
+    def _wanted(self, task: TaskMessage) -> bool:
+        """Whether the coordinator still asks for this attempt: it refuses
+        the attempt's key once withdrawn. Unanswerable counts as wanted."""
+        try:
+            self.keys.fetch(task.task_id, task.attempt)
+        except PermanentError:
+            return False
+        except RetryableError as e:
+            log.debug("could not ask whether the attempt is still wanted (%s); going on", e.reason)
+        return True
 
     def _still_wanted(self, task: TaskMessage) -> None:
         """Raises :class:`PermanentError` if the coordinator no longer asks

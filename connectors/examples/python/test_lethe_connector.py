@@ -467,6 +467,59 @@ class Tasks(unittest.TestCase):
         self.assertEqual(connector.calls, 1, "nothing more is tried once the attempt is withdrawn")
         self.assertEqual(keys.calls, 2, "the key, then the check before the retry")
 
+    def test_an_attempt_withdrawn_while_it_runs_stops_and_reports_what_it_did(self) -> None:
+        class Batched(lc.Connector):
+            """Deletes in five batches of 100, asking between batches."""
+
+            batches = verified = 0
+
+            def erase(self, identifiers, directives):
+                report = lc.DatasetReport("events")
+                for _ in range(5):
+                    if not directives.still_wanted():
+                        break
+                    self.batches += 1
+                    report.deleted += 100
+                return lc.Erasure([report])
+
+            def verify(self, identifiers, directives):
+                self.verified += 1
+                return 0
+
+        keys = self.runner.keys = FakeKeys(self.key, self.task_id)
+        real_fetch = keys.fetch
+
+        def withdrawn_after_three_checks(task_id, attempt=None):
+            # The key, then "still wanted" twice; a legal hold lands before
+            # the third check.
+            if keys.calls >= 3:
+                keys.calls += 1
+                raise lc.PermanentError("no key for this task")
+            return real_fetch(task_id, attempt)
+
+        keys.fetch = withdrawn_after_three_checks
+        connector = self.runner.connector = Batched()
+        self.runner.settings.wanted_every = 0.0
+        with self.assertLogs("lethe.connector", "WARNING") as logs:
+            outcome = self.runner.process(self.task("ada@example.com"))["outcome"]
+        self.assertEqual(outcome, {"status": "erased", "datasets": [{"dataset": "events", "deleted": 200, "anonymized": 0}]})
+        self.assertEqual(connector.batches, 2, "nothing more after the attempt was withdrawn")
+        self.assertEqual(connector.verified, 0, "what a withdrawn attempt did is reported unverified")
+        self.assertIn("withdrawn while it ran", "\n".join(logs.output))
+
+    def test_a_short_erase_never_asks_whether_it_is_still_wanted(self) -> None:
+        keys = self.runner.keys = FakeKeys(self.key, self.task_id)
+
+        class Asking(ex.ClubhouseConnector):
+            def erase(self, identifiers, directives):
+                assert directives.still_wanted()
+                return super().erase(identifiers, directives)
+
+        self.runner.connector = Asking(self.db)
+        outcome = self.runner.process(self.task("ada@example.com"))["outcome"]
+        self.assertEqual(outcome["status"], "retained_in_part", outcome)
+        self.assertEqual(keys.calls, 1, "only the key: the first check comes after wanted_every")
+
     def test_a_locked_database_is_retried_then_reported_retryable(self) -> None:
         self.runner.connector = ex.ClubhouseConnector(self.db)
         blocker = sqlite3.connect(self.db, isolation_level=None)
