@@ -8,6 +8,9 @@
 //!   `issued_on`) are kept ten years under HGB §257 by the bundled policy.
 //! - `marketing`: a SQLite file with subscribers (`marketing.profile`) and
 //!   their events (`analytics.events`), all deleted.
+//! - `clickstream` (one test): page views (`analytics.events`) in a
+//!   PostgreSQL database of their own, deleted in slow batches, to place a
+//!   hold while the erase runs.
 //! - state: a SQLite file.
 
 mod support;
@@ -65,6 +68,11 @@ const MARKETING_SCHEMA: &str = "
 
 impl Harness {
     async fn start(now: DateTime<Utc>) -> Self {
+        Self::start_with(now, Vec::new()).await
+    }
+
+    /// With more systems besides `billing` and `marketing`.
+    async fn start_with(now: DateTime<Utc>, extra: Vec<(&str, SqlConfig)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let billing = PgDb::create().await;
         billing.pool().await.execute(BILLING_SCHEMA).await.unwrap();
@@ -109,7 +117,9 @@ impl Harness {
             marketing.display()
         ))
         .unwrap();
-        let systems = [("billing", &billing_config), ("marketing", &marketing_config)]
+        let mut configs = vec![("billing", billing_config), ("marketing", marketing_config)];
+        configs.extend(extra);
+        let systems = configs
             .iter()
             .map(|(name, c)| SystemInfo {
                 name: (*name).to_owned(),
@@ -148,7 +158,7 @@ impl Harness {
         .await
         .unwrap();
         let keys = Arc::new(StoreKeys::new(store.clone(), master));
-        for (name, config) in [("billing", billing_config), ("marketing", marketing_config)] {
+        for (name, config) in configs {
             let connector = Arc::new(SqlConnector::connect(config).await.unwrap());
             let worker = Worker::new(name, connector, keys.clone(), bus.clone(), RetryPolicy::default());
             tokio::spawn(worker.run());
@@ -473,4 +483,85 @@ async fn a_hold_placed_during_a_retention_keeps_the_records_past_it() {
     h.until(&id, "completed", status_is("completed")).await;
     assert!(h.invoices_of("ada@example.com").await.is_empty());
     assert_eq!(h.invoices_of("bob@example.com").await, vec![20]);
+}
+
+/// Page views in a PostgreSQL database of their own, deleted 4 rows per
+/// batch; every batch takes 50 ms (a statement trigger sleeps), so Ada's
+/// 400 views take 5 s to erase.
+const CLICKSTREAM_SCHEMA: &str = "
+    CREATE TABLE page_views (id BIGINT PRIMARY KEY, email TEXT NOT NULL, path TEXT NOT NULL);
+    CREATE INDEX ON page_views (email);
+    INSERT INTO page_views SELECT n, 'ada@example.com', '/p/' || n FROM generate_series(1, 400) n;
+    INSERT INTO page_views SELECT n, 'bob@example.com', '/p/' || n FROM generate_series(401, 450) n;
+    CREATE FUNCTION slow_batch() RETURNS trigger LANGUAGE plpgsql
+        AS $$ BEGIN PERFORM pg_sleep(0.05); RETURN NULL; END $$;
+    CREATE TRIGGER slow_batch AFTER DELETE ON page_views FOR EACH STATEMENT EXECUTE FUNCTION slow_batch();
+";
+
+async fn page_views(db: &PgDb, email: &str) -> i64 {
+    let pool = db.pool().await;
+    let n =
+        sqlx::query("SELECT COUNT(*) FROM page_views WHERE email = $1").bind(email).fetch_one(&pool).await;
+    n.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_placed_while_a_batched_erase_runs_stops_it_between_batches() {
+    let clickstream = PgDb::create().await;
+    clickstream.pool().await.execute(CLICKSTREAM_SCHEMA).await.unwrap();
+    let config: SqlConfig = toml::from_str(&format!(
+        r#"
+        url = "{}"
+        [[tables]]
+        name = "page_views"
+        match = {{ email = "email" }}
+        action = "delete"
+        category = "analytics.events"
+        batch_size = 4
+        "#,
+        clickstream.url
+    ))
+    .unwrap();
+    let h = Harness::start_with(day(2026, 11, 29), vec![("clickstream", config)]).await;
+    let id = h.submit("ada@example.com").await;
+
+    // Once the erase has begun, litigation freezes the clickstream.
+    let start = Instant::now();
+    while page_views(&clickstream, "ada@example.com").await == 400 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the erase never began");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hold = json!({
+        "subject": {"email": "ada@example.com"},
+        "scope": {"systems": ["clickstream"]},
+        "reason": "pending litigation",
+        "case_reference": "LIT-2026-301",
+    });
+    let (status, placed) = h.call(reqwest::Method::POST, "/v1/holds", Some(hold)).await;
+    assert_eq!(status, 201, "{placed}");
+    assert_eq!(placed["under_way"]["tasks"], 1, "the running attempt is withdrawn: {placed}");
+
+    // The worker learns of it at its next check (at most 2 s apart) and
+    // stops between two batches, long before the 5 s the whole erase takes;
+    // what it deleted meanwhile is recorded as a late change.
+    let view = h
+        .until(&id, "the withdrawn attempt's report", |v| {
+            v["status"] == "completed_with_exemptions"
+                && Harness::system(v, "clickstream")["late_changes"].as_array().is_some_and(|l| !l.is_empty())
+        })
+        .await;
+    let left = page_views(&clickstream, "ada@example.com").await;
+    assert!(left > 0 && left < 400, "stopped part-way: {left} of Ada's 400 views left");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(page_views(&clickstream, "ada@example.com").await, left, "nothing more is deleted");
+    assert_eq!(page_views(&clickstream, "bob@example.com").await, 50);
+    let system = Harness::system(&view, "clickstream");
+    assert_eq!(system["state"], "held", "{system:#}");
+    assert_eq!(system["late_changes"][0]["datasets"][0]["dataset"], "page_views", "{system:#}");
+    assert_eq!(system["late_changes"][0]["datasets"][0]["deleted"], 400 - left, "{system:#}");
+    let (status, cert) = h.call(reqwest::Method::GET, &format!("/v1/requests/{id}/certificate"), None).await;
+    assert_eq!(status, 200, "{cert}");
+    let certified =
+        cert["payload"]["systems"].as_array().unwrap().iter().find(|s| s["system"] == "clickstream");
+    assert_eq!(certified.unwrap()["late_changes"], system["late_changes"], "{cert}");
 }
