@@ -505,8 +505,9 @@ async fn page_views(db: &PgDb, email: &str) -> i64 {
     n.unwrap().get(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hold_placed_while_a_batched_erase_runs_stops_it_between_batches() {
+/// The harness with `clickstream` as a third system, and Ada's request,
+/// returned once the erase of her page views has begun.
+async fn clickstream_erase_under_way() -> (Harness, PgDb, String) {
     let clickstream = PgDb::create().await;
     clickstream.pool().await.execute(CLICKSTREAM_SCHEMA).await.unwrap();
     let config: SqlConfig = toml::from_str(&format!(
@@ -524,13 +525,18 @@ async fn a_hold_placed_while_a_batched_erase_runs_stops_it_between_batches() {
     .unwrap();
     let h = Harness::start_with(day(2026, 11, 29), vec![("clickstream", config)]).await;
     let id = h.submit("ada@example.com").await;
-
-    // Once the erase has begun, litigation freezes the clickstream.
     let start = Instant::now();
     while page_views(&clickstream, "ada@example.com").await == 400 {
         assert!(start.elapsed() < Duration::from_secs(30), "the erase never began");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (h, clickstream, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_placed_while_a_batched_erase_runs_stops_it_between_batches() {
+    // Once the erase has begun, litigation freezes the clickstream.
+    let (h, clickstream, id) = clickstream_erase_under_way().await;
     let hold = json!({
         "subject": {"email": "ada@example.com"},
         "scope": {"systems": ["clickstream"]},
@@ -564,4 +570,39 @@ async fn a_hold_placed_while_a_batched_erase_runs_stops_it_between_batches() {
     let certified =
         cert["payload"]["systems"].as_array().unwrap().iter().find(|s| s["system"] == "clickstream");
     assert_eq!(certified.unwrap()["late_changes"], system["late_changes"], "{cert}");
+}
+
+/// The coordinator gives up waiting for the running attempt (its task
+/// time-out) and queues a newer one: the running attempt learns of it as of
+/// a hold and stops, but its report, verified, says what is left, so it
+/// does not pass for the whole erasure; the newer attempt erases the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_the_coordinator_gave_up_on_stops_and_the_next_erases_the_rest() {
+    let (h, clickstream, id) = clickstream_erase_under_way().await;
+    h.clock.advance(chrono::Duration::seconds(301));
+    let view = h
+        .until(&id, "the stopped attempt's report", |v| {
+            let system = Harness::system(v, "clickstream");
+            system["late_changes"].as_array().is_some_and(|l| !l.is_empty()) || system["state"] == "succeeded"
+        })
+        .await;
+    let system = Harness::system(&view, "clickstream");
+    assert_eq!(system["state"], "pending", "queued again, not taken for done: {system:#}");
+    let left = page_views(&clickstream, "ada@example.com").await;
+    assert!(left > 0, "the first attempt stopped part-way");
+    let first = system["late_changes"][0]["datasets"][0]["deleted"].as_u64().unwrap();
+
+    // Past the retry delay: the second attempt erases what is left.
+    h.clock.advance(chrono::Duration::seconds(10));
+    let view = h.until(&id, "final", status_is("completed_with_exemptions")).await;
+    let system = Harness::system(&view, "clickstream");
+    assert_eq!(
+        (system["state"].as_str(), system["attempts"].as_u64()),
+        (Some("succeeded"), Some(2)),
+        "{system:#}"
+    );
+    assert_eq!(page_views(&clickstream, "ada@example.com").await, 0);
+    assert_eq!(page_views(&clickstream, "bob@example.com").await, 50);
+    let second = system["outcome"]["datasets"][0]["deleted"].as_u64().unwrap();
+    assert_eq!((first + second, system["outcome"]["residual"].as_u64()), (400, Some(0)), "{system:#}");
 }

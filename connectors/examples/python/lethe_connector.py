@@ -114,6 +114,18 @@ class PermanentError(ConnectorError):
         super().__init__(reason, retryable=False)
 
 
+class KeyRefused(PermanentError):
+    """The coordinator has no key for this attempt: the task is unknown or
+    another system's, the request is closed, or the attempt was withdrawn
+    (a legal hold, or a newer attempt)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no key for this task: the request is closed, the task is not this system's, "
+            "or this attempt is no longer asked for"
+        )
+
+
 class Undecodable(Exception):
     """A task message that does not follow the protocol; it is dead-lettered."""
 
@@ -377,7 +389,8 @@ class Directives(Mapping[str, Directive]):
     def still_wanted(self) -> bool:
         """``False`` once the coordinator no longer asks for this attempt (a
         legal hold, or a newer attempt): stop, and return what was changed
-        so far; the coordinator records it as a late change of the attempt.
+        so far. The runtime verifies it as usual, and the coordinator
+        records the change as a late change of the withdrawn attempt.
         Cheap to call often: the coordinator is asked at most every few
         seconds, and an answer that cannot be had counts as wanted."""
         if self._withdrawn:
@@ -515,14 +528,13 @@ class Connector:
         """Raises :class:`ConnectorError` if the store cannot be reached."""
 
 
-def outcome_of(erasure: Erasure, residual: int | None, verified: bool = True) -> dict[str, Any]:
-    """The result's ``outcome`` for a finished erase and its verification
-    (``verified`` false: none ran, and ``residual`` is left out).
+def outcome_of(erasure: Erasure, residual: int) -> dict[str, Any]:
+    """The result's ``outcome`` for a finished erase and its verification.
     What the coordinator would refuse is a permanent failure here, named:
     sent as it is, the result would be dead-lettered (a count that is not
     a whole number) or fail the task less clearly (a job id it cannot
     keep), while the erase it reports has happened."""
-    problem = _malformed(erasure, residual if verified else 0)
+    problem = _malformed(erasure, residual)
     if problem is not None:
         return failed(PermanentError(f"the connector reported {problem}"))
     if erasure.pending_job is not None:
@@ -534,19 +546,20 @@ def outcome_of(erasure: Erasure, residual: int | None, verified: bool = True) ->
     datasets = [d.to_json() for d in erasure.datasets]
     if erasure.retained:
         retained = [r.to_json() for r in erasure.retained]
-        outcome: dict[str, Any] = {"status": "retained_in_part", "datasets": datasets, "retained": retained}
+        return {
+            "status": "retained_in_part",
+            "datasets": datasets,
+            "retained": retained,
+            "residual": residual,
+        }
     # A dataset not searched must reach the request: "nothing found" would
     # say it was searched.
-    elif erasure.total() == 0 and not any(d.not_searched for d in erasure.datasets):
-        outcome = {"status": "not_found"}
-    else:
-        outcome = {"status": "erased", "datasets": datasets}
-    if verified:
-        outcome["residual"] = residual
-    return outcome
+    if erasure.total() == 0 and not any(d.not_searched for d in erasure.datasets):
+        return {"status": "not_found", "residual": residual}
+    return {"status": "erased", "datasets": datasets, "residual": residual}
 
 
-def _malformed(erasure: Erasure, residual: Any) -> str | None:
+def _malformed(erasure: Erasure, residual: int) -> str | None:
     """What in ``erasure`` the coordinator would refuse, if anything."""
     if erasure.pending_job is not None:
         job_id, poll_after = erasure.pending_job
@@ -836,9 +849,9 @@ class KeyClient:
 
     def fetch(self, task_id: uuid.UUID, attempt: int) -> bytes:
         """The request's 32-byte key for ``attempt`` of the task. Raises
-        :class:`PermanentError` on 404 (the task is unknown, another
-        system's, no longer asks for this attempt, or its request is closed
-        and the key destroyed) and for a malformed key, and
+        :class:`KeyRefused` on 404 (the task is unknown, another system's,
+        no longer asks for this attempt, or its request is closed and the
+        key destroyed), :class:`PermanentError` for a malformed key, and
         :class:`RetryableError` for any other answer: 401/403 (the worker's
         token, not the task's fault), other statuses, and when the
         coordinator cannot answer."""
@@ -857,10 +870,7 @@ class KeyClient:
                 answer = json.loads(response.read())
         except urllib.error.HTTPError as e:
             if e.code == 404:
-                raise PermanentError(
-                    "no key for this task: the request is closed, the task is not this system's, "
-                    "or this attempt is no longer asked for"
-                ) from None
+                raise KeyRefused() from None
             if e.code in (401, 403):
                 # The worker's token, not the task: retried, never failed for it.
                 raise RetryableError("the coordinator rejected this worker's connector token") from None
@@ -964,9 +974,12 @@ class Runner:
         if erasure.pending_job is not None:
             return screened(outcome_of(erasure, 0), identifiers)
         if task.directives.withdrawn:
-            # Stopped part-way: what it changed is reported, unverified.
+            # Stopped part-way (a legal hold, or a newer attempt: the
+            # coordinator gave up waiting). Verified all the same, so that
+            # it never passes for a whole erasure: what is left makes it a
+            # failure, which the coordinator records, with what it changed,
+            # as a late change of the withdrawn attempt.
             log.warning("the attempt was withdrawn while it ran; it stopped part-way (%d changed)", erasure.total())
-            return screened(outcome_of(erasure, None, verified=False), identifiers)
         try:
             residual = self._call("verify", lambda: self.connector.verify(identifiers, task.directives))
         except ConnectorError as e:
@@ -975,13 +988,14 @@ class Runner:
 
     def _wanted(self, task: TaskMessage) -> bool:
         """Whether the coordinator still asks for this attempt: it refuses
-        the attempt's key once withdrawn. Unanswerable counts as wanted."""
+        the attempt's key once withdrawn. Any other answer, or none, counts
+        as wanted."""
         try:
             self.keys.fetch(task.task_id, task.attempt)
-        except PermanentError:
+        except KeyRefused:
             return False
-        except RetryableError as e:
-            log.debug("could not ask whether the attempt is still wanted (%s); going on", e.reason)
+        except Exception as e:
+            log.debug("could not ask whether the attempt is still wanted (%s); going on", e.__class__.__name__)
         return True
 
     def _still_wanted(self, task: TaskMessage) -> None:
@@ -989,7 +1003,7 @@ class Runner:
         for this attempt (it refuses the attempt's key once withdrawn)."""
         try:
             self.keys.fetch(task.task_id, task.attempt)
-        except PermanentError:
+        except KeyRefused:
             raise PermanentError(
                 "this attempt was withdrawn while it was retried (a legal hold, or a newer attempt): "
                 "nothing more was done"

@@ -41,11 +41,14 @@ pub struct ErasureTask {
 pub type WantedAnswer = Pin<Box<dyn Future<Output = Result<bool, ConnectorError>> + Send>>;
 
 /// Whether the coordinator still asks for an attempt. A legal hold placed
-/// while an attempt runs withdraws it (and a newer attempt supersedes it):
-/// from then on every step it takes erases what the law now keeps. A
-/// connector whose erase takes many steps calls [`StillWanted::check`]
-/// between them and, on `false`, stops and reports what it changed so far
-/// (the coordinator records it as a late change of the withdrawn attempt).
+/// while an attempt runs withdraws it: from then on every step it takes
+/// erases what the law now keeps. So does a newer attempt (the coordinator
+/// gave up waiting for this one), which does the rest. A connector whose
+/// erase takes many steps calls [`StillWanted::check`] between them and, on
+/// `false`, stops and reports what it changed so far. The worker verifies
+/// it as usual, so what is left makes the report a failure: never applied
+/// to the withdrawn attempt, it is recorded, with what it changed, as a
+/// late change.
 ///
 /// Checks are cheap to call: the coordinator is asked at most once per
 /// interval, counted from the task's start, so a short task never asks.

@@ -301,16 +301,6 @@ impl Worker {
             }
         };
         let erasure = match self.call("erase", subject, erase).await {
-            // Stopped part-way: a legal hold (or a newer attempt) withdrew
-            // it while it ran. What it changed is reported, unverified: the
-            // coordinator records it as a late change of this attempt.
-            Ok(Progress::Done(erasure)) if task.wanted.withdrawn() => {
-                tracing::warn!(
-                    changed = erasure.total(),
-                    "the attempt was withdrawn while it ran; it stopped part-way"
-                );
-                return erased(screened_report(erasure, subject), None);
-            }
             Ok(Progress::Done(erasure)) => erasure,
             Ok(Progress::Running(pending)) => {
                 return Outcome::Accepted {
@@ -320,8 +310,20 @@ impl Worker {
             }
             Err(e) => return failed(screened(e, subject)),
         };
+        // Stopped part-way: a legal hold or a newer attempt (the coordinator
+        // gave up waiting) withdrew it while it ran. It is verified all the
+        // same, so that it never passes for a whole erasure: what is left
+        // makes it a failure, which the coordinator does not apply to a
+        // withdrawn attempt but records, with what it changed, as a late
+        // change; a newer attempt erases the rest.
+        if task.wanted.withdrawn() {
+            tracing::warn!(
+                changed = erasure.total(),
+                "the attempt was withdrawn while it ran; it stopped part-way"
+            );
+        }
         match self.call("verify", subject, || self.connector.verify(&task)).await {
-            Ok(residual) => erased(screened_report(erasure, subject), Some(residual)),
+            Ok(residual) => erased(screened_report(erasure, subject), residual),
             Err(e) => {
                 let e = screened(e, subject);
                 failed(ConnectorError { message: format!("verification failed: {}", e.message), ..e })
@@ -462,7 +464,8 @@ fn failed(e: ConnectorError) -> Outcome {
 /// what an earlier attempt removed is gone for good (`purge_by`: a
 /// compacted topic's tombstone written before), or that it was not
 /// searched: that must reach the request, so the outcome stays `erased`.
-fn erased(erasure: Erasure, residual: Option<u64>) -> Outcome {
+fn erased(erasure: Erasure, residual: u64) -> Outcome {
+    let residual = Some(residual);
     let telling = erasure.datasets.iter().any(|d| d.purge_by.is_some() || d.not_searched);
     if !erasure.retained.is_empty() {
         Outcome::RetainedInPart { datasets: erasure.datasets, retained: erasure.retained, residual }
@@ -541,11 +544,11 @@ mod tests {
     fn a_rerun_keeps_the_purge_date() {
         use lethe_core::DatasetReport;
         let none = Erasure { datasets: vec![DatasetReport::new("profiles", 0, 0)], retained: vec![] };
-        assert!(matches!(erased(none.clone(), Some(0)), Outcome::NotFound { .. }));
+        assert!(matches!(erased(none.clone(), 0), Outcome::NotFound { .. }));
         let by = Utc::now() + chrono::Duration::days(7);
         let mut purging = none;
         purging.datasets[0].purge_by = Some(by);
-        match erased(purging, Some(0)) {
+        match erased(purging, 0) {
             Outcome::Erased { datasets, .. } => assert_eq!(datasets[0].purge_by, Some(by)),
             other => panic!("{other:?}"),
         }
@@ -560,7 +563,7 @@ mod tests {
             datasets: vec![DatasetReport::new("newsletter", 0, 0), DatasetReport::unsearched("sessions")],
             retained: vec![],
         };
-        let outcome = erased(some, Some(0));
+        let outcome = erased(some, 0);
         let Outcome::Erased { datasets, .. } = &outcome else { panic!("{outcome:?}") };
         assert!(!datasets[0].not_searched && datasets[1].not_searched);
         let summary = outcome.summary();
@@ -569,10 +572,8 @@ mod tests {
             "{summary}"
         );
         assert_eq!(outcome_label(&outcome), "erased", "one dataset was searched");
-        let none = erased(
-            Erasure { datasets: vec![DatasetReport::unsearched("sessions")], retained: vec![] },
-            Some(0),
-        );
+        let none =
+            erased(Erasure { datasets: vec![DatasetReport::unsearched("sessions")], retained: vec![] }, 0);
         assert_eq!(outcome_label(&none), "not_searched", "counted apart from erasures: {none:?}");
     }
 
@@ -855,6 +856,7 @@ mod tests {
     #[derive(Default)]
     struct Stepwise {
         verified: std::sync::atomic::AtomicU32,
+        erased: std::sync::atomic::AtomicU64,
     }
 
     #[async_trait]
@@ -867,6 +869,7 @@ mod tests {
                     break;
                 }
             }
+            self.erased.store(rows, std::sync::atomic::Ordering::SeqCst);
             Ok(Erasure {
                 datasets: vec![lethe_core::DatasetReport::new("events", rows, 0)],
                 retained: vec![],
@@ -874,7 +877,7 @@ mod tests {
         }
         async fn verify(&self, _task: &ErasureTask) -> Result<u64, ConnectorError> {
             self.verified.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(0)
+            Ok(100 - self.erased.load(std::sync::atomic::Ordering::SeqCst))
         }
         async fn health(&self) -> Result<(), ConnectorError> {
             Ok(())
@@ -883,8 +886,10 @@ mod tests {
 
     /// A legal hold placed while a long erase runs: the connector's check
     /// between steps asks the coordinator (its key is refused from then
-    /// on), the erase stops, and the result reports what it did, without
-    /// verifying (what is left is kept on purpose now).
+    /// on), the erase stops, and the result reports what it did and what
+    /// is left: never a success, since the same refusal comes when the
+    /// coordinator has given up waiting and queued a newer attempt, which
+    /// must not be skipped.
     #[tokio::test]
     async fn an_attempt_withdrawn_while_it_runs_stops_and_reports_what_it_did() {
         let key = DataKey::generate();
@@ -896,10 +901,11 @@ mod tests {
         let worker = Worker::new("crm", connector.clone(), keys, bus.clone(), retry)
             .with_still_wanted_every(Duration::ZERO);
         let result = worker.process(task_for(&key, 1)).await;
+        assert_eq!(result.outcome.class(), lethe_core::OutcomeClass::Failed, "{result:?}");
         let Outcome::Erased { datasets, residual } = result.outcome else { panic!("{result:?}") };
         assert_eq!(datasets, vec![lethe_core::DatasetReport::new("events", 1, 0)]);
-        assert_eq!(residual, None, "not verified");
-        assert_eq!(connector.verified.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(residual, Some(99), "what the stopped attempt left");
+        assert_eq!(connector.verified.load(std::sync::atomic::Ordering::SeqCst), 1);
 
         // Still wanted throughout: every step, then verified. By default
         // a task shorter than the interval never asks.
@@ -908,7 +914,7 @@ mod tests {
         let Outcome::Erased { datasets, residual } = result.outcome else { panic!("{result:?}") };
         assert_eq!(datasets, vec![lethe_core::DatasetReport::new("events", 100, 0)]);
         assert_eq!(residual, Some(0));
-        assert_eq!(connector.verified.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(connector.verified.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     /// An error that quotes the subject reaches neither the result nor the
