@@ -16,10 +16,10 @@
 //! are exactly those the one-task statements would change together, and it
 //! commits or fails as a whole: a failure is each task's failure, retried
 //! by the worker as usual, except where one subject can be at fault: a
-//! permanent failure (a row a foreign key protects) and a wait for a row
-//! lock given up (`lock_timeout`: another session holds one subject's
-//! row) run the round again one subject at a time, so that only that
-//! subject's task fails. A value that two waiting tasks share is sent
+//! permanent failure (a row a foreign key protects) runs the round again
+//! one subject at a time, and a wait for a lock given up (`lock_timeout`:
+//! another session holds one subject's row) a few subjects at a time, so
+//! that only that subject's task fails. A value that two waiting tasks share is sent
 //! once; the first of them is credited with its rows, the other finds
 //! nothing left, as it would after the first had run alone.
 //!
@@ -92,9 +92,15 @@ pub struct Shared {
 /// Why a shared statement failed.
 struct Failure {
     error: ConnectorError,
-    /// It waited for a row lock until the server gave up (or was chosen as
-    /// a deadlock's victim): one subject's row may be the one held.
+    /// It waited for a lock until the server gave up (or was chosen as a
+    /// deadlock's victim): one subject's row may be the one held.
     lock_wait: bool,
+}
+
+impl Failure {
+    fn interrupted() -> Self {
+        Self { error: ConnectorError::retryable("the statement was interrupted"), lock_wait: false }
+    }
 }
 
 impl Shared {
@@ -117,8 +123,8 @@ impl Shared {
 }
 
 impl Store {
-    /// One round: a shared statement, or, when it waited on a row lock in
-    /// vain, a statement per subject, run side by side.
+    /// One round: a shared statement, or, when it waited for a lock in
+    /// vain, a statement per subject, a few at a time.
     async fn round(&self, group: &Group, subjects: Vec<Subject>) -> Result<Vec<Answer>, ConnectorError> {
         let failure = match self.statement(group, &subjects).await {
             Ok(counts) => return Ok(counts.into_iter().map(Ok).collect()),
@@ -130,21 +136,36 @@ impl Store {
         tracing::warn!(
             table = %self.config.tables[group.table].name,
             subjects = subjects.len(),
-            "a shared statement gave up waiting for a row lock; its subjects run one by one"
+            "a shared statement gave up waiting for a lock; its subjects run one by one"
         );
-        let mut alone = tokio::task::JoinSet::new();
-        for (i, subject) in subjects.into_iter().enumerate() {
-            let (store, group) = (self.clone(), group.clone());
-            alone.spawn(async move {
-                let answer = store.statement(&group, std::slice::from_ref(&subject)).await;
-                (i, answer.map(|counts| counts.first().copied().unwrap_or(0)).map_err(|f| f.error))
-            });
-        }
-        let mut answers: Vec<Answer> = Vec::new();
-        answers.resize_with(alone.len(), || Err(ConnectorError::retryable("the statement was interrupted")));
-        while let Some(done) = alone.join_next().await {
-            if let Ok((i, answer)) = done {
-                answers[i] = answer;
+        // In waves no wider than half the pool, so that the connector's
+        // other statements still find a connection. When every statement
+        // of the first wave waits in vain too, the lock is not one
+        // subject's row (a table lock, say): the others fail at once, as
+        // the shared statement did, rather than each wait its turn.
+        let width = (self.config.max_connections as usize / 2).clamp(1, subjects.len());
+        let mut answers: Vec<Answer> = Vec::with_capacity(subjects.len());
+        for (wave, chunk) in subjects.chunks(width).enumerate() {
+            let mut alone = tokio::task::JoinSet::new();
+            for (i, subject) in chunk.iter().cloned().enumerate() {
+                let (store, group) = (self.clone(), group.clone());
+                alone.spawn(async move {
+                    let answer = store.statement(&group, std::slice::from_ref(&subject)).await;
+                    (i, answer.map(|counts| counts.first().copied().unwrap_or(0)))
+                });
+            }
+            let mut results: Vec<Result<u64, Failure>> = Vec::new();
+            results.resize_with(chunk.len(), || Err(Failure::interrupted()));
+            while let Some(done) = alone.join_next().await {
+                if let Ok((i, answer)) = done {
+                    results[i] = answer;
+                }
+            }
+            let all_waited = results.iter().all(|r| r.as_ref().is_err_and(|f| f.lock_wait));
+            answers.extend(results.into_iter().map(|r| r.map_err(|f| f.error)));
+            if wave == 0 && all_waited && chunk.len() < subjects.len() {
+                answers.resize(subjects.len(), Err(failure.error));
+                break;
             }
         }
         Ok(answers)

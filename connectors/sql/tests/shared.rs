@@ -326,6 +326,63 @@ async fn postgres_a_locked_row_fails_only_its_subject() {
     common::run(Engine::Postgres, a_locked_row_fails_only_its_subject).await;
 }
 
+/// Another session locks the whole table: the shared round waits in vain,
+/// and so does the first wave of its subjects alone, after which the rest
+/// fail at once (retryably) instead of each waiting `lock_timeout` in turn.
+async fn a_locked_table_fails_the_round_without_waiting_per_subject(db: Arc<TestDb>) {
+    let rows: Vec<String> = (0..20).map(|k| format!("({k}, '{}')", email(k))).collect();
+    db.exec(&[
+        "CREATE TABLE people (id BIGINT PRIMARY KEY, email TEXT)",
+        &format!("INSERT INTO people (id, email) VALUES {}", rows.join(", ")),
+    ])
+    .await;
+    let sql = Arc::new(
+        db.connector(
+            r#"
+lock_timeout_secs = 1
+[[tables]]
+name = "people"
+action = "delete"
+category = "identity.contact"
+match = { email = "email" }
+"#,
+        )
+        .await,
+    );
+    let mut holder = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+    holder.execute("BEGIN").await.unwrap();
+    holder.execute("LOCK TABLE people IN ACCESS EXCLUSIVE MODE").await.unwrap();
+
+    let erase = |k: usize| {
+        let sql = sql.clone();
+        tokio::spawn(async move { sql.erase(&task(vec![id("email", &email(k))])).await })
+    };
+    // One alone first, so that the others share one round behind it.
+    let first = erase(0);
+    for _ in 0..100 {
+        if waiting_shared(&db).await > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = std::time::Instant::now();
+    let others: Vec<_> = (1..20).map(erase).collect();
+    for call in std::iter::once(first).chain(others) {
+        let e = call.await.unwrap().unwrap_err();
+        assert!(e.retryable && e.message.contains("lock not available"), "{e:?}");
+    }
+    // The round (1 s) and its first wave (1 s), not ten waves of 1 s.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    holder.execute("ROLLBACK").await.unwrap();
+    assert_eq!(db.count("people").await, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_locked_table_fails_the_round_without_waiting_per_subject() {
+    common::run(Engine::Postgres, a_locked_table_fails_the_round_without_waiting_per_subject).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_one_subject_at_fault_fails_alone() {
     common::run(Engine::Postgres, one_subject_at_fault_fails_alone).await;
