@@ -18,7 +18,7 @@ pub fn describe(system: &str) {
         metrics::counter!(RETRIES_TOTAL, "system" => system.to_owned(), "call" => call).increment(0);
     }
     metrics::counter!(DEAD_LETTERS_TOTAL, "source" => "tasks").increment(0);
-    metrics::describe_counter!(TASKS_TOTAL, "Tasks finished by connector workers, by system and outcome (not_searched: an erased or retained_in_part that could search none of its datasets).");
+    metrics::describe_counter!(TASKS_TOTAL, "Tasks finished by connector workers, by system and outcome (not_searched: an erased or retained_in_part that could search none of its datasets; failed: an error, or data left over after the erase).");
     metrics::describe_counter!(RETRIES_TOTAL, "Retries of connector calls after retryable errors.");
     metrics::describe_counter!(DEAD_LETTERS_TOTAL, "Task messages dead-lettered as undecodable.");
     metrics::describe_histogram!(

@@ -481,6 +481,9 @@ fn erased(erasure: Erasure, residual: u64) -> Outcome {
 fn outcome_label(o: &Outcome) -> &'static str {
     match o {
         _ if o.searched_nothing() => "not_searched",
+        // Data left over after the erase (a stopped attempt, say): the
+        // coordinator takes it for a failure too.
+        _ if o.class() == lethe_core::OutcomeClass::Failed => "failed",
         Outcome::Erased { .. } => "erased",
         Outcome::NotFound { .. } => "not_found",
         Outcome::RetainedInPart { .. } => "retained_in_part",
@@ -902,6 +905,7 @@ mod tests {
             .with_still_wanted_every(Duration::ZERO);
         let result = worker.process(task_for(&key, 1)).await;
         assert_eq!(result.outcome.class(), lethe_core::OutcomeClass::Failed, "{result:?}");
+        assert_eq!(outcome_label(&result.outcome), "failed");
         let Outcome::Erased { datasets, residual } = result.outcome else { panic!("{result:?}") };
         assert_eq!(datasets, vec![lethe_core::DatasetReport::new("events", 1, 0)]);
         assert_eq!(residual, Some(99), "what the stopped attempt left");

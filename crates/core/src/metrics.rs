@@ -53,8 +53,9 @@ pub const STATE_GAUGES_UP: &str = "lethe_state_gauges_up";
 
 // The connector runtime's.
 
-/// Tasks finished by a worker, by `system` and `outcome`
-/// (`erased`, `not_found`, `retained_in_part`, `failed`, `accepted`).
+/// Tasks finished by a worker, by `system` and `outcome` (`erased`,
+/// `not_found`, `retained_in_part`, `not_searched`, `accepted`, and
+/// `failed`: an error, or data left over after the erase).
 pub const CONNECTOR_TASKS_TOTAL: &str = "lethe_connector_tasks_total";
 /// Retries of a connector call after a retryable error, by `system` and `call`.
 pub const CONNECTOR_RETRIES_TOTAL: &str = "lethe_connector_retries_total";
