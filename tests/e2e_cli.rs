@@ -427,6 +427,79 @@ async fn migrate_says_what_it_applied() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "state store (sqlite) is up to date\n");
 }
 
+/// The commands that work on the store directly (tokens, audit, webhooks)
+/// never migrate it under the coordinators running on it: a schema of
+/// another version is refused, naming what to do, and left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_commands_refuse_a_schema_of_another_version_and_leave_it() {
+    let lab = Lab::new(StateKind::Sqlite, ada_and_neighbours()).await;
+    let config = lab.config.to_str().expect("UTF-8 path");
+    let env = lab.child_env();
+    let token_list = ["token", "list", "--config", config];
+    let tokens = || lethe_with_env(&token_list, lab.root(), &env);
+    let out = lethe_with_env(&["migrate", "--config", config], lab.root(), &env).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = tokens().await;
+    assert!(out.status.success(), "{}", describe(&out));
+
+    let url = format!("sqlite://{}", lab.state_file.display());
+    let db = sqlx::SqlitePool::connect(&url).await.expect("open the state store");
+    let migrations = || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations").fetch_one(&db).await.unwrap();
+        n
+    };
+    // As if a newer binary's migration were still to run.
+    let last: (i64, String, Vec<u8>) = sqlx::query_as(
+        "SELECT version, description, checksum FROM _sqlx_migrations ORDER BY version DESC LIMIT 1",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = ?").bind(last.0).execute(&db).await.unwrap();
+    let before = migrations().await;
+    let out = tokens().await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("older than this version") && said.contains("lethe migrate"), "{said}");
+    assert_eq!(migrations().await, before, "nothing was migrated");
+    let out = lethe_with_env(&["audit", "verify", "--config", config], lab.root(), &env).await;
+    assert!(!out.status.success() && describe(&out).contains("lethe migrate"), "{}", describe(&out));
+
+    // Up to date again, then migrated by a newer version than this one.
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (?, ?, 1, ?, 0)",
+    )
+    .bind(last.0)
+    .bind(&last.1)
+    .bind(&last.2)
+    .execute(&db)
+    .await
+    .unwrap();
+    let out = tokens().await;
+    assert!(out.status.success(), "{}", describe(&out));
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99999999, 'from the future', 1, x'00', 0)",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let out = tokens().await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("newer version of Lethe") && said.contains("99999999"), "{said}");
+
+    // A PostgreSQL database no coordinator has set up yet.
+    let fresh = Lab::new(StateKind::Postgres, ada_and_neighbours()).await;
+    let config = fresh.config.to_str().expect("UTF-8 path");
+    let out = lethe_with_env(&["token", "list", "--config", config], fresh.root(), &fresh.child_env()).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("no Lethe schema yet") && said.contains("lethe migrate"), "{said}");
+}
+
 /// A value for every `${VAR}` a configuration text names: 64 hex
 /// characters do for a master key, a token and a password alike.
 fn placeholders(text: &str) -> Vec<(String, String)> {

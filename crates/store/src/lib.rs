@@ -58,10 +58,12 @@ pub async fn connect(url: &str) -> Result<Arc<dyn StateStore>, StoreError> {
     Ok(connect_migrated(url).await?.0)
 }
 
-/// [`connect`], for the commands that work on the store a coordinator
-/// made: a SQLite file that does not exist is an error, not a new, empty
-/// store (where `lethe audit verify` would find an intact trail of no
-/// events, and `lethe token create` a token no coordinator knows).
+/// Opens the store a coordinator made, for the commands that work on it
+/// directly, without migrating it: a SQLite file that does not exist is
+/// an error, not a new, empty store (where `lethe audit verify` would find
+/// an intact trail of no events, and `lethe token create` a token no
+/// coordinator knows), and so is a schema of another version (see
+/// [`SqlStore::check_schema`]).
 pub async fn connect_existing(url: &str) -> Result<Arc<dyn StateStore>, StoreError> {
     if let Some(path) = sql::sqlite_file(url) {
         if !path.exists() {
@@ -72,7 +74,9 @@ pub async fn connect_existing(url: &str) -> Result<Arc<dyn StateStore>, StoreErr
             )));
         }
     }
-    connect(url).await
+    let store = SqlStore::connect(url).await?;
+    store.check_schema().await?;
+    Ok(Arc::new(store))
 }
 
 /// [`connect`], also naming the migrations it applied (see

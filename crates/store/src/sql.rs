@@ -96,16 +96,60 @@ impl SqlStore {
         &self.pool
     }
 
+    /// Checks, without changing anything, that the schema is the one this
+    /// version writes: commands that work on a coordinator's store must
+    /// not migrate it under the coordinators running on it (that is
+    /// `lethe migrate`'s job, run on purpose before an upgrade).
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        use sqlx::migrate::Migrate;
+        let migrator = self.migrator();
+        let applied = {
+            let mut conn = self.pool.acquire().await.map_err(db_err)?;
+            conn.list_applied_migrations().await.unwrap_or_default()
+        };
+        let known = |version: i64| migrator.iter().any(|m| m.version == version);
+        if let Some(newer) = applied.iter().find(|a| !known(a.version)) {
+            return Err(StoreError::Migration(format!(
+                "the state store was migrated by a newer version of Lethe (migration {} is unknown to this \
+                 one); use that version",
+                newer.version
+            )));
+        }
+        let pending: Vec<_> = migrator
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration())
+            .filter(|m| !applied.iter().any(|a| a.version == m.version))
+            .collect();
+        match pending.first() {
+            None => Ok(()),
+            Some(_) if applied.is_empty() => Err(StoreError::Migration(
+                "the state store has no Lethe schema yet: run `lethe migrate` (or start `lethe serve`) first"
+                    .to_owned(),
+            )),
+            Some(first) => Err(StoreError::Migration(format!(
+                "the state store's schema is older than this version of Lethe ({} migration(s) to apply, \
+                 from {} {}): run `lethe migrate` first",
+                pending.len(),
+                first.version,
+                first.description
+            ))),
+        }
+    }
+
+    fn migrator(&self) -> sqlx::migrate::Migrator {
+        match self.dialect {
+            Dialect::Postgres => sqlx::migrate!("./migrations/postgres"),
+            Dialect::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+        }
+    }
+
     /// Applies pending migrations (safe to run from several replicas) and
     /// names those that were pending when it started, oldest first
     /// (`"<version> <description>"`). A replica migrating at the same time
     /// may have applied some of them.
     pub async fn migrate(&self) -> Result<Vec<String>, StoreError> {
         use sqlx::migrate::Migrate;
-        let migrator = match self.dialect {
-            Dialect::Postgres => sqlx::migrate!("./migrations/postgres"),
-            Dialect::Sqlite => sqlx::migrate!("./migrations/sqlite"),
-        };
+        let migrator = self.migrator();
         let migration_err = |e: sqlx::migrate::MigrateError| StoreError::Migration(e.to_string());
         // Read without creating the migrations table: `run` creates it
         // under its lock, so that replicas starting together do not race.
