@@ -983,6 +983,14 @@ class Runner:
         try:
             residual = self._call("verify", lambda: self.connector.verify(identifiers, task.directives))
         except ConnectorError as e:
+            if task.directives.withdrawn:
+                # Unverified, the report still says what the attempt changed:
+                # the coordinator applies no unverified report of a withdrawn
+                # or superseded attempt, and records it as a late change.
+                log.warning("could not verify the withdrawn attempt; reported unverified")
+                outcome = outcome_of(erasure, 0)
+                outcome.pop("residual", None)
+                return screened(outcome, identifiers)
             return screened(failed(ConnectorError(f"verification failed: {e.reason}", e.retryable)), identifiers)
         return screened(outcome_of(erasure, residual), identifiers)
 

@@ -507,6 +507,20 @@ class Tasks(unittest.TestCase):
         datasets = [{"dataset": "events", "deleted": 200, "anonymized": 0}]
         self.assertEqual(outcome, {"status": "erased", "datasets": datasets, "residual": 300})
         self.assertEqual(connector.batches, 2, "nothing more after the attempt was withdrawn")
+
+        # When the verification fails too, the report still says what the
+        # attempt changed, unverified: never applied as such to a withdrawn
+        # or superseded attempt, it is recorded as a late change.
+        def verify_fails(identifiers, directives):
+            raise lc.PermanentError("the count query was cancelled")
+
+        keys.calls = 0
+        connector.batches = 0
+        connector.verify = verify_fails
+        with self.assertLogs("lethe.connector", "WARNING") as logs:
+            outcome = self.runner.process(self.task("ada@example.com"))["outcome"]
+        self.assertEqual(outcome, {"status": "erased", "datasets": datasets})
+        self.assertIn("could not verify the withdrawn attempt", "\n".join(logs.output))
         self.assertIn("withdrawn while it ran", "\n".join(logs.output))
 
     def test_a_short_erase_never_asks_whether_it_is_still_wanted(self) -> None:

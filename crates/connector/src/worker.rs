@@ -316,14 +316,22 @@ impl Worker {
         // makes it a failure, which the coordinator does not apply to a
         // withdrawn attempt but records, with what it changed, as a late
         // change; a newer attempt erases the rest.
-        if task.wanted.withdrawn() {
+        let withdrawn = task.wanted.withdrawn();
+        if withdrawn {
             tracing::warn!(
                 changed = erasure.total(),
                 "the attempt was withdrawn while it ran; it stopped part-way"
             );
         }
         match self.call("verify", subject, || self.connector.verify(&task)).await {
-            Ok(residual) => erased(screened_report(erasure, subject), residual),
+            Ok(residual) => erased(screened_report(erasure, subject), Some(residual)),
+            // Unverified, the report still says what the attempt changed:
+            // the coordinator applies no unverified report of a withdrawn
+            // or superseded attempt, and records it as a late change.
+            Err(e) if withdrawn => {
+                tracing::warn!(error = %screened(e, subject).message, "could not verify the withdrawn attempt");
+                erased(screened_report(erasure, subject), None)
+            }
             Err(e) => {
                 let e = screened(e, subject);
                 failed(ConnectorError { message: format!("verification failed: {}", e.message), ..e })
@@ -464,8 +472,7 @@ fn failed(e: ConnectorError) -> Outcome {
 /// what an earlier attempt removed is gone for good (`purge_by`: a
 /// compacted topic's tombstone written before), or that it was not
 /// searched: that must reach the request, so the outcome stays `erased`.
-fn erased(erasure: Erasure, residual: u64) -> Outcome {
-    let residual = Some(residual);
+fn erased(erasure: Erasure, residual: Option<u64>) -> Outcome {
     let telling = erasure.datasets.iter().any(|d| d.purge_by.is_some() || d.not_searched);
     if !erasure.retained.is_empty() {
         Outcome::RetainedInPart { datasets: erasure.datasets, retained: erasure.retained, residual }
@@ -547,11 +554,11 @@ mod tests {
     fn a_rerun_keeps_the_purge_date() {
         use lethe_core::DatasetReport;
         let none = Erasure { datasets: vec![DatasetReport::new("profiles", 0, 0)], retained: vec![] };
-        assert!(matches!(erased(none.clone(), 0), Outcome::NotFound { .. }));
+        assert!(matches!(erased(none.clone(), Some(0)), Outcome::NotFound { .. }));
         let by = Utc::now() + chrono::Duration::days(7);
         let mut purging = none;
         purging.datasets[0].purge_by = Some(by);
-        match erased(purging, 0) {
+        match erased(purging, Some(0)) {
             Outcome::Erased { datasets, .. } => assert_eq!(datasets[0].purge_by, Some(by)),
             other => panic!("{other:?}"),
         }
@@ -566,7 +573,7 @@ mod tests {
             datasets: vec![DatasetReport::new("newsletter", 0, 0), DatasetReport::unsearched("sessions")],
             retained: vec![],
         };
-        let outcome = erased(some, 0);
+        let outcome = erased(some, Some(0));
         let Outcome::Erased { datasets, .. } = &outcome else { panic!("{outcome:?}") };
         assert!(!datasets[0].not_searched && datasets[1].not_searched);
         let summary = outcome.summary();
@@ -575,8 +582,10 @@ mod tests {
             "{summary}"
         );
         assert_eq!(outcome_label(&outcome), "erased", "one dataset was searched");
-        let none =
-            erased(Erasure { datasets: vec![DatasetReport::unsearched("sessions")], retained: vec![] }, 0);
+        let none = erased(
+            Erasure { datasets: vec![DatasetReport::unsearched("sessions")], retained: vec![] },
+            Some(0),
+        );
         assert_eq!(outcome_label(&none), "not_searched", "counted apart from erasures: {none:?}");
     }
 
@@ -860,6 +869,7 @@ mod tests {
     struct Stepwise {
         verified: std::sync::atomic::AtomicU32,
         erased: std::sync::atomic::AtomicU64,
+        verify_fails: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait]
@@ -880,6 +890,9 @@ mod tests {
         }
         async fn verify(&self, _task: &ErasureTask) -> Result<u64, ConnectorError> {
             self.verified.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.verify_fails.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(ConnectorError::permanent("the count query was cancelled"));
+            }
             Ok(100 - self.erased.load(std::sync::atomic::Ordering::SeqCst))
         }
         async fn health(&self) -> Result<(), ConnectorError> {
@@ -913,12 +926,26 @@ mod tests {
 
         // Still wanted throughout: every step, then verified. By default
         // a task shorter than the interval never asks.
-        let worker = Worker::new("crm", connector.clone(), Arc::new(OneKey::once(&key)), bus, retry);
+        let worker = Worker::new("crm", connector.clone(), Arc::new(OneKey::once(&key)), bus.clone(), retry);
         let result = worker.process(task_for(&key, 2)).await;
         let Outcome::Erased { datasets, residual } = result.outcome else { panic!("{result:?}") };
         assert_eq!(datasets, vec![lethe_core::DatasetReport::new("events", 100, 0)]);
         assert_eq!(residual, Some(0));
         assert_eq!(connector.verified.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        // Withdrawn, and the verification fails: the report still says
+        // what the attempt changed, unverified (never applied as such to a
+        // withdrawn or superseded attempt, recorded as a late change).
+        connector.verify_fails.store(true, std::sync::atomic::Ordering::SeqCst);
+        let worker = Worker::new("crm", connector.clone(), Arc::new(OneKey::once(&key)), bus.clone(), retry)
+            .with_still_wanted_every(Duration::ZERO);
+        let result = worker.process(task_for(&key, 3)).await;
+        let Outcome::Erased { datasets, residual } = result.outcome else { panic!("{result:?}") };
+        assert_eq!((datasets, residual), (vec![lethe_core::DatasetReport::new("events", 1, 0)], None));
+        // Not withdrawn, a failed verification fails the attempt as before.
+        let worker = Worker::new("crm", connector.clone(), Arc::new(OneKey::once(&key)), bus, retry);
+        let result = worker.process(task_for(&key, 4)).await;
+        assert!(matches!(result.outcome, Outcome::Failed { .. }), "{result:?}");
     }
 
     /// An error that quotes the subject reaches neither the result nor the

@@ -1422,8 +1422,13 @@ impl StateStore for SqlStore {
             let retry_later = class == OutcomeClass::Failed
                 && matches!(report.outcome, Outcome::Failed { retryable: true, .. })
                 && task.has_attempts_left(schedule);
+            // A superseded attempt's success is applied only if verified:
+            // one that stopped part-way when it learnt of the newer attempt
+            // may report what it did without knowing what is left.
+            let unverified = report.outcome.residual().is_none();
             let step = if withdrawn
-                || (matches!(class, OutcomeClass::Failed | OutcomeClass::Accepted) && superseded)
+                || (superseded
+                    && (matches!(class, OutcomeClass::Failed | OutcomeClass::Accepted) || unverified))
             {
                 Ok(Step::Ignored)
             } else if class == OutcomeClass::Accepted

@@ -944,6 +944,39 @@ async fn silent_tasks_time_out_then_fail(b: &Backend) {
     );
 }
 
+/// After a time-out queued attempt 2, attempt 1's late success counts
+/// only if verified: unverified, it may be an erase stopped part-way when
+/// it learnt of attempt 2, and it is recorded as a late change instead.
+async fn a_superseded_attempt_counts_only_verified(b: &Backend) {
+    let f = Fixture::new();
+    let req = f.request("late@example.com", &["crm"], None);
+    let id = req.id;
+    b.store.create_request(req).await.unwrap();
+    let schedule = RetrySchedule { max_attempts: 3, ..Default::default() };
+    let task = dispatch_all(&b.store).await[0].task_id;
+    let expired = b.store.expire_dispatched(Duration::from_secs(60), &schedule, at(61)).await.unwrap();
+    assert_eq!(expired.requeued, 1);
+
+    let partial = Outcome::Erased { datasets: vec![DatasetReport::new("customers", 3, 0)], residual: None };
+    let applied = b.store.apply_outcomes(&[OutcomeReport::new(task, 1, partial)], &schedule, at(62)).await;
+    assert_eq!(applied.unwrap()[0], Applied::Ignored);
+    let d = detail(&b.store, id).await;
+    assert_eq!(task_of(&d, "crm").state, TaskState::Pending, "attempt 2 still to come");
+    let events = b.store.audit_events(Some(id)).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "task.outcome_ignored").count(), 1, "a late change");
+
+    let verified = OutcomeReport::new(task, 1, erased(3));
+    let applied = b.store.apply_outcomes(&[verified], &schedule, at(63)).await.unwrap();
+    assert_eq!(
+        applied[0],
+        Applied::Moved {
+            request: id,
+            task: TaskState::Succeeded,
+            request_status: Some(RequestStatus::Completed)
+        }
+    );
+}
+
 fn accepted(job: &str, poll_after_seconds: u64) -> Outcome {
     Outcome::Accepted { job_id: job.into(), poll_after_seconds: Some(poll_after_seconds) }
 }
@@ -2429,6 +2462,7 @@ suite!(
     a_long_audit_trail_is_checked_in_pages,
     retryable_failures_requeue_with_backoff_until_attempts_run_out,
     silent_tasks_time_out_then_fail,
+    a_superseded_attempt_counts_only_verified,
     operators_retry_failed_tasks_and_reopen_the_request,
     external_jobs_are_polled_until_they_finish,
     a_failed_job_is_started_anew_by_an_operator_retry,
