@@ -26,7 +26,7 @@
 //! Rounds are formed by [`Coalescer`]: the first task does not wait for
 //! company, and those that arrive while a statement runs share the next.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use lethe_connector::{Coalescer, ConnectorError};
@@ -139,13 +139,16 @@ impl Store {
             "a shared statement gave up waiting for a lock; its subjects run one by one"
         );
         // In waves no wider than half the pool, so that the connector's
-        // other statements still find a connection. When every statement
-        // of the first wave waits in vain too, the lock is not one
-        // subject's row (a table lock, say): the others fail at once, as
-        // the shared statement did, rather than each wait its turn.
+        // other statements still find a connection. When the first two
+        // different values both wait in vain too, before any statement
+        // got through, the lock is not one subject's row (a table lock,
+        // say): the others fail at once, as the shared statement did,
+        // rather than each wait its turn.
         let width = (self.config.max_connections as usize / 2).clamp(1, subjects.len());
         let mut answers: Vec<Answer> = Vec::with_capacity(subjects.len());
-        for (wave, chunk) in subjects.chunks(width).enumerate() {
+        let mut waited: HashSet<&str> = HashSet::new();
+        let mut only_waits = true;
+        for chunk in subjects.chunks(width) {
             let mut alone = tokio::task::JoinSet::new();
             for (i, subject) in chunk.iter().cloned().enumerate() {
                 let (store, group) = (self.clone(), group.clone());
@@ -161,9 +164,16 @@ impl Store {
                     results[i] = answer;
                 }
             }
-            let all_waited = results.iter().all(|r| r.as_ref().is_err_and(|f| f.lock_wait));
+            for (subject, result) in chunk.iter().zip(&results) {
+                match result {
+                    Err(f) if f.lock_wait => {
+                        waited.insert(subject.value.as_str());
+                    }
+                    _ => only_waits = false,
+                }
+            }
             answers.extend(results.into_iter().map(|r| r.map_err(|f| f.error)));
-            if wave == 0 && all_waited && chunk.len() < subjects.len() {
+            if only_waits && waited.len() >= 2 && answers.len() < subjects.len() {
                 answers.resize(subjects.len(), Err(failure.error));
                 break;
             }

@@ -327,7 +327,7 @@ async fn postgres_a_locked_row_fails_only_its_subject() {
 }
 
 /// Another session locks the whole table: the shared round waits in vain,
-/// and so does the first wave of its subjects alone, after which the rest
+/// and so do the first two of its subjects alone, after which the rest
 /// fail at once (retryably) instead of each waiting `lock_timeout` in turn.
 async fn a_locked_table_fails_the_round_without_waiting_per_subject(db: Arc<TestDb>) {
     let rows: Vec<String> = (0..20).map(|k| format!("({k}, '{}')", email(k))).collect();
