@@ -38,6 +38,10 @@ pub enum StoreError {
     Connect(String),
     #[error("state store migration failed: {0}")]
     Migration(String),
+    /// The schema is not the one this version writes (a command that does
+    /// not migrate found it older, newer or absent).
+    #[error("{0}")]
+    Schema(String),
     #[error("state store query failed ({0})")]
     Query(String),
     #[error("stored data is inconsistent: {0}")]

@@ -103,13 +103,26 @@ impl SqlStore {
     pub async fn check_schema(&self) -> Result<(), StoreError> {
         use sqlx::migrate::Migrate;
         let migrator = self.migrator();
-        let applied = {
-            let mut conn = self.pool.acquire().await.map_err(db_err)?;
-            conn.list_applied_migrations().await.unwrap_or_default()
+        let table = match self.dialect {
+            Dialect::Postgres => {
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_catalog.pg_class \
+                 WHERE oid = to_regclass('_sqlx_migrations')"
+            }
+            Dialect::Sqlite => {
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'"
+            }
         };
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        let has_table: i64 = sqlx::query_scalar(table).fetch_one(&mut *conn).await.map_err(db_err)?;
+        let applied = if has_table > 0 {
+            conn.list_applied_migrations().await.map_err(|e| StoreError::Schema(e.to_string()))?
+        } else {
+            Vec::new()
+        };
+        drop(conn);
         let known = |version: i64| migrator.iter().any(|m| m.version == version);
         if let Some(newer) = applied.iter().find(|a| !known(a.version)) {
-            return Err(StoreError::Migration(format!(
+            return Err(StoreError::Schema(format!(
                 "the state store was migrated by a newer version of Lethe (migration {} is unknown to this \
                  one); use that version",
                 newer.version
@@ -122,11 +135,11 @@ impl SqlStore {
             .collect();
         match pending.first() {
             None => Ok(()),
-            Some(_) if applied.is_empty() => Err(StoreError::Migration(
+            Some(_) if applied.is_empty() => Err(StoreError::Schema(
                 "the state store has no Lethe schema yet: run `lethe migrate` (or start `lethe serve`) first"
                     .to_owned(),
             )),
-            Some(first) => Err(StoreError::Migration(format!(
+            Some(first) => Err(StoreError::Schema(format!(
                 "the state store's schema is older than this version of Lethe ({} migration(s) to apply, \
                  from {} {}): run `lethe migrate` first",
                 pending.len(),
