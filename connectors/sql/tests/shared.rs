@@ -43,6 +43,60 @@ async fn waiting_shared(db: &TestDb) -> i64 {
     n
 }
 
+/// Waits (up to 5 s) until a shared statement waits for a lock; returns
+/// how many were seen waiting (0 if none came).
+async fn until_shared_waits(db: &TestDb) -> i64 {
+    for _ in 0..100 {
+        let seen = waiting_shared(db).await;
+        if seen > 0 {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    0
+}
+
+/// Twenty people, one e-mail address each, behind a connector that gives
+/// up waiting for a lock after 1 s, and another session that has begun a
+/// transaction and run `lock` (returned, to end it).
+async fn people_locked_by(
+    db: &Arc<TestDb>,
+    lock: &str,
+) -> (Arc<lethe_connector_sql::SqlConnector>, sqlx::AnyConnection) {
+    let rows: Vec<String> = (0..20).map(|k| format!("({k}, '{}')", email(k))).collect();
+    db.exec(&[
+        "CREATE TABLE people (id BIGINT PRIMARY KEY, email TEXT)",
+        &format!("INSERT INTO people (id, email) VALUES {}", rows.join(", ")),
+    ])
+    .await;
+    let sql = Arc::new(
+        db.connector(
+            r#"
+lock_timeout_secs = 1
+[[tables]]
+name = "people"
+action = "delete"
+category = "identity.contact"
+match = { email = "email" }
+"#,
+        )
+        .await,
+    );
+    let mut holder = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+    holder.execute("BEGIN").await.unwrap();
+    holder.execute(lock).await.unwrap();
+    (sql, holder)
+}
+
+/// Erases subject `k` of [`people_locked_by`] in a task of its own.
+fn spawn_erase(
+    sql: &Arc<lethe_connector_sql::SqlConnector>,
+    k: usize,
+) -> tokio::task::JoinHandle<Result<Erasure, lethe_connector::ConnectorError>> {
+    let sql = sql.clone();
+    tokio::spawn(async move { sql.erase(&task(vec![id("email", &email(k))])).await })
+}
+
 /// Runs `tasks` concurrently against `sql` while another session holds an
 /// exclusive lock on `table`: the first shared statement waits for it, the
 /// others gather behind it. Returns the erase answers in task order and the
@@ -64,15 +118,7 @@ async fn run_behind_a_lock(
             tokio::spawn(async move { sql.erase(&t).await })
         })
         .collect();
-    let mut seen = 0;
-    for _ in 0..100 {
-        seen = waiting_shared(db).await;
-        if seen > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(seen > 0, "the first shared statement never reached the lock");
+    assert!(until_shared_waits(db).await > 0, "the first shared statement never reached the lock");
     // Let the other tasks arrive; they must queue behind the first round,
     // not run statements of their own (the pool would allow 4).
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -266,44 +312,11 @@ match = { email = "email" }
 /// and then runs one subject at a time: only the tasks of the two locked
 /// subjects fail (retryably), the other 18 are erased.
 async fn a_locked_row_fails_only_its_subject(db: Arc<TestDb>) {
-    let rows: Vec<String> = (0..20).map(|k| format!("({k}, '{}')", email(k))).collect();
-    db.exec(&[
-        "CREATE TABLE people (id BIGINT PRIMARY KEY, email TEXT)",
-        &format!("INSERT INTO people (id, email) VALUES {}", rows.join(", ")),
-    ])
-    .await;
-    let sql = Arc::new(
-        db.connector(
-            r#"
-lock_timeout_secs = 1
-[[tables]]
-name = "people"
-action = "delete"
-category = "identity.contact"
-match = { email = "email" }
-"#,
-        )
-        .await,
-    );
-    let mut holder = sqlx::AnyConnection::connect(&db.url).await.unwrap();
-    holder.execute("BEGIN").await.unwrap();
-    holder.execute("SELECT id FROM people WHERE id IN (3, 5) FOR UPDATE").await.unwrap();
-
-    let erase = |k: usize| {
-        let sql = sql.clone();
-        tokio::spawn(async move { sql.erase(&task(vec![id("email", &email(k))])).await })
-    };
-    let first = erase(3);
-    let mut seen = 0;
-    for _ in 0..100 {
-        seen = waiting_shared(&db).await;
-        if seen > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(seen, 1, "subject 3's statement waits for its row");
-    let others: Vec<_> = (0..20).filter(|&k| k != 3).map(|k| (k, erase(k))).collect();
+    let (sql, mut holder) =
+        people_locked_by(&db, "SELECT id FROM people WHERE id IN (3, 5) FOR UPDATE").await;
+    let first = spawn_erase(&sql, 3);
+    assert_eq!(until_shared_waits(&db).await, 1, "subject 3's statement waits for its row");
+    let others: Vec<_> = (0..20).filter(|&k| k != 3).map(|k| (k, spawn_erase(&sql, k))).collect();
 
     let e = first.await.unwrap().unwrap_err();
     assert!(e.retryable && e.message.contains("lock not available"), "{e:?}");
@@ -330,43 +343,12 @@ async fn postgres_a_locked_row_fails_only_its_subject() {
 /// and so do the first two of its subjects alone, after which the rest
 /// fail at once (retryably) instead of each waiting `lock_timeout` in turn.
 async fn a_locked_table_fails_the_round_without_waiting_per_subject(db: Arc<TestDb>) {
-    let rows: Vec<String> = (0..20).map(|k| format!("({k}, '{}')", email(k))).collect();
-    db.exec(&[
-        "CREATE TABLE people (id BIGINT PRIMARY KEY, email TEXT)",
-        &format!("INSERT INTO people (id, email) VALUES {}", rows.join(", ")),
-    ])
-    .await;
-    let sql = Arc::new(
-        db.connector(
-            r#"
-lock_timeout_secs = 1
-[[tables]]
-name = "people"
-action = "delete"
-category = "identity.contact"
-match = { email = "email" }
-"#,
-        )
-        .await,
-    );
-    let mut holder = sqlx::AnyConnection::connect(&db.url).await.unwrap();
-    holder.execute("BEGIN").await.unwrap();
-    holder.execute("LOCK TABLE people IN ACCESS EXCLUSIVE MODE").await.unwrap();
-
-    let erase = |k: usize| {
-        let sql = sql.clone();
-        tokio::spawn(async move { sql.erase(&task(vec![id("email", &email(k))])).await })
-    };
+    let (sql, mut holder) = people_locked_by(&db, "LOCK TABLE people IN ACCESS EXCLUSIVE MODE").await;
     // One alone first, so that the others share one round behind it.
-    let first = erase(0);
-    for _ in 0..100 {
-        if waiting_shared(&db).await > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let first = spawn_erase(&sql, 0);
+    until_shared_waits(&db).await;
     let started = std::time::Instant::now();
-    let others: Vec<_> = (1..20).map(erase).collect();
+    let others: Vec<_> = (1..20).map(|k| spawn_erase(&sql, k)).collect();
     for call in std::iter::once(first).chain(others) {
         let e = call.await.unwrap().unwrap_err();
         assert!(e.retryable && e.message.contains("lock not available"), "{e:?}");
