@@ -128,11 +128,7 @@ impl SqlStore {
                 newer.version
             )));
         }
-        let pending: Vec<_> = migrator
-            .iter()
-            .filter(|m| !m.migration_type.is_down_migration())
-            .filter(|m| !applied.iter().any(|a| a.version == m.version))
-            .collect();
+        let pending = pending(&migrator, &applied);
         match pending.first() {
             None => Ok(()),
             Some(_) if applied.is_empty() => Err(StoreError::Schema(
@@ -171,12 +167,8 @@ impl SqlStore {
             let mut conn = self.pool.acquire().await.map_err(db_err)?;
             conn.list_applied_migrations().await.unwrap_or_default()
         };
-        let pending = migrator
-            .iter()
-            .filter(|m| !m.migration_type.is_down_migration())
-            .filter(|m| !applied.iter().any(|a| a.version == m.version))
-            .map(|m| format!("{} {}", m.version, m.description))
-            .collect();
+        let pending =
+            pending(&migrator, &applied).iter().map(|m| format!("{} {}", m.version, m.description)).collect();
         migrator.run(&self.pool).await.map_err(migration_err)?;
         Ok(pending)
     }
@@ -222,6 +214,18 @@ const DEFAULT_PLANS: &str = "RESET enable_sort; RESET enable_bitmapscan";
 
 /// Claims the oldest publishable rows (of system `$5` when `by_system`):
 /// `$1` owner, `$2` lease end, `$3` now, `$4` how many.
+/// The migrations of `migrator` not yet `applied`, oldest first.
+fn pending<'m>(
+    migrator: &'m sqlx::migrate::Migrator,
+    applied: &[sqlx::migrate::AppliedMigration],
+) -> Vec<&'m sqlx::migrate::Migration> {
+    migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .filter(|m| !applied.iter().any(|a| a.version == m.version))
+        .collect()
+}
+
 fn claim_statement(dialect: Dialect, by_system: bool) -> String {
     format!(
         "UPDATE outbox SET claimed_by = $1, claimed_until = $2 WHERE id IN (\
