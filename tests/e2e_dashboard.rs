@@ -25,7 +25,12 @@ struct Browser {
 }
 
 impl Browser {
-    async fn start() -> Self {
+    /// Starts chromedriver and opens a session, logging the driver to
+    /// `dir/chromedriver.log`. A browser's first start on a fresh machine
+    /// can be slow (font caches, a D-Bus that never answers), so a session
+    /// gets two minutes, and a driver that fails to open one is replaced
+    /// once before the test gives up with the driver's log.
+    async fn start(dir: &std::path::Path) -> Self {
         let driver_bin =
             std::env::var("LETHE_TEST_CHROMEDRIVER").unwrap_or_else(|_| "/usr/bin/chromedriver".into());
         let chromium = std::env::var("LETHE_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
@@ -34,16 +39,47 @@ impl Browser {
             "the dashboard test needs Debian's chromium and chromium-driver ({chromium}, {driver_bin}); \
              `apt-get install chromium chromium-driver` (.ci/run does)"
         );
-        let port = free_port().port();
-        let driver = tokio::process::Command::new(&driver_bin)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start chromedriver");
-        let http = support::plain_http_client();
-        let base = format!("http://127.0.0.1:{port}");
+        let log = dir.join("chromedriver.log");
+        let mut failures = Vec::new();
+        for attempt in 1..=2 {
+            let port = free_port().port();
+            let driver = tokio::process::Command::new(&driver_bin)
+                .arg(format!("--port={port}"))
+                .arg(format!("--log-path={}", log.display()))
+                .arg("--append-log")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("start chromedriver");
+            let base = format!("http://127.0.0.1:{port}");
+            match Self::open_session(&base, &chromium, dir, attempt).await {
+                Ok(session) => {
+                    return Self { http: support::plain_http_client(), base, session, _driver: driver };
+                }
+                Err(e) => failures.push(format!("attempt {attempt}: {e}")),
+            }
+        }
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = log_text.lines().rev().take(40).collect();
+        panic!(
+            "no WebDriver session: {}\n----- chromedriver log (last lines) -----\n{}",
+            failures.join("; "),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+
+    async fn open_session(
+        base: &str,
+        chromium: &str,
+        dir: &std::path::Path,
+        attempt: u32,
+    ) -> Result<String, String> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| e.to_string())?;
         let started = Instant::now();
         while http
             .get(format!("{base}/status"))
@@ -52,22 +88,35 @@ impl Browser {
             .map(|r| !r.status().is_success())
             .unwrap_or(true)
         {
-            assert!(started.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+            if started.elapsed() > Duration::from_secs(20) {
+                return Err("chromedriver did not answer within 20 s".into());
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let profile = dir.join(format!("chromium-profile-{attempt}"));
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {"binary": chromium, "args": [
-                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000",
+                "--no-first-run", "--no-default-browser-check", "--password-store=basic",
+                format!("--user-data-dir={}", profile.display())
             ]}
         }}});
-        let answer: Value =
-            http.post(format!("{base}/session")).json(&caps).send().await.unwrap().json().await.unwrap();
-        let session = answer["value"]["sessionId"]
+        let started = Instant::now();
+        let answer: Value = http
+            .post(format!("{base}/session"))
+            .json(&caps)
+            .send()
+            .await
+            .map_err(|e| format!("POST /session after {:?}: {e}", started.elapsed()))?
+            .json()
+            .await
+            .map_err(|e| format!("POST /session answer: {e}"))?;
+        eprintln!("WebDriver session opened in {:?}", started.elapsed());
+        answer["value"]["sessionId"]
             .as_str()
-            .unwrap_or_else(|| panic!("no session: {answer}"))
-            .to_owned();
-        Self { http, base, session, _driver: driver }
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no session: {answer}"))
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
@@ -185,7 +234,7 @@ async fn a_failed_task_is_found_retried_and_completed_from_the_dashboard() {
     let other = server.submit(json!({"email": "grace@example.com"})).await;
     server.wait_final(other["id"].as_str().unwrap()).await;
 
-    let browser = Browser::start().await;
+    let browser = Browser::start(lab.root()).await;
     browser.goto(&server.url("/ui")).await;
     browser.type_into("#token", ADMIN_TOKEN).await;
     browser.click("#save-token").await;
