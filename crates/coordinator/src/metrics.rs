@@ -11,7 +11,7 @@ pub use lethe_core::metrics::{
 
 pub fn describe() {
     metrics::describe_counter!(REQUESTS_RECEIVED_TOTAL, "Erasure requests accepted, by regulation.");
-    metrics::describe_counter!(REQUESTS_FINISHED_TOTAL, "Erasure requests that reached a final status.");
+    metrics::describe_counter!(REQUESTS_FINISHED_TOTAL, "Erasure requests that reached a final status, by that status; a completed_with_exemptions request counts again under completed once what it kept is erased.");
     metrics::describe_counter!(TASKS_DISPATCHED_TOTAL, "Tasks published to the bus, by system.");
     metrics::describe_counter!(OUTCOMES_TOTAL, "Connector outcomes ingested, by result.");
     metrics::describe_counter!(PUBLISH_FAILURES_TOTAL, "Failed attempts to publish an outbox batch.");
