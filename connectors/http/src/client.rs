@@ -169,9 +169,6 @@ impl Client {
         let mut waits = 0u32;
         let mut refreshed = false;
         loop {
-            if let Some(limiter) = &self.limiter {
-                limiter.acquire().await;
-            }
             let mut rb = self.http.request(req.method.clone(), &url).headers(self.headers.clone());
             if !req.query.is_empty() {
                 rb = rb.query(&req.query);
@@ -196,6 +193,12 @@ impl Client {
                 }
                 Some(Body::Form(pairs)) => rb = rb.form(pairs),
             }
+            // Held until the answer is read (or the request failed): see
+            // `ratelimit` for why the window counts from there.
+            let slot = match &self.limiter {
+                Some(limiter) => Some(limiter.acquire().await),
+                None => None,
+            };
             let resp = rb.send().await.map_err(|e| error::transport(&req.step, &e))?;
             let status = resp.status().as_u16();
             if status == 401 && !refreshed {
@@ -208,6 +211,7 @@ impl Client {
             }
             let asked = retry_after(resp.headers());
             if status == 429 || (status == 503 && asked.is_some()) {
+                drop(slot);
                 let wait = asked.unwrap_or_else(|| Duration::from_secs(1 << waits.min(5)));
                 if waits < self.max_retries && wait <= self.max_retry_after {
                     tracing::debug!(step = %req.step, status, wait_ms = wait.as_millis() as u64, "waiting as the server asked");
@@ -219,6 +223,7 @@ impl Client {
                 return Err(error::status(&req.step, status, &[]));
             }
             let bytes = resp.bytes().await.map_err(|e| error::transport(&req.step, &e))?;
+            drop(slot);
             let (body, json) = if bytes.is_empty() {
                 (Value::Null, true)
             } else {

@@ -119,7 +119,8 @@ pub enum ClientAuth {
     Body,
 }
 
-/// At most `requests` requests per `per_seconds`, across concurrent tasks.
+/// At most `requests` requests per `per_seconds`, across concurrent tasks;
+/// each counts from its start until `per_seconds` after its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {

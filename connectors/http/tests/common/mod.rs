@@ -48,6 +48,7 @@ pub struct Scripted {
 #[derive(Default)]
 pub struct Script {
     queue: Mutex<VecDeque<(Option<String>, Scripted)>>,
+    late: Mutex<VecDeque<(Option<String>, Duration)>>,
     hits: Mutex<Vec<(Instant, String)>>,
 }
 
@@ -74,9 +75,24 @@ impl Script {
         self.hits.lock().unwrap().iter().filter(|(_, h)| h.contains(needle)).count()
     }
 
+    /// The next request (whose path contains `path`, if given) arrives
+    /// `delay` late: it is counted, and answered, only then, as a server
+    /// sees a request held up on its way (a new connection's handshake, a
+    /// slow network).
+    pub fn arrive_late(&self, path: Option<&str>, delay: Duration) {
+        self.late.lock().unwrap().push_back((path.map(str::to_owned), delay));
+    }
+
     pub fn clear(&self) {
         self.hits.lock().unwrap().clear();
         self.queue.lock().unwrap().clear();
+        self.late.lock().unwrap().clear();
+    }
+
+    fn lateness(&self, path: &str) -> Option<Duration> {
+        let mut q = self.late.lock().unwrap();
+        let i = q.iter().position(|(p, _)| p.as_deref().is_none_or(|p| path.contains(p)))?;
+        q.remove(i).map(|(_, d)| d)
     }
 
     fn take(&self, path: &str) -> Option<Scripted> {
@@ -88,6 +104,9 @@ impl Script {
 
 async fn intercept(State(script): State<Arc<Script>>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
+    if let Some(delay) = script.lateness(&path) {
+        tokio::time::sleep(delay).await;
+    }
     script.hits.lock().unwrap().push((Instant::now(), format!("{} {path}", req.method())));
     if let Some(s) = script.take(&path) {
         let mut headers = HeaderMap::new();
