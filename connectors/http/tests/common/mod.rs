@@ -90,16 +90,25 @@ impl Script {
     }
 
     fn lateness(&self, path: &str) -> Option<Duration> {
-        let mut q = self.late.lock().unwrap();
-        let i = q.iter().position(|(p, _)| p.as_deref().is_none_or(|p| path.contains(p)))?;
-        q.remove(i).map(|(_, d)| d)
+        first_for(&self.late, path)
     }
 
     fn take(&self, path: &str) -> Option<Scripted> {
-        let mut q = self.queue.lock().unwrap();
-        let i = q.iter().position(|(p, _)| p.as_deref().is_none_or(|p| path.contains(p)))?;
-        q.remove(i).map(|(_, s)| s)
+        first_for(&self.queue, path)
     }
+}
+
+/// Removes and returns the first entry of `queue` meant for `path` (its
+/// path is contained in `path`, or it has none).
+fn first_for<T>(queue: &Mutex<VecDeque<(Option<String>, T)>>, path: &str) -> Option<T> {
+    let mut q = queue.lock().unwrap();
+    let i = q.iter().position(|(p, _)| p.as_deref().is_none_or(|p| path.contains(p)))?;
+    q.remove(i).map(|(_, v)| v)
+}
+
+/// How long, in milliseconds, each run of `n` consecutive `hits` spans.
+pub fn spans(hits: &[(Instant, String)], n: usize) -> Vec<u128> {
+    hits.windows(n).map(|w| w[n - 1].0.duration_since(w[0].0).as_millis()).collect()
 }
 
 async fn intercept(State(script): State<Arc<Script>>, req: Request, next: Next) -> Response {

@@ -18,7 +18,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use common::*;
 use lethe_connector::{Connector, ConnectorKind};
-use lethe_connector_http::HttpKind;
+use lethe_connector_http::{HttpConnector, HttpKind};
 use serde_json::{json, Value};
 use sha2::Digest;
 
@@ -377,29 +377,31 @@ async fn retry_after_as_an_http_date_is_honoured() {
     assert_eq!(mock.script.count("/contacts/search"), 2);
 }
 
+/// Verifies `n` subjects at once, each in a task of its own.
+async fn verify_concurrently(c: &Arc<HttpConnector>, n: usize) {
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.verify(&task(CATEGORY, vec![email()])).await.unwrap() })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn the_client_side_limit_is_shared_by_concurrent_tasks() {
     let mock = Mock::start().await;
     let c = Arc::new(connector(&mock.settings("rate_limit = { requests = 4, per_seconds = 1 }")));
     c.health().await.unwrap();
     mock.script.clear();
-    let (_, took) = timed(async {
-        let mut handles = Vec::new();
-        for _ in 0..9 {
-            let c = c.clone();
-            handles
-                .push(tokio::spawn(async move { c.verify(&task(CATEGORY, vec![email()])).await.unwrap() }));
-        }
-        for h in handles {
-            h.await.unwrap();
-        }
-    })
-    .await;
+    let (_, took) = timed(verify_concurrently(&c, 9)).await;
     // 9 requests at 4 a second: two full windows before the last ones.
     assert!(took.as_millis() >= 2000, "{took:?}");
     let hits = mock.script.hits();
     assert_eq!(hits.len(), 9);
-    let gaps: Vec<u128> = hits.windows(5).map(|w| w[4].0.duration_since(w[0].0).as_millis()).collect();
+    let gaps = spans(&hits, 5);
     assert!(gaps.iter().all(|&g| g >= 1000), "5 requests within a second: {gaps:?} ms");
 }
 
@@ -415,17 +417,10 @@ async fn the_limit_holds_as_the_server_counts_when_a_request_arrives_late() {
     c.health().await.unwrap();
     mock.script.clear();
     mock.script.arrive_late(Some("/contacts/search"), Duration::from_millis(300));
-    let mut handles = Vec::new();
-    for _ in 0..9 {
-        let c = c.clone();
-        handles.push(tokio::spawn(async move { c.verify(&task(CATEGORY, vec![email()])).await.unwrap() }));
-    }
-    for h in handles {
-        h.await.unwrap();
-    }
+    verify_concurrently(&c, 9).await;
     let hits = mock.script.hits();
     assert_eq!(hits.len(), 9);
-    let gaps: Vec<u128> = hits.windows(5).map(|w| w[4].0.duration_since(w[0].0).as_millis()).collect();
+    let gaps = spans(&hits, 5);
     assert!(gaps.iter().all(|&g| g >= 1000), "5 requests within a second as the server counts: {gaps:?} ms");
 }
 
@@ -481,6 +476,6 @@ async fn values_that_cannot_be_headers_are_refused() {
         mock.spec_file, mock.base
     );
     let table: toml::Table = toml::from_str(&settings).unwrap();
-    let e = lethe_connector_http::HttpConnector::from_table(&table).unwrap_err();
+    let e = HttpConnector::from_table(&table).unwrap_err();
     assert!(!e.retryable && e.message.contains("not a valid header value"), "{e}");
 }
