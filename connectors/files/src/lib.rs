@@ -158,6 +158,12 @@ impl Connector for FilesConnector {
         let kept_paths = self.kept_paths(task)?;
         let mut erasure = Erasure::default();
         for d in self.0.datasets.iter().filter(|d| task.treatment(&d.category) != Treatment::Skip) {
+            // A legal hold or a newer attempt withdrew this one: the
+            // datasets after it are left as they are, unreported (the
+            // worker logs the stop).
+            if !task.wanted.check().await {
+                break;
+            }
             let (mut kept, mut deleted) = (0, 0);
             let paths = paths_of(&self.0.root, d, task)?;
             for path in &paths {

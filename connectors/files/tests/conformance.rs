@@ -258,3 +258,31 @@ async fn health_fails_when_a_datasets_fixed_directory_is_missing() {
     let task = kit.task(vec![Identifier::parse(IdentifierKind::CustomerId, "C-1").unwrap()]);
     assert_eq!(misspelt.erase(&task).await.unwrap().total(), 0);
 }
+
+/// A legal hold placed while an erase runs withdraws the attempt: the
+/// check between datasets stops it, the datasets after it are left alone
+/// and unreported, and verification finds them.
+#[tokio::test]
+async fn a_withdrawn_attempt_stops_between_datasets() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = connector(dir.path()).await;
+    std::fs::write(dir.path().join("exports-C-1.json"), "{}").unwrap();
+    std::fs::write(dir.path().join("avatar-ada@example.com.png"), "png").unwrap();
+    let kit = Kit::new(files.clone(), vec!["exports".into(), "profile".into()]);
+    let mut task = kit.task(vec![
+        Identifier::parse(IdentifierKind::CustomerId, "C-1").unwrap(),
+        Identifier::parse(IdentifierKind::Email, "ada@example.com").unwrap(),
+    ]);
+    // Wanted at the first check, withdrawn at the second.
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    task.wanted = lethe_connector::StillWanted::asking(std::time::Duration::ZERO, move || {
+        let wanted = asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 1;
+        Box::pin(async move { Ok(wanted) })
+    });
+    let erased = files.erase(&task).await.unwrap();
+    assert!(task.wanted.withdrawn());
+    assert_eq!(erased.datasets, [lethe_core::DatasetReport::new("exports", 1, 0)], "{erased:?}");
+    assert!(!dir.path().join("exports-C-1.json").exists());
+    assert!(dir.path().join("avatar-ada@example.com.png").exists(), "not reached");
+    assert_eq!(files.verify(&task).await.unwrap(), 1);
+}

@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use lethe_connector::{wait_for, Connector, ConnectorError, Erasure, ErasureTask, Job, Progress, Treatment};
+use lethe_connector::{
+    wait_for, Connector, ConnectorError, Erasure, ErasureTask, Job, Progress, StillWanted, Treatment,
+};
 use lethe_core::{DatasetReport, RetainedReport};
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use tokio::sync::Mutex as AsyncMutex;
@@ -209,14 +211,15 @@ impl HttpConnector {
         names.into_iter().find(|n| !vars.contains(n))
     }
 
-    /// Runs `steps` for one subject; a flow naming an identifier type the
+    /// Runs `steps` for one subject, stopping between two steps once the
+    /// attempt is no longer `wanted`; a flow naming an identifier type the
     /// task lacks finds nothing.
-    async fn run(&self, steps: &[Step], vars: Vars) -> Result<Run, ConnectorError> {
+    async fn run(&self, steps: &[Step], vars: Vars, wanted: &StillWanted) -> Result<Run, ConnectorError> {
         if let Some(kind) = self.missing_kind(steps, &vars) {
             tracing::debug!(kind = %kind, "the task has no identifier of a type the spec needs; nothing to do");
             return Ok(Run::NotFound);
         }
-        flow::run(&self.client, steps, vars).await
+        flow::run(&self.client, steps, vars, wanted).await
     }
 
     /// The health check, at most every few minutes, before erasing: a
@@ -237,7 +240,7 @@ impl HttpConnector {
         let mut found = 0;
         for subject in subjects {
             if let Run::Done { count, .. } =
-                self.run(&self.spec.verify.steps, self.vars(task, subject)).await?
+                self.run(&self.spec.verify.steps, self.vars(task, subject), &StillWanted::always()).await?
             {
                 found += count.unwrap_or(1);
             }
@@ -274,14 +277,25 @@ impl HttpConnector {
         Ok(erasure)
     }
 
+    /// Runs the erase flow for each subject. A legal hold or a newer
+    /// attempt that withdraws this one stops it between two steps or two
+    /// subjects: the report says what went, and the worker's verification
+    /// finds what is left.
     async fn erase_now(&self, task: &ErasureTask, subjects: &[&str]) -> Result<Erasure, ConnectorError> {
         self.preflight().await?;
         let mut deleted = 0;
         for subject in subjects {
-            if let Run::Done { count, .. } =
-                self.run(&self.spec.erase.steps, self.vars(task, subject)).await?
-            {
-                deleted += count.unwrap_or(1);
+            if !task.wanted.check().await {
+                tracing::info!(
+                    deleted,
+                    "the attempt was withdrawn (a legal hold, or a newer attempt): stopped"
+                );
+                break;
+            }
+            match self.run(&self.spec.erase.steps, self.vars(task, subject), &task.wanted).await? {
+                Run::Done { count, .. } => deleted += count.unwrap_or(1),
+                Run::NotFound => {}
+                Run::Stopped => break,
             }
         }
         tracing::debug!(deleted, "erased");
@@ -290,7 +304,10 @@ impl HttpConnector {
 
     /// Submits one deletion job per subject found. The job id lists each
     /// subject's job in order, separated by `,` (empty where nothing was
-    /// found).
+    /// found). An attempt withdrawn before every job is submitted stops
+    /// there: the jobs submitted run on (nothing stops a job once started),
+    /// the subjects after them are not submitted, and verification counts
+    /// them as left.
     async fn submit(
         &self,
         job: &JobSpec,
@@ -298,8 +315,15 @@ impl HttpConnector {
         subjects: &[&str],
     ) -> Result<Progress, ConnectorError> {
         self.preflight().await?;
-        let mut parts = Vec::with_capacity(subjects.len());
+        let mut parts: Vec<String> = Vec::with_capacity(subjects.len());
         for subject in subjects {
+            if !task.wanted.check().await {
+                tracing::info!(
+                    submitted = parts.iter().filter(|p| !p.is_empty()).count(),
+                    "the attempt was withdrawn (a legal hold, or a newer attempt): no more jobs submitted"
+                );
+                break;
+            }
             match self.memo.get(task.request_id, subject) {
                 Some(Seen::Running(id)) => {
                     tracing::debug!("a deletion job already runs for the subject; following it");
@@ -313,8 +337,9 @@ impl HttpConnector {
                 }
                 None => {}
             }
-            match self.run(&self.spec.erase.steps, self.vars(task, subject)).await? {
+            match self.run(&self.spec.erase.steps, self.vars(task, subject), &task.wanted).await? {
                 Run::NotFound => parts.push(String::new()),
+                Run::Stopped => break,
                 Run::Done { vars, .. } => {
                     let t = Template::parse(&job.id).map_err(invalid)?;
                     let id =
@@ -339,7 +364,9 @@ impl HttpConnector {
     /// Checks one job.
     async fn state(&self, job: &JobSpec, mut vars: Vars, id: &str) -> Result<State, ConnectorError> {
         vars.set("job.id", id);
-        let (last, vars) = match self.run(&job.steps, vars).await? {
+        // A job check is never stopped: what a started job does is the
+        // outcome, wanted or not.
+        let (last, vars) = match self.run(&job.steps, vars, &StillWanted::always()).await? {
             Run::NotFound => {
                 return Ok(match job.state.on_not_found {
                     Finished::Done => State::Done,
@@ -357,6 +384,8 @@ impl HttpConnector {
                 let step = job.steps.last().map_or("", |s| s.name.as_str());
                 return Err(crate::flow::not_json(step, 200));
             }
+            // Not with `StillWanted::always()`; read as "not done yet".
+            Run::Stopped => return Ok(State::Running),
         };
         let at = |pointer: &str| -> Result<Option<serde_json::Value>, ConnectorError> {
             let p = Template::parse(pointer).map_err(invalid)?;
@@ -527,10 +556,15 @@ impl Connector for HttpConnector {
                 count: None,
                 retry: vec![],
             };
-            return flow::run(&self.client, &[probe], self.settings.clone()).await.map(drop);
+            return flow::run(&self.client, &[probe], self.settings.clone(), &StillWanted::always())
+                .await
+                .map(drop);
         }
-        match flow::run(&self.client, &self.spec.health, self.settings.clone()).await? {
-            Run::Done { .. } => Ok(()),
+        match flow::run(&self.client, &self.spec.health, self.settings.clone(), &StillWanted::always())
+            .await?
+        {
+            // Never stopped: nothing asks whether a health check is wanted.
+            Run::Done { .. } | Run::Stopped => Ok(()),
             Run::NotFound => Err(ConnectorError::permanent(
                 "health check: an object the settings name does not exist (check the settings)",
             )),

@@ -1,7 +1,7 @@
 //! Running a flow: its steps in order, each rendered from the variables so
 //! far, sent, judged by its status mapping, and its values extracted.
 
-use lethe_connector::ConnectorError;
+use lethe_connector::{ConnectorError, StillWanted};
 use reqwest::header::{HeaderName, HeaderValue};
 use serde_json::Value;
 
@@ -24,6 +24,10 @@ pub enum Run {
         /// The last response's body; `None` when it was not JSON.
         last: Option<Value>,
     },
+    /// A check between two steps found the attempt withdrawn (a legal
+    /// hold, or a newer attempt): the steps before it were done, the rest
+    /// were not.
+    Stopped,
 }
 
 /// A successful answer whose body a step must read is not JSON (an HTML
@@ -94,11 +98,25 @@ pub fn header(step: &str, name: &str, value: &str) -> Result<(HeaderName, Header
     Ok((n, v))
 }
 
-/// Runs `steps` in order from `vars`.
-pub async fn run(client: &Client, steps: &[Step], mut vars: Vars) -> Result<Run, ConnectorError> {
+/// Runs `steps` in order from `vars`, checking between two steps that the
+/// attempt is still `wanted` (lookups, job checks and health checks change
+/// nothing and pass [`StillWanted::always`]).
+pub async fn run(
+    client: &Client,
+    steps: &[Step],
+    mut vars: Vars,
+    wanted: &StillWanted,
+) -> Result<Run, ConnectorError> {
     let mut count = None;
     let mut last = Some(Value::Null);
-    for step in steps {
+    for (i, step) in steps.iter().enumerate() {
+        if i > 0 && !wanted.check().await {
+            tracing::info!(
+                step = step.name.as_str(),
+                "the attempt was withdrawn (a legal hold, or a newer attempt): stopped before the step"
+            );
+            return Ok(Run::Stopped);
+        }
         let name = step.name.as_str();
         let resp = client.send(&request(step, &vars)?).await?;
         if step.not_found.contains(&resp.status) {

@@ -377,6 +377,47 @@ async fn retry_after_as_an_http_date_is_honoured() {
     assert_eq!(mock.script.count("/contacts/search"), 2);
 }
 
+/// A legal hold placed while an erase runs withdraws the attempt: the
+/// connector stops between two steps of the flow (found, not yet deleted)
+/// or between two subjects, and reports what went.
+#[tokio::test]
+async fn a_withdrawn_attempt_stops_between_steps_and_between_subjects() {
+    let mock = Mock::start().await;
+    let c = connector(&mock.settings(""));
+
+    // Checked before the subject (wanted), then between the search and the
+    // delete (withdrawn): nothing is deleted.
+    let ada = email();
+    mock.seed(ada.expose());
+    let mut t = task(CATEGORY, vec![ada.clone()]);
+    t.wanted = wanted_for(1);
+    let report = c.erase(&t).await.unwrap();
+    assert!(t.wanted.withdrawn());
+    assert_eq!(report.total(), 0, "{report:?}");
+    assert_eq!(mock.count(ada.expose()), 1, "stopped before the delete step");
+    assert!(mock.crm.deletes.lock().unwrap().is_empty());
+    assert_eq!(c.verify(&task(CATEGORY, vec![ada.clone()])).await.unwrap(), 1, "what is left is found");
+
+    // Two addresses of one subject: the first goes (two checks, wanted),
+    // the check before the second says withdrawn.
+    let (first, second) = (email(), email());
+    mock.seed(first.expose());
+    mock.seed(second.expose());
+    let mut t = task(CATEGORY, vec![first.clone(), second.clone()]);
+    t.wanted = wanted_for(2);
+    let report = c.erase(&t).await.unwrap();
+    assert!(t.wanted.withdrawn());
+    assert_eq!(report.total(), 1, "{report:?}");
+    assert_eq!((mock.count(first.expose()), mock.count(second.expose())), (0, 1));
+
+    // Wanted throughout: both go, as without the checks.
+    let mut t = task(CATEGORY, vec![ada.clone(), second.clone()]);
+    t.wanted = wanted_for(usize::MAX);
+    assert_eq!(c.erase(&t).await.unwrap().total(), 2);
+    assert!(!t.wanted.withdrawn());
+    assert_eq!((mock.count(ada.expose()), mock.count(second.expose())), (0, 0));
+}
+
 /// Verifies `n` subjects at once, each in a task of its own.
 async fn verify_concurrently(c: &Arc<HttpConnector>, n: usize) {
     let handles: Vec<_> = (0..n)

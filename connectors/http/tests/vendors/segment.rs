@@ -243,6 +243,33 @@ async fn a_hold_placed_after_submission_still_checks_the_job() {
     assert!(!mock.has(&ada));
 }
 
+/// A legal hold placed while regulations are being submitted (one per
+/// user id of the subject) stops the submissions: the one submitted runs
+/// on and is followed to its end, the user after it gets none, and
+/// verification counts that user as left.
+#[tokio::test]
+async fn a_withdrawn_attempt_submits_no_more_regulations() {
+    let mock = Mock::start().await;
+    let (ada, ada_again) = (mock.seed(), mock.seed());
+    let c = connector(&Mock::settings(&mock.base, TOKEN));
+    let mut t = task(CATEGORY, vec![ada.clone(), ada_again.clone()]);
+    t.wanted = wanted_for(1);
+    let Progress::Running(pending) = c.advance(&t).await.unwrap() else { panic!("one regulation submitted") };
+    assert!(t.wanted.withdrawn());
+    assert_eq!(mock.ws.created.lock().unwrap().len(), 1);
+    assert!(!pending.job_id.contains(','), "one job: {}", pending.job_id);
+    let again = polling(&t, &pending.job_id);
+    let mut progress = c.advance(&again).await.unwrap();
+    if matches!(progress, Progress::Running(_)) {
+        progress = c.advance(&again).await.unwrap(); // RUNNING, then FINISHED
+    }
+    let Progress::Done(done) = progress else { panic!("{progress:?}") };
+    assert_eq!(done.total(), 1, "{done:?}");
+    assert!(!mock.has(&ada));
+    assert!(mock.has(&ada_again));
+    assert_eq!(c.verify(&again).await.unwrap(), 1, "the user without a regulation is left");
+}
+
 #[tokio::test]
 async fn a_failed_regulation_fails_the_task_permanently() {
     let mock = Mock::start().await;
