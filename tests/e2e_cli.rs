@@ -479,6 +479,33 @@ async fn store_commands_refuse_a_schema_of_another_version_and_leave_it() {
     .unwrap();
     let out = tokens().await;
     assert!(out.status.success(), "{}", describe(&out));
+
+    // The same migration with other contents (another build's), then one
+    // that failed part-way.
+    let set_last = |sql: &'static str| {
+        let db = db.clone();
+        async move { sqlx::query(sql).bind(last.0).execute(&db).await.unwrap() }
+    };
+    set_last("UPDATE _sqlx_migrations SET checksum = x'00' WHERE version = ?").await;
+    let out = tokens().await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains(&format!("migration {} ", last.0)) && said.contains("checksum"), "{said}");
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = ? WHERE version = ?")
+        .bind(&last.2)
+        .bind(last.0)
+        .execute(&db)
+        .await
+        .unwrap();
+    set_last("UPDATE _sqlx_migrations SET success = 0 WHERE version = ?").await;
+    let out = tokens().await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("failed part-way"), "{said}");
+    set_last("UPDATE _sqlx_migrations SET success = 1 WHERE version = ?").await;
+    let out = tokens().await;
+    assert!(out.status.success(), "{}", describe(&out));
+
     sqlx::query(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
          VALUES (99999999, 'from the future', 1, x'00', 0)",

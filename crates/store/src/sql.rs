@@ -114,18 +114,41 @@ impl SqlStore {
         };
         let mut conn = self.pool.acquire().await.map_err(db_err)?;
         let has_table: i64 = sqlx::query_scalar(table).fetch_one(&mut *conn).await.map_err(db_err)?;
-        let applied = if has_table > 0 {
-            conn.list_applied_migrations().await.map_err(|e| StoreError::Schema(e.to_string()))?
+        let schema_err = |e: sqlx::migrate::MigrateError| StoreError::Schema(e.to_string());
+        let (applied, dirty) = if has_table > 0 {
+            (
+                conn.list_applied_migrations().await.map_err(schema_err)?,
+                conn.dirty_version().await.map_err(schema_err)?,
+            )
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
         drop(conn);
+        if let Some(version) = dirty {
+            return Err(StoreError::Schema(format!(
+                "migration {version} of the state store failed part-way: repair it by hand (see the \
+                 migration and the server's log) before running Lethe on this store"
+            )));
+        }
         let known = |version: i64| migrator.iter().any(|m| m.version == version);
         if let Some(newer) = applied.iter().find(|a| !known(a.version)) {
             return Err(StoreError::Schema(format!(
                 "the state store was migrated by a newer version of Lethe (migration {} is unknown to this \
                  one); use that version",
                 newer.version
+            )));
+        }
+        // The same version with other contents: the schema is not what this
+        // version's migrations make of it (a migration edited after release,
+        // or a build from another branch).
+        if let Some(changed) = applied
+            .iter()
+            .find(|a| migrator.iter().any(|m| m.version == a.version && m.checksum != a.checksum))
+        {
+            return Err(StoreError::Schema(format!(
+                "migration {} of the state store differs from this version of Lethe's (its checksum does not \
+                 match): the store was set up by a different build; use that build",
+                changed.version
             )));
         }
         let pending = pending(&migrator, &applied);
