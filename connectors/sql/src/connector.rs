@@ -337,6 +337,7 @@ impl SqlConnector {
     ) -> Result<(), ConnectorError> {
         let Table { index: i, cond, plan } = table;
         let t = &self.config.tables[i];
+        done.reached[i] = true;
         if !plan.keeps_all() {
             let scope = Scope { table: &t.name, cond, kept: Some(&plan.kept) };
             let changed = match batch {
@@ -447,12 +448,27 @@ struct Done {
     retained: Vec<Vec<RetainedReport>>,
     /// How many rows each table keeps, and until when.
     kept: Vec<(u64, Until)>,
+    /// Whether the erase got to each table.
+    reached: Vec<bool>,
 }
 
 impl Done {
     fn new(config: &SqlConfig) -> Self {
         let n = config.tables.len();
-        Self { datasets: zeros(config), retained: vec![Vec::new(); n], kept: vec![(0, None); n] }
+        Self {
+            datasets: zeros(config),
+            retained: vec![Vec::new(); n],
+            kept: vec![(0, None); n],
+            reached: vec![false; n],
+        }
+    }
+
+    /// Drops the reports of the tables the erase never got to: after a
+    /// stop part-way, a `deleted 0` would say they were searched and held
+    /// nothing.
+    fn only_reached(&mut self) {
+        let mut reached = self.reached.iter();
+        self.datasets.retain(|_| reached.next().copied().unwrap_or(false));
     }
 
     fn into_erasure(self) -> Erasure {
@@ -532,6 +548,9 @@ impl SqlConnector {
             // Forget the catalog in case the schema changed under us.
             self.remember(None);
             return Err(e);
+        }
+        if task.wanted.withdrawn() {
+            done.only_reached();
         }
         Ok(done.into_erasure())
     }
