@@ -170,7 +170,8 @@ impl Ingest {
                     });
                     if task == TaskState::Pending {
                         // A retryable failure: queued for a later attempt.
-                        metrics::counter!(TASK_REQUEUES_TOTAL, "reason" => "retryable_failure").increment(1);
+                        metrics::counter!(TASK_REQUEUES_TOTAL, "reason" => "retryable_failure", "system" => msg.system.clone())
+                            .increment(1);
                     }
                     if let Some(status) = request_status.filter(|s| s.is_final()) {
                         metrics::counter!(REQUESTS_FINISHED_TOTAL, "status" => status.as_str()).increment(1);

@@ -98,7 +98,7 @@ impl Coordinator {
         connector_tokens: ConnectorTokens,
     ) -> Result<Self, StartError> {
         metrics::prometheus();
-        metrics::describe();
+        metrics::describe(&planner.systems().iter().map(|s| s.name.clone()).collect::<Vec<_>>());
         if !bus.is_durable() {
             let n = store.requeue_in_flight(clock.now()).await?;
             if n > 0 {

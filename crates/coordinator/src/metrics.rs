@@ -9,7 +9,9 @@ pub use lethe_core::metrics::{
     WEBHOOKS_GIVEN_UP_TOTAL,
 };
 
-pub fn describe() {
+/// Describes the metrics and starts at 0 those the documented alerts watch
+/// with `rate()`, for each of `systems` where they count by system.
+pub fn describe(systems: &[String]) {
     metrics::describe_counter!(REQUESTS_RECEIVED_TOTAL, "Erasure requests accepted, by regulation.");
     metrics::describe_counter!(REQUESTS_FINISHED_TOTAL, "Erasure requests that reached a final status, by that status; a completed_with_exemptions request counts again under completed once what it kept is erased.");
     metrics::describe_counter!(TASKS_DISPATCHED_TOTAL, "Tasks published to the bus, by system.");
@@ -21,7 +23,10 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "Time from publishing a task to applying its outcome, by system."
     );
-    metrics::describe_counter!(TASK_REQUEUES_TOTAL, "Tasks queued again by the coordinator, by reason.");
+    metrics::describe_counter!(
+        TASK_REQUEUES_TOTAL,
+        "Tasks queued again by the coordinator, by reason (timeout, retryable_failure, follow_up) and system."
+    );
     metrics::describe_counter!(DUE_DATE_ALERTS_TOTAL, "Due-date alerts raised by the scheduler, by alert.");
     metrics::describe_counter!(
         WEBHOOKS_GIVEN_UP_TOTAL,
@@ -32,7 +37,10 @@ pub fn describe() {
     metrics::counter!(PUBLISH_FAILURES_TOTAL).increment(0);
     metrics::counter!(DEAD_LETTERS_TOTAL, "source" => "results").increment(0);
     for reason in ["timeout", "retryable_failure", "follow_up"] {
-        metrics::counter!(TASK_REQUEUES_TOTAL, "reason" => reason).increment(0);
+        for system in systems {
+            metrics::counter!(TASK_REQUEUES_TOTAL, "reason" => reason, "system" => system.clone())
+                .increment(0);
+        }
     }
     for alert in ["overdue", "due_soon"] {
         metrics::counter!(DUE_DATE_ALERTS_TOTAL, "alert" => alert).increment(0);

@@ -38,6 +38,14 @@ pub struct Scheduler {
     pub(crate) alerts_swept: Mutex<Option<DateTime<Utc>>>,
 }
 
+/// Counts tasks queued again for `reason`, by system.
+fn count_requeues(reason: &'static str, by_system: &lethe_store::BySystem) {
+    for (system, &n) in by_system {
+        metrics::counter!(crate::metrics::TASK_REQUEUES_TOTAL, "reason" => reason, "system" => system.clone())
+            .increment(n);
+    }
+}
+
 impl Scheduler {
     pub async fn run(self) {
         loop {
@@ -50,14 +58,14 @@ impl Scheduler {
     pub async fn tick(&self) {
         let now = self.clock.now();
         match self.store.expire_dispatched(self.settings.task_timeout, &self.settings.retry, now).await {
-            Ok(e) if e.requeued + e.failed > 0 => {
+            Ok(e) if !e.requeued.is_empty() || e.failed > 0 => {
                 let systems = e.systems.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
-                tracing::warn!(requeued = e.requeued, failed = e.failed, %systems, "tasks timed out without a result");
-                metrics::counter!(crate::metrics::TASK_REQUEUES_TOTAL, "reason" => "timeout")
-                    .increment(e.requeued);
+                let requeued: u64 = e.requeued.values().sum();
+                tracing::warn!(requeued, failed = e.failed, %systems, "tasks timed out without a result");
+                count_requeues("timeout", &e.requeued);
                 metrics::counter!(crate::metrics::REQUESTS_FINISHED_TOTAL, "status" => "failed")
                     .increment(e.requests_failed);
-                if e.requeued > 0 {
+                if requeued > 0 {
                     self.wake.notify_one();
                 }
             }
@@ -73,10 +81,11 @@ impl Scheduler {
             Err(e) => tracing::warn!(error = %e, "hold expiry sweep failed; will try again"),
         }
         match self.store.run_follow_ups(now, FOLLOW_UP_BATCH).await {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(tasks = n, "retention periods ended; follow-up erasures queued");
-                metrics::counter!(crate::metrics::TASK_REQUEUES_TOTAL, "reason" => "follow_up").increment(n);
+            Ok(queued) if queued.is_empty() => {}
+            Ok(queued) => {
+                let tasks: u64 = queued.values().sum();
+                tracing::info!(tasks, "retention periods ended; follow-up erasures queued");
+                count_requeues("follow_up", &queued);
                 self.wake.notify_one();
             }
             Err(e) => tracing::warn!(error = %e, "follow-up sweep failed; will try again"),

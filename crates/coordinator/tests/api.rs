@@ -1056,6 +1056,15 @@ async fn silent_tasks_are_redispatched_after_their_time_out_then_failed() {
     let view = wait_final(&h.app(), &id).await;
     assert_eq!(view["status"], "failed");
     assert!(view["systems"][0]["summary"].as_str().unwrap().contains("no result within 60s"), "{view}");
+    // Counted by system, so that an alert on time-outs says whose workers
+    // are down or too slow.
+    let resp = h.raw().oneshot(get("/metrics")).await.unwrap();
+    let scraped = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    for system in ["crm", "mail"] {
+        let labels = ["reason=\"timeout\"".to_owned(), format!("system=\"{system}\"")];
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        assert!(metric(&scraped, "lethe_task_requeues_total", &labels) >= 1.0, "{scraped}");
+    }
 }
 
 /// Deletes through a job that finishes at its third check.
@@ -1905,7 +1914,7 @@ async fn metrics_move_with_a_batch_and_never_name_a_subject() {
     // What the documented alerts watch with rate() is there from the start.
     for series in [
         "lethe_publish_failures_total",
-        "lethe_task_requeues_total{reason=\"timeout\"}",
+        "lethe_task_requeues_total{reason=\"timeout\",system=\"crm\"}",
         "lethe_due_date_alerts_total{alert=\"overdue\"}",
     ] {
         assert!(before.lines().any(|l| l.starts_with(series)), "{series} missing: {before}");
@@ -2084,7 +2093,7 @@ async fn a_certificate_counts_every_run_of_a_task() {
     // The period ends: the task runs again and removes the invoice.
     h.clock.advance(chrono::Duration::days(2));
     let later = lethe_coordinator::Clock::now(&h.clock);
-    assert_eq!(store.run_follow_ups(later, 10).await.unwrap(), 1);
+    assert_eq!(store.run_follow_ups(later, 10).await.unwrap().values().sum::<u64>(), 1);
     dispatched(2).await;
     // The follow-up fails for good first (its table was renamed, say): the
     // request stays answered, and what the first run kept is still shown

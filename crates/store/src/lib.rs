@@ -249,7 +249,8 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Queues `retained` tasks whose follow-up date has come (up to
     /// `limit`), to erase what their retention periods no longer cover.
-    async fn run_follow_ups(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
+    /// Returns how many, by system.
+    async fn run_follow_ups(&self, now: DateTime<Utc>, limit: u32) -> Result<BySystem, StoreError>;
 
     /// Announces, once each, up to `limit` requests not yet answered that
     /// came within `soon` of their due date (`request.due_soon`) or passed

@@ -1687,7 +1687,7 @@ impl StateStore for SqlStore {
                 let at = schedule.retry_at(task.attempts - task.budget_start, now);
                 self.set_task_state(&mut tx, task_id, TaskState::Pending, None, now).await?;
                 self.enqueue(&mut tx, task_id, ms(at), now).await?;
-                expired.requeued += 1;
+                *expired.requeued.entry(task.system.clone()).or_default() += 1;
                 events.push(PendingEvent::new(
                     request,
                     Some(task_id),
@@ -1929,7 +1929,7 @@ impl StateStore for SqlStore {
         self.expire(now).await
     }
 
-    async fn run_follow_ups(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+    async fn run_follow_ups(&self, now: DateTime<Utc>, limit: u32) -> Result<BySystem, StoreError> {
         self.follow_ups(now, limit).await
     }
 

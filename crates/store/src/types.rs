@@ -294,11 +294,14 @@ pub enum RetryResult {
     NotFailed(TaskState),
 }
 
+/// Counts by system name.
+pub type BySystem = std::collections::BTreeMap<String, u64>;
+
 /// What a time-out sweep did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Expired {
-    /// Tasks queued for another attempt.
-    pub requeued: u64,
+    /// Tasks queued for another attempt, by system.
+    pub requeued: BySystem,
     /// Tasks that ran out of attempts and failed.
     pub failed: u64,
     /// Requests that became final (`failed`) with those tasks.

@@ -901,9 +901,9 @@ impl SqlStore {
         Ok(released)
     }
 
-    pub(super) async fn follow_ups(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+    pub(super) async fn follow_ups(&self, now: DateTime<Utc>, limit: u32) -> Result<BySystem, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, request_id FROM tasks WHERE state = $1 AND follow_up_at IS NOT NULL AND follow_up_at <= $2 \
+            "SELECT id, request_id, system FROM tasks WHERE state = $1 AND follow_up_at IS NOT NULL AND follow_up_at <= $2 \
              ORDER BY request_id, id LIMIT $3",
         )
         .bind(TaskState::Retained.as_str())
@@ -912,12 +912,12 @@ impl SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;
+        let mut queued = BySystem::new();
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(queued);
         }
         let mut tx = self.begin().await?;
         let mut events = Vec::new();
-        let mut queued = 0;
         for r in &rows {
             let request: RequestId = parse(&col::<String>(r, "request_id")?, "request id")?;
             let task: TaskId = parse(&col::<String>(r, "id")?, "task id")?;
@@ -934,7 +934,7 @@ impl SqlStore {
                 continue;
             }
             if self.follow_up(&mut tx, request, task, "retention period ended", now, &mut events).await? {
-                queued += 1;
+                *queued.entry(col(r, "system")?).or_default() += 1;
             }
         }
         self.append_audit(&mut tx, events, now).await?;
