@@ -274,11 +274,7 @@ async fn a_withdrawn_attempt_stops_between_datasets() {
         Identifier::parse(IdentifierKind::Email, "ada@example.com").unwrap(),
     ]);
     // Wanted at the first check, withdrawn at the second.
-    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    task.wanted = lethe_connector::StillWanted::asking(std::time::Duration::ZERO, move || {
-        let wanted = asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 1;
-        Box::pin(async move { Ok(wanted) })
-    });
+    task.wanted = lethe_connector::StillWanted::withdrawn_after(1);
     let erased = files.erase(&task).await.unwrap();
     assert!(task.wanted.withdrawn());
     assert_eq!(erased.datasets, [lethe_core::DatasetReport::new("exports", 1, 0)], "{erased:?}");

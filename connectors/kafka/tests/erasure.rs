@@ -381,8 +381,7 @@ async fn a_withdrawn_attempt_writes_no_tombstone() {
     // A legal hold placed while the topic is read: the coordinator no
     // longer asks for the attempt when the tombstones would go out.
     let mut erase_ada = erase_customer(&ada, &["identity.profile"]);
-    erase_ada.wanted =
-        lethe_connector::StillWanted::asking(std::time::Duration::ZERO, || Box::pin(async { Ok(false) }));
+    erase_ada.wanted = lethe_connector::StillWanted::withdrawn_after(0);
     assert_eq!(kafka.erase(&erase_ada).await.unwrap(), Erasure::default());
     assert!(erase_ada.wanted.withdrawn());
     assert_eq!(record_count(&topic), records, "no record was written");

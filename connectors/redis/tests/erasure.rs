@@ -121,15 +121,8 @@ key = "P:session:{customer_id}"
     s.set("P:session:C-1", "ada's session").await;
 
     let mut ada = erase(vec![id("customer_id", "C-1")], &["shop.cart", "web.session"]);
-    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    ada.wanted = StillWanted::asking(std::time::Duration::ZERO, {
-        let asked = asked.clone();
-        move || {
-            let asked = asked.clone();
-            // Wanted for the first two checks.
-            Box::pin(async move { Ok(asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2) })
-        }
-    });
+    // Wanted for the first two checks.
+    ada.wanted = StillWanted::withdrawn_after(2);
     let report = redis.erase(&ada).await.unwrap();
     assert!(ada.wanted.withdrawn());
     let removed = report.datasets[0].deleted;

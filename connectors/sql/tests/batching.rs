@@ -13,9 +13,7 @@ mod common;
 use std::cell::RefCell;
 use std::future::Future;
 use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
-use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use common::{directive, id, run, task_with, Engine, TestDb};
@@ -488,11 +486,7 @@ async fn anonymizes_row_by_row_in_pages(db: Arc<TestDb>) {
 /// "withdrawn" (a legal hold placed while it runs), asked between every
 /// two batches.
 fn withdrawn_after(mut task: ErasureTask, asks: usize) -> ErasureTask {
-    let asked = Arc::new(AtomicUsize::new(0));
-    task.wanted = StillWanted::asking(Duration::ZERO, move || {
-        let asked = asked.clone();
-        Box::pin(async move { Ok(asked.fetch_add(1, Ordering::SeqCst) < asks) })
-    });
+    task.wanted = StillWanted::withdrawn_after(asks);
     task
 }
 

@@ -87,6 +87,17 @@ impl StillWanted {
         Self(Some(Arc::new(Asking { every, ask: Box::new(ask), state: Mutex::new((next, false)) })))
     }
 
+    /// For tests of how a connector stops: asks at every check, wanted for
+    /// the first `checks`, withdrawn from then on (as if a legal hold were
+    /// placed after them).
+    pub fn withdrawn_after(checks: usize) -> Self {
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        Self::asking(Duration::ZERO, move || {
+            let wanted = asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < checks;
+            Box::pin(async move { Ok(wanted) })
+        })
+    }
+
     /// `false` once the coordinator has said it no longer asks for the
     /// attempt; asks it if the interval has passed since the last time.
     pub async fn check(&self) -> bool {

@@ -174,16 +174,6 @@ pub fn task(category: &str, identifiers: Vec<Identifier>) -> ErasureTask {
     task_for(category, Action::Erase, identifiers)
 }
 
-/// Wanted for the first `n` checks, withdrawn from then on (a legal hold
-/// placed while the attempt runs); asks at every check.
-pub fn wanted_for(n: usize) -> lethe_connector::StillWanted {
-    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    lethe_connector::StillWanted::asking(Duration::ZERO, move || {
-        let wanted = asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n;
-        Box::pin(async move { Ok(wanted) })
-    })
-}
-
 /// `task` as the coordinator sends it again to check on `job_id`.
 pub fn polling(task: &ErasureTask, job_id: &str) -> ErasureTask {
     let mut t = task.clone();

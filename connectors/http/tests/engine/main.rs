@@ -390,7 +390,7 @@ async fn a_withdrawn_attempt_stops_between_steps_and_between_subjects() {
     let ada = email();
     mock.seed(ada.expose());
     let mut t = task(CATEGORY, vec![ada.clone()]);
-    t.wanted = wanted_for(1);
+    t.wanted = lethe_connector::StillWanted::withdrawn_after(1);
     let report = c.erase(&t).await.unwrap();
     assert!(t.wanted.withdrawn());
     assert_eq!(report.total(), 0, "{report:?}");
@@ -404,7 +404,7 @@ async fn a_withdrawn_attempt_stops_between_steps_and_between_subjects() {
     mock.seed(first.expose());
     mock.seed(second.expose());
     let mut t = task(CATEGORY, vec![first.clone(), second.clone()]);
-    t.wanted = wanted_for(2);
+    t.wanted = lethe_connector::StillWanted::withdrawn_after(2);
     let report = c.erase(&t).await.unwrap();
     assert!(t.wanted.withdrawn());
     assert_eq!(report.total(), 1, "{report:?}");
@@ -412,7 +412,7 @@ async fn a_withdrawn_attempt_stops_between_steps_and_between_subjects() {
 
     // Wanted throughout: both go, as without the checks.
     let mut t = task(CATEGORY, vec![ada.clone(), second.clone()]);
-    t.wanted = wanted_for(usize::MAX);
+    t.wanted = lethe_connector::StillWanted::withdrawn_after(usize::MAX);
     assert_eq!(c.erase(&t).await.unwrap().total(), 2);
     assert!(!t.wanted.withdrawn());
     assert_eq!((mock.count(ada.expose()), mock.count(second.expose())), (0, 0));

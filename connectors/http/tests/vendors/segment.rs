@@ -253,7 +253,7 @@ async fn a_withdrawn_attempt_submits_no_more_regulations() {
     let (ada, ada_again) = (mock.seed(), mock.seed());
     let c = connector(&Mock::settings(&mock.base, TOKEN));
     let mut t = task(CATEGORY, vec![ada.clone(), ada_again.clone()]);
-    t.wanted = wanted_for(1);
+    t.wanted = lethe_connector::StillWanted::withdrawn_after(1);
     let Progress::Running(pending) = c.advance(&t).await.unwrap() else { panic!("one regulation submitted") };
     assert!(t.wanted.withdrawn());
     assert_eq!(mock.ws.created.lock().unwrap().len(), 1);
